@@ -23,10 +23,20 @@ when the stream is still usable, and a clean exit when it is not.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import heapq
 import json
+import os
+import selectors
+import shutil
+import signal
+import stat
 import struct
+import subprocess
 import sys
-from typing import Any, Dict, List, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -123,15 +133,15 @@ class FrameDecoder:
 
 
 # The bootstrap the driver passes to `python3 -c`. It reads the agent's source and config from
-# stdin, so nothing has to exist in the sandbox image but a python3.
+# stdin, so nothing has to exist in the sandbox image but a python3. It reads fd 0 unbuffered:
+# a buffered reader could swallow the first request frames sent right after the payload.
 BOOTSTRAP = (
-    "import sys,struct\n"
-    "r=sys.stdin.buffer\n"
+    "import os,struct\n"
     "def n(k):\n"
     " b=b''\n"
     " while len(b)<k:\n"
-    "  c=r.read(k-len(b))\n"
-    "  if not c:sys.exit(3)\n"
+    "  c=os.read(0,k-len(b))\n"
+    "  if not c:raise SystemExit(3)\n"
     "  b+=c\n"
     " return b\n"
     "s=n(struct.unpack('>I',n(4))[0]).decode()\n"
@@ -152,13 +162,1152 @@ def bootstrap_payload(config: Dict[str, Any]) -> bytes:
     source = agent_source().encode("utf-8")
     config_bytes = json.dumps(config).encode("utf-8")
     return (
-        struct.pack(">I", len(source)) + source + struct.pack(">I", len(config_bytes)) + config_bytes
+        struct.pack(">I", len(source))
+        + source
+        + struct.pack(">I", len(config_bytes))
+        + config_bytes
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The agent proper. Everything below runs inside the sandbox; the host only imports the codec.
+# ---------------------------------------------------------------------------------------------
+
+#: Non-interactive defaults for every command; the host's env and the exec's env override them.
+DEFAULT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+    "NO_COLOR": "1",
+    "CI": "1",
+    "PAGER": "cat",
+    "MANPAGER": "cat",
+    "GIT_PAGER": "cat",
+    "GIT_EDITOR": "true",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "PIP_NO_INPUT": "1",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+    "npm_config_yes": "true",
+    "HOMEBREW_NO_AUTO_UPDATE": "1",
+}
+
+#: Marker variables put in every command's environment, so that a whole tree (escapees that
+#: left the session included) can be found again in /proc. Values start with the agent's nonce,
+#: so agents sharing one /proc never touch each other's processes.
+EXEC_MARKER = "HERMES_ACTORS_EXEC"
+SLOT_MARKER = "HERMES_ACTORS_SLOT"
+
+DEFAULT_TTL_S = 60.0
+DEFAULT_MAX_OUTPUT_BYTES = 1000000
+#: Per-stream cap an exec may ask for: two streams must fit in one frame with room to spare.
+MAX_OUTPUT_CAP = 100 * 1024 * 1024
+#: Largest file body `read_file` returns in one reply (bigger files come back truncated).
+MAX_READ_BYTES = 128 * 1024 * 1024
+DEFAULT_MAX_ENTRIES = 10000
+MAX_SLOT = 1000000
+#: Replies buffered for a host that does not read: above this, stop taking new requests.
+OUTBOX_HIGH_WATER = 64 * 1024 * 1024
+_READ_CHUNK = 256 * 1024
+#: After a command exits, how much still-buffered output is taken from each pipe at most (the
+#: command's own writes are all in the pipe by then; a background writer must not hold us).
+_FINAL_DRAIN_BYTES = 4 * 1024 * 1024
+#: How long a kill sweep keeps scanning /proc for a tree that refuses to die.
+_KILL_SWEEP_LIMIT_S = 3.0
+_FLUSH_ON_EXIT_S = 2.0
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+EXIT_TTL = 4
+EXIT_BROKEN_STREAM = 5
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+OPS = ("exec", "cancel", "read_file", "write_file", "list_files", "reset_slot", "ping", "shutdown")
+
+
+class OpError(Exception):
+    """An operation refused or failed: becomes an ``ok: false`` reply with a stable `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_ERRNO_CODES = {
+    errno.ENOENT: "not_found",
+    errno.EISDIR: "is_a_directory",
+    errno.ENOTDIR: "not_a_directory",
+    errno.EACCES: "permission_denied",
+    errno.EPERM: "permission_denied",
+    errno.ELOOP: "symlink_loop",
+    errno.ENOSPC: "no_space",
+    errno.EDQUOT: "no_space",
+    errno.EROFS: "read_only",
+    errno.ENAMETOOLONG: "bad_request",
+    errno.EEXIST: "exists",
+}
+
+
+def _os_error(what: str, path: str, exc: OSError) -> OpError:
+    code = _ERRNO_CODES.get(exc.errno or 0, "io_error")
+    return OpError(code, "%s %r: %s" % (what, path, exc.strerror or exc))
+
+
+def _exit_code_of(status: int) -> Tuple[int, Optional[int]]:
+    """``(exit_code, signal)`` from a wait status: ``-N, N`` when killed by signal N."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        return -number, number
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    return -1, None
+
+
+def _become_subreaper() -> bool:
+    """Adopt orphaned descendants (double-forked escapees), so they are reaped here."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except Exception:  # no ctypes in a minimal image, or not Linux: orphans go to init
+        return False
+
+
+def _find_shell() -> List[str]:
+    for candidate in ("/bin/bash", "/usr/bin/bash", "/usr/local/bin/bash"):
+        if os.access(candidate, os.X_OK):
+            return [candidate, "-c"]
+    return ["/bin/sh", "-c"]
+
+
+def _write_all_nonblocking(fd: int, data: bytes) -> int:
+    """Write as much of `data` as the fd takes now; return the number of bytes written."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        try:
+            written += os.write(fd, view[written:])
+        except BlockingIOError:
+            break
+    return written
+
+
+class _Capture:
+    """A bounded head+tail buffer: the first half of the cap and the last half, exact drops."""
+
+    def __init__(self, cap: int) -> None:
+        self.head_cap = cap // 2
+        self.tail_cap = cap - self.head_cap
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        room = self.head_cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+            if not data:
+                return
+        self.tail += data
+        # Trim lazily (amortized), keeping at most twice the tail between trims.
+        if len(self.tail) > 2 * self.tail_cap + _READ_CHUNK:
+            self._trim()
+
+    def _trim(self) -> None:
+        excess = len(self.tail) - self.tail_cap
+        if excess > 0:
+            self.dropped += excess
+            del self.tail[:excess]
+
+    def result(self) -> Tuple[bytes, int]:
+        self._trim()
+        return bytes(self.head) + bytes(self.tail), self.dropped
+
+
+class _SlotIdentity:
+    """File work done for a slot runs with the slot's uid (when slots have uids), so what it
+    creates is owned by the slot and the kernel's permission checks confine it like a command."""
+
+    def __init__(self, uid: Optional[int]) -> None:
+        self.uid = uid
+        self.groups: List[int] = []
+
+    def __enter__(self) -> None:
+        if self.uid is not None:
+            self.groups = os.getgroups()
+            os.setgroups([])
+            os.setegid(self.uid)
+            os.seteuid(self.uid)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.uid is not None:
+            os.seteuid(0)
+            os.setegid(0)
+            os.setgroups(self.groups)
+
+
+class _Exec:
+    """One command in flight: its leader process, pipes, buffers and deadline."""
+
+    def __init__(self, request_id: int, exec_id: int, slot: int) -> None:
+        self.request_id = request_id
+        self.exec_id = exec_id
+        self.slot = slot
+        self.pid = 0
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.started = 0.0
+        self.deadline: Optional[float] = None
+        self.fds: Dict[int, _Capture] = {}
+        self.stdout: Optional[_Capture] = None
+        self.stderr: Optional[_Capture] = None
+        self.stdin_fd: Optional[int] = None
+        self.stdin_data = memoryview(b"")
+        #: Why we killed it: "timeout", "cancel", "reset" or "shutdown"; None if it ended itself.
+        self.kill_reason: Optional[str] = None
+
+
+class Agent:
+    """The single-threaded event loop serving one host over fds 0 (requests) and 1 (replies).
+
+    Invariants: fd 1 carries frames only; every command runs in its own session with the exec and
+    slot markers in its environment; every child that reaches us is reaped; every exec gets
+    exactly one reply; leaving `run` kills everything this agent started.
+    """
+
+    def __init__(self, config: Dict[str, Any], in_fd: int = 0, out_fd: int = 1) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.workspace_root = os.path.abspath(config["workspace_root"])
+        self.ttl_s = float(config.get("ttl_s", DEFAULT_TTL_S))
+        self.base_env = dict(config.get("env") or {})
+        self.max_output_bytes = int(config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES))
+        uid_base = config.get("slot_uid_base")
+        self.slot_uid_base: Optional[int] = (
+            int(uid_base) if uid_base is not None and os.getuid() == 0 else None
+        )
+        self.nonce = os.urandom(6).hex()
+        self.shell = _find_shell()
+        self.selector = selectors.DefaultSelector()
+        self.decoder = FrameDecoder()
+        self.outbox = bytearray()
+        self.writing = False
+        self.reading = True
+        self.execs: Dict[int, _Exec] = {}  # by leader pid
+        self.by_request: Dict[int, _Exec] = {}
+        self.timers: List[Tuple[float, int, int]] = []  # (deadline, exec_id, pid)
+        self.next_exec_id = 1
+        self.slots_used: Set[int] = set()
+        self.exit_code: Optional[int] = None
+        self.exit_reason = ""
+        self.host_deadline = time.monotonic() + self.ttl_s
+        self.pending_signals: List[int] = []
+        self.subreaper = False
+        self.devnull = -1
+        self.wakeup_read = -1
+        self.wakeup_write = -1
+        self.handlers: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = {
+            "exec": self.op_exec,
+            "cancel": self.op_cancel,
+            "read_file": self.op_read_file,
+            "write_file": self.op_write_file,
+            "list_files": self.op_list_files,
+            "reset_slot": self.op_reset_slot,
+            "ping": self.op_ping,
+            "shutdown": self.op_shutdown,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until shutdown, host loss, ttl expiry or a signal; return the exit status."""
+        self.subreaper = _become_subreaper()
+        os.makedirs(self.workspace_root, exist_ok=True)
+        if self.slot_uid_base is not None:
+            # Slot users must be able to traverse the root to reach their own 0700 workspace.
+            mode = os.stat(self.workspace_root).st_mode
+            os.chmod(self.workspace_root, stat.S_IMODE(mode) | 0o111)
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.wakeup_read, self.wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_read, False)
+        os.set_blocking(self.wakeup_write, False)
+        signal.set_wakeup_fd(self.wakeup_write, warn_on_full_buffer=False)
+        for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, self._on_signal)
+            signal.siginterrupt(number, False)
+        os.set_blocking(self.in_fd, False)
+        os.set_blocking(self.out_fd, False)
+        self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
+        features = [*list(OPS), "head_tail_output", "tree_kill"]
+        if self.subreaper:
+            features.append("subreaper")
+        if self.slot_uid_base is not None:
+            features.append("slot_uids")
+        self.send(
+            {
+                "id": 0,
+                "ok": True,
+                "result": {
+                    "ready": True,
+                    "pid": os.getpid(),
+                    "python": "%d.%d.%d" % sys.version_info[:3],
+                    "protocol": PROTOCOL_VERSION,
+                    "uid": os.getuid(),
+                    "features": features,
+                },
+            }
+        )
+        try:
+            while self.exit_code is None:
+                self._loop_once()
+        except BaseException as exc:
+            self._exit(1, "internal error: %r" % exc)
+            raise
+        finally:
+            self._kill_everything()
+            self._flush_blocking(_FLUSH_ON_EXIT_S)
+        _log("exiting: %s" % self.exit_reason)
+        return self.exit_code if self.exit_code is not None else 1
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        wake_at = self.host_deadline
+        if self.timers:
+            wake_at = min(wake_at, self.timers[0][0])
+        for key, mask in self.selector.select(max(0.0, wake_at - now)):
+            key.data(key.fd, mask)
+            if self.exit_code is not None:
+                return
+        self._handle_signals()
+        self._reap()
+        self._fire_timers()
+        if self.exit_code is None and time.monotonic() >= self.host_deadline:
+            self._exit(EXIT_TTL, "no frame from the host within ttl_s=%s" % self.ttl_s)
+
+    def _exit(self, code: int, reason: str) -> None:
+        if self.exit_code is None:
+            self.exit_code = code
+            self.exit_reason = reason
+
+    def _on_signal(self, number: int, frame: Any) -> None:
+        # Runs between bytecodes; the wakeup fd already woke the selector. Only record.
+        self.pending_signals.append(number)
+
+    def _on_wakeup(self, fd: int, mask: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self.pending_signals:
+            number = self.pending_signals.pop()
+            if number != signal.SIGCHLD:
+                self._exit(128 + number, "signal %d" % number)
+
+    # -- host stream ----------------------------------------------------------------------------
+
+    def _on_stdin(self, fd: int, mask: int) -> None:
+        try:
+            data = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._exit(EXIT_OK, "host stream failed: %s" % exc)
+            return
+        if not data:
+            self._exit(EXIT_OK, "host closed the stream")
+            return
+        self.host_deadline = time.monotonic() + self.ttl_s
+        self.decoder.feed(data)
+        while self.exit_code is None:
+            try:
+                complete, message = self.decoder.next_frame()
+            except FrameError as exc:
+                if self.decoder.broken:
+                    self._exit(EXIT_BROKEN_STREAM, "unusable stream: %s" % exc)
+                    return
+                self.send(_error_reply(0, "bad_frame", str(exc)))
+                continue
+            if not complete:
+                break
+            self._dispatch(message)
+            if len(self.outbox) > OUTBOX_HIGH_WATER:
+                # The host is not reading: stop taking work until it catches up.
+                self._set_reading(False)
+                break
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading != self.reading:
+            self.reading = reading
+            if reading:
+                self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
+            else:
+                self.selector.unregister(self.in_fd)
+
+    def send(self, message: Dict[str, Any]) -> None:
+        frame = encode_frame(message)
+        if not self.outbox:
+            try:
+                written = _write_all_nonblocking(self.out_fd, frame)
+            except OSError as exc:
+                self._exit(EXIT_OK, "host stream failed: %s" % exc)
+                return
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self.outbox += frame
+        if not self.writing:
+            self.writing = True
+            self.selector.register(self.out_fd, selectors.EVENT_WRITE, self._on_stdout)
+
+    def _on_stdout(self, fd: int, mask: int) -> None:
+        try:
+            written = _write_all_nonblocking(fd, bytes(self.outbox[: 4 * _READ_CHUNK]))
+        except OSError as exc:
+            self._exit(EXIT_OK, "host stream failed: %s" % exc)
+            return
+        if written:
+            del self.outbox[:written]
+            # A host that drains replies is alive even while we do not read its requests.
+            self.host_deadline = max(self.host_deadline, time.monotonic() + self.ttl_s)
+        if not self.outbox:
+            self.writing = False
+            self.selector.unregister(fd)
+        if len(self.outbox) <= OUTBOX_HIGH_WATER // 2 and self.exit_code is None:
+            self._set_reading(True)
+
+    def _flush_blocking(self, limit: float) -> None:
+        """Best effort: give the host the last replies, for at most `limit` seconds."""
+        deadline = time.monotonic() + limit
+        while self.outbox and time.monotonic() < deadline:
+            try:
+                written = _write_all_nonblocking(self.out_fd, bytes(self.outbox[: 1 << 20]))
+            except OSError:
+                return
+            del self.outbox[:written]
+            if self.outbox and not written:
+                time.sleep(0.005)
+
+    def _dispatch(self, message: Dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if not isinstance(request_id, int) or isinstance(request_id, bool):
+            self.send(_error_reply(0, "bad_frame", "request without an integer 'id'"))
+            return
+        op = message.get("op")
+        args = message.get("args", {})
+        if args is None:
+            args = {}
+        try:
+            if not isinstance(op, str):
+                raise OpError("bad_request", "request without a string 'op'")
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise OpError("unknown_op", "unknown op %r; known: %s" % (op, ", ".join(OPS)))
+            if not isinstance(args, dict):
+                raise OpError("bad_request", "'args' must be an object")
+            result = handler(request_id, args)
+        except OpError as exc:
+            self.send(_error_reply(request_id, exc.code, exc.message))
+            return
+        except Exception as exc:  # never crash the agent on one request
+            _log("internal error in %r: %r" % (op, exc))
+            self.send(_error_reply(request_id, "internal", "%s: %s" % (type(exc).__name__, exc)))
+            return
+        if result is not None:
+            self.send({"id": request_id, "ok": True, "result": result})
+
+    # -- workspaces and paths -------------------------------------------------------------------
+
+    def slot_uid(self, slot: int) -> Optional[int]:
+        return None if self.slot_uid_base is None else self.slot_uid_base + slot
+
+    def workspace_path(self, slot: int) -> str:
+        return os.path.join(self.workspace_root, "slot-%d" % slot)
+
+    def workspace(self, slot: int) -> str:
+        """The slot's workspace directory, created (0700, owned by the slot user) if missing."""
+        path = self.workspace_path(slot)
+        self.slots_used.add(slot)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return path
+        os.chmod(path, 0o700)
+        uid = self.slot_uid(slot)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        return path
+
+    def resolve(self, slot: int, path: Any, what: str) -> Tuple[str, str]:
+        """``(real_path, workspace_relative_path)`` of `path`, refusing anything outside."""
+        if not isinstance(path, str) or "\0" in path:
+            raise OpError("bad_request", "%s: 'path' must be a string without NUL" % what)
+        workspace = self.workspace_path(slot)
+        real_workspace = os.path.realpath(workspace)
+        joined = path if os.path.isabs(path) else os.path.join(workspace, path)
+        real = os.path.realpath(joined)
+        if real != real_workspace and not real.startswith(real_workspace + os.sep):
+            raise OpError(
+                "path_escape",
+                "%s: %r resolves to %r, outside the workspace of slot %d"
+                % (what, path, real, slot),
+            )
+        return real, os.path.relpath(real, real_workspace)
+
+    def as_slot(self, slot: int) -> _SlotIdentity:
+        """Create the slot's workspace, then switch to the slot's identity for file work."""
+        self.workspace(slot)
+        return _SlotIdentity(self.slot_uid(slot))
+
+    # -- exec -----------------------------------------------------------------------------------
+
+    def op_exec(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        slot = _slot_arg(args)
+        command = args.get("command")
+        argv = args.get("argv")
+        if (command is None) == (argv is None):
+            raise OpError("bad_request", "exec needs exactly one of 'command' or 'argv'")
+        if command is not None:
+            if not isinstance(command, str):
+                raise OpError("bad_request", "'command' must be a string")
+            full_argv = [*self.shell, command]
+        else:
+            if (
+                not isinstance(argv, list)
+                or not argv
+                or not all(isinstance(item, str) for item in argv)
+            ):
+                raise OpError("bad_request", "'argv' must be a non-empty list of strings")
+            full_argv = list(argv)
+        if any("\0" in item for item in full_argv):
+            raise OpError("bad_request", "command contains a NUL byte")
+        extra_env = args.get("env") or {}
+        _check_env(extra_env, "'env'")
+        stdin = args.get("stdin")
+        if stdin is not None and not isinstance(stdin, bytes):
+            raise OpError("bad_request", "'stdin' must be bytes or null")
+        timeout_s = args.get("timeout_s")
+        if timeout_s is not None and (
+            not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s < 0
+        ):
+            raise OpError("bad_request", "'timeout_s' must be a number >= 0 or null")
+        cap = args.get("max_output_bytes", self.max_output_bytes)
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise OpError("bad_request", "'max_output_bytes' must be an int >= 0")
+        cap = min(cap, MAX_OUTPUT_CAP)
+        cwd_arg = args.get("cwd", ".")
+        self.workspace(slot)
+        cwd, _ = self.resolve(slot, "." if cwd_arg is None else cwd_arg, "exec cwd")
+        if not os.path.isdir(cwd):
+            if os.path.exists(cwd):
+                raise OpError("not_a_directory", "exec cwd %r is not a directory" % cwd_arg)
+            raise OpError("not_found", "exec cwd %r does not exist" % cwd_arg)
+
+        ex = _Exec(request_id, self.next_exec_id, slot)
+        self.next_exec_id += 1
+        env = dict(DEFAULT_ENV)
+        env.update(self.base_env)
+        env["HOME"] = self.workspace(slot)
+        env.update(extra_env)
+        env[EXEC_MARKER] = "%s:%d" % (self.nonce, ex.exec_id)
+        env[SLOT_MARKER] = "%s:%d" % (self.nonce, slot)
+        self._spawn(ex, full_argv, cwd, env, stdin, cap)
+        if ex.pid == 0:
+            return None  # could not start: already replied
+        if timeout_s is not None:
+            ex.deadline = ex.started + float(timeout_s)
+            heapq.heappush(self.timers, (ex.deadline, ex.exec_id, ex.pid))
+        return None
+
+    def _spawn(
+        self,
+        ex: _Exec,
+        argv: List[str],
+        cwd: str,
+        env: Dict[str, str],
+        stdin: Optional[bytes],
+        cap: int,
+    ) -> None:
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        in_read, in_write = os.pipe() if stdin is not None else (self.devnull, -1)
+        kwargs: Dict[str, Any] = {}
+        uid = self.slot_uid(ex.slot)
+        if uid is not None:
+            if sys.version_info >= (3, 9):
+                kwargs.update(user=uid, group=uid, extra_groups=[])
+            else:  # pragma: no cover - only on old images
+                kwargs["preexec_fn"] = _drop_to(uid)
+        ex.started = time.monotonic()
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=in_read,
+                stdout=out_write,
+                stderr=err_write,
+                cwd=cwd,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+                **kwargs,
+            )
+        except OSError as exc:
+            for fd in (out_read, err_read, in_write):
+                if fd >= 0:
+                    os.close(fd)
+            if stdin is not None:
+                os.close(in_read)
+            # Report a command that cannot start the way a shell does: 127 missing, 126 denied.
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            message = "hermes-agent: %s: %s\n" % (argv[0], exc.strerror or exc)
+            self.send(
+                {
+                    "id": ex.request_id,
+                    "ok": True,
+                    "result": _exec_result(
+                        code, None, False, False, 0.0, b"", 0, message.encode(), 0
+                    ),
+                }
+            )
+            return
+        finally:
+            os.close(out_write)
+            os.close(err_write)
+        if stdin is not None:
+            os.close(in_read)
+        ex.process = process
+        ex.pid = process.pid
+        ex.stdout = _Capture(cap)
+        ex.stderr = _Capture(cap)
+        for fd, capture in ((out_read, ex.stdout), (err_read, ex.stderr)):
+            os.set_blocking(fd, False)
+            ex.fds[fd] = capture
+            self.selector.register(fd, selectors.EVENT_READ, self._output_callback(ex))
+        self.execs[ex.pid] = ex
+        self.by_request[ex.request_id] = ex
+        if stdin is not None:
+            os.set_blocking(in_write, False)
+            ex.stdin_fd = in_write
+            ex.stdin_data = memoryview(stdin)
+            self._feed_stdin(ex)
+            if ex.stdin_fd is not None:
+                self.selector.register(
+                    in_write, selectors.EVENT_WRITE, lambda fd, mask: self._feed_stdin(ex)
+                )
+
+    def _feed_stdin(self, ex: _Exec) -> None:
+        assert ex.stdin_fd is not None
+        try:
+            written = _write_all_nonblocking(ex.stdin_fd, bytes(ex.stdin_data[: 1 << 20]))
+        except OSError:  # the command closed its stdin or exited: it does not want the rest
+            written = len(ex.stdin_data)
+        ex.stdin_data = ex.stdin_data[written:]
+        if not ex.stdin_data:
+            self._close_stdin(ex)
+
+    def _close_stdin(self, ex: _Exec) -> None:
+        if ex.stdin_fd is not None:
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(ex.stdin_fd)
+            os.close(ex.stdin_fd)
+            ex.stdin_fd = None
+
+    def _output_callback(self, ex: _Exec) -> Callable[[int, int], None]:
+        def on_output(fd: int, mask: int) -> None:
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                ex.fds[fd].feed(data)
+            else:
+                self._close_output(ex, fd)
+
+        return on_output
+
+    def _close_output(self, ex: _Exec, fd: int) -> None:
+        del ex.fds[fd]
+        self.selector.unregister(fd)
+        os.close(fd)
+
+    def _finish(self, ex: _Exec, status: Optional[int]) -> None:
+        """The leader is gone: take what is readable right now, close up, and reply."""
+        self.execs.pop(ex.pid, None)
+        if self.by_request.get(ex.request_id) is ex:
+            del self.by_request[ex.request_id]
+        for fd in list(ex.fds):
+            capture = ex.fds[fd]
+            taken = 0
+            while taken < _FINAL_DRAIN_BYTES:
+                try:
+                    data = os.read(fd, _READ_CHUNK)
+                except (BlockingIOError, OSError):
+                    break
+                if not data:
+                    break
+                taken += len(data)
+                capture.feed(data)
+            self._close_output(ex, fd)
+        self._close_stdin(ex)
+        duration = time.monotonic() - ex.started
+        signal_number: Optional[int]
+        if status is None:
+            exit_code, signal_number = -signal.SIGKILL, int(signal.SIGKILL)
+        else:
+            exit_code, signal_number = _exit_code_of(status)
+        if ex.process is not None:
+            # We reaped it ourselves; tell Popen so it never waits or warns about it.
+            ex.process.returncode = exit_code
+        timed_out = ex.kill_reason == "timeout"
+        if timed_out:
+            exit_code = 124
+        assert ex.stdout is not None
+        assert ex.stderr is not None
+        stdout, stdout_dropped = ex.stdout.result()
+        stderr, stderr_dropped = ex.stderr.result()
+        result = _exec_result(
+            exit_code,
+            signal_number,
+            timed_out,
+            ex.kill_reason in ("cancel", "reset", "shutdown"),
+            duration,
+            stdout,
+            stdout_dropped,
+            stderr,
+            stderr_dropped,
+        )
+        self.send({"id": ex.request_id, "ok": True, "result": result})
+
+    def _reap(self) -> None:
+        """Reap every exited child: tracked leaders finish their exec, orphans are dropped."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            ex = self.execs.get(pid)
+            if ex is not None:
+                self._finish(ex, status)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        expired: List[_Exec] = []
+        while self.timers and self.timers[0][0] <= now:
+            _, exec_id, pid = heapq.heappop(self.timers)
+            ex = self.execs.get(pid)
+            if ex is not None and ex.exec_id == exec_id and ex.kill_reason is None:
+                expired.append(ex)
+        if expired:
+            self.kill_execs(expired, "timeout")
+
+    # -- killing --------------------------------------------------------------------------------
+
+    def kill_execs(
+        self,
+        execs: List[_Exec],
+        reason: str,
+        needles: Optional[List[bytes]] = None,
+        uids: Optional[Set[int]] = None,
+    ) -> int:
+        """Kill the whole trees of `execs` (and anything matching `needles`/`uids`)."""
+        all_needles = list(needles or [])
+        sessions: Set[int] = set()
+        for ex in execs:
+            if ex.kill_reason is None:
+                ex.kill_reason = reason
+            sessions.add(ex.pid)
+            all_needles.append(_needle(EXEC_MARKER, "%s:%d" % (self.nonce, ex.exec_id)))
+        killed = self._sweep(all_needles, sessions, uids or set())
+        self._reap()
+        return killed
+
+    def _sweep(self, needles: List[bytes], sessions: Set[int], uids: Set[int]) -> int:
+        """SIGKILL every process that matches, scanning /proc until a scan finds none."""
+        own_pid = os.getpid()
+        killed: Set[int] = set()
+        limit = time.monotonic() + _KILL_SWEEP_LIMIT_S
+        pause = 0.0005
+        while True:
+            found = 0
+            try:
+                names = os.listdir("/proc")
+            except OSError:
+                return len(killed)
+            for name in names:
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                if pid == own_pid or pid == 1:
+                    continue
+                if not _process_matches(pid, needles, sessions, uids):
+                    continue
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    continue
+                found += 1
+                killed.add(pid)
+            # Killed direct children and adopted orphans become zombies: reap as we go.
+            self._reap()
+            if not found or time.monotonic() > limit:
+                return len(killed)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _kill_everything(self) -> None:
+        execs = list(self.execs.values())
+        uids: Set[int] = set()
+        for slot in self.slots_used:
+            uid = self.slot_uid(slot)
+            if uid is not None:
+                uids.add(uid)
+        try:
+            self.kill_execs(execs, "shutdown", [_needle(SLOT_MARKER, self.nonce + ":", True)], uids)
+        except Exception as exc:  # exiting anyway: say why, never mask the exit
+            _log("kill on exit failed: %r" % exc)
+        for ex in list(self.execs.values()):
+            self._finish(ex, None)
+
+    # -- other ops ------------------------------------------------------------------------------
+
+    def op_cancel(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        target = args.get("target")
+        if not isinstance(target, int) or isinstance(target, bool):
+            raise OpError("bad_request", "'target' must be the request id of an exec")
+        ex = self.by_request.get(target)
+        if ex is None or ex.kill_reason is not None:
+            return {"found": False}
+        self.kill_execs([ex], "cancel")
+        return {"found": True}
+
+    def op_reset_slot(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        slot = _slot_arg(args)
+        execs = [ex for ex in self.execs.values() if ex.slot == slot]
+        uid = self.slot_uid(slot)
+        killed = self.kill_execs(
+            execs,
+            "reset",
+            [_needle(SLOT_MARKER, "%s:%d" % (self.nonce, slot))],
+            {uid} if uid is not None else None,
+        )
+        workspace = self.workspace(slot)
+        try:
+            _wipe_contents(workspace)
+        except OSError as exc:
+            raise _os_error("reset_slot: wiping", workspace, exc) from None
+        os.chmod(workspace, 0o700)
+        if uid is not None:
+            os.chown(workspace, uid, uid)
+        return {"killed": killed}
+
+    def op_ping(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"time": time.time(), "execs": len(self.execs)}
+
+    def op_shutdown(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        self._exit(EXIT_OK, "shutdown requested")
+        return {}
+
+    def op_read_file(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        slot = _slot_arg(args)
+        max_bytes = args.get("max_bytes")
+        if max_bytes is None:
+            max_bytes = MAX_READ_BYTES
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise OpError("bad_request", "'max_bytes' must be an int >= 0")
+        max_bytes = min(max_bytes, MAX_READ_BYTES)
+        path = args.get("path")
+        with self.as_slot(slot):
+            real, _ = self.resolve(slot, path, "read_file")
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise _os_error("read_file", str(path), exc) from None
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISDIR(info.st_mode):
+                    raise OpError("is_a_directory", "read_file %r: is a directory" % path)
+                if not stat.S_ISREG(info.st_mode):
+                    raise OpError("not_a_file", "read_file %r: not a regular file" % path)
+                chunks: List[bytes] = []
+                remaining = max_bytes
+                while remaining > 0:
+                    chunk = os.read(fd, min(remaining, 1 << 20))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    remaining -= len(chunk)
+                data = b"".join(chunks)
+                size = max(info.st_size, len(data))
+                truncated = size > len(data) or (remaining == 0 and os.read(fd, 1) != b"")
+            except OSError as exc:
+                raise _os_error("read_file", str(path), exc) from None
+            finally:
+                os.close(fd)
+        return {"data": data, "size": size, "truncated": truncated}
+
+    def op_write_file(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        slot = _slot_arg(args)
+        data = args.get("data")
+        if not isinstance(data, bytes):
+            raise OpError("bad_request", "'data' must be bytes")
+        mode = args.get("mode", 0o644)
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise OpError("bad_request", "'mode' must be an int in [0, 0o7777]")
+        path = args.get("path")
+        with self.as_slot(slot):
+            real, relative = self.resolve(slot, path, "write_file")
+            if relative == os.curdir:
+                raise OpError("is_a_directory", "write_file %r: is the workspace itself" % path)
+            if os.path.isdir(real):
+                raise OpError("is_a_directory", "write_file %r: is a directory" % path)
+            parent = os.path.dirname(real)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise _os_error("write_file: creating the parent of", str(path), exc) from None
+            temp = os.path.join(
+                parent, ".%s.hermes-tmp-%s" % (os.path.basename(real), os.urandom(4).hex())
+            )
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fchmod(fd, mode)
+                finally:
+                    os.close(fd)
+                os.rename(temp, real)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise _os_error("write_file", str(path), exc) from None
+        return {"size": len(data)}
+
+    def op_list_files(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        slot = _slot_arg(args)
+        recursive = args.get("recursive", False)
+        if not isinstance(recursive, bool):
+            raise OpError("bad_request", "'recursive' must be a bool")
+        max_entries = args.get("max_entries", DEFAULT_MAX_ENTRIES)
+        if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 0:
+            raise OpError("bad_request", "'max_entries' must be an int >= 0")
+        path = args.get("path", ".")
+        entries: List[Dict[str, Any]] = []
+        with self.as_slot(slot):
+            real, relative = self.resolve(slot, "." if path is None else path, "list_files")
+            try:
+                if not stat.S_ISDIR(os.stat(real).st_mode):
+                    raise OpError("not_a_directory", "list_files %r: not a directory" % path)
+                truncated = _list_into(
+                    real, "" if relative == os.curdir else relative, recursive, max_entries, entries
+                )
+            except OSError as exc:
+                raise _os_error("list_files", str(path), exc) from None
+        return {"entries": entries, "truncated": truncated}
+
+
+def _list_into(
+    directory: str, prefix: str, recursive: bool, limit: int, entries: List[Dict[str, Any]]
+) -> bool:
+    """Append sorted entries of `directory` (depth first); True if `limit` cut the listing."""
+    with os.scandir(directory) as scan:
+        children = sorted(scan, key=lambda entry: entry.name)
+    for entry in children:
+        if len(entries) >= limit:
+            return True
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            kind = "symlink"
+        elif stat.S_ISDIR(info.st_mode):
+            kind = "dir"
+        elif stat.S_ISREG(info.st_mode):
+            kind = "file"
+        else:
+            kind = "other"
+        relative = entry.name if not prefix else prefix + "/" + entry.name
+        entries.append({"path": relative, "type": kind, "size": info.st_size})
+        if recursive and kind == "dir":
+            try:
+                if _list_into(entry.path, relative, recursive, limit, entries):
+                    return True
+            except PermissionError:
+                continue
+    return False
+
+
+def _wipe_contents(directory: str) -> None:
+    """Remove everything inside `directory` (dotfiles, read-only trees), keep the directory."""
+    os.chmod(directory, 0o700)
+    for root, dirnames, _ in os.walk(directory):
+        for name in dirnames:
+            path = os.path.join(root, name)
+            # Make read-only or unreadable subtrees deletable before descending (never through
+            # a symlink: os.walk lists symlinks to directories among dirnames).
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
+    with os.scandir(directory) as scan:
+        children = list(scan)
+    for entry in children:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _needle(name: str, value: str, prefix: bool = False) -> bytes:
+    return ("\0%s=%s%s" % (name, value, "" if prefix else "\0")).encode()
+
+
+def _process_matches(pid: int, needles: List[bytes], sessions: Set[int], uids: Set[int]) -> bool:
+    """Whether a live (non-zombie) process belongs to one of the trees being killed."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            stat_line = handle.read()
+        fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return False
+        if int(fields[2]) in sessions or int(fields[3]) in sessions:
+            return True
+        if uids and os.stat("/proc/%d" % pid).st_uid in uids:
+            return True
+        if not needles:
+            return False
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            environ = b"\0" + handle.read()
+    except (OSError, ValueError, IndexError):
+        return False
+    return any(needle in environ for needle in needles)
+
+
+def _exec_result(
+    exit_code: int,
+    signal_number: Optional[int],
+    timed_out: bool,
+    cancelled: bool,
+    duration: float,
+    stdout: bytes,
+    stdout_dropped: int,
+    stderr: bytes,
+    stderr_dropped: int,
+) -> Dict[str, Any]:
+    return {
+        "exit_code": exit_code,
+        "signal": signal_number,
+        "timed_out": timed_out,
+        "cancelled": cancelled,
+        "duration_s": duration,
+        "stdout": stdout,
+        "stderr": stderr,
+        "stdout_dropped": stdout_dropped,
+        "stderr_dropped": stderr_dropped,
+    }
+
+
+def _error_reply(request_id: int, code: str, message: str) -> Dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def _slot_arg(args: Dict[str, Any]) -> int:
+    slot = args.get("slot")
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_SLOT:
+        raise OpError("bad_request", "'slot' must be an int in [0, %d]" % MAX_SLOT)
+    return slot
+
+
+def _check_env(env: Any, what: str) -> None:
+    if not isinstance(env, dict):
+        raise OpError("bad_request", "%s must be an object of strings" % what)
+    for key, value in env.items():
+        if (
+            not isinstance(key, str)
+            or not isinstance(value, str)
+            or not key
+            or "=" in key
+            or "\0" in key
+            or "\0" in value
+        ):
+            raise OpError("bad_request", "%s: bad entry %r=%r" % (what, key, value))
+
+
+def _drop_to(uid: int) -> Callable[[], None]:  # pragma: no cover - Python 3.8 images only
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+
+    return drop
+
+
+def _log(text: str) -> None:
+    try:
+        sys.stderr.write("hermes-agent[%d]: %s\n" % (os.getpid(), text))
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def _parse_config(config_text: str) -> Dict[str, Any]:
+    try:
+        config = json.loads(config_text)
+    except ValueError as exc:
+        raise OpError("bad_config", "config is not JSON: %s" % exc) from None
+    if not isinstance(config, dict):
+        raise OpError("bad_config", "config must be a JSON object")
+    root = config.get("workspace_root")
+    if not isinstance(root, str) or not root:
+        raise OpError("bad_config", "'workspace_root' (a directory path) is required")
+    ttl = config.get("ttl_s", DEFAULT_TTL_S)
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
+        raise OpError("bad_config", "'ttl_s' must be a number > 0")
+    uid_base = config.get("slot_uid_base")
+    if uid_base is not None and (
+        not isinstance(uid_base, int) or isinstance(uid_base, bool) or uid_base <= 0
+    ):
+        raise OpError("bad_config", "'slot_uid_base' must be an int > 0 or null")
+    cap = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        raise OpError("bad_config", "'max_output_bytes' must be an int >= 0")
+    try:
+        _check_env(config.get("env") or {}, "'env'")
+    except OpError as exc:
+        raise OpError("bad_config", exc.message) from None
+    return config
+
+
+def serve(config_text: str, in_fd: int = 0, out_fd: int = 1) -> int:
+    """Run the agent on `in_fd`/`out_fd` until it stops; return its exit status."""
+    try:
+        config = _parse_config(config_text)
+    except OpError as exc:
+        frame = encode_frame(_error_reply(0, exc.code, exc.message))
+        os.write(out_fd, frame)
+        _log(exc.message)
+        return EXIT_BAD_CONFIG
+    return Agent(config, in_fd, out_fd).run()
+
+
 def main(config_text: str) -> None:
-    """Entry point inside the sandbox (called by the bootstrap)."""
-    raise SystemExit("agent not implemented yet")
+    """Entry point inside the sandbox (called by the bootstrap): serve on stdin/stdout."""
+    # Nothing but frames may reach fd 1: stray prints (ours or a library's) go to stderr.
+    sys.stdout = sys.stderr
+    raise SystemExit(serve(config_text))
 
 
 if __name__ == "__main__":  # pragma: no cover - manual debugging only

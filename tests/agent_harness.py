@@ -1,0 +1,210 @@
+"""Start the sandbox agent as a plain subprocess and talk frames to it (synchronously).
+
+The agent is started exactly as a driver starts it: ``python3 -c BOOTSTRAP`` with the bootstrap
+payload on stdin. Replies are read with a deadline, so a broken agent fails a test instead of
+hanging it. Also helpers to find processes by an environment tag in /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from hermes_actors._agent import BOOTSTRAP, FrameDecoder, bootstrap_payload, encode_frame
+
+REPLY_TIMEOUT_S = 20.0
+
+
+class AgentProcess:
+    """One running agent. `request` sends and waits; `send`/`wait_reply` split the two."""
+
+    def __init__(
+        self,
+        workspace_root: str,
+        *,
+        python: str = sys.executable,
+        ttl_s: float = 60.0,
+        **config: Any,
+    ) -> None:
+        self.config: dict[str, Any] = {"workspace_root": workspace_root, "ttl_s": ttl_s, **config}
+        self.process = subprocess.Popen(
+            [python, "-c", BOOTSTRAP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self._stdout_fd = self.process.stdout.fileno()
+        os.set_blocking(self._stdout_fd, False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._stdout_fd, selectors.EVENT_READ)
+        self._decoder = FrameDecoder()
+        # Replies by id, in arrival order (id 0 is used by the ready frame and bad_frame replies).
+        self._pending: dict[int, list[dict[str, Any]]] = {}
+        self._next_id = 1
+        self.eof = False
+        self.write_raw(bootstrap_payload(self.config))
+        self.ready = self.wait_reply(0)
+
+    # -- raw stream ---------------------------------------------------------------------------
+
+    def write_raw(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+
+    def _pump(self, deadline: float) -> bool:
+        """Read what arrives before `deadline`; False once the agent's stdout is closed."""
+        timeout = deadline - time.monotonic()
+        if timeout <= 0 or self.eof:
+            return not self.eof
+        if not self._selector.select(timeout):
+            return True
+        try:
+            data = os.read(self._stdout_fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not data:
+            self.eof = True
+            return False
+        self._decoder.feed(data)
+        while True:
+            complete, message = self._decoder.next_frame()
+            if not complete:
+                return True
+            self._pending.setdefault(message["id"], []).append(message)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def send(self, op: str, **args: Any) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        self.write_raw(encode_frame({"id": request_id, "op": op, "args": args}))
+        return request_id
+
+    def wait_reply(self, request_id: int, timeout: float = REPLY_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while request_id not in self._pending:
+            if not self._pump(deadline) or time.monotonic() >= deadline:
+                if request_id in self._pending:
+                    break
+                raise AssertionError(f"no reply to request {request_id} (agent eof: {self.eof})")
+        replies = self._pending[request_id]
+        reply = replies.pop(0)
+        if not replies:
+            del self._pending[request_id]
+        return reply
+
+    def request(self, op: str, timeout: float = REPLY_TIMEOUT_S, **args: Any) -> dict[str, Any]:
+        """Send one request and return its whole reply (``ok``, ``result`` or ``error``)."""
+        return self.wait_reply(self.send(op, **args), timeout)
+
+    def call(self, op: str, timeout: float = REPLY_TIMEOUT_S, **args: Any) -> dict[str, Any]:
+        """Send one request and return its result, failing the test on an error reply."""
+        reply = self.request(op, timeout, **args)
+        assert reply["ok"], reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    def error(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request that must fail and return its error (``code``, ``message``)."""
+        reply = self.request(op, **args)
+        assert not reply["ok"], reply
+        error: dict[str, Any] = reply["error"]
+        return error
+
+    def wait_eof(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._pump(deadline) and time.monotonic() < deadline:
+            pass
+        return self.eof
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_text(self) -> str:
+        """The agent's stderr (only once it has exited)."""
+        assert self.process.stderr is not None
+        return self.process.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        """Stop the agent (however it is doing) and release the pipes."""
+        if self.process.poll() is None:
+            try:
+                self.close_stdin()
+            except (BrokenPipeError, ValueError):
+                pass
+            if self.wait_exit(5.0) is None:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
+        self._selector.close()
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def processes_with_env(tag: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose environment contains `tag` (``NAME=value``)."""
+    needle = b"\0" + tag.encode() + b"\0"
+    found = []
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+            if state in (b"Z", b"X"):
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = b"\0" + handle.read()
+        except (OSError, IndexError):
+            continue
+        if needle in environ:
+            found.append(pid)
+    return found
+
+
+def wait_no_processes_with_env(tag: str, timeout: float = 2.0) -> list[int]:
+    """Poll until no process carries `tag` or `timeout` passes; return the survivors."""
+    deadline = time.monotonic() + timeout
+    survivors = processes_with_env(tag)
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.02)
+        survivors = processes_with_env(tag)
+    return survivors
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _pids() -> Iterator[int]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
