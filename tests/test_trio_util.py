@@ -1,0 +1,664 @@
+"""Tests for the general trio helpers: reply cells, calls, cleanup, group collapsing, idle."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from functools import partial
+
+import attrs
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from hermes_actors._errors import HermesError, RuntimeStopped, SandboxLost
+from hermes_actors.runtime._trio_util import (
+    IdleDeadline,
+    Reply,
+    bounded_cleanup,
+    call,
+    close_mailbox,
+    collapse,
+    collapse_exception_groups,
+    fail_pending,
+)
+
+
+@attrs.frozen(kw_only=True)
+class Ask:
+    question: str
+    reply: Reply[str]
+
+
+async def make_cancelled() -> trio.Cancelled:
+    """A real `trio.Cancelled`, as trio raises it (it has no public constructor)."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            return exc
+    raise AssertionError("the checkpoint was not cancelled")
+
+
+def origin_of_failure() -> SandboxLost:
+    try:
+        raise SandboxLost("sb-1", "agent exited")
+    except SandboxLost as exc:
+        return exc
+
+
+# Reply ------------------------------------------------------------------------------------
+
+
+async def test_reply_set_then_wait_returns_value(autojump_clock: trio.testing.MockClock) -> None:
+    """A value set before waiting is returned by wait, and the cell reports done."""
+    reply: Reply[int] = Reply()
+    assert not reply.done
+    assert reply.set(7) is True
+    assert reply.done
+    assert await reply.wait() == 7
+    assert not reply.abandoned
+
+
+async def test_reply_wait_blocks_until_set(autojump_clock: trio.testing.MockClock) -> None:
+    """wait blocks until the actor sets the value, then returns it."""
+    reply: Reply[str] = Reply()
+    woke_at: list[float] = []
+
+    async def waiter() -> None:
+        assert await reply.wait() == "slot"
+        woke_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(3)
+        assert reply.set("slot")
+    assert woke_at == [3]
+
+
+async def test_reply_fail_raises_same_error_with_original_traceback_each_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A failed cell raises its error on every wait, keeping the frames where it was raised."""
+    error = origin_of_failure()
+    reply: Reply[int] = Reply()
+    assert reply.fail(error) is True
+    frame_counts = []
+    for _ in range(2):
+        with pytest.raises(SandboxLost) as info:
+            await reply.wait()
+        assert info.value is error
+        names = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+        assert "origin_of_failure" in names
+        frame_counts.append(len(names))
+    assert frame_counts[0] == frame_counts[1]
+
+
+async def test_reply_second_resolution_is_a_noop_returning_false(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once resolved, set and fail return False and the first resolution stands."""
+    reply: Reply[int] = Reply()
+    assert reply.set(1)
+    assert reply.set(2) is False
+    assert reply.fail(ValueError("late")) is False
+    assert await reply.wait() == 1
+
+    failed: Reply[int] = Reply()
+    assert failed.fail(KeyError("first"))
+    assert failed.set(3) is False
+    with pytest.raises(KeyError, match="first"):
+        await failed.wait()
+
+
+async def test_reply_cancelled_waiter_with_value_ready_gives_it_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A waiter cancelled while a value is already set gives it back via on_abandoned once."""
+    given_back: list[str] = []
+    reply: Reply[str] = Reply(given_back.append)
+    assert reply.set("slot-1")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await reply.wait()
+    assert scope.cancelled_caught
+    assert reply.abandoned
+    assert given_back == ["slot-1"]
+    reply.abandon()
+    assert given_back == ["slot-1"]
+
+
+async def test_reply_waiter_cancelled_after_set_before_it_runs_gives_value_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A waiter woken by set but cancelled before it runs gives the value back, not takes it."""
+    given_back: list[str] = []
+    reply: Reply[str] = Reply(given_back.append)
+    results: list[str] = []
+    scope = trio.CancelScope()
+
+    async def waiter() -> None:
+        with scope:
+            results.append(await reply.wait())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        # Both happen before the waiter gets to run again: it was woken, then cancelled.
+        assert reply.set("slot-2")
+        scope.cancel()
+    assert results == []
+    assert scope.cancelled_caught
+    assert reply.abandoned
+    assert given_back == ["slot-2"]
+
+
+async def test_reply_set_after_abandon_returns_false_without_callback(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A set that comes after the waiter gave up returns False and does not call back."""
+    given_back: list[str] = []
+    reply: Reply[str] = Reply(given_back.append)
+    with trio.move_on_after(2):
+        await reply.wait()
+    assert trio.current_time() == 2
+    assert reply.abandoned
+    assert not reply.done
+    assert reply.set("slot-3") is False
+    assert reply.fail(RuntimeError("late")) is False
+    assert given_back == []
+
+
+async def test_reply_cancelled_after_fail_abandons_without_callback(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A waiter cancelled with an error waiting abandons the cell and nothing is given back."""
+    given_back: list[str] = []
+    reply: Reply[str] = Reply(given_back.append)
+    assert reply.fail(ValueError("no"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await reply.wait()
+    assert scope.cancelled_caught
+    assert reply.abandoned
+    assert given_back == []
+
+
+async def test_reply_taken_value_is_not_given_back_on_later_abandon(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After wait returned the value, a later cancelled wait gives nothing back."""
+    given_back: list[int] = []
+    reply: Reply[int] = Reply(given_back.append)
+    reply.set(5)
+    assert await reply.wait() == 5
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await reply.wait()
+    assert reply.abandoned
+    assert given_back == []
+
+
+async def test_reply_on_abandoned_error_is_logged_and_cancellation_still_propagates(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An on_abandoned that raises is logged; the caller's cancellation is not replaced."""
+
+    def broken(value: int) -> None:
+        raise RuntimeError(f"cannot take back {value}")
+
+    reply: Reply[int] = Reply(broken)
+    reply.set(9)
+    with caplog.at_level(logging.ERROR), trio.CancelScope() as scope:
+        scope.cancel()
+        await reply.wait()
+    assert scope.cancelled_caught
+    assert "on_abandoned callback" in caplog.text
+    assert "cannot take back 9" in caplog.text
+
+
+# call ---------------------------------------------------------------------------------------
+
+
+async def test_call_returns_actor_reply(autojump_clock: trio.testing.MockClock) -> None:
+    """call delivers the message and returns what the actor set."""
+    send, receive = trio.open_memory_channel[Ask](1)
+
+    async def actor() -> None:
+        async with receive:
+            async for message in receive:
+                message.reply.set(message.question.upper())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor)
+        async with send:
+            answer = await call(send, lambda reply: Ask(question="hi", reply=reply))
+    assert answer == "HI"
+
+
+async def test_call_raises_actor_error(autojump_clock: trio.testing.MockClock) -> None:
+    """call raises the error the actor failed the reply with."""
+    send, receive = trio.open_memory_channel[Ask](1)
+
+    async def actor() -> None:
+        message = await receive.receive()
+        message.reply.fail(SandboxLost("sb-9", "gone"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actor)
+        with pytest.raises(SandboxLost, match="sb-9"):
+            await call(send, lambda reply: Ask(question="q", reply=reply))
+
+
+async def test_call_on_mailbox_closed_by_actor_raises_runtime_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """call on a mailbox whose actor closed it raises RuntimeStopped."""
+    send, receive = trio.open_memory_channel[Ask](1)
+    receive.close()
+    with pytest.raises(RuntimeStopped, match="mailbox is closed") as info:
+        await call(send, lambda reply: Ask(question="q", reply=reply))
+    assert isinstance(info.value.__cause__, trio.BrokenResourceError)
+
+
+async def test_call_on_closed_send_channel_raises_runtime_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """call on a send channel that was closed raises RuntimeStopped and abandons the reply."""
+    send, _receive = trio.open_memory_channel[Ask](1)
+    send.close()
+    made: list[Reply[str]] = []
+
+    def make(reply: Reply[str]) -> Ask:
+        made.append(reply)
+        return Ask(question="q", reply=reply)
+
+    with pytest.raises(RuntimeStopped):
+        await call(send, make)
+    assert made[0].abandoned
+
+
+async def test_call_cancelled_while_mailbox_full_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A call cancelled while blocked on a full mailbox sends nothing and abandons its reply."""
+    send, receive = trio.open_memory_channel[Ask](0)
+    made: list[Reply[str]] = []
+
+    def make(reply: Reply[str]) -> Ask:
+        made.append(reply)
+        return Ask(question="q", reply=reply)
+
+    with trio.move_on_after(4):
+        await call(send, make)
+    assert trio.current_time() == 4
+    assert made[0].abandoned
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()
+
+
+async def test_call_cancelled_after_actor_answered_gives_value_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A caller cancelled after the actor set its reply gives the value back via on_abandoned."""
+    send, receive = trio.open_memory_channel[Ask](1)
+    given_back: list[str] = []
+    scope = trio.CancelScope()
+
+    async def actor() -> None:
+        message = await receive.receive()
+        assert message.reply.set("lease")
+        scope.cancel()
+
+    async def caller() -> None:
+        with scope:
+            await call(
+                send,
+                lambda reply: Ask(question="q", reply=reply),
+                on_abandoned=given_back.append,
+            )
+            raise AssertionError("the call returned a value to a cancelled caller")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        nursery.start_soon(actor)
+    assert given_back == ["lease"]
+
+
+async def test_call_cancelled_before_actor_answers_makes_set_return_false(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A caller that times out first makes the actor's later set return False."""
+    send, receive = trio.open_memory_channel[Ask](1)
+    set_results: list[bool] = []
+
+    async def slow_actor() -> None:
+        message = await receive.receive()
+        await trio.sleep(10)
+        set_results.append(message.reply.set("late"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_actor)
+        with trio.move_on_after(1):
+            await call(send, lambda reply: Ask(question="q", reply=reply))
+        assert trio.current_time() == 1
+    assert set_results == [False]
+    assert trio.current_time() == 10
+
+
+# fail_pending / close_mailbox -------------------------------------------------------------------
+
+
+async def test_fail_pending_fails_only_unresolved_replies_with_fresh_errors(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """fail_pending fails each pending reply with its own error and leaves the others alone."""
+    pending_a: Reply[int] = Reply()
+    pending_b: Reply[int] = Reply()
+    resolved: Reply[int] = Reply()
+    resolved.set(1)
+    abandoned: Reply[int] = Reply()
+    abandoned.abandon()
+
+    count = fail_pending(
+        [pending_a, resolved, abandoned, pending_b],
+        lambda: RuntimeStopped("actor stopped"),
+    )
+    assert count == 2
+    errors = []
+    for reply in (pending_a, pending_b):
+        with pytest.raises(RuntimeStopped) as info:
+            await reply.wait()
+        errors.append(info.value)
+    assert errors[0] is not errors[1]
+    assert await resolved.wait() == 1
+    assert not abandoned.done
+
+
+async def test_close_mailbox_fails_queued_requests_and_refuses_new_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Closing a mailbox fails the replies of queued requests; later calls raise."""
+    send, receive = trio.open_memory_channel[Ask](4)
+    outcomes: list[str] = []
+
+    async def caller(question: str) -> None:
+        try:
+            await call(send, lambda reply: Ask(question=question, reply=reply))
+        except RuntimeStopped:
+            outcomes.append(f"{question}: stopped")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller, "a")
+        nursery.start_soon(caller, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        failed = close_mailbox(
+            receive, lambda message: [message.reply], lambda: RuntimeStopped("pool stopped")
+        )
+        assert failed == 2
+    assert sorted(outcomes) == ["a: stopped", "b: stopped"]
+    with pytest.raises(RuntimeStopped, match="mailbox is closed"):
+        await call(send, lambda reply: Ask(question="c", reply=reply))
+
+
+# bounded_cleanup -------------------------------------------------------------------------------
+
+
+async def test_bounded_cleanup_graceful_in_time_skips_forceful(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A graceful cleanup that finishes within the limit returns True; forceful never runs."""
+    forced: list[float] = []
+    done = await bounded_cleanup(5, partial(trio.sleep, 2), lambda: forced.append(1))
+    assert done is True
+    assert trio.current_time() == 2
+    assert forced == []
+
+
+async def test_bounded_cleanup_runs_forceful_at_exact_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A graceful cleanup still running at the limit is cut off and forceful runs then."""
+    forced_at: list[float] = []
+    done = await bounded_cleanup(
+        3, partial(trio.sleep, 100), lambda: forced_at.append(trio.current_time())
+    )
+    assert done is False
+    assert forced_at == [3]
+    assert trio.current_time() == 3
+
+
+async def test_bounded_cleanup_graceful_error_is_logged_and_escalates(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A graceful cleanup that raises is logged and the forceful path runs immediately."""
+    forced_at: list[float] = []
+
+    async def graceful() -> None:
+        await trio.sleep(1)
+        raise OSError("pipe broke")
+
+    with caplog.at_level(logging.ERROR):
+        done = await bounded_cleanup(5, graceful, lambda: forced_at.append(trio.current_time()))
+    assert done is False
+    assert forced_at == [1]
+    assert "pipe broke" in caplog.text
+
+
+async def test_bounded_cleanup_is_shielded_from_outer_cancellation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An already cancelled caller still gets its cleanup run, up to the limit."""
+    finished_at: list[float] = []
+
+    async def graceful() -> None:
+        await trio.sleep(2)
+        finished_at.append(trio.current_time())
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep_forever()
+        finally:
+            assert await bounded_cleanup(5, graceful) is True
+    assert finished_at == [2]
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep_forever()
+        finally:
+            assert await bounded_cleanup(3, trio.sleep_forever) is False
+    assert trio.current_time() == 2 + 3
+
+
+async def test_bounded_cleanup_forceful_error_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A forceful path that raises is logged, and the result is still False."""
+
+    def forceful() -> None:
+        raise ProcessLookupError("already gone")
+
+    with caplog.at_level(logging.ERROR):
+        assert await bounded_cleanup(1, partial(trio.sleep, 2), forceful) is False
+    assert "already gone" in caplog.text
+    assert trio.current_time() == 1
+
+
+async def test_bounded_cleanup_runs_forceful_then_propagates_base_exceptions(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A KeyboardInterrupt in graceful runs the forceful path and propagates."""
+    forced: list[bool] = []
+
+    async def graceful() -> None:
+        await trio.sleep(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await bounded_cleanup(5, graceful, lambda: forced.append(True))
+    assert forced == [True]
+
+
+# collapse --------------------------------------------------------------------------------------
+
+
+async def test_collapse_one_error_among_cancellations_wins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One HermesError beside Cancelled leaves, even nested, collapses to that error."""
+    error = HermesError("the one")
+    group = BaseExceptionGroup(
+        "outer",
+        [await make_cancelled(), BaseExceptionGroup("inner", [error, await make_cancelled()])],
+    )
+    assert collapse(group) is error
+
+
+async def test_collapse_same_error_object_twice_collapses_to_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same exception object reached through two branches counts once."""
+    error = ValueError("shared")
+    group = ExceptionGroup("g", [error, ExceptionGroup("h", [error])])
+    assert collapse(group) is error
+
+
+async def test_collapse_only_cancellations_gives_the_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A group of only Cancelled leaves collapses to the first Cancelled."""
+    first = await make_cancelled()
+    group = BaseExceptionGroup("g", [first, await make_cancelled()])
+    assert collapse(group) is first
+
+
+async def test_collapse_keyboard_interrupts_give_the_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Several KeyboardInterrupts (with cancellations) collapse to the first of them."""
+    first = KeyboardInterrupt()
+    group = BaseExceptionGroup("g", [await make_cancelled(), first, KeyboardInterrupt()])
+    assert collapse(group) is first
+
+
+async def test_collapse_two_different_errors_keeps_the_group(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two different meaningful errors cannot be collapsed: the group is returned unchanged."""
+    group = BaseExceptionGroup("g", [HermesError("a"), HermesError("b"), await make_cancelled()])
+    assert collapse(group) is group
+    mixed = BaseExceptionGroup("m", [KeyboardInterrupt(), ValueError("v")])
+    assert collapse(mixed) is mixed
+
+
+async def test_collapse_exception_groups_reraises_the_one_error_without_group_context(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An error from one task of a nursery escapes as itself, with its own cause intact."""
+
+    async def fails() -> None:
+        try:
+            raise KeyError("root cause")
+        except KeyError as exc:
+            raise SandboxLost("sb-2", "stream closed") from exc
+
+    async def run_collapsed() -> None:
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)
+                nursery.start_soon(fails)
+
+    with pytest.raises(SandboxLost) as info:
+        await run_collapsed()
+    assert isinstance(info.value.__cause__, KeyError)
+    assert not isinstance(info.value.__context__, BaseExceptionGroup)
+
+
+async def test_collapse_exception_groups_leaves_real_groups_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A group of two different errors escapes unchanged; no error means nothing happens."""
+
+    async def fail_with(exc: Exception) -> None:
+        raise exc
+
+    async def run_collapsed() -> None:
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fail_with, ValueError("one"))
+                nursery.start_soon(fail_with, KeyError("two"))
+
+    with pytest.raises(ExceptionGroup) as info:
+        await run_collapsed()
+    assert len(info.value.exceptions) == 2
+
+    with collapse_exception_groups():
+        await trio.lowlevel.checkpoint()
+
+
+async def test_collapse_exception_groups_lets_a_cancelled_nursery_be_caught(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A cancelled nursery's group collapses to Cancelled, which the cancel scope absorbs."""
+    with trio.move_on_after(1) as scope, collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            nursery.start_soon(trio.sleep_forever)
+    assert scope.cancelled_caught
+    assert trio.current_time() == 1
+
+
+# IdleDeadline -----------------------------------------------------------------------------------
+
+
+async def test_idle_deadline_cancels_body_when_idle(autojump_clock: trio.testing.MockClock) -> None:
+    """The body is cancelled exactly timeout_s after the last touch."""
+    touches: list[float] = []
+    with IdleDeadline(5) as idle:
+        assert idle.deadline == 5
+        for _ in range(3):
+            await trio.sleep(2)
+            idle.touch()
+            touches.append(trio.current_time())
+        await trio.sleep_forever()
+    assert touches == [2, 4, 6]
+    assert idle.expired
+    assert trio.current_time() == 6 + 5
+
+
+async def test_idle_deadline_explicit_cancel_is_not_expiry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A body cancelled explicitly ends at once and is not reported as idle expiry."""
+
+    async def canceller(idle: IdleDeadline) -> None:
+        await trio.sleep(1)
+        idle.cancel(reason="pool stopping")
+
+    async with trio.open_nursery() as nursery:
+        with IdleDeadline(10) as idle:
+            nursery.start_soon(canceller, idle)
+            await trio.sleep_forever()
+    assert trio.current_time() == 1
+    assert not idle.expired
+
+
+async def test_idle_deadline_body_that_finishes_is_not_expired(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A body that completes before going idle is not expired, and touch is then harmless."""
+    with IdleDeadline(3) as idle:
+        await trio.sleep(2)
+    assert not idle.expired
+    assert trio.current_time() == 2
+
+
+async def test_idle_deadline_rejects_bad_timeouts(autojump_clock: trio.testing.MockClock) -> None:
+    """Non-positive or NaN idle timeouts are refused."""
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="idle timeout"):
+            IdleDeadline(bad)
