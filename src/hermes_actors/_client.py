@@ -1,0 +1,374 @@
+"""SandboxClient: many concurrent requests to one in-sandbox agent over one byte stream.
+
+The client owns the stream a driver handed over. `run` (started with `nursery.start`) sends the
+agent bootstrap, waits for the agent's ready frame, then reads replies and matches them to their
+requests by id, while a writer task coalesces every frame queued since its last write into one
+`send_all` (so a batch of commands for one sandbox costs one write) and a heartbeat keeps the
+agent's dead-man switch from firing while the host is alive.
+
+Invariants:
+* Every request gets exactly one outcome: its reply, or `SandboxLost` when the stream breaks, the
+  agent dies or stops answering, or the client is closed. No caller ever hangs on a dead agent.
+* A caller cancelled during `exec` has its command killed: the client queues a `cancel` for it
+  (sync, so it cannot be lost to the cancellation) and waits, bounded and shielded, for the
+  command's final reply, so the slot is quiet before the next command runs there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import outcome
+import trio
+
+from hermes_actors._agent import FrameDecoder, FrameError, bootstrap_payload, encode_frame
+from hermes_actors._errors import AgentError, SandboxLost
+from hermes_actors.drivers._base import SandboxHandle
+
+logger = logging.getLogger("hermes_actors.client")
+
+#: How long a cancelled exec may take to report its killed command before the caller moves on.
+CANCEL_GRACE_S = 5.0
+
+
+@attrs.frozen(kw_only=True)
+class ExecResult:
+    """What one command did; a timeout or cancel is a result (`timed_out`, `cancelled`)."""
+
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    duration_s: float
+    stdout: bytes
+    stderr: bytes
+    stdout_dropped: int
+    stderr_dropped: int
+
+    @classmethod
+    def from_reply(cls, result: Mapping[str, Any]) -> ExecResult:
+        return cls(
+            exit_code=int(result["exit_code"]),
+            signal=result.get("signal"),
+            timed_out=bool(result.get("timed_out", False)),
+            cancelled=bool(result.get("cancelled", False)),
+            duration_s=float(result.get("duration_s", 0.0)),
+            stdout=result.get("stdout", b""),
+            stderr=result.get("stderr", b""),
+            stdout_dropped=int(result.get("stdout_dropped", 0)),
+            stderr_dropped=int(result.get("stderr_dropped", 0)),
+        )
+
+
+class _Pending:
+    """The one-shot outcome of a request: set by the reader, awaited by the caller."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: outcome.Outcome[dict[str, Any]] | None = None
+
+    def resolve(self, result: outcome.Outcome[dict[str, Any]]) -> None:
+        if self.result is None:
+            self.result = result
+            self.event.set()
+
+    async def wait(self) -> dict[str, Any]:
+        await self.event.wait()
+        assert self.result is not None
+        return self.result.unwrap()
+
+
+class SandboxClient:
+    """Talks the agent protocol to one sandbox. Create, then `await nursery.start(client.run)`."""
+
+    def __init__(
+        self,
+        handle: SandboxHandle,
+        *,
+        ttl_s: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        max_output_bytes: int = 1_000_000,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        self.handle = handle
+        self.sandbox_id = handle.sandbox_id
+        self._ttl_s = ttl_s
+        self._env = dict(env or {})
+        self._max_output_bytes = max_output_bytes
+        self._start_timeout_s = start_timeout_s
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._outbox: list[bytes] = []
+        self._outbox_ready = trio.Event()
+        self._lost: SandboxLost | None = None
+        self._closed = trio.Event()
+        self.agent_info: dict[str, Any] = {}
+        self.requests_sent = 0
+        self.writes = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def lost(self) -> SandboxLost | None:
+        """Why the client stopped working, or None while it works."""
+        return self._lost
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[SandboxClient] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bootstrap the agent, report started once it is ready, then serve until the stream ends.
+
+        Returns (never raises for a broken sandbox) when the agent is gone; every pending request
+        has failed with `SandboxLost` by then. Raises `SandboxLost` instead of starting if the
+        agent never becomes ready. Cancelling it closes the client.
+        """
+        config = {
+            **self.handle.agent_config,
+            "ttl_s": self._ttl_s,
+            "env": {**self.handle.agent_config.get("env", {}), **self._env},  # type: ignore[dict-item]
+            "max_output_bytes": self._max_output_bytes,
+        }
+        decoder = FrameDecoder()
+        stream = self.handle.stream
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(self._start_timeout_s) as start_scope:
+                    await stream.send_all(bootstrap_payload(config))
+                    ready = await self._read_ready(decoder)
+                if start_scope.cancelled_caught:
+                    raise SandboxLost(self.sandbox_id, "agent did not start in time")
+                self.agent_info = ready
+                nursery.start_soon(self._writer, name=f"client-writer:{self.sandbox_id}")
+                nursery.start_soon(self._heartbeat, name=f"client-heartbeat:{self.sandbox_id}")
+                task_status.started(self)
+                await self._reader(decoder)
+                nursery.cancel_scope.cancel(reason="agent stream ended")
+        except SandboxLost as exc:
+            self._fail_all(exc)
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            lost = SandboxLost(self.sandbox_id, f"stream broke: {exc!r}")
+            self._fail_all(lost)
+            raise lost from exc
+        finally:
+            self._fail_all(SandboxLost(self.sandbox_id, "client closed"))
+            self._closed.set()
+
+    async def _read_ready(self, decoder: FrameDecoder) -> dict[str, Any]:
+        messages = await self._receive(decoder)
+        while messages == []:
+            messages = await self._receive(decoder)
+        if messages is None:
+            note = await self._exit_note()
+            raise SandboxLost(self.sandbox_id, f"agent exited during start ({note})")
+        first, rest = messages[0], messages[1:]
+        result = first.get("result") or {}
+        if first.get("id") != 0 or not first.get("ok") or not result.get("ready"):
+            raise SandboxLost(self.sandbox_id, f"unexpected first frame from agent: {first!r}")
+        self._dispatch(rest)
+        return dict(result)
+
+    async def _receive(self, decoder: FrameDecoder) -> list[dict[str, Any]] | None:
+        """The messages completed by the next chunk of the stream; None at its end."""
+        try:
+            data = await self.handle.stream.receive_some(1 << 20)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data:
+            return None
+        decoder.feed(bytes(data))
+        messages: list[dict[str, Any]] = []
+        while True:
+            try:
+                complete, message = decoder.next_frame()
+            except FrameError as exc:
+                if decoder.broken:
+                    raise SandboxLost(self.sandbox_id, f"agent stream corrupt: {exc}") from None
+                logger.warning("sandbox %s: undecodable frame from agent: %s", self.sandbox_id, exc)
+                continue
+            if not complete:
+                return messages
+            messages.append(message)
+
+    async def _exit_note(self) -> str:
+        with trio.move_on_after(1.0):
+            status = await self.handle.wait_exited()
+            return f"exit status {status}"
+        return "stream closed"
+
+    def _dispatch(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            request_id = message.get("id")
+            pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if pending is None:
+                if request_id == 0:
+                    logger.warning("sandbox %s: agent reported: %r", self.sandbox_id, message)
+                continue
+            if message.get("ok"):
+                pending.resolve(outcome.Value(message.get("result") or {}))
+            else:
+                error = message.get("error") or {}
+                code, text = str(error.get("code", "error")), str(error.get("message", ""))
+                pending.resolve(outcome.Error(AgentError(code, text)))
+
+    async def _reader(self, decoder: FrameDecoder) -> None:
+        while (messages := await self._receive(decoder)) is not None:
+            self._dispatch(messages)
+        self._lost = SandboxLost(self.sandbox_id, f"agent went away ({await self._exit_note()})")
+        self._fail_all(self._lost)
+
+    async def _writer(self) -> None:
+        stream = self.handle.stream
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._lost = SandboxLost(self.sandbox_id, f"cannot write to agent: {exc!r}")
+                self._fail_all(self._lost)
+                return
+            self.writes += 1
+
+    async def _heartbeat(self) -> None:
+        # The agent exits when nothing arrives within its ttl; ping at a third of it, and treat
+        # an agent that does not answer within the ttl as lost.
+        interval = self._ttl_s / 3
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(self._ttl_s):
+                try:
+                    await self.call("ping", {})
+                except (AgentError, SandboxLost):
+                    return
+                continue
+            self._lost = SandboxLost(self.sandbox_id, "agent stopped answering")
+            self._fail_all(self._lost)
+            return
+
+    def _fail_all(self, error: SandboxLost) -> None:
+        if self._lost is None:
+            self._lost = error
+        pending, self._pending = self._pending, {}
+        for cell in pending.values():
+            cell.resolve(outcome.Error(self._lost))
+
+    def _send_nowait(self, message: dict[str, Any]) -> None:
+        self._outbox.append(encode_frame(message))
+        self._outbox_ready.set()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _begin(self, op: str, args: Mapping[str, Any]) -> tuple[int, _Pending]:
+        if self._lost is not None:
+            raise self._lost
+        request_id = next(self._ids)
+        cell = _Pending()
+        self._pending[request_id] = cell
+        self._send_nowait({"id": request_id, "op": op, "args": dict(args)})
+        self.requests_sent += 1
+        return request_id, cell
+
+    async def call(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its result.
+
+        Raises `AgentError` when the agent refused it, `SandboxLost` when the sandbox went away.
+        Cancellation abandons the reply (the agent still finishes the operation).
+        """
+        request_id, cell = self._begin(op, args)
+        try:
+            return await cell.wait()
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def exec(
+        self,
+        slot: int,
+        *,
+        command: str | None = None,
+        argv: list[str] | None = None,
+        cwd: str = ".",
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float | None = None,
+        max_output_bytes: int | None = None,
+    ) -> ExecResult:
+        """Run one command in `slot`'s workspace and return what it did.
+
+        A timeout kills the command's whole process tree and returns the partial output with
+        `timed_out` set and exit code 124. If the caller is cancelled, the command is killed the
+        same way before this returns (bounded by `CANCEL_GRACE_S`), then `Cancelled` propagates.
+        """
+        if (command is None) == (argv is None):
+            raise ValueError("exec needs exactly one of command= or argv=")
+        args: dict[str, Any] = {"slot": slot, "cwd": cwd, "env": dict(env or {})}
+        if command is not None:
+            args["command"] = command
+        else:
+            args["argv"] = list(argv or ())
+        if stdin is not None:
+            args["stdin"] = stdin
+        if timeout_s is not None and math.isfinite(timeout_s):
+            args["timeout_s"] = float(timeout_s)
+        if max_output_bytes is not None:
+            args["max_output_bytes"] = max_output_bytes
+        request_id, cell = self._begin("exec", args)
+        try:
+            return ExecResult.from_reply(await cell.wait())
+        except trio.Cancelled:
+            if request_id in self._pending and self._lost is None:
+                self._send_nowait(
+                    {"id": next(self._ids), "op": "cancel", "args": {"target": request_id}}
+                )
+                with trio.move_on_after(CANCEL_GRACE_S, shield=True):
+                    await cell.event.wait()
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def read_file(self, slot: int, path: str, *, max_bytes: int | None = None) -> bytes:
+        args: dict[str, Any] = {"slot": slot, "path": path}
+        if max_bytes is not None:
+            args["max_bytes"] = max_bytes
+        result = await self.call("read_file", args)
+        data: bytes = result["data"]
+        return data
+
+    async def write_file(self, slot: int, path: str, data: bytes, *, mode: int = 0o644) -> int:
+        result = await self.call(
+            "write_file", {"slot": slot, "path": path, "data": data, "mode": mode}
+        )
+        return int(result["size"])
+
+    async def list_files(
+        self, slot: int, path: str = ".", *, recursive: bool = False, max_entries: int = 10000
+    ) -> list[dict[str, Any]]:
+        result = await self.call(
+            "list_files",
+            {"slot": slot, "path": path, "recursive": recursive, "max_entries": max_entries},
+        )
+        entries: list[dict[str, Any]] = result["entries"]
+        return entries
+
+    async def reset_slot(self, slot: int) -> int:
+        """Kill everything `slot` started and wipe its workspace; returns processes killed."""
+        result = await self.call("reset_slot", {"slot": slot})
+        return int(result.get("killed", 0))
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping", {})
+
+    async def shutdown(self) -> None:
+        """Ask the agent to kill everything and exit; waits for its answer or its death."""
+        with contextlib.suppress(SandboxLost, AgentError):
+            await self.call("shutdown", {})

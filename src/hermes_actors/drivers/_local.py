@@ -1,0 +1,421 @@
+"""The local driver: sandboxes are agent processes on this machine, isolated with bubblewrap.
+
+Each sandbox gets a private host directory (its slot workspaces, and the agent's log) and one
+agent process started as ``python3 -c BOOTSTRAP``; the agent's stdin/stdout are the stream.
+
+Isolation (`SandboxSpec.isolation`):
+
+* ``bwrap``: the agent runs inside bubblewrap with its own pid/net/ipc/uts namespaces, host
+  ``/usr`` and ``/etc`` read-only, private ``/tmp`` and ``/run``, the workspace root bound
+  read-write at ``spec.workspace_base``, and no network unless ``spec.network``. Sandboxed
+  commands never run as host uid 0 with capabilities: started by root, the agent keeps only the
+  capabilities it needs to switch uid and runs each slot's commands as its own unprivileged uid
+  (``SLOT_UID_BASE + slot``) in a 0700 workspace, so slots cannot see each other; started by
+  another user, bwrap runs unprivileged in a user namespace (slots then share that one uid).
+  Killing bwrap tears down the pid namespace, so nothing started inside survives it.
+* ``none``: plain processes. Tree kill relies on the agent (sessions plus a /proc marker scan)
+  and, when the agent itself is killed, on the same marker scan done here.
+* ``auto``: ``bwrap`` when it works here, else ``none`` with a logged warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from hermes_actors._agent import BOOTSTRAP
+from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
+from hermes_actors.drivers._base import SandboxSpec
+
+logger = logging.getLogger("hermes_actors.drivers.local")
+
+#: Slot N's commands run as this uid + N under bwrap when the host side is root.
+SLOT_UID_BASE = 200_000
+#: The environment variable (and value prefix) that marks every process of a sandbox.
+SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
+#: How long a sandbox may take to exit after its stream is closed before it is killed.
+GRACEFUL_EXIT_S = 2.0
+_AGENT_CAPABILITIES = (
+    "CAP_SETUID",
+    "CAP_SETGID",
+    "CAP_CHOWN",
+    "CAP_FOWNER",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_KILL",
+    # Reading a slot process's /proc/<pid>/environ (the tree-kill marker) needs it.
+    "CAP_SYS_PTRACE",
+)
+_SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _install_hint() -> str:
+    return (
+        "install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`), or set "
+        "`isolation: none` in the profile to run commands without isolation"
+    )
+
+
+def _agent_python() -> tuple[str, list[str]]:
+    """The interpreter to run the agent with inside bwrap, and host paths it needs bound.
+
+    The system python3 lives under /usr, which every sandbox sees; a virtualenv or pyenv
+    interpreter elsewhere needs its prefix bound read-only.
+    """
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        return str(system), []
+    prefix = sys.base_prefix
+    if prefix.startswith("/usr"):
+        return sys.executable, []
+    return str(Path(prefix) / "bin" / "python3"), [prefix]
+
+
+def _bwrap_argv(
+    *,
+    workspace_host: str,
+    workspace_base: str,
+    network: bool,
+    sandbox_id: str,
+    as_root: bool,
+) -> list[str]:
+    python, extra_binds = _agent_python()
+    argv = [
+        "bwrap",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--hostname",
+        "hermes-sandbox",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    for name in ("bin", "lib", "lib64", "lib32", "sbin"):
+        top = Path("/") / name
+        if top.is_symlink():
+            argv += ["--symlink", os.readlink(top), f"/{name}"]
+        elif top.is_dir():
+            argv += ["--ro-bind", str(top), f"/{name}"]
+    argv += [
+        "--ro-bind",
+        "/etc",
+        "/etc",
+        "--proc",
+        "/proc",
+        "--ro-bind",
+        "/proc/sys",
+        "/proc/sys",
+        "--dev",
+        "/dev",
+        "--perms",
+        "1777",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+    ]
+    for prefix in extra_binds:
+        argv += ["--ro-bind", prefix, prefix]
+    argv += ["--bind", workspace_host, workspace_base, "--chdir", workspace_base]
+    if not network:
+        argv.append("--unshare-net")
+    if as_root:
+        # Keep only what the agent needs to run each slot as its own unprivileged uid; the
+        # commands lose every capability when the agent switches uid before exec.
+        argv += ["--cap-drop", "ALL"]
+        for capability in _AGENT_CAPABILITIES:
+            argv += ["--cap-add", capability]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    argv += [
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        _SANDBOX_PATH,
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--setenv",
+        "HOME",
+        workspace_base,
+        "--setenv",
+        SANDBOX_MARKER_VAR,
+        sandbox_id,
+        "--",
+        python,
+        "-c",
+        BOOTSTRAP,
+    ]
+    return argv
+
+
+_bwrap_checked: dict[bool, str | None] = {}
+
+
+async def bwrap_problem() -> str | None:
+    """Why bubblewrap cannot be used here (None when it works). Checked once per process."""
+    as_root = os.geteuid() == 0
+    if as_root in _bwrap_checked:
+        return _bwrap_checked[as_root]
+    problem: str | None = None
+    if shutil.which("bwrap") is None:
+        problem = "bubblewrap (`bwrap`) is not installed"
+    else:
+        with tempfile.TemporaryDirectory(prefix="hermes-bwrap-check-") as workspace:
+            argv = _bwrap_argv(
+                workspace_host=workspace,
+                workspace_base="/data",
+                network=False,
+                sandbox_id="check",
+                as_root=as_root,
+            )
+            # Replace the agent bootstrap by a trivial program: we only check the sandbox starts.
+            argv[-1] = "import sys; sys.exit(0)"
+            result = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False
+            )
+            if result.returncode != 0:
+                detail = (
+                    result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+                )
+                problem = f"bubblewrap does not work here: {detail}"
+    _bwrap_checked[as_root] = problem
+    return problem
+
+
+def marked_pids(marker: bytes) -> list[int]:
+    """Pids of the processes whose environment carries `marker` (`NAME=value` bytes)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_marked(marker: bytes) -> int:
+    """SIGKILL every process whose environment carries `marker`, until a scan finds none.
+
+    Used when the agent itself died without cleaning up under `isolation: none`.
+    """
+    killed = 0
+    for _ in range(20):
+        pids = marked_pids(marker)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed += len(pids)
+        if not pids:
+            break
+    return killed
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a sandbox directory even where its commands made parts read-only."""
+
+    def make_writable(function: object, failed: str, exc_info: object) -> None:
+        parent = os.path.dirname(failed)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, stat.S_IRWXU)
+            os.chmod(failed, stat.S_IRWXU)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                shutil.rmtree(failed, ignore_errors=True)
+            else:
+                os.unlink(failed)
+
+    shutil.rmtree(path, onerror=make_writable)
+
+
+class LocalSandbox:
+    """One local sandbox: the agent process (maybe inside bwrap) and its host directory."""
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        process: trio.Process,
+        directory: str,
+        agent_config: Mapping[str, object],
+        isolation: str,
+    ) -> None:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._sandbox_id = sandbox_id
+        self._process = process
+        self._directory = directory
+        self._agent_config = agent_config
+        self.isolation = isolation
+        self._stream = trio.StapledStream(process.stdin, process.stdout)
+        self._terminated = False
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._sandbox_id
+
+    @property
+    def stream(self) -> trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream]:
+        return self._stream
+
+    @property
+    def agent_config(self) -> Mapping[str, object]:
+        return self._agent_config
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    def is_alive(self) -> bool:
+        return self._process.returncode is None
+
+    async def wait_exited(self) -> int | None:
+        return await self._process.wait()
+
+    def agent_log(self) -> str:
+        """The tail of what the agent wrote to stderr (diagnostics for a failed sandbox)."""
+        try:
+            with open(os.path.join(self._directory, "agent.log"), "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 4000))
+                return handle.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def terminate(self) -> None:
+        """Close the agent's stream (its dead-man switch kills its commands), then make sure.
+
+        Graceful first (bounded by `GRACEFUL_EXIT_S`), then SIGKILL to the whole session, plus a
+        marker scan under `isolation: none`; finally the directory is deleted. Idempotent, and
+        safe to call from a cancelled scope (it shields itself, bounded).
+        """
+        if self._terminated:
+            return
+        self._terminated = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(GRACEFUL_EXIT_S):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._stream.send_stream.aclose()
+                await self._process.wait()
+            if self._process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                with trio.move_on_after(GRACEFUL_EXIT_S):
+                    await self._process.wait()
+            if self.isolation == "none":
+                marker = f"{SANDBOX_MARKER_VAR}={self._sandbox_id}".encode()
+                await trio.to_thread.run_sync(kill_marked, marker)
+            with contextlib.suppress(trio.ClosedResourceError):
+                await self._stream.receive_stream.aclose()
+            await trio.to_thread.run_sync(_remove_tree, self._directory)
+
+
+class LocalDriver:
+    """Starts sandboxes as local processes. `root_dir` holds their directories (default: tmp)."""
+
+    name = "local"
+
+    def __init__(self, *, root_dir: str | None = None) -> None:
+        self._root_dir = root_dir
+        self.sandboxes_started = 0
+
+    async def resolve_isolation(self, requested: str) -> str:
+        """`bwrap` or `none` for a requested isolation; raises if `bwrap` cannot work here."""
+        if requested == "none":
+            return "none"
+        problem = await bwrap_problem()
+        if requested == "bwrap":
+            if problem is not None:
+                raise IsolationUnavailable(
+                    f"isolation 'bwrap' was requested but {problem}; {_install_hint()}"
+                )
+            return "bwrap"
+        if requested != "auto":
+            raise IsolationUnavailable(
+                f"unknown isolation {requested!r}: use 'bwrap', 'none' or 'auto'"
+            )
+        if problem is not None:
+            logger.warning("running sandboxes WITHOUT isolation: %s; %s", problem, _install_hint())
+            return "none"
+        return "bwrap"
+
+    async def create(self, spec: SandboxSpec) -> LocalSandbox:
+        isolation = await self.resolve_isolation(spec.isolation)
+        sandbox_id = f"local-{spec.profile}-{secrets.token_hex(4)}"
+        directory = tempfile.mkdtemp(prefix=f"hermes-{spec.profile}-", dir=self._root_dir)
+        workspace = os.path.join(directory, "ws")
+        os.mkdir(workspace)
+        # Slot uids must traverse the workspace root to reach their own 0700 directories.
+        os.chmod(workspace, 0o711)
+        as_root = os.geteuid() == 0
+        env = {**os.environ, SANDBOX_MARKER_VAR: sandbox_id}
+        if isolation == "bwrap":
+            argv = _bwrap_argv(
+                workspace_host=workspace,
+                workspace_base=spec.workspace_base,
+                network=spec.network,
+                sandbox_id=sandbox_id,
+                as_root=as_root,
+            )
+            agent_config: dict[str, object] = {
+                "workspace_root": spec.workspace_base,
+                "slot_uid_base": SLOT_UID_BASE if as_root else None,
+            }
+        else:
+            argv = [sys.executable, "-c", BOOTSTRAP]
+            agent_config = {"workspace_root": workspace, "slot_uid_base": None}
+        agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
+        log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_fd,
+                start_new_session=True,
+                env=env,
+                cwd=directory,
+            )
+        except BaseException as exc:
+            await trio.to_thread.run_sync(_remove_tree, directory)
+            if isinstance(exc, OSError):
+                raise SandboxStartFailed(f"could not start a local sandbox: {exc}") from exc
+            raise
+        finally:
+            os.close(log_fd)
+        self.sandboxes_started += 1
+        return LocalSandbox(
+            sandbox_id=sandbox_id,
+            process=process,
+            directory=directory,
+            agent_config=agent_config,
+            isolation=isolation,
+        )
+
+    async def aclose(self) -> None:
+        """Nothing driver-wide to release: each sandbox is terminated by its owner."""
