@@ -1,0 +1,1065 @@
+"""Sandbox profiles: the typed configuration both facades share, and where it comes from.
+
+A *profile* (`SandboxConfig`) says what one pool of sandboxes looks like: image, resources,
+slots, pool bounds, timeouts, credentials and isolation. `Profiles` is a named set of them with
+a default. Configuration is resolved in layers, later wins:
+
+    defaults  <  YAML file  <  environment  <  explicit overrides
+
+* The YAML file is `{default_profile?: str, profiles: {name: {field: value, ...}}}`, read from
+  the `path` given or else from `TERMINAL_MODAL_PROFILES_FILE`. With neither, there is a single
+  `default` profile built from the defaults (no file is looked up implicitly).
+* `TERMINAL_ENV` (`local` | `modal`) sets the backend of profiles that do not name one;
+  `TERMINAL_MODAL_IMAGE` sets the image of profiles that do not set one;
+  `TERMINAL_MODAL_APP_NAME` sets `app_name` everywhere. An empty variable counts as unset.
+* `overrides` (a mapping of fields) applies to every profile; `profile_overrides` (profile name
+  to a mapping of fields) to one profile each, after `overrides`.
+
+Values are checked strictly, with no silent coercion: `1.7` is not an int, `"false"` is not a
+bool and a bool is not a number (an int is accepted where a float is expected); unknown keys are
+rejected with the closest valid spelling; impossible values (`min_sandboxes > max_sandboxes`,
+negative timeouts, unknown backends) are rejected. Every problem found is reported at once, in
+one `ConfigError` with one line per problem, each naming its source and path::
+
+    config/x.yaml: $.profiles.gpu.memory: expected int, got str ('lots')
+    config/x.yaml: $.profiles.gpu: 'max_sandboxes' must be >= min_sandboxes (3): 1
+
+Field problems name the field's path; problems of a whole profile (range and cross-field checks)
+name the profile, in the layer that set the offending value. The terminal tool's older
+spellings `min_pool` and `max_pool` are accepted for `min_sandboxes` and `max_sandboxes`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final, Generic, Literal, TypeVar, cast, get_args, get_origin
+
+import attrs
+import cattrs
+import yaml
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from hermes_actors._errors import ConfigError
+
+__all__ = [
+    "Backend",
+    "Isolation",
+    "ModalSandboxConfig",
+    "Profiles",
+    "SandboxConfig",
+    "load_profiles",
+    "profiles_from_mapping",
+    "structure_config",
+    "unstructure_config",
+]
+
+Backend = Literal["local", "modal"]
+Isolation = Literal["auto", "bwrap", "none"]
+
+ENV_BACKEND: Final = "TERMINAL_ENV"
+ENV_IMAGE: Final = "TERMINAL_MODAL_IMAGE"
+ENV_APP_NAME: Final = "TERMINAL_MODAL_APP_NAME"
+ENV_PROFILES_FILE: Final = "TERMINAL_MODAL_PROFILES_FILE"
+
+#: Older spellings (the terminal tool's) accepted in YAML and mappings, and their field.
+FIELD_ALIASES: Final[Mapping[str, str]] = {
+    "min_pool": "min_sandboxes",
+    "max_pool": "max_sandboxes",
+}
+
+# Modal's rule for object names (apps, secrets); profile names follow it too because they end up
+# in app names (`with_app_name`) and tags.
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_OBJECT_NAME_RULE = "1-64 letters, digits, '.', '-' or '_'"
+# Modal's hard limit on a sandbox's lifetime (`timeout=`): 24 hours.
+_MODAL_MAX_LIFETIME_S: Final = 24 * 60 * 60
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _FrozenMap(Mapping[_K, _V], Generic[_K, _V]):
+    """A read-only, hashable, picklable mapping, so that frozen configs are frozen all the way."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[_K, _V]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+    def __getstate__(self) -> dict[_K, _V]:
+        return self._data
+
+    def __setstate__(self, state: dict[_K, _V]) -> None:
+        self._data = state
+
+
+def _freeze_mapping(value: Mapping[_K, _V]) -> Mapping[_K, _V]:
+    # Anything that is not a mapping is left as is for validation to report (never coerced).
+    if isinstance(value, Mapping) and not isinstance(value, _FrozenMap):
+        return _FrozenMap(value)
+    return value
+
+
+# attrs' converters must not be generic for mypy's attrs plugin to type `__init__`.
+def _freeze_str_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
+    return _freeze_mapping(value)
+
+
+def _freeze_profiles(value: Mapping[str, SandboxConfig]) -> Mapping[str, SandboxConfig]:
+    return _freeze_mapping(value)
+
+
+def _freeze_sequence(value: Sequence[str]) -> tuple[str, ...]:
+    # A list becomes a tuple; a str (which is a sequence too) is left for validation to reject.
+    if isinstance(value, list):
+        return tuple(value)
+    return cast("tuple[str, ...]", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict checks of single values, shared by the converter and by direct construction.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """One or more problems inside one value: `(path suffix, message)` pairs."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{suffix or '$'}: {message}" for suffix, message in items))
+        self.items = items
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} ({text})"
+
+
+def _child(path: str, key: object) -> str:
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key):
+        return f"{path}.{key}"
+    return f"{path}[{key!r}]"
+
+
+def _check_int(value: Any) -> int:
+    if type(value) is not int:  # bool is an int subclass and is rejected on purpose
+        raise _Invalid([("", f"expected int, got {_describe(value)}")])
+    return value
+
+
+def _check_float(value: Any) -> float:
+    if type(value) is not float and type(value) is not int:
+        raise _Invalid([("", f"expected float, got {_describe(value)}")])
+    if not math.isfinite(value):
+        raise _Invalid([("", f"expected a finite float, got {_describe(value)}")])
+    return float(value)
+
+
+def _check_bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _Invalid([("", f"expected bool, got {_describe(value)}")])
+    return value
+
+
+def _check_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid([("", f"expected str, got {_describe(value)}")])
+    return value
+
+
+def _check_optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _Invalid([("", f"expected str or null, got {_describe(value)}")])
+    return value
+
+
+def _literal_checker(type_: Any) -> Callable[[Any], Any]:
+    choices = get_args(type_)
+    expected = ", ".join(repr(choice) for choice in choices)
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in choices:
+            raise _Invalid([("", f"expected one of {expected}, got {_describe(value)}")])
+        return value
+
+    return check
+
+
+def _check_str_tuple(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _Invalid([("", f"expected a list of str, got {_describe(value)}")])
+    items = [
+        (f"[{index}]", f"expected str, got {_describe(item)}")
+        for index, item in enumerate(value)
+        if not isinstance(item, str)
+    ]
+    if items:
+        raise _Invalid(items)
+    return tuple(value)
+
+
+def _check_str_mapping(value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise _Invalid([("", f"expected a mapping of str to str, got {_describe(value)}")])
+    items: list[tuple[str, str]] = []
+    for key, item in value.items():
+        if not isinstance(key, str):
+            items.append(("", f"expected str keys, got key {_describe(key)}"))
+        elif not isinstance(item, str):
+            items.append((_child("", key), f"expected str, got {_describe(item)}"))
+    if items:
+        raise _Invalid(items)
+    return _FrozenMap(value)
+
+
+_CHECKERS: Final[Mapping[Any, Callable[[Any], Any]]] = {
+    int: _check_int,
+    float: _check_float,
+    bool: _check_bool,
+    str: _check_str,
+    str | None: _check_optional_str,
+    tuple[str, ...]: _check_str_tuple,
+    Mapping[str, str]: _check_str_mapping,
+}
+
+
+def _checker_for(type_: Any) -> Callable[[Any], Any] | None:
+    """The strict check for one of the field types configs use, or None for other types."""
+    if get_origin(type_) is Literal:
+        return _literal_checker(type_)
+    try:
+        return _CHECKERS.get(type_)
+    except TypeError:  # an unhashable type form: not one of ours
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration classes.
+# ---------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Problem:
+    """A value check that failed on a whole config: the fields involved and the message."""
+
+    fields: tuple[str, ...]
+    message: str
+
+
+class _InvalidConfig(ConfigError):
+    """A config failed its value checks; `problems` holds each one."""
+
+    def __init__(self, what: str, problems: Sequence[_Problem]) -> None:
+        lines = "\n".join(f"  {problem.message}" for problem in problems)
+        super().__init__(f"invalid {what}:\n{lines}")
+        self.problems = tuple(problems)
+
+
+def _backend_from_environment() -> Backend:
+    value = os.environ.get(ENV_BACKEND, "")
+    if value == "":
+        return "local"
+    if value not in get_args(Backend):
+        raise ConfigError(
+            f"environment: {ENV_BACKEND}: expected one of 'local', 'modal', got "
+            f"{_describe(value)}; set it to 'local' or 'modal', or unset it"
+        )
+    return cast(Backend, value)
+
+
+@attrs.frozen(kw_only=True)
+class SandboxConfig:
+    """One profile: what each sandbox of a pool looks like and how the pool behaves.
+
+    Immutable; derive variants with `attrs.evolve` or `with_app_name`. Construction checks every
+    value (types included) and raises `ConfigError` listing all the problems found.
+    """
+
+    #: The profile's name (its key in `Profiles`); it also ends up in app names and tags.
+    name: str = "default"
+    #: Where sandboxes run. Default: `$TERMINAL_ENV` when set (and not empty), else `local`.
+    backend: Backend = attrs.field(factory=_backend_from_environment)
+    #: Container image (modal: a registry reference; local: informational, the host is used).
+    image: str = "python:3.11"
+    #: CPU cores reserved per sandbox.
+    cpu: float = 1.0
+    #: Memory per sandbox, in MiB.
+    memory: int = 2048
+    #: GPU request in the provider's syntax (`"A10G"`, `"H100:2"`); ignored by the local backend.
+    gpu: str | None = None
+    #: Trajectories served at once by one sandbox, each in its own workspace.
+    slots_per_sandbox: int = 10
+    #: Sandboxes kept running (pre-warmed) even when idle.
+    min_sandboxes: int = 1
+    #: Sandboxes the pool may run at once.
+    max_sandboxes: int = 5
+    #: Seconds a sandbox above `min_sandboxes` may stay idle before it is stopped (0: at once).
+    idle_timeout: float = 120.0
+    #: Seconds a sandbox may live; the pool rotates it before then (modal: at most 24 h).
+    max_lifetime: float = 3600.0
+    #: Seconds `acquire` waits for a free slot before `AcquireTimeout`.
+    acquire_timeout_s: float = 60.0
+    #: Default per-command timeout, in seconds, when a call gives none.
+    execution_timeout_s: float = 300.0
+    #: Provider secret names whose variables are injected into every sandbox (modal).
+    secrets: tuple[str, ...] = attrs.field(default=(), converter=_freeze_sequence)
+    #: Environment variables set for every command.
+    env_vars: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_str_mapping)
+    #: Extra provider tags on every sandbox, for finding them in dashboards and listings.
+    tags: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_str_mapping)
+    #: Directory under which slot workspaces live inside the sandbox (absolute).
+    workspace_base: str = "/data"
+    #: Local isolation: `bwrap`, `none`, or `auto` (bwrap when it works, else none with a warning).
+    isolation: Isolation = "auto"
+    #: Whether sandboxes may reach the network. Off by default (least privilege, and the same on
+    #: both backends); profiles that install packages or download models turn it on.
+    network: bool = False
+    #: Cap on captured bytes per stream (stdout, stderr) per command; the rest is dropped and
+    #: counted.
+    max_output_bytes: int = 1_000_000
+    #: Provider app the sandboxes belong to (modal).
+    app_name: str = "hermes-actors"
+    #: Sandboxes of this profile being started at once; more requests wait their turn.
+    max_starting: int = 4
+    #: Sandbox creations per second at most (provider rate limits).
+    creates_per_second: float = 4.0
+
+    def __attrs_post_init__(self) -> None:
+        problems = _check_config(self)
+        if problems:
+            raise _InvalidConfig(f"SandboxConfig {self.name!r}", problems)
+
+    def with_app_name(self, base: str) -> SandboxConfig:
+        """Return a copy whose `app_name` is `f"{base}-{name}"`.
+
+        One app per profile keeps each profile's sandboxes together in the provider's listings
+        and dashboards, and lets two profiles of one run never be confused. Raises
+        `ConfigError` when the result is not a valid app name (charset, 64 characters).
+        """
+        return attrs.evolve(self, app_name=f"{base}-{self.name}")
+
+
+#: The seed's name for `SandboxConfig`.
+ModalSandboxConfig = SandboxConfig
+
+attrs.resolve_types(SandboxConfig)
+_FIELD_CHECKERS: Final[Mapping[str, Callable[[Any], Any]]] = {
+    field.name: checker
+    for field in attrs.fields(SandboxConfig)
+    if (checker := _checker_for(field.type)) is not None
+}
+_FIELD_NAMES: Final[tuple[str, ...]] = tuple(field.name for field in attrs.fields(SandboxConfig))
+#: Valid values of every field, independent of the environment (the backend's default is not).
+_SAFE_DEFAULTS: Final[Mapping[str, Any]] = {
+    field.name: field.default
+    for field in attrs.fields(SandboxConfig)
+    if not isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
+} | {"backend": "local", "env_vars": {}, "tags": {}}
+
+
+def _check_config(config: SandboxConfig) -> list[_Problem]:
+    """Every problem of a config's values: types first, then ranges and relations."""
+    problems: list[_Problem] = []
+    # Fields already reported (wrong type, or out of their own range): checks relating them to
+    # other fields would only repeat the problem.
+    reported: set[str] = set()
+    for name, checker in _FIELD_CHECKERS.items():
+        try:
+            checker(getattr(config, name))
+        except _Invalid as invalid:
+            reported.add(name)
+            for suffix, message in invalid.items:
+                problems.append(_Problem((name,), f"{name + suffix!r}: {message}"))
+
+    def rule(fields: tuple[str, ...], ok: Callable[[], bool], message: Callable[[], str]) -> None:
+        if not reported.intersection(fields) and not ok():
+            problems.append(_Problem(fields, message()))
+            reported.update(fields)
+
+    def positive(name: str) -> None:
+        value = getattr(config, name)
+        rule((name,), lambda: value > 0, lambda: f"{name!r} must be > 0: {value!r}")
+
+    def at_least(name: str, bound: int) -> None:
+        value = getattr(config, name)
+        rule((name,), lambda: value >= bound, lambda: f"{name!r} must be >= {bound}: {value!r}")
+
+    def nonempty(name: str) -> None:
+        value = getattr(config, name)
+        rule((name,), lambda: value != "", lambda: f"{name!r} must not be empty")
+
+    def object_name(name: str) -> None:
+        value = getattr(config, name)
+        rule(
+            (name,),
+            lambda: _OBJECT_NAME.fullmatch(value) is not None,
+            lambda: f"{name!r} must be {_OBJECT_NAME_RULE}: {value!r}",
+        )
+
+    c = config
+    object_name("name")
+    nonempty("image")
+    positive("cpu")
+    positive("memory")
+    rule(("gpu",), lambda: c.gpu != "", lambda: "'gpu' must not be empty (use null for none)")
+    at_least("slots_per_sandbox", 1)
+    at_least("min_sandboxes", 0)
+    at_least("max_sandboxes", 1)
+    rule(
+        ("max_sandboxes", "min_sandboxes"),
+        lambda: c.max_sandboxes >= c.min_sandboxes,
+        lambda: f"'max_sandboxes' must be >= min_sandboxes ({c.min_sandboxes}): {c.max_sandboxes}",
+    )
+    at_least("idle_timeout", 0)
+    positive("max_lifetime")
+    rule(
+        ("max_lifetime", "backend"),
+        lambda: c.backend != "modal" or c.max_lifetime <= _MODAL_MAX_LIFETIME_S,
+        lambda: (
+            f"'max_lifetime' must be <= {_MODAL_MAX_LIFETIME_S} (Modal's 24 h limit) on "
+            f"backend 'modal': {c.max_lifetime!r}"
+        ),
+    )
+    positive("acquire_timeout_s")
+    positive("execution_timeout_s")
+    rule(
+        ("secrets",),
+        lambda: all(_OBJECT_NAME.fullmatch(secret) for secret in c.secrets),
+        lambda: f"'secrets' must each be {_OBJECT_NAME_RULE}: {list(c.secrets)!r}",
+    )
+    for name in ("env_vars", "tags"):
+        bad = "" if name in reported else _bad_variable_names(getattr(c, name))
+        if bad:
+            message = f"{name!r} keys must be non-empty, without '=' or NUL, values without NUL"
+            problems.append(_Problem((name,), f"{message}: {bad}"))
+    rule(
+        ("workspace_base",),
+        lambda: c.workspace_base.startswith("/"),
+        lambda: f"'workspace_base' must be an absolute path: {c.workspace_base!r}",
+    )
+    positive("max_output_bytes")
+    object_name("app_name")
+    at_least("max_starting", 1)
+    positive("creates_per_second")
+    return problems
+
+
+def _bad_variable_names(variables: Mapping[str, str]) -> str:
+    bad = [
+        key
+        for key, value in variables.items()
+        if key == "" or "=" in key or "\0" in key or "\0" in value
+    ]
+    return ", ".join(repr(key) for key in bad)
+
+
+def _check_profiles(profiles: Profiles) -> list[_Problem]:
+    problems: list[_Problem] = []
+    if not isinstance(profiles.profiles, Mapping) or not profiles.profiles:
+        return [_Problem(("profiles",), "'profiles' must be a non-empty mapping")]
+    for key, config in profiles.profiles.items():
+        if not isinstance(config, SandboxConfig):
+            problems.append(
+                _Problem(
+                    ("profiles",),
+                    f"profile {key!r} must be a SandboxConfig, got {_describe(config)}",
+                )
+            )
+        elif config.name != key:
+            problems.append(
+                _Problem(("profiles",), f"profile {key!r} holds a config named {config.name!r}")
+            )
+    if profiles.default_profile not in profiles.profiles:
+        problems.append(
+            _Problem(
+                ("default_profile",),
+                f"'default_profile' must name a profile ({_known(profiles.profiles)}): "
+                f"{profiles.default_profile!r}",
+            )
+        )
+    return problems
+
+
+@attrs.frozen(kw_only=True)
+class Profiles:
+    """A named set of profiles and the one used when a caller names none."""
+
+    #: Profile name to config; each config's `name` equals its key. Read-only, in file order.
+    profiles: Mapping[str, SandboxConfig] = attrs.field(converter=_freeze_profiles)
+    #: The profile used when none is named; one of `profiles`.
+    default_profile: str
+    #: The file the profiles were read from, if any.
+    source: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        problems = _check_profiles(self)
+        if problems:
+            raise _InvalidConfig("Profiles", problems)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The profile names, in definition order."""
+        return tuple(self.profiles)
+
+    def get_profile(self, name: str | None = None) -> SandboxConfig:
+        """The profile called `name`, or the default profile when `name` is None.
+
+        Raises `ConfigError` naming the known profiles (and the closest one) when there is none.
+        """
+        key = self.default_profile if name is None else name
+        try:
+            return self.profiles[key]
+        except KeyError:
+            raise ConfigError(
+                f"no profile named {key!r}{_did_you_mean(key, self.profiles)}; "
+                f"{_known(self.profiles)}"
+            ) from None
+
+    def with_app_name(self, base: str) -> Profiles:
+        """Return a copy in which every profile's `app_name` is `f"{base}-{name}"`."""
+        return attrs.evolve(
+            self,
+            profiles={key: config.with_app_name(base) for key, config in self.profiles.items()},
+        )
+
+
+def _known(names: Iterable[str]) -> str:
+    return "known profiles: " + ", ".join(repr(name) for name in names)
+
+
+def _closest(key: object, choices: Iterable[str]) -> str | None:
+    if not isinstance(key, str):
+        return None
+    matches = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _did_you_mean(key: object, choices: Iterable[str]) -> str:
+    close = _closest(key, choices)
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter.
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def structure_strict(value: Any, type_: Any) -> Any:
+        checker = _checker_for(type_)
+        assert checker is not None
+        return checker(value)
+
+    # Plain classes go through cattrs' single dispatch, which outranks predicate hooks.
+    for plain in (int, float, bool, str):
+        converter.register_structure_hook(plain, structure_strict)
+    converter.register_structure_hook_func(
+        lambda type_: _checker_for(type_) is not None, structure_strict
+    )
+    # Plain data out: lists and dicts, so the result dumps to YAML and loads back unchanged.
+    converter.register_unstructure_hook_func(
+        lambda type_: type_ == tuple[str, ...], lambda value: list(value)
+    )
+    converter.register_unstructure_hook_func(
+        lambda type_: type_ == Mapping[str, str], lambda value: dict(value)
+    )
+    return converter
+
+
+_converter: Final = _make_converter()
+
+
+def unstructure_config(config: SandboxConfig) -> dict[str, Any]:
+    """The config as plain data (dicts, lists, scalars) that `structure_config` reads back."""
+    return cast("dict[str, Any]", _converter.unstructure(config, SandboxConfig))
+
+
+def structure_config(data: Mapping[str, Any], *, source: str = "config") -> SandboxConfig:
+    """Build one `SandboxConfig` from plain data, as strictly as a YAML profile.
+
+    Fields left out take their defaults (the backend's default reads `TERMINAL_ENV`). Raises
+    `ConfigError` listing every problem, each as `{source}: $.field: ...`.
+    """
+    problems: list[str] = []
+    layer = _Layer(_RANK_FILE, source, "$")
+    settings = _settings_from_mapping(data, layer, problems)
+    config = None if problems else _build_config(settings, layer, problems)
+    _raise_problems(problems)
+    assert config is not None
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: where each value comes from, so that problems name the right source.
+# ---------------------------------------------------------------------------------------------
+
+_RANK_FILE: Final = 1
+_RANK_ENVIRONMENT: Final = 2
+_RANK_OVERRIDES: Final = 3
+_RANK_PROFILE_OVERRIDES: Final = 4
+
+
+@attrs.frozen
+class _Layer:
+    """One source of values for one profile, and where that profile sits in it."""
+
+    rank: int
+    source: str
+    #: Path of the profile's mapping inside the source (`$.profiles.gpu`; for overrides of
+    #: every profile, `$ (profile 'gpu')`).
+    path: str
+
+    def at(self, path: str | None = None) -> str:
+        return f"{self.source}: {self.path if path is None else path}"
+
+
+@attrs.frozen
+class _Setting:
+    """One field's value for one profile, with where it came from."""
+
+    value: Any
+    #: Where the value itself is (`config/x.yaml: $.profiles.gpu.memory`, `environment: VAR`).
+    location: str
+    layer: _Layer
+
+
+def _settings_from_mapping(data: object, layer: _Layer, problems: list[str]) -> dict[str, _Setting]:
+    """A layer's settings for one profile, with aliases resolved to their field names."""
+    if data is None:  # `gpu:` with nothing under it in YAML: a profile of defaults
+        return {}
+    if not isinstance(data, Mapping):
+        problems.append(f"{layer.at()}: expected a mapping of settings, got {_describe(data)}")
+        return {}
+    settings: dict[str, _Setting] = {}
+    for key, value in data.items():
+        location = layer.at(_child(layer.path, key))
+        if not isinstance(key, str):
+            problems.append(f"{layer.at()}: keys must be str, got {_describe(key)}")
+            continue
+        field = FIELD_ALIASES.get(key, key)
+        if field != key and field in data:
+            problems.append(
+                f"{layer.at()}: both {key!r} and {field!r} are set; keep only {field!r} "
+                f"({key!r} is its older spelling)"
+            )
+            continue
+        settings[field] = _Setting(value, location, layer)
+    return settings
+
+
+def _environment_settings(
+    env: Mapping[str, str], given: Mapping[str, _Setting], *, from_arguments: bool
+) -> dict[str, _Setting]:
+    """The environment's layer: fills `backend` and `image` when not given, sets `app_name`.
+
+    When the profiles were passed as arguments (`from_arguments`), which outrank the
+    environment, `app_name` is only filled in too.
+    """
+    settings: dict[str, _Setting] = {}
+    for variable, field, fill_only in (
+        (ENV_BACKEND, "backend", True),
+        (ENV_IMAGE, "image", True),
+        (ENV_APP_NAME, "app_name", from_arguments),
+    ):
+        value = env.get(variable, "")
+        if value != "" and not (fill_only and field in given):
+            layer = _Layer(_RANK_ENVIRONMENT, "environment", variable)
+            settings[field] = _Setting(value, layer.at(), layer)
+    return settings
+
+
+def _build_config(
+    settings: Mapping[str, _Setting],
+    base: _Layer,
+    problems: list[str],
+    *,
+    name: str | None = None,
+) -> SandboxConfig | None:
+    """Structure one config from its merged settings, reporting problems where they came from.
+
+    With `name` (a profile's key), a `name` setting must equal it, and the backend defaults to
+    `local`: the environment's `TERMINAL_ENV` is one of the layers already merged.
+    """
+    data: dict[str, Any] = {} if name is None else {"name": name, "backend": "local"}
+    for field, setting in settings.items():
+        if field == "name" and name is not None:
+            if setting.value != name:
+                problems.append(
+                    f"{setting.location}: must equal the profile's key {name!r}, got "
+                    f"{_describe(setting.value)}"
+                )
+            continue
+        data[field] = setting.value
+    try:
+        return _converter.structure(data, SandboxConfig)
+    except ClassValidationError as group:
+        rejected = _report(group, settings, base, problems, ignore=frozenset())
+    if rejected:
+        # Check the values that did structure too, so that one pass reports everything: put
+        # valid defaults in place of the rejected values, and keep only the problems that do
+        # not involve those stand-ins.
+        retry = {key: value for key, value in data.items() if key not in rejected}
+        retry.update((key, _SAFE_DEFAULTS[key]) for key in rejected if key in _SAFE_DEFAULTS)
+        try:
+            _converter.structure(retry, SandboxConfig)
+        except ClassValidationError as group:
+            _report(group, settings, base, problems, ignore=rejected)
+    return None
+
+
+def _report(
+    group: ClassValidationError,
+    settings: Mapping[str, _Setting],
+    base: _Layer,
+    problems: list[str],
+    *,
+    ignore: frozenset[str],
+) -> frozenset[str]:
+    """Append the problems of a failed structuring; return the keys whose values were rejected.
+
+    Value-check problems involving a field in `ignore` are left out.
+    """
+    rejected: set[str] = set()
+    with_notes, without_notes = group.group_exceptions()
+    for error, note in with_notes:
+        rejected.add(note.name)
+        given = settings.get(note.name)
+        location = given.location if given else base.at(_child(base.path, note.name))
+        if isinstance(error, _Invalid):
+            problems.extend(f"{location}{suffix}: {message}" for suffix, message in error.items)
+        else:
+            problems.append(f"{location}: {error}")
+    for error in without_notes:
+        if isinstance(error, ForbiddenExtraKeysError):
+            rejected.update(error.extra_fields)
+        problems.extend(_describe_class_error(error, settings, base, ignore=ignore))
+    return frozenset(rejected)
+
+
+def _describe_class_error(
+    error: BaseException,
+    settings: Mapping[str, _Setting],
+    base: _Layer,
+    *,
+    ignore: frozenset[str] = frozenset(),
+) -> list[str]:
+    if isinstance(error, ForbiddenExtraKeysError):
+        lines = []
+        for key in sorted(error.extra_fields):
+            setting = settings.get(key)
+            location = setting.location if setting else base.at(_child(base.path, key))
+            lines.append(f"{location}: unknown key{_unknown_key_hint(key)}")
+        return lines
+    if isinstance(error, _InvalidConfig):
+        lines = []
+        for problem in error.problems:
+            if ignore.intersection(problem.fields):
+                continue
+            # Blame the highest layer that set one of the values involved.
+            layers = [settings[field].layer for field in problem.fields if field in settings]
+            layer = max(layers, key=lambda each: each.rank, default=base)
+            lines.append(f"{layer.at()}: {problem.message}")
+        return lines
+    return [f"{base.at()}: {error}"]
+
+
+def _unknown_key_hint(key: str) -> str:
+    valid = [*_FIELD_NAMES, *FIELD_ALIASES]
+    close = _closest(key, valid)
+    if close:
+        return f"; did you mean {close!r}?"
+    return "; valid keys: " + ", ".join(sorted(valid))
+
+
+def _raise_problems(problems: Sequence[str]) -> None:
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ConfigError("\n".join(unique))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading YAML.
+# ---------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping_once(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden below it
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}; keep only one", key_node.start_mark
+            )
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_once
+)
+
+
+def _read_yaml(path: str, *, from_environment: bool) -> object:
+    hint = (
+        f"fix or unset {ENV_PROFILES_FILE}"
+        if from_environment
+        else f"pass an existing file, or set {ENV_PROFILES_FILE}"
+    )
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such profiles file; {hint}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror}); {hint}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = error.problem or error.context or "unreadable"
+        if problem.startswith("duplicate key"):
+            raise ConfigError(f"{path}: {where}{problem}") from None
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}; fix the syntax there") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}; fix the syntax") from None
+
+
+_DOCUMENT_KEYS: Final = ("default_profile", "profiles")
+
+
+def _read_document(
+    document: object, source: str, problems: list[str]
+) -> tuple[dict[str, object], str | None]:
+    """The profiles' raw settings and the default profile named in a profiles document."""
+    if document is None:
+        problems.append(f"{source}: $: the file is empty; it needs a 'profiles' mapping")
+        return {}, None
+    if not isinstance(document, Mapping):
+        problems.append(
+            f"{source}: $: expected a mapping with a 'profiles' key, got {_describe(document)}"
+        )
+        return {}, None
+    for key in document:
+        if key not in _DOCUMENT_KEYS:
+            close = _closest(key, _DOCUMENT_KEYS)
+            hint = f"did you mean {close!r}?" if close else "valid keys: default_profile, profiles"
+            problems.append(f"{source}: {_child('$', key)}: unknown key; {hint}")
+    default = document.get("default_profile")
+    if default is not None and not isinstance(default, str):
+        problems.append(f"{source}: $.default_profile: expected str, got {_describe(default)}")
+        default = None
+    if "profiles" not in document:
+        problems.append(f"{source}: $: missing key 'profiles' (a mapping of profile names)")
+        return {}, default
+    raw = document["profiles"]
+    if not isinstance(raw, Mapping):
+        problems.append(
+            f"{source}: $.profiles: expected a mapping of profile names to settings, got "
+            f"{_describe(raw)}"
+        )
+        return {}, default
+    if not raw:
+        problems.append(f"{source}: $.profiles: no profiles defined; add at least one")
+    profiles: dict[str, object] = {}
+    for name, data in raw.items():
+        if not isinstance(name, str):
+            problems.append(
+                f"{source}: $.profiles: profile names must be str, got {_describe(name)}"
+            )
+            continue
+        profiles[name] = data
+    return profiles, default
+
+
+def _choose_default(
+    names: Sequence[str], requested: str | None, location: str, problems: list[str]
+) -> str | None:
+    if not names:  # no profiles: already reported, and nothing could be named
+        return None
+    if requested is not None:
+        if requested in names:
+            return requested
+        problems.append(
+            f"{location}: no profile named {requested!r}{_did_you_mean(requested, names)}; "
+            f"{_known(names)}"
+        )
+        return None
+    if "default" in names:
+        return "default"
+    if len(names) == 1:
+        return names[0]
+    problems.append(
+        f"{location}: no 'default' profile, so 'default_profile' must name one of "
+        f"{', '.join(repr(name) for name in names)}"
+    )
+    return None
+
+
+def load_profiles(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    profile_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    default_profile: str | None = None,
+) -> Profiles:
+    """Resolve the profiles: defaults < YAML file < environment < overrides.
+
+    `path` is the YAML file; when None, `$TERMINAL_MODAL_PROFILES_FILE` is used, and without it
+    there is one `default` profile made of the defaults. `env` stands for the environment
+    (default `os.environ`). `overrides` sets fields of every profile; `profile_overrides`
+    (profile name to fields) sets fields of one profile each and wins over `overrides`.
+    `default_profile` wins over the file's; without either, the default profile is `default`
+    when there is one, else the only profile (several profiles and no default is an error).
+
+    Raises `ConfigError` listing every problem found, one per line, each naming its source
+    (the file, `environment`, `overrides`, `profile_overrides`) and the path of the value.
+    """
+    environment = os.environ if env is None else env
+    problems: list[str] = []
+    source: str | None
+    if path is not None:
+        source = os.fspath(path)
+        document = _read_yaml(source, from_environment=False)
+    elif environment.get(ENV_PROFILES_FILE, "") != "":
+        source = environment[ENV_PROFILES_FILE]
+        document = _read_yaml(source, from_environment=True)
+    else:
+        source = None
+        document = {"profiles": {"default": {}}}
+    file_label = source if source is not None else "defaults"
+    raw_profiles, file_default = _read_document(document, file_label, problems)
+
+    global_layer = _Layer(_RANK_OVERRIDES, "overrides", "$")
+    global_settings = _settings_from_mapping(overrides or {}, global_layer, problems)
+    if "name" in global_settings:
+        problems.append(
+            f"{global_settings.pop('name').location}: a profile's name is its key; it cannot be "
+            "overridden"
+        )
+    per_profile = profile_overrides or {}
+    for name in per_profile:
+        if name not in raw_profiles:
+            problems.append(
+                f"profile_overrides: {_child('$', name)}: no such profile"
+                f"{_did_you_mean(name, raw_profiles)}; {_known(raw_profiles)}"
+            )
+
+    configs: dict[str, SandboxConfig] = {}
+    for name, data in raw_profiles.items():
+        file_layer = _Layer(_RANK_FILE, file_label, _child("$.profiles", name))
+        settings = _settings_from_mapping(data, file_layer, problems)
+        settings.update(_environment_settings(environment, settings, from_arguments=False))
+        # Profile-level problems caused by an override of every profile say which profile.
+        layer = attrs.evolve(global_layer, path=f"$ (profile {name!r})")
+        for field, setting in global_settings.items():
+            settings[field] = attrs.evolve(setting, layer=layer)
+        own_layer = _Layer(_RANK_PROFILE_OVERRIDES, "profile_overrides", _child("$", name))
+        own = _settings_from_mapping(per_profile.get(name, {}), own_layer, problems)
+        if "name" in own:
+            problems.append(
+                f"{own.pop('name').location}: a profile's name is its key; it cannot be overridden"
+            )
+        settings.update(own)
+        config = _build_config(settings, file_layer, problems, name=name)
+        if config is not None:
+            configs[name] = config
+
+    if default_profile is not None:
+        chosen = _choose_default(list(raw_profiles), default_profile, "default_profile", problems)
+    else:
+        chosen = _choose_default(
+            list(raw_profiles), file_default, f"{file_label}: $.default_profile", problems
+        )
+    _raise_problems(problems)
+    assert chosen is not None
+    return Profiles(profiles=configs, default_profile=chosen, source=source)
+
+
+def profiles_from_mapping(
+    profiles: Mapping[str, SandboxConfig | Mapping[str, Any]],
+    *,
+    default_profile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    source: str = "profiles",
+) -> Profiles:
+    """Build `Profiles` from configs or plain mappings given as arguments, as strictly as YAML.
+
+    A `SandboxConfig` is taken as it is, except that one still carrying the default name
+    `"default"` takes its key's name; any other name must equal its key. A mapping is read like
+    a YAML profile (aliases accepted, unknown keys rejected); fields it leaves out come from the
+    environment (`TERMINAL_ENV`, `TERMINAL_MODAL_IMAGE`, `TERMINAL_MODAL_APP_NAME`, which only
+    fill in: arguments outrank the environment) and then the defaults. `default_profile` as in
+    `load_profiles`. Problems are reported as `{source}: $.name...: ...`.
+    """
+    environment = os.environ if env is None else env
+    problems: list[str] = []
+    if not isinstance(profiles, Mapping) or not profiles:
+        raise ConfigError(f"{source}: $: expected a non-empty mapping of profile names to configs")
+    configs: dict[str, SandboxConfig] = {}
+    for name, value in profiles.items():
+        layer = _Layer(_RANK_FILE, source, _child("$", name))
+        if not isinstance(name, str):
+            problems.append(f"{source}: $: profile names must be str, got {_describe(name)}")
+        elif isinstance(value, SandboxConfig):
+            if value.name == name:
+                configs[name] = value
+            elif value.name == "default":
+                try:
+                    configs[name] = attrs.evolve(value, name=name)
+                except _InvalidConfig as invalid:
+                    problems.extend(_describe_class_error(invalid, {}, layer))
+            else:
+                problems.append(
+                    f"{layer.at()}: the config is named {value.name!r}; name it {name!r} or "
+                    f"use the key {value.name!r}"
+                )
+        else:
+            settings = _settings_from_mapping(value, layer, problems)
+            settings.update(_environment_settings(environment, settings, from_arguments=True))
+            config = _build_config(settings, layer, problems, name=name)
+            if config is not None:
+                configs[name] = config
+    names = [name for name in profiles if isinstance(name, str)]
+    chosen = _choose_default(names, default_profile, "default_profile", problems)
+    _raise_problems(problems)
+    assert chosen is not None
+    return Profiles(profiles=configs, default_profile=chosen, source=None)
