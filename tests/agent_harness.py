@@ -7,6 +7,7 @@ hanging it. Also helpers to find processes by an environment tag in /proc.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import subprocess
@@ -29,6 +30,7 @@ class AgentProcess:
         *,
         python: str = sys.executable,
         ttl_s: float = 60.0,
+        user: int | None = None,
         **config: Any,
     ) -> None:
         self.config: dict[str, Any] = {"workspace_root": workspace_root, "ttl_s": ttl_s, **config}
@@ -37,6 +39,9 @@ class AgentProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            user=user,
+            group=user,
+            extra_groups=None if user is None else [],
         )
         assert self.process.stdin is not None
         assert self.process.stdout is not None
@@ -49,8 +54,12 @@ class AgentProcess:
         self._pending: dict[int, list[dict[str, Any]]] = {}
         self._next_id = 1
         self.eof = False
-        self.write_raw(bootstrap_payload(self.config))
-        self.ready = self.wait_reply(0)
+        try:
+            self.write_raw(bootstrap_payload(self.config))
+            self.ready = self.wait_reply(0)
+        except BaseException:
+            self.close()
+            raise
 
     # -- raw stream ---------------------------------------------------------------------------
 
@@ -143,19 +152,15 @@ class AgentProcess:
     def close(self) -> None:
         """Stop the agent (however it is doing) and release the pipes."""
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(BrokenPipeError, ValueError):
                 self.close_stdin()
-            except (BrokenPipeError, ValueError):
-                pass
             if self.wait_exit(5.0) is None:
                 self.process.kill()
                 self.process.wait()
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None and not stream.closed:
-                try:
+                with contextlib.suppress(BrokenPipeError):
                     stream.close()
-                except BrokenPipeError:
-                    pass
         self._selector.close()
 
     def __enter__(self) -> AgentProcess:

@@ -387,6 +387,7 @@ class Agent:
         self.ttl_s = float(config.get("ttl_s", DEFAULT_TTL_S))
         self.base_env = dict(config.get("env") or {})
         self.max_output_bytes = int(config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES))
+        self.outbox_high_water = int(config.get("outbox_high_water", OUTBOX_HIGH_WATER))
         uid_base = config.get("slot_uid_base")
         self.slot_uid_base: Optional[int] = (
             int(uid_base) if uid_base is not None and os.getuid() == 0 else None
@@ -527,7 +528,10 @@ class Agent:
             return
         self.host_deadline = time.monotonic() + self.ttl_s
         self.decoder.feed(data)
-        while self.exit_code is None:
+        self._serve_buffered_frames()
+
+    def _serve_buffered_frames(self) -> None:
+        while self.exit_code is None and self.reading:
             try:
                 complete, message = self.decoder.next_frame()
             except FrameError as exc:
@@ -539,7 +543,7 @@ class Agent:
             if not complete:
                 break
             self._dispatch(message)
-            if len(self.outbox) > OUTBOX_HIGH_WATER:
+            if len(self.outbox) > self.outbox_high_water:
                 # The host is not reading: stop taking work until it catches up.
                 self._set_reading(False)
                 break
@@ -549,6 +553,8 @@ class Agent:
             self.reading = reading
             if reading:
                 self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
+                # Requests that arrived before the pause are already buffered: serve them now.
+                self._serve_buffered_frames()
             else:
                 self.selector.unregister(self.in_fd)
 
@@ -581,7 +587,7 @@ class Agent:
         if not self.outbox:
             self.writing = False
             self.selector.unregister(fd)
-        if len(self.outbox) <= OUTBOX_HIGH_WATER // 2 and self.exit_code is None:
+        if len(self.outbox) <= self.outbox_high_water // 2 and self.exit_code is None:
             self._set_reading(True)
 
     def _flush_blocking(self, limit: float) -> None:
@@ -1075,6 +1081,10 @@ class Agent:
             parent = os.path.dirname(real)
             try:
                 os.makedirs(parent, exist_ok=True)
+            except FileExistsError:
+                raise OpError(
+                    "not_a_directory", "write_file %r: a parent is not a directory" % path
+                ) from None
             except OSError as exc:
                 raise _os_error("write_file: creating the parent of", str(path), exc) from None
             temp = os.path.join(
