@@ -1,0 +1,62 @@
+"""hermes-actors: pools of isolated sandboxes for AI agents and RL trainers, run by trio actors.
+
+Trainers use `ToolBackend` (alias `ModalToolBackend`): acquire a `Slot` per trajectory, run
+tool calls for many slots at once with `execute_batch`, release. Agents use `terminal_tool` and
+`cleanup_vm`. Both read the same profiles (`SandboxConfig`, `load_profiles`).
+"""
+
+from hermes_actors._cli import format_status
+from hermes_actors._config import (
+    ModalSandboxConfig,
+    Profiles,
+    SandboxConfig,
+    load_profiles,
+    profiles_from_mapping,
+)
+from hermes_actors._errors import (
+    AcquireTimeout,
+    AgentError,
+    BackendUnavailable,
+    ConfigError,
+    HermesError,
+    InfrastructureError,
+    IsolationUnavailable,
+    RuntimeStopped,
+    SandboxLost,
+    SandboxStartFailed,
+)
+from hermes_actors.facades import (
+    ArtifactTooLarge,
+    ExecutionResult,
+    ModalToolBackend,
+    Slot,
+    ToolBackend,
+)
+from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
+
+__all__ = [
+    "AcquireTimeout",
+    "AgentError",
+    "ArtifactTooLarge",
+    "BackendUnavailable",
+    "ConfigError",
+    "ExecutionResult",
+    "HermesError",
+    "InfrastructureError",
+    "IsolationUnavailable",
+    "ModalSandboxConfig",
+    "ModalToolBackend",
+    "Profiles",
+    "RuntimeStopped",
+    "SandboxConfig",
+    "SandboxLost",
+    "SandboxStartFailed",
+    "Slot",
+    "ToolBackend",
+    "cleanup_vm",
+    "format_status",
+    "load_profiles",
+    "profiles_from_mapping",
+    "shutdown_terminal_backend",
+    "terminal_tool",
+]

@@ -1,0 +1,797 @@
+"""ToolBackend (alias ModalToolBackend): the trainer-facing facade over the runtime.
+
+A trainer acquires a `Slot` per trajectory, sends tool calls for many slots at once with
+`execute_batch`, and releases the slots when the trajectories end. Tools are `bash`
+{command, timeout?}, `read_file` {path} and `write_file` {path, content}; artifacts can be read,
+listed and archived.
+
+Three ways to drive the same object:
+
+* trio, structured: `async with backend:` runs the runtime in a nursery of the caller's task;
+  calls made from that trio run go straight to the runtime.
+* anything else (asyncio programs, trio code that did not use `async with`, sync code through
+  `call_blocking`): the runtime runs on a `Portal` thread with its own trio loop, and the same
+  awaits work; the caller's cancellation cancels the work in the portal.
+* lazily: `acquire` and `execute_batch` start the backend when `start()` was not called.
+
+Invariants kept here: a slot handed to a caller is released exactly once (by the caller, by
+`stop`, or given back when the caller was cancelled before taking it); `execute_batch` returns
+one result per request, in request order, and never raises for a bad request or a failed
+sandbox (those are error results; infrastructure failures carry `infra_error` and `retryable`);
+no internal exception group reaches a caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import PurePosixPath
+from typing import Any, Self, TypeVar
+
+import attrs
+import sniffio
+import trio
+
+from hermes_actors._client import ExecResult
+from hermes_actors._config import Profiles, SandboxConfig, load_profiles, profiles_from_mapping
+from hermes_actors._errors import (
+    AgentError,
+    HermesError,
+    InfrastructureError,
+    RuntimeStopped,
+)
+from hermes_actors.drivers._base import SandboxDriver
+from hermes_actors.facades._portal import Portal
+from hermes_actors.runtime._runtime import Lease, Runtime
+from hermes_actors.runtime._trio_util import collapse_exception_groups
+
+__all__ = [
+    "ArtifactTooLarge",
+    "ExecutionResult",
+    "ModalToolBackend",
+    "Slot",
+    "ToolBackend",
+]
+
+logger = logging.getLogger("hermes_actors.backend")
+
+T = TypeVar("T")
+
+#: The tools `execute_batch` knows, and the arguments each accepts (required, optional).
+TOOLS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
+    "bash": (frozenset({"command"}), frozenset({"timeout"})),
+    "read_file": (frozenset({"path"}), frozenset()),
+    "write_file": (frozenset({"path", "content"}), frozenset()),
+}
+#: Default bound of `archive_artifacts`, in bytes of compressed archive.
+DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
+#: How long a release cut short by the caller's cancellation may take to finish on its own.
+RELEASE_GRACE_S = 30.0
+
+
+class ArtifactTooLarge(HermesError, ValueError):
+    """An artifact (or archive) is larger than the bound the caller set."""
+
+    def __init__(self, path: str, max_bytes: int) -> None:
+        super().__init__(
+            f"the archive of {path!r} is larger than {max_bytes} bytes; archive a smaller "
+            "directory or raise max_bytes"
+        )
+        self.path = path
+        self.max_bytes = max_bytes
+
+
+@attrs.frozen
+class Slot:
+    """One trajectory's place in a sandbox: its own workspace, one command at a time.
+
+    Returned by `ToolBackend.acquire`; valid until it is released. `slot_id` is unique across
+    profiles and sandboxes.
+    """
+
+    slot_id: str
+    profile: str
+    sandbox_id: str
+    trajectory_id: str | None
+    lease: Lease = attrs.field(repr=False, eq=False)
+
+
+@attrs.frozen
+class ExecutionResult:
+    """The outcome of one tool call of a batch.
+
+    `success` is True when the tool did what was asked (for `bash`: exit status 0, not timed
+    out). `output` is the tool's text (for `bash`: stdout, then stderr). `error` says what went
+    wrong, or is None. `metadata` always holds `tool`, `exit_code`, `timed_out`, `duration_s`,
+    `stdout_dropped` and `stderr_dropped`; an infrastructure failure adds `infra_error` (the
+    error's kind, e.g. `sandbox_lost`) and `retryable`.
+    """
+
+    success: bool
+    output: str
+    error: str | None
+    execution_id: str
+    slot_id: str
+    metadata: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+class _BadRequest(Exception):
+    """A batch request that cannot run (unknown tool, bad arguments, slot not held)."""
+
+
+def _new_execution_id() -> str:
+    return f"exec-{uuid.uuid4().hex[:16]}"
+
+
+class ToolBackend:
+    """Pools of sandboxes for many trajectories, behind a small tool-calling API.
+
+    See the module docstring for the three ways to drive it. Every `async` method may be
+    awaited from trio or asyncio; cancelling the caller cancels the work (a command is killed,
+    an acquire that was cancelled holds no slot).
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig | Profiles | None = None,
+        *,
+        drivers: Mapping[str, SandboxDriver] | None = None,
+        run_id: str | None = None,
+        default_timeout_s: float | None = None,
+    ) -> None:
+        if config is None:
+            profiles = load_profiles()
+        elif isinstance(config, Profiles):
+            profiles = config
+        else:
+            profiles = profiles_from_mapping({config.name: config}, default_profile=config.name)
+        self.profiles: Profiles = profiles
+        self._drivers = drivers
+        self._run_id = run_id
+        self._default_timeout_s = default_timeout_s
+        self._lock = threading.Lock()
+        self._start_lock = trio.Lock()
+        # Where the runtime lives: the caller's trio run (`async with`) or the portal thread.
+        self._mode: str | None = None
+        self._home_token: trio.lowlevel.TrioToken | None = None
+        self._portal: Portal | None = None
+        self._nursery: trio.Nursery | None = None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._runtime: Runtime | None = None
+        self._runtime_scope: trio.CancelScope | None = None
+        self._runtime_done: trio.Event | None = None
+        self._held: dict[str, Slot] = {}
+
+    @classmethod
+    def with_profiles(
+        cls,
+        *,
+        app_name: str | None = None,
+        profiles: Profiles | Mapping[str, SandboxConfig | Mapping[str, Any]] | None = None,
+        default_profile: str | None = None,
+        drivers: Mapping[str, SandboxDriver] | None = None,
+        run_id: str | None = None,
+    ) -> Self:
+        """A backend serving several profiles (`acquire(profile=...)` picks one).
+
+        `profiles` is a `Profiles`, a mapping of names to configs (or plain mappings, read as
+        strictly as YAML), or None to use `load_profiles()`. `app_name` gives every profile the
+        app `f"{app_name}-{profile}"`. Raises `ConfigError` for bad profiles.
+        """
+        if profiles is None:
+            resolved = load_profiles(default_profile=default_profile)
+        elif isinstance(profiles, Profiles):
+            resolved = profiles
+            if default_profile is not None:
+                resolved = Profiles(
+                    profiles=profiles.profiles, default_profile=default_profile,
+                    source=profiles.source,
+                )
+        else:
+            resolved = profiles_from_mapping(profiles, default_profile=default_profile)
+        if app_name is not None:
+            resolved = resolved.with_app_name(app_name)
+        return cls(resolved, drivers=drivers, run_id=run_id)
+
+    def __repr__(self) -> str:
+        state = "running" if self._runtime is not None else "stopped"
+        return f"<ToolBackend {state} profiles={list(self.profiles.names)}>"
+
+    @property
+    def default_timeout_s(self) -> float:
+        """Seconds a `bash` call may run when neither the call nor the batch says.
+
+        Defaults to the default profile's `execution_timeout_s`; settable.
+        """
+        if self._default_timeout_s is not None:
+            return self._default_timeout_s
+        return self.profiles.get_profile().execution_timeout_s
+
+    @default_timeout_s.setter
+    def default_timeout_s(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"default_timeout_s must be a number > 0: {value!r}")
+        self._default_timeout_s = float(value)
+
+    @property
+    def running(self) -> bool:
+        """True while the runtime runs (started explicitly or lazily)."""
+        return self._runtime is not None
+
+    # -- where calls run -------------------------------------------------------------------
+
+    async def _route(
+        self,
+        work: Callable[[], Awaitable[T]],
+        give_back: Callable[[T], Awaitable[object]] | None = None,
+    ) -> T:
+        """Run `work()` where the runtime lives: right here, or in the portal."""
+        library = sniffio.current_async_library()
+        if library == "trio" and trio.lowlevel.current_trio_token() is self._home_token:
+            return await work()
+        if self._mode == "direct":
+            raise RuntimeError(
+                "this ToolBackend runs inside another trio run (`async with backend:`); call it "
+                "from that run"
+            )
+        portal = self._ensure_portal()
+        return await portal.call(work, on_abandoned=give_back)
+
+    def _ensure_portal(self) -> Portal:
+        with self._lock:
+            if self._mode == "direct":
+                raise RuntimeError("this ToolBackend is running in a trio nursery, not a portal")
+            if self._portal is not None and self._portal.running:
+                return self._portal
+            portal = Portal(name=f"hermes-actors-portal-{id(self):x}")
+            portal.start()
+            self._portal = portal
+            self._mode = "portal"
+            self._home_token = portal.token
+            self._nursery = portal._nursery
+            return portal
+
+    def call_blocking(
+        self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+    ) -> T:
+        """Run one of this backend's async methods from sync code and wait for its result.
+
+        `backend.call_blocking(backend.acquire, "traj-1")`. The runtime runs on the portal
+        thread (started on first use). Ctrl-C while waiting cancels the call (the command is
+        killed, an acquired slot is given back) before `KeyboardInterrupt` propagates.
+        """
+        portal = self._ensure_portal()
+        return portal.call_blocking(lambda: method(*args, **kwargs), on_abandoned=self._give_back)
+
+    async def _give_back(self, value: object) -> None:
+        """A result the caller never took: release what it holds."""
+        if isinstance(value, Slot):
+            await self._release(value, reset=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if sniffio.current_async_library() != "trio":
+            await self.start()
+            return self
+        with self._lock:
+            if self._mode is not None:
+                raise RuntimeError(
+                    "this ToolBackend is already running (on its portal thread); stop() it "
+                    "before `async with`"
+                )
+            self._mode = "direct"
+            self._home_token = trio.lowlevel.current_trio_token()
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            with collapse_exception_groups():
+                await self._ensure_started()
+        except BaseException:
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            with collapse_exception_groups():
+                await stack.aclose()
+            self._forget_home()
+            raise
+        self._exit_stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._mode != "direct":
+            await self.stop()
+            return
+        stack, self._exit_stack = self._exit_stack, None
+        assert stack is not None
+        try:
+            with collapse_exception_groups():
+                try:
+                    await self._stop_runtime()
+                finally:
+                    if self._nursery is not None:
+                        self._nursery.cancel_scope.cancel()
+                    await stack.__aexit__(*exc_info)  # type: ignore[arg-type]
+        finally:
+            self._forget_home()
+
+    def _forget_home(self) -> None:
+        with self._lock:
+            self._mode = None
+            self._home_token = None
+            self._nursery = None
+
+    async def start(self) -> None:
+        """Start the pools (pre-warming `min_sandboxes` of each profile). Idempotent.
+
+        Returns once the runtime runs. Raises `ConfigError`, `IsolationUnavailable`,
+        `BackendUnavailable` when the pools cannot start. Cancellation stops what was started.
+        """
+        await self._route(self._ensure_started)
+
+    async def _ensure_started(self) -> Runtime:
+        if self._runtime is not None:
+            return self._runtime
+        async with self._start_lock:
+            if self._runtime is not None:
+                return self._runtime
+            assert self._nursery is not None
+            runtime = Runtime(self.profiles, drivers=self._drivers, run_id=self._run_id)
+            scope = trio.CancelScope()
+            done = trio.Event()
+            keep_errors = self._mode == "direct"
+
+            async def serve(
+                *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                try:
+                    with scope:
+                        await runtime.run(task_status=task_status)
+                except Exception:
+                    # In a portal nobody is there to receive a crash of the running runtime:
+                    # log it, and the next call starts a fresh one.
+                    if keep_errors or self._runtime is not runtime:
+                        raise
+                    logger.exception("the hermes-actors runtime crashed; it restarts on next use")
+                finally:
+                    if self._runtime is runtime:
+                        self._runtime = None
+                        self._held.clear()
+                    done.set()
+
+            with collapse_exception_groups():
+                await self._nursery.start(serve, name="hermes-actors-runtime")
+            self._runtime, self._runtime_scope, self._runtime_done = runtime, scope, done
+            return runtime
+
+    async def stop(self, purge: bool = False) -> None:
+        """Terminate every sandbox and stop the runtime (and the portal thread). Idempotent.
+
+        Slots still held are gone afterwards. `purge` is accepted for the seed's API: every
+        sandbox this backend started is terminated either way, and the local backend leaves
+        nothing behind. A later call starts the backend again.
+        """
+        del purge
+        if self._mode == "portal":
+            portal = self._portal
+            assert portal is not None
+            if portal.running:
+                with contextlib.suppress(RuntimeStopped):
+                    await self._route(self._stop_runtime)
+            if not portal.in_portal_thread():
+                portal.stop()
+            with self._lock:
+                if self._portal is portal:
+                    self._portal = None
+            self._forget_home()
+        elif self._mode == "direct":
+            await self._route(self._stop_runtime)
+
+    async def _stop_runtime(self) -> None:
+        scope, done = self._runtime_scope, self._runtime_done
+        if scope is None or done is None:
+            return
+        scope.cancel(reason="backend stopped")
+        await done.wait()
+        self._runtime_scope = self._runtime_done = None
+        self._runtime = None
+        self._held.clear()
+
+    def stop_sync(self, purge: bool = False) -> None:
+        """`stop()` for sync code: blocks until every sandbox is terminated."""
+        del purge
+        portal = self._portal
+        if self._mode != "portal" or portal is None:
+            return
+        if portal.running:
+            with contextlib.suppress(RuntimeStopped):
+                portal.call_blocking(self._stop_runtime)
+        portal.stop()
+        with self._lock:
+            if self._portal is portal:
+                self._portal = None
+        self._forget_home()
+
+    # -- slots -----------------------------------------------------------------------------
+
+    async def acquire(self, trajectory_id: str | None = None, profile: str | None = None) -> Slot:
+        """Wait for a free slot of `profile` (default profile when None) and hold it.
+
+        Starts the backend if needed. Raises `ConfigError` (unknown profile), `AcquireTimeout`
+        (no slot within the profile's `acquire_timeout_s`), `SandboxStartFailed`,
+        `IsolationUnavailable`, `RuntimeStopped`. Cancellation leaves no slot held.
+        """
+        self.profiles.get_profile(profile)  # unknown profile: fail before starting anything
+        return await self._route(lambda: self._acquire(trajectory_id, profile), self._give_back)
+
+    async def _acquire(self, trajectory_id: str | None, profile: str | None) -> Slot:
+        runtime = await self._ensure_started()
+        with collapse_exception_groups():
+            lease = await runtime.acquire(profile, trajectory_id)
+        slot = Slot(
+            slot_id=lease.slot_id,
+            profile=lease.profile,
+            sandbox_id=lease.sandbox_id,
+            trajectory_id=lease.trajectory_id,
+            lease=lease,
+        )
+        self._held[slot.slot_id] = slot
+        return slot
+
+    async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+        """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
+
+        Idempotent. Returns once the slot is free again. If the caller is cancelled, the
+        release still completes in the background.
+        """
+        await self._route(lambda: self._release(slot, reset=reset_workspace))
+
+    async def _release(self, slot: Slot, *, reset: bool) -> None:
+        if self._held.get(slot.slot_id) is not slot:
+            return
+        del self._held[slot.slot_id]
+        runtime = self._runtime
+        if runtime is None:
+            return
+        try:
+            with collapse_exception_groups():
+                await runtime.release(slot.lease, reset=reset)
+        except InfrastructureError as exc:  # the sandbox is gone: so is the slot
+            logger.info("release of %s: %s", slot.slot_id, exc)
+        except BaseException:
+            # Cut short by the caller: finish the (idempotent) release on our own.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._finish_release, runtime, slot.lease, reset)
+            raise
+
+    async def _finish_release(self, runtime: Runtime, lease: Lease, reset: bool) -> None:
+        with trio.move_on_after(RELEASE_GRACE_S), contextlib.suppress(HermesError):
+            await runtime.release(lease, reset=reset)
+
+    # -- tools -----------------------------------------------------------------------------
+
+    async def execute_batch(
+        self,
+        requests: Sequence[tuple[Slot, str, Mapping[str, Any]]],
+        timeout_s: float | None = None,
+    ) -> list[ExecutionResult]:
+        """Run tool calls and return their results in request order.
+
+        Calls for different slots run concurrently; calls for the same slot run one after the
+        other, in request order. `timeout_s` bounds each `bash` call that gives no `timeout`
+        (default: `default_timeout_s`). Never raises for a request: an unknown tool, bad
+        arguments, a slot that is not held or a lost sandbox give an error result.
+        Cancellation kills the commands still running.
+        """
+        batch = list(requests)
+        return await self._route(lambda: self._execute_batch(batch, timeout_s))
+
+    async def _execute_batch(
+        self, batch: list[tuple[Slot, str, Mapping[str, Any]]], timeout_s: float | None
+    ) -> list[ExecutionResult]:
+        await self._ensure_started()
+        results: list[ExecutionResult | None] = [None] * len(batch)
+        queues: dict[str, list[int]] = {}
+        for index, request in enumerate(batch):
+            try:
+                slot = self._check_request(request, timeout_s)
+            except _BadRequest as exc:
+                slot_id = _slot_id_of(request)
+                results[index] = _error_result(slot_id, str(exc), _tool_of(request), 0.0)
+                continue
+            queues.setdefault(slot.slot_id, []).append(index)
+
+        async def run_queue(indexes: list[int]) -> None:
+            for index in indexes:
+                slot, tool, args = batch[index]
+                results[index] = await self._run_tool(slot, tool, args, timeout_s)
+
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                for slot_id, indexes in queues.items():
+                    nursery.start_soon(run_queue, indexes, name=f"batch:{slot_id}")
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    def _check_request(self, request: object, timeout_s: float | None) -> Slot:
+        if not isinstance(request, tuple | list) or len(request) != 3:
+            raise _BadRequest(f"a request is a (slot, tool, args) triple, got {request!r}")
+        slot, tool, args = request
+        if not isinstance(slot, Slot):
+            raise _BadRequest(f"expected a Slot from acquire(), got {type(slot).__name__}")
+        if self._held.get(slot.slot_id) is not slot:
+            raise _BadRequest(
+                f"slot {slot.slot_id} is not held by this backend (released, lost, or from "
+                "another backend); acquire a new one"
+            )
+        if tool not in TOOLS:
+            raise _BadRequest(f"unknown tool {tool!r}; available tools: {', '.join(TOOLS)}")
+        if not isinstance(args, Mapping):
+            raise _BadRequest(f"{tool}: args must be a mapping, got {type(args).__name__}")
+        required, optional = TOOLS[tool]
+        missing = sorted(required - set(args))
+        unknown = sorted(set(args) - required - optional)
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append("missing " + ", ".join(repr(name) for name in missing))
+            if unknown:
+                parts.append("unknown " + ", ".join(repr(name) for name in unknown))
+            expected = ", ".join([*sorted(required), *(f"{name}?" for name in sorted(optional))])
+            raise _BadRequest(f"{tool}: {'; '.join(parts)} argument(s); expected {{{expected}}}")
+        for name in ("command", "path"):
+            if name in args and not isinstance(args[name], str):
+                kind = type(args[name]).__name__
+                raise _BadRequest(f"{tool}: {name!r} must be a str, got {kind}")
+        if tool == "write_file" and not isinstance(args["content"], str | bytes):
+            raise _BadRequest(
+                f"write_file: 'content' must be str or bytes, got {type(args['content']).__name__}"
+            )
+        for name, value in (("timeout", args.get("timeout")), ("timeout_s", timeout_s)):
+            if value is not None and not _is_positive_number(value):
+                raise _BadRequest(f"{tool}: {name!r} must be a number > 0, got {value!r}")
+        return slot
+
+    async def _run_tool(
+        self, slot: Slot, tool: str, args: Mapping[str, Any], timeout_s: float | None
+    ) -> ExecutionResult:
+        runtime = self._runtime
+        started = time.monotonic()
+        if runtime is None or self._held.get(slot.slot_id) is not slot:
+            return _error_result(
+                slot.slot_id, f"slot {slot.slot_id} was released while the batch ran", tool, 0.0
+            )
+        config = self.profiles.get_profile(slot.profile)
+        try:
+            with collapse_exception_groups():
+                if tool == "bash":
+                    timeout = args.get("timeout") or timeout_s or self._timeout_for(config)
+                    cap = config.max_output_bytes
+                    result = await runtime.exec(
+                        slot.lease, command=args["command"], timeout_s=float(timeout),
+                        max_output_bytes=cap,
+                    )
+                    return _bash_result(slot.slot_id, result, cap, float(timeout))
+                if tool == "read_file":
+                    data = await runtime.read_file(
+                        slot.lease, args["path"], max_bytes=config.max_output_bytes
+                    )
+                    return _ok_result(
+                        slot.slot_id, data.decode("utf-8", errors="replace"), tool,
+                        time.monotonic() - started, size=len(data),
+                    )
+                content = args["content"]
+                data = content.encode("utf-8") if isinstance(content, str) else content
+                size = await runtime.write_file(slot.lease, args["path"], data)
+                return _ok_result(
+                    slot.slot_id, f"wrote {size} bytes to {args['path']}", tool,
+                    time.monotonic() - started, size=size,
+                )
+        except InfrastructureError as exc:
+            return _error_result(
+                slot.slot_id, str(exc), tool, time.monotonic() - started,
+                infra_error=exc.kind, retryable=exc.retryable,
+            )
+        except (AgentError, HermesError) as exc:
+            return _error_result(slot.slot_id, str(exc), tool, time.monotonic() - started)
+
+    def _timeout_for(self, config: SandboxConfig) -> float:
+        if self._default_timeout_s is not None:
+            return self._default_timeout_s
+        return config.execution_timeout_s
+
+    # -- artifacts -------------------------------------------------------------------------
+
+    async def read_artifact(self, slot: Slot, path: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of a file in the slot's workspace (at most `max_bytes`).
+
+        Raises `AgentError` (`not_found`, `path_escape`, ...), `SandboxLost`.
+        """
+        return await self._route(lambda: self._held_runtime(slot).read_file(
+            slot.lease, path, max_bytes=max_bytes))
+
+    async def list_artifacts(
+        self, slot: Slot, path: str = ".", recursive: bool = False
+    ) -> list[dict[str, Any]]:
+        """Entries under `path` of the slot's workspace: `{"path", "type", "size"}` each."""
+        return await self._route(lambda: self._held_runtime(slot).list_files(
+            slot.lease, path, recursive=recursive))
+
+    async def archive_artifacts(
+        self, slot: Slot, path: str = ".", max_bytes: int = DEFAULT_ARCHIVE_MAX_BYTES
+    ) -> bytes:
+        """A tar.gz of `path` (relative to the slot's workspace), at most `max_bytes` long.
+
+        Raises `ArtifactTooLarge` when the archive would be longer, `AgentError` when `path`
+        escapes the workspace or cannot be archived, `SandboxLost`.
+        """
+        parts = PurePosixPath(path).parts
+        if PurePosixPath(path).is_absolute() or ".." in parts:
+            raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be an int >= 1: {max_bytes!r}")
+
+        async def archive() -> bytes:
+            runtime = self._held_runtime(slot)
+            with collapse_exception_groups():
+                result = await runtime.exec(
+                    slot.lease, argv=["tar", "-czf", "-", "--", path],
+                    timeout_s=self.default_timeout_s, max_output_bytes=max_bytes,
+                )
+            if result.stdout_dropped:
+                raise ArtifactTooLarge(path, max_bytes)
+            if result.exit_code != 0 or result.timed_out:
+                detail = result.stderr.decode("utf-8", errors="replace").strip()
+                raise AgentError(
+                    "archive_failed",
+                    f"could not archive {path!r}: {detail or f'tar exited {result.exit_code}'}",
+                )
+            return result.stdout
+
+        return await self._route(archive)
+
+    def _held_runtime(self, slot: Slot) -> Runtime:
+        runtime = self._runtime
+        if runtime is None or self._held.get(slot.slot_id) is not slot:
+            raise RuntimeStopped(
+                f"slot {slot.slot_id} is not held by this backend (released, lost, or the backend "
+                "stopped); acquire a new one"
+            )
+        return runtime
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for people: per profile, its sandboxes, slots free/held, waiters, counters.
+
+        `{"running": bool, "profiles": [...names], "pools": [{"profile", "backend",
+        "sandboxes": [{"sandbox_id", "state", "slots_free", "slots_held", "age_s",
+        "commands_run"}], "slots_free", "slots_held", "waiters", "starting", "commands_run",
+        "command_failures", "infra_failures", "sandboxes_started", "sandboxes_stopped",
+        "sandboxes_lost"}]}`. Never blocks for long.
+        """
+        portal = self._portal
+        if self._mode == "portal" and portal is not None and portal.running:
+            try:
+                return portal.call_sync(self._status_now)
+            except RuntimeStopped:
+                pass
+        return self._status_now()
+
+    def _status_now(self) -> dict[str, Any]:
+        runtime = self._runtime
+        snapshot: dict[str, Any] = {
+            "running": runtime is not None,
+            "profiles": list(self.profiles.names),
+            "default_profile": self.profiles.default_profile,
+            "slots_held_by_caller": len(self._held),
+            "pools": [],
+        }
+        if runtime is not None:
+            snapshot["pools"] = attrs.asdict(runtime.status())["pools"]
+        return snapshot
+
+
+#: The seed's name for `ToolBackend`.
+ModalToolBackend = ToolBackend
+
+
+def _is_positive_number(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _slot_id_of(request: object) -> str:
+    if isinstance(request, tuple | list) and request and isinstance(request[0], Slot):
+        return request[0].slot_id
+    return ""
+
+
+def _tool_of(request: object) -> str | None:
+    if isinstance(request, tuple | list) and len(request) > 1 and isinstance(request[1], str):
+        return request[1]
+    return None
+
+
+def _metadata(tool: str | None, duration_s: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "tool": tool,
+        "exit_code": None,
+        "timed_out": False,
+        "duration_s": duration_s,
+        "stdout_dropped": 0,
+        "stderr_dropped": 0,
+        **extra,
+    }
+
+
+def _ok_result(
+    slot_id: str, output: str, tool: str, duration_s: float, **extra: Any
+) -> ExecutionResult:
+    return ExecutionResult(
+        success=True, output=output, error=None, execution_id=_new_execution_id(),
+        slot_id=slot_id, metadata=_metadata(tool, duration_s, **extra),
+    )
+
+
+def _error_result(
+    slot_id: str, error: str, tool: str | None, duration_s: float, **extra: Any
+) -> ExecutionResult:
+    return ExecutionResult(
+        success=False, output="", error=error, execution_id=_new_execution_id(),
+        slot_id=slot_id, metadata=_metadata(tool, duration_s, **extra),
+    )
+
+
+def _capped_text(data: bytes, dropped: int, cap: int, stream: str) -> str:
+    """Decode captured output, marking where the agent dropped the middle of it."""
+    if not dropped:
+        return data.decode("utf-8", errors="replace")
+    head, tail = data[: cap // 2], data[cap // 2 :]
+    return (
+        head.decode("utf-8", errors="replace")
+        + f"\n[... {dropped} bytes of {stream} omitted ...]\n"
+        + tail.decode("utf-8", errors="replace")
+    )
+
+
+def _bash_result(slot_id: str, result: ExecResult, cap: int, timeout_s: float) -> ExecutionResult:
+    stdout = _capped_text(result.stdout, result.stdout_dropped, cap, "stdout")
+    stderr = _capped_text(result.stderr, result.stderr_dropped, cap, "stderr")
+    if stdout and stderr and not stdout.endswith("\n"):
+        stdout += "\n"
+    success = result.exit_code == 0 and not result.timed_out and not result.cancelled
+    if success:
+        error = None
+    elif result.timed_out:
+        error = f"command timed out after {timeout_s:g} s (its processes were killed)"
+    elif result.cancelled:
+        error = "command was cancelled (its processes were killed)"
+    elif result.signal is not None:
+        error = f"command was killed by signal {result.signal}"
+    else:
+        error = f"command exited with status {result.exit_code}"
+    return ExecutionResult(
+        success=success,
+        output=stdout + stderr,
+        error=error,
+        execution_id=_new_execution_id(),
+        slot_id=slot_id,
+        metadata=_metadata(
+            "bash",
+            result.duration_s,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            timed_out=result.timed_out,
+            stdout_dropped=result.stdout_dropped,
+            stderr_dropped=result.stderr_dropped,
+        ),
+    )
