@@ -7,6 +7,7 @@ environment, independent of the agent's own markers.
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import shutil
 import signal
@@ -188,7 +189,12 @@ def test_importing_the_agent_module_has_no_side_effects() -> None:
 
 # -- start-up ---------------------------------------------------------------------------------
 
-PYTHONS = [sys.executable] + ([SYSTEM_PYTHON] if os.path.exists(SYSTEM_PYTHON) else [])
+# The venv's and the system's python, plus the oldest supported one when pyenv has it here.
+PYTHONS = [
+    sys.executable,
+    *([SYSTEM_PYTHON] if os.path.exists(SYSTEM_PYTHON) else []),
+    *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python3")))[:1],
+]
 
 
 @pytest.mark.parametrize("python", PYTHONS)
@@ -204,6 +210,12 @@ def test_agent_starts_and_serves_on_each_python(tmp_path: Path, python: str) -> 
         assert "exec" in ready["result"]["features"]
         result = run(agent, "echo $((6 * 7))")
         assert result["stdout"] == b"42\n"
+        marker = tag()
+        result = run(agent, "setsid sleep 1000 & wait", timeout_s=0.2, env=tagged_env(marker))
+        assert result["timed_out"] is True
+        assert processes_with_env(marker) == []
+        agent.call("write_file", slot=0, path="d/f", data=b"\xff")
+        assert agent.call("read_file", slot=0, path="d/f")["data"] == b"\xff"
         version = subprocess.run(
             [python, "-c", "import platform; print(platform.python_version())"],
             capture_output=True,
@@ -633,6 +645,20 @@ def test_slots_have_separate_workspaces(agent: AgentProcess, tmp_path: Path) -> 
     assert stat.S_IMODE(workspace.stat().st_mode) == 0o700
 
 
+def test_a_workspace_replaced_by_a_symlink_is_not_followed(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """A command that swaps its workspace for a symlink cannot steer file ops or a reset there."""
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"data")
+    run(agent, f"cd .. && rm -rf slot-0 && ln -s {outside} slot-0")
+    assert agent.error("read_file", slot=0, path="keep")["code"] == "not_found"
+    agent.call("reset_slot", slot=0)
+    assert (outside / "keep").read_bytes() == b"data"
+    assert not (tmp_path / "slots" / "slot-0").is_symlink()
+
+
 # -- reset ------------------------------------------------------------------------------------
 
 
@@ -751,6 +777,8 @@ def test_malformed_frames_get_bad_frame_and_the_agent_keeps_serving(agent: Agent
         ("exec", {"slot": 0, "argv": []}),
         ("exec", {"slot": 0, "argv": ["echo", 1]}),
         ("exec", {"slot": 0, "command": "true", "timeout_s": "soon"}),
+        ("exec", {"slot": 0, "command": "true", "timeout_s": -1}),
+        ("exec", {"slot": 0, "command": "true", "timeout_s": float("nan")}),
         ("exec", {"slot": 0, "command": "true", "env": {"A": 1}}),
         ("exec", {"slot": 0, "command": "true", "env": {"A=B": "c"}}),
         ("exec", {"slot": 0, "command": "true", "stdin": "text"}),

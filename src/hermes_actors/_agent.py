@@ -645,7 +645,12 @@ class Agent:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            return path
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                return path
+            # A command replaced its workspace by a symlink or a file: never follow it (a
+            # reset would wipe the target), start afresh instead.
+            os.unlink(path)
+            os.mkdir(path, 0o700)
         os.chmod(path, 0o700)
         uid = self.slot_uid(slot)
         if uid is not None:
@@ -702,7 +707,9 @@ class Agent:
             raise OpError("bad_request", "'stdin' must be bytes or null")
         timeout_s = args.get("timeout_s")
         if timeout_s is not None and (
-            not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s < 0
+            not isinstance(timeout_s, (int, float))
+            or isinstance(timeout_s, bool)
+            or not timeout_s >= 0  # NaN too
         ):
             raise OpError("bad_request", "'timeout_s' must be a number >= 0 or null")
         cap = args.get("max_output_bytes", self.max_output_bytes)
