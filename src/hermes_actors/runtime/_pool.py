@@ -1,0 +1,562 @@
+"""The profile pool actor: the sandboxes of one profile and who holds which slot.
+
+Messages (`PoolMessage`): `Acquire` (reply: a `Lease`) and `Release` (reply: None). Status is a
+sync snapshot (`statistics()`), since it only reads state.
+
+Decisions are made in sync code on the pool's own state, then carried out by child tasks in the
+pool's nursery, which report back through the pool's sync `_on_*` methods (they are the pool's
+own tasks, so a report can never block):
+
+* `acquire` is served FIFO: a free slot goes to the oldest waiter still waiting. A caller that
+  gives up after a slot was handed over gives it back (`Reply.on_abandoned`), so no slot leaks.
+* Scale up: when waiters outnumber free and starting slots, sandboxes are started, never more
+  than `max_sandboxes` in all and `max_starting` at once; `min_sandboxes` are kept warm.
+* Scale down: a sandbox whose slots have all been free for `idle_timeout` is stopped while more
+  than `min_sandboxes` remain. Rotation: a sandbox older than its lifetime budget takes no new
+  slots and is stopped once its held slots come back, before the provider would kill it.
+  Both run off one cancel scope whose absolute deadline is the next such event, recomputed on
+  every state change.
+* `release` resets the slot (processes killed, workspace wiped) before it is free again.
+* A sandbox that dies is dropped at once (it never counts against capacity), its held slots fail
+  with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off;
+  a failure that cannot heal (no bubblewrap, modal missing, ...) fails the waiters with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, assert_never
+
+import attrs
+import trio
+
+from hermes_actors._client import ExecResult
+from hermes_actors._errors import (
+    AcquireTimeout,
+    ConfigError,
+    HermesError,
+    InfrastructureError,
+    IsolationUnavailable,
+    RuntimeStopped,
+    SandboxStartFailed,
+)
+from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
+from hermes_actors.runtime._sandbox import SandboxActor
+from hermes_actors.runtime._trio_util import Reply, call, close_mailbox
+
+logger = logging.getLogger("hermes_actors.pool")
+
+MAILBOX_SIZE = 4096
+#: Start failures in a row after which waiters are failed instead of left waiting.
+MAX_START_FAILURES = 3
+START_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@attrs.frozen(kw_only=True)
+class Lease:
+    """A slot handed to one trajectory: the address of its sandbox and its index there."""
+
+    slot_id: str
+    profile: str
+    sandbox_id: str
+    index: int
+    trajectory_id: str | None
+    sandbox: SandboxActor = attrs.field(repr=False, eq=False)
+
+    async def exec(self, **options: Any) -> ExecResult:
+        """Run a command in this slot (options as for `SandboxClient.exec`)."""
+        return await self.sandbox.exec(self.index, **options)
+
+
+@attrs.frozen(kw_only=True)
+class Acquire:
+    trajectory_id: str | None
+    reply: Reply[Lease]
+
+
+@attrs.frozen(kw_only=True)
+class Release:
+    lease: Lease
+    reset: bool
+    reply: Reply[None]
+
+
+PoolMessage = Acquire | Release
+
+
+@attrs.frozen(kw_only=True)
+class SandboxStatus:
+    sandbox_id: str
+    state: str
+    slots_free: int
+    slots_held: int
+    age_s: float
+    commands_run: int
+
+
+@attrs.frozen(kw_only=True)
+class PoolStatus:
+    profile: str
+    backend: str
+    sandboxes: tuple[SandboxStatus, ...]
+    slots_free: int
+    slots_held: int
+    waiters: int
+    starting: int
+    commands_run: int
+    command_failures: int
+    infra_failures: int
+    sandboxes_started: int
+    sandboxes_stopped: int
+    sandboxes_lost: int
+
+
+class _State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # rotating out: takes no new slot, stops once its slots are back
+    STOPPING = "stopping"
+
+
+@attrs.define(eq=False)
+class _Member:
+    """The pool's view of one of its sandboxes."""
+
+    actor: SandboxActor
+    state: _State = _State.STARTING
+    free: list[int] = attrs.field(factory=list)
+    held: dict[int, Lease] = attrs.field(factory=dict)
+    resetting: set[int] = attrs.field(factory=set)
+    idle_since: float | None = None
+    ready_at: float = 0.0
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    stop_reason: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.held or self.resetting)
+
+
+@attrs.frozen(kw_only=True)
+class PoolSettings:
+    """What the pool needs from a profile's configuration."""
+
+    profile: str
+    backend: str
+    spec: SandboxSpec
+    slots_per_sandbox: int
+    min_sandboxes: int
+    max_sandboxes: int
+    idle_timeout_s: float
+    max_lifetime_s: float
+    acquire_timeout_s: float
+    max_starting: int
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    max_output_bytes: int = 1_000_000
+
+    @property
+    def rotate_after_s(self) -> float:
+        """Age at which a sandbox stops taking slots: a margin before the provider's limit."""
+        return self.max_lifetime_s - min(60.0, self.max_lifetime_s * 0.1)
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Start failures that retrying cannot fix (the user must change something)."""
+    if isinstance(error, IsolationUnavailable | ConfigError):
+        return True
+    return isinstance(error, InfrastructureError) and not error.retryable
+
+
+class ProfilePool:
+    """The pool actor of one profile. Run with `await nursery.start(pool.run)`."""
+
+    def __init__(self, settings: PoolSettings, driver: SandboxDriver) -> None:
+        self.settings = settings
+        self._driver = driver
+        self._send, self._receive = trio.open_memory_channel[PoolMessage](MAILBOX_SIZE)
+        self._members: dict[int, _Member] = {}
+        self._member_ids = 0
+        self._waiters: collections.deque[Acquire] = collections.deque()
+        self._nursery: trio.Nursery | None = None
+        self._housekeeping: trio.CancelScope | None = None
+        self._start_failures = 0
+        self._start_blocked_until = -math.inf
+        self._last_start_error: BaseException | None = None
+        self._stopped = False
+        self.sandboxes_started = 0
+        self.sandboxes_stopped = 0
+        self.sandboxes_lost = 0
+        self.infra_failures = 0
+        self._finished_commands = 0
+        self._finished_failures = 0
+
+    # -- the caller side ------------------------------------------------------------------------
+
+    async def acquire(
+        self, trajectory_id: str | None = None, *, timeout_s: float | None = None
+    ) -> Lease:
+        """Wait (FIFO) for a free slot and hold it until `release`.
+
+        Raises `AcquireTimeout` after `timeout_s` (default: the profile's `acquire_timeout_s`),
+        the start error when sandboxes cannot be started, `RuntimeStopped` when the pool stopped.
+        Cancellation gives back a slot that was already handed over.
+        """
+        limit = self.settings.acquire_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(limit):
+            return await call(
+                self._send,
+                lambda reply: Acquire(trajectory_id=trajectory_id, reply=reply),
+                on_abandoned=self._take_back,
+            )
+        raise AcquireTimeout(self.settings.profile, limit)
+
+    async def release(self, lease: Lease, *, reset: bool = True) -> None:
+        """Give a slot back; with `reset` its processes are killed and its workspace wiped first.
+
+        Idempotent: releasing a slot twice, or a slot whose sandbox died, does nothing. Returns
+        once the slot is reset (the reset continues if the caller is cancelled meanwhile).
+        """
+        await call(self._send, lambda reply: Release(lease=lease, reset=reset, reply=reply))
+
+    # -- the actor ------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ProfilePool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve the mailbox until cancelled; pre-warming starts at once.
+
+        On cancellation every sandbox of the pool is terminated (each bounded, all at once) and
+        every waiting caller fails with `RuntimeStopped`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(
+                    self._housekeeper, name=f"pool-housekeeper:{self.settings.profile}"
+                )
+                self._scale()
+                task_status.started(self)
+                async for message in self._receive:
+                    self._handle(message)
+        finally:
+            self._stopped = True
+            self._fail_waiters(
+                RuntimeStopped(f"the pool of profile {self.settings.profile!r} stopped")
+            )
+            close_mailbox(
+                self._receive,
+                lambda message: [message.reply],
+                lambda: RuntimeStopped(f"the pool of profile {self.settings.profile!r} stopped"),
+            )
+
+    def _handle(self, message: PoolMessage) -> None:
+        match message:
+            case Acquire():
+                if (
+                    self._start_failures >= MAX_START_FAILURES
+                    and self._last_start_error is not None
+                ):
+                    message.reply.fail(self._start_error())
+                    return
+                self._waiters.append(message)
+                self._serve_waiters()
+                self._scale()
+            case Release():
+                self._release(message)
+            case _:
+                assert_never(message)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    def _serve_waiters(self) -> None:
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.reply.abandoned:
+                self._waiters.popleft()
+                continue
+            member = self._pick_member()
+            if member is None:
+                return
+            self._waiters.popleft()
+            index = member.free.pop(0)
+            actor = member.actor
+            lease = Lease(
+                slot_id=f"{self.settings.profile}/{actor.sandbox_id}/{index}",
+                profile=self.settings.profile,
+                sandbox_id=actor.sandbox_id,
+                index=index,
+                trajectory_id=waiter.trajectory_id,
+                sandbox=actor,
+            )
+            member.held[index] = lease
+            member.idle_since = None
+            if not waiter.reply.set(lease):
+                self._take_back(lease)
+        self._reschedule()
+
+    def _pick_member(self) -> _Member | None:
+        """The ready sandbox with the fewest free slots: packing lets the others go idle."""
+        candidates = [m for m in self._members.values() if m.state is _State.READY and m.free]
+        return min(candidates, key=lambda m: len(m.free), default=None)
+
+    def _member_of(self, lease: Lease) -> _Member | None:
+        for member in self._members.values():
+            if member.actor is lease.sandbox:
+                return member
+        return None
+
+    def _take_back(self, lease: Lease) -> None:
+        """A lease handed to a caller that gave up: the slot was never used, so free it as is."""
+        member = self._member_of(lease)
+        if member is None or member.held.get(lease.index) is not lease:
+            return
+        del member.held[lease.index]
+        self._slot_freed(member, lease.index)
+
+    def _release(self, message: Release) -> None:
+        lease = message.lease
+        member = self._member_of(lease)
+        if member is None or member.held.get(lease.index) is not lease:
+            message.reply.set(None)
+            return
+        del member.held[lease.index]
+        if not message.reset:
+            self._slot_freed(member, lease.index)
+            message.reply.set(None)
+            return
+        member.resetting.add(lease.index)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reset_slot, member, lease.index, message.reply)
+
+    async def _reset_slot(self, member: _Member, index: int, reply: Reply[None]) -> None:
+        try:
+            await member.actor.reset_slot(index)
+        except (HermesError, RuntimeStopped) as exc:
+            # The sandbox is dying; its exit report drops it. The caller's release still holds.
+            logger.warning("reset of %s slot %d failed: %s", member.actor.sandbox_id, index, exc)
+            member.resetting.discard(index)
+            reply.set(None)
+            return
+        member.resetting.discard(index)
+        self._slot_freed(member, index)
+        reply.set(None)
+
+    def _slot_freed(self, member: _Member, index: int) -> None:
+        if member.state is _State.READY:
+            member.free.append(index)
+            member.free.sort()
+        if not member.busy:
+            member.idle_since = trio.current_time()
+            if member.state is _State.DRAINING:
+                self._stop_member(member, "rotated before its maximum lifetime")
+        self._serve_waiters()
+        self._scale()
+
+    # -- sandboxes ------------------------------------------------------------------------------
+
+    def _live(self) -> list[_Member]:
+        return [m for m in self._members.values() if m.state is not _State.STOPPING]
+
+    def _scale(self) -> None:
+        """Start sandboxes for the waiters that free and starting slots will not cover."""
+        if self._stopped or self._nursery is None:
+            return
+        if trio.current_time() < self._start_blocked_until:
+            self._reschedule()
+            return
+        settings = self.settings
+        live = self._live()
+        ready_or_starting = [m for m in live if m.state in (_State.READY, _State.STARTING)]
+        starting = sum(1 for m in live if m.state is _State.STARTING)
+        free = sum(len(m.free) for m in live if m.state is _State.READY)
+        waiting = sum(1 for waiter in self._waiters if not waiter.reply.abandoned)
+        uncovered = waiting - free - starting * settings.slots_per_sandbox
+        wanted = max(
+            math.ceil(uncovered / settings.slots_per_sandbox),
+            settings.min_sandboxes - len(ready_or_starting),
+        )
+        room = min(settings.max_sandboxes - len(live), settings.max_starting - starting)
+        for _ in range(max(0, min(wanted, room))):
+            self._start_member()
+        self._reschedule()
+
+    def _start_member(self) -> None:
+        assert self._nursery is not None
+        self._member_ids += 1
+        key = self._member_ids
+        actor = SandboxActor(
+            driver=self._driver,
+            spec=self.settings.spec,
+            env=self.settings.env,
+            max_output_bytes=self.settings.max_output_bytes,
+            on_ready=lambda _actor: self._on_ready(member),
+        )
+        member = _Member(actor=actor)
+        self._members[key] = member
+        self._nursery.start_soon(
+            self._run_member, key, member, name=f"sandbox:{self.settings.profile}/{key}"
+        )
+
+    async def _run_member(self, key: int, member: _Member) -> None:
+        error: Exception | None = None
+        try:
+            with member.scope:
+                await member.actor.run()
+        except Exception as exc:
+            error = exc
+        except BaseException:
+            # The pool itself is stopping: the actor has terminated its sandbox on the way out.
+            del self._members[key]
+            raise
+        self._on_exit(key, member, error)
+
+    def _on_ready(self, member: _Member) -> None:
+        if member.state is not _State.STARTING:
+            return
+        member.state = _State.READY
+        member.ready_at = trio.current_time()
+        member.free = list(range(self.settings.slots_per_sandbox))
+        member.idle_since = member.ready_at
+        self.sandboxes_started += 1
+        self._start_failures = 0
+        self._last_start_error = None
+        self._serve_waiters()
+        self._scale()
+
+    def _on_exit(self, key: int, member: _Member, error: BaseException | None) -> None:
+        del self._members[key]
+        self._finished_commands += member.actor.commands_run
+        self._finished_failures += member.actor.command_failures
+        if member.state is _State.STARTING and member.stop_reason is None:
+            self._start_failed(error or SandboxStartFailed("the sandbox stopped while starting"))
+        elif member.stop_reason is not None:
+            self.sandboxes_stopped += 1
+        else:
+            self.sandboxes_lost += 1
+            self.infra_failures += len(member.held) + len(member.resetting)
+            logger.warning(
+                "sandbox %s of profile %r was lost (%s); replacing it",
+                member.actor.sandbox_id,
+                self.settings.profile,
+                member.actor.died or error,
+            )
+        member.state = _State.STOPPING
+        self._serve_waiters()
+        self._scale()
+
+    def _start_failed(self, error: BaseException) -> None:
+        self._start_failures += 1
+        self._last_start_error = error
+        self.infra_failures += 1
+        logger.warning("could not start a sandbox of profile %r: %s", self.settings.profile, error)
+        if _is_permanent(error) or self._start_failures >= MAX_START_FAILURES:
+            self._fail_waiters(self._start_error())
+        backoff = START_BACKOFF_S[min(self._start_failures, len(START_BACKOFF_S)) - 1]
+        self._start_blocked_until = trio.current_time() + backoff
+
+    def _start_error(self) -> BaseException:
+        error = self._last_start_error
+        if isinstance(error, HermesError):
+            return error
+        return SandboxStartFailed(
+            f"sandboxes of profile {self.settings.profile!r} fail to start: {error!r}"
+        )
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            waiter.reply.fail(error)
+
+    def _stop_member(self, member: _Member, reason: str) -> None:
+        if member.state is _State.STOPPING:
+            return
+        logger.info("stopping sandbox %s: %s", member.actor.sandbox_id, reason)
+        member.state = _State.STOPPING
+        member.stop_reason = reason
+        member.free = []
+        member.scope.cancel(reason=reason)
+
+    # -- housekeeping: idle timeouts, rotation, start backoff ------------------------------------
+
+    def _next_event(self) -> float:
+        settings = self.settings
+        events = (
+            [self._start_blocked_until] if self._start_blocked_until > trio.current_time() else []
+        )
+        live = self._live()
+        idle = [m.idle_since for m in live if m.state is _State.READY and m.idle_since is not None]
+        if len(live) > settings.min_sandboxes and idle:
+            events.append(min(idle) + settings.idle_timeout_s)
+        events += [m.ready_at + settings.rotate_after_s for m in live if m.state is _State.READY]
+        return min(events, default=math.inf)
+
+    def _reschedule(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.deadline = self._next_event()
+
+    async def _housekeeper(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_event()) as scope:
+                self._housekeeping = scope
+                await trio.sleep_forever()
+            self._housekeeping = None
+            self._housekeep()
+
+    def _housekeep(self) -> None:
+        now = trio.current_time()
+        settings = self.settings
+        for member in list(self._live()):
+            if member.state is _State.READY and now >= member.ready_at + settings.rotate_after_s:
+                member.state = _State.DRAINING
+                member.free = []
+                if not member.busy:
+                    self._stop_member(member, "rotated before its maximum lifetime")
+        idle = sorted(
+            (m for m in self._live() if m.state is _State.READY and m.idle_since is not None),
+            key=lambda m: m.idle_since or 0.0,
+        )
+        for member in idle:
+            if len(self._live()) <= settings.min_sandboxes:
+                break
+            assert member.idle_since is not None
+            if now >= member.idle_since + settings.idle_timeout_s:
+                self._stop_member(member, f"idle for {settings.idle_timeout_s:g} s")
+        self._scale()
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def statistics(self) -> PoolStatus:
+        """A frozen snapshot of the pool."""
+        now = trio.current_time()
+        sandboxes = tuple(
+            SandboxStatus(
+                sandbox_id=m.actor.sandbox_id,
+                state=m.state.value,
+                slots_free=len(m.free),
+                slots_held=len(m.held),
+                age_s=now - m.ready_at if m.state is not _State.STARTING else 0.0,
+                commands_run=m.actor.commands_run,
+            )
+            for m in self._members.values()
+        )
+        members = list(self._members.values())
+        return PoolStatus(
+            profile=self.settings.profile,
+            backend=self.settings.backend,
+            sandboxes=sandboxes,
+            slots_free=sum(len(m.free) for m in members),
+            slots_held=sum(len(m.held) for m in members),
+            waiters=sum(1 for waiter in self._waiters if not waiter.reply.abandoned),
+            starting=sum(1 for m in members if m.state is _State.STARTING),
+            commands_run=self._finished_commands + sum(m.actor.commands_run for m in members),
+            command_failures=self._finished_failures
+            + sum(m.actor.command_failures for m in members),
+            infra_failures=self.infra_failures,
+            sandboxes_started=self.sandboxes_started,
+            sandboxes_stopped=self.sandboxes_stopped,
+            sandboxes_lost=self.sandboxes_lost,
+        )

@@ -1,0 +1,236 @@
+"""The runtime: every profile's pool under one supervisor, and the calls the facades make.
+
+`Runtime.run` owns a `Supervisor` whose children are the `ProfilePool` actors, one per profile,
+started when the profile is first used (the default profile at once, so it pre-warms). A pool that
+crashes is restarted by the supervisor with fresh state (its sandboxes went down with it); too
+many crashes in a short period escalate out of `run`. Commands go straight to the sandbox actor
+a lease names: handles are the addresses, so the pool is not on the hot path of `exec`.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from hermes_actors._client import ExecResult
+from hermes_actors._config import Profiles, SandboxConfig
+from hermes_actors._errors import ConfigError, RuntimeStopped
+from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
+from hermes_actors.runtime._pool import Lease, PoolSettings, PoolStatus, ProfilePool, SandboxStatus
+from hermes_actors.runtime._supervisor import ChildSpec, Restart, Supervisor
+
+__all__ = ["Lease", "PoolStatus", "Runtime", "RuntimeStatus", "SandboxStatus"]
+
+#: Pool crashes tolerated within `POOL_RESTART_PERIOD_S` before the runtime gives up.
+POOL_MAX_RESTARTS = 3
+POOL_RESTART_PERIOD_S = 60.0
+#: How long a pool may take to terminate its sandboxes at shutdown.
+POOL_SHUTDOWN_S = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class RuntimeStatus:
+    """A snapshot of every started pool."""
+
+    pools: tuple[PoolStatus, ...]
+
+
+def sandbox_spec(config: SandboxConfig) -> SandboxSpec:
+    """What a driver needs to start a sandbox of this profile."""
+    return SandboxSpec(
+        profile=config.name,
+        image=config.image,
+        cpu=config.cpu,
+        memory_mib=config.memory,
+        gpu=config.gpu,
+        env=dict(config.env_vars),
+        secrets=tuple(config.secrets),
+        network=config.network,
+        max_lifetime_s=config.max_lifetime,
+        idle_timeout_s=config.idle_timeout,
+        workspace_base=config.workspace_base,
+        isolation=config.isolation,
+        slots=config.slots_per_sandbox,
+        tags=dict(config.tags),
+    )
+
+
+def pool_settings(config: SandboxConfig) -> PoolSettings:
+    return PoolSettings(
+        profile=config.name,
+        backend=config.backend,
+        spec=sandbox_spec(config),
+        slots_per_sandbox=config.slots_per_sandbox,
+        min_sandboxes=config.min_sandboxes,
+        max_sandboxes=config.max_sandboxes,
+        idle_timeout_s=config.idle_timeout,
+        max_lifetime_s=config.max_lifetime,
+        acquire_timeout_s=config.acquire_timeout_s,
+        max_starting=config.max_starting,
+        env=dict(config.env_vars),
+        max_output_bytes=config.max_output_bytes,
+    )
+
+
+class Runtime:
+    """All pools of all profiles, under one supervisor; runs inside a trio nursery.
+
+    `drivers` maps a backend name to the driver for it (tests pass fakes); missing backends get
+    their real driver when first used.
+    """
+
+    def __init__(
+        self,
+        profiles: Profiles,
+        *,
+        drivers: Mapping[str, SandboxDriver] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.profiles = profiles
+        self.run_id = run_id or secrets.token_hex(6)
+        self._drivers: dict[str, SandboxDriver] = dict(drivers or {})
+        self._owned_drivers: list[SandboxDriver] = []
+        self._supervisor: Supervisor | None = None
+        self._pool_lock = trio.Lock()
+        self._stopped = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the supervisor and the default profile's pool, report started, run until cancelled.
+
+        On cancellation the pools stop in reverse start order and every sandbox is terminated
+        (bounded). Raises `SupervisorEscalation` if pools keep crashing.
+        """
+        supervisor = Supervisor(
+            "hermes-actors", max_restarts=POOL_MAX_RESTARTS, period_s=POOL_RESTART_PERIOD_S
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+                self._supervisor = supervisor
+                await self._pool(self.profiles.default_profile)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._stopped = True
+            self._supervisor = None
+            with trio.move_on_after(5, shield=True):
+                for driver in self._owned_drivers:
+                    await driver.aclose()
+
+    def _driver(self, config: SandboxConfig) -> SandboxDriver:
+        backend = config.backend
+        if backend not in self._drivers:
+            driver: SandboxDriver
+            if backend == "local":
+                from hermes_actors.drivers._local import LocalDriver
+
+                driver = LocalDriver()
+            elif backend == "modal":
+                from hermes_actors.drivers._modal import ModalDriver
+
+                driver = ModalDriver(run_id=self.run_id)
+            else:  # pragma: no cover - the config rejects other backends
+                raise ConfigError(f"unknown backend {backend!r}")
+            self._drivers[backend] = driver
+            self._owned_drivers.append(driver)
+        return self._drivers[backend]
+
+    async def _run_pool(
+        self, config: SandboxConfig, *, task_status: trio.TaskStatus[ProfilePool]
+    ) -> None:
+        pool = ProfilePool(pool_settings(config), self._driver(config))
+        await pool.run(task_status=task_status)
+
+    async def _pool(self, profile: str | None) -> ProfilePool:
+        name = profile or self.profiles.default_profile
+        config = self.profiles.profiles.get(name)
+        if config is None:
+            known = ", ".join(sorted(self.profiles.profiles))
+            raise ConfigError(f"unknown profile {name!r}; known profiles: {known}")
+        supervisor = self._supervisor
+        if supervisor is None:
+            raise RuntimeStopped("the runtime is not running: start it first")
+        async with self._pool_lock:
+            if not any(c.name == name and c.alive for c in supervisor.which_children()):
+                await supervisor.start_child(
+                    ChildSpec(
+                        name=name,
+                        start=functools.partial(self._run_pool, config),
+                        restart=Restart.PERMANENT,
+                        shutdown_s=POOL_SHUTDOWN_S,
+                    )
+                )
+            pool: ProfilePool = supervisor.child_handle(name)
+            return pool
+
+    # -- what the facades call ------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        profile: str | None = None,
+        trajectory_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Lease:
+        """Hold a slot of `profile` (default profile when None) until `release`.
+
+        Raises `ConfigError` for an unknown profile, `AcquireTimeout`, the start error when the
+        profile's sandboxes cannot start, and `RuntimeStopped` when the runtime is not running.
+        """
+        pool = await self._pool(profile)
+        return await pool.acquire(trajectory_id, timeout_s=timeout_s)
+
+    async def release(self, lease: Lease, *, reset: bool = True) -> None:
+        """Give a slot back (reset first unless `reset=False`). Idempotent."""
+        if self._supervisor is None:
+            return
+        pool = await self._pool(lease.profile)
+        await pool.release(lease, reset=reset)
+
+    async def exec(self, lease: Lease, **options: Any) -> ExecResult:
+        """Run a command in the leased slot; see `SandboxClient.exec` for the options."""
+        return await lease.sandbox.exec(lease.index, **options)
+
+    async def read_file(self, lease: Lease, path: str, *, max_bytes: int | None = None) -> bytes:
+        args: dict[str, Any] = {"path": path}
+        if max_bytes is not None:
+            args["max_bytes"] = max_bytes
+        result = await lease.sandbox.file_op(lease.index, "read_file", args)
+        data: bytes = result["data"]
+        return data
+
+    async def write_file(self, lease: Lease, path: str, data: bytes) -> int:
+        result = await lease.sandbox.file_op(
+            lease.index, "write_file", {"path": path, "data": data}
+        )
+        return int(result["size"])
+
+    async def list_files(
+        self, lease: Lease, path: str = ".", *, recursive: bool = False
+    ) -> list[dict[str, Any]]:
+        result = await lease.sandbox.file_op(
+            lease.index, "list_files", {"path": path, "recursive": recursive}
+        )
+        entries: list[dict[str, Any]] = result["entries"]
+        return entries
+
+    def status(self) -> RuntimeStatus:
+        """A snapshot of every started pool (sync: it only reads state)."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return RuntimeStatus(pools=())
+        pools = []
+        for child in supervisor.which_children():
+            if child.alive:
+                pool: ProfilePool = supervisor.child_handle(child.name)
+                pools.append(pool.statistics())
+        return RuntimeStatus(pools=tuple(pools))

@@ -1,0 +1,245 @@
+"""A scriptable fake driver for actor tests, on trio's virtual clock.
+
+Each fake sandbox runs a fake agent: a trio task in this process that speaks the real agent
+protocol (the real codec, the real client on the other side) over an in-memory stream. Commands
+are interpreted, not run: `sleep N` sleeps N virtual seconds, `echo X` prints, `exit N` exits,
+anything else runs the driver's `script` hook. So the client, sandbox actors, pools and runtime
+are exercised for real, with exact virtual times.
+
+Knobs: `create_latency_s`, `fail_next_creates` (errors raised by the next creates), `kill(id)`
+(the sandbox dies as if the provider killed it). Counters: `created`, `terminated`, `alive`,
+`execs`, `resets`, `max_alive`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+import trio.testing
+
+from hermes_actors._agent import PROTOCOL_VERSION, FrameDecoder, encode_frame
+from hermes_actors.drivers._base import SandboxSpec
+
+Script = Callable[[str], Awaitable[tuple[int, bytes]]]
+
+
+class FakeSandbox:
+    def __init__(self, driver: FakeDriver, sandbox_id: str, spec: SandboxSpec) -> None:
+        self.driver = driver
+        self._sandbox_id = sandbox_id
+        self.spec = spec
+        host_side, agent_side = trio.testing.memory_stream_pair()
+        self._stream = host_side
+        self._agent_stream = agent_side
+        self._exited = trio.Event()
+        self.exit_status: int | None = None
+        self.files: dict[int, dict[str, bytes]] = {}
+        self.running: dict[int, trio.CancelScope] = {}
+        self.slot_of: dict[int, int] = {}
+        self._cancel_scope = trio.CancelScope()
+        self._send_lock = trio.Lock()
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._sandbox_id
+
+    @property
+    def stream(self) -> trio.abc.HalfCloseableStream:
+        return self._stream
+
+    @property
+    def agent_config(self) -> Mapping[str, object]:
+        return {"workspace_root": "/fake", "slot_uid_base": None}
+
+    def is_alive(self) -> bool:
+        return not self._exited.is_set()
+
+    async def wait_exited(self) -> int | None:
+        await self._exited.wait()
+        return self.exit_status
+
+    async def terminate(self) -> None:
+        if self.is_alive():
+            self.driver.terminated += 1
+        self._die(137)
+
+    def _die(self, status: int) -> None:
+        if self._exited.is_set():
+            return
+        self.exit_status = status
+        self._exited.set()
+        self._cancel_scope.cancel()
+        # The host sees the stream end, as it would when a real sandbox vanishes.
+        self._agent_stream.send_stream.close()
+        self._agent_stream.receive_stream.close()
+        self.driver.alive.discard(self)
+
+    # -- the fake agent ---------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        decoder = FrameDecoder()
+        stream = self._agent_stream
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                bootstrap = b""
+                # The real bootstrap payload: u32 + source, u32 + config. Skip it.
+                while True:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    bootstrap += data
+                    if len(bootstrap) >= 4:
+                        source_len = int.from_bytes(bootstrap[:4], "big")
+                        rest = bootstrap[4 + source_len :]
+                        if len(rest) >= 4 and len(rest) >= 4 + int.from_bytes(rest[:4], "big"):
+                            config_len = int.from_bytes(rest[:4], "big")
+                            decoder.feed(rest[4 + config_len :])
+                            break
+                await self._send(
+                    {"id": 0, "ok": True, "result": {"ready": True, "protocol": PROTOCOL_VERSION}}
+                )
+                while True:
+                    while True:
+                        complete, message = decoder.next_frame()
+                        if not complete:
+                            break
+                        nursery.start_soon(self._handle, message)
+                    data = await stream.receive_some()
+                    if not data:
+                        self._die(0)
+                        return
+                    decoder.feed(data)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        try:
+            async with self._send_lock:
+                await self._agent_stream.send_all(encode_frame(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._die(1)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        request_id, op, args = message["id"], message["op"], message.get("args", {})
+        try:
+            result = await self._op(request_id, op, args)
+        except KeyError as exc:
+            await self._send(
+                {"id": request_id, "ok": False, "error": {"code": "not_found", "message": str(exc)}}
+            )
+            return
+        await self._send({"id": request_id, "ok": True, "result": result})
+
+    async def _op(self, request_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "exec":
+            return await self._exec(request_id, args)
+        if op == "cancel":
+            scope = self.running.get(args["target"])
+            if scope is not None:
+                scope.cancel()
+            return {"found": scope is not None}
+        if op == "reset_slot":
+            self.driver.resets += 1
+            slot = args["slot"]
+            for rid, scope in list(self.running.items()):
+                if self.slot_of.get(rid) == slot:
+                    scope.cancel()
+            self.files.pop(slot, None)
+            return {"killed": 0}
+        if op == "write_file":
+            self.files.setdefault(args["slot"], {})[args["path"]] = args["data"]
+            return {"size": len(args["data"])}
+        if op == "read_file":
+            data = self.files.get(args["slot"], {})[args["path"]]
+            return {"data": data, "size": len(data), "truncated": False}
+        if op == "list_files":
+            names = sorted(self.files.get(args["slot"], {}))
+            return {
+                "entries": [{"path": n, "type": "file", "size": 0} for n in names],
+                "truncated": False,
+            }
+        if op in ("ping", "shutdown"):
+            return {}
+        raise KeyError(op)
+
+    async def _exec(self, request_id: int, args: dict[str, Any]) -> dict[str, Any]:
+        self.driver.execs += 1
+        command = args.get("command") or shlex.join(args.get("argv") or [])
+        started = trio.current_time()
+        scope = trio.CancelScope()
+        if args.get("timeout_s") is not None:
+            scope.deadline = started + args["timeout_s"]
+        self.running[request_id] = scope
+        self.slot_of[request_id] = args["slot"]
+        exit_code, output = 0, b""
+        with scope:
+            exit_code, output = await self.driver.run_command(command)
+        del self.running[request_id]
+        timed_out = scope.cancelled_caught and trio.current_time() >= scope.deadline
+        cancelled = scope.cancelled_caught and not timed_out
+        return {
+            "exit_code": 124 if timed_out else (-9 if cancelled else exit_code),
+            "signal": 9 if scope.cancelled_caught else None,
+            "timed_out": timed_out,
+            "cancelled": cancelled,
+            "duration_s": trio.current_time() - started,
+            "stdout": output,
+            "stderr": b"",
+            "stdout_dropped": 0,
+            "stderr_dropped": 0,
+        }
+
+
+class FakeDriver:
+    name = "fake"
+
+    def __init__(self, nursery: trio.Nursery, *, script: Script | None = None) -> None:
+        self._nursery = nursery
+        self._script = script
+        self._ids = itertools.count(1)
+        self.create_latency_s = 0.0
+        self.fail_next_creates: list[BaseException] = []
+        self.created = 0
+        self.terminated = 0
+        self.execs = 0
+        self.resets = 0
+        self.alive: set[FakeSandbox] = set()
+        self.max_alive = 0
+        self.specs: list[SandboxSpec] = []
+        self.by_id: dict[str, FakeSandbox] = {}
+
+    async def create(self, spec: SandboxSpec) -> FakeSandbox:
+        self.specs.append(spec)
+        await trio.sleep(self.create_latency_s)
+        if self.fail_next_creates:
+            raise self.fail_next_creates.pop(0)
+        sandbox = FakeSandbox(self, f"fake-{spec.profile}-{next(self._ids)}", spec)
+        self.created += 1
+        self.alive.add(sandbox)
+        self.max_alive = max(self.max_alive, len(self.alive))
+        self.by_id[sandbox.sandbox_id] = sandbox
+        self._nursery.start_soon(sandbox.serve)
+        return sandbox
+
+    def kill(self, sandbox_id: str) -> None:
+        """The provider kills the sandbox: its agent vanishes and its stream ends."""
+        sandbox = self.by_id[sandbox_id]
+        sandbox._die(137)
+
+    async def run_command(self, command: str) -> tuple[int, bytes]:
+        words = shlex.split(command)
+        if words and words[0] == "sleep":
+            await trio.sleep(float(words[1]))
+            return 0, b""
+        if words and words[0] == "echo":
+            return 0, (" ".join(words[1:]) + "\n").encode()
+        if words and words[0] == "exit":
+            return int(words[1]), b""
+        if self._script is not None:
+            return await self._script(command)
+        return 127, f"fake: {command}: command not found\n".encode()
+
+    async def aclose(self) -> None:
+        pass

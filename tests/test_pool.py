@@ -1,0 +1,331 @@
+"""The profile pool on the virtual clock, with the fake driver: scaling, fairness, failures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from fake_driver import FakeDriver
+from hermes_actors._config import SandboxConfig
+from hermes_actors._errors import (
+    AcquireTimeout,
+    IsolationUnavailable,
+    SandboxLost,
+    SandboxStartFailed,
+)
+from hermes_actors.runtime._pool import Lease, ProfilePool, Release
+from hermes_actors.runtime._runtime import pool_settings
+from hermes_actors.runtime._trio_util import Reply
+
+
+@attrs.frozen
+class Harness:
+    pool: ProfilePool
+    driver: FakeDriver
+    nursery: trio.Nursery
+
+
+@asynccontextmanager
+async def running_pool(**config: object) -> AsyncIterator[Harness]:
+    settings = pool_settings(SandboxConfig(name="test", backend="local", **config))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        driver = FakeDriver(nursery)
+        driver.create_latency_s = 1.0
+        pool = ProfilePool(settings, driver)
+        await nursery.start(pool.run)
+        yield Harness(pool, driver, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def test_prewarms_min_sandboxes(autojump_clock: trio.abc.Clock) -> None:
+    """min_sandboxes start at once and are ready after one create latency."""
+    async with running_pool(min_sandboxes=2, max_sandboxes=4, slots_per_sandbox=3) as h:
+        await trio.sleep(1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = h.pool.statistics()
+        assert [s.state for s in stats.sandboxes] == ["ready", "ready"]
+        assert stats.slots_free == 6
+        assert h.driver.created == 2
+
+
+async def test_scales_up_under_load_and_bounds(autojump_clock: trio.abc.Clock) -> None:
+    """Waiters beyond free slots start sandboxes up to max_sandboxes; the rest time out."""
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=3, slots_per_sandbox=2, max_starting=4
+    ) as h:
+        leases: list[Lease] = []
+
+        async def take() -> None:
+            leases.append(await h.pool.acquire(timeout_s=10))
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(take)
+        assert trio.current_time() - start == pytest.approx(1.0)
+        assert len({lease.slot_id for lease in leases}) == 6
+        assert h.driver.max_alive == 3
+        with pytest.raises(AcquireTimeout) as timeout:
+            await h.pool.acquire(timeout_s=5)
+        assert trio.current_time() - start == pytest.approx(6.0)
+        assert "raise max_sandboxes" in str(timeout.value)
+        assert h.pool.statistics().waiters == 0
+
+
+async def test_scales_down_after_idle_timeout(autojump_clock: trio.abc.Clock) -> None:
+    """Sandboxes idle for idle_timeout stop, down to min_sandboxes, at the exact time."""
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=3, slots_per_sandbox=1, idle_timeout=120.0
+    ) as h:
+        await trio.sleep(1.0)
+        leases = [await h.pool.acquire() for _ in range(3)]
+        for lease in leases:
+            await h.pool.release(lease)
+        released_at = trio.current_time()
+        assert len(h.pool.statistics().sandboxes) == 3
+        await trio.sleep_until(released_at + 119.9)
+        assert len(h.pool.statistics().sandboxes) == 3
+        await trio.sleep_until(released_at + 120.1)
+        assert len(h.pool.statistics().sandboxes) == 1
+        assert h.driver.terminated == 2
+        assert h.pool.statistics().sandboxes_stopped == 2
+
+
+async def test_acquire_is_fifo_fair(autojump_clock: trio.abc.Clock) -> None:
+    """Waiters get slots in the order they asked."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        first = await h.pool.acquire()
+        order: list[int] = []
+
+        async def wait_turn(number: int) -> None:
+            lease = await h.pool.acquire()
+            order.append(number)
+            await trio.sleep(1)
+            await h.pool.release(lease)
+
+        async with trio.open_nursery() as nursery:
+            for number in range(5):
+                nursery.start_soon(wait_turn, number)
+                await trio.sleep(0.01)
+            await h.pool.release(first)
+        assert order == [0, 1, 2, 3, 4]
+
+
+async def test_release_resets_before_reuse(autojump_clock: trio.abc.Clock) -> None:
+    """A released slot is reset (files gone) before the next holder gets it."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        await lease.sandbox.file_op(lease.index, "write_file", {"path": "a.txt", "data": b"x"})
+        await h.pool.release(lease)
+        again = await h.pool.acquire()
+        assert again.index == lease.index
+        assert h.driver.resets == 1
+        listing = await again.sandbox.file_op(again.index, "list_files", {"path": "."})
+        assert listing["entries"] == []
+
+
+async def test_release_without_reset_keeps_files(autojump_clock: trio.abc.Clock) -> None:
+    """release(reset=False) hands the slot on as it is."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        await lease.sandbox.file_op(lease.index, "write_file", {"path": "a.txt", "data": b"x"})
+        await h.pool.release(lease, reset=False)
+        await h.pool.release(lease)  # idempotent: already released, nothing happens
+        again = await h.pool.acquire()
+        assert h.driver.resets == 0
+        assert (await again.sandbox.file_op(again.index, "read_file", {"path": "a.txt"}))[
+            "data"
+        ] == b"x"
+
+
+async def test_cancelled_acquire_leaks_no_slot(autojump_clock: trio.abc.Clock) -> None:
+    """An acquire cancelled while a sandbox starts or while queued leaves no waiter or slot."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        with trio.move_on_after(0.5):
+            await h.pool.acquire()
+        await trio.sleep(1.0)
+        stats = h.pool.statistics()
+        assert (stats.slots_free, stats.slots_held, stats.waiters) == (1, 0, 0)
+        holder = await h.pool.acquire()
+        with trio.move_on_after(3):
+            await h.pool.acquire()
+        assert h.pool.statistics().waiters == 0
+        await h.pool.release(holder)
+        stats = h.pool.statistics()
+        assert (stats.slots_free, stats.slots_held, stats.waiters) == (1, 0, 0)
+
+
+async def test_cancel_between_grant_and_wakeup_gives_slot_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A caller cancelled after the pool granted its slot but before it woke gives it back."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        holder = await h.pool.acquire()
+        async with trio.open_nursery() as nursery:
+            waiter_scope = trio.CancelScope()
+
+            async def wait_for_slot() -> None:
+                with waiter_scope:
+                    await h.pool.acquire()
+                    pytest.fail("the waiter should have been cancelled")
+
+            nursery.start_soon(wait_for_slot)
+            await trio.sleep(1)
+            # The release is queued and the waiter cancelled in one step, so the pool's grant
+            # and the waiter's cancellation race; either order must leave the slot free.
+            h.pool._send.send_nowait(Release(lease=holder, reset=False, reply=Reply()))
+            waiter_scope.cancel()
+        stats = h.pool.statistics()
+        assert (stats.slots_free, stats.slots_held) == (1, 0)
+
+
+async def test_sandbox_death_fails_held_slots_and_is_replaced(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A dead sandbox fails its in-flight commands with SandboxLost; the pool replaces it."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=2) as h:
+        lease = await h.pool.acquire()
+        other = await h.pool.acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_kill_later, h.driver, lease.sandbox_id)
+            with pytest.raises(SandboxLost) as lost:
+                await lease.exec(command="sleep 100")
+        assert lost.value.retryable
+        with pytest.raises(SandboxLost):
+            await other.exec(command="echo hi")
+        await h.pool.release(lease)  # releasing a dead slot is harmless
+        fresh = await h.pool.acquire(timeout_s=5)
+        assert fresh.sandbox_id != lease.sandbox_id
+        assert (await fresh.exec(command="echo hi")).stdout == b"hi\n"
+        stats = h.pool.statistics()
+        assert stats.sandboxes_lost == 1
+        assert stats.infra_failures >= 2
+
+
+async def _kill_later(driver: FakeDriver, sandbox_id: str) -> None:
+    await trio.sleep(5)
+    driver.kill(sandbox_id)
+
+
+async def test_rotates_before_max_lifetime(autojump_clock: trio.abc.Clock) -> None:
+    """A sandbox near max_lifetime takes no new slots and stops once its slots are released."""
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=1, max_lifetime=100.0
+    ) as h:
+        lease = await h.pool.acquire()
+        first_id = lease.sandbox_id
+        await trio.sleep(95.0)  # past the rotation point (90 s after ready)
+        stats = h.pool.statistics()
+        states = {s.sandbox_id: s.state for s in stats.sandboxes}
+        assert states[first_id] == "draining"
+        assert (await lease.exec(command="echo still")).stdout == b"still\n"
+        await h.pool.release(lease)
+        await trio.sleep(2.0)
+        ids = [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        assert first_id not in ids
+        assert len(ids) == 1
+
+
+async def test_permanent_start_failure_fails_waiters(autojump_clock: trio.abc.Clock) -> None:
+    """A start error that retrying cannot fix reaches the waiting caller at once, as it is."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [IsolationUnavailable("bubblewrap is not installed")]
+        with pytest.raises(IsolationUnavailable, match="bubblewrap"):
+            await h.pool.acquire(timeout_s=60)
+        assert trio.current_time() == pytest.approx(1.0)
+
+
+async def test_transient_start_failures_are_retried(autojump_clock: trio.abc.Clock) -> None:
+    """Retryable start failures back off and retry; the waiter gets a slot in the end."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [
+            SandboxStartFailed("capacity"),
+            SandboxStartFailed("capacity"),
+        ]
+        lease = await h.pool.acquire(timeout_s=60)
+        # create 1 fails at 1 s, retry after 1 s backoff fails at 3 s, retry after 2 s -> 6 s.
+        assert trio.current_time() == pytest.approx(6.0)
+        assert (await lease.exec(command="echo ok")).stdout == b"ok\n"
+
+
+async def test_repeated_start_failures_fail_waiters(autojump_clock: trio.abc.Clock) -> None:
+    """After several failed starts in a row, waiters get the start error instead of hanging."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [SandboxStartFailed(f"boom {n}") for n in range(3)]
+        with pytest.raises(SandboxStartFailed, match="boom 2"):
+            await h.pool.acquire(timeout_s=600)
+
+
+async def test_commands_in_one_slot_run_one_at_a_time(autojump_clock: trio.abc.Clock) -> None:
+    """Two commands sent to one slot at once run one after the other, in order."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=2) as h:
+        lease = await h.pool.acquire()
+        other = await h.pool.acquire()
+        start = trio.current_time()
+        finished: list[str] = []
+
+        async def run(target: Lease, command: str) -> None:
+            await target.exec(command=command)
+            finished.append(f"{target.index}:{command}@{trio.current_time() - start:g}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, lease, "sleep 2")
+            await trio.lowlevel.checkpoint()
+            nursery.start_soon(run, lease, "sleep 1")
+            nursery.start_soon(run, other, "sleep 1")
+        assert sorted(finished) == sorted(
+            [f"{lease.index}:sleep 2@2", f"{lease.index}:sleep 1@3", f"{other.index}:sleep 1@1"]
+        )
+
+
+async def test_cancelled_command_is_killed_and_slot_stays_usable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Cancelling a caller mid-command kills the command; the slot serves the next one."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        with trio.move_on_after(5):
+            await lease.exec(command="sleep 1000")
+        sandbox = h.driver.by_id[lease.sandbox_id]
+        await trio.sleep(0.1)
+        assert sandbox.running == {}
+        start = trio.current_time()
+        assert (await lease.exec(command="echo next")).stdout == b"next\n"
+        assert trio.current_time() - start < 1
+
+
+async def test_two_hundred_trajectories_through_fifty_slots(autojump_clock: trio.abc.Clock) -> None:
+    """200 trajectories share 5 sandboxes x 10 slots and all complete."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=5, slots_per_sandbox=10) as h:
+        done: list[bytes] = []
+
+        async def trajectory(number: int) -> None:
+            lease = await h.pool.acquire(f"traj-{number}", timeout_s=600)
+            for step in range(3):
+                result = await lease.exec(command=f"echo {number}-{step}")
+                await trio.sleep(1)
+                done.append(result.stdout)
+            await h.pool.release(lease)
+
+        async with trio.open_nursery() as nursery:
+            for number in range(200):
+                nursery.start_soon(trajectory, number)
+        assert len(done) == 600
+        assert h.driver.max_alive == 5
+        assert h.pool.statistics().commands_run == 600
+
+
+async def test_stopping_the_pool_terminates_every_sandbox(autojump_clock: trio.abc.Clock) -> None:
+    """Cancelling the pool terminates its sandboxes and fails waiting callers."""
+    async with running_pool(min_sandboxes=3, max_sandboxes=3, slots_per_sandbox=1) as h:
+        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(h.driver.alive) == 3
+    assert h.driver.alive == set()
+    assert h.driver.terminated == 3
