@@ -35,6 +35,8 @@ class SandboxSpec:
     #: `bwrap`, `none` or `auto`; only the local driver reads it.
     isolation: str = "auto"
     slots: int = 10
+    #: The provider app sandboxes belong to (Modal: `App.lookup(app_name)`).
+    app_name: str = "hermes-actors"
     #: Provider tags (the modal driver adds its own: app, profile, run id, created-at).
     tags: Mapping[str, str] = attrs.field(factory=dict)
     #: Seconds without any frame from the host after which the agent kills everything and exits.

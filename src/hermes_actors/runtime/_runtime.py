@@ -57,6 +57,7 @@ def sandbox_spec(config: SandboxConfig) -> SandboxSpec:
         isolation=config.isolation,
         slots=config.slots_per_sandbox,
         tags=dict(config.tags),
+        app_name=config.app_name,
     )
 
 
