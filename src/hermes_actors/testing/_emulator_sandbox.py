@@ -1,0 +1,490 @@
+"""Local stand-ins for Modal sandboxes: a temp directory and a tree of local processes.
+
+Everything here runs on the Modal emulator's own asyncio loop (never on the caller's trio loop).
+
+A `LocalSandbox` owns:
+
+* a root directory `<emulator tmp>/<sandbox id>`; the sandbox's `workdir` (and an exec's) is
+  always mapped *under* that root (`/data` -> `<root>/data`), never used as a host path. As root
+  every host path is writable, so "use it when writable" would let sandboxes (and tests) share
+  and litter host directories. Only the working directory is virtualised: a command that names
+  an absolute path still sees the host's file system.
+* its processes: the entrypoint (when `Sandbox.create` was given a command) and one
+  `LocalProcess` per exec. Each starts in its own session, and every one of them carries the
+  sandbox's unique `MODAL_TASK_ID` in its environment. Killing the sandbox kills every process
+  group it started, then sweeps `/proc` for any process still carrying that marker (this catches
+  `setsid`/`nohup` escapees, which a process-group kill misses).
+* its lifetime: `timeout` (max lifetime) and `idle_timeout` (no running exec and no stdin write
+  for that long) end the sandbox with `GENERIC_STATUS_TIMEOUT`, which the client reports as
+  returncode 124; `terminate` ends it with `GENERIC_STATUS_TERMINATED` (returncode 137). When the
+  entrypoint exits the sandbox ends with its exit code, and the rest of its processes are killed.
+
+Invariant: once `result` is set, no process of the sandbox is alive, and every output buffer of
+the sandbox is closed (readers see EOF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TypeAlias
+
+from modal_proto import api_pb2
+
+_READ_CHUNK = 64 * 1024
+_DEFAULT_LIFETIME_SECS = 300
+_KILL_SWEEPS = 8
+_EXIT_GRACE_SECS = 5.0
+
+GenericStatus: TypeAlias = api_pb2.GenericResult.GenericStatus.ValueType
+
+
+class OutputBuffer:
+    """Everything a process wrote to one stream, kept whole so reads can resume at any offset."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def append(self, chunk: bytes) -> None:
+        if chunk:
+            self.data += chunk
+            self._notify()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._notify()
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Return once data exists past `offset` or the stream is closed."""
+        while len(self.data) <= offset and not self.closed:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class StdinGapError(ValueError):
+    """A stdin write started past the end of what was already accepted."""
+
+
+class StdinFeeder:
+    """Feeds client stdin writes, in offset order and without duplicates, to a process pipe.
+
+    Writes are accepted immediately (the RPC never waits for the process to read); one pump task
+    per process moves them into the pipe in order, then closes it once EOF was requested.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter | None) -> None:
+        self.accepted = 0
+        self.eof_requested = False
+        self._writer = writer
+        self._pending = bytearray()
+        self._wakeup = asyncio.Event()
+
+    def accept(self, offset: int, data: bytes, eof: bool) -> None:
+        """Take `data` written at byte `offset`; bytes already accepted are ignored (a retry)."""
+        if offset > self.accepted:
+            raise StdinGapError(
+                f"stdin write at offset {offset}, but only {self.accepted} bytes were written"
+            )
+        fresh = data[self.accepted - offset :]
+        if fresh and not self.eof_requested:
+            self._pending += fresh
+            self.accepted += len(fresh)
+        if eof:
+            self.eof_requested = True
+        self._wakeup.set()
+
+    async def pump(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if self._pending:
+                    chunk = bytes(self._pending)
+                    self._pending.clear()
+                    writer.write(chunk)
+                    await writer.drain()
+                if self.eof_requested and not self._pending:
+                    return
+        except (BrokenPipeError, ConnectionResetError):
+            # The process stopped reading (it exited): later writes are dropped, as on Modal.
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await writer.wait_closed()
+
+
+class LocalProcess:
+    """One local process of a sandbox (its entrypoint or an exec) with captured stdio."""
+
+    def __init__(self, *, argv: Sequence[str]) -> None:
+        self.argv = tuple(argv)
+        self.pid: int | None = None
+        self.stdout = OutputBuffer()
+        self.stderr = OutputBuffer()
+        self.stdin = StdinFeeder(None)
+        self.returncode: int | None = None
+        self.exited = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        pipe_stdout: bool = True,
+        pipe_stderr: bool = True,
+        on_exit: Callable[[LocalProcess], None] | None = None,
+    ) -> LocalProcess:
+        """Start `argv` in its own session; a missing program exits 127 like a shell would."""
+        self = cls(argv=argv)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE if pipe_stdout else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE if pipe_stderr else asyncio.subprocess.DEVNULL,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+            )
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            self.stderr.append(
+                f"exec {argv[0] if argv else ''!r} failed: {exc.strerror}\n".encode()
+            )
+            self._finish(code, on_exit)
+            return self
+        self.pid = process.pid
+        self.stdin = StdinFeeder(process.stdin)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.stdin.pump()))
+        self._tasks.append(loop.create_task(self._watch(process, on_exit)))
+        return self
+
+    async def _watch(
+        self, process: asyncio.subprocess.Process, on_exit: Callable[[LocalProcess], None] | None
+    ) -> None:
+        await asyncio.gather(
+            _drain(process.stdout, self.stdout), _drain(process.stderr, self.stderr)
+        )
+        self._finish(await process.wait(), on_exit)
+
+    def _finish(self, returncode: int, on_exit: Callable[[LocalProcess], None] | None) -> None:
+        self.returncode = returncode
+        self.stdout.close()
+        self.stderr.close()
+        self.exited.set()
+        if on_exit is not None:
+            on_exit(self)
+
+    def kill_leader(self) -> None:
+        """Kill only the direct process (what Modal does when an exec's own timeout passes)."""
+        if self.pid is not None and self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    async def aclose(self) -> None:
+        """Stop the stdio pumps; a process not yet seen exiting is reported as killed."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.returncode is None:
+            self._finish(-signal.SIGKILL, None)
+
+
+async def _drain(source: asyncio.StreamReader | None, sink: OutputBuffer) -> None:
+    if source is None:
+        sink.close()
+        return
+    while chunk := await source.read(_READ_CHUNK):
+        sink.append(chunk)
+
+
+def kill_process_tree(marker: bytes, process_groups: Iterable[int]) -> None:
+    """SIGKILL the given process groups, then every process whose environment holds `marker`."""
+    for pgid in process_groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    for _ in range(_KILL_SWEEPS):
+        survivors = pids_with_environ_entry(marker)
+        if not survivors:
+            return
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def pids_with_environ_entry(entry: bytes) -> list[int]:
+    """Live processes with `entry` in their environment (a zombie's environment reads empty)."""
+    own_pid = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == own_pid:
+            continue
+        try:
+            environ = Path("/proc", name, "environ").read_bytes()
+        except OSError:
+            continue
+        if entry in environ.split(b"\0"):
+            found.append(int(name))
+    return found
+
+
+def map_workdir(root: Path, workdir: str | None) -> Path:
+    """Map a sandbox path such as `/data` to `<root>/data` (created if missing)."""
+    if not workdir:
+        return root
+    relative = (
+        PurePosixPath(workdir).relative_to("/")
+        if workdir.startswith("/")
+        else PurePosixPath(workdir)
+    )
+    parts = [part for part in relative.parts if part not in ("", ".", "..")]
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class LocalSandbox:
+    """One emulated sandbox: its directory, processes, lifetime and final result."""
+
+    def __init__(
+        self,
+        *,
+        sandbox_id: str,
+        task_id: str,
+        app_id: str,
+        root: Path,
+        definition: api_pb2.Sandbox,
+        env: Mapping[str, str],
+        tags: Mapping[str, str],
+        created_at: float,
+    ) -> None:
+        self.sandbox_id = sandbox_id
+        self.task_id = task_id
+        self.app_id = app_id
+        self.root = root
+        self.definition = definition
+        self.tags = dict(tags)
+        self.created_at = created_at
+        self.started = False
+        self.result: api_pb2.GenericResult | None = None
+        self.finished = asyncio.Event()
+        self.execs: dict[str, LocalProcess] = {}
+        self.entrypoint: LocalProcess | None = None
+        # The sandbox's own stdio, read with SandboxStdioReadV2; fed by the entrypoint if any.
+        self.stdout = OutputBuffer()
+        self.stderr = OutputBuffer()
+        self.stdin = StdinFeeder(None)
+        self.workdir = map_workdir(root, definition.workdir or None)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(root),
+            "LANG": "C.UTF-8",
+            **env,
+            "MODAL_SANDBOX_ID": sandbox_id,
+            "MODAL_TASK_ID": task_id,
+            "MODAL_EMULATOR_SANDBOX_ROOT": str(root),
+        }
+        self._marker = f"MODAL_TASK_ID={task_id}".encode()
+        self._process_groups: set[int] = set()
+        self._last_activity = 0.0
+        self._activity = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._processes: list[LocalProcess] = []
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Start the entrypoint (if any) and the lifetime and idle clocks."""
+        loop = asyncio.get_running_loop()
+        self.started = True
+        self._last_activity = loop.time()
+        args = list(self.definition.entrypoint_args)
+        if args:
+            process = await self._spawn(
+                args, self.workdir, self.env, on_exit=self._entrypoint_exited
+            )
+            self.entrypoint = process
+            self.stdin = process.stdin
+            self._tasks.append(loop.create_task(_mirror(process.stdout, self.stdout)))
+            self._tasks.append(loop.create_task(_mirror(process.stderr, self.stderr)))
+        lifetime = self.definition.timeout_secs or _DEFAULT_LIFETIME_SECS
+        self._tasks.append(loop.create_task(self._expire_after(lifetime)))
+        if self.definition.idle_timeout_secs:
+            self._tasks.append(
+                loop.create_task(self._watch_idle(self.definition.idle_timeout_secs))
+            )
+
+    async def finish(self, status: GenericStatus, *, exitcode: int = 0, message: str = "") -> None:
+        """End the sandbox (idempotent): record the result, then kill every process it started."""
+        if self.result is not None:
+            await self.finished.wait()
+            return
+        self.result = api_pb2.GenericResult(status=status, exitcode=exitcode, exception=message)
+        kill_process_tree(self._marker, self._process_groups)
+        # A process that cleared its environment and kept a pipe open would block EOF forever.
+        waits = [asyncio.ensure_future(process.exited.wait()) for process in self._processes]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=_EXIT_GRACE_SECS)
+            for waiter in pending:
+                waiter.cancel()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(
+            *(task for task in self._tasks if task is not current), return_exceptions=True
+        )
+        for process in self._processes:
+            await process.aclose()
+        self.stdout.close()
+        self.stderr.close()
+        self.finished.set()
+
+    # -- execs --
+
+    async def exec(
+        self,
+        exec_id: str,
+        argv: Sequence[str],
+        *,
+        workdir: str | None,
+        env: Mapping[str, str],
+        pipe_stdout: bool,
+        pipe_stderr: bool,
+        timeout_secs: int | None,
+    ) -> LocalProcess:
+        """Start an exec (idempotent per `exec_id`: a retried start returns the first process)."""
+        if exec_id in self.execs:
+            return self.execs[exec_id]
+        self.note_activity()
+        cwd = map_workdir(self.root, workdir) if workdir else self.workdir
+        process = await self._spawn(
+            argv,
+            cwd,
+            {**self.env, **env, "MODAL_TASK_ID": self.task_id},
+            pipe_stdout=pipe_stdout,
+            pipe_stderr=pipe_stderr,
+            on_exit=lambda _process: self.note_activity(),
+        )
+        self.execs[exec_id] = process
+        if timeout_secs:
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(_kill_leader_after(process, timeout_secs))
+            )
+        return process
+
+    def note_activity(self) -> None:
+        """Push the idle deadline forward (exec start or exit, stdin write)."""
+        self._last_activity = asyncio.get_running_loop().time()
+        self._activity.set()
+        self._activity = asyncio.Event()
+
+    def running_exec_count(self) -> int:
+        return sum(1 for process in self.execs.values() if process.returncode is None)
+
+    def live_pids(self) -> list[int]:
+        """Processes of this sandbox still alive (found by their environment marker)."""
+        return pids_with_environ_entry(self._marker)
+
+    # -- internals --
+
+    async def _spawn(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str],
+        *,
+        pipe_stdout: bool = True,
+        pipe_stderr: bool = True,
+        on_exit: Callable[[LocalProcess], None] | None = None,
+    ) -> LocalProcess:
+        process = await LocalProcess.spawn(
+            argv,
+            cwd=cwd,
+            env=env,
+            pipe_stdout=pipe_stdout,
+            pipe_stderr=pipe_stderr,
+            on_exit=on_exit,
+        )
+        self._processes.append(process)
+        if process.pid is not None:
+            # start_new_session: the leader's pid is its process group id.
+            self._process_groups.add(process.pid)
+            if self.result is not None:
+                # The sandbox ended while this process was starting: it must not outlive it.
+                kill_process_tree(self._marker, [process.pid])
+        return process
+
+    def _entrypoint_exited(self, process: LocalProcess) -> None:
+        code = process.returncode if process.returncode is not None else 0
+        if code < 0:
+            code = 128 - code
+        status = (
+            api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
+            if code == 0
+            else api_pb2.GenericResult.GENERIC_STATUS_FAILURE
+        )
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self.finish(status, exitcode=code))
+        )
+
+    async def _expire_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.finish(
+            api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
+            message=f"Sandbox reached its timeout of {seconds}s",
+        )
+
+    async def _watch_idle(self, idle_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            activity = self._activity
+            if self.running_exec_count():
+                await activity.wait()
+                continue
+            remaining = self._last_activity + idle_timeout - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(activity.wait(), remaining)
+        await self.finish(
+            api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
+            message=f"Sandbox was idle for {idle_timeout}s (idle_timeout)",
+        )
+
+
+async def _mirror(source: OutputBuffer, sink: OutputBuffer) -> None:
+    offset = 0
+    while True:
+        await source.wait_beyond(offset)
+        if len(source.data) > offset:
+            sink.append(bytes(source.data[offset:]))
+            offset = len(source.data)
+        elif source.closed:
+            sink.close()
+            return
+
+
+async def _kill_leader_after(process: LocalProcess, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.exited.wait(), seconds)
+        return
+    process.kill_leader()
