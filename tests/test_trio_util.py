@@ -234,7 +234,7 @@ async def test_call_returns_actor_reply(autojump_clock: trio.testing.MockClock) 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(actor)
         async with send:
-            answer = await call(send, lambda reply: Ask(question="hi", reply=reply))
+            answer: str = await call(send, lambda reply: Ask(question="hi", reply=reply))
     assert answer == "HI"
 
 
