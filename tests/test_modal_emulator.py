@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 modal = pytest.importorskip(
     "modal", reason="the emulator is exercised through the real modal client"
@@ -354,6 +355,11 @@ def test_provider_kill_reports_the_reason(modal_emulator: ModalEmulator, app: mo
         with pytest.raises(error):
             created.wait()
         assert created.returncode == returncode
+        (state,) = [
+            each for each in modal_emulator.sandboxes() if each.sandbox_id == created.object_id
+        ]
+        assert state.returncode == returncode
+        assert state.live_pids == ()
 
 
 def test_call_log_shows_the_create_arguments(modal_emulator: ModalEmulator, app: modal.App) -> None:
@@ -529,3 +535,59 @@ def test_sandbox_processes_are_in_their_own_sessions(sandbox: modal.Sandbox) -> 
 
     assert session == pid != os.getsid(0)
     assert process.wait() == 0
+
+
+def test_entrypoint_stdio_and_exit_code_reach_the_client(app: modal.App) -> None:
+    """The create command's stdin, stdout and exit code go through the sandbox's own streams."""
+    created = modal.Sandbox.create(
+        "sh",
+        "-c",
+        "read line; echo got $line; echo err >&2; exit 5",
+        app=app,
+        image=modal.Image.from_registry(IMAGE_TAG),
+        timeout=60,
+    )
+    created.stdin.write(b"ping\n")
+    created.stdin.drain()
+
+    assert created.stdout.read() == "got ping\n"
+    assert created.stderr.read() == "err\n"
+    created.wait()
+    assert created.returncode == 5
+
+
+def test_latency_and_slow_start_delay_the_client(
+    modal_emulator: ModalEmulator, app: modal.App
+) -> None:
+    """Injected per-RPC latency and slow start show up in the client's call times."""
+    image = modal.Image.from_registry(IMAGE_TAG)
+    modal_emulator.set_slow_start(0.5)
+    started = time.monotonic()
+    created = modal.Sandbox.create(app=app, image=image, timeout=60)
+    assert time.monotonic() - started >= 0.5
+    try:
+        modal_emulator.set_latency(0.05)
+        started = time.monotonic()
+        assert created.poll() is None
+        assert time.monotonic() - started >= 0.05
+    finally:
+        modal_emulator.clear_faults()
+        created.terminate()
+
+
+async def test_blocking_calls_from_trio_worker_threads_run_concurrently(
+    sandbox: modal.Sandbox,
+) -> None:
+    """Execs driven from trio worker threads overlap instead of queueing behind each other."""
+    results: list[int] = []
+
+    def run_one() -> None:
+        results.append(sandbox.exec("sleep", "0.5").wait())
+
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(trio.to_thread.run_sync, run_one)
+
+    assert results == [0] * 5
+    assert time.monotonic() - started < 2.0

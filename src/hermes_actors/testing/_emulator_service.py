@@ -255,8 +255,6 @@ class EmulatorService:
         self._sandboxes_by_task.clear()
 
     def sandbox_states(self) -> list[SandboxState]:
-        from modal.sandbox._common import _result_returncode
-
         return [
             SandboxState(
                 sandbox_id=sandbox.sandbox_id,
@@ -264,9 +262,7 @@ class EmulatorService:
                 app_id=sandbox.app_id,
                 root=sandbox.root,
                 started=sandbox.started,
-                returncode=_result_returncode(sandbox.result)
-                if sandbox.finished.is_set()
-                else None,
+                returncode=_returncode(sandbox.result) if sandbox.finished.is_set() else None,
                 live_pids=tuple(sandbox.live_pids()),
             )
             for sandbox in self.sandboxes.values()
@@ -1023,6 +1019,17 @@ async def _receive(stream: AnyStream, kind: type[_Request]) -> _Request:
     if not isinstance(request, kind):
         raise GRPCError(Status.INVALID_ARGUMENT, f"expected one {kind.__name__}")
     return request
+
+
+def _returncode(result: api_pb2.GenericResult | None) -> int | None:
+    """The code `Sandbox.returncode` reports for a result (124 timeout, 137 terminated)."""
+    if result is None:
+        return None
+    if result.status == api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT:
+        return 124
+    if result.status == api_pb2.GenericResult.GENERIC_STATUS_TERMINATED:
+        return 137
+    return result.exitcode
 
 
 async def _boot(sandbox: LocalSandbox, slow_start: float) -> None:
