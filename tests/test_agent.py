@@ -687,7 +687,7 @@ def test_reset_kills_background_processes_and_wipes_the_workspace(
 
 def test_reset_cancels_execs_in_flight(agent: AgentProcess) -> None:
     """An exec still running in the slot being reset replies cancelled."""
-    exec_id = agent.send("exec", slot=2, command="touch started; echo x; sleep 1000")
+    exec_id = agent.send("exec", slot=2, command="echo x; touch started; sleep 1000")
     wait_until_file(agent, 2, "started")
     assert agent.call("reset_slot", slot=2)["killed"] >= 1
     result = agent.wait_reply(exec_id, timeout=2.0)["result"]
