@@ -662,3 +662,21 @@ async def test_idle_deadline_rejects_bad_timeouts(autojump_clock: trio.testing.M
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="idle timeout"):
             IdleDeadline(bad)
+
+
+def test_clone_exception_is_a_fresh_equal_error() -> None:
+    """A clone has the class, message and attributes of the original but is another object."""
+    from hermes_actors._errors import SandboxLost
+    from hermes_actors.runtime._trio_util import clone_exception
+
+    original = SandboxLost("sb-1", "agent died")
+    try:
+        raise original
+    except SandboxLost:
+        pass
+    clone = clone_exception(original)
+    assert clone is not original
+    assert type(clone) is SandboxLost
+    assert str(clone) == str(original)
+    assert (clone.sandbox_id, clone.reason, clone.retryable) == ("sb-1", "agent died", True)
+    assert clone.__traceback__ is None

@@ -46,7 +46,7 @@ from hermes_actors._errors import (
 )
 from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
 from hermes_actors.runtime._sandbox import SandboxActor
-from hermes_actors.runtime._trio_util import Reply, call, close_mailbox
+from hermes_actors.runtime._trio_util import Reply, call, clone_exception, close_mailbox
 
 logger = logging.getLogger("hermes_actors.pool")
 
@@ -260,7 +260,7 @@ class ProfilePool:
                     self._start_failures >= MAX_START_FAILURES
                     and self._last_start_error is not None
                 ):
-                    message.reply.fail(self._start_error())
+                    message.reply.fail(clone_exception(self._start_error()))
                     return
                 self._waiters.append(message)
                 self._serve_waiters()
@@ -469,7 +469,7 @@ class ProfilePool:
     def _fail_waiters(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, collections.deque()
         for waiter in waiters:
-            waiter.reply.fail(error)
+            waiter.reply.fail(clone_exception(error))
 
     def _stop_member(self, member: _Member, reason: str) -> None:
         if member.state is _State.STOPPING:

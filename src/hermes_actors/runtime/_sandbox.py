@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from hermes_actors._client import ExecResult, SandboxClient
-from hermes_actors._errors import AgentError, RuntimeStopped, SandboxLost
+from hermes_actors._errors import AgentError, SandboxLost
 from hermes_actors.drivers._base import SandboxDriver, SandboxHandle, SandboxSpec
 from hermes_actors.runtime._trio_util import (
     Reply,
@@ -175,7 +175,12 @@ class SandboxActor:
                     self.died = reason
                 else:
                     self.died = SandboxLost(self.sandbox_id, "sandbox stopped")
-            close_mailbox(self._receive, _replies_of, lambda: self.died or RuntimeStopped())
+            # A fresh error per reply: one exception object raised in many tasks would get
+            # their tracebacks mixed up.
+            died = self.died
+            close_mailbox(
+                self._receive, _replies_of, lambda: SandboxLost(died.sandbox_id, died.reason)
+            )
             if self.handle is not None:
                 await bounded_cleanup(TERMINATE_LIMIT_S, self.handle.terminate)
 

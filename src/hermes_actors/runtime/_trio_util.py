@@ -389,3 +389,18 @@ class IdleDeadline:
     ) -> bool:
         assert self._scope is not None
         return self._scope.__exit__(exc_type, exc, traceback)
+
+
+def clone_exception(exc: BaseException) -> BaseException:
+    """A fresh exception object equal to `exc` (same class, args and attributes, no traceback).
+
+    One exception object must not be raised in several tasks at once: each raise rewrites its
+    `__traceback__` and `__context__`. Works for classes whose `__init__` takes other arguments
+    than their `args`, since it bypasses `__init__`.
+    """
+    clone = type(exc).__new__(type(exc), *exc.args)
+    clone.args = exc.args
+    clone.__dict__.update(exc.__dict__)
+    clone.__cause__ = exc.__cause__
+    clone.__suppress_context__ = exc.__suppress_context__
+    return clone
