@@ -19,6 +19,33 @@ Replies:  ``{"id": int, "ok": true, "result": {...}}`` or
 The agent's first frame is ``{"id": 0, "ok": true, "result": {"ready": true, ...}}``.
 A frame the agent cannot parse gets ``{"id": 0, "ok": false, "error": {"code": "bad_frame"}}``
 when the stream is still usable, and a clean exit when it is not.
+
+The agent
+---------
+One single-threaded ``selectors`` loop (`Agent`) watches stdin, every command's pipes, a signal
+wakeup pipe (SIGCHLD, SIGTERM, SIGINT, SIGHUP) and a heap of exec deadlines. Requests are served
+concurrently: ``exec`` replies when its command ends, every other op replies at once. Ops and
+their error codes are listed in `OPS` and `_ERRNO_CODES`; bad arguments give ``bad_request``.
+
+Invariants:
+
+* fd 1 carries frames only (``sys.stdout`` is pointed at stderr); replies a slow host has not
+  read are buffered, and past `OUTBOX_HIGH_WATER` no new request is taken until it catches up.
+* Every command runs in its own session with stdin from /dev/null (unless data is given), a
+  non-interactive environment (`DEFAULT_ENV` < config ``env`` < exec ``env``), HOME at its slot
+  workspace, and two marker variables (`EXEC_MARKER`, `SLOT_MARKER`) carrying this agent's nonce.
+* A timeout, cancel, reset or exit kills whole trees: the agent is a child subreaper and sweeps
+  /proc, SIGKILLing every process in the command's session or carrying its marker (or, with slot
+  uids, running as the slot's uid) until a sweep finds none. Exit codes: 124 and
+  ``timed_out`` after a timeout, ``cancelled`` after cancel/reset/shutdown, ``-N`` and
+  ``signal: N`` for a command killed by signal N.
+* Once a command's own process has exited, its reply goes out with what its pipes hold at that
+  moment: background children that keep the pipes open do not delay it.
+* Every child reaching the agent is reaped; tracked leaders finish their exec, orphans vanish.
+* File ops are confined to the slot workspace (``..``, absolute paths and symlinks resolving
+  outside give ``path_escape``); with slot uids they run under the slot's uid (``seteuid``).
+* Leaving the loop (shutdown, stdin EOF, ``ttl_s`` without a frame, a fatal signal, a broken
+  stream) kills everything the agent started, flushes the last replies, and exits.
 """
 
 from __future__ import annotations
