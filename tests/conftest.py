@@ -8,6 +8,9 @@ import pytest
 
 from sandbox_support import ContractSandbox, open_local_sandbox
 
+# The Modal API emulator's fixtures (one emulator per test session).
+pytest_plugins = ["conftest_modal"]
+
 
 @pytest.fixture(params=["local-none", "local-bwrap"])
 async def contract_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[ContractSandbox]:
