@@ -1,0 +1,431 @@
+"""The report of a benchmark run: markdown tables, the issue's targets, and a PNG chart.
+
+Every figure is a median over the repetitions with its min-max. A ratio "x limit" is the limit's
+median time over the row's (1.00x: as fast as the limit; below: slower), always against the
+limit that uses the row's shell. A speed-up over a peer is the peer's median time over the
+row's. Cells with failed commands are shown as failures, never as figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from bench.workloads import BenchResult, Measurement, median, percentile
+
+TITLES = {
+    "tiny": "1. Tiny commands (spawn-bound)",
+    "short": "2. Short real commands (concurrency-bound)",
+    "latency": "3. Agent latency (sequential calls on one warm task)",
+    "churn": "4. Churn (acquire, commands, release with reset)",
+    "scale": "5. Scale (every slot held at once, one command each)",
+}
+HERMES_ROWS = ("hermes-none", "hermes-bwrap")
+MEMORY_TARGET_MB = 300.0
+
+
+@attrs.frozen(kw_only=True)
+class Stat:
+    """Median and range of one figure over the repetitions."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    def text(self, scale: float = 1.0, digits: int = 3) -> str:
+        if self.count == 0 or math.isnan(self.median):
+            return "n/a"
+        if self.count == 1:
+            return f"{self.median * scale:.{digits}f}"
+        return (
+            f"{self.median * scale:.{digits}f} "
+            f"({self.low * scale:.{digits}f}-{self.high * scale:.{digits}f})"
+        )
+
+
+def stat(values: Sequence[float]) -> Stat:
+    kept = [value for value in values if not math.isnan(value)]
+    if not kept:
+        return Stat(median=math.nan, low=math.nan, high=math.nan, count=0)
+    return Stat(median=median(kept), low=min(kept), high=max(kept), count=len(kept))
+
+
+class Summary:
+    """The measurements of a run, grouped per (workload, row)."""
+
+    def __init__(self, result: BenchResult) -> None:
+        self.result = result
+        self.cells: dict[tuple[str, str], list[Measurement]] = {}
+        for measurement in result.measurements:
+            self.cells.setdefault((measurement.workload, measurement.system), []).append(
+                measurement
+            )
+        self.shell = {row.name: row.shell for row in result.rows}
+
+    def measured(self, workload: str, system: str) -> list[Measurement]:
+        return self.cells.get((workload, system), [])
+
+    def failed(self, workload: str, system: str) -> bool:
+        return any(m.failures for m in self.measured(workload, system))
+
+    def figure(self, workload: str, system: str, of: Callable[[Measurement], float | None]) -> Stat:
+        """A figure's stat over the repetitions, only from runs whose commands all succeeded."""
+        values = []
+        for measurement in self.measured(workload, system):
+            value = of(measurement)
+            if measurement.failures == 0 and value is not None:
+                values.append(value)
+        return stat(values)
+
+    def time(self, workload: str, system: str) -> Stat:
+        """The figure a workload is compared on: wall seconds, or p50 seconds for latency."""
+        if workload == "latency":
+            return self.figure(workload, system, lambda m: percentile(m.per_call_s, 50))
+        return self.figure(workload, system, lambda m: m.wall_s)
+
+    def limit_for(self, system: str) -> str:
+        return f"limit-{self.shell.get(system, 'bash')}"
+
+    def speedup(self, workload: str, system: str, over: str) -> float:
+        """`over`'s median time divided by `system`'s (NaN when either is missing)."""
+        mine = self.time(workload, system).median
+        theirs = self.time(workload, over).median
+        if math.isnan(mine) or math.isnan(theirs) or mine <= 0:
+            return math.nan
+        return theirs / mine
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
+
+
+@attrs.frozen(kw_only=True)
+class Target:
+    """One target of the issue, measured."""
+
+    text: str
+    row: str
+    measured: str
+    met: bool | None  # None: could not be measured
+
+
+def targets(summary: Summary) -> list[Target]:
+    """The issue's targets, for each hermes row."""
+    found = []
+    rows = [row.name for row in summary.result.rows if row.unavailable is None]
+    for row in HERMES_ROWS:
+        if row not in rows:
+            continue
+        limit = summary.limit_for(row)
+        for workload in ("tiny", "short"):
+            ratio = summary.speedup(workload, row, limit)
+            found.append(
+                Target(
+                    text=f"workload {workload} at least 0.9x the raw limit ({limit})",
+                    row=row,
+                    measured=_ratio(ratio),
+                    met=None if math.isnan(ratio) else ratio >= 0.9,
+                )
+            )
+        for peer in ("original-batch", "swerex-execute"):
+            ratio = summary.speedup("short", row, peer)
+            found.append(
+                Target(
+                    text=f"workload short at least 10x {peer}",
+                    row=row,
+                    measured=_ratio(ratio),
+                    met=None if math.isnan(ratio) else ratio >= 10,
+                )
+            )
+        mine = summary.time("latency", row).median
+        theirs = summary.time("latency", limit).median
+        gap_ms = (mine - theirs) * 1e3
+        found.append(
+            Target(
+                text=f"latency p50 within 1 ms of the raw limit ({limit})",
+                row=row,
+                measured="n/a"
+                if math.isnan(gap_ms)
+                else f"{gap_ms:+.2f} ms ({mine * 1e3:.2f} vs {theirs * 1e3:.2f} ms)",
+                met=None if math.isnan(gap_ms) else gap_ms <= 1.0,
+            )
+        )
+        ratio = summary.speedup("latency", row, "swerex-session")
+        found.append(
+            Target(
+                text="latency p50 at least 20x faster than SWE-ReX sessions",
+                row=row,
+                measured=_ratio(ratio),
+                met=None if math.isnan(ratio) else ratio >= 20,
+            )
+        )
+        peak = summary.figure("scale", row, lambda m: _mb(m.peak_rss_bytes))
+        wall = summary.time("scale", row)
+        found.append(
+            Target(
+                text=f"scale completes with host memory under {MEMORY_TARGET_MB:g} MB",
+                row=row,
+                measured="n/a"
+                if peak.count == 0
+                else f"peak {peak.high:.0f} MB (max), "
+                f"median {peak.median:.0f} MB; wall {wall.median:.2f} s",
+                met=None if peak.count == 0 else peak.high < MEMORY_TARGET_MB,
+            )
+        )
+    return found
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _workload_description(workload: str, result: BenchResult) -> str:
+    sizes = result.sizes
+    if workload == "tiny":
+        return (
+            f"{sizes.tiny_trajectories} trajectories x {sizes.tiny_commands} sequential "
+            "`echo` commands, all trajectories at once. Wall time of all commands."
+        )
+    if workload == "short":
+        return (
+            f"{sizes.short_trajectories} trajectories x {sizes.short_commands} sequential "
+            f"`sleep {sizes.short_sleep_s:g}; echo` commands, all at once. Wall time."
+        )
+    if workload == "latency":
+        return (
+            f"{sizes.latency_calls} sequential `true` calls on one warm task (hermes: "
+            '`terminal_tool("true", task_id=...)`). Per-call time, p50 and p95 in ms.'
+        )
+    if workload == "churn":
+        return (
+            f"{sizes.churn_trajectories} trajectories through {sizes.churn_slots} slots: "
+            f"acquire, {sizes.churn_commands} `echo` commands, release with reset. Wall time."
+        )
+    return (
+        f"{sizes.scale_slots} slots held at once, one `echo` each, from a cold start (hermes: "
+        f"{sizes.scale_slots_per_sandbox} slots per sandbox). Wall time, and the peak of the "
+        "summed RSS of the row's whole process tree (its process and every process it "
+        "started), sampled every 10 ms."
+    )
+
+
+def _failure_note(summary: Summary, workload: str, system: str) -> str:
+    failed = [m for m in summary.measured(workload, system) if m.failures]
+    if not failed:
+        return ""
+    first = failed[0]
+    return (
+        f"FAILED in {len(failed)} of {len(summary.measured(workload, system))} repetitions "
+        f"({first.failures}/{first.commands} commands; first: {first.first_failure})"
+    )
+
+
+def _workload_table(summary: Summary, workload: str) -> list[str]:
+    result = summary.result
+    lines = [f"## {TITLES[workload]}", "", _workload_description(workload, result), ""]
+    if workload == "latency":
+        header = "| row | shell | p50 ms | p95 ms | x limit (same shell) | notes |"
+    elif workload == "scale":
+        header = "| row | shell | wall s | peak memory MB | x limit (same shell) | notes |"
+    else:
+        header = "| row | shell | wall s | commands/s | x limit (same shell) | notes |"
+    lines += [header, "|---|---|---|---|---|---|"]
+    for row in result.rows:
+        name = row.name
+        if row.unavailable is not None:
+            lines.append(f"| {name} | {row.shell} | - | - | - | unavailable: {row.unavailable} |")
+            continue
+        if (name, workload) in result.skipped:
+            lines.append(f"| {name} | {row.shell} | - | - | - | {result.skipped[name, workload]} |")
+            continue
+        if not summary.measured(workload, name):
+            continue
+        note = _failure_note(summary, workload, name)
+        limit = summary.limit_for(name)
+        versus = "(the limit)" if name == limit else _ratio(summary.speedup(workload, name, limit))
+        if workload == "latency":
+            p50 = summary.time(workload, name)
+            p95 = summary.figure(workload, name, lambda m: percentile(m.per_call_s, 95))
+            cells = [p50.text(1e3, 2), p95.text(1e3, 2)]
+        elif workload == "scale":
+            wall = summary.time(workload, name)
+            peak = summary.figure(workload, name, lambda m: _mb(m.peak_rss_bytes))
+            cells = [wall.text(1.0, 3), peak.text(1.0, 0)]
+        else:
+            wall = summary.time(workload, name)
+            commands = summary.measured(workload, name)[0].commands
+            rate = stat([commands / value for value in [wall.median]] if wall.count else [])
+            cells = [wall.text(1.0, 3), rate.text(1.0, 0)]
+        lines.append(f"| {name} | {row.shell} | {cells[0]} | {cells[1]} | {versus} | {note} |")
+    lines.append("")
+    return lines
+
+
+def _speedup_table(summary: Summary) -> list[str]:
+    result = summary.result
+    peers = [
+        row.name for row in result.rows if row.unavailable is None and row.name not in HERMES_ROWS
+    ]
+    hermes = [row for row in HERMES_ROWS if any(r.name == row for r in result.rows)]
+    lines = [
+        "## hermes-actors against every other row",
+        "",
+        "Speed-up = the other row's median time over hermes' (latency: p50). Above 1: hermes is "
+        "faster.",
+        "",
+        "| workload | hermes row | " + " | ".join(peers) + " |",
+        "|---|---|" + "---|" * len(peers),
+    ]
+    for workload in result.workloads:
+        for row in hermes:
+            cells = [_ratio(summary.speedup(workload, row, peer)) for peer in peers]
+            lines.append(f"| {workload} | {row} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def render_markdown(result: BenchResult, chart_name: str = "latest.png") -> str:
+    summary = Summary(result)
+    lines = [
+        "# hermes-actors against the physical limit and the peers",
+        "",
+        f"Generated by `python -m bench` at {result.started_at} in {result.duration_s:.0f} s: "
+        f"{result.repetitions} repetition(s); within each repetition every workload runs every "
+        "row, in an order rotated at each repetition. Figures: median over the repetitions "
+        "(min-max). Only runs whose every command printed what it must are counted. Rows run "
+        "with an empty HOME. Shell: the shell each row's commands go through (`/bin/sh` is "
+        'dash); "x limit" compares with the raw limit of the same shell.',
+        "",
+        f"![chart]({chart_name})",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {key} | {value} |" for key, value in result.machine.items()],
+        "",
+        "## Rows",
+        "",
+        "| row | shell | what it runs |",
+        "|---|---|---|",
+        *[f"| {row.name} | {row.shell} | {row.description} |" for row in result.rows],
+        "",
+        "## Targets of issue 4",
+        "",
+        "| target | row | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for target in targets(summary):
+        verdict = {True: "yes", False: "**no**", None: "not measured"}[target.met]
+        lines.append(f"| {target.text} | {target.row} | {target.measured} | {verdict} |")
+    lines.append("")
+    for workload in result.workloads:
+        lines += _workload_table(summary, workload)
+    lines += _speedup_table(summary)
+    lines += [
+        "## Raw measurements",
+        "",
+        "| rep | workload | row | wall s | p50 ms | peak MB | commands | failures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result.measurements:
+        p50 = f"{percentile(m.per_call_s, 50) * 1e3:.2f}" if m.per_call_s else ""
+        peak = f"{m.peak_rss_bytes / 1e6:.0f}" if m.peak_rss_bytes is not None else ""
+        lines.append(
+            f"| {m.repetition + 1} | {m.workload} | {m.system} | {m.wall_s:.3f} | {p50} | "
+            f"{peak} | {m.commands} | {m.failures} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _time_panel(summary: Summary, workload: str) -> Callable[[str], Stat]:
+    """A row's time stat for `workload`, in the unit the chart shows (ms for latency)."""
+    scale = 1e3 if workload == "latency" else 1.0
+
+    def of(row: str) -> Stat:
+        value = summary.time(workload, row)
+        return Stat(
+            median=value.median * scale,
+            low=value.low * scale,
+            high=value.high * scale,
+            count=value.count,
+        )
+
+    return of
+
+
+def render_chart(result: BenchResult, path: str) -> None:
+    """One panel per workload (and one for workload 5's memory): medians with min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    summary = Summary(result)
+    panels: list[tuple[str, str, Callable[[str], Stat]]] = []
+    for workload in result.workloads:
+        unit = "p50 ms" if workload == "latency" else "wall s"
+        panels.append((TITLES[workload], unit, _time_panel(summary, workload)))
+        if workload == "scale":
+            panels.append(
+                (
+                    "5. Scale: peak memory of the process tree",
+                    "MB",
+                    lambda row: summary.figure("scale", row, lambda m: _mb(m.peak_rss_bytes)),
+                )
+            )
+    columns = 3
+    rows_count = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(
+        rows_count, columns, figsize=(6 * columns, 3.6 * rows_count), squeeze=False
+    )
+    names = [row.name for row in result.rows]
+    for axis, (title, unit, of) in zip(axes.flat, panels, strict=False):
+        labels, values, lows, highs, colors = [], [], [], [], []
+        for name in names:
+            value = of(name)
+            if value.count == 0:
+                continue
+            labels.append(name)
+            values.append(value.median)
+            lows.append(value.median - value.low)
+            highs.append(value.high - value.median)
+            colors.append(
+                "tab:green"
+                if name in HERMES_ROWS
+                else "tab:gray"
+                if name.startswith("limit-")
+                else "tab:orange"
+            )
+        positions = list(range(len(labels)))
+        axis.barh(positions, values, xerr=[lows, highs], color=colors, capsize=3)
+        axis.set_yticks(positions, labels)
+        axis.invert_yaxis()
+        if values and min(values) > 0 and max(values) / min(values) > 20:
+            axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel(f"{unit} (median, min-max; lower is better)")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
+    figure.suptitle("hermes-actors (green) vs the raw limit (gray) and the peers (orange)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(result: BenchResult, directory: str) -> tuple[str, str]:
+    """Write `latest.md` and `latest.png` into `directory`; return both paths."""
+    os.makedirs(directory, exist_ok=True)
+    markdown_path = os.path.join(directory, "latest.md")
+    chart_path = os.path.join(directory, "latest.png")
+    render_chart(result, chart_path)
+    with open(markdown_path, "w") as handle:
+        handle.write(render_markdown(result, os.path.basename(chart_path)))
+    return markdown_path, chart_path
