@@ -15,8 +15,9 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, assert_never
 
 import attrs
@@ -76,6 +77,10 @@ class ResetSlot:
 
 
 SandboxMessage = Exec | FileOp | ResetSlot
+
+
+async def _file_op(message: FileOp, client: SandboxClient) -> dict[str, Any]:
+    return await client.call(message.op, {"slot": message.slot, **message.args})
 
 
 def _replies_of(message: SandboxMessage) -> list[Reply[Any]]:
@@ -217,76 +222,66 @@ class SandboxActor:
             actor_scope.cancel(reason="sandbox agent gone")
 
     def _dispatch(self, nursery: trio.Nursery, message: SandboxMessage) -> None:
+        slot = message.slot
         match message:
             case Exec():
-                nursery.start_soon(
-                    self._serve_exec, message, name=f"exec:{self.sandbox_id}/{message.slot}"
+                work: Callable[[SandboxClient], Awaitable[Any]] = functools.partial(
+                    self._run_exec, message
                 )
+                scope = message.cancel_scope
             case FileOp():
-                nursery.start_soon(self._serve_file_op, message)
+                work = functools.partial(_file_op, message)
+                scope = message.cancel_scope
             case ResetSlot():
-                nursery.start_soon(self._serve_reset, message)
+                work = functools.partial(SandboxClient.reset_slot, slot=slot)
+                scope = trio.CancelScope()  # a reset always completes
             case _:
                 assert_never(message)
+        name = f"{type(message).__name__}:{self.sandbox_id}/{slot}"
+        nursery.start_soon(self._serve_request, slot, message.reply, scope, work, name=name)
 
-    def _check_slot(self, slot: int, reply: Reply[Any]) -> bool:
-        if 0 <= slot < len(self._slot_locks):
-            return True
-        reply.fail(AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}"))
-        return False
-
-    async def _serve_exec(self, message: Exec) -> None:
-        if not self._check_slot(message.slot, message.reply):
+    async def _serve_request(
+        self,
+        slot: int,
+        reply: Reply[Any],
+        scope: trio.CancelScope,
+        work: Callable[[SandboxClient], Awaitable[Any]],
+    ) -> None:
+        """Run one request under its slot's lock and resolve its reply."""
+        if not 0 <= slot < len(self._slot_locks):
+            reply.fail(
+                AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}")
+            )
             return
         assert self.client is not None
-        with message.cancel_scope:
-            async with self._slot_locks[message.slot]:
+        with scope:
+            async with self._slot_locks[slot]:
                 try:
-                    result = await self.client.exec(
-                        message.slot,
-                        command=message.command,
-                        argv=message.argv,
-                        cwd=message.cwd,
-                        env=message.env,
-                        stdin=message.stdin,
-                        timeout_s=message.timeout_s,
-                        max_output_bytes=message.max_output_bytes,
-                    )
+                    result = await work(self.client)
                 except (AgentError, SandboxLost) as exc:
-                    self.command_failures += 1
-                    message.reply.fail(exc)
+                    reply.fail(exc)
                     return
-                self.commands_run += 1
-                if result.exit_code != 0:
-                    self.command_failures += 1
-                message.reply.set(result)
+                reply.set(result)
 
-    async def _serve_file_op(self, message: FileOp) -> None:
-        if not self._check_slot(message.slot, message.reply):
-            return
-        assert self.client is not None
-        with message.cancel_scope:
-            async with self._slot_locks[message.slot]:
-                try:
-                    result = await self.client.call(
-                        message.op, {"slot": message.slot, **message.args}
-                    )
-                except (AgentError, SandboxLost) as exc:
-                    message.reply.fail(exc)
-                    return
-                message.reply.set(result)
-
-    async def _serve_reset(self, message: ResetSlot) -> None:
-        if not self._check_slot(message.slot, message.reply):
-            return
-        assert self.client is not None
-        async with self._slot_locks[message.slot]:
-            try:
-                killed = await self.client.reset_slot(message.slot)
-            except (AgentError, SandboxLost) as exc:
-                message.reply.fail(exc)
-                return
-            message.reply.set(killed)
+    async def _run_exec(self, message: Exec, client: SandboxClient) -> ExecResult:
+        try:
+            result = await client.exec(
+                message.slot,
+                command=message.command,
+                argv=message.argv,
+                cwd=message.cwd,
+                env=message.env,
+                stdin=message.stdin,
+                timeout_s=message.timeout_s,
+                max_output_bytes=message.max_output_bytes,
+            )
+        except (AgentError, SandboxLost):
+            self.command_failures += 1
+            raise
+        self.commands_run += 1
+        if result.exit_code != 0:
+            self.command_failures += 1
+        return result
 
     # -- inspection -----------------------------------------------------------------------------
 
