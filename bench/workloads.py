@@ -429,30 +429,53 @@ def tree_pids(root: int) -> list[int]:
 
 def tree_rss_bytes(root: int) -> int:
     """The summed resident set size of `root` and all its descendants, in bytes."""
-    total = 0
+    return tree_memory(root)[0]
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """Summed RSS and summed PSS of `root` and all its descendants, in bytes.
+
+    RSS counts every page a process maps, so pages shared between processes (the interpreter,
+    libraries, a forked child's copy-on-write pages, a vfork child's borrowed address space)
+    count once per process: the sum is an upper bound of what the tree costs the host. PSS
+    splits each shared page between the processes that share it, so its sum is the tree's share
+    of host memory.
+    """
+    rss = pss = 0
     for pid in tree_pids(root):
         try:
             with open(f"/proc/{pid}/statm") as handle:
-                total += int(handle.read().split()[1]) * _PAGE_SIZE
+                resident = int(handle.read().split()[1]) * _PAGE_SIZE
+            proportional = 0
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        proportional = int(line.split()[1]) * 1024
+                        break
         except (OSError, IndexError, ValueError):
-            continue  # the process exited between the listing and the read
-    return total
+            continue  # the process exited between the listing and the reads
+        rss += resident
+        pss += proportional
+    return rss, pss
 
 
 class TreeMemorySampler:
-    """Samples `tree_rss_bytes(root)` on a thread until stopped; keeps the peak."""
+    """Samples `tree_memory(root)` on a thread until stopped; keeps the peaks."""
 
     def __init__(self, root: int, interval_s: float = 0.01) -> None:
         self.root = root
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.peak_pss_bytes = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
 
     def _run(self) -> None:
         while True:
-            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.root))
+            rss, pss = tree_memory(self.root)
+            self.peak_bytes = max(self.peak_bytes, rss)
+            self.peak_pss_bytes = max(self.peak_pss_bytes, pss)
             self.samples += 1
             if self._stop.wait(self.interval_s):
                 return
@@ -461,7 +484,7 @@ class TreeMemorySampler:
         self._thread.start()
 
     def stop(self) -> int:
-        """Stop sampling and return the peak, in bytes."""
+        """Stop sampling and return the peak summed RSS, in bytes."""
         self._stop.set()
         self._thread.join()
         return self.peak_bytes
@@ -485,6 +508,7 @@ class Measurement:
     first_failure: str | None = None
     per_call_s: tuple[float, ...] = ()
     peak_rss_bytes: int | None = None
+    peak_pss_bytes: int | None = None
     memory_samples: int = 0
 
 
@@ -604,6 +628,7 @@ def run_scale_in_child(system: System, sizes: Sizes, repetition: int) -> Measure
                 failures=len(plan),
                 first_failure=f"the child exited {child.returncode}: {text}",
                 peak_rss_bytes=peak,
+                peak_pss_bytes=sampler.peak_pss_bytes,
                 memory_samples=sampler.samples,
             )
         with open(result_path) as handle:
@@ -622,6 +647,7 @@ def run_scale_in_child(system: System, sizes: Sizes, repetition: int) -> Measure
         failures=failures,
         first_failure=first,
         peak_rss_bytes=peak,
+        peak_pss_bytes=sampler.peak_pss_bytes,
         memory_samples=sampler.samples,
     )
 
@@ -718,7 +744,10 @@ def _summary(measurement: Measurement) -> str:
     if measurement.per_call_s:
         parts.append(f"p50 {percentile(measurement.per_call_s, 50) * 1e3:.2f} ms")
     if measurement.peak_rss_bytes is not None:
-        parts.append(f"peak {measurement.peak_rss_bytes / 2**20:.0f} MiB")
+        parts.append(
+            f"peak RSS {measurement.peak_rss_bytes / 1e6:.0f} MB, "
+            f"PSS {(measurement.peak_pss_bytes or 0) / 1e6:.0f} MB"
+        )
     if measurement.failures:
         parts.append(
             f"{measurement.failures}/{measurement.commands} FAILED: {measurement.first_failure}"

@@ -34,6 +34,7 @@ from bench.workloads import (
     percentile,
     plan_for,
     run_benchmark,
+    tree_memory,
     tree_pids,
     tree_rss_bytes,
 )
@@ -92,6 +93,9 @@ def test_row_figures_are_plausible(smoke_run: tuple[BenchResult, Path], name: st
     # At least one python interpreter's worth of resident memory (the row's own process).
     assert scale.peak_rss_bytes is not None
     assert scale.peak_rss_bytes > 5_000_000
+    # PSS splits shared pages, so it never exceeds RSS (both peaks come from the same samples).
+    assert scale.peak_pss_bytes is not None
+    assert 0 < scale.peak_pss_bytes <= scale.peak_rss_bytes
 
 
 def test_hermes_rows_are_available_where_their_isolation_works(
@@ -204,6 +208,9 @@ def test_tree_memory_counts_grandchildren() -> None:
         assert len(pids) == 2
         assert pids[0] == root.pid
         assert tree_rss_bytes(root.pid) > 64_000_000
+        rss, pss = tree_memory(root.pid)
+        # The grandchild's buffer is its own: it counts in full in PSS too.
+        assert 64_000_000 < pss <= rss
         root.stdin.write("\n")
         root.stdin.close()
         assert root.wait(timeout=30) == 0
