@@ -44,6 +44,7 @@ from hermes_actors._errors import (
     HermesError,
     InfrastructureError,
     RuntimeStopped,
+    SandboxLost,
 )
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.facades._portal import Portal
@@ -166,6 +167,8 @@ class ToolBackend:
         self._runtime_scope: trio.CancelScope | None = None
         self._runtime_done: trio.Event | None = None
         self._held: dict[str, Slot] = {}
+        # Held slots whose sandbox was seen lost: there is nothing to give back for them.
+        self._lost: set[str] = set()
 
     @classmethod
     def with_profiles(
@@ -363,8 +366,14 @@ class ToolBackend:
                         self._held.clear()
                     done.set()
 
-            with collapse_exception_groups():
-                await self._nursery.start(serve, name="hermes-actors-runtime")
+            try:
+                with collapse_exception_groups():
+                    await self._nursery.start(serve, name="hermes-actors-runtime")
+            except RuntimeStopped:
+                # A start cut short by the caller's cancellation can surface as "stopped":
+                # report it as the cancellation it is.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                raise
             self._runtime, self._runtime_scope, self._runtime_done = runtime, scope, done
             return runtime
 
@@ -400,6 +409,7 @@ class ToolBackend:
         self._runtime_scope = self._runtime_done = None
         self._runtime = None
         self._held.clear()
+        self._lost.clear()
 
     def stop_sync(self, purge: bool = False) -> None:
         """`stop()` for sync code: blocks until every sandbox is terminated."""
@@ -455,6 +465,11 @@ class ToolBackend:
             return
         del self._held[slot.slot_id]
         runtime = self._runtime
+        if slot.slot_id in self._lost:
+            # Its sandbox is gone and the pool drops it with its slots; releasing it could only
+            # race the pool's noticing and hand the dead slot out again.
+            self._lost.discard(slot.slot_id)
+            return
         if runtime is None:
             return
         try:
@@ -592,6 +607,8 @@ class ToolBackend:
                     time.monotonic() - started, size=size,
                 )
         except InfrastructureError as exc:
+            if isinstance(exc, SandboxLost):
+                self._lost.add(slot.slot_id)
             return _error_result(
                 slot.slot_id, str(exc), tool, time.monotonic() - started,
                 infra_error=exc.kind, retryable=exc.retryable,

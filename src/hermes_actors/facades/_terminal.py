@@ -100,7 +100,8 @@ def terminal_tool(
             _task_slots[task_id] = slot
         reply, lost = _run_in(backend, slot, command, timeout)
         if lost:
-            # The sandbox is gone, and the task's files with it: the next call starts afresh.
+            # The sandbox is gone, and the task's files with it: the next call starts afresh
+            # (releasing only forgets the slot: there is nothing left to reset).
             _task_slots.pop(task_id, None)
             _release_quietly(backend, slot, reset=False)
         return reply
