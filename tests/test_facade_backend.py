@@ -577,3 +577,34 @@ def test_sync_callers_use_call_blocking() -> None:
         backend.stop_sync()
     assert sandbox_processes(ids) == []
     assert not backend.running
+
+
+# -- status for people -------------------------------------------------------------------------
+
+
+def test_status_command_shows_profiles_and_started_pools(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`hermes-actors status` lists the profiles; with --start it shows the warmed pools."""
+    from hermes_actors._cli import main
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text(
+        "profiles:\n  default:\n    backend: local\n    isolation: none\n    min_sandboxes: 2\n"
+    )
+    assert main(["status", "--profiles", str(path)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.splitlines()[0] == f"profiles from {path} (* = default):"
+    assert "default *  local" in listing
+    assert main(["status", "--profiles", str(path), "--start"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "hermes-actors: running; profiles: default (default: default)"
+    assert table[1].split() == [
+        "profile", "backend", "sandboxes", "free", "held", "waiters", "starting", "commands",
+        "cmd", "fail", "infra", "fail", "started", "stopped", "lost",
+    ]
+    assert table[2].split()[:5] == ["default", "local", "2", "20", "0"]
+    assert [line.split()[1] for line in table[4:]] == ["state", "ready", "ready"]
+    path.write_text("profiles:\n  default:\n    max_pool: zero\n")
+    assert main(["status", "--profiles", str(path)]) == 1
+    assert "max_pool: expected int, got str" in capsys.readouterr().err
