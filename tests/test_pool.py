@@ -292,9 +292,8 @@ async def test_cancelled_command_is_killed_and_slot_stays_usable(
         lease = await h.pool.acquire()
         with trio.move_on_after(5):
             await lease.exec(command="sleep 1000")
-        sandbox = h.driver.by_id[lease.sandbox_id]
-        await trio.sleep(0.1)
-        assert sandbox.running == {}
+        # The command is already gone when the cancelled caller moves on.
+        assert h.driver.by_id[lease.sandbox_id].running == {}
         start = trio.current_time()
         assert (await lease.exec(command="echo next")).stdout == b"next\n"
         assert trio.current_time() - start < 1
@@ -329,3 +328,25 @@ async def test_stopping_the_pool_terminates_every_sandbox(autojump_clock: trio.a
         assert len(h.driver.alive) == 3
     assert h.driver.alive == set()
     assert h.driver.terminated == 3
+
+
+async def test_requests_queued_on_a_dying_sandbox_fail_too(autojump_clock: trio.abc.Clock) -> None:
+    """A request still waiting for its slot when the sandbox dies fails with SandboxLost."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        start = trio.current_time()
+        outcomes: list[str] = []
+
+        async def run(command: str) -> None:
+            try:
+                await lease.exec(command=command)
+            except SandboxLost:
+                outcomes.append(f"lost:{command}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "sleep 100")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(run, "sleep 1")  # queued behind the first on the same slot
+            nursery.start_soon(_kill_later, h.driver, lease.sandbox_id)
+        assert sorted(outcomes) == ["lost:sleep 1", "lost:sleep 100"]
+        assert trio.current_time() - start == pytest.approx(5.0)

@@ -300,7 +300,12 @@ class ProfilePool:
 
     def _pick_member(self) -> _Member | None:
         """The ready sandbox with the fewest free slots: packing lets the others go idle."""
-        candidates = [m for m in self._members.values() if m.state is _State.READY and m.free]
+        candidates = [
+            m
+            for m in self._members.values()
+            # A sandbox whose agent just died may not have reported its exit yet: skip it.
+            if m.state is _State.READY and m.free and m.actor.alive
+        ]
         return min(candidates, key=lambda m: len(m.free), default=None)
 
     def _member_of(self, lease: Lease) -> _Member | None:

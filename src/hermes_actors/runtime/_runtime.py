@@ -117,7 +117,13 @@ class Runtime:
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.run)
                 self._supervisor = supervisor
-                await self._pool(self.profiles.default_profile)
+                try:
+                    await self._pool(self.profiles.default_profile)
+                except RuntimeStopped:
+                    # The supervisor stopped under us because we are being cancelled: let the
+                    # cancellation, not its side effect, be what the caller sees.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    raise
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:

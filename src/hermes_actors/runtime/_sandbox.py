@@ -23,7 +23,7 @@ from typing import Any, TypeVar, assert_never
 import attrs
 import trio
 
-from hermes_actors._client import ExecResult, SandboxClient
+from hermes_actors._client import CANCEL_GRACE_S, ExecResult, SandboxClient
 from hermes_actors._errors import AgentError, SandboxLost
 from hermes_actors.drivers._base import SandboxDriver, SandboxHandle, SandboxSpec
 from hermes_actors.runtime._trio_util import (
@@ -55,6 +55,7 @@ class Exec:
     max_output_bytes: int | None = None
     reply: Reply[ExecResult]
     cancel_scope: trio.CancelScope
+    finished: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +67,7 @@ class FileOp:
     args: Mapping[str, Any]
     reply: Reply[dict[str, Any]]
     cancel_scope: trio.CancelScope
+    finished: trio.Event = attrs.field(factory=trio.Event)
 
 
 @attrs.frozen(kw_only=True)
@@ -119,42 +121,47 @@ class SandboxActor:
     async def exec(self, slot: int, **options: Any) -> ExecResult:
         """Run a command in `slot` (see `SandboxClient.exec` for the options).
 
-        Cancellation kills the command (its tree) before the slot serves anything else.
+        Cancellation kills the command (its whole tree) before this raises `Cancelled` (bounded
+        by `CANCEL_GRACE_S`), so the slot is quiet when the caller moves on.
         Raises `SandboxLost` if the sandbox is or becomes dead.
         """
-        scope = trio.CancelScope()
-        reply: Reply[ExecResult] = Reply()
-        await self._request(Exec(slot=slot, reply=reply, cancel_scope=scope, **options), scope)
-        return await self._await_reply(reply, scope)
+        message = Exec(slot=slot, reply=Reply(), cancel_scope=trio.CancelScope(), **options)
+        result: ExecResult = await self._request(message)
+        return result
 
     async def file_op(self, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        scope = trio.CancelScope()
-        reply: Reply[dict[str, Any]] = Reply()
-        await self._request(
-            FileOp(slot=slot, op=op, args=args, reply=reply, cancel_scope=scope), scope
+        """Run an agent file operation (`read_file`, `write_file`, `list_files`) in `slot`."""
+        message = FileOp(
+            slot=slot, op=op, args=args, reply=Reply(), cancel_scope=trio.CancelScope()
         )
-        return await self._await_reply(reply, scope)
+        result: dict[str, Any] = await self._request(message)
+        return result
 
     async def reset_slot(self, slot: int) -> int:
         """Kill the slot's processes and wipe its workspace; returns how many were killed."""
         reply: Reply[int] = Reply()
-        await self._request(ResetSlot(slot=slot, reply=reply), None)
+        await self._send_message(ResetSlot(slot=slot, reply=reply))
         return await reply.wait()
 
-    async def _request(self, message: SandboxMessage, scope: trio.CancelScope | None) -> None:
+    async def _send_message(self, message: SandboxMessage) -> None:
         if self.died is not None:
-            raise self.died
+            raise SandboxLost(self.died.sandbox_id, self.died.reason)
         try:
             await self._send.send(message)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise self.died or SandboxLost(self.sandbox_id, "sandbox stopped") from None
+            died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
+            raise SandboxLost(died.sandbox_id, died.reason) from None
 
-    async def _await_reply(self, reply: Reply[_T], scope: trio.CancelScope) -> _T:
+    async def _request(self, message: Exec | FileOp) -> Any:  # the reply's type
+        await self._send_message(message)
         try:
-            return await reply.wait()
+            return await message.reply.wait()
         except BaseException:
-            # The caller gave up (or failed): the command it asked for must not run on.
-            scope.cancel(reason="caller gave up")
+            # The caller gave up (or failed): what it asked for must not run on. Wait, bounded
+            # and shielded, until the actor has stopped it, so nothing runs behind its back.
+            message.cancel_scope.cancel(reason="caller gave up")
+            with trio.move_on_after(CANCEL_GRACE_S, shield=True):
+                await message.finished.wait()
             raise
 
     # -- the actor ----------------------------------------------------------------------------
@@ -228,40 +235,51 @@ class SandboxActor:
                 work: Callable[[SandboxClient], Awaitable[Any]] = functools.partial(
                     self._run_exec, message
                 )
-                scope = message.cancel_scope
+                scope, finished = message.cancel_scope, message.finished
             case FileOp():
                 work = functools.partial(_file_op, message)
-                scope = message.cancel_scope
+                scope, finished = message.cancel_scope, message.finished
             case ResetSlot():
                 work = functools.partial(SandboxClient.reset_slot, slot=slot)
-                scope = trio.CancelScope()  # a reset always completes
+                scope, finished = trio.CancelScope(), trio.Event()  # a reset always completes
             case _:
                 assert_never(message)
         name = f"{type(message).__name__}:{self.sandbox_id}/{slot}"
-        nursery.start_soon(self._serve_request, slot, message.reply, scope, work, name=name)
+        nursery.start_soon(
+            self._serve_request, slot, message.reply, scope, finished, work, name=name
+        )
 
     async def _serve_request(
         self,
         slot: int,
         reply: Reply[Any],
         scope: trio.CancelScope,
+        finished: trio.Event,
         work: Callable[[SandboxClient], Awaitable[Any]],
     ) -> None:
-        """Run one request under its slot's lock and resolve its reply."""
+        """Run one request under its slot's lock and resolve its reply; then set `finished`."""
         if not 0 <= slot < len(self._slot_locks):
             reply.fail(
                 AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}")
             )
             return
         assert self.client is not None
-        with scope:
-            async with self._slot_locks[slot]:
-                try:
-                    result = await work(self.client)
-                except (AgentError, SandboxLost) as exc:
-                    reply.fail(exc)
-                    return
-                reply.set(result)
+        try:
+            with scope:
+                async with self._slot_locks[slot]:
+                    try:
+                        result = await work(self.client)
+                    except (AgentError, SandboxLost) as exc:
+                        reply.fail(exc)
+                        return
+                    reply.set(result)
+        finally:
+            # Cancelled because the sandbox died while this request queued for its slot: the
+            # caller must still hear why (no-op when the caller gave up or it was answered).
+            if not reply.done:
+                died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
+                reply.fail(SandboxLost(died.sandbox_id, died.reason))
+            finished.set()
 
     async def _run_exec(self, message: Exec, client: SandboxClient) -> ExecResult:
         try:
@@ -287,7 +305,8 @@ class SandboxActor:
 
     @property
     def alive(self) -> bool:
-        return self.died is None and self.client is not None
+        """Started and not known to be dead (the client notices a dead agent first)."""
+        return self.died is None and self.client is not None and self.client.lost is None
 
     def slot_busy(self, slot: int) -> bool:
         return self._slot_locks[slot].locked()
