@@ -914,3 +914,22 @@ def test_ping_reports_time_and_execs_in_flight(agent: AgentProcess) -> None:
     assert abs(pong["time"] - before) < 5
     agent.call("cancel", target=exec_id)
     agent.wait_reply(exec_id)
+
+
+def test_bursts_of_execs_cancels_and_resets_keep_the_agent_alive(agent: AgentProcess) -> None:
+    """Cancels and resets landing as commands finish never confuse the agent.
+
+    A kill triggered by a request closes the command's pipes at once; an event for those fds
+    already returned by the same select() must then be ignored, even if a new command got the
+    same fd numbers meanwhile.
+    """
+    for round_number in range(30):
+        ids = [agent.send("exec", slot=n % 4, command="echo out; echo err >&2") for n in range(30)]
+        time.sleep(0.002 * (round_number % 5))
+        cancels = [agent.send("cancel", target=request_id) for request_id in ids]
+        resets = [agent.send("reset_slot", slot=slot) for slot in range(0, 4, 2)]
+        more = [agent.send("exec", slot=n % 4, command="true") for n in range(10)]
+        for request_id in ids + cancels + resets + more:
+            reply = agent.wait_reply(request_id)
+            assert reply["ok"], (round_number, reply)
+    assert agent.call("ping")["execs"] == 0

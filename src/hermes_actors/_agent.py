@@ -509,6 +509,13 @@ class Agent:
         if self.timers:
             wake_at = min(wake_at, self.timers[0][0])
         for key, mask in self.selector.select(max(0.0, wake_at - now)):
+            # An earlier callback of this batch may have closed this fd, and a new command
+            # may even have reused its number: such an event is stale, skip it.
+            try:
+                if self.selector.get_key(key.fd) is not key:
+                    continue
+            except KeyError:
+                continue
             key.data(key.fd, mask)
             if self.exit_code is not None:
                 return
