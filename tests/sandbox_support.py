@@ -6,18 +6,32 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from hermes_actors._client import SandboxClient
 from hermes_actors.drivers._base import SandboxSpec
-from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, LocalDriver, LocalSandbox, marked_pids
+from hermes_actors.drivers._local import (
+    SANDBOX_MARKER_VAR,
+    LocalDriver,
+    LocalSandbox,
+    kill_marked,
+    marked_pids,
+)
+
+if TYPE_CHECKING:
+    from hermes_actors.drivers._modal import ModalSandbox
+    from hermes_actors.testing.modal_emulator import ModalEmulator
 
 
 @attrs.define
 class ContractSandbox:
-    """A running sandbox for a contract test; the client runs in the fixture's nursery."""
+    """A running local sandbox for a contract test; the client runs in the fixture's nursery.
+
+    `ModalContractSandbox` answers the same questions for a modal sandbox on the emulator.
+    """
 
     handle: LocalSandbox
     client: SandboxClient
@@ -37,6 +51,36 @@ class ContractSandbox:
     async def kill_agent_after(self, delay_s: float) -> None:
         await trio.sleep(delay_s)
         os.killpg(self.handle.pid, signal.SIGKILL)
+
+
+@attrs.define
+class ModalContractSandbox:
+    """A running modal sandbox (on the emulator) for a contract test."""
+
+    handle: ModalSandbox
+    client: SandboxClient
+    emulator: ModalEmulator
+    isolation: str = "modal"
+
+    def process_count(self) -> int:
+        """Processes the sandbox's commands started (the agent itself not counted)."""
+        return sum(1 for pid in self._marked() if not _is_sandbox_plumbing(pid))
+
+    def resources_left(self) -> bool:
+        """Whether the emulated sandbox still runs or still has a live process."""
+        for state in self.emulator.sandboxes():
+            if state.sandbox_id == self.handle.sandbox_id:
+                return state.returncode is None or bool(state.live_pids)
+        return False
+
+    async def kill_agent_after(self, delay_s: float) -> None:
+        await trio.sleep(delay_s)
+        for pid in self._marked():
+            if _is_sandbox_plumbing(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _marked(self) -> list[int]:
+        return marked_pids(f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}".encode())
 
 
 def _is_sandbox_plumbing(pid: int) -> bool:
@@ -67,3 +111,28 @@ async def open_local_sandbox(
             nursery.cancel_scope.cancel()
     finally:
         await handle.terminate()
+
+
+@asynccontextmanager
+async def open_modal_sandbox(
+    emulator: ModalEmulator, **spec_changes: object
+) -> AsyncIterator[ModalContractSandbox]:
+    """A sandbox of the modal driver on the emulator, with its client running."""
+    from hermes_actors.drivers._modal import ModalDriver
+
+    driver = ModalDriver(run_id="contract")
+    spec = SandboxSpec(profile="contract", slots=4, **spec_changes)  # type: ignore[arg-type]
+    handle = await driver.create(spec)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = SandboxClient(handle)
+            await nursery.start(client.run)
+            yield ModalContractSandbox(handle=handle, client=client, emulator=emulator)
+            nursery.cancel_scope.cancel()
+    finally:
+        await handle.terminate()
+        await driver.aclose()
+        # The emulator finds a sandbox's processes by its own marker, which the agent's commands
+        # do not inherit: after a killed agent, its orphans are ours to clean up.
+        # (Sync on purpose: a trio worker thread would outlive the test's thread check.)
+        kill_marked(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}".encode())
