@@ -245,3 +245,17 @@ async def test_malformed_frame_gets_error_and_agent_keeps_serving(
     await contract_sandbox.handle.stream.send_all(b"\x00\x00\x00\x05\x00\x00\x00\x00{oops")
     result = await contract_sandbox.client.exec(0, command="echo still here")
     assert result.stdout == b"still here\n"
+
+
+async def test_commands_get_a_clean_noninteractive_environment(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """Commands see PATH, non-interactive settings and HOME, never the host's own variables."""
+    client = contract_sandbox.client
+    # pytest sets PYTEST_CURRENT_TEST in the host's environment while the sandbox starts.
+    result = await client.exec(
+        0, command='echo "$PAGER|$GIT_TERMINAL_PROMPT|$HOME|${PYTEST_CURRENT_TEST-unset}"'
+    )
+    pager, prompt, home, secret = result.stdout.decode().strip().split("|")
+    assert (pager, prompt, secret) == ("cat", "0", "unset")
+    assert home.endswith("/slot-0")

@@ -32,7 +32,8 @@ Invariants:
 * fd 1 carries frames only (``sys.stdout`` is pointed at stderr); replies a slow host has not
   read are buffered, and past `OUTBOX_HIGH_WATER` no new request is taken until it catches up.
 * Every command runs in its own session with stdin from /dev/null (unless data is given), a
-  non-interactive environment (`DEFAULT_ENV` < config ``env`` < exec ``env``), HOME at its slot
+  non-interactive environment (the sandbox's own < `DEFAULT_ENV` < config ``env`` < exec
+  ``env``; see `_sandbox_env`), HOME at its slot
   workspace, and two marker variables (`EXEC_MARKER`, `SLOT_MARKER`) carrying this agent's nonce.
 * A timeout, cancel, reset or exit kills whole trees: the agent is a child subreaper and sweeps
   /proc, SIGKILLing every process in the command's session or carrying its marker (or, with slot
@@ -63,7 +64,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -220,6 +221,22 @@ DEFAULT_ENV = {
     "npm_config_yes": "true",
     "HOMEBREW_NO_AUTO_UPDATE": "1",
 }
+
+def _sandbox_env(environ: Mapping[str, str]) -> Dict[str, str]:
+    """The environment commands start from: the sandbox's own, made non-interactive.
+
+    The sandbox's environment carries what the image and the provider set (an image's PATH,
+    a provider secret's variables), so it is kept; `DEFAULT_ENV` then forces non-interactive
+    behaviour, except PATH and LANG, which it only fills in when the sandbox has none.
+    """
+    env = dict(environ)
+    for key, value in DEFAULT_ENV.items():
+        if key in ("PATH", "LANG"):
+            env.setdefault(key, value)
+        else:
+            env[key] = value
+    return env
+
 
 #: Marker variables put in every command's environment, so that a whole tree (escapees that
 #: left the session included) can be found again in /proc. Values start with the agent's nonce,
@@ -413,6 +430,7 @@ class Agent:
         self.workspace_root = os.path.abspath(config["workspace_root"])
         self.ttl_s = float(config.get("ttl_s", DEFAULT_TTL_S))
         self.base_env = dict(config.get("env") or {})
+        self.sandbox_env = _sandbox_env(os.environ)
         self.max_output_bytes = int(config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES))
         self.outbox_high_water = int(config.get("outbox_high_water", OUTBOX_HIGH_WATER))
         uid_base = config.get("slot_uid_base")
@@ -760,7 +778,7 @@ class Agent:
 
         ex = _Exec(request_id, self.next_exec_id, slot)
         self.next_exec_id += 1
-        env = dict(DEFAULT_ENV)
+        env = dict(self.sandbox_env)
         env.update(self.base_env)
         env["HOME"] = self.workspace(slot)
         env.update(extra_env)

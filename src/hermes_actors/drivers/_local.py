@@ -373,7 +373,13 @@ class LocalDriver:
         # Slot uids must traverse the workspace root to reach their own 0700 directories.
         os.chmod(workspace, 0o711)
         as_root = os.geteuid() == 0
-        env = {**os.environ, SANDBOX_MARKER_VAR: sandbox_id}
+        # Commands inherit the agent's environment, so the host's own (its credentials
+        # included) stays out: only a PATH, a locale and the marker go in, as under bwrap.
+        env = {
+            "PATH": os.environ.get("PATH", _SANDBOX_PATH),
+            "LANG": "C.UTF-8",
+            SANDBOX_MARKER_VAR: sandbox_id,
+        }
         if isolation == "bwrap":
             argv = _bwrap_argv(
                 workspace_host=workspace,
