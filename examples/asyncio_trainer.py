@@ -38,9 +38,7 @@ async def cancelled_episode(backend: ToolBackend) -> str:
     """An episode whose trainer gives up on it: the command is killed, the slot comes back."""
     slot = await backend.acquire(trajectory_id="abandoned")
     try:
-        task = asyncio.create_task(
-            backend.execute_batch([(slot, "bash", {"command": "sleep 60"})])
-        )
+        task = asyncio.create_task(backend.execute_batch([(slot, "bash", {"command": "sleep 60"})]))
         await asyncio.sleep(0.3)
         task.cancel()
         try:
@@ -69,8 +67,10 @@ async def train(episodes: int, isolation: str) -> int:
         status = backend.status()
     elapsed = time.monotonic() - started
     scored = [reward for reward in rewards if reward == reward]
-    print(f"episodes: {episodes} in {elapsed:.2f}s; mean reward {sum(scored) / len(scored):.2f}; "
-          f"masked (infrastructure) {episodes - len(scored)}")
+    print(
+        f"episodes: {episodes} in {elapsed:.2f}s; mean reward {sum(scored) / len(scored):.2f}; "
+        f"masked (infrastructure) {episodes - len(scored)}"
+    )
     print(f"abandoned episode: {note}")
     print(format_status(status))
     held = sum(pool["slots_held"] for pool in status["pools"])

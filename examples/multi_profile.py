@@ -22,12 +22,24 @@ async def run(isolation: str) -> int:
         app_name="multi-profile-demo",
         default_profile="small",
         profiles={
-            "small": {"backend": "local", "isolation": isolation, "slots_per_sandbox": 8,
-                      "min_sandboxes": 1, "max_sandboxes": 2,
-                      "env_vars": {"SANDBOX_SIZE": "small"}},
-            "big": {"backend": "local", "isolation": isolation, "slots_per_sandbox": 1,
-                    "min_sandboxes": 0, "max_sandboxes": 2, "cpu": 2.0, "memory": 4096,
-                    "env_vars": {"SANDBOX_SIZE": "big"}},
+            "small": {
+                "backend": "local",
+                "isolation": isolation,
+                "slots_per_sandbox": 8,
+                "min_sandboxes": 1,
+                "max_sandboxes": 2,
+                "env_vars": {"SANDBOX_SIZE": "small"},
+            },
+            "big": {
+                "backend": "local",
+                "isolation": isolation,
+                "slots_per_sandbox": 1,
+                "min_sandboxes": 0,
+                "max_sandboxes": 2,
+                "cpu": 2.0,
+                "memory": 4096,
+                "env_vars": {"SANDBOX_SIZE": "big"},
+            },
         },
     )
     async with backend:
@@ -38,11 +50,16 @@ async def run(isolation: str) -> int:
             [(slot, "bash", {"command": "echo $SANDBOX_SIZE"}) for slot in slots]
         )
         for slot, result in zip(slots, results, strict=True):
-            print(f"{slot.trajectory_id:8} profile={slot.profile:5} sandbox={slot.sandbox_id:28} "
-                  f"says {result.output.strip()}")
+            print(
+                f"{slot.trajectory_id:8} profile={slot.profile:5} sandbox={slot.sandbox_id:28} "
+                f"says {result.output.strip()}"
+            )
         print(format_status(backend.status()))
-        wrong = [slot.slot_id for slot, result in zip(slots, results, strict=True)
-                 if result.output.strip() != slot.profile]
+        wrong = [
+            slot.slot_id
+            for slot, result in zip(slots, results, strict=True)
+            if result.output.strip() != slot.profile
+        ]
         for slot in slots:
             await backend.release(slot)
     return 1 if wrong else 0

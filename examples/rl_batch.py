@@ -100,10 +100,14 @@ async def run(trajectories: int, isolation: str, slots_per_sandbox: int) -> int:
 
     infra = sum("infra_error" in r.metadata for rs in results for r in rs)
     passed = sum(rs[-1].success for rs in results)
-    print(f"trajectories: {trajectories}, tool calls: {done} in {elapsed:.2f}s "
-          f"({done / elapsed:.0f} calls/s)")
-    print(f"tests passed: {passed}/{trajectories}; failed tool calls: {failures} "
-          f"(command failures {failures - infra}, infrastructure failures {infra})")
+    print(
+        f"trajectories: {trajectories}, tool calls: {done} in {elapsed:.2f}s "
+        f"({done / elapsed:.0f} calls/s)"
+    )
+    print(
+        f"tests passed: {passed}/{trajectories}; failed tool calls: {failures} "
+        f"(command failures {failures - infra}, infrastructure failures {infra})"
+    )
     print(format_status(status))
     return 0 if infra == 0 else 1
 

@@ -33,8 +33,7 @@ def test_quickstart_shows_the_terminal_tool() -> None:
     assert done.returncode == 0, done.stderr
     blocks = [block for block in done.stdout.split("--- ") if block]
     replies = {
-        title: json.loads(body)
-        for title, _, body in (block.partition("\n") for block in blocks)
+        title: json.loads(body) for title, _, body in (block.partition("\n") for block in blocks)
     }
     assert replies["run it in the same task"] == {"output": "42\n", "exit_code": 0, "error": None}
     assert replies["a failing command"]["exit_code"] == 2
@@ -50,8 +49,7 @@ def test_rl_batch_runs_trajectories_through_execute_batch() -> None:
     assert "turn 5/5  tool calls 60" in done.stdout
     # Policies 3 and 10 write a wrong solution: their tests fail, as command failures.
     assert (
-        "tests passed: 10/12; failed tool calls: 2 (command failures 2, infrastructure "
-        "failures 0)"
+        "tests passed: 10/12; failed tool calls: 2 (command failures 2, infrastructure failures 0)"
     ) in done.stdout
     assert re.search(r"tool calls: 60 in [0-9.]+s \([0-9]+ calls/s\)", done.stdout)
     assert re.search(r"^default +local +3 +0 +12 ", done.stdout, re.MULTILINE)

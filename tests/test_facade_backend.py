@@ -47,9 +47,7 @@ def slots_held(backend: ToolBackend) -> int:
 
 def sandbox_ids(backend: ToolBackend) -> set[str]:
     return {
-        sandbox["sandbox_id"]
-        for pool in backend.status()["pools"]
-        for sandbox in pool["sandboxes"]
+        sandbox["sandbox_id"] for pool in backend.status()["pools"] for sandbox in pool["sandboxes"]
     }
 
 
@@ -106,17 +104,25 @@ async def test_results_come_back_in_request_order() -> None:
     """execute_batch returns one result per request, in request order, whatever finishes first."""
     async with ToolBackend(local_config()) as backend:
         first, second = await backend.acquire("a"), await backend.acquire("b")
-        results = await backend.execute_batch([
-            (first, "bash", {"command": "sleep 0.3; echo first-1"}),
-            (second, "bash", {"command": "echo second-1"}),
-            (first, "bash", {"command": "echo first-2"}),
-            (second, "bash", {"command": "sleep 0.1; echo second-2"}),
-        ])
+        results = await backend.execute_batch(
+            [
+                (first, "bash", {"command": "sleep 0.3; echo first-1"}),
+                (second, "bash", {"command": "echo second-1"}),
+                (first, "bash", {"command": "echo first-2"}),
+                (second, "bash", {"command": "sleep 0.1; echo second-2"}),
+            ]
+        )
         assert [result.output for result in results] == [
-            "first-1\n", "second-1\n", "first-2\n", "second-2\n",
+            "first-1\n",
+            "second-1\n",
+            "first-2\n",
+            "second-2\n",
         ]
         assert [result.slot_id for result in results] == [
-            first.slot_id, second.slot_id, first.slot_id, second.slot_id,
+            first.slot_id,
+            second.slot_id,
+            first.slot_id,
+            second.slot_id,
         ]
         assert len({result.execution_id for result in results}) == 4
 
@@ -131,11 +137,13 @@ async def test_slots_run_concurrently_and_each_slot_in_request_order() -> None:
         )
         assert time.monotonic() - started < 1.5  # serially it would take 2 s
         assert all(result.success for result in results)
-        ordered = await backend.execute_batch([
-            (slots[0], "bash", {"command": "sleep 0.3; echo one > order.txt"}),
-            (slots[0], "bash", {"command": "echo two >> order.txt"}),
-            (slots[0], "read_file", {"path": "order.txt"}),
-        ])
+        ordered = await backend.execute_batch(
+            [
+                (slots[0], "bash", {"command": "sleep 0.3; echo one > order.txt"}),
+                (slots[0], "bash", {"command": "echo two >> order.txt"}),
+                (slots[0], "read_file", {"path": "order.txt"}),
+            ]
+        )
         assert ordered[2].output == "one\ntwo\n"
 
 
@@ -215,9 +223,11 @@ async def test_output_beyond_the_cap_keeps_head_and_tail_and_counts_drops() -> N
     """Output over max_output_bytes keeps its head and tail, marks the gap and counts drops."""
     async with ToolBackend(local_config(max_output_bytes=1000)) as backend:
         slot = await backend.acquire("t")
-        [result] = await backend.execute_batch([
-            (slot, "bash", {"command": "head -c 3000 /dev/zero | tr '\\0' a; printf END"}),
-        ])
+        [result] = await backend.execute_batch(
+            [
+                (slot, "bash", {"command": "head -c 3000 /dev/zero | tr '\\0' a; printf END"}),
+            ]
+        )
         assert result.metadata["stdout_dropped"] == 2003
         assert result.output.startswith("a" * 500 + "\n[... 2003 bytes of stdout omitted ...]\n")
         assert result.output.endswith("a" * 497 + "END")
@@ -227,11 +237,13 @@ async def test_files_and_artifacts() -> None:
     """write_file/read_file round-trip, artifacts are listed, read and archived within a bound."""
     async with ToolBackend(local_config()) as backend:
         slot = await backend.acquire("t")
-        write, read, missing = await backend.execute_batch([
-            (slot, "write_file", {"path": "out/report.txt", "content": "héllo"}),
-            (slot, "read_file", {"path": "out/report.txt"}),
-            (slot, "read_file", {"path": "nope.txt"}),
-        ])
+        write, read, missing = await backend.execute_batch(
+            [
+                (slot, "write_file", {"path": "out/report.txt", "content": "héllo"}),
+                (slot, "read_file", {"path": "out/report.txt"}),
+                (slot, "read_file", {"path": "nope.txt"}),
+            ]
+        )
         assert (write.success, write.output) == (True, "wrote 6 bytes to out/report.txt")
         assert (read.success, read.output) == (True, "héllo")
         assert missing.success is False
@@ -337,11 +349,13 @@ async def test_a_lost_sandbox_gives_retryable_infra_results_and_a_new_acquire_wo
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(kill_soon)
-                lost, after, fine = await backend.execute_batch([
-                    (doomed, "bash", {"command": "sleep 30"}),
-                    (doomed, "bash", {"command": "echo never"}),
-                    (healthy, "bash", {"command": "sleep 1; echo fine"}),
-                ])
+                lost, after, fine = await backend.execute_batch(
+                    [
+                        (doomed, "bash", {"command": "sleep 30"}),
+                        (doomed, "bash", {"command": "echo never"}),
+                        (healthy, "bash", {"command": "sleep 1; echo fine"}),
+                    ]
+                )
         for result in (lost, after):
             assert result.success is False
             assert result.metadata["infra_error"] == "sandbox_lost"
@@ -436,11 +450,13 @@ async def test_cancelling_execute_batch_at_every_await_kills_commands() -> None:
         slots = [await backend.acquire("a"), await backend.acquire("b")]
 
         async def batch() -> None:
-            await backend.execute_batch([
-                (slots[0], "write_file", {"path": "f", "content": "x"}),
-                (slots[0], "bash", {"command": "echo quick"}),
-                (slots[1], "bash", {"command": "echo quick"}),
-            ])
+            await backend.execute_batch(
+                [
+                    (slots[0], "write_file", {"path": "f", "content": "x"}),
+                    (slots[0], "bash", {"command": "echo quick"}),
+                    (slots[1], "bash", {"command": "echo quick"}),
+                ]
+            )
 
         async def consistent() -> None:
             assert slots_held(backend) == 2
@@ -484,8 +500,10 @@ def test_asyncio_program_uses_the_same_api() -> None:
         async with ToolBackend(local_config()) as backend:
             slots = [await backend.acquire(f"t{index}") for index in range(3)]
             results = await backend.execute_batch(
-                [(slot, "bash", {"command": f"sleep 0.3; echo {index}"})
-                 for index, slot in enumerate(slots)]
+                [
+                    (slot, "bash", {"command": f"sleep 0.3; echo {index}"})
+                    for index, slot in enumerate(slots)
+                ]
             )
             assert slots_held(backend) == 3
             for slot in slots:
@@ -600,8 +618,21 @@ def test_status_command_shows_profiles_and_started_pools(
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "hermes-actors: running; profiles: default (default: default)"
     assert table[1].split() == [
-        "profile", "backend", "sandboxes", "free", "held", "waiters", "starting", "commands",
-        "cmd", "fail", "infra", "fail", "started", "stopped", "lost",
+        "profile",
+        "backend",
+        "sandboxes",
+        "free",
+        "held",
+        "waiters",
+        "starting",
+        "commands",
+        "cmd",
+        "fail",
+        "infra",
+        "fail",
+        "started",
+        "stopped",
+        "lost",
     ]
     assert table[2].split()[:5] == ["default", "local", "2", "20", "0"]
     assert [line.split()[1] for line in table[4:]] == ["state", "ready", "ready"]

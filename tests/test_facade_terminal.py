@@ -88,7 +88,9 @@ def kill_agent(sandbox_id: str) -> None:
 def test_a_task_keeps_its_files_until_cleanup_vm(profiles_file: Path) -> None:
     """Files written under a task_id persist across calls; cleanup_vm wipes them."""
     assert run("echo hello > notes.txt", task_id="t1") == {
-        "output": "", "exit_code": 0, "error": None,
+        "output": "",
+        "exit_code": 0,
+        "error": None,
     }
     assert run("cat notes.txt", task_id="t1")["output"] == "hello\n"
     assert run("cat notes.txt", task_id="t2")["exit_code"] == 1

@@ -222,6 +222,7 @@ DEFAULT_ENV = {
     "HOMEBREW_NO_AUTO_UPDATE": "1",
 }
 
+
 def _sandbox_env(environ: Mapping[str, str]) -> Dict[str, str]:
     """The environment commands start from: the sandbox's own, made non-interactive.
 

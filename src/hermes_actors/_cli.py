@@ -60,10 +60,12 @@ def format_status(status: Mapping[str, Any]) -> str:
     header = [title for title, _ in _POOL_COLUMNS]
     rows = []
     for pool in pools:
-        rows.append([
-            str(len(pool.get("sandboxes", ()))) if key is None else str(pool.get(key, "-"))
-            for _, key in _POOL_COLUMNS
-        ])
+        rows.append(
+            [
+                str(len(pool.get("sandboxes", ()))) if key is None else str(pool.get(key, "-"))
+                for _, key in _POOL_COLUMNS
+            ]
+        )
     lines.extend(_table(header, rows))
     for pool in pools:
         sandboxes = list(pool.get("sandboxes", ()))
@@ -89,17 +91,35 @@ def format_status(status: Mapping[str, Any]) -> str:
 
 def format_profiles(profiles: Profiles) -> str:
     """Render resolved profiles: what each pool would look like."""
-    header = ["profile", "backend", "image", "cpu", "memory", "gpu", "slots", "sandboxes",
-              "isolation", "network"]
+    header = [
+        "profile",
+        "backend",
+        "image",
+        "cpu",
+        "memory",
+        "gpu",
+        "slots",
+        "sandboxes",
+        "isolation",
+        "network",
+    ]
     rows = []
     for name, config in profiles.profiles.items():
         marker = " *" if name == profiles.default_profile else ""
-        rows.append([
-            name + marker, config.backend, config.image, f"{config.cpu:g}", f"{config.memory}MiB",
-            config.gpu or "-", str(config.slots_per_sandbox),
-            f"{config.min_sandboxes}..{config.max_sandboxes}", config.isolation,
-            "on" if config.network else "off",
-        ])
+        rows.append(
+            [
+                name + marker,
+                config.backend,
+                config.image,
+                f"{config.cpu:g}",
+                f"{config.memory}MiB",
+                config.gpu or "-",
+                str(config.slots_per_sandbox),
+                f"{config.min_sandboxes}..{config.max_sandboxes}",
+                config.isolation,
+                "on" if config.network else "off",
+            ]
+        )
     source = profiles.source or "defaults and environment"
     return "\n".join([f"profiles from {source} (* = default):", *_table(header, rows)])
 
@@ -108,8 +128,11 @@ def _status_command(arguments: argparse.Namespace) -> int:
     profiles = load_profiles(arguments.profiles)
     if not arguments.start:
         if arguments.json:
-            print(json.dumps({"profiles": list(profiles.names),
-                              "default_profile": profiles.default_profile}))
+            print(
+                json.dumps(
+                    {"profiles": list(profiles.names), "default_profile": profiles.default_profile}
+                )
+            )
         else:
             print(format_profiles(profiles))
         return 0
@@ -143,11 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hermes-actors", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="show profiles, or start them and show pools")
-    status.add_argument("--profiles", help="YAML profiles file (default: "
-                        "$TERMINAL_MODAL_PROFILES_FILE, else built-in defaults)")
+    status.add_argument(
+        "--profiles",
+        help="YAML profiles file (default: $TERMINAL_MODAL_PROFILES_FILE, else built-in defaults)",
+    )
     status.add_argument("--start", action="store_true", help="start the pools and show them")
-    status.add_argument("--wait", type=float, default=60.0,
-                        help="seconds to wait for the pre-warm with --start (default 60)")
+    status.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the pre-warm with --start (default 60)",
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     arguments = parser.parse_args(argv)
     try:

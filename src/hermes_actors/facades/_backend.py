@@ -192,7 +192,8 @@ class ToolBackend:
             resolved = profiles
             if default_profile is not None:
                 resolved = Profiles(
-                    profiles=profiles.profiles, default_profile=default_profile,
+                    profiles=profiles.profiles,
+                    default_profile=default_profile,
                     source=profiles.source,
                 )
         else:
@@ -259,9 +260,7 @@ class ToolBackend:
             self._nursery = portal._nursery
             return portal
 
-    def call_blocking(
-        self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
-    ) -> T:
+    def call_blocking(self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run one of this backend's async methods from sync code and wait for its result.
 
         `backend.call_blocking(backend.acquire, "traj-1")`. The runtime runs on the portal
@@ -587,7 +586,9 @@ class ToolBackend:
                     timeout = args.get("timeout") or timeout_s or self._timeout_for(config)
                     cap = config.max_output_bytes
                     result = await runtime.exec(
-                        slot.lease, command=args["command"], timeout_s=float(timeout),
+                        slot.lease,
+                        command=args["command"],
+                        timeout_s=float(timeout),
                         max_output_bytes=cap,
                     )
                     return _bash_result(slot.slot_id, result, cap, float(timeout))
@@ -596,22 +597,32 @@ class ToolBackend:
                         slot.lease, args["path"], max_bytes=config.max_output_bytes
                     )
                     return _ok_result(
-                        slot.slot_id, data.decode("utf-8", errors="replace"), tool,
-                        time.monotonic() - started, size=len(data),
+                        slot.slot_id,
+                        data.decode("utf-8", errors="replace"),
+                        tool,
+                        time.monotonic() - started,
+                        size=len(data),
                     )
                 content = args["content"]
                 data = content.encode("utf-8") if isinstance(content, str) else content
                 size = await runtime.write_file(slot.lease, args["path"], data)
                 return _ok_result(
-                    slot.slot_id, f"wrote {size} bytes to {args['path']}", tool,
-                    time.monotonic() - started, size=size,
+                    slot.slot_id,
+                    f"wrote {size} bytes to {args['path']}",
+                    tool,
+                    time.monotonic() - started,
+                    size=size,
                 )
         except InfrastructureError as exc:
             if isinstance(exc, SandboxLost):
                 self._lost.add(slot.slot_id)
             return _error_result(
-                slot.slot_id, str(exc), tool, time.monotonic() - started,
-                infra_error=exc.kind, retryable=exc.retryable,
+                slot.slot_id,
+                str(exc),
+                tool,
+                time.monotonic() - started,
+                infra_error=exc.kind,
+                retryable=exc.retryable,
             )
         except (AgentError, HermesError) as exc:
             return _error_result(slot.slot_id, str(exc), tool, time.monotonic() - started)
@@ -628,15 +639,17 @@ class ToolBackend:
 
         Raises `AgentError` (`not_found`, `path_escape`, ...), `SandboxLost`.
         """
-        return await self._route(lambda: self._held_runtime(slot).read_file(
-            slot.lease, path, max_bytes=max_bytes))
+        return await self._route(
+            lambda: self._held_runtime(slot).read_file(slot.lease, path, max_bytes=max_bytes)
+        )
 
     async def list_artifacts(
         self, slot: Slot, path: str = ".", recursive: bool = False
     ) -> list[dict[str, Any]]:
         """Entries under `path` of the slot's workspace: `{"path", "type", "size"}` each."""
-        return await self._route(lambda: self._held_runtime(slot).list_files(
-            slot.lease, path, recursive=recursive))
+        return await self._route(
+            lambda: self._held_runtime(slot).list_files(slot.lease, path, recursive=recursive)
+        )
 
     async def archive_artifacts(
         self, slot: Slot, path: str = ".", max_bytes: int = DEFAULT_ARCHIVE_MAX_BYTES
@@ -656,8 +669,10 @@ class ToolBackend:
             runtime = self._held_runtime(slot)
             with collapse_exception_groups():
                 result = await runtime.exec(
-                    slot.lease, argv=["tar", "-czf", "-", "--", path],
-                    timeout_s=self.default_timeout_s, max_output_bytes=max_bytes,
+                    slot.lease,
+                    argv=["tar", "-czf", "-", "--", path],
+                    timeout_s=self.default_timeout_s,
+                    max_output_bytes=max_bytes,
                 )
             if result.stdout_dropped:
                 raise ArtifactTooLarge(path, max_bytes)
@@ -754,8 +769,12 @@ def _ok_result(
     slot_id: str, output: str, tool: str, duration_s: float, **extra: Any
 ) -> ExecutionResult:
     return ExecutionResult(
-        success=True, output=output, error=None, execution_id=_new_execution_id(),
-        slot_id=slot_id, metadata=_metadata(tool, duration_s, **extra),
+        success=True,
+        output=output,
+        error=None,
+        execution_id=_new_execution_id(),
+        slot_id=slot_id,
+        metadata=_metadata(tool, duration_s, **extra),
     )
 
 
@@ -763,8 +782,12 @@ def _error_result(
     slot_id: str, error: str, tool: str | None, duration_s: float, **extra: Any
 ) -> ExecutionResult:
     return ExecutionResult(
-        success=False, output="", error=error, execution_id=_new_execution_id(),
-        slot_id=slot_id, metadata=_metadata(tool, duration_s, **extra),
+        success=False,
+        output="",
+        error=error,
+        execution_id=_new_execution_id(),
+        slot_id=slot_id,
+        metadata=_metadata(tool, duration_s, **extra),
     )
 
 

@@ -88,7 +88,8 @@ def terminal_tool(
         slot = _task_slots.get(task_id)
         if slot is not None and profile is not None and profile != slot.profile:
             return _reply(
-                "", None,
+                "",
+                None,
                 f"task {task_id!r} already runs in profile {slot.profile!r}; call "
                 f"cleanup_vm({task_id!r}) before using profile {profile!r}",
             )
