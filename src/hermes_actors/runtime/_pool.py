@@ -241,17 +241,23 @@ class ProfilePool:
                 self._scale()
                 task_status.started(self)
                 async for message in self._receive:
-                    self._handle(message)
+                    try:
+                        self._handle(message)
+                    except BaseException:
+                        # A bug crashes the pool (its supervisor restarts it); the caller of
+                        # the message being handled must still get an answer.
+                        message.reply.fail(self._stopped_error())
+                        raise
         finally:
             self._stopped = True
-            self._fail_waiters(
-                RuntimeStopped(f"the pool of profile {self.settings.profile!r} stopped")
-            )
-            close_mailbox(
-                self._receive,
-                lambda message: [message.reply],
-                lambda: RuntimeStopped(f"the pool of profile {self.settings.profile!r} stopped"),
-            )
+            self._fail_waiters(self._stopped_error())
+            close_mailbox(self._receive, lambda message: [message.reply], self._stopped_error)
+
+    def _stopped_error(self) -> RuntimeStopped:
+        return RuntimeStopped(
+            f"the pool of profile {self.settings.profile!r} stopped; if the runtime is still "
+            "running, its supervisor restarts the pool: try again"
+        )
 
     def _handle(self, message: PoolMessage) -> None:
         match message:
