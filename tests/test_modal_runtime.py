@@ -1,0 +1,217 @@
+"""The runtime on the modal backend, through the Modal API emulator and the real modal client.
+
+The pool logic itself is tested on the virtual clock with the fake driver (`test_pool.py`);
+these tests check that the same behaviour holds end to end on the modal driver: pre-warm and
+scale up, scale down after idle, provider-side sandbox death, slot reset on release, and batch
+results in request order. The emulator runs on its own thread and real time, so they poll with
+short real deadlines instead of using trio's virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from hermes_actors import SandboxConfig, ToolBackend
+from hermes_actors._config import profiles_from_mapping
+from hermes_actors._errors import AcquireTimeout, SandboxLost
+from hermes_actors.runtime._runtime import Runtime
+from hermes_actors.testing.modal_emulator import ModalEmulator
+
+APP_NAME = "hermes-runtime-tests"
+#: Real-time bound on anything these tests wait for (sandbox start, scale down, replacement).
+DEADLINE_S = 15.0
+
+
+def _profile(**changes: Any) -> SandboxConfig:
+    settings: dict[str, Any] = {
+        "name": "rt",
+        "backend": "modal",
+        "app_name": APP_NAME,
+        "cpu": 0.5,
+        "memory": 256,
+        "acquire_timeout_s": DEADLINE_S,
+        **changes,
+    }
+    return SandboxConfig(**settings)
+
+
+@asynccontextmanager
+async def running_runtime(**changes: Any) -> AsyncIterator[Runtime]:
+    """A runtime with one modal profile, running in a nursery until the block ends."""
+    profiles = profiles_from_mapping({"rt": _profile(**changes)}, default_profile="rt")
+    runtime = Runtime(profiles, run_id="runtime-tests")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.run)
+        yield runtime
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait (real time, bounded) until `condition()` holds."""
+    with trio.move_on_after(DEADLINE_S):
+        # Polling on purpose: the state lives in the emulator's thread, which cannot set a
+        # trio.Event.
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        return
+    pytest.fail(f"timed out waiting for: {what}")
+
+
+def running_ids(emulator: ModalEmulator) -> set[str]:
+    return {state.sandbox_id for state in emulator.sandboxes() if state.returncode is None}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie awaiting its reaper counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_prewarms_min_sandboxes_then_scales_up_to_max(modal_emulator: ModalEmulator) -> None:
+    """The pool pre-warms min_sandboxes, starts more under load, and never exceeds max."""
+    async with running_runtime(min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=2) as runtime:
+        await eventually(lambda: len(running_ids(modal_emulator)) == 1, "the pre-warmed sandbox")
+        assert len(modal_emulator.calls("SandboxCreateV2")) == 1
+        leases = []
+        async with trio.open_nursery() as nursery:
+
+            async def hold(index: int) -> None:
+                leases.append(await runtime.acquire(trajectory_id=f"trajectory-{index}"))
+
+            for index in range(4):
+                nursery.start_soon(hold, index)
+        assert len({lease.sandbox_id for lease in leases}) == 2
+        assert running_ids(modal_emulator) == {lease.sandbox_id for lease in leases}
+        for lease in leases:
+            result = await runtime.exec(lease, command="echo $HERMES_SANDBOX_ID")
+            assert result.stdout.decode().strip() == lease.sandbox_id
+        with pytest.raises(AcquireTimeout):
+            await runtime.acquire(timeout_s=0.5)
+        assert len(modal_emulator.calls("SandboxCreateV2")) == 2
+        for lease in leases:
+            await runtime.release(lease)
+    assert running_ids(modal_emulator) == set()
+
+
+async def test_scales_down_to_min_after_idle_timeout(modal_emulator: ModalEmulator) -> None:
+    """A sandbox idle for idle_timeout above min_sandboxes is terminated; the rest stay."""
+    async with running_runtime(
+        min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=1, idle_timeout=1.0
+    ) as runtime:
+        first = await runtime.acquire()
+        second = await runtime.acquire()
+        assert first.sandbox_id != second.sandbox_id
+        await runtime.release(first)
+        await runtime.release(second)
+        released_at = trio.current_time()
+        await eventually(lambda: len(running_ids(modal_emulator)) == 1, "one sandbox stopped")
+        assert trio.current_time() - released_at >= 1.0
+        stopped = {state.sandbox_id for state in modal_emulator.sandboxes()} - running_ids(
+            modal_emulator
+        )
+        (stopped_id,) = stopped
+        # Stopped by our own policy (terminate, 137), not by the provider's idle timeout (124).
+        assert {state.sandbox_id: state.returncode for state in modal_emulator.sandboxes()}[
+            stopped_id
+        ] == 137
+        assert len(modal_emulator.calls("SandboxTerminateV2")) == 1
+        # The survivor is the pool's warm minimum: it stays and serves.
+        await trio.sleep(1.5)
+        assert len(running_ids(modal_emulator)) == 1
+        lease = await runtime.acquire()
+        assert (await runtime.exec(lease, command="echo warm")).stdout == b"warm\n"
+        await runtime.release(lease)
+
+
+async def test_provider_killed_sandbox_fails_held_slots_and_is_replaced(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A sandbox the provider kills fails its held slots with a retryable SandboxLost; the
+    pool replaces it with a new sandbox."""
+    async with running_runtime(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=2) as runtime:
+        busy = await runtime.acquire(trajectory_id="busy")
+        idle = await runtime.acquire(trajectory_id="idle")
+        assert busy.sandbox_id == idle.sandbox_id
+        doomed = busy.sandbox_id
+
+        async def kill_soon() -> None:
+            await trio.sleep(0.3)
+            modal_emulator.kill_sandbox(doomed, "internal_failure")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_soon)
+            with trio.fail_after(DEADLINE_S), pytest.raises(SandboxLost) as lost:
+                await runtime.exec(busy, command="sleep 60")
+        assert lost.value.retryable
+        with pytest.raises(SandboxLost) as lost_idle:
+            await runtime.exec(idle, command="echo hi")
+        assert lost_idle.value.retryable
+        await runtime.release(busy)
+        await runtime.release(idle)
+        fresh = await runtime.acquire(timeout_s=DEADLINE_S)
+        assert fresh.sandbox_id != doomed
+        assert (await runtime.exec(fresh, command="echo alive")).stdout == b"alive\n"
+        assert running_ids(modal_emulator) == {fresh.sandbox_id}
+        (pool,) = runtime.status().pools
+        assert pool.sandboxes_lost == 1
+        await runtime.release(fresh)
+
+
+async def test_release_resets_the_slot(modal_emulator: ModalEmulator) -> None:
+    """Released slots come back empty: files (dotfiles too) gone, processes (escapees too) dead."""
+    async with running_runtime(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as runtime:
+        lease = await runtime.acquire(trajectory_id="first")
+        await runtime.write_file(lease, "notes.txt", b"secret")
+        await runtime.write_file(lease, ".hidden/config", b"x")
+        result = await runtime.exec(
+            lease,
+            command="sleep 300 & echo $!; setsid sleep 300 > /dev/null 2>&1 & echo $!",
+        )
+        pids = [int(line) for line in result.stdout.split()]
+        assert len(pids) == 2
+        assert all(pid_alive(pid) for pid in pids)
+        await runtime.release(lease)
+        await eventually(lambda: not any(pid_alive(pid) for pid in pids), "slot processes killed")
+        again = await runtime.acquire(trajectory_id="second")
+        assert (again.sandbox_id, again.index) == (lease.sandbox_id, lease.index)
+        assert await runtime.list_files(again, ".", recursive=True) == []
+        listing = await runtime.exec(again, command="ls -A")
+        assert listing.stdout == b""
+        await runtime.release(again)
+    assert all(not pid_alive(pid) for pid in pids)
+
+
+async def test_execute_batch_returns_results_in_request_order(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """Results come back in request order although later requests finish first."""
+    config = _profile(min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=3)
+    async with ToolBackend(config, run_id="batch-tests") as backend:
+        slots = [await backend.acquire(f"trajectory-{index}") for index in range(4)]
+        requests: list[tuple[Any, str, dict[str, Any]]] = []
+        for index, slot in enumerate(slots):
+            # The first requests sleep longest, so they finish last.
+            delay = 0.1 * (len(slots) - index)
+            requests.append((slot, "bash", {"command": f"sleep {delay}; echo bash-{index}"}))
+            requests.append((slot, "write_file", {"path": "out.txt", "content": f"file-{index}"}))
+            requests.append((slot, "read_file", {"path": "out.txt"}))
+        results = await backend.execute_batch(requests)
+        assert [result.slot_id for result in results] == [slot.slot_id for slot, _, _ in requests]
+        assert all(result.success for result in results), results
+        for index in range(len(slots)):
+            bash, write, read = results[3 * index : 3 * index + 3]
+            assert bash.output == f"bash-{index}\n"
+            assert write.metadata["size"] == len(f"file-{index}")
+            assert read.output == f"file-{index}"
+        assert len({slot.sandbox_id for slot in slots}) == 2
+        for slot in slots:
+            await backend.release(slot)
+    assert running_ids(modal_emulator) == set()
