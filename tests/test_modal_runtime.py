@@ -9,6 +9,7 @@ short real deadlines instead of using trio's virtual clock.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -215,3 +216,26 @@ async def test_execute_batch_returns_results_in_request_order(
         for slot in slots:
             await backend.release(slot)
     assert running_ids(modal_emulator) == set()
+
+
+async def test_creates_are_throttled_at_the_strictest_profiles_rate(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """One driver serves every modal profile, creating at most creates_per_second of the
+    strictest one."""
+    profiles = profiles_from_mapping(
+        {
+            "slow": _profile(name="slow", min_sandboxes=3, max_sandboxes=3, creates_per_second=2.0),
+            "fast": _profile(name="fast", min_sandboxes=0, creates_per_second=20.0),
+        },
+        default_profile="slow",
+    )
+    runtime = Runtime(profiles, run_id="throttle-tests")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runtime.run)
+        await eventually(lambda: len(running_ids(modal_emulator)) == 3, "three warm sandboxes")
+        nursery.cancel_scope.cancel()
+    arrivals = [call.at for call in modal_emulator.calls("SandboxCreateV2")]
+    assert len(arrivals) == 3
+    # 0.5 s apart at the client; the RPCs' arrival may jitter by a few milliseconds.
+    assert all(later - earlier >= 0.45 for earlier, later in itertools.pairwise(arrivals))

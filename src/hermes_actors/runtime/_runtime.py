@@ -144,7 +144,19 @@ class Runtime:
             elif backend == "modal":
                 from hermes_actors.drivers._modal import ModalDriver
 
-                driver = ModalDriver(run_id=self.run_id)
+                # Modal's limits are per account, so one driver throttles every modal profile:
+                # at the strictest profile's rate, with each profile's starting cap added up
+                # (each pool also enforces its own).
+                modal_profiles = [
+                    profile
+                    for profile in self.profiles.profiles.values()
+                    if profile.backend == "modal"
+                ] or [config]
+                driver = ModalDriver(
+                    run_id=self.run_id,
+                    creates_per_second=min(p.creates_per_second for p in modal_profiles),
+                    max_starting=sum(p.max_starting for p in modal_profiles),
+                )
             else:  # pragma: no cover - the config rejects other backends
                 raise ConfigError(f"unknown backend {backend!r}")
             self._drivers[backend] = driver
