@@ -933,3 +933,54 @@ def test_bursts_of_execs_cancels_and_resets_keep_the_agent_alive(agent: AgentPro
             reply = agent.wait_reply(request_id)
             assert reply["ok"], (round_number, reply)
     assert agent.call("ping")["execs"] == 0
+
+
+def test_serial_requests_of_a_slot_run_one_at_a_time_in_order(agent: AgentProcess) -> None:
+    """Serial requests sent together run in arrival order; other slots are not held up."""
+    ids = [
+        agent.send("exec", slot=0, serial=True, command="sleep 0.3; echo first >> log"),
+        agent.send("write_file", slot=0, serial=True, path="note", data=b"after first"),
+        agent.send("exec", slot=0, serial=True, command="cat note; echo second >> log; cat log"),
+        agent.send("exec", slot=1, serial=True, command="echo other slot"),
+    ]
+    other = agent.wait_reply(ids[3])
+    assert other["result"]["stdout"] == b"other slot\n"
+    assert agent.call("ping")["execs"] == 1  # slot 0's second exec is still queued
+    replies = [agent.wait_reply(request_id) for request_id in ids[:3]]
+    assert all(reply["ok"] for reply in replies)
+    assert replies[2]["result"]["stdout"] == b"after firstfirst\nsecond\n"
+
+
+def test_a_queued_serial_exec_can_be_cancelled_before_it_runs(agent: AgentProcess) -> None:
+    """Cancelling a queued serial exec answers it as cancelled; it never runs."""
+    running = agent.send("exec", slot=0, serial=True, command="sleep 0.3")
+    queued = agent.send("exec", slot=0, serial=True, command="touch ran")
+    assert agent.call("cancel", target=queued) == {"found": True}
+    result = agent.wait_reply(queued)["result"]
+    assert result["cancelled"]
+    assert result["stdout"] == b""
+    assert agent.wait_reply(running)["result"]["exit_code"] == 0
+    assert agent.error("read_file", slot=0, path="ran")["code"] == "not_found"
+
+
+def test_reset_drops_queued_serial_requests_and_kills_the_running_one(
+    agent: AgentProcess,
+) -> None:
+    """reset_slot answers queued serial requests as cancelled and runs none of them."""
+    running = agent.send("exec", slot=0, serial=True, command="sleep 30")
+    queued_exec = agent.send("exec", slot=0, serial=True, command="touch ran")
+    queued_write = agent.send("write_file", slot=0, serial=True, path="w", data=b"x")
+    agent.call("reset_slot", slot=0)
+    assert agent.wait_reply(running)["result"]["cancelled"]
+    assert agent.wait_reply(queued_exec)["result"]["cancelled"]
+    assert agent.wait_reply(queued_write)["error"]["code"] == "cancelled"
+    assert agent.call("list_files", slot=0)["entries"] == []
+
+
+def test_a_serial_exec_timeout_counts_from_its_start(agent: AgentProcess) -> None:
+    """A queued exec's timeout starts when it runs, not when it arrived."""
+    first = agent.send("exec", slot=0, serial=True, command="sleep 0.5")
+    second = agent.send("exec", slot=0, serial=True, command="sleep 0.2; echo done", timeout_s=0.4)
+    assert agent.wait_reply(first)["result"]["exit_code"] == 0
+    result = agent.wait_reply(second)["result"]
+    assert (result["timed_out"], result["stdout"]) == (False, b"done\n")

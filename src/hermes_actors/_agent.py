@@ -51,6 +51,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import heapq
@@ -64,7 +65,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -271,6 +272,8 @@ EXIT_BROKEN_STREAM = 5
 _PR_SET_CHILD_SUBREAPER = 36
 
 OPS = ("exec", "cancel", "read_file", "write_file", "list_files", "reset_slot", "ping", "shutdown")
+#: Operations that accept ``"serial": true``: run one at a time per slot, in arrival order.
+SERIAL_OPS = ("exec", "read_file", "write_file", "list_files")
 
 
 class OpError(Exception):
@@ -450,6 +453,12 @@ class Agent:
         self.timers: List[Tuple[float, int, int]] = []  # (deadline, exec_id, pid)
         self.next_exec_id = 1
         self.slots_used: Set[int] = set()
+        # Serial requests (args "serial": true) run one at a time per slot, in arrival order,
+        # so a host can send a slot's whole batch in one write. A slot is busy while its
+        # serial exec runs; what arrives meanwhile waits in the slot's queue.
+        self.serial_running: Dict[int, int] = {}  # slot -> request id of its running exec
+        self.serial_queues: Dict[int, Deque[Tuple[int, str, Dict[str, Any]]]] = {}
+        self.slots_to_pump: Set[int] = set()
         self.exit_code: Optional[int] = None
         self.exit_reason = ""
         self.host_deadline = time.monotonic() + self.ttl_s
@@ -491,7 +500,7 @@ class Agent:
         os.set_blocking(self.out_fd, False)
         self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
         self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
-        features = [*list(OPS), "head_tail_output", "tree_kill"]
+        features = [*list(OPS), "head_tail_output", "tree_kill", "serial"]
         if self.subreaper:
             features.append("subreaper")
         if self.slot_uid_base is not None:
@@ -541,6 +550,7 @@ class Agent:
         self._handle_signals()
         self._reap()
         self._fire_timers()
+        self._pump_serial_queues()
         if self.exit_code is None and time.monotonic() >= self.host_deadline:
             self._exit(EXIT_TTL, "no frame from the host within ttl_s=%s" % self.ttl_s)
 
@@ -672,7 +682,16 @@ class Agent:
                 raise OpError("unknown_op", "unknown op %r; known: %s" % (op, ", ".join(OPS)))
             if not isinstance(args, dict):
                 raise OpError("bad_request", "'args' must be an object")
-            result = handler(request_id, args)
+            if args.get("serial") and op in SERIAL_OPS:
+                slot = _slot_arg(args)
+                if slot in self.serial_running or self.serial_queues.get(slot):
+                    self.serial_queues.setdefault(slot, collections.deque()).append(
+                        (request_id, op, args)
+                    )
+                    return
+                result = self._run_serial(request_id, op, args, slot)
+            else:
+                result = handler(request_id, args)
         except OpError as exc:
             self.send(_error_reply(request_id, exc.code, exc.message))
             return
@@ -682,6 +701,57 @@ class Agent:
             return
         if result is not None:
             self.send({"id": request_id, "ok": True, "result": result})
+
+    # -- per-slot serial queues -----------------------------------------------------------------
+
+    def _run_serial(
+        self, request_id: int, op: str, args: Dict[str, Any], slot: int
+    ) -> Optional[Dict[str, Any]]:
+        result = self.handlers[op](request_id, args)
+        if op == "exec" and request_id in self.by_request:
+            self.serial_running[slot] = request_id
+        return result
+
+    def _pump_serial_queues(self) -> None:
+        """Start what waits in the queues of slots whose serial exec has finished."""
+        while self.slots_to_pump and self.exit_code is None:
+            slot = self.slots_to_pump.pop()
+            queue = self.serial_queues.get(slot)
+            while queue and slot not in self.serial_running:
+                request_id, op, args = queue.popleft()
+                try:
+                    result = self._run_serial(request_id, op, args, slot)
+                except OpError as exc:
+                    self.send(_error_reply(request_id, exc.code, exc.message))
+                    continue
+                except Exception as exc:  # never crash the agent on one request
+                    _log("internal error in queued %r: %r" % (op, exc))
+                    message = "%s: %s" % (type(exc).__name__, exc)
+                    self.send(_error_reply(request_id, "internal", message))
+                    continue
+                if result is not None:
+                    self.send({"id": request_id, "ok": True, "result": result})
+            if not queue:
+                self.serial_queues.pop(slot, None)
+
+    def _drop_queued(self, slot: int, target: Optional[int] = None) -> int:
+        """Answer queued requests of `slot` (only `target`, if given) as cancelled, unrun."""
+        queue = self.serial_queues.get(slot)
+        if not queue:
+            return 0
+        dropped = [item for item in queue if target is None or item[0] == target]
+        for item in dropped:
+            queue.remove(item)
+            request_id, op, _ = item
+            if op == "exec":
+                result = _exec_result(-signal.SIGKILL, None, False, True, 0.0, b"", 0, b"", 0)
+                self.send({"id": request_id, "ok": True, "result": result})
+            else:
+                message = "%s was cancelled before it ran" % op
+                self.send(_error_reply(request_id, "cancelled", message))
+        if not queue:
+            self.serial_queues.pop(slot, None)
+        return len(dropped)
 
     # -- workspaces and paths -------------------------------------------------------------------
 
@@ -911,6 +981,11 @@ class Agent:
         self.execs.pop(ex.pid, None)
         if self.by_request.get(ex.request_id) is ex:
             del self.by_request[ex.request_id]
+        if self.serial_running.get(ex.slot) == ex.request_id:
+            # The slot's next queued request starts once this loop turn is done (not from
+            # here: _finish also runs in the middle of kills).
+            del self.serial_running[ex.slot]
+            self.slots_to_pump.add(ex.slot)
         for fd in list(ex.fds):
             capture = ex.fds[fd]
             taken = 0
@@ -1033,6 +1108,8 @@ class Agent:
             pause = min(pause * 2, 0.02)
 
     def _kill_everything(self) -> None:
+        for slot in list(self.serial_queues):
+            self._drop_queued(slot)
         execs = list(self.execs.values())
         uids: Set[int] = set()
         for slot in self.slots_used:
@@ -1052,6 +1129,9 @@ class Agent:
         target = args.get("target")
         if not isinstance(target, int) or isinstance(target, bool):
             raise OpError("bad_request", "'target' must be the request id of an exec")
+        for slot in list(self.serial_queues):
+            if self._drop_queued(slot, target):
+                return {"found": True}
         ex = self.by_request.get(target)
         if ex is None or ex.kill_reason is not None:
             return {"found": False}
@@ -1060,6 +1140,8 @@ class Agent:
 
     def op_reset_slot(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         slot = _slot_arg(args)
+        # Queued requests go first, or killing the running one would start the next.
+        self._drop_queued(slot)
         execs = [ex for ex in self.execs.values() if ex.slot == slot]
         uid = self.slot_uid(slot)
         killed = self.kill_execs(
