@@ -42,6 +42,7 @@ class FakeSandbox:
         self.slot_of: dict[int, int] = {}
         self._cancel_scope = trio.CancelScope()
         self._send_lock = trio.Lock()
+        self.serial_queues: dict[int, list[dict[str, Any]]] = {}
 
     @property
     def sandbox_id(self) -> str:
@@ -107,12 +108,40 @@ class FakeSandbox:
                         complete, message = decoder.next_frame()
                         if not complete:
                             break
-                        nursery.start_soon(self._handle, message)
+                        args = message.get("args") or {}
+                        if args.get("serial"):
+                            self._enqueue_serial(nursery, message)
+                        else:
+                            nursery.start_soon(self._handle, message)
                     data = await stream.receive_some()
                     if not data:
                         self._die(0)
                         return
                     decoder.feed(data)
+
+    def _enqueue_serial(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
+        """Like the real agent: serial requests of a slot run one at a time, in order."""
+        slot = message["args"]["slot"]
+        queue = self.serial_queues.setdefault(slot, [])
+        queue.append(message)
+        if len(queue) == 1:
+            nursery.start_soon(self._run_serial_queue, slot)
+
+    async def _run_serial_queue(self, slot: int) -> None:
+        queue = self.serial_queues[slot]
+        while queue:
+            await self._handle(queue[0])
+            if queue:
+                queue.pop(0)
+        del self.serial_queues[slot]
+
+    def _drop_queued(self, slot: int, target: int | None = None) -> list[int]:
+        """Queued (not yet running) serial requests of `slot`, removed; their ids returned."""
+        queue = self.serial_queues.get(slot, [])
+        dropped = [m for m in queue[1:] if target is None or m["id"] == target]
+        for message in dropped:
+            queue.remove(message)
+        return [m["id"] for m in dropped]
 
     async def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -136,6 +165,10 @@ class FakeSandbox:
         if op == "exec":
             return await self._exec(request_id, args)
         if op == "cancel":
+            for slot in list(self.serial_queues):
+                if self._drop_queued(slot, args["target"]):
+                    await self._send_cancelled(args["target"])
+                    return {"found": True}
             scope = self.running.get(args["target"])
             if scope is not None:
                 scope.cancel()
@@ -143,6 +176,8 @@ class FakeSandbox:
         if op == "reset_slot":
             self.driver.resets += 1
             slot = args["slot"]
+            for dropped in self._drop_queued(slot):
+                await self._send_cancelled(dropped)
             for rid, scope in list(self.running.items()):
                 if self.slot_of.get(rid) == slot:
                     scope.cancel()
@@ -163,6 +198,10 @@ class FakeSandbox:
         if op in ("ping", "shutdown"):
             return {}
         raise KeyError(op)
+
+    async def _send_cancelled(self, request_id: int) -> None:
+        result = {"exit_code": -9, "signal": None, "timed_out": False, "cancelled": True}
+        await self._send({"id": request_id, "ok": True, "result": {**result, "stdout": b""}})
 
     async def _exec(self, request_id: int, args: dict[str, Any]) -> dict[str, Any]:
         self.driver.execs += 1

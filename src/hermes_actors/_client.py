@@ -66,12 +66,15 @@ class ExecResult:
         )
 
 
-class _Pending:
-    """The one-shot outcome of a request: set by the reader, awaited by the caller."""
+class Request:
+    """One submitted request: resolved once by the reader with the agent's answer."""
 
-    __slots__ = ("event", "result")
+    __slots__ = ("cancellable", "event", "request_id", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: int, cancellable: bool) -> None:
+        self.request_id = request_id
+        #: Whether the agent can cancel it: a command, or anything waiting in a serial queue.
+        self.cancellable = cancellable
         self.event = trio.Event()
         self.result: outcome.Outcome[dict[str, Any]] | None = None
 
@@ -84,6 +87,40 @@ class _Pending:
         await self.event.wait()
         assert self.result is not None
         return self.result.unwrap()
+
+
+def exec_args(
+    slot: int,
+    *,
+    command: str | None = None,
+    argv: list[str] | None = None,
+    cwd: str = ".",
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout_s: float | None = None,
+    max_output_bytes: int | None = None,
+    serial: bool = False,
+) -> dict[str, Any]:
+    """The agent's `exec` arguments: exactly one of a shell `command` or an `argv`.
+
+    `serial` queues the command behind the slot's earlier serial requests in the agent.
+    """
+    if (command is None) == (argv is None):
+        raise ValueError("exec needs exactly one of command= or argv=")
+    args: dict[str, Any] = {"slot": slot, "cwd": cwd, "env": dict(env or {})}
+    if command is not None:
+        args["command"] = command
+    else:
+        args["argv"] = list(argv or ())
+    if stdin is not None:
+        args["stdin"] = stdin
+    if timeout_s is not None and math.isfinite(timeout_s):
+        args["timeout_s"] = float(timeout_s)
+    if max_output_bytes is not None:
+        args["max_output_bytes"] = max_output_bytes
+    if serial:
+        args["serial"] = True
+    return args
 
 
 class SandboxClient:
@@ -105,7 +142,7 @@ class SandboxClient:
         self._max_output_bytes = max_output_bytes
         self._start_timeout_s = start_timeout_s
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Request] = {}
         self._outbox: list[bytes] = []
         self._outbox_ready = trio.Event()
         self._lost: SandboxLost | None = None
@@ -269,72 +306,53 @@ class SandboxClient:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _begin(self, op: str, args: Mapping[str, Any]) -> tuple[int, _Pending]:
-        if self._lost is not None:
-            raise self._lost
-        request_id = next(self._ids)
-        cell = _Pending()
-        self._pending[request_id] = cell
-        self._send_nowait({"id": request_id, "op": op, "args": dict(args)})
-        self.requests_sent += 1
-        return request_id, cell
+    def submit(self, op: str, args: Mapping[str, Any]) -> Request:
+        """Queue one request for the agent now (sync: requests go out in submission order).
 
-    async def call(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its result.
+        Raises `SandboxLost` when the sandbox is already gone. Await the answer with `wait`.
+        """
+        if self._lost is not None:
+            raise SandboxLost(self._lost.sandbox_id, self._lost.reason)
+        request = Request(next(self._ids), cancellable=op == "exec" or bool(args.get("serial")))
+        self._pending[request.request_id] = request
+        self._send_nowait({"id": request.request_id, "op": op, "args": dict(args)})
+        self.requests_sent += 1
+        return request
+
+    async def wait(self, request: Request) -> dict[str, Any]:
+        """Wait for a submitted request's result.
 
         Raises `AgentError` when the agent refused it, `SandboxLost` when the sandbox went away.
-        Cancellation abandons the reply (the agent still finishes the operation).
+        If the caller is cancelled while an `exec` (or a queued serial request) is pending, the
+        agent is told to cancel it, and this waits (shielded, bounded by `CANCEL_GRACE_S`) for
+        its final answer, so the command is dead when `Cancelled` propagates. Other operations
+        finish in the agent regardless; their answer is dropped.
         """
-        request_id, cell = self._begin(op, args)
         try:
-            return await cell.wait()
+            return await request.wait()
+        except trio.Cancelled:
+            if request.cancellable and not request.event.is_set() and self._lost is None:
+                self._send_nowait(
+                    {"id": next(self._ids), "op": "cancel", "args": {"target": request.request_id}}
+                )
+                with trio.move_on_after(CANCEL_GRACE_S, shield=True):
+                    await request.event.wait()
+            raise
         finally:
-            self._pending.pop(request_id, None)
+            self._pending.pop(request.request_id, None)
 
-    async def exec(
-        self,
-        slot: int,
-        *,
-        command: str | None = None,
-        argv: list[str] | None = None,
-        cwd: str = ".",
-        env: Mapping[str, str] | None = None,
-        stdin: bytes | None = None,
-        timeout_s: float | None = None,
-        max_output_bytes: int | None = None,
-    ) -> ExecResult:
-        """Run one command in `slot`'s workspace and return what it did.
+    async def call(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its result (see `submit` and `wait`)."""
+        return await self.wait(self.submit(op, args))
+
+    async def exec(self, slot: int, **options: Any) -> ExecResult:
+        """Run one command in `slot`'s workspace and return what it did (see `exec_args`).
 
         A timeout kills the command's whole process tree and returns the partial output with
         `timed_out` set and exit code 124. If the caller is cancelled, the command is killed the
         same way before this returns (bounded by `CANCEL_GRACE_S`), then `Cancelled` propagates.
         """
-        if (command is None) == (argv is None):
-            raise ValueError("exec needs exactly one of command= or argv=")
-        args: dict[str, Any] = {"slot": slot, "cwd": cwd, "env": dict(env or {})}
-        if command is not None:
-            args["command"] = command
-        else:
-            args["argv"] = list(argv or ())
-        if stdin is not None:
-            args["stdin"] = stdin
-        if timeout_s is not None and math.isfinite(timeout_s):
-            args["timeout_s"] = float(timeout_s)
-        if max_output_bytes is not None:
-            args["max_output_bytes"] = max_output_bytes
-        request_id, cell = self._begin("exec", args)
-        try:
-            return ExecResult.from_reply(await cell.wait())
-        except trio.Cancelled:
-            if request_id in self._pending and self._lost is None:
-                self._send_nowait(
-                    {"id": next(self._ids), "op": "cancel", "args": {"target": request_id}}
-                )
-                with trio.move_on_after(CANCEL_GRACE_S, shield=True):
-                    await cell.event.wait()
-            raise
-        finally:
-            self._pending.pop(request_id, None)
+        return ExecResult.from_reply(await self.call("exec", exec_args(slot, **options)))
 
     async def read_file(self, slot: int, path: str, *, max_bytes: int | None = None) -> bytes:
         args: dict[str, Any] = {"slot": slot, "path": path}

@@ -1,13 +1,15 @@
 """The sandbox actor: owns one driver sandbox and the agent client talking to it.
 
 Messages (`SandboxMessage`): `Exec`, `FileOp`, `ResetSlot` from the facades and the pool; the
-actor replies through each message's `Reply`. Long work never runs in the mailbox loop: each
-request becomes a child task, and each slot's requests run one at a time, in arrival order, under
-that slot's lock (trio locks are FIFO-fair).
+actor replies through each message's `Reply`. The mailbox loop submits each request to the agent
+at once (a sync queue write, so requests leave in mailbox order) and a child task awaits the
+answer. Each slot's requests run one at a time, in arrival order: they are submitted as `serial`,
+and the agent queues them per slot. So a batch for many slots, or many requests for one slot,
+costs one write to the agent, and one provider round trip on Modal.
 
 Invariants:
 * A request whose caller gives up (its `cancel_scope` is cancelled) has its command killed before
-  the slot's next request starts: the client kills the command's tree and waits for it.
+  the caller moves on: the client cancels it in the agent (running or queued) and waits for it.
 * When the sandbox dies (agent exit, broken stream) or the actor is stopped, every pending and
   later request fails with `SandboxLost` (never a hang), the sandbox is terminated (bounded), and
   the owner learns why through `died` / the `on_exit` callback.
@@ -15,15 +17,14 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, assert_never
 
 import attrs
 import trio
 
-from hermes_actors._client import CANCEL_GRACE_S, ExecResult, SandboxClient
+from hermes_actors._client import CANCEL_GRACE_S, ExecResult, Request, SandboxClient, exec_args
 from hermes_actors._errors import AgentError, SandboxLost
 from hermes_actors.drivers._base import SandboxDriver, SandboxHandle, SandboxSpec
 from hermes_actors.runtime._trio_util import (
@@ -81,8 +82,12 @@ class ResetSlot:
 SandboxMessage = Exec | FileOp | ResetSlot
 
 
-async def _file_op(message: FileOp, client: SandboxClient) -> dict[str, Any]:
-    return await client.call(message.op, {"slot": message.slot, **message.args})
+def _same(answer: dict[str, Any]) -> dict[str, Any]:
+    return answer
+
+
+def _killed_count(answer: dict[str, Any]) -> int:
+    return int(answer.get("killed", 0))
 
 
 def _replies_of(message: SandboxMessage) -> list[Reply[Any]]:
@@ -107,7 +112,6 @@ class SandboxActor:
         self._env = dict(env or {})
         self._max_output_bytes = max_output_bytes
         self._send, self._receive = trio.open_memory_channel[SandboxMessage](MAILBOX_SIZE)
-        self._slot_locks = [trio.Lock() for _ in range(spec.slots)]
         self.handle: SandboxHandle | None = None
         self.client: SandboxClient | None = None
         self.sandbox_id = f"{spec.profile}-starting"
@@ -230,72 +234,79 @@ class SandboxActor:
 
     def _dispatch(self, nursery: trio.Nursery, message: SandboxMessage) -> None:
         slot = message.slot
+        if not 0 <= slot < self.spec.slots:
+            error = AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}")
+            message.reply.fail(error)
+            return
+        assert self.client is not None
+        convert: Callable[[dict[str, Any]], Any]
         match message:
             case Exec():
-                work: Callable[[SandboxClient], Awaitable[Any]] = functools.partial(
-                    self._run_exec, message
+                args = exec_args(
+                    slot,
+                    command=message.command,
+                    argv=message.argv,
+                    cwd=message.cwd,
+                    env=message.env,
+                    stdin=message.stdin,
+                    timeout_s=message.timeout_s,
+                    max_output_bytes=message.max_output_bytes,
+                    serial=True,
                 )
+                request_args, op, convert = args, "exec", self._count_exec
                 scope, finished = message.cancel_scope, message.finished
             case FileOp():
-                work = functools.partial(_file_op, message)
+                request_args = {**message.args, "slot": slot, "serial": True}
+                op, convert = message.op, _same
                 scope, finished = message.cancel_scope, message.finished
             case ResetSlot():
-                work = functools.partial(SandboxClient.reset_slot, slot=slot)
+                request_args, op = {"slot": slot}, "reset_slot"
+                convert = _killed_count
                 scope, finished = trio.CancelScope(), trio.Event()  # a reset always completes
             case _:
                 assert_never(message)
-        name = f"{type(message).__name__}:{self.sandbox_id}/{slot}"
+        try:
+            request = self.client.submit(op, request_args)
+        except SandboxLost as exc:
+            message.reply.fail(exc)
+            if isinstance(message, Exec):
+                self.command_failures += 1
+            return
+        name = f"{op}:{self.sandbox_id}/{slot}"
         nursery.start_soon(
-            self._serve_request, slot, message.reply, scope, finished, work, name=name
+            self._await_answer, request, message.reply, scope, finished, convert, name=name
         )
 
-    async def _serve_request(
+    async def _await_answer(
         self,
-        slot: int,
+        request: Request,
         reply: Reply[Any],
         scope: trio.CancelScope,
         finished: trio.Event,
-        work: Callable[[SandboxClient], Awaitable[Any]],
+        convert: Callable[[dict[str, Any]], Any],
     ) -> None:
-        """Run one request under its slot's lock and resolve its reply; then set `finished`."""
-        if not 0 <= slot < len(self._slot_locks):
-            reply.fail(
-                AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}")
-            )
-            return
+        """Await the agent's answer to one request and resolve its reply; then set `finished`."""
         assert self.client is not None
         try:
             with scope:
-                async with self._slot_locks[slot]:
-                    try:
-                        result = await work(self.client)
-                    except (AgentError, SandboxLost) as exc:
-                        reply.fail(exc)
-                        return
-                    reply.set(result)
+                try:
+                    answer = await self.client.wait(request)
+                except (AgentError, SandboxLost) as exc:
+                    if request.cancellable and isinstance(exc, SandboxLost):
+                        self.command_failures += 1
+                    reply.fail(exc)
+                    return
+                reply.set(convert(answer))
         finally:
-            # Cancelled because the sandbox died while this request queued for its slot: the
-            # caller must still hear why (no-op when the caller gave up or it was answered).
+            # Cancelled because the sandbox died while this request was pending: the caller
+            # must still hear why (no-op when the caller gave up or it was answered).
             if not reply.done:
                 died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
                 reply.fail(SandboxLost(died.sandbox_id, died.reason))
             finished.set()
 
-    async def _run_exec(self, message: Exec, client: SandboxClient) -> ExecResult:
-        try:
-            result = await client.exec(
-                message.slot,
-                command=message.command,
-                argv=message.argv,
-                cwd=message.cwd,
-                env=message.env,
-                stdin=message.stdin,
-                timeout_s=message.timeout_s,
-                max_output_bytes=message.max_output_bytes,
-            )
-        except (AgentError, SandboxLost):
-            self.command_failures += 1
-            raise
+    def _count_exec(self, answer: dict[str, Any]) -> ExecResult:
+        result = ExecResult.from_reply(answer)
         self.commands_run += 1
         if result.exit_code != 0:
             self.command_failures += 1
@@ -307,6 +318,3 @@ class SandboxActor:
     def alive(self) -> bool:
         """Started and not known to be dead (the client notices a dead agent first)."""
         return self.died is None and self.client is not None and self.client.lost is None
-
-    def slot_busy(self, slot: int) -> bool:
-        return self._slot_locks[slot].locked()
