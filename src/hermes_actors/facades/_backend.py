@@ -519,10 +519,28 @@ class ToolBackend:
                 continue
             queues.setdefault(slot.slot_id, []).append(index)
 
+        async def run_one(index: int, *, task_status: trio.TaskStatus[None]) -> None:
+            slot, tool, args = batch[index]
+            submitted = False
+
+            def on_submitted() -> None:
+                nonlocal submitted
+                submitted = True
+                task_status.started()
+
+            try:
+                results[index] = await self._run_tool(slot, tool, args, timeout_s, on_submitted)
+            finally:
+                if not submitted:
+                    task_status.started()
+
         async def run_queue(indexes: list[int]) -> None:
-            for index in indexes:
-                slot, tool, args = batch[index]
-                results[index] = await self._run_tool(slot, tool, args, timeout_s)
+            # A slot's calls are submitted one after the other, each as soon as the previous
+            # one is queued (not finished): the agent runs them in that order, and the whole
+            # batch reaches each sandbox in one write.
+            async with trio.open_nursery() as calls:
+                for index in indexes:
+                    await calls.start(run_one, index)
 
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
@@ -571,7 +589,12 @@ class ToolBackend:
         return slot
 
     async def _run_tool(
-        self, slot: Slot, tool: str, args: Mapping[str, Any], timeout_s: float | None
+        self,
+        slot: Slot,
+        tool: str,
+        args: Mapping[str, Any],
+        timeout_s: float | None,
+        on_submitted: Callable[[], None] | None = None,
     ) -> ExecutionResult:
         runtime = self._runtime
         started = time.monotonic()
@@ -590,11 +613,15 @@ class ToolBackend:
                         command=args["command"],
                         timeout_s=float(timeout),
                         max_output_bytes=cap,
+                        on_submitted=on_submitted,
                     )
                     return _bash_result(slot.slot_id, result, cap, float(timeout))
                 if tool == "read_file":
                     data = await runtime.read_file(
-                        slot.lease, args["path"], max_bytes=config.max_output_bytes
+                        slot.lease,
+                        args["path"],
+                        max_bytes=config.max_output_bytes,
+                        on_submitted=on_submitted,
                     )
                     return _ok_result(
                         slot.slot_id,
@@ -605,7 +632,9 @@ class ToolBackend:
                     )
                 content = args["content"]
                 data = content.encode("utf-8") if isinstance(content, str) else content
-                size = await runtime.write_file(slot.lease, args["path"], data)
+                size = await runtime.write_file(
+                    slot.lease, args["path"], data, on_submitted=on_submitted
+                )
                 return _ok_result(
                     slot.slot_id,
                     f"wrote {size} bytes to {args['path']}",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -216,20 +216,40 @@ class Runtime:
         await pool.release(lease, reset=reset)
 
     async def exec(self, lease: Lease, **options: Any) -> ExecResult:
-        """Run a command in the leased slot; see `SandboxClient.exec` for the options."""
+        """Run a command in the leased slot; see `SandboxActor.exec` for the options.
+
+        A slot's requests run in the order they are submitted: `on_submitted` (for `exec`,
+        `read_file`, `write_file`) says when this one is, so the next can be sent at once.
+        """
         return await lease.sandbox.exec(lease.index, **options)
 
-    async def read_file(self, lease: Lease, path: str, *, max_bytes: int | None = None) -> bytes:
+    async def read_file(
+        self,
+        lease: Lease,
+        path: str,
+        *,
+        max_bytes: int | None = None,
+        on_submitted: Callable[[], None] | None = None,
+    ) -> bytes:
         args: dict[str, Any] = {"path": path}
         if max_bytes is not None:
             args["max_bytes"] = max_bytes
-        result = await lease.sandbox.file_op(lease.index, "read_file", args)
+        result = await lease.sandbox.file_op(
+            lease.index, "read_file", args, on_submitted=on_submitted
+        )
         data: bytes = result["data"]
         return data
 
-    async def write_file(self, lease: Lease, path: str, data: bytes) -> int:
+    async def write_file(
+        self,
+        lease: Lease,
+        path: str,
+        data: bytes,
+        *,
+        on_submitted: Callable[[], None] | None = None,
+    ) -> int:
         result = await lease.sandbox.file_op(
-            lease.index, "write_file", {"path": path, "data": data}
+            lease.index, "write_file", {"path": path, "data": data}, on_submitted=on_submitted
         )
         return int(result["size"])
 

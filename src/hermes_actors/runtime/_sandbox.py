@@ -122,23 +122,34 @@ class SandboxActor:
 
     # -- the caller side: send a message, await its reply --------------------------------------
 
-    async def exec(self, slot: int, **options: Any) -> ExecResult:
+    async def exec(
+        self, slot: int, *, on_submitted: Callable[[], None] | None = None, **options: Any
+    ) -> ExecResult:
         """Run a command in `slot` (see `SandboxClient.exec` for the options).
 
-        Cancellation kills the command (its whole tree) before this raises `Cancelled` (bounded
-        by `CANCEL_GRACE_S`), so the slot is quiet when the caller moves on.
+        Requests of one slot run in the order they reach the mailbox; `on_submitted` is called
+        once this one is there, so a caller can pipeline a slot's requests in order without
+        waiting for each to finish. Cancellation kills the command (its whole tree, running or
+        queued) before this raises `Cancelled` (bounded by `CANCEL_GRACE_S`).
         Raises `SandboxLost` if the sandbox is or becomes dead.
         """
         message = Exec(slot=slot, reply=Reply(), cancel_scope=trio.CancelScope(), **options)
-        result: ExecResult = await self._request(message)
+        result: ExecResult = await self._request(message, on_submitted)
         return result
 
-    async def file_op(self, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    async def file_op(
+        self,
+        slot: int,
+        op: str,
+        args: Mapping[str, Any],
+        *,
+        on_submitted: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
         """Run an agent file operation (`read_file`, `write_file`, `list_files`) in `slot`."""
         message = FileOp(
             slot=slot, op=op, args=args, reply=Reply(), cancel_scope=trio.CancelScope()
         )
-        result: dict[str, Any] = await self._request(message)
+        result: dict[str, Any] = await self._request(message, on_submitted)
         return result
 
     async def reset_slot(self, slot: int) -> int:
@@ -156,8 +167,12 @@ class SandboxActor:
             died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
             raise SandboxLost(died.sandbox_id, died.reason) from None
 
-    async def _request(self, message: Exec | FileOp) -> Any:  # the reply's type
+    async def _request(  # returns the reply's type
+        self, message: Exec | FileOp, on_submitted: Callable[[], None] | None
+    ) -> Any:
         await self._send_message(message)
+        if on_submitted is not None:
+            on_submitted()
         try:
             return await message.reply.wait()
         except BaseException:
