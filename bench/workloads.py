@@ -819,6 +819,9 @@ def describe_machine() -> dict[str, str]:
         (int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0
     )
     load = _read("/proc/loadavg").split()[:3]
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = _command_output(["git", "-C", repository, "rev-parse", "--short", "HEAD"])
+    changed = _command_output(["git", "-C", repository, "status", "--porcelain", "--", "src"])
     return {
         "cpu": model,
         "cores": str(os.cpu_count()),
@@ -830,7 +833,8 @@ def describe_machine() -> dict[str, str]:
         "/bin/sh": os.path.realpath("/bin/sh"),
         "bubblewrap": _command_output(["bwrap", "--version"]),
         "load average at start": " ".join(load),
-        "hermes-actors": _version("hermes-actors"),
+        "hermes-actors": f"{_version('hermes-actors')} at commit {commit}"
+        + (" (src/ has uncommitted changes)" if changed != "?" else ""),
         "trio": _version("trio"),
         "swe-rex": _version("swe-rex"),
         "mini-swe-agent": _version("mini-swe-agent"),
