@@ -132,7 +132,7 @@ async def open_modal_sandbox(
     finally:
         await handle.terminate()
         await driver.aclose()
-        # The emulator finds a sandbox's processes by its own marker, which the agent's commands
-        # do not inherit: after a killed agent, its orphans are ours to clean up.
+        # After a killed agent its orphans leave its process tree; the emulator still finds them
+        # by its marker unless a command changed its environment, so sweep ours too.
         # (Sync on purpose: a trio worker thread would outlive the test's thread check.)
         kill_marked(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}".encode())

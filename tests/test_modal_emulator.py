@@ -24,7 +24,7 @@ modal = pytest.importorskip(
     "modal", reason="the emulator is exercised through the real modal client"
 )
 
-from grpclib import Status  # noqa: E402
+from grpclib import GRPCError, Status  # noqa: E402
 from grpclib.client import Channel  # noqa: E402
 from modal_proto import api_pb2  # noqa: E402
 from modal_proto import task_command_router_pb2 as sr_pb2  # noqa: E402
@@ -591,3 +591,77 @@ async def test_blocking_calls_from_trio_worker_threads_run_concurrently(
 
     assert results == [0] * 5
     assert time.monotonic() - started < 2.0
+
+
+def test_terminate_with_a_running_exec_and_an_idle_timeout_returns_promptly(
+    modal_emulator: ModalEmulator, app: modal.App
+) -> None:
+    """Terminate answers at once while an exec runs on a sandbox with an idle_timeout."""
+    created = modal.Sandbox.create(
+        app=app, image=modal.Image.from_registry(IMAGE_TAG), timeout=60, idle_timeout=30
+    )
+    process = created.exec("sh", "-c", "read line; echo $line")
+    reader = threading.Thread(target=lambda: process.stdout.read(), daemon=True)
+    reader.start()
+    time.sleep(0.2)
+
+    terminating = created.terminate(_future=True)
+    terminating.result(timeout=5)
+
+    assert created.wait(raise_on_termination=False) is None or created.returncode == 137
+    assert created.returncode == 137
+    reader.join(timeout=5)
+    assert not reader.is_alive()
+    assert modal_emulator.internal_errors() == []
+
+
+def test_a_client_leaving_before_its_reply_is_not_an_emulator_bug(tmp_path: Path) -> None:
+    """A handler whose client reset the stream (a given-up long poll) records no error."""
+    import h2.exceptions
+
+    from hermes_actors.testing._emulator_service import EmulatorService
+
+    service = EmulatorService(root=tmp_path, secrets={}, failing_images=())
+
+    async def replies_too_late(stream: object) -> None:
+        raise h2.exceptions.StreamClosedError(1)
+
+    async def buggy(stream: object) -> None:
+        raise KeyError("bug")
+
+    async def serve(handler: object) -> None:
+        await service._serve("ModalClient", "SandboxWaitV2", handler, None)  # type: ignore[arg-type]
+
+    asyncio.run(serve(replies_too_late))
+    assert service.internal_errors() == []
+    assert service.call_counts() == {"SandboxWaitV2": 1}
+    # A real bug is still reported (the contrast that shows the check can fail).
+    with pytest.raises(GRPCError):
+        asyncio.run(serve(buggy))
+    assert service.internal_errors() == ["SandboxWaitV2: KeyError('bug')"]
+
+
+def test_terminate_kills_processes_that_dropped_the_sandbox_environment(
+    modal_emulator: ModalEmulator, sandbox: modal.Sandbox
+) -> None:
+    """Children that cleared their environment (no marker) or left the session die too."""
+    process = sandbox.exec(
+        "sh",
+        "-c",
+        "env -i sleep 301 & env -i setsid sleep 302 & env MODAL_TASK_ID=other sleep 303 & "
+        "echo $(pgrep -P $$ -d ' ' sleep); wait",
+    )
+    line = ""
+    for chunk in process.stdout:
+        line += chunk
+        if line.endswith("\n"):
+            break
+    pids = [int(pid) for pid in line.split()]
+    assert len(pids) == 3
+    assert all(_alive(pid) for pid in pids)
+    assert set(pids) <= set(modal_emulator.live_pids())
+
+    sandbox.terminate()
+    sandbox.wait(raise_on_termination=False)
+
+    assert not [pid for pid in pids if _alive(pid)]

@@ -11,9 +11,11 @@ A `LocalSandbox` owns:
   an absolute path still sees the host's file system.
 * its processes: the entrypoint (when `Sandbox.create` was given a command) and one
   `LocalProcess` per exec. Each starts in its own session, and every one of them carries the
-  sandbox's unique `MODAL_TASK_ID` in its environment. Killing the sandbox kills every process
-  group it started, then sweeps `/proc` for any process still carrying that marker (this catches
-  `setsid`/`nohup` escapees, which a process-group kill misses).
+  sandbox's unique `MODAL_TASK_ID` in its environment. The sandbox's processes are the members
+  of those sessions, the processes carrying that marker, and all their descendants
+  (`sandbox_pids`): that catches commands that cleared their environment and `setsid`/`nohup`
+  escapees while their parent lives. Killing the sandbox kills them all, sweeping until none is
+  left.
 * its lifetime: `timeout` (max lifetime) and `idle_timeout` (no running exec and no stdin write
   for that long) end the sandbox with `GENERIC_STATUS_TIMEOUT`, which the client reports as
   returncode 124; `terminate` ends it with `GENERIC_STATUS_TERMINATED` (returncode 137). When the
@@ -29,10 +31,11 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TypeAlias
 
+import attrs
 from modal_proto import api_pb2
 
 _READ_CHUNK = 64 * 1024
@@ -216,13 +219,14 @@ async def _drain(source: asyncio.StreamReader | None, sink: OutputBuffer) -> Non
         sink.append(chunk)
 
 
-def kill_process_tree(marker: bytes, process_groups: Iterable[int]) -> None:
-    """SIGKILL the given process groups, then every process whose environment holds `marker`."""
-    for pgid in process_groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+def kill_process_tree(marker: bytes, sessions: Mapping[int, int | None]) -> None:
+    """SIGKILL every process of a sandbox (see `sandbox_pids`), sweeping until none is left.
+
+    Found first, then killed together, so no parent dies (reparenting its children out of
+    reach) before its descendants were found.
+    """
     for _ in range(_KILL_SWEEPS):
-        survivors = pids_with_environ_entry(marker)
+        survivors = sandbox_pids(marker, sessions)
         if not survivors:
             return
         for pid in survivors:
@@ -230,20 +234,84 @@ def kill_process_tree(marker: bytes, process_groups: Iterable[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def pids_with_environ_entry(entry: bytes) -> list[int]:
-    """Live processes with `entry` in their environment (a zombie's environment reads empty)."""
-    own_pid = os.getpid()
-    found = []
+@attrs.frozen
+class _ProcessInfo:
+    ppid: int
+    session: int
+    start_ticks: int
+
+
+def _process_table() -> dict[int, _ProcessInfo]:
+    """Every live process (zombies left out: they are already dead) with its parent and session."""
+    table = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == own_pid:
+        if not name.isdigit():
             continue
         try:
-            environ = Path("/proc", name, "environ").read_bytes()
+            stat = Path("/proc", name, "stat").read_text()
         except OSError:
             continue
-        if entry in environ.split(b"\0"):
-            found.append(int(name))
-    return found
+        # The command name is in parentheses and may contain anything: split after it.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if fields[0] in ("Z", "X"):
+            continue
+        table[int(name)] = _ProcessInfo(
+            ppid=int(fields[1]), session=int(fields[3]), start_ticks=int(fields[19])
+        )
+    return table
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None when it is gone."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[-1].split()[19])
+
+
+def sandbox_pids(marker: bytes, sessions: Mapping[int, int | None]) -> list[int]:
+    """Live processes of a sandbox: its sessions' members, the processes carrying its marker in
+    their environment, and every descendant of those.
+
+    `sessions` maps the session id of each process the sandbox started (each starts its own
+    session, so the id is its pid) to that leader's start time. The marker alone misses
+    commands that cleared or changed their environment; the sessions alone miss `setsid`
+    escapees; the descendants catch both while their parent lives. A session counts only while
+    its leader is the process recorded (or is gone: then the id cannot be reused while any member
+    remains), so a reused pid never makes an unrelated process ours.
+    """
+    own_pid = os.getpid()
+    table = _process_table()
+    ours = {
+        sid
+        for sid, started in sessions.items()
+        if sid not in table or started is None or table[sid].start_ticks == started
+    }
+    found = set()
+    for pid, info in table.items():
+        if pid == own_pid:
+            continue
+        if info.session in ours or _has_environ_entry(pid, marker):
+            found.add(pid)
+    children: dict[int, list[int]] = {}
+    for pid, info in table.items():
+        children.setdefault(info.ppid, []).append(pid)
+    pending = list(found)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found and child != own_pid:
+                found.add(child)
+                pending.append(child)
+    return sorted(found)
+
+
+def _has_environ_entry(pid: int, entry: bytes) -> bool:
+    try:
+        environ = Path("/proc", str(pid), "environ").read_bytes()
+    except OSError:
+        return False
+    return entry in environ.split(b"\0")
 
 
 def map_workdir(root: Path, workdir: str | None) -> Path:
@@ -303,7 +371,8 @@ class LocalSandbox:
             "MODAL_EMULATOR_SANDBOX_ROOT": str(root),
         }
         self._marker = f"MODAL_TASK_ID={task_id}".encode()
-        self._process_groups: set[int] = set()
+        # Session id (= pid of the process that started it) -> that leader's start time.
+        self._sessions: dict[int, int | None] = {}
         self._last_activity = 0.0
         self._activity = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -338,7 +407,7 @@ class LocalSandbox:
             await self.finished.wait()
             return
         self.result = api_pb2.GenericResult(status=status, exitcode=exitcode, exception=message)
-        kill_process_tree(self._marker, self._process_groups)
+        kill_process_tree(self._marker, self._sessions)
         # A process that cleared its environment and kept a pipe open would block EOF forever.
         waits = [asyncio.ensure_future(process.exited.wait()) for process in self._processes]
         if waits:
@@ -402,7 +471,7 @@ class LocalSandbox:
 
     def live_pids(self) -> list[int]:
         """Processes of this sandbox still alive (found by their environment marker)."""
-        return pids_with_environ_entry(self._marker)
+        return sandbox_pids(self._marker, self._sessions)
 
     # -- internals --
 
@@ -427,10 +496,10 @@ class LocalSandbox:
         self._processes.append(process)
         if process.pid is not None:
             # start_new_session: the leader's pid is its process group id.
-            self._process_groups.add(process.pid)
+            self._sessions[process.pid] = start_ticks(process.pid)
             if self.result is not None:
                 # The sandbox ended while this process was starting: it must not outlive it.
-                kill_process_tree(self._marker, [process.pid])
+                kill_process_tree(self._marker, {process.pid: self._sessions[process.pid]})
         return process
 
     def _entrypoint_exited(self, process: LocalProcess) -> None:
@@ -455,20 +524,23 @@ class LocalSandbox:
 
     async def _watch_idle(self, idle_timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while self.result is None:
             activity = self._activity
             if self.running_exec_count():
                 await activity.wait()
                 continue
             remaining = self._last_activity + idle_timeout - loop.time()
             if remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(activity.wait(), remaining)
-        await self.finish(
-            api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
-            message=f"Sandbox was idle for {idle_timeout}s (idle_timeout)",
-        )
+                await self.finish(
+                    api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
+                    message=f"Sandbox was idle for {idle_timeout}s (idle_timeout)",
+                )
+                return
+            # Not `asyncio.wait_for`: before Python 3.12 it swallows a cancellation that races
+            # with the awaited event (an exec exiting as `finish` cancels this task), and the
+            # loop then kept `finish` waiting for this task forever.
+            async with _deadline(remaining):
+                await activity.wait()
 
 
 async def _mirror(source: OutputBuffer, sink: OutputBuffer) -> None:
@@ -484,7 +556,19 @@ async def _mirror(source: OutputBuffer, sink: OutputBuffer) -> None:
 
 
 async def _kill_leader_after(process: LocalProcess, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.exited.wait(), seconds)
+    async with _deadline(seconds):
+        await process.exited.wait()
         return
     process.kill_leader()
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float) -> AsyncIterator[None]:
+    """Leave the block quietly after `seconds` (`asyncio.timeout`, minus its TimeoutError).
+
+    Unlike `asyncio.wait_for` on Python 3.11, a cancellation of the enclosing task is never lost
+    when it races with the awaited thing finishing.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            yield

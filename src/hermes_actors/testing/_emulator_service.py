@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import attrs
 import grpclib.const
+import h2.exceptions
 
 # protobuf ships no type stubs here (types-protobuf is not a dev dependency).
 from google.protobuf import empty_pb2  # type: ignore[import-untyped]
@@ -309,6 +310,10 @@ class EmulatorService:
         except (GRPCError, StreamTerminatedError, ProtocolError, ConnectionError):
             # An explicit status, or the client went away mid-stream.
             raise
+        except h2.exceptions.StreamClosedError:
+            # The client reset the stream between our last await and the reply: normal when it
+            # gives up a call (a cancelled long poll of SandboxWait). Nobody is left to answer.
+            logger.debug("Modal emulator: the client left %s before its reply", name)
         except Exception as exc:
             logger.exception("Modal emulator failed in %s", name)
             with self._lock:
@@ -729,8 +734,11 @@ class EmulatorService:
         self.record(method, {"sandbox_id": request.sandbox_id, "timeout": request.timeout})
         sandbox = self._sandbox(request.sandbox_id)
         if not sandbox.finished.is_set() and request.timeout > 0:
+            # Not `asyncio.wait_for`, which (before 3.12) may swallow the cancellation grpclib
+            # sends when the client gives up the long poll.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sandbox.finished.wait(), request.timeout)
+                async with asyncio.timeout(request.timeout):
+                    await sandbox.finished.wait()
         response = api_pb2.SandboxWaitResponse(
             metadata=api_pb2.SandboxHandleMetadata(app_id=sandbox.app_id)
         )
