@@ -501,3 +501,67 @@ def test_no_shutdown_noise_after_a_run(modal_emulator_session: ModalEmulator) ->
     result = _run_script(script, {**os.environ, **modal_emulator_session.env})
     assert result.stdout == "done\n"
     assert result.stderr == ""
+
+
+# -- orphans --------------------------------------------------------------------------------------
+
+
+async def test_reap_stops_orphans_of_a_dead_run_and_spares_this_run(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """reap terminates the app's sandboxes left by another run; this run's and other apps'
+    sandboxes keep running."""
+    async with _driver(run_id="run-dead") as dead, _driver(run_id="run-alive") as alive:
+        orphan = await dead.create(_spec(app_name="reap-app"))
+        elsewhere = await dead.create(_spec(app_name="other-app"))
+        mine = await alive.create(_spec(app_name="reap-app"))
+        with trio.fail_after(10):
+            reaped = await alive.reap("reap-app")
+        assert [sandbox.sandbox_id for sandbox in reaped] == [orphan.sandbox_id]
+        assert reaped[0].tags[TAG_RUN] == "run-dead"
+        assert reaped[0].tags[TAG_APP] == "reap-app"
+        assert sorted(_running(modal_emulator)) == sorted([elsewhere.sandbox_id, mine.sandbox_id])
+        # The orphan's own handle sees it gone; this run's sandbox still serves.
+        with trio.fail_after(5):
+            assert await orphan.wait_exited() == 137
+        async with _client(mine) as client:
+            assert (await client.exec(0, command="echo spared")).stdout == b"spared\n"
+        with trio.fail_after(10):
+            assert await alive.reap("reap-app") == []
+        await mine.terminate()
+        await elsewhere.terminate()
+        await orphan.terminate()
+    assert _running(modal_emulator) == []
+
+
+async def test_reap_spares_sandboxes_younger_than_min_age(modal_emulator: ModalEmulator) -> None:
+    """With min_age_s, a recent sandbox of another run (perhaps a live one) is left alone."""
+    async with _driver(run_id="run-other") as other, _driver(run_id="run-alive") as alive:
+        recent = await other.create(_spec(app_name="reap-app"))
+        with trio.fail_after(10):
+            assert await alive.reap("reap-app", min_age_s=3600) == []
+        assert _running(modal_emulator) == [recent.sandbox_id]
+        with trio.fail_after(10):
+            reaped = await alive.reap("reap-app")
+        assert [sandbox.sandbox_id for sandbox in reaped] == [recent.sandbox_id]
+        await recent.terminate()
+
+
+async def test_reap_on_start_clears_the_app_before_the_first_create(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A driver with reap_on_start reaps its app's orphans once, before its first sandbox."""
+    async with _driver(run_id="run-crashed") as crashed:
+        orphan = await crashed.create(_spec(app_name="reap-app"))
+        async with _driver(run_id="run-next", reap_on_start=True) as fresh:
+            first = await fresh.create(_spec(app_name="reap-app"))
+            assert _running(modal_emulator) == [first.sandbox_id]
+            listings = len(modal_emulator.calls("SandboxListV2"))
+            assert listings >= 1
+            second = await fresh.create(_spec(app_name="reap-app"))
+            # Once per app: the second create lists nothing.
+            assert len(modal_emulator.calls("SandboxListV2")) == listings
+            assert sorted(_running(modal_emulator)) == sorted([first.sandbox_id, second.sandbox_id])
+            await first.terminate()
+            await second.terminate()
+        await orphan.terminate()
