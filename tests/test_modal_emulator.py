@@ -665,3 +665,28 @@ def test_terminate_kills_processes_that_dropped_the_sandbox_environment(
     sandbox.wait(raise_on_termination=False)
 
     assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_exec_timeout_kills_only_its_direct_process(
+    modal_emulator: ModalEmulator, sandbox: modal.Sandbox
+) -> None:
+    """An exec's own timeout kills its direct process after that long; its children survive
+    until the sandbox ends."""
+    started = time.monotonic()
+    process = sandbox.exec("sh", "-c", "sleep 300 & echo $!; exec sleep 300", timeout=1)
+    line = ""
+    for chunk in process.stdout:
+        line += chunk
+        if line.endswith("\n"):
+            break
+    child = int(line)
+
+    assert process.wait() != 0
+    assert 1.0 <= time.monotonic() - started < 5.0
+    assert _alive(child)
+    quick = sandbox.exec("true", timeout=1)
+    assert quick.wait() == 0
+
+    sandbox.terminate()
+    sandbox.wait(raise_on_termination=False)
+    assert not _alive(child)
