@@ -34,7 +34,7 @@ VALID_KEYS = (
     "acquire_timeout_s, app_name, backend, cpu, creates_per_second, env_vars, "
     "execution_timeout_s, gpu, idle_timeout, image, isolation, max_lifetime, max_output_bytes, "
     "max_pool, max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
-    "secrets, slots_per_sandbox, tags, workspace_base"
+    "reap_min_age_s, reap_orphans, secrets, slots_per_sandbox, tags, workspace_base"
 )
 
 
@@ -111,6 +111,8 @@ def test_sandbox_config_defaults() -> None:
         "app_name": "hermes-actors",
         "max_starting": 4,
         "creates_per_second": 4.0,
+        "reap_orphans": False,
+        "reap_min_age_s": 0.0,
     }
 
 

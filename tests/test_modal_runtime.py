@@ -239,3 +239,30 @@ async def test_creates_are_throttled_at_the_strictest_profiles_rate(
     assert len(arrivals) == 3
     # 0.5 s apart at the client; the RPCs' arrival may jitter by a few milliseconds.
     assert all(later - earlier >= 0.45 for earlier, later in itertools.pairwise(arrivals))
+
+
+async def test_reap_orphans_at_start_stops_a_dead_runs_sandboxes(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """With reap_orphans, a new run terminates what a crashed run left in its app first."""
+    from hermes_actors.drivers._modal import ModalDriver
+    from hermes_actors.runtime._runtime import sandbox_spec
+
+    crashed = ModalDriver(run_id="crashed-run")
+    try:
+        orphan = await crashed.create(sandbox_spec(_profile(name="rt")))
+        profiles = profiles_from_mapping({"rt": _profile(reap_orphans=True, min_sandboxes=1)})
+        runtime = Runtime(profiles, run_id="next-run")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runtime.run)
+            await eventually(
+                lambda: (
+                    orphan.sandbox_id not in running_ids(modal_emulator)
+                    and len(running_ids(modal_emulator)) == 1
+                ),
+                "the orphan reaped and one fresh sandbox warm",
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        await crashed.aclose()
+    assert running_ids(modal_emulator) == set()

@@ -345,6 +345,11 @@ class SandboxConfig:
     max_starting: int = 4
     #: Sandbox creations per second at most (provider rate limits).
     creates_per_second: float = 4.0
+    #: At start, terminate this app's sandboxes left running by other (dead) runs (modal).
+    #: Off by default: runs sharing an app name would stop each other's sandboxes.
+    reap_orphans: bool = False
+    #: With `reap_orphans`, only sandboxes older than this many seconds are reaped.
+    reap_min_age_s: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         problems = _check_config(self)
@@ -463,6 +468,7 @@ def _check_config(config: SandboxConfig) -> list[_Problem]:
     object_name("app_name")
     at_least("max_starting", 1)
     positive("creates_per_second")
+    at_least("reap_min_age_s", 0)
     return problems
 
 

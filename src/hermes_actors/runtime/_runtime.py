@@ -156,6 +156,8 @@ class Runtime:
                     run_id=self.run_id,
                     creates_per_second=min(p.creates_per_second for p in modal_profiles),
                     max_starting=sum(p.max_starting for p in modal_profiles),
+                    reap_on_start=any(p.reap_orphans for p in modal_profiles),
+                    reap_min_age_s=max(p.reap_min_age_s for p in modal_profiles),
                 )
             else:  # pragma: no cover - the config rejects other backends
                 raise ConfigError(f"unknown backend {backend!r}")
