@@ -266,3 +266,25 @@ async def test_reap_orphans_at_start_stops_a_dead_runs_sandboxes(
     finally:
         await crashed.aclose()
     assert running_ids(modal_emulator) == set()
+
+
+async def test_stop_with_purge_terminates_other_runs_leftovers(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """stop(purge=True) terminates this run's sandboxes and what crashed runs left in the app."""
+    from hermes_actors.drivers._modal import ModalDriver
+    from hermes_actors.runtime._runtime import sandbox_spec
+
+    crashed = ModalDriver(run_id="crashed-run")
+    try:
+        orphan = await crashed.create(sandbox_spec(_profile(name="rt")))
+        backend = ToolBackend(_profile(min_sandboxes=1))
+        async with backend:
+            slot = await backend.acquire()
+            assert len(running_ids(modal_emulator)) == 2
+            await backend.stop(purge=True)
+            assert running_ids(modal_emulator) == set()
+            del slot
+        assert orphan.sandbox_id not in running_ids(modal_emulator)
+    finally:
+        await crashed.aclose()

@@ -24,6 +24,7 @@ no internal exception group reaches a caller.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -379,17 +380,17 @@ class ToolBackend:
     async def stop(self, purge: bool = False) -> None:
         """Terminate every sandbox and stop the runtime (and the portal thread). Idempotent.
 
-        Slots still held are gone afterwards. `purge` is accepted for the seed's API: every
-        sandbox this backend started is terminated either way, and the local backend leaves
-        nothing behind. A later call starts the backend again.
+        Slots still held are gone afterwards. Every sandbox this backend started is terminated
+        either way; `purge` also terminates what other (crashed) runs left in the modal profiles'
+        apps (local sandboxes never outlive their run). A later call starts the backend again.
         """
-        del purge
+        stop_runtime = functools.partial(self._stop_runtime, purge=purge)
         if self._mode == "portal":
             portal = self._portal
             assert portal is not None
             if portal.running:
                 with contextlib.suppress(RuntimeStopped):
-                    await self._route(self._stop_runtime)
+                    await self._route(stop_runtime)
             if not portal.in_portal_thread():
                 portal.stop()
             with self._lock:
@@ -397,12 +398,14 @@ class ToolBackend:
                     self._portal = None
             self._forget_home()
         elif self._mode == "direct":
-            await self._route(self._stop_runtime)
+            await self._route(stop_runtime)
 
-    async def _stop_runtime(self) -> None:
+    async def _stop_runtime(self, *, purge: bool = False) -> None:
         scope, done = self._runtime_scope, self._runtime_done
         if scope is None or done is None:
             return
+        if purge and self._runtime is not None:
+            await self._runtime.reap_orphans()
         scope.cancel(reason="backend stopped")
         await done.wait()
         self._runtime_scope = self._runtime_done = None
@@ -412,13 +415,12 @@ class ToolBackend:
 
     def stop_sync(self, purge: bool = False) -> None:
         """`stop()` for sync code: blocks until every sandbox is terminated."""
-        del purge
         portal = self._portal
         if self._mode != "portal" or portal is None:
             return
         if portal.running:
             with contextlib.suppress(RuntimeStopped):
-                portal.call_blocking(self._stop_runtime)
+                portal.call_blocking(functools.partial(self._stop_runtime, purge=purge))
         portal.stop()
         with self._lock:
             if self._portal is portal:

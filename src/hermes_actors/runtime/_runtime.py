@@ -264,6 +264,26 @@ class Runtime:
         entries: list[dict[str, Any]] = result["entries"]
         return entries
 
+    async def reap_orphans(self) -> int:
+        """Terminate sandboxes that other (crashed) runs left in the modal profiles' apps.
+
+        Found by tag; this run's sandboxes are spared. Local sandboxes never outlive their run
+        (bubblewrap dies with its parent, the agent with its stream), so there is nothing to
+        reap locally. Returns how many were terminated.
+        """
+        from hermes_actors.drivers._modal import ModalDriver
+
+        modal_profiles = [p for p in self.profiles.profiles.values() if p.backend == "modal"]
+        if not modal_profiles:
+            return 0
+        driver = self._driver(modal_profiles[0])
+        if not isinstance(driver, ModalDriver):  # a test's stand-in
+            return 0
+        reaped = 0
+        for app_name in sorted({p.app_name for p in modal_profiles}):
+            reaped += len(await driver.reap(app_name))
+        return reaped
+
     def status(self) -> RuntimeStatus:
         """A snapshot of every started pool (sync: it only reads state)."""
         supervisor = self._supervisor
