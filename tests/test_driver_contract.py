@@ -224,6 +224,17 @@ async def test_commands_are_not_host_root(isolated_sandbox: ContractSandbox) -> 
     )
     assert result.stdout.split(b"\n")[0] != b"0"
     assert result.exit_code != 0
+    status = await client.exec(
+        0, command="grep -E '^(Cap(Inh|Prm|Eff|Amb)|NoNewPrivs):' /proc/self/status"
+    )
+    fields = dict(line.split(":\t") for line in status.stdout.decode().splitlines())
+    assert fields == {
+        "CapInh": fields["CapInh"],  # inheritable alone grants nothing without file capabilities
+        "CapPrm": "0000000000000000",
+        "CapEff": "0000000000000000",
+        "CapAmb": "0000000000000000",
+        "NoNewPrivs": "1",
+    }
 
 
 async def test_no_network_under_isolation(isolated_sandbox: ContractSandbox) -> None:
