@@ -58,14 +58,15 @@ import heapq
 import json
 import os
 import selectors
-import shutil
 import signal
 import stat
 import struct
-import subprocess
 import sys
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+
+if TYPE_CHECKING:  # imported lazily below: each costs the agent about 1 MB of memory
+    import subprocess
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -367,6 +368,15 @@ def _close_on_exec_all() -> None:
         if fd > 2:
             with contextlib.suppress(OSError):  # the listing's own fd is gone by now
                 os.set_inheritable(fd, False)
+
+
+def _which(name: str, search_path: str) -> Optional[str]:
+    """The first executable `name` on `search_path` (shutil.which, without importing shutil)."""
+    for directory in search_path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def _find_shell() -> List[str]:
@@ -997,7 +1007,7 @@ class Agent:
         """
         path = argv[0]
         if "/" not in path:
-            found = shutil.which(path, path=env.get("PATH", os.defpath))
+            found = _which(path, env.get("PATH", os.defpath))
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "command not found", path)
             path = found
@@ -1037,6 +1047,8 @@ class Agent:
                 kwargs.update(user=uid, group=uid, extra_groups=[])
             else:
                 kwargs["preexec_fn"] = _drop_to(uid)
+        import subprocess
+
         return subprocess.Popen(
             argv,
             stdin=fds[0],
@@ -1428,6 +1440,8 @@ def _wipe_contents(directory: str) -> None:
         children = list(scan)
     for entry in children:
         if entry.is_dir(follow_symlinks=False):
+            import shutil
+
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)

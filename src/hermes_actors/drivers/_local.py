@@ -393,7 +393,9 @@ class LocalDriver:
                 "slot_uid_base": SLOT_UID_BASE if as_root else None,
             }
         else:
-            argv = [sys.executable, "-c", BOOTSTRAP]
+            # The system python3 when there is one: the agent needs only the standard library,
+            # and it is lighter than a virtualenv's interpreter.
+            argv = [_agent_python()[0], "-c", BOOTSTRAP]
             agent_config = {"workspace_root": workspace, "slot_uid_base": None}
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
         log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
