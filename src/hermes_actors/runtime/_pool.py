@@ -143,20 +143,35 @@ class _Member:
 
 @attrs.frozen(kw_only=True)
 class PoolSettings:
-    """What the pool needs from a profile's configuration."""
+    """What the pool needs from a profile's configuration, beyond the sandbox spec."""
 
-    profile: str
     backend: str
     spec: SandboxSpec
-    slots_per_sandbox: int
     min_sandboxes: int
     max_sandboxes: int
-    idle_timeout_s: float
-    max_lifetime_s: float
     acquire_timeout_s: float
     max_starting: int
-    env: Mapping[str, str] = attrs.field(factory=dict)
     max_output_bytes: int = 1_000_000
+
+    @property
+    def profile(self) -> str:
+        return self.spec.profile
+
+    @property
+    def slots_per_sandbox(self) -> int:
+        return self.spec.slots
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.spec.idle_timeout_s
+
+    @property
+    def max_lifetime_s(self) -> float:
+        return self.spec.max_lifetime_s
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return self.spec.env
 
     @property
     def rotate_after_s(self) -> float:

@@ -63,17 +63,12 @@ def sandbox_spec(config: SandboxConfig) -> SandboxSpec:
 
 def pool_settings(config: SandboxConfig) -> PoolSettings:
     return PoolSettings(
-        profile=config.name,
         backend=config.backend,
         spec=sandbox_spec(config),
-        slots_per_sandbox=config.slots_per_sandbox,
         min_sandboxes=config.min_sandboxes,
         max_sandboxes=config.max_sandboxes,
-        idle_timeout_s=config.idle_timeout,
-        max_lifetime_s=config.max_lifetime,
         acquire_timeout_s=config.acquire_timeout_s,
         max_starting=config.max_starting,
-        env=dict(config.env_vars),
         max_output_bytes=config.max_output_bytes,
     )
 
