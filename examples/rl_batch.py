@@ -52,9 +52,9 @@ def turns(trajectory: int) -> list[tuple[str, dict[str, Any]]]:
 
 def progress(turn: int, total_turns: int, done: int, failures: int, started: float) -> None:
     elapsed = time.monotonic() - started
-    sys.stdout.write(
-        f"\rturn {turn}/{total_turns}  tool calls {done}  failed {failures}  {elapsed:6.2f}s"
-    )
+    line = f"turn {turn}/{total_turns}  tool calls {done}  failed {failures}  {elapsed:6.2f}s"
+    # One line redrawn in place on a terminal; a line per turn in a log.
+    sys.stdout.write(f"\r{line}" if sys.stdout.isatty() else f"{line}\n")
     sys.stdout.flush()
 
 
@@ -92,7 +92,8 @@ async def run(trajectories: int, isolation: str, slots_per_sandbox: int) -> int:
                 failures += not result.success
             progress(turn + 1, len(plans[0]), done, failures, ready)
         elapsed = time.monotonic() - ready
-        print()
+        if sys.stdout.isatty():
+            print()  # end the line redrawn in place
         status = backend.status()
         async with trio.open_nursery() as nursery:
             for slot in slots:
