@@ -410,7 +410,9 @@ class LocalDriver:
                 cwd=directory,
             )
         except BaseException as exc:
-            await trio.to_thread.run_sync(_remove_tree, directory)
+            # Synchronously: an await here would not run when the caller is being cancelled,
+            # and the directory holds nothing yet but an empty log and workspace.
+            _remove_tree(directory)
             if isinstance(exc, OSError):
                 raise SandboxStartFailed(f"could not start a local sandbox: {exc}") from exc
             raise

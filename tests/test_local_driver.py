@@ -1,0 +1,45 @@
+"""Local driver specifics beyond the contract suite: failed or cancelled starts leave nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hermes_actors._errors import SandboxStartFailed
+from hermes_actors.drivers import _local
+from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors.drivers._local import LocalDriver
+
+
+async def test_a_start_that_fails_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the agent process cannot be started, the sandbox directory is removed."""
+
+    async def cannot_start(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", "python3")
+
+    monkeypatch.setattr(_local.trio.lowlevel, "open_process", cannot_start)
+    with pytest.raises(SandboxStartFailed, match="Permission denied"):
+        await LocalDriver(root_dir=str(tmp_path)).create(SandboxSpec(profile="p", isolation="none"))
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_start_cancelled_while_spawning_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create cancelled in the middle still removes the directory it made."""
+    with trio.CancelScope() as scope:
+
+        async def cancelled_spawn(*args: Any, **kwargs: Any) -> Any:
+            scope.cancel()
+            await trio.lowlevel.checkpoint()
+
+        monkeypatch.setattr(_local.trio.lowlevel, "open_process", cancelled_spawn)
+        await LocalDriver(root_dir=str(tmp_path)).create(SandboxSpec(profile="p", isolation="none"))
+    assert scope.cancelled_caught
+    assert os.listdir(tmp_path) == []
