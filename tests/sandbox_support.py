@@ -136,3 +136,15 @@ async def open_modal_sandbox(
         # by its marker unless a command changed its environment, so sweep ours too.
         # (Sync on purpose: a trio worker thread would outlive the test's thread check.)
         kill_marked(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}".encode())
+
+
+def kill_agent(sandbox_id: str) -> None:
+    """SIGKILL the agent process of a local sandbox (the root of its marked processes)."""
+    pids = set(marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()))
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as handle:
+            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        if parent not in pids:
+            os.kill(pid, signal.SIGKILL)
+            return
+    raise AssertionError(f"no agent process found for {sandbox_id}")

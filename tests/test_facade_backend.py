@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from hermes_actors import (
     format_status,
 )
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
+from sandbox_support import kill_agent
 
 
 def local_config(**changes: Any) -> SandboxConfig:
@@ -83,18 +83,6 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
             await trio.sleep(0.02)
         return
     raise AssertionError(f"condition did not hold within {timeout_s} s")
-
-
-def kill_agent(sandbox_id: str) -> None:
-    """SIGKILL the agent process of a local sandbox (the root of its marked processes)."""
-    pids = set(marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()))
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as handle:
-            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        if parent not in pids:
-            os.kill(pid, signal.SIGKILL)
-            return
-    raise AssertionError(f"no agent process found for {sandbox_id}")
 
 
 # -- batches and tools -------------------------------------------------------------------------

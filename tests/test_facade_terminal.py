@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from hermes_actors.terminal_tool import (
     shutdown_terminal_backend,
     terminal_tool,
 )
+from sandbox_support import kill_agent
 
 PROFILES_YAML = """\
 default_profile: fast
@@ -72,17 +72,6 @@ def processes_with(token: str) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def kill_agent(sandbox_id: str) -> None:
-    pids = set(marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()))
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as handle:
-            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        if parent not in pids:
-            os.kill(pid, signal.SIGKILL)
-            return
-    raise AssertionError(f"no agent process found for {sandbox_id}")
 
 
 def test_a_task_keeps_its_files_until_cleanup_vm(profiles_file: Path) -> None:
