@@ -388,6 +388,27 @@ async def test_rate_limit_that_persists_is_a_retryable_start_failure(
     assert modal_emulator.call_counts()["SandboxCreateV2"] == 3
 
 
+async def test_retries_stop_within_the_retry_budget(modal_emulator: ModalEmulator) -> None:
+    """A create that keeps failing stops retrying before its budget ends, reporting the attempts."""
+    modal_emulator.fail_next_creates(100, Status.RESOURCE_EXHAUSTED, "sandbox quota reached")
+    async with _driver(
+        creates_per_second=50.0, retry_delays_s=(0.2, 0.2, 0.2, 0.2, 0.2, 0.2)
+    ) as driver:
+        start = trio.current_time()
+        with pytest.raises(SandboxStartFailed) as failed:
+            await driver.create(_spec(create_retry_budget_s=0.5))
+        spent = trio.current_time() - start
+    # Attempts at about 0 s, 0.2 s and 0.4 s (2 on a slow machine); the next wait would end past
+    # 0.5 s, so the driver stops there instead of running its six delays.
+    attempts = failed.value.attempts
+    assert 2 <= attempts <= 3
+    assert modal_emulator.call_counts()["SandboxCreateV2"] == attempts
+    assert failed.value.retryable
+    assert "sandbox quota reached" in str(failed.value)
+    assert f"gave up after {attempts} attempts" in str(failed.value)
+    assert spent < 0.5 + 1.0  # the budget, plus the last refused attempt's own round trip
+
+
 async def test_unknown_secret_is_named(modal_emulator: ModalEmulator) -> None:
     """A profile naming a secret Modal does not have fails for good, naming the secret."""
     async with _driver() as driver:

@@ -262,6 +262,55 @@ async def test_repeated_start_failures_fail_waiters(autojump_clock: trio.abc.Clo
             await h.pool.acquire(timeout_s=600)
 
 
+async def test_start_failure_after_driver_retries_fails_waiters_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A start error whose driver already retried reaches the waiter as it is, not as a timeout."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [SandboxStartFailed("quota exceeded", attempts=4)]
+        with pytest.raises(SandboxStartFailed, match="quota exceeded"):
+            await h.pool.acquire(timeout_s=60)
+        assert trio.current_time() == pytest.approx(1.0)
+        assert h.driver.created == 0
+
+
+async def test_driver_retry_budget_fits_inside_the_acquire_deadline(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The driver is given half the acquire deadline to retry a failing create."""
+    async with running_pool(min_sandboxes=1, acquire_timeout_s=20) as h:
+        await h.pool.acquire()
+        assert [spec.create_retry_budget_s for spec in h.driver.specs] == [10.0]
+
+
+async def test_deadline_after_a_failed_start_reports_the_start_error(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A caller whose deadline passes after a start failed gets that failure, not AcquireTimeout."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [SandboxStartFailed("image registry is down")]
+        with pytest.raises(SandboxStartFailed, match="image registry is down"):
+            await h.pool.acquire(timeout_s=1.5)
+        assert trio.current_time() == pytest.approx(1.5)
+
+
+async def test_given_up_pool_fails_fast_during_backoff_then_tries_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """After the pool gave up, callers fail at once while it backs off, then a start is retried."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=1, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [SandboxStartFailed("quota exceeded", attempts=3)]
+        with pytest.raises(SandboxStartFailed):
+            await h.pool.acquire(timeout_s=60)
+        with pytest.raises(SandboxStartFailed, match="quota exceeded"):
+            await h.pool.acquire(timeout_s=60)
+        assert trio.current_time() == pytest.approx(1.0)
+        await trio.sleep(1.0)
+        lease = await h.pool.acquire(timeout_s=60)
+        assert trio.current_time() == pytest.approx(3.0)
+        assert (await lease.exec(command="echo healed")).stdout == b"healed\n"
+
+
 async def test_commands_in_one_slot_run_one_at_a_time(autojump_clock: trio.abc.Clock) -> None:
     """Two commands sent to one slot at once run one after the other, in order."""
     async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=2) as h:

@@ -56,13 +56,18 @@ class SandboxLost(InfrastructureError):
 
 
 class SandboxStartFailed(InfrastructureError):
-    """A sandbox could not be started."""
+    """A sandbox could not be started.
+
+    `attempts` is how many times the driver tried before giving up: above 1, the driver's own
+    retries are spent, so the pool reports the failure to its waiters at once.
+    """
 
     kind = "start_failed"
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, attempts: int = 1) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.attempts = attempts
 
 
 class BackendUnavailable(InfrastructureError):

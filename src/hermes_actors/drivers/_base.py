@@ -41,6 +41,10 @@ class SandboxSpec:
     tags: Mapping[str, str] = attrs.field(factory=dict)
     #: Seconds without any frame from the host after which the agent kills everything and exits.
     agent_ttl_s: float = 60.0
+    #: Seconds a driver may keep retrying a failed create (its waits included) before it
+    #: reports the failure. The pool sets it inside its acquire deadline, so a create that keeps
+    #: failing reaches the waiting callers as its cause, not as an acquire timeout.
+    create_retry_budget_s: float = 30.0
 
 
 class SandboxHandle(Protocol):

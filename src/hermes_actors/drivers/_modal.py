@@ -158,10 +158,17 @@ def _auth_error(exc: BaseException) -> BackendUnavailable:
     )
 
 
-def map_create_error(modal: Any, exc: BaseException, spec: SandboxSpec) -> HermesError:
-    """The hermes error for a modal failure while starting a sandbox of `spec`."""
+def map_create_error(
+    modal: Any, exc: BaseException, spec: SandboxSpec, *, attempts: int = 1, spent_s: float = 0.0
+) -> HermesError:
+    """The hermes error for a modal failure while starting a sandbox of `spec`.
+
+    `attempts` and `spent_s` say how long the driver tried: the message and the error's
+    `attempts` carry them, so the pool knows the retries are spent.
+    """
     if isinstance(exc, HermesError):
         return exc
+    tried = f" (gave up after {attempts} attempts in {spent_s:.1f} s)" if attempts > 1 else ""
     if _is(modal, exc, "AuthError", "PermissionDeniedError"):
         return _auth_error(exc)
     if _is(modal, exc, "ImageBuildError", "RemoteError"):
@@ -174,9 +181,10 @@ def map_create_error(modal: Any, exc: BaseException, spec: SandboxSpec) -> Herme
     if _is_rate_limit(modal, exc):
         return SandboxStartFailed(
             f"Modal refused to start a sandbox of profile {spec.profile!r} because of a quota "
-            f"or rate limit ({exc}); retry later, lower `creates_per_second`/`max_starting`, or "
-            "raise the account's limits",
+            f"or rate limit ({exc}){tried}; retry later, lower `creates_per_second`/"
+            "`max_starting`, or raise the account's limits",
             retryable=True,
+            attempts=attempts,
         )
     if _is(modal, exc, "InvalidError", "NotFoundError", "AlreadyExistsError"):
         return SandboxStartFailed(
@@ -185,9 +193,10 @@ def map_create_error(modal: Any, exc: BaseException, spec: SandboxSpec) -> Herme
             retryable=False,
         )
     return SandboxStartFailed(
-        f"starting a Modal sandbox of profile {spec.profile!r} failed: {exc!r}; the pool "
-        "retries, and if it persists check https://status.modal.com",
+        f"starting a Modal sandbox of profile {spec.profile!r} failed: {exc!r}{tried}; retry "
+        "later, and if it persists check https://status.modal.com",
         retryable=True,
+        attempts=attempts,
     )
 
 
@@ -571,7 +580,8 @@ class ModalDriver:
         """Start one sandbox and its agent exec; see `SandboxDriver.create`.
 
         Retries rate-limit refusals and transient failures with backoff (`retry_delays_s`),
-        sweeping what a failed attempt may have left, so a sandbox is never duplicated. If
+        within `spec.create_retry_budget_s` seconds (a retry whose wait would end past it is not
+        made), sweeping what a failed attempt may have left, so a sandbox is never duplicated. If
         cancelled or failing once the server accepted the sandbox, terminates it before raising.
         Raises `BackendUnavailable` (modal missing, not authenticated) or `SandboxStartFailed`.
         """
@@ -585,15 +595,23 @@ class ModalDriver:
         secret_objects = [await self._secret(modal, name, spec) for name in spec.secrets]
         image = self._image(modal, spec.image)
         delays = iter(self.retry_delays_s)
+        started = trio.current_time()
+        attempts = 0
         while True:
+            attempts += 1
             try:
                 async with self.throttle.slot():
                     return await self._create_once(modal, app, image, secret_objects, spec)
             except Exception as exc:
                 retry = _is_rate_limit(modal, exc) or _is_transient(modal, exc)
                 delay = next(delays, None) if retry else None
+                spent = trio.current_time() - started
+                if delay is not None and spent + delay > spec.create_retry_budget_s:
+                    delay = None
                 if delay is None:
-                    raise map_create_error(modal, exc, spec) from exc
+                    raise map_create_error(
+                        modal, exc, spec, attempts=attempts, spent_s=spent
+                    ) from exc
                 self.create_retries += 1
                 logger.info(
                     "creating a Modal sandbox of profile %r failed (%r); retrying in %g s",

@@ -18,8 +18,13 @@ own tasks, so a report can never block):
   every state change.
 * `release` resets the slot (processes killed, workspace wiped) before it is free again.
 * A sandbox that dies is dropped at once (it never counts against capacity), its held slots fail
-  with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off;
-  a failure that cannot heal (no bubblewrap, modal missing, ...) fails the waiters with it.
+  with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off.
+  The waiters fail with the start error (the provider's cause, never an `AcquireTimeout`) when
+  it cannot heal (no bubblewrap, modal missing, a bad image...), when the driver's own retries
+  are spent (their budget is `CREATE_RETRY_SHARE` of the acquire deadline), after
+  `MAX_START_FAILURES` in a row, or when their deadline passes after a failed start. While the
+  backoff that follows runs, new callers get that error at once; after it, a caller's acquire
+  tries again.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ MAILBOX_SIZE = 4096
 #: Start failures in a row after which waiters are failed instead of left waiting.
 MAX_START_FAILURES = 3
 START_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: Share of the acquire deadline a driver may spend retrying one create. The rest covers the
+#: last attempt itself, the agent's start, and callers that began waiting while a create was
+#: already retrying, so a create that keeps failing reaches them as its cause, in time.
+CREATE_RETRY_SHARE = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -192,6 +201,13 @@ class ProfilePool:
     def __init__(self, settings: PoolSettings, driver: SandboxDriver) -> None:
         self.settings = settings
         self._driver = driver
+        self._spec = attrs.evolve(
+            settings.spec,
+            create_retry_budget_s=min(
+                settings.spec.create_retry_budget_s,
+                settings.acquire_timeout_s * CREATE_RETRY_SHARE,
+            ),
+        )
         self._send, self._receive = trio.open_memory_channel[PoolMessage](MAILBOX_SIZE)
         self._members: dict[int, _Member] = {}
         self._member_ids = 0
@@ -217,7 +233,8 @@ class ProfilePool:
         """Wait (FIFO) for a free slot and hold it until `release`.
 
         Raises `AcquireTimeout` after `timeout_s` (default: the profile's `acquire_timeout_s`),
-        the start error when sandboxes cannot be started, `RuntimeStopped` when the pool stopped.
+        the start error (the provider's cause) when sandboxes cannot be started, also when the
+        deadline passes while the last start failed, `RuntimeStopped` when the pool stopped.
         Cancellation gives back a slot that was already handed over.
         """
         limit = self.settings.acquire_timeout_s if timeout_s is None else timeout_s
@@ -227,6 +244,9 @@ class ProfilePool:
                 lambda reply: Acquire(trajectory_id=trajectory_id, reply=reply),
                 on_abandoned=self._take_back,
             )
+        if self._last_start_error is not None:
+            # No slot came because sandboxes fail to start: that, not capacity, is the answer.
+            raise clone_exception(self._start_error())
         raise AcquireTimeout(self.settings.profile, limit)
 
     async def release(self, lease: Lease, *, reset: bool = True) -> None:
@@ -277,10 +297,7 @@ class ProfilePool:
     def _handle(self, message: PoolMessage) -> None:
         match message:
             case Acquire():
-                if (
-                    self._start_failures >= MAX_START_FAILURES
-                    and self._last_start_error is not None
-                ):
+                if self._failing_fast():
                     message.reply.fail(clone_exception(self._start_error()))
                     return
                 self._waiters.append(message)
@@ -416,7 +433,7 @@ class ProfilePool:
         key = self._member_ids
         actor = SandboxActor(
             driver=self._driver,
-            spec=self.settings.spec,
+            spec=self._spec,
             env=self.settings.env,
             max_output_bytes=self.settings.max_output_bytes,
             on_ready=lambda _actor: self._on_ready(member),
@@ -479,10 +496,27 @@ class ProfilePool:
         self._last_start_error = error
         self.infra_failures += 1
         logger.warning("could not start a sandbox of profile %r: %s", self.settings.profile, error)
-        if _is_permanent(error) or self._start_failures >= MAX_START_FAILURES:
+        if self._gave_up(error):
             self._fail_waiters(self._start_error())
         backoff = START_BACKOFF_S[min(self._start_failures, len(START_BACKOFF_S)) - 1]
         self._start_blocked_until = trio.current_time() + backoff
+
+    def _gave_up(self, error: BaseException) -> bool:
+        """Whether waiting longer cannot help: no retry left for this start error."""
+        return (
+            _is_permanent(error)
+            or (isinstance(error, SandboxStartFailed) and error.attempts > 1)
+            or self._start_failures >= MAX_START_FAILURES
+        )
+
+    def _failing_fast(self) -> bool:
+        """Whether a new caller gets the start error at once: the pool gave up and backs off."""
+        error = self._last_start_error
+        return (
+            error is not None
+            and self._gave_up(error)
+            and trio.current_time() < self._start_blocked_until
+        )
 
     def _start_error(self) -> BaseException:
         error = self._last_start_error
