@@ -531,6 +531,8 @@ class Agent:
             "ping": self.op_ping,
             "shutdown": self.op_shutdown,
         }
+        self.trees = TreeOps(self)
+        self.handlers.update(self.trees.handlers())
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -562,7 +564,7 @@ class Agent:
         os.set_blocking(self.out_fd, False)
         self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
         self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
-        features = [*list(OPS), "head_tail_output", "tree_kill", "serial"]
+        features = [*list(OPS), *TREE_OPS, "head_tail_output", "tree_kill", "serial"]
         if self.subreaper:
             features.append("subreaper")
         if self.slot_uid_base is not None:
@@ -744,7 +746,7 @@ class Agent:
                 raise OpError("unknown_op", "unknown op %r; known: %s" % (op, ", ".join(OPS)))
             if not isinstance(args, dict):
                 raise OpError("bad_request", "'args' must be an object")
-            if args.get("serial") and op in SERIAL_OPS:
+            if args.get("serial") and (op in SERIAL_OPS or op in SLOT_TREE_OPS):
                 slot = _slot_arg(args)
                 if slot in self.serial_running or self.serial_queues.get(slot):
                     self.serial_queues.setdefault(slot, collections.deque()).append(
@@ -770,7 +772,7 @@ class Agent:
         self, request_id: int, op: str, args: Dict[str, Any], slot: int
     ) -> Optional[Dict[str, Any]]:
         result = self.handlers[op](request_id, args)
-        if op == "exec" and request_id in self.by_request:
+        if (op == "exec" and request_id in self.by_request) or request_id in self.trees.busy:
             self.serial_running[slot] = request_id
         return result
 
@@ -1163,6 +1165,8 @@ class Agent:
             ex = self.execs.get(pid)
             if ex is not None:
                 self._finish(ex, status)
+            else:
+                self.trees.exited(pid, status)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -1244,6 +1248,7 @@ class Agent:
             _log("kill on exit failed: %r" % exc)
         for ex in list(self.execs.values()):
             self._finish(ex, None)
+        self.trees.close_all()
 
     # -- other ops ------------------------------------------------------------------------------
 
@@ -1254,6 +1259,8 @@ class Agent:
         for slot in list(self.serial_queues):
             if self._drop_queued(slot, target):
                 return {"found": True}
+        if self.trees.cancel(target):
+            return {"found": True}
         ex = self.by_request.get(target)
         if ex is None or ex.kill_reason is not None:
             return {"found": False}
@@ -1391,6 +1398,684 @@ class Agent:
             except OSError as exc:
                 raise _os_error("list_files", str(path), exc) from None
         return {"entries": entries, "truncated": truncated}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workspace trees: checkpoints, forks, restores and directory transfer (tar streams).
+#
+# Whole trees are copied by helper processes (cp, chown, tar, rm) that the agent starts and
+# reaps like commands, so a 50 MB copy never stalls the loop. Reading a slot's tree runs as the
+# slot's uid (the kernel confines it like a command); what lands in a slot is chowned to that
+# slot's uid. Checkpoints live under `CHECKPOINTS_DIR` in the workspace root, each in a 0700
+# root-owned directory no slot can reach, until `drop_checkpoint` or the sandbox's end.
+# Running processes are not captured: a checkpoint holds files only.
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINTS_DIR = ".hermes-checkpoints"
+STAGING_PREFIX = ".hermes-stage-"
+#: Ops of this section; the first three occupy their slot until done, like a command.
+TREE_OPS = (
+    "checkpoint",
+    "restore",
+    "fork",
+    "drop_checkpoint",
+    "tar_out",
+    "tar_in",
+    "stream_read",
+    "stream_write",
+    "stream_close",
+)
+SLOT_TREE_OPS = ("checkpoint", "restore", "fork")
+#: Largest chunk one `stream_read` returns or one `stream_write` takes.
+MAX_STREAM_CHUNK = 8 * 1024 * 1024
+_MAX_CHECKPOINT_ID = 64
+_HELPER_ERRORS_BYTES = 8192
+
+
+def _checkpoint_id(args: Dict[str, Any]) -> str:
+    name = args.get("checkpoint")
+    if (
+        not isinstance(name, str)
+        or not 0 < len(name) <= _MAX_CHECKPOINT_ID
+        or not all(c.isalnum() or c in "-_" for c in name)
+        or not name.isascii()
+    ):
+        raise OpError("bad_request", "'checkpoint' must be 1-64 ASCII letters, digits, '-' or '_'")
+    return name
+
+
+def _stream_id(args: Dict[str, Any]) -> int:
+    stream = args.get("stream")
+    if not isinstance(stream, int) or isinstance(stream, bool):
+        raise OpError("bad_request", "'stream' must be the id a tar_out/tar_in reply gave")
+    return stream
+
+
+def _tree_size(path: str) -> Tuple[int, int]:
+    """``(bytes, entries)`` of a tree: apparent sizes, symlinks not followed."""
+    total = 0
+    entries = 0
+    for root, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            entries += 1
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                if not stat.S_ISDIR(info.st_mode):
+                    total += info.st_size
+    return total, entries
+
+
+def _error_code_of(errors: str) -> str:
+    if "No space left" in errors or "Disk quota" in errors:
+        return "no_space"
+    return "copy_failed"
+
+
+class _Helper:
+    """One helper process (cp, chown, tar, rm) and what happens when it exits."""
+
+    def __init__(self, pid: int, process: Any, errors_fd: int, request_id: int) -> None:
+        self.pid = pid
+        self.process = process
+        self.errors_fd = errors_fd
+        self.request_id = request_id
+        self.on_exit: Optional[Callable[[int, str], None]] = None
+        self.status: Optional[int] = None
+        self.errors_text = ""
+
+    def errors(self) -> str:
+        try:
+            os.lseek(self.errors_fd, 0, os.SEEK_SET)
+            return os.read(self.errors_fd, _HELPER_ERRORS_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class _Stream:
+    """A tar stream: ``tar c`` whose stdout the host pulls, or ``tar x`` the host feeds."""
+
+    def __init__(self, stream_id: int, slot: int, helper: _Helper, fd: int, out: bool) -> None:
+        self.stream_id = stream_id
+        self.slot = slot
+        self.helper = helper
+        self.fd = fd  # our end of tar's stdout (out) or stdin (in); -1 once closed
+        self.out = out
+        self.pending: Optional[int] = None  # the request waiting on fd
+        self.pending_data = memoryview(b"")
+        self.max_bytes = 0
+        self.eof = False
+        self.closing: Optional[int] = None  # the stream_close waiting for tar's exit
+
+
+class TreeOps:
+    """The tree ops of one agent (see the section comment). Holds helper processes by pid."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.helpers: Dict[int, _Helper] = {}
+        self.streams: Dict[int, _Stream] = {}
+        self.next_stream = 1
+        #: Requests of `SLOT_TREE_OPS` still running: request id -> (slot, helper pids).
+        self.busy: Dict[int, Tuple[int, Set[int]]] = {}
+        self._gnu_cp: Optional[bool] = None
+
+    def handlers(self) -> Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]]:
+        return {
+            "checkpoint": self.op_checkpoint,
+            "restore": self.op_restore,
+            "fork": self.op_fork,
+            "drop_checkpoint": self.op_drop_checkpoint,
+            "tar_out": self.op_tar_out,
+            "tar_in": self.op_tar_in,
+            "stream_read": self.op_stream_read,
+            "stream_write": self.op_stream_write,
+            "stream_close": self.op_stream_close,
+        }
+
+    # -- helper processes ---------------------------------------------------------------------
+
+    def _spawn(
+        self,
+        request_id: int,
+        slot: int,
+        argv: List[str],
+        uid: Optional[int],
+        on_exit: Callable[[int, str], None],
+        stdin: int = -1,
+        stdout: int = -1,
+    ) -> _Helper:
+        agent = self.agent
+        if hasattr(os, "memfd_create"):
+            errors_fd = os.memfd_create("hermes-helper-errors", os.MFD_CLOEXEC)
+        else:  # pragma: no cover - kernels without memfd
+            import tempfile
+
+            errors_fd, name = tempfile.mkstemp()
+            os.unlink(name)
+        env = dict(agent.sandbox_env)
+        env["LC_ALL"] = "C"
+        # The slot marker makes a reset of the slot, and the agent's exit, kill helpers too.
+        env[SLOT_MARKER] = "%s:%d" % (agent.nonce, slot)
+        fds = (
+            agent.devnull if stdin < 0 else stdin,
+            agent.devnull if stdout < 0 else stdout,
+            errors_fd,
+        )
+        process = None
+        try:
+            if _HAVE_POSIX_SPAWN and (uid is None or agent.fast_uid_spawn):
+                pid = agent._posix_spawn(argv, "/", env, fds, uid)
+            else:  # pragma: no cover - only on images without posix_spawn
+                process = agent._popen(argv, "/", env, fds, uid)
+                pid = process.pid
+        except OSError as exc:
+            os.close(errors_fd)
+            raise OpError(
+                "missing_tool", "%s is needed in the image: %s" % (argv[0], exc.strerror or exc)
+            ) from None
+        helper = _Helper(pid, process, errors_fd, request_id)
+        helper.on_exit = on_exit
+        self.helpers[pid] = helper
+        busy = self.busy.get(request_id)
+        if busy is not None:
+            busy[1].add(pid)
+        return helper
+
+    def exited(self, pid: int, status: int) -> bool:
+        """Called by the agent's reaper for every child; True if it was one of ours."""
+        helper = self.helpers.pop(pid, None)
+        if helper is None:
+            return False
+        exit_code, _ = _exit_code_of(status)
+        if helper.process is not None:
+            helper.process.returncode = exit_code
+        helper.status = exit_code
+        busy = self.busy.get(helper.request_id)
+        if busy is not None:
+            busy[1].discard(pid)
+        errors = helper.errors_text = helper.errors()
+        os.close(helper.errors_fd)
+        if helper.on_exit is not None:
+            try:
+                helper.on_exit(exit_code, errors)
+            except Exception as exc:  # never crash the agent on one request
+                _log("internal error after helper %d: %r" % (pid, exc))
+                self._finish(helper.request_id, error=("internal", repr(exc)))
+        return True
+
+    def cancel(self, request_id: int) -> bool:
+        """Kill the helpers of a running tree op (its reply then says cancelled)."""
+        busy = self.busy.get(request_id)
+        if busy is None:
+            return False
+        for pid in list(busy[1]):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return True
+
+    def _cp(self) -> List[str]:
+        if self._gnu_cp is None:
+            path = _which("cp", self.agent.sandbox_env.get("PATH", os.defpath)) or "cp"
+            self._gnu_cp = os.path.basename(os.path.realpath(path)) != "busybox"
+        # -a keeps modes, times, symlinks and hard links between the copied files; reflinks
+        # make the copy copy-on-write where the filesystem can.
+        return ["cp", "-a", "--reflink=auto"] if self._gnu_cp else ["cp", "-a"]
+
+    def _start(self, request_id: int, slot: int) -> None:
+        self.busy[request_id] = (slot, set())
+
+    def _finish(
+        self,
+        request_id: int,
+        result: Optional[Dict[str, Any]] = None,
+        error: Optional[Tuple[str, str]] = None,
+    ) -> None:
+        """Reply to a tree op once, and free its slot for the next queued request."""
+        busy = self.busy.pop(request_id, None)
+        if busy is None:
+            return
+        slot, pids = busy
+        for pid in pids:  # a failed step: its siblings are of no use any more
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        agent = self.agent
+        if agent.serial_running.get(slot) == request_id:
+            del agent.serial_running[slot]
+            agent.slots_to_pump.add(slot)
+        if error is not None:
+            agent.send(_error_reply(request_id, error[0], error[1]))
+        else:
+            agent.send({"id": request_id, "ok": True, "result": result or {}})
+
+    # -- staging: where a copy is built before it replaces a workspace -------------------------
+
+    def _stage(self, reader_uid: Optional[int]) -> Tuple[str, str]:
+        """``(stage, tree)``: a fresh root-owned staging dir, with a writable dir for `reader_uid`.
+
+        The helper copying into it runs as `reader_uid`, so `tree` sits in a 0700 dir it owns.
+        """
+        stage = os.path.join(self.agent.workspace_root, STAGING_PREFIX + os.urandom(8).hex())
+        os.mkdir(stage, 0o711)
+        inner = os.path.join(stage, "w")
+        os.mkdir(inner, 0o700)
+        if reader_uid is not None:
+            os.chown(inner, reader_uid, reader_uid)
+        return stage, os.path.join(inner, "tree")
+
+    def _seal(self, inner: str) -> None:
+        """Take a finished copy away from the uid that wrote it."""
+        if self.agent.slot_uid_base is not None:
+            os.lchown(inner, 0, 0)
+        os.chmod(inner, 0o700)
+
+    def _install(self, tree: str, slot: int) -> None:
+        """Make `tree` (already owned by the slot's uid) the slot's workspace."""
+        workspace = self.agent.workspace(slot)
+        _wipe_contents(workspace)
+        os.rename(tree, workspace)  # replaces the now empty directory
+        os.chmod(workspace, 0o700)
+
+    def _copy_into_slot(
+        self,
+        request_id: int,
+        source: str,
+        reader_uid: Optional[int],
+        slot: int,
+        on_done: Callable[[], None],
+    ) -> None:
+        """cp `source` (read as `reader_uid`) into a stage, chown it to `slot`, install it."""
+        stage, tree = self._stage(reader_uid)
+        target_uid = self.agent.slot_uid(slot)
+
+        def fail(code: str, message: str) -> None:
+            _remove_stage(stage)
+            self._finish(request_id, error=(code, message))
+
+        def copied(exit_code: int, errors: str) -> None:
+            if request_id not in self.busy:
+                _remove_stage(stage)
+                return
+            if exit_code != 0:
+                fail(_error_code_of(errors), "copying the workspace failed: %s" % errors.strip())
+                return
+            self._seal(os.path.dirname(tree))
+            if target_uid is None or target_uid == reader_uid:
+                installed(0, "")
+                return
+            owner = "%d:%d" % (target_uid, target_uid)
+            self._spawn(request_id, slot, ["chown", "-R", "-h", owner, tree], None, installed)
+
+        def installed(exit_code: int, errors: str) -> None:
+            if request_id not in self.busy:
+                _remove_stage(stage)
+                return
+            if exit_code != 0:
+                fail("copy_failed", "giving the copy to slot %d failed: %s" % (slot, errors))
+                return
+            try:
+                self._install(tree, slot)
+            except OSError as exc:
+                fail(*_os_error_pair("installing the copy into slot %d" % slot, exc))
+                return
+            finally:
+                _remove_stage(stage)
+            on_done()
+
+        self._spawn(request_id, slot, [*self._cp(), source, tree], reader_uid, copied)
+
+    # -- checkpoint, restore, fork ---------------------------------------------------------
+
+    def checkpoint_path(self, name: str) -> str:
+        return os.path.join(self.agent.workspace_root, CHECKPOINTS_DIR, name)
+
+    def op_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        slot = _slot_arg(args)
+        name = _checkpoint_id(args)
+        agent = self.agent
+        source = agent.workspace(slot)
+        uid = agent.slot_uid(slot)
+        root = os.path.join(agent.workspace_root, CHECKPOINTS_DIR)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root, 0o711)
+        path = self.checkpoint_path(name)
+        try:
+            os.mkdir(path, 0o711)
+        except FileExistsError:
+            raise OpError("exists", "checkpoint %r exists already" % name) from None
+        inner = os.path.join(path, "w")
+        os.mkdir(inner, 0o700)
+        if uid is not None:
+            os.chown(inner, uid, uid)
+        tree = os.path.join(inner, "tree")
+        self._start(request_id, slot)
+
+        def copied(exit_code: int, errors: str) -> None:
+            if exit_code != 0 or request_id not in self.busy:
+                _remove_stage(path)
+                message = "checkpoint of slot %d failed: %s" % (slot, errors.strip() or "killed")
+                self._finish(request_id, error=(_error_code_of(errors), message))
+                return
+            self._seal(inner)
+            size, entries = _tree_size(tree)
+            self._finish(request_id, {"bytes": size, "entries": entries})
+
+        try:
+            self._spawn(request_id, slot, [*self._cp(), source, tree], uid, copied)
+        except OpError:
+            self.busy.pop(request_id, None)
+            _remove_stage(path)
+            raise
+        return None
+
+    def op_restore(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        slot = _slot_arg(args)
+        name = _checkpoint_id(args)
+        tree = os.path.join(self.checkpoint_path(name), "w", "tree")
+        if not os.path.isdir(tree):
+            raise OpError("not_found", "checkpoint %r does not exist in this sandbox" % name)
+        agent = self.agent
+        # Like a reset: nothing the slot started may write into the restored tree.
+        uid = agent.slot_uid(slot)
+        agent.kill_execs(
+            [ex for ex in agent.execs.values() if ex.slot == slot],
+            "reset",
+            [_needle(SLOT_MARKER, "%s:%d" % (agent.nonce, slot))],
+            {uid} if uid is not None else None,
+        )
+        self._start(request_id, slot)
+        try:
+            self._copy_into_slot(request_id, tree, None, slot, lambda: self._finish(request_id, {}))
+        except OpError as exc:
+            self._finish(request_id, error=(exc.code, exc.message))
+        except OSError as exc:
+            self._finish(request_id, error=_os_error_pair("restore", exc))
+        return None
+
+    def op_fork(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        slot = _slot_arg(args)
+        targets = args.get("targets")
+        if (
+            not isinstance(targets, list)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)
+            or not all(0 <= t <= MAX_SLOT for t in targets)
+            or len(set(targets)) != len(targets)
+            or slot in targets
+        ):
+            raise OpError("bad_request", "'targets' must be distinct slots other than 'slot'")
+        if not targets:
+            return {}
+        agent = self.agent
+        source = agent.workspace(slot)
+        uid = agent.slot_uid(slot)
+        self._start(request_id, slot)
+        left = [len(targets)]
+
+        def one_done() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self._finish(request_id, {})
+
+        try:
+            for target in targets:
+                self._copy_into_slot(request_id, source, uid, target, one_done)
+        except OpError as exc:
+            self._finish(request_id, error=(exc.code, exc.message))
+        except OSError as exc:
+            self._finish(request_id, error=_os_error_pair("fork", exc))
+        return None
+
+    def op_drop_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        name = _checkpoint_id(args)
+        path = self.checkpoint_path(name)
+        if not os.path.isdir(path):
+            return {"dropped": False}
+        # Renamed first, so the name is free at once and a crash leaves no half-deleted
+        # checkpoint behind; the rm runs as a helper so a big tree does not stall the loop.
+        doomed = os.path.join(os.path.dirname(path), ".drop-" + os.urandom(8).hex())
+        os.rename(path, doomed)
+        slot = 0  # any slot: the marker only makes the agent's exit kill the helper
+        self.busy[request_id] = (-1, set())
+
+        def removed(exit_code: int, errors: str) -> None:
+            if exit_code != 0:
+                _remove_stage(doomed)
+            self._finish(request_id, {"dropped": True})
+
+        self._spawn(request_id, slot, ["rm", "-rf", doomed], None, removed)
+        return None
+
+    # -- tar streams ------------------------------------------------------------------------
+
+    def op_tar_out(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        agent = self.agent
+        slot = _slot_arg(args)
+        uid: Optional[int]
+        if args.get("checkpoint") is not None:
+            directory = os.path.join(self.checkpoint_path(_checkpoint_id(args)), "w", "tree")
+            if not os.path.isdir(directory):
+                raise OpError("not_found", "checkpoint %r does not exist here" % args["checkpoint"])
+            uid = None
+        else:
+            with agent.as_slot(slot):
+                directory, _ = agent.resolve(slot, args.get("path", "."), "tar_out")
+                if not os.path.isdir(directory):
+                    if os.path.exists(directory):
+                        raise OpError(
+                            "not_a_directory", "tar_out: %r is not a directory" % args.get("path")
+                        )
+                    raise OpError("not_found", "tar_out: %r does not exist" % args.get("path"))
+            uid = agent.slot_uid(slot)
+        read_fd, write_fd = os.pipe()
+        try:
+            helper = self._spawn(
+                request_id,
+                slot,
+                ["tar", "-C", directory, "-cf", "-", "."],
+                uid,
+                lambda code, errors: None,
+                stdout=write_fd,
+            )
+        except OpError:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        return {"stream": self._add_stream(slot, helper, read_fd, out=True).stream_id}
+
+    def op_tar_in(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        agent = self.agent
+        slot = _slot_arg(args)
+        path = args.get("path", ".")
+        with agent.as_slot(slot):
+            directory, _ = agent.resolve(slot, path, "tar_in")
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise _os_error("tar_in: creating", str(path), exc) from None
+        uid = agent.slot_uid(slot)
+        argv = ["tar", "-C", directory, "-xf", "-"]
+        if uid is None and os.geteuid() == 0:
+            argv.insert(1, "-o")  # never give files the owners another machine recorded
+        read_fd, write_fd = os.pipe()
+        try:
+            helper = self._spawn(
+                request_id, slot, argv, uid, lambda code, errors: None, stdin=read_fd
+            )
+        except OpError:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        os.set_blocking(write_fd, False)
+        return {"stream": self._add_stream(slot, helper, write_fd, out=False).stream_id}
+
+    def _add_stream(self, slot: int, helper: _Helper, fd: int, out: bool) -> _Stream:
+        stream = _Stream(self.next_stream, slot, helper, fd, out)
+        self.next_stream += 1
+        self.streams[stream.stream_id] = stream
+        helper.on_exit = lambda code, errors: self._stream_exited(stream, code, errors)
+        return stream
+
+    def _get_stream(self, args: Dict[str, Any], out: Optional[bool]) -> _Stream:
+        stream = self.streams.get(_stream_id(args))
+        if stream is None:
+            raise OpError("not_found", "no open stream %r" % args.get("stream"))
+        if out is not None and stream.out != out:
+            raise OpError("bad_request", "stream %d does not go that way" % stream.stream_id)
+        if stream.pending is not None:
+            raise OpError("bad_request", "stream %d has a request pending" % stream.stream_id)
+        return stream
+
+    def op_stream_read(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        stream = self._get_stream(args, out=True)
+        max_bytes = args.get("max_bytes", 1 << 20)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+            raise OpError("bad_request", "'max_bytes' must be an int > 0")
+        stream.max_bytes = min(max_bytes, MAX_STREAM_CHUNK)
+        stream.pending = request_id
+        self._try_read(stream)
+        if stream.pending is not None and not stream.eof:
+            self.agent.selector.register(
+                stream.fd, selectors.EVENT_READ, lambda fd, mask: self._try_read(stream)
+            )
+        return None
+
+    def _try_read(self, stream: _Stream) -> None:
+        chunks: List[bytes] = []
+        size = 0
+        while size < stream.max_bytes:
+            try:
+                data = os.read(stream.fd, min(stream.max_bytes - size, 1 << 20))
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                stream.eof = True
+                break
+            chunks.append(data)
+            size += len(data)
+        if not chunks and not stream.eof:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.agent.selector.unregister(stream.fd)
+        if chunks:
+            request_id, stream.pending = stream.pending, None
+            assert request_id is not None
+            self.agent.send({"id": request_id, "ok": True, "result": {"data": b"".join(chunks)}})
+        elif stream.helper.status is not None:
+            self._reply_end(stream)
+        # else: at the end of tar's output, waiting for its exit status (`_stream_exited`).
+
+    def _reply_end(self, stream: _Stream) -> None:
+        """tar is done: answer the waiting request with its outcome and forget the stream."""
+        request_id = stream.pending if stream.pending is not None else stream.closing
+        stream.pending = stream.closing = None
+        self._close_stream(stream)
+        if request_id is None:
+            return
+        code = stream.helper.status
+        if code != 0:
+            errors = stream.helper.errors_text.strip() or "exit status %s" % code
+            self.agent.send(_error_reply(request_id, "tar_failed", "tar failed: %s" % errors))
+        else:
+            self.agent.send({"id": request_id, "ok": True, "result": {"data": b"", "eof": True}})
+
+    def _stream_exited(self, stream: _Stream, code: int, errors: str) -> None:
+        if stream.out:
+            if stream.eof or stream.closing is not None:
+                self._reply_end(stream)
+            elif stream.pending is not None:
+                self._try_read(stream)
+            return
+        if stream.pending is not None:  # a write tar will never take
+            request_id, stream.pending = stream.pending, None
+            message = "tar stopped reading: %s" % (errors.strip() or "exit status %d" % code)
+            self.agent.send(_error_reply(request_id, "tar_failed", message))
+        if stream.closing is not None:
+            self._reply_end(stream)
+
+    def op_stream_write(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        stream = self._get_stream(args, out=False)
+        data = args.get("data")
+        if not isinstance(data, bytes):
+            raise OpError("bad_request", "'data' must be bytes")
+        if stream.helper.status is not None:
+            errors = stream.helper.errors_text.strip()
+            raise OpError("tar_failed", "tar stopped reading: %s" % (errors or "it exited"))
+        stream.pending = request_id
+        stream.pending_data = memoryview(data)
+        self._try_write(stream)
+        if stream.pending is not None:
+            self.agent.selector.register(
+                stream.fd, selectors.EVENT_WRITE, lambda fd, mask: self._try_write(stream)
+            )
+        return None
+
+    def _try_write(self, stream: _Stream) -> None:
+        try:
+            written = _write_all_nonblocking(stream.fd, bytes(stream.pending_data[: 1 << 20]))
+        except OSError:  # tar is gone; its exit reports why
+            with contextlib.suppress(KeyError, ValueError):
+                self.agent.selector.unregister(stream.fd)
+            return
+        stream.pending_data = stream.pending_data[written:]
+        if stream.pending_data:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.agent.selector.unregister(stream.fd)
+        request_id, stream.pending = stream.pending, None
+        if request_id is not None:
+            self.agent.send({"id": request_id, "ok": True, "result": {}})
+
+    def op_stream_close(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        stream = self.streams.get(_stream_id(args))
+        if stream is None:
+            return {"closed": False}
+        if stream.pending is not None:  # abandoned mid-request: answer it, then close
+            self.agent.send(_error_reply(stream.pending, "cancelled", "stream closed"))
+            stream.pending = None
+        if stream.out and not stream.eof:
+            # The host gave up reading: stop tar; nothing more is owed.
+            with contextlib.suppress(OSError):
+                os.kill(stream.helper.pid, signal.SIGKILL)
+            self._close_stream(stream)
+            return {"closed": True}
+        with contextlib.suppress(KeyError, ValueError):
+            self.agent.selector.unregister(stream.fd)
+        if not stream.out and stream.fd >= 0:
+            os.close(stream.fd)  # EOF for tar x
+            stream.fd = -1
+        stream.closing = request_id
+        if stream.helper.status is not None:
+            self._reply_end(stream)
+        return None
+
+    def _close_stream(self, stream: _Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        if stream.fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.agent.selector.unregister(stream.fd)
+            os.close(stream.fd)
+            stream.fd = -1
+
+    def close_all(self) -> None:
+        """On exit: every stream closed (their helpers die with the agent's kill sweep)."""
+        for stream in list(self.streams.values()):
+            self._close_stream(stream)
+
+
+def _remove_stage(path: str) -> None:
+    """Remove a staging or checkpoint directory whatever is in it (best effort)."""
+    if os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            _wipe_contents(path)
+            os.rmdir(path)
+
+
+def _os_error_pair(what: str, exc: OSError) -> Tuple[str, str]:
+    return _ERRNO_CODES.get(exc.errno or 0, "io_error"), "%s: %s" % (what, exc.strerror or exc)
 
 
 def _list_into(

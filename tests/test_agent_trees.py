@@ -1,0 +1,163 @@
+"""The agent's tree ops: checkpoint, restore, fork, drop_checkpoint and tar streams."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agent_harness import AgentProcess
+
+IS_ROOT = os.getuid() == 0
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A workspace root other uids can traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="hermes-trees-test-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["chmod", "-R", "u+rwx", str(path)], check=False)
+    shutil.rmtree(path)
+
+
+@pytest.fixture(params=["plain", "slot_uids"])
+def agent(request: pytest.FixtureRequest, open_root: Path) -> Iterator[AgentProcess]:
+    if request.param == "slot_uids" and not IS_ROOT:
+        pytest.skip("slot uids need root")
+    config = {"slot_uid_base": 43000} if request.param == "slot_uids" else {}
+    with AgentProcess(str(open_root / "slots"), **config) as process:
+        yield process
+
+
+def sh(agent: AgentProcess, slot: int, command: str) -> str:
+    result = agent.call("exec", slot=slot, command=command)
+    assert result["exit_code"] == 0, result
+    return bytes(result["stdout"]).decode()
+
+
+SETUP = (
+    "mkdir -p src/pkg empty && printf 'one' > src/a.txt && printf 'v1' > src/pkg/b.txt "
+    "&& ln -s a.txt src/link && ln src/a.txt hard && head -c 3000 /dev/urandom > blob "
+    "&& chmod 0751 src/pkg && printf 'x' > .hidden"
+)
+LISTING = "find . -printf '%y %m %p %l\\n' | sort; cat src/a.txt src/pkg/b.txt; md5sum blob"
+
+
+def test_fork_copies_the_workspace_into_each_target_independently(agent: AgentProcess) -> None:
+    """Each fork target gets the source's files, modes, links and dotfiles; all stay separate."""
+    sh(agent, 0, SETUP)
+    before = sh(agent, 0, LISTING)
+    agent.call("fork", slot=0, targets=[1, 2])
+    assert sh(agent, 1, LISTING) == before
+    assert sh(agent, 2, LISTING) == before
+    assert sh(agent, 1, "stat -c %h hard") == "2\n"  # hard links stay links within the copy
+    sh(agent, 1, "printf changed > src/a.txt && rm -rf src/pkg")
+    assert sh(agent, 0, "cat src/a.txt") == "one"
+    assert sh(agent, 2, "cat src/a.txt; ls src/pkg") == "oneb.txt\n"
+    if "slot_uids" in agent.ready["result"]["features"]:
+        assert sh(agent, 2, "stat -c %u src/a.txt").strip() == str(43000 + 2)
+
+
+def test_checkpoint_then_restore_undoes_destructive_commands(agent: AgentProcess) -> None:
+    """A restore after `rm -rf *` and a broken file brings back exactly the checkpointed tree."""
+    sh(agent, 3, SETUP)
+    before = sh(agent, 3, LISTING)
+    result = agent.call("checkpoint", slot=3, checkpoint="ck1")
+    assert result["bytes"] >= 3000 and result["entries"] >= 7
+    sh(agent, 3, "rm -rf * .hidden && printf junk > new.txt")
+    agent.call("restore", slot=3, checkpoint="ck1")
+    assert sh(agent, 3, LISTING) == before
+    # The checkpoint is still there: a second restore, into another slot, works too.
+    agent.call("restore", slot=4, checkpoint="ck1")
+    assert sh(agent, 4, LISTING) == before
+
+
+def test_checkpoints_are_unreachable_from_slots_and_dropped_completely(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A checkpoint's files cannot be changed by the slot, and dropping it removes them all."""
+    sh(agent, 0, SETUP)
+    agent.call("checkpoint", slot=0, checkpoint="ck")
+    checkpoints = open_root / "slots" / ".hermes-checkpoints"
+    assert list(checkpoints.iterdir()) == [checkpoints / "ck"]
+    if "slot_uids" in agent.ready["result"]["features"]:
+        denied = agent.call("exec", slot=0, command=f"ls {checkpoints}/ck/w")
+        assert denied["exit_code"] != 0
+    assert agent.call("drop_checkpoint", checkpoint="ck") == {"dropped": True}
+    assert list(checkpoints.iterdir()) == []
+    assert agent.call("drop_checkpoint", checkpoint="ck") == {"dropped": False}
+    assert agent.error("restore", slot=0, checkpoint="ck")["code"] == "not_found"
+    assert not [p for p in (open_root / "slots").iterdir() if p.name.startswith(".hermes-stage")]
+
+
+def test_tree_ops_refuse_bad_arguments(agent: AgentProcess) -> None:
+    """Bad checkpoint names, duplicate or self targets and unknown streams are refused."""
+    assert agent.error("checkpoint", slot=0, checkpoint="../x")["code"] == "bad_request"
+    assert agent.error("fork", slot=0, targets=[0])["code"] == "bad_request"
+    assert agent.error("fork", slot=0, targets=[1, 1])["code"] == "bad_request"
+    assert agent.error("stream_read", stream=99)["code"] == "not_found"
+    agent.call("checkpoint", slot=0, checkpoint="twice")
+    assert agent.error("checkpoint", slot=0, checkpoint="twice")["code"] == "exists"
+
+
+def read_stream(agent: AgentProcess, stream: int) -> bytes:
+    chunks = []
+    while True:
+        result = agent.call("stream_read", stream=stream, max_bytes=4096)
+        if result.get("eof"):
+            return b"".join(chunks)
+        chunks.append(result["data"])
+
+
+def test_tar_out_streams_a_directory_in_chunks(agent: AgentProcess) -> None:
+    """tar_out + stream_read give a tar of the directory, chunk by chunk, then eof."""
+    sh(agent, 0, SETUP)
+    stream = agent.call("tar_out", slot=0, path="src")["stream"]
+    data = read_stream(agent, stream)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        names = sorted(archive.getnames())
+    assert names == [".", "./a.txt", "./link", "./pkg", "./pkg/b.txt"]
+
+
+def test_tar_in_extracts_a_stream_written_in_chunks(agent: AgentProcess) -> None:
+    """tar_in + stream_write + stream_close unpack a tar into the slot."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        body = os.urandom(100_000)
+        info = tarfile.TarInfo("dir/data.bin")
+        info.size = len(body)
+        archive.addfile(info, io.BytesIO(body))
+    data = buffer.getvalue()
+    stream = agent.call("tar_in", slot=5, path="in")["stream"]
+    for start in range(0, len(data), 30_000):
+        agent.call("stream_write", stream=stream, data=data[start : start + 30_000])
+    assert agent.call("stream_close", stream=stream)["eof"] is True
+    out = agent.call("read_file", slot=5, path="in/dir/data.bin")
+    assert out["data"] == body
+
+
+def test_tar_in_of_garbage_fails_with_tar_s_message(agent: AgentProcess) -> None:
+    """A stream that is not a tar fails at close with tar's own complaint."""
+    stream = agent.call("tar_in", slot=0, path=".")["stream"]
+    reply = agent.request("stream_write", stream=stream, data=b"not a tar" * 200)
+    close = agent.request("stream_close", stream=stream)
+    errors = [r for r in (reply, close) if not r["ok"]]
+    assert errors and errors[-1]["error"]["code"] == "tar_failed"
+
+
+def test_reset_while_a_stream_is_open_kills_its_tar(agent: AgentProcess) -> None:
+    """Closing an unread tar_out stream stops tar; nothing is left running."""
+    sh(agent, 0, "head -c 5000000 /dev/urandom > big")
+    stream = agent.call("tar_out", slot=0, path=".")["stream"]
+    agent.call("stream_read", stream=stream, max_bytes=1000)
+    assert agent.call("stream_close", stream=stream) == {"closed": True}
+    assert agent.error("stream_read", stream=stream)["code"] == "not_found"
+    assert agent.call("ping")["execs"] == 0
