@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,5 +176,8 @@ def test_closing_an_unread_stream_kills_its_tar(agent: AgentProcess) -> None:
     agent.call("stream_read", stream=stream, max_bytes=1000)
     assert agent.call("stream_close", stream=stream) == {"closed": True}
     assert agent.error("stream_read", stream=stream)["code"] == "not_found"
-    agent.call("ping")
+    deadline = time.monotonic() + 5.0
+    while children_of(agent.process.pid) and time.monotonic() < deadline:
+        agent.call("ping")  # the agent reaps on its loop turns
+        time.sleep(0.01)
     assert children_of(agent.process.pid) == []
