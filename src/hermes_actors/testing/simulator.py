@@ -321,9 +321,10 @@ class SimulatedDriver:
     """A `SandboxDriver` over a `SimulatedProvider`, paced and retried like the modal driver.
 
     Creates go through a `CreateThrottle` (`creates_per_second`, `max_starting` in flight);
-    a refusal or a failed create is retried after `retry_delays_s`, a refusal also pushes the
-    throttle back for every create. When the retries run out the create fails with
-    `SandboxStartFailed` (retryable), and the pool's own backoff takes over.
+    a refusal or a failed create is retried after `retry_delays_s` within the spec's
+    `create_retry_budget_s`, a refusal also pushes the throttle back for every create. When the
+    retries run out the create fails with `SandboxStartFailed` (retryable, with its attempts),
+    and the pool decides (as with the modal driver, whose create loop this mirrors).
     """
 
     name = "simulated"
@@ -343,17 +344,25 @@ class SimulatedDriver:
 
     async def create(self, spec: SandboxSpec) -> SimulatedSandbox:
         delays = iter(self.retry_delays_s)
+        started = trio.current_time()
+        attempts = 0
         while True:
+            attempts += 1
             try:
                 async with self.throttle.slot():
                     return await self.provider.create(spec)
             except (RateLimited, CreateFailed) as exc:
                 delay = next(delays, None)
+                spent = trio.current_time() - started
+                if delay is not None and spent + delay > spec.create_retry_budget_s:
+                    delay = None
                 if delay is None:
+                    tried = f" (gave up after {attempts} attempts in {spent:.1f} s)"
                     raise SandboxStartFailed(
-                        f"the simulated provider kept refusing sandboxes of profile "
-                        f"{spec.profile!r}: {exc}",
+                        f"the simulated provider refused a sandbox of profile {spec.profile!r}: "
+                        f"{exc}{tried if attempts > 1 else ''}",
                         retryable=True,
+                        attempts=attempts,
                     ) from exc
                 self.create_retries += 1
                 if isinstance(exc, RateLimited):
@@ -463,6 +472,8 @@ class ScenarioResult:
     lost_wait_p50_s: float
     lost_wait_max_s: float
     acquire_timeouts: int
+    #: Acquires failed with the pool's start error (it gave up starting sandboxes).
+    acquire_failures: int
     trajectories_done: int
     commands: int
     #: Host CPU seconds of the whole run, and per simulated command.
@@ -488,6 +499,7 @@ class _Tally:
     first_result: float = math.inf
     first_done: float = math.inf
     acquire_timeouts: int = 0
+    acquire_failures: int = 0
     done: int = 0
     commands: int = 0
 
@@ -503,6 +515,10 @@ async def _trajectory(
             lease = await runtime.acquire("sim", key)
         except AcquireTimeout:
             tally.acquire_timeouts += 1
+            return None
+        except InfrastructureError:
+            # The pool gave up starting sandboxes (the provider's cause): the trainer drops it.
+            tally.acquire_failures += 1
             return None
         tally.acquire_waits.append(trio.current_time() - asked)
         return lease
@@ -611,6 +627,7 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
         lost_wait_p50_s=percentile(tally.lost_waits, 0.50),
         lost_wait_max_s=max(tally.lost_waits, default=0.0),
         acquire_timeouts=tally.acquire_timeouts,
+        acquire_failures=tally.acquire_failures,
         trajectories_done=tally.done,
         commands=tally.commands,
         host_cpu_s=host_cpu,
