@@ -410,6 +410,9 @@ class Scenario:
     acquire_timeout_s: float = 3600.0
     provider: ProviderModel = ProviderModel()
     loss_storm: LossStorm | None = None
+    #: Record the slots held and free and the waiters every this many seconds (None: never;
+    #: each sample reads the pool's whole status, a cost that grows with its sandboxes).
+    sample_every_s: float | None = None
     seed: int = 0
 
     @property
@@ -481,7 +484,7 @@ class ScenarioResult:
     host_cpu_per_command_s: float
     #: (virtual time, sandboxes alive) at every change.
     timeline: tuple[tuple[float, int], ...] = attrs.field(repr=False)
-    #: (virtual time, slots held, slots free, waiters) once per sampled second.
+    #: (virtual time, slots held, slots free, waiters) every `sample_every_s`.
     capacity: tuple[tuple[float, int, int, int], ...] = attrs.field(repr=False)
 
 
@@ -553,7 +556,7 @@ async def _trajectory(
 
 
 async def _sample_capacity(
-    runtime: Runtime, out: list[tuple[float, int, int, int]], started: float
+    runtime: Runtime, out: list[tuple[float, int, int, int]], started: float, every_s: float
 ) -> None:
     while True:
         pools = runtime.status().pools
@@ -561,7 +564,7 @@ async def _sample_capacity(
         free = sum(p.slots_free for p in pools)
         waiting = sum(p.waiters for p in pools)
         out.append((trio.current_time() - started, held, free, waiting))
-        await trio.sleep(1.0)
+        await trio.sleep(every_s)
 
 
 async def simulate(scenario: Scenario) -> ScenarioResult:
@@ -589,7 +592,9 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
                 await _wait_ready(runtime, scenario.min_sandboxes * scenario.slots_per_sandbox)
             started = trio.current_time()
             prewarm_s = started - prewarm_started
-            nursery.start_soon(_sample_capacity, runtime, capacity, started)
+            if scenario.sample_every_s is not None:
+                every_s = scenario.sample_every_s
+                nursery.start_soon(_sample_capacity, runtime, capacity, started, every_s)
             if scenario.loss_storm is not None:
                 storm = scenario.loss_storm
                 nursery.start_soon(_storm_at, provider, storm, started + storm.at_s)
