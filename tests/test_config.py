@@ -32,8 +32,8 @@ WriteYaml = Callable[[str], str]
 
 VALID_KEYS = (
     "acquire_timeout_s, app_name, backend, cpu, creates_per_second, env_vars, "
-    "execution_timeout_s, gpu, idle_timeout, image, isolation, max_lifetime, max_output_bytes, "
-    "max_pool, max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
+    "execution_timeout_s, gpu, idle_timeout, image, isolation, max_checkpoint_bytes, "
+    "max_checkpoints, max_lifetime, max_output_bytes, max_pool, max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
     "reap_min_age_s, reap_orphans, secrets, slots_per_sandbox, tags, workspace_base"
 )
 
@@ -113,6 +113,8 @@ def test_sandbox_config_defaults() -> None:
         "creates_per_second": 4.0,
         "reap_orphans": False,
         "reap_min_age_s": 0.0,
+        "max_checkpoints": 64,
+        "max_checkpoint_bytes": 8 * 1024**3,
     }
 
 

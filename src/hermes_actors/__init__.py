@@ -17,6 +17,8 @@ from hermes_actors._errors import (
     AcquireTimeout,
     AgentError,
     BackendUnavailable,
+    CheckpointLimitExceeded,
+    CheckpointLost,
     ConfigError,
     HermesError,
     InfrastructureError,
@@ -24,6 +26,7 @@ from hermes_actors._errors import (
     RuntimeStopped,
     SandboxLost,
     SandboxStartFailed,
+    TransferFailed,
 )
 from hermes_actors.facades import (
     ArtifactTooLarge,
@@ -32,6 +35,7 @@ from hermes_actors.facades import (
     Slot,
     ToolBackend,
 )
+from hermes_actors.runtime._trees import Checkpoint
 from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
 
 __all__ = [
@@ -39,6 +43,9 @@ __all__ = [
     "AgentError",
     "ArtifactTooLarge",
     "BackendUnavailable",
+    "Checkpoint",
+    "CheckpointLimitExceeded",
+    "CheckpointLost",
     "ConfigError",
     "ExecutionResult",
     "HermesError",
@@ -53,6 +60,7 @@ __all__ = [
     "SandboxStartFailed",
     "Slot",
     "ToolBackend",
+    "TransferFailed",
     "cleanup_vm",
     "format_status",
     "load_profiles",

@@ -1984,7 +1984,9 @@ class TreeOps:
 
     def _stream_exited(self, stream: _Stream, code: int, errors: str) -> None:
         if stream.out:
-            if stream.eof or stream.closing is not None:
+            # A read waiting at the end of the output gets the outcome now; one arriving
+            # later finds the end and the status at once.
+            if stream.closing is not None or (stream.eof and stream.pending is not None):
                 self._reply_end(stream)
             elif stream.pending is not None:
                 self._try_read(stream)

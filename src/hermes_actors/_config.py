@@ -350,6 +350,9 @@ class SandboxConfig:
     reap_orphans: bool = False
     #: With `reap_orphans`, only sandboxes older than this many seconds are reaped.
     reap_min_age_s: float = 0.0
+    #: Checkpoints the profile's pool may hold at once, and the bytes they may store together.
+    max_checkpoints: int = 64
+    max_checkpoint_bytes: int = 8 * 1024**3
 
     def __attrs_post_init__(self) -> None:
         problems = _check_config(self)
@@ -469,6 +472,8 @@ def _check_config(config: SandboxConfig) -> list[_Problem]:
     at_least("max_starting", 1)
     positive("creates_per_second")
     at_least("reap_min_age_s", 0)
+    at_least("max_checkpoints", 0)
+    at_least("max_checkpoint_bytes", 0)
     return problems
 
 

@@ -96,3 +96,34 @@ class RuntimeStopped(InfrastructureError):
 
     kind = "runtime_stopped"
     retryable = False
+
+
+class CheckpointLimitExceeded(HermesError):
+    """A pool already holds as many checkpoints (or checkpoint bytes) as it may."""
+
+    def __init__(self, profile: str, what: str, limit: int) -> None:
+        super().__init__(
+            f"the pool of profile {profile!r} holds its limit of {limit} checkpoint {what}; "
+            "release checkpoints you no longer need (`release_checkpoint`) or raise the limit"
+        )
+        self.profile = profile
+        self.what = what
+        self.limit = limit
+
+
+class CheckpointLost(InfrastructureError):
+    """A checkpoint is gone: released, or its sandbox (where it was stored) stopped."""
+
+    kind = "checkpoint_lost"
+    retryable = False
+
+    def __init__(self, checkpoint_id: str, reason: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id} cannot be used: {reason}; take a new checkpoint"
+        )
+        self.checkpoint_id = checkpoint_id
+        self.reason = reason
+
+
+class TransferFailed(HermesError):
+    """A directory upload or download failed (tar in the sandbox or on the host refused it)."""

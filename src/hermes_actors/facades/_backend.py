@@ -49,7 +49,8 @@ from hermes_actors._errors import (
 )
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.facades._portal import Portal
-from hermes_actors.runtime._runtime import Lease, Runtime
+from hermes_actors.runtime._runtime import Checkpoint, Lease, Runtime
+from hermes_actors.runtime._trees import DownloadTarget, UploadSource
 from hermes_actors.runtime._trio_util import collapse_exception_groups
 
 __all__ = [
@@ -275,6 +276,10 @@ class ToolBackend:
         """A result the caller never took: release what it holds."""
         if isinstance(value, Slot):
             await self._release(value, reset=True)
+        elif isinstance(value, list):  # a fork's slots
+            for item in value:
+                if isinstance(item, Slot):
+                    await self._release(item, reset=True)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -443,6 +448,9 @@ class ToolBackend:
         runtime = await self._ensure_started()
         with collapse_exception_groups():
             lease = await runtime.acquire(profile, trajectory_id)
+        return self._hold(lease)
+
+    def _hold(self, lease: Lease) -> Slot:
         slot = Slot(
             slot_id=lease.slot_id,
             profile=lease.profile,
@@ -716,6 +724,85 @@ class ToolBackend:
             return result.stdout
 
         return await self._route(archive)
+
+    # -- workspace trees: checkpoints, forks, directory transfer ------------------------------
+
+    async def checkpoint(self, slot: Slot) -> Checkpoint:
+        """Store the slot's workspace as it is now; restore it later with `restore`.
+
+        Running processes are not captured. The checkpoint lives in the slot's sandbox and
+        counts against its pool's `max_checkpoints` and checkpoint bytes (`CheckpointLimit
+        Exceeded` past them) until `release_checkpoint` or the backend stops.
+        """
+
+        async def take() -> Checkpoint:
+            with collapse_exception_groups():
+                return await self._held_runtime(slot).checkpoint(slot.lease)
+
+        return await self._route(take)
+
+    async def release_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Free a checkpoint's storage. Idempotent."""
+
+        async def drop() -> None:
+            if self._runtime is not None:
+                await self._runtime.release_checkpoint(checkpoint)
+
+        await self._route(drop)
+
+    async def restore(self, slot: Slot, checkpoint: Checkpoint) -> None:
+        """Make the slot's workspace the checkpoint's again; its running processes are killed.
+
+        Works for any slot of the checkpoint's profile (another sandbox's slot gets a copy
+        streamed through the host). Raises `CheckpointLost` once the checkpoint was released
+        or its sandbox stopped.
+        """
+
+        async def put_back() -> None:
+            with collapse_exception_groups():
+                await self._held_runtime(slot).restore(slot.lease, checkpoint)
+
+        await self._route(put_back)
+
+    async def fork(self, slot: Slot, n: int) -> list[Slot]:
+        """`n` new held slots whose workspaces equal this slot's now; this one goes on unchanged.
+
+        Forks land in the slot's own sandbox while it has free slots (a copy inside the
+        sandbox, no provider call), else in other sandboxes of the profile. Release each like
+        any slot. On failure or cancellation no new slot stays held.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0: {n!r}")
+
+        async def fork() -> list[Slot]:
+            with collapse_exception_groups():
+                leases = await self._held_runtime(slot).fork(slot.lease, n)
+            return [self._hold(lease) for lease in leases]
+
+        return await self._route(fork, self._give_back)
+
+    async def upload(self, slot: Slot, source: UploadSource, dest: str = ".") -> None:
+        """Put a directory tree into the slot at `dest` (relative to its workspace).
+
+        `source`: a local directory, a tar as bytes, or a binary file-like object with a tar
+        stream. Streamed in bounded chunks. Raises `TransferFailed`, `AgentError`.
+        """
+
+        async def put() -> None:
+            with collapse_exception_groups():
+                await self._held_runtime(slot).upload(slot.lease, source, dest)
+
+        await self._route(put)
+
+    async def download(self, slot: Slot, path: str, dest: DownloadTarget) -> None:
+        """Copy the slot's directory `path` out: into a local directory, or as a tar stream
+        written to a binary file-like object. Streamed in bounded chunks."""
+
+        async def get() -> None:
+            with collapse_exception_groups():
+                await self._held_runtime(slot).download(slot.lease, path, dest)
+
+        await self._route(get)
 
     def _held_runtime(self, slot: Slot) -> Runtime:
         runtime = self._runtime

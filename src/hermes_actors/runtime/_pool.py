@@ -51,6 +51,7 @@ from hermes_actors._errors import (
 )
 from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
 from hermes_actors.runtime._sandbox import SandboxActor
+from hermes_actors.runtime._trees import CheckpointLedger
 from hermes_actors.runtime._trio_util import Reply, call, clone_exception, close_mailbox
 
 logger = logging.getLogger("hermes_actors.pool")
@@ -85,6 +86,8 @@ class Lease:
 class Acquire:
     trajectory_id: str | None
     reply: Reply[Lease]
+    #: Prefer a slot of this sandbox (a fork's source) when it has one free.
+    near: SandboxActor | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -161,6 +164,9 @@ class PoolSettings:
     acquire_timeout_s: float
     max_starting: int
     max_output_bytes: int = 1_000_000
+    #: Checkpoints the pool may hold at once, and the bytes they may store together.
+    max_checkpoints: int = 64
+    max_checkpoint_bytes: int = 8 * 1024**3
 
     @property
     def profile(self) -> str:
@@ -224,24 +230,34 @@ class ProfilePool:
         self.infra_failures = 0
         self._finished_commands = 0
         self._finished_failures = 0
+        self.checkpoints = CheckpointLedger(
+            settings.profile,
+            max_count=settings.max_checkpoints,
+            max_bytes=settings.max_checkpoint_bytes,
+        )
 
     # -- the caller side ------------------------------------------------------------------------
 
     async def acquire(
-        self, trajectory_id: str | None = None, *, timeout_s: float | None = None
+        self,
+        trajectory_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        near: SandboxActor | None = None,
     ) -> Lease:
         """Wait (FIFO) for a free slot and hold it until `release`.
 
         Raises `AcquireTimeout` after `timeout_s` (default: the profile's `acquire_timeout_s`),
         the start error (the provider's cause) when sandboxes cannot be started, also when the
         deadline passes while the last start failed, `RuntimeStopped` when the pool stopped.
-        Cancellation gives back a slot that was already handed over.
+        Cancellation gives back a slot that was already handed over. With `near`, a free slot
+        of that sandbox is taken first (a fork lands next to its source when it can).
         """
         limit = self.settings.acquire_timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit):
             return await call(
                 self._send,
-                lambda reply: Acquire(trajectory_id=trajectory_id, reply=reply),
+                lambda reply: Acquire(trajectory_id=trajectory_id, reply=reply, near=near),
                 on_abandoned=self._take_back,
             )
         if self._last_start_error is not None:
@@ -316,7 +332,7 @@ class ProfilePool:
             if waiter.reply.abandoned:
                 self._waiters.popleft()
                 continue
-            member = self._pick_member()
+            member = self._pick_member(waiter.near)
             if member is None:
                 return
             self._waiters.popleft()
@@ -336,14 +352,18 @@ class ProfilePool:
                 self._take_back(lease)
         self._reschedule()
 
-    def _pick_member(self) -> _Member | None:
-        """The ready sandbox with the fewest free slots: packing lets the others go idle."""
+    def _pick_member(self, near: SandboxActor | None = None) -> _Member | None:
+        """`near` if it has a free slot, else the ready sandbox with the fewest free slots:
+        packing lets the others go idle."""
         candidates = [
             m
             for m in self._members.values()
             # A sandbox whose agent just died may not have reported its exit yet: skip it.
             if m.state is _State.READY and m.free and m.actor.alive
         ]
+        for member in candidates:
+            if member.actor is near:
+                return member
         return min(candidates, key=lambda m: len(m.free), default=None)
 
     def _member_of(self, lease: Lease) -> _Member | None:
@@ -472,6 +492,7 @@ class ProfilePool:
 
     def _on_exit(self, key: int, member: _Member, error: BaseException | None) -> None:
         del self._members[key]
+        self.checkpoints.forget_sandbox(member.actor)
         self._finished_commands += member.actor.commands_run
         self._finished_failures += member.actor.command_failures
         if member.state is _State.STARTING and member.stop_reason is None:
@@ -548,11 +569,15 @@ class ProfilePool:
             [self._start_blocked_until] if self._start_blocked_until > trio.current_time() else []
         )
         live = self._live()
-        idle = [m.idle_since for m in live if m.state is _State.READY and m.idle_since is not None]
+        idle = [m.idle_since for m in self._idle_members() if m.idle_since is not None]
         if len(live) > settings.min_sandboxes and idle:
             events.append(min(idle) + settings.idle_timeout_s)
         events += [m.ready_at + settings.rotate_after_s for m in live if m.state is _State.READY]
         return min(events, default=math.inf)
+
+    def checkpoints_changed(self) -> None:
+        """A checkpoint was taken or released: a sandbox may have become (un)stoppable."""
+        self._reschedule()
 
     def _reschedule(self) -> None:
         if self._housekeeping is not None:
@@ -566,6 +591,16 @@ class ProfilePool:
             self._housekeeping = None
             self._housekeep()
 
+    def _idle_members(self) -> list[_Member]:
+        """Ready sandboxes with every slot free that hold no checkpoint (those stay up)."""
+        return [
+            m
+            for m in self._live()
+            if m.state is _State.READY
+            and m.idle_since is not None
+            and not self.checkpoints.in_sandbox(m.actor)
+        ]
+
     def _housekeep(self) -> None:
         now = trio.current_time()
         settings = self.settings
@@ -575,10 +610,7 @@ class ProfilePool:
                 member.free = []
                 if not member.busy:
                     self._stop_member(member, "rotated before its maximum lifetime")
-        idle = sorted(
-            (m for m in self._live() if m.state is _State.READY and m.idle_since is not None),
-            key=lambda m: m.idle_since or 0.0,
-        )
+        idle = sorted(self._idle_members(), key=lambda m: m.idle_since or 0.0)
         for member in idle:
             if len(self._live()) <= settings.min_sandboxes:
                 break

@@ -23,8 +23,20 @@ from hermes_actors._errors import ConfigError, RuntimeStopped
 from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
 from hermes_actors.runtime._pool import Lease, PoolSettings, PoolStatus, ProfilePool, SandboxStatus
 from hermes_actors.runtime._supervisor import ChildSpec, Restart, Supervisor
+from hermes_actors.runtime._trees import (
+    Checkpoint,
+    DownloadTarget,
+    UploadSource,
+    download,
+    drop_checkpoint,
+    fork_into,
+    restore,
+    take_checkpoint,
+    upload,
+)
+from hermes_actors.runtime._trio_util import collapse_exception_groups
 
-__all__ = ["Lease", "PoolStatus", "Runtime", "RuntimeStatus", "SandboxStatus"]
+__all__ = ["Checkpoint", "Lease", "PoolStatus", "Runtime", "RuntimeStatus", "SandboxStatus"]
 
 #: Pool crashes tolerated within `POOL_RESTART_PERIOD_S` before the runtime gives up.
 POOL_MAX_RESTARTS = 3
@@ -70,6 +82,8 @@ def pool_settings(config: SandboxConfig) -> PoolSettings:
         acquire_timeout_s=config.acquire_timeout_s,
         max_starting=config.max_starting,
         max_output_bytes=config.max_output_bytes,
+        max_checkpoints=config.max_checkpoints,
+        max_checkpoint_bytes=config.max_checkpoint_bytes,
     )
 
 
@@ -258,6 +272,71 @@ class Runtime:
         )
         entries: list[dict[str, Any]] = result["entries"]
         return entries
+
+    # -- workspace trees: checkpoints, forks, directory transfer (see runtime._trees) -----------
+
+    async def checkpoint(self, lease: Lease) -> Checkpoint:
+        """Store the slot's workspace as a checkpoint of its pool (bounded; see `_trees`)."""
+        pool = await self._pool(lease.profile)
+        checkpoint = await take_checkpoint(pool.checkpoints, lease)
+        pool.checkpoints_changed()
+        return checkpoint
+
+    async def release_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Free a checkpoint's storage. Idempotent."""
+        if self._supervisor is None:
+            return
+        pool = await self._pool(checkpoint.profile)
+        await drop_checkpoint(pool.checkpoints, checkpoint)
+        pool.checkpoints_changed()
+
+    async def restore(self, lease: Lease, checkpoint: Checkpoint) -> None:
+        """Make the slot's workspace the checkpoint's; the slot's processes are killed first."""
+        pool = await self._pool(checkpoint.profile)
+        await restore(pool.checkpoints, lease, checkpoint)
+
+    async def fork(
+        self, lease: Lease, count: int, *, timeout_s: float | None = None
+    ) -> list[Lease]:
+        """`count` new slots holding copies of the slot's workspace; the source is unchanged.
+
+        The new slots come from the source's sandbox while it has free ones (an in-sandbox
+        copy), else from other sandboxes of the pool (a stream through the host). Raises what
+        `acquire` raises; on any failure or cancellation no new slot stays held.
+        """
+        if count < 0:
+            raise ValueError(f"fork count must be >= 0, got {count}")
+        pool = await self._pool(lease.profile)
+        leases: list[Lease] = []
+
+        async def acquire_one() -> None:
+            leases.append(
+                await pool.acquire(lease.trajectory_id, timeout_s=timeout_s, near=lease.sandbox)
+            )
+
+        done = False
+        try:
+            with collapse_exception_groups():
+                async with trio.open_nursery() as nursery:
+                    for _ in range(count):
+                        nursery.start_soon(acquire_one)
+                with collapse_exception_groups():
+                    await fork_into(lease, list(leases))
+            done = True
+            return leases
+        finally:
+            if not done:
+                with trio.move_on_after(POOL_SHUTDOWN_S, shield=True):
+                    for held in leases:
+                        await pool.release(held, reset=True)
+
+    async def upload(self, lease: Lease, source: UploadSource, dest: str = ".") -> None:
+        """Put a directory tree into the slot (see `runtime._trees.upload`)."""
+        await upload(lease, source, dest)
+
+    async def download(self, lease: Lease, path: str, dest: DownloadTarget) -> None:
+        """Copy a directory tree out of the slot (see `runtime._trees.download`)."""
+        await download(lease, path, dest)
 
     async def reap_orphans(self) -> int:
         """Terminate sandboxes that other (crashed) runs left in the modal profiles' apps.

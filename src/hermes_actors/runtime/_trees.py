@@ -1,0 +1,488 @@
+"""Checkpoints, forks, restores and directory transfer of leased slots: the host side.
+
+The agent does the work on trees (the tree section of `hermes_actors._agent`); this module
+decides where it happens and keeps the books:
+
+* A fork into slots of the source's own sandbox is one `fork` op there: a copy inside the
+  sandbox (reflinks where the filesystem has them, hard links kept), no provider call.
+* A fork or restore into another sandbox streams a tar from the source's agent through the host
+  into the target's: one chunk in flight, so memory stays bounded whatever the tree's size.
+* Checkpoints are stored in the sandbox they were taken in and counted per pool by a
+  `CheckpointLedger` (count and bytes bounded, a clear error past either). They are released
+  explicitly (`drop_checkpoint`) or go with their sandbox; a sandbox holding checkpoints is
+  not stopped for idleness. A checkpoint whose sandbox died raises `CheckpointLost`.
+* Upload and download move directory trees as tar streams, to and from a local directory or a
+  file-like object, in chunks of `CHUNK_BYTES`.
+
+A checkpoint holds files only: processes running in the slot are not captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import tarfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import attrs
+import trio
+
+from hermes_actors._errors import (
+    AgentError,
+    CheckpointLimitExceeded,
+    CheckpointLost,
+    HermesError,
+    TransferFailed,
+)
+from hermes_actors.runtime._sandbox import SandboxActor
+from hermes_actors.runtime._trio_util import collapse_exception_groups
+
+logger = logging.getLogger("hermes_actors.trees")
+
+#: Bytes per tar chunk between host and agent (one in flight per transfer).
+CHUNK_BYTES = 4 * 1024 * 1024
+#: How long closing a transfer's stream, or dropping a checkpoint, may take on the way out.
+CLEANUP_LIMIT_S = 10.0
+
+#: What an upload takes: a local directory, a tar as bytes, or a binary file-like object
+#: holding a tar stream. What a download writes to: a local directory (extracted there) or a
+#: binary file-like object (the tar stream).
+UploadSource = str | os.PathLike[str] | bytes | IO[bytes]
+DownloadTarget = str | os.PathLike[str] | IO[bytes]
+
+
+class _Leased(Protocol):
+    """What the tree ops need of a lease (the runtime's `Lease` has it)."""
+
+    @property
+    def sandbox(self) -> SandboxActor: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def profile(self) -> str: ...
+    @property
+    def sandbox_id(self) -> str: ...
+
+
+@attrs.frozen(kw_only=True)
+class Checkpoint:
+    """A slot's workspace at one moment, stored in the sandbox it was taken in.
+
+    `size_bytes` and `entries` describe the stored tree. Running processes are not captured.
+    Valid until released (`release_checkpoint`) or until its sandbox stops.
+    """
+
+    checkpoint_id: str
+    profile: str
+    sandbox_id: str
+    size_bytes: int
+    entries: int
+    sandbox: SandboxActor = attrs.field(repr=False, eq=False)
+
+
+@attrs.frozen(kw_only=True)
+class CheckpointStats:
+    """A pool's checkpoints: how many are held and the bytes they store."""
+
+    count: int
+    size_bytes: int
+
+
+class CheckpointLedger:
+    """The checkpoints of one pool, bounded by count and by bytes. Sync: pool-owned state."""
+
+    def __init__(self, profile: str, *, max_count: int, max_bytes: int) -> None:
+        self.profile = profile
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self._held: dict[str, Checkpoint] = {}
+        self._reserved = 0
+
+    def reserve(self) -> None:
+        """Make room for one more checkpoint, or raise `CheckpointLimitExceeded`."""
+        if len(self._held) + self._reserved >= self.max_count:
+            raise CheckpointLimitExceeded(self.profile, "count", self.max_count)
+        if self.size_bytes() >= self.max_bytes:
+            raise CheckpointLimitExceeded(self.profile, "bytes", self.max_bytes)
+        self._reserved += 1
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+
+    def commit(self, checkpoint: Checkpoint) -> bool:
+        """Hold a reserved checkpoint; False (not held) if it takes the pool past `max_bytes`."""
+        self._reserved -= 1
+        if self.size_bytes() + checkpoint.size_bytes > self.max_bytes:
+            return False
+        self._held[checkpoint.checkpoint_id] = checkpoint
+        return True
+
+    def holds(self, checkpoint: Checkpoint) -> bool:
+        return self._held.get(checkpoint.checkpoint_id) is checkpoint
+
+    def remove(self, checkpoint: Checkpoint) -> bool:
+        """Forget a checkpoint; False if it was not held (released before, or lost)."""
+        if not self.holds(checkpoint):
+            return False
+        del self._held[checkpoint.checkpoint_id]
+        return True
+
+    def in_sandbox(self, sandbox: SandboxActor) -> bool:
+        return any(c.sandbox is sandbox for c in self._held.values())
+
+    def forget_sandbox(self, sandbox: SandboxActor) -> int:
+        """Its sandbox stopped: its checkpoints are gone with it. Returns how many."""
+        gone = [key for key, c in self._held.items() if c.sandbox is sandbox]
+        for key in gone:
+            del self._held[key]
+        return len(gone)
+
+    def size_bytes(self) -> int:
+        return sum(c.size_bytes for c in self._held.values())
+
+    def statistics(self) -> CheckpointStats:
+        return CheckpointStats(count=len(self._held), size_bytes=self.size_bytes())
+
+
+async def _op(sandbox: SandboxActor, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    return await sandbox.file_op(slot, op, args)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoint:
+    """Copy the slot's workspace into a new checkpoint in its sandbox.
+
+    Raises `CheckpointLimitExceeded` when the pool holds its limit (count, or bytes: a copy
+    that would pass the byte limit is dropped again). Cancellation leaves no checkpoint behind.
+    """
+    ledger.reserve()
+    checkpoint_id = "ck-" + secrets.token_hex(8)
+    reserved = True
+    held = False
+    try:
+        answer = await _op(lease.sandbox, lease.index, "checkpoint", {"checkpoint": checkpoint_id})
+        checkpoint = Checkpoint(
+            checkpoint_id=checkpoint_id,
+            profile=lease.profile,
+            sandbox_id=lease.sandbox_id,
+            size_bytes=int(answer["bytes"]),
+            entries=int(answer["entries"]),
+            sandbox=lease.sandbox,
+        )
+        reserved = False
+        held = ledger.commit(checkpoint)
+        if not held:
+            raise CheckpointLimitExceeded(ledger.profile, "bytes", ledger.max_bytes)
+        return checkpoint
+    except BaseException:
+        if reserved:
+            ledger.unreserve()
+        if not held:  # whatever the agent stored (or is storing) goes
+            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+                await _drop_stored(lease.sandbox, checkpoint_id)
+        raise
+
+
+async def _drop_stored(sandbox: SandboxActor, checkpoint_id: str) -> None:
+    with contextlib.suppress(HermesError):
+        await _op(sandbox, 0, "drop_checkpoint", {"checkpoint": checkpoint_id})
+
+
+async def drop_checkpoint(ledger: CheckpointLedger, checkpoint: Checkpoint) -> None:
+    """Release a checkpoint and free its storage. Idempotent; a lost one is just forgotten."""
+    if not ledger.remove(checkpoint):
+        return
+    if checkpoint.sandbox.alive:
+        with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+            await _drop_stored(checkpoint.sandbox, checkpoint.checkpoint_id)
+
+
+async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoint) -> None:
+    """Make the slot's workspace the checkpoint's (its processes are killed first).
+
+    Raises `CheckpointLost` when the checkpoint was released or its sandbox stopped.
+    """
+    if not ledger.holds(checkpoint):
+        raise CheckpointLost(checkpoint.checkpoint_id, "it was released or its sandbox stopped")
+    if not checkpoint.sandbox.alive:
+        raise CheckpointLost(checkpoint.checkpoint_id, "its sandbox stopped")
+    if checkpoint.sandbox is lease.sandbox:
+        await _op(lease.sandbox, lease.index, "restore", {"checkpoint": checkpoint.checkpoint_id})
+        return
+    await lease.sandbox.reset_slot(lease.index)
+    await stream_between(
+        checkpoint.sandbox,
+        0,
+        {"checkpoint": checkpoint.checkpoint_id},
+        lease.sandbox,
+        lease.index,
+    )
+
+
+# -- forks ---------------------------------------------------------------------------------------
+
+
+async def fork_into(source: _Leased, targets: list[_Leased]) -> None:
+    """Give every target slot a copy of the source slot's workspace.
+
+    Targets in the source's sandbox get one in-sandbox copy each (one `fork` op, no provider
+    call); the others get a tar streamed through the host. Targets are expected fresh (just
+    acquired); on failure some may hold a partial copy, so the caller releases them with reset.
+    """
+    local = [t.index for t in targets if t.sandbox is source.sandbox]
+    remote = [t for t in targets if t.sandbox is not source.sandbox]
+    async with trio.open_nursery() as nursery:  # the caller collapses the group
+        if local:
+            nursery.start_soon(_op, source.sandbox, source.index, "fork", {"targets": local})
+        for target in remote:
+            nursery.start_soon(
+                stream_between,
+                source.sandbox,
+                source.index,
+                {"path": "."},
+                target.sandbox,
+                target.index,
+            )
+
+
+async def stream_between(
+    source: SandboxActor,
+    source_slot: int,
+    tar_args: Mapping[str, Any],
+    target: SandboxActor,
+    target_slot: int,
+    dest: str = ".",
+) -> int:
+    """Stream a tar from one agent to another through the host; returns the bytes moved."""
+    moved = 0
+    async with (
+        _tar_out(source, source_slot, tar_args) as read,
+        _tar_in(target, target_slot, dest) as write,
+    ):
+        while chunk := await read():
+            moved += len(chunk)
+            await write(chunk)
+    return moved
+
+
+# -- tar streams -----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _tar_out(
+    sandbox: SandboxActor, slot: int, args: Mapping[str, Any]
+) -> Any:  # AsyncIterator[Callable[[], Awaitable[bytes]]]
+    """A `read()` giving the next chunk of a tar made in the sandbox (b"" at its end)."""
+    opened = await _op(sandbox, slot, "tar_out", args)
+    stream = int(opened["stream"])
+    done = False
+
+    async def read() -> bytes:
+        nonlocal done
+        if done:
+            return b""
+        try:
+            answer = await _op(
+                sandbox, slot, "stream_read", {"stream": stream, "max_bytes": CHUNK_BYTES}
+            )
+        except AgentError as exc:
+            done = True
+            raise TransferFailed(
+                f"reading the tree from {sandbox.sandbox_id} failed: {exc.detail}"
+            ) from exc
+        if answer.get("eof"):
+            done = True
+            return b""
+        data: bytes = answer["data"]
+        return data
+
+    try:
+        yield read
+    finally:
+        if not done:
+            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True), contextlib.suppress(HermesError):
+                await _op(sandbox, slot, "stream_close", {"stream": stream})
+
+
+@contextlib.asynccontextmanager
+async def _tar_in(sandbox: SandboxActor, slot: int, dest: str) -> Any:
+    """A `write(chunk)` feeding `tar x` in the sandbox; the tar is finished on a clean exit."""
+    opened = await _op(sandbox, slot, "tar_in", {"path": dest})
+    stream = int(opened["stream"])
+
+    async def write(chunk: bytes) -> None:
+        try:
+            await _op(sandbox, slot, "stream_write", {"stream": stream, "data": chunk})
+        except AgentError as exc:
+            raise TransferFailed(
+                f"writing the tree into {sandbox.sandbox_id} failed: {exc.detail}"
+            ) from exc
+
+    finished = False
+    try:
+        yield write
+        try:
+            await _op(sandbox, slot, "stream_close", {"stream": stream})
+        except AgentError as exc:
+            raise TransferFailed(
+                f"unpacking the tree in {sandbox.sandbox_id} failed: {exc.detail}"
+            ) from exc
+        finished = True
+    finally:
+        if not finished:
+            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True), contextlib.suppress(HermesError):
+                await _op(sandbox, slot, "stream_close", {"stream": stream})
+
+
+# -- upload and download -----------------------------------------------------------------------
+
+
+class _ChannelWriter:
+    """A file-like object for a worker thread: what tarfile writes goes to a trio channel."""
+
+    def __init__(self, send: trio.MemorySendChannel[bytes]) -> None:
+        self._send = send
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        if len(self._buffer) >= CHUNK_BYTES:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buffer:
+            chunk, self._buffer = bytes(self._buffer), bytearray()
+            trio.from_thread.run(self._send.send, chunk)
+
+
+class _ChannelReader:
+    """A file-like object for a worker thread: reads what a trio channel delivers."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._receive = receive
+        self._buffer = b""
+        self._ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._ended and (size < 0 or len(self._buffer) < size):
+            try:
+                self._buffer += trio.from_thread.run(self._receive.receive)
+            except trio.EndOfChannel:
+                self._ended = True
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def _pack_directory(directory: Path, send: trio.MemorySendChannel[bytes]) -> None:
+    """In a worker thread: tar `directory` (symlinks as links) into the channel, in chunks."""
+    writer = _ChannelWriter(send)
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
+        archive.add(str(directory), arcname=".", recursive=True)
+    writer.flush()
+
+
+def _unpack_into(directory: Path, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+    """In a worker thread: extract the tar arriving on the channel into `directory`.
+
+    The `tar` filter refuses members that would land outside `directory` (absolute paths,
+    `..`, links leading out) and strips set-id bits.
+    """
+    reader = _ChannelReader(receive)
+    with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
+        archive.extractall(str(directory), filter="tar")
+    reader.read()  # drain whatever follows the archive's end
+
+
+async def upload(lease: _Leased, source: UploadSource, dest: str = ".") -> None:
+    """Put a directory tree into the slot at `dest` (relative to its workspace; created).
+
+    `source` is a local directory (tarred here, symlinks kept as links), a tar as bytes, or a
+    binary file-like object holding a tar stream. Memory stays bounded by `CHUNK_BYTES`.
+    Raises `TransferFailed` when tar in the sandbox refuses the stream.
+    """
+    if isinstance(source, str | os.PathLike) and not await trio.Path(source).is_dir():
+        raise TransferFailed(f"upload source {os.fspath(source)!r} is not a directory")
+    async with _tar_in(lease.sandbox, lease.index, dest) as write:
+        if isinstance(source, bytes | bytearray | memoryview):
+            data = bytes(source)
+            for start in range(0, len(data), CHUNK_BYTES):
+                await write(data[start : start + CHUNK_BYTES])
+        elif isinstance(source, str | os.PathLike):
+            directory = Path(source)
+            await _pump_from_thread(lambda send: _pack_directory(directory, send), write)
+        else:
+            reader = source
+            while chunk := await trio.to_thread.run_sync(reader.read, CHUNK_BYTES):
+                await write(chunk)
+
+
+async def _pump_from_thread(
+    produce: Callable[[trio.MemorySendChannel[bytes]], None],
+    write: Callable[[bytes], Any],
+) -> None:
+    send, receive = trio.open_memory_channel[bytes](1)
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_producer, produce, send)
+            with receive:
+                async for chunk in receive:
+                    await write(chunk)
+
+
+async def _run_producer(
+    produce: Callable[[trio.MemorySendChannel[bytes]], None], send: trio.MemorySendChannel[bytes]
+) -> None:
+    # A consumer that stopped first closed the channel: its error is the one that matters.
+    async with send:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.to_thread.run_sync(produce, send)
+
+
+async def download(lease: _Leased, path: str, dest: DownloadTarget) -> None:
+    """Copy the slot's directory `path` out as a tar stream.
+
+    `dest` is a local directory (created; the tree is extracted into it, refusing members that
+    would land outside it) or a binary file-like object (the tar stream is written to it).
+    Memory stays bounded by `CHUNK_BYTES`. Raises `TransferFailed` when tar fails on a side.
+    """
+    async with _tar_out(lease.sandbox, lease.index, {"path": path}) as read:
+        if isinstance(dest, str | os.PathLike):
+            directory = Path(dest)
+            await trio.Path(directory).mkdir(parents=True, exist_ok=True)
+            send, receive = trio.open_memory_channel[bytes](1)
+            failures: list[BaseException] = []
+
+            async def run_consumer() -> None:
+                with receive:
+                    try:
+                        await trio.to_thread.run_sync(_unpack_into, directory, receive)
+                    except (tarfile.TarError, OSError) as exc:
+                        failures.append(exc)
+
+            with collapse_exception_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_consumer)
+                    async with send:
+                        while chunk := await read():
+                            try:
+                                await send.send(chunk)
+                            except trio.BrokenResourceError:
+                                break  # extraction failed: its error is reported below
+            if failures:
+                raise TransferFailed(
+                    f"extracting into {str(directory)!r} failed: {failures[0]}"
+                ) from failures[0]
+        else:
+            writer = dest
+            while chunk := await read():
+                await trio.to_thread.run_sync(writer.write, chunk)

@@ -1,0 +1,223 @@
+"""Checkpoint, fork, restore, upload and download through ToolBackend on the local backend."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hermes_actors import (
+    CheckpointLimitExceeded,
+    CheckpointLost,
+    SandboxConfig,
+    Slot,
+    ToolBackend,
+    TransferFailed,
+)
+
+BWRAP = shutil.which("bwrap") is not None and os.getuid() == 0
+
+
+def config(**changes: Any) -> SandboxConfig:
+    settings: dict[str, Any] = {
+        "backend": "local",
+        "isolation": "none",
+        "slots_per_sandbox": 4,
+        "min_sandboxes": 1,
+        "max_sandboxes": 3,
+        "acquire_timeout_s": 20.0,
+    }
+    settings.update(changes)
+    return SandboxConfig(**settings)
+
+
+ISOLATIONS = ["none", pytest.param("bwrap", marks=pytest.mark.skipif(not BWRAP, reason="no bwrap"))]
+
+
+async def sh(backend: ToolBackend, slot: Slot, command: str) -> str:
+    [result] = await backend.execute_batch([(slot, "bash", {"command": command})])
+    assert result.success, result
+    return result.output
+
+
+TREE = (
+    "mkdir -p repo/src empty && printf 'def f(): return 1\\n' > repo/src/m.py "
+    "&& ln -s src/m.py repo/link && head -c 20000 /dev/urandom > repo/blob && printf x > .env"
+)
+SNAPSHOT = "find . -printf '%y %m %p %l\\n' | sort; md5sum repo/blob repo/src/m.py; cat .env"
+
+
+def held(backend: ToolBackend) -> int:
+    return sum(pool["slots_held"] for pool in backend.status()["pools"])
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_forks_are_independent_of_each_other_and_of_the_source(isolation: str) -> None:
+    """Forks start equal to the source, land in its sandbox, and then diverge independently."""
+    async with ToolBackend(config(isolation=isolation)) as backend:
+        source = await backend.acquire("t")
+        await sh(backend, source, TREE)
+        before = await sh(backend, source, SNAPSHOT)
+        forks = await backend.fork(source, 3)
+        assert {fork.sandbox_id for fork in forks} == {source.sandbox_id}
+        assert len({fork.slot_id for fork in forks} | {source.slot_id}) == 4
+        for fork in forks:
+            assert await sh(backend, fork, SNAPSHOT) == before
+        await sh(backend, forks[0], "printf 'def f(): return 2\\n' > repo/src/m.py; rm repo/blob")
+        await sh(backend, forks[1], "rm -rf ./* .env")
+        assert await sh(backend, source, SNAPSHOT) == before
+        assert await sh(backend, forks[2], SNAPSHOT) == before
+        assert await sh(backend, forks[1], "ls -A | wc -l") == "0\n"
+        for slot in [source, *forks]:
+            await backend.release(slot)
+        assert held(backend) == 0
+
+
+async def test_forks_spill_into_other_sandboxes_of_the_pool() -> None:
+    """When the source's sandbox is full, forks land in other sandboxes with the same files."""
+    async with ToolBackend(config(slots_per_sandbox=2)) as backend:
+        source = await backend.acquire("t")
+        await sh(backend, source, TREE)
+        before = await sh(backend, source, SNAPSHOT)
+        forks = await backend.fork(source, 3)
+        sandboxes = [fork.sandbox_id for fork in forks]
+        assert sandboxes.count(source.sandbox_id) == 1
+        assert len(set(sandboxes)) == 2  # one more sandbox holds the other two
+        for fork in forks:
+            assert await sh(backend, fork, SNAPSHOT) == before
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_restore_undoes_destructive_commands_in_any_slot(isolation: str) -> None:
+    """After rm -rf, a broken file and a new one, restore brings back the checkpoint exactly."""
+    async with ToolBackend(config(isolation=isolation, slots_per_sandbox=1)) as backend:
+        slot = await backend.acquire("t")
+        await sh(backend, slot, TREE)
+        before = await sh(backend, slot, SNAPSHOT)
+        checkpoint = await backend.checkpoint(slot)
+        assert checkpoint.size_bytes >= 20000
+        await sh(backend, slot, "rm -rf ./* .env; echo broken > junk")
+        await backend.restore(slot, checkpoint)
+        assert await sh(backend, slot, SNAPSHOT) == before
+        # Another sandbox's slot (slots_per_sandbox=1) gets it through the host.
+        other = await backend.acquire("u")
+        assert other.sandbox_id != slot.sandbox_id
+        await sh(backend, other, "echo stale > stale")
+        await backend.restore(other, checkpoint)
+        assert await sh(backend, other, SNAPSHOT) == before
+        await backend.release_checkpoint(checkpoint)
+        await backend.release_checkpoint(checkpoint)  # idempotent
+        with pytest.raises(CheckpointLost):
+            await backend.restore(slot, checkpoint)
+
+
+async def test_checkpoints_are_bounded_by_count_and_bytes() -> None:
+    """Past max_checkpoints or max_checkpoint_bytes a checkpoint fails clearly; releasing frees."""
+    async with ToolBackend(config(max_checkpoints=2, max_checkpoint_bytes=70_000)) as backend:
+        slot = await backend.acquire("t")
+        await sh(backend, slot, "head -c 20000 /dev/urandom > a")
+        first = await backend.checkpoint(slot)
+        second = await backend.checkpoint(slot)
+        with pytest.raises(CheckpointLimitExceeded, match="count"):
+            await backend.checkpoint(slot)
+        await backend.release_checkpoint(first)
+        await sh(backend, slot, "head -c 40000 /dev/urandom > b")
+        with pytest.raises(CheckpointLimitExceeded, match="bytes"):
+            await backend.checkpoint(slot)  # 60 kB on top of 20 kB > 70 kB: refused, dropped
+        await backend.release_checkpoint(second)
+        third = await backend.checkpoint(slot)
+        assert third.size_bytes == 60000
+        pools = backend._runtime.status().pools  # type: ignore[union-attr]
+        assert pools[0].sandboxes  # still up
+
+
+async def test_checkpoint_storage_goes_with_release_and_with_the_backend(tmp_path: Path) -> None:
+    """Released checkpoints leave no files; the rest vanish with the sandbox when it stops."""
+    async with ToolBackend(config()) as backend:
+        slot = await backend.acquire("t")
+        await sh(backend, slot, TREE)
+        kept = await backend.checkpoint(slot)
+        dropped = await backend.checkpoint(slot)
+        await backend.release_checkpoint(dropped)
+        root = Path((await sh(backend, slot, "cd .. && pwd")).strip())
+        stored = sorted(p.name for p in (root / ".hermes-checkpoints").iterdir())
+        assert stored == [kept.checkpoint_id]
+    assert not root.exists()
+
+
+async def test_cancelled_fork_leaves_no_slot_held() -> None:
+    """A fork cancelled midway gives back every slot it had taken."""
+    async with ToolBackend(config()) as backend:
+        source = await backend.acquire("t")
+        await sh(backend, source, "head -c 30000000 /dev/urandom > big")
+        with trio.move_on_after(0.05):
+            await backend.fork(source, 3)
+        await trio.sleep(0)
+        assert held(backend) == 1
+
+
+def make_tree(root: Path) -> None:
+    (root / "pkg" / "deep").mkdir(parents=True)
+    (root / "empty_dir").mkdir()
+    (root / "pkg" / "data.bin").write_bytes(bytes(range(256)) * 1000)
+    (root / "pkg" / "deep" / "text.txt").write_text("hello\n")
+    (root / "link_to_data").symlink_to("pkg/data.bin")
+    (root / "dangling").symlink_to("nowhere")
+    (root / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "script.sh").chmod(0o755)
+
+
+def describe(root: Path) -> list[tuple[str, str, str]]:
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if path.is_symlink():
+            found.append((relative, "link", os.readlink(path)))
+        elif path.is_dir():
+            found.append((relative, "dir", ""))
+        else:
+            found.append((relative, oct(path.stat().st_mode & 0o777), path.read_bytes().hex()))
+    return found
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_upload_and_download_round_trip_a_tree(isolation: str, tmp_path: Path) -> None:
+    """Symlinks, dangling links, empty dirs, modes and binary files survive up and down."""
+    source = tmp_path / "source"
+    source.mkdir()
+    make_tree(source)
+    async with ToolBackend(config(isolation=isolation)) as backend:
+        slot = await backend.acquire("t")
+        await backend.upload(slot, source, "proj")
+        assert await sh(backend, slot, "readlink proj/link_to_data; ./proj/script.sh") == (
+            "pkg/data.bin\nhi\n"
+        )
+        await backend.download(slot, "proj", tmp_path / "back")
+        assert describe(tmp_path / "back") == describe(source)
+        # As tar streams: into a file-like object, and back from bytes.
+        stream = io.BytesIO()
+        await backend.download(slot, "proj", stream)
+        with tarfile.open(fileobj=io.BytesIO(stream.getvalue())) as archive:
+            assert "./pkg/deep/text.txt" in archive.getnames()
+        await backend.upload(slot, stream.getvalue(), "copy")
+        await backend.download(slot, "copy", tmp_path / "copy")
+        assert describe(tmp_path / "copy") == describe(source)
+
+
+async def test_transfer_errors_are_clear(tmp_path: Path) -> None:
+    """A missing local source, a missing remote path and a non-tar stream fail clearly."""
+    async with ToolBackend(config()) as backend:
+        slot = await backend.acquire("t")
+        with pytest.raises(TransferFailed, match="not a directory"):
+            await backend.upload(slot, tmp_path / "missing", ".")
+        with pytest.raises(Exception, match="does not exist"):
+            await backend.download(slot, "nope", tmp_path / "out")
+        with pytest.raises(TransferFailed, match="tar"):
+            await backend.upload(slot, b"this is not a tar archive" * 100, ".")
+        assert await sh(backend, slot, "echo still fine") == "still fine\n"
