@@ -33,8 +33,9 @@ WriteYaml = Callable[[str], str]
 VALID_KEYS = (
     "acquire_timeout_s, app_name, backend, cpu, creates_per_second, env_vars, "
     "execution_timeout_s, gpu, idle_timeout, image, isolation, max_checkpoint_bytes, "
-    "max_checkpoints, max_lifetime, max_output_bytes, max_pool, max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
-    "reap_min_age_s, reap_orphans, secrets, slots_per_sandbox, tags, workspace_base"
+    "max_checkpoints, max_lifetime, max_output_bytes, max_pool, max_sandboxes, max_starting, "
+    "memory, min_pool, min_sandboxes, name, network, reap_min_age_s, reap_orphans, secrets, "
+    "slots_per_sandbox, tags, workspace_base"
 )
 
 
