@@ -272,6 +272,12 @@ EXIT_BROKEN_STREAM = 5
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+#: How an exec with a ``command`` runs: in the slot's persistent shell, or as its own ``bash -c``.
+SHELL_MODES = ("fresh", "persistent")
+#: After a timed-out or cancelled shell call's processes are killed, how long the shell has to
+#: report the call's end before it counts as stuck (a builtin loop) and is replaced.
+SHELL_KILL_GRACE_S = 0.25
+
 OPS = ("exec", "cancel", "read_file", "write_file", "list_files", "reset_slot", "ping", "shutdown")
 #: Operations that accept ``"serial": true``: run one at a time per slot, in arrival order.
 SERIAL_OPS = ("exec", "read_file", "write_file", "list_files")
@@ -471,6 +477,12 @@ class _Exec:
         self.stdin_data = memoryview(b"")
         #: Why we killed it: "timeout", "cancel", "reset" or "shutdown"; None if it ended itself.
         self.kill_reason: Optional[str] = None
+        #: Run by the slot's persistent shell (see `_Shells`), not as a process of its own.
+        self.in_shell = False
+        #: For a shell call: the FIFO path behind each output fd, and when the call started
+        #: in kernel clock ticks since boot (to tell its processes from older background jobs).
+        self.fifos: Dict[int, str] = {}
+        self.start_tick = 0
 
 
 class Agent:
@@ -521,6 +533,7 @@ class Agent:
         self.devnull = -1
         self.wakeup_read = -1
         self.wakeup_write = -1
+        self.shells = _Shells(self)
         self.handlers: Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]] = {
             "exec": self.op_exec,
             "cancel": self.op_cancel,
@@ -565,6 +578,7 @@ class Agent:
         self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
         self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
         features = [*list(OPS), *TREE_OPS, "head_tail_output", "tree_kill", "serial"]
+        features += ["shell", "merge_stderr"]
         if self.subreaper:
             features.append("subreaper")
         if self.slot_uid_base is not None:
@@ -746,7 +760,9 @@ class Agent:
                 raise OpError("unknown_op", "unknown op %r; known: %s" % (op, ", ".join(OPS)))
             if not isinstance(args, dict):
                 raise OpError("bad_request", "'args' must be an object")
-            if args.get("serial") and (op in SERIAL_OPS or op in SLOT_TREE_OPS):
+            if (args.get("serial") and (op in SERIAL_OPS or op in SLOT_TREE_OPS)) or _uses_shell(
+                op, args
+            ):
                 slot = _slot_arg(args)
                 if slot in self.serial_running or self.serial_queues.get(slot):
                     self.serial_queues.setdefault(slot, collections.deque()).append(
@@ -903,6 +919,19 @@ class Agent:
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
             raise OpError("bad_request", "'max_output_bytes' must be an int >= 0")
         cap = min(cap, MAX_OUTPUT_CAP)
+        merge_stderr = args.get("merge_stderr", False)
+        if not isinstance(merge_stderr, bool):
+            raise OpError("bad_request", "'merge_stderr' must be a bool")
+        shell_mode = args.get("shell", "fresh")
+        if shell_mode not in SHELL_MODES:
+            raise OpError("bad_request", "'shell' must be one of %s" % ", ".join(SHELL_MODES))
+        in_shell = shell_mode == "persistent" and command is not None
+        if in_shell and stdin is not None:
+            raise OpError("bad_request", "'stdin' data needs shell 'fresh' (the shell gives none)")
+        if in_shell:
+            for key in extra_env:
+                if not _is_shell_name(key):
+                    raise OpError("bad_request", "'env': %r is not a shell variable name" % key)
         cwd_arg = args.get("cwd", ".")
         self.workspace(slot)
         cwd, _ = self.resolve(slot, "." if cwd_arg is None else cwd_arg, "exec cwd")
@@ -913,19 +942,30 @@ class Agent:
 
         ex = _Exec(request_id, self.next_exec_id, slot)
         self.next_exec_id += 1
-        env = dict(self.sandbox_env)
-        env.update(self.base_env)
-        env["HOME"] = self.workspace(slot)
-        env.update(extra_env)
-        env[EXEC_MARKER] = "%s:%d" % (self.nonce, ex.exec_id)
-        env[SLOT_MARKER] = "%s:%d" % (self.nonce, slot)
-        self._spawn(ex, full_argv, cwd, env, stdin, cap)
+        if in_shell:
+            assert command is not None
+            explicit_cwd = cwd if cwd_arg not in (None, ".") else None
+            self.shells.start(ex, command, extra_env, explicit_cwd, cap, merge_stderr)
+        else:
+            env = self.command_env(slot)
+            env.update(extra_env)
+            env[EXEC_MARKER] = "%s:%d" % (self.nonce, ex.exec_id)
+            self._spawn(ex, full_argv, cwd, env, stdin, cap, merge_stderr)
         if ex.pid == 0:
             return None  # could not start: already replied
         if timeout_s is not None:
             ex.deadline = ex.started + float(timeout_s)
-            heapq.heappush(self.timers, (ex.deadline, ex.exec_id, ex.pid))
+            # A shell call's timer names no pid (0): the shell outlives its calls.
+            heapq.heappush(self.timers, (ex.deadline, ex.exec_id, 0 if ex.in_shell else ex.pid))
         return None
+
+    def command_env(self, slot: int) -> Dict[str, str]:
+        """The environment a slot's commands (and its shell) start with, slot marker included."""
+        env = dict(self.sandbox_env)
+        env.update(self.base_env)
+        env["HOME"] = self.workspace(slot)
+        env[SLOT_MARKER] = "%s:%d" % (self.nonce, slot)
+        return env
 
     def _spawn(
         self,
@@ -935,9 +975,11 @@ class Agent:
         env: Dict[str, str],
         stdin: Optional[bytes],
         cap: int,
+        merge_stderr: bool = False,
     ) -> None:
         out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
+        # Merged: one pipe behind both fds, so the output keeps the order it was written in.
+        err_read, err_write = (-1, out_write) if merge_stderr else os.pipe()
         in_read, in_write = os.pipe() if stdin is not None else (self.devnull, -1)
         uid = self.slot_uid(ex.slot)
         ex.started = time.monotonic()
@@ -953,27 +995,19 @@ class Agent:
                     os.close(fd)
             if stdin is not None:
                 os.close(in_read)
-            # Report a command that cannot start the way a shell does: 127 missing, 126 denied.
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
-            message = "hermes-agent: %s: %s\n" % (argv[0], exc.strerror or exc)
-            self.send(
-                {
-                    "id": ex.request_id,
-                    "ok": True,
-                    "result": _exec_result(
-                        code, None, False, False, 0.0, b"", 0, message.encode(), 0
-                    ),
-                }
-            )
+            self.reply_not_started(ex, argv[0], exc)
             return
         finally:
             os.close(out_write)
-            os.close(err_write)
+            if not merge_stderr:
+                os.close(err_write)
         if stdin is not None:
             os.close(in_read)
         ex.stdout = _Capture(cap)
         ex.stderr = _Capture(cap)
         for fd, capture in ((out_read, ex.stdout), (err_read, ex.stderr)):
+            if fd < 0:
+                continue
             os.set_blocking(fd, False)
             ex.fds[fd] = capture
             self.selector.register(fd, selectors.EVENT_READ, self._output_callback(ex))
@@ -989,12 +1023,19 @@ class Agent:
                     in_write, selectors.EVENT_WRITE, lambda fd, mask: self._feed_stdin(ex)
                 )
 
+    def reply_not_started(self, ex: _Exec, program: str, exc: OSError) -> None:
+        """Report a command that cannot start the way a shell does: 127 missing, 126 denied."""
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        message = "hermes-agent: %s: %s\n" % (program, exc.strerror or exc)
+        result = _exec_result(code, None, False, False, 0.0, b"", 0, message.encode(), 0)
+        self.send({"id": ex.request_id, "ok": True, "result": result})
+
     def _posix_spawn(
         self,
         argv: List[str],
         cwd: str,
         env: Dict[str, str],
-        fds: Tuple[int, int, int],
+        fds: Tuple[int, ...],
         uid: Optional[int],
     ) -> int:
         """Start a command with posix_spawn: vfork-fast even when it runs as a slot uid.
@@ -1040,7 +1081,7 @@ class Agent:
         argv: List[str],
         cwd: str,
         env: Dict[str, str],
-        fds: Tuple[int, int, int],
+        fds: Tuple[int, ...],
         uid: Optional[int],
     ) -> "subprocess.Popen[bytes]":
         kwargs: Dict[str, Any] = {}
@@ -1059,6 +1100,7 @@ class Agent:
             cwd=cwd,
             env=env,
             close_fds=True,
+            pass_fds=fds[3:],  # kept at their own numbers: see `_Shells.spawn`
             start_new_session=True,
             **kwargs,
         )
@@ -1100,9 +1142,10 @@ class Agent:
         self.selector.unregister(fd)
         os.close(fd)
 
-    def _finish(self, ex: _Exec, status: Optional[int]) -> None:
-        """The leader is gone: take what is readable right now, close up, and reply."""
-        self.execs.pop(ex.pid, None)
+    def exec_done(self, ex: _Exec) -> None:
+        """Forget a finished exec; its slot's next serial request may start."""
+        if self.execs.get(ex.pid) is ex:
+            del self.execs[ex.pid]
         if self.by_request.get(ex.request_id) is ex:
             del self.by_request[ex.request_id]
         if self.serial_running.get(ex.slot) == ex.request_id:
@@ -1110,18 +1153,12 @@ class Agent:
             # here: _finish also runs in the middle of kills).
             del self.serial_running[ex.slot]
             self.slots_to_pump.add(ex.slot)
+
+    def _finish(self, ex: _Exec, status: Optional[int]) -> None:
+        """The leader is gone: take what is readable right now, close up, and reply."""
+        self.exec_done(ex)
         for fd in list(ex.fds):
-            capture = ex.fds[fd]
-            taken = 0
-            while taken < _FINAL_DRAIN_BYTES:
-                try:
-                    data = os.read(fd, _READ_CHUNK)
-                except (BlockingIOError, OSError):
-                    break
-                if not data:
-                    break
-                taken += len(data)
-                capture.feed(data)
+            _drain_into(fd, ex.fds[fd])
             self._close_output(ex, fd)
         self._close_stdin(ex)
         duration = time.monotonic() - ex.started
@@ -1166,13 +1203,17 @@ class Agent:
             if ex is not None:
                 self._finish(ex, status)
             else:
-                self.trees.exited(pid, status)
+                if not self.trees.exited(pid, status):
+                    self.shells.on_reaped(pid, status)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
         expired: List[_Exec] = []
         while self.timers and self.timers[0][0] <= now:
             _, exec_id, pid = heapq.heappop(self.timers)
+            if pid <= 0:  # a persistent shell's call: its timeout (0) or kill grace (-1)
+                self.shells.on_timer(exec_id, grace=pid < 0)
+                continue
             ex = self.execs.get(pid)
             if ex is not None and ex.exec_id == exec_id and ex.kill_reason is None:
                 expired.append(ex)
@@ -1187,10 +1228,11 @@ class Agent:
         reason: str,
         needles: Optional[List[bytes]] = None,
         uids: Optional[Set[int]] = None,
+        sessions: Optional[Set[int]] = None,
     ) -> int:
-        """Kill the whole trees of `execs` (and anything matching `needles`/`uids`)."""
+        """Kill the whole trees of `execs` (and anything matching `needles`/`uids`/`sessions`)."""
         all_needles = list(needles or [])
-        sessions: Set[int] = set()
+        sessions = set(sessions or ())
         for ex in execs:
             if ex.kill_reason is None:
                 ex.kill_reason = reason
@@ -1242,13 +1284,21 @@ class Agent:
             uid = self.slot_uid(slot)
             if uid is not None:
                 uids.add(uid)
+        shell_sessions = self.shells.closing(None, "shutdown")
         try:
-            self.kill_execs(execs, "shutdown", [_needle(SLOT_MARKER, self.nonce + ":", True)], uids)
+            self.kill_execs(
+                execs,
+                "shutdown",
+                [_needle(SLOT_MARKER, self.nonce + ":", True)],
+                uids,
+                shell_sessions,
+            )
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
         for ex in list(self.execs.values()):
             self._finish(ex, None)
         self.trees.close_all()
+        self.shells.close(None)
 
     # -- other ops ------------------------------------------------------------------------------
 
@@ -1264,7 +1314,10 @@ class Agent:
         ex = self.by_request.get(target)
         if ex is None or ex.kill_reason is not None:
             return {"found": False}
-        self.kill_execs([ex], "cancel")
+        if ex.in_shell:
+            self.shells.kill_call(ex, "cancel")
+        else:
+            self.kill_execs([ex], "cancel")
         return {"found": True}
 
     def op_reset_slot(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -1278,7 +1331,9 @@ class Agent:
             "reset",
             [_needle(SLOT_MARKER, "%s:%d" % (self.nonce, slot))],
             {uid} if uid is not None else None,
+            self.shells.closing(slot, "reset"),
         )
+        self.shells.close(slot)
         workspace = self.workspace(slot)
         try:
             _wipe_contents(workspace)
@@ -1290,7 +1345,8 @@ class Agent:
         return {"killed": killed}
 
     def op_ping(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
-        return {"time": time.time(), "execs": len(self.execs)}
+        execs = len(self.execs) + len(self.shells.execs)
+        return {"time": time.time(), "execs": execs, "shells": len(self.shells.by_pid)}
 
     def op_shutdown(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         self._exit(EXIT_OK, "shutdown requested")
@@ -2078,6 +2134,661 @@ def _remove_stage(path: str) -> None:
 
 def _os_error_pair(what: str, exc: OSError) -> Tuple[str, str]:
     return _ERRNO_CODES.get(exc.errno or 0, "io_error"), "%s: %s" % (what, exc.strerror or exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent shells: one long-lived shell per slot, for execs with ``"shell": "persistent"``.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Shell:
+    """One slot's persistent shell: its process, its two channels, and its last known state.
+
+    The agent writes script lines to the shell's stdin (``control_fd``) and reads one status
+    record per call from the shell's fd 3 (``status_fd``); see `_Shells` for the protocol.
+    """
+
+    def __init__(self, slot: int, cwd: str) -> None:
+        self.slot = slot
+        self.pid = 0
+        self.control_fd = -1
+        self.status_fd = -1
+        self.unsent = b""
+        self.records = bytearray()
+        #: Length of the current call's record line, the last thing sent (see `kill_call`).
+        self.record_bytes = 0
+        self.current: Optional[_Exec] = None
+        #: What the last finished call left: working directory and ``export -p`` text. A
+        #: replacement shell starts from these.
+        self.cwd = cwd
+        self.exported: Optional[bytes] = None
+        #: The environment the process was started with (a replacement unsets it first).
+        self.spawn_env: Dict[str, str] = {}
+        #: Set when the shell died between calls: the next call's result says it was replaced.
+        self.report_restart = False
+        #: Why it is being killed on purpose ("reset", "shutdown"); None while it serves.
+        self.closing: Optional[str] = None
+
+
+class _Shells:
+    """The persistent shells of every slot (``exec`` with ``"shell": "persistent"``).
+
+    Protocol between the agent and a shell (bash, or ``sh`` when the image has no bash):
+
+    * The shell reads its script from its stdin, a pipe only the agent writes to. Each call is
+      one line: ``export`` of the call's exec marker, then ``eval`` of the command, quoted as one
+      single-quoted word, with ``</dev/null`` (every command's stdin is empty: ``read`` gets
+      EOF), its stdout and stderr redirected to FIFOs made for this call alone (one FIFO for
+      both when merged, so the order of writes is kept), and fd 3 closed; then a status record
+      written to fd 3. ``eval`` runs at the top level (not in a function), so ``declare``,
+      ``local`` errors, ``break`` and ``return`` behave as typed in a terminal, and variables,
+      functions, aliases, options and the working directory persist.
+    * The status record (``status NUL cwd NUL export-p-text NUL``) travels on fd 3, which no
+      command holds (the ``3>&-``): nothing a command prints can end a call early or forge a
+      status. Framing is never in-band in the output streams.
+    * Output is per call: each call has fresh FIFOs, so a background job started by one call
+      writes into that call's FIFO forever after, never into a later call's result. When the
+      call ends, the agent takes what is buffered, then keeps draining and discarding the FIFO
+      until its last writer is gone (a background server writing later must not die of
+      SIGPIPE).
+    * Timeout and cancel: the shell is stopped (SIGSTOP) while every process of the call is
+      killed (those carrying the call's marker, and the shell's descendants started since the
+      call began; older background jobs are spared), then continued; it reports the call's end
+      (exit 124 after a timeout) and keeps its state. A shell that does not report within
+      `SHELL_KILL_GRACE_S` (a builtin loop) is killed and replaced.
+    * A shell that exits or dies (``exit 3``, ``exec sleep 1``, a signal) is replaced at the
+      slot's next call by a new shell started through the same spawn path as every command
+      (same uid, environment, HOME, session), in the last known working directory with the
+      last known exported environment; the result of the call it died in (or the next call,
+      when it died between calls) has ``shell_restarted`` set, with the shell's exit status.
+    * Reset and shutdown kill the shell with everything else of the slot (its session is
+      added to the kill sweep); the slot's next lease starts a clean shell lazily.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.by_slot: Dict[int, _Shell] = {}
+        self.by_pid: Dict[int, _Shell] = {}
+        self.execs: Dict[int, _Exec] = {}  # running calls, by exec id
+        self.lingering: Dict[int, int] = {}  # fd of a finished call's FIFO -> its slot
+        self.directory: Optional[str] = None
+        self.program = _find_shell()[0]
+        self.is_bash = os.path.basename(self.program) == "bash"
+        self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def start(
+        self,
+        ex: _Exec,
+        command: str,
+        extra_env: Dict[str, str],
+        cwd: Optional[str],
+        cap: int,
+        merge_stderr: bool,
+    ) -> None:
+        """Run `command` in the slot's shell (started first if needed); replies when it ends."""
+        agent = self.agent
+        shell = self.by_slot.get(ex.slot)
+        if shell is None or shell.pid == 0:
+            try:
+                shell = self.spawn(ex.slot, shell)
+            except OSError as exc:
+                agent.reply_not_started(ex, self.program, exc)
+                return
+        directory = self.slot_directory(ex.slot)
+        uid = agent.slot_uid(ex.slot)
+        ex.in_shell = True
+        ex.stdout = _Capture(cap)
+        ex.stderr = _Capture(cap)
+        paths = []
+        for name, capture in (("out", ex.stdout), ("err", ex.stderr)):
+            if name == "err" and merge_stderr:
+                break
+            path = os.path.join(directory, "%d.%s" % (ex.exec_id, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a killed agent's predecessor: never reuse it
+            os.mkfifo(path, 0o600)
+            if uid is not None:
+                os.chown(path, uid, uid)
+            # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
+            # the shell has opened it; see `_linger` for after the call.
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            ex.fds[fd] = capture
+            ex.fifos[fd] = path
+            agent.selector.register(fd, selectors.EVENT_READ, agent._output_callback(ex))
+            paths.append(path)
+        marker = "%s:%d" % (agent.nonce, ex.exec_id)
+        parts = ["\\command export %s=%s" % (EXEC_MARKER, marker)]
+        for key in sorted(extra_env):
+            parts.append("\\command export %s=%s" % (key, _shell_quote(extra_env[key])))
+        if cwd is not None:
+            parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
+        redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
+        parts.append(
+            "\\command eval %s </dev/null >|%s %s 3>&-"
+            % (_shell_quote(command), _shell_quote(paths[0]), redirect)
+        )
+        # The record is its own line: an interrupt (see `kill_call`) ends the call's line only.
+        record = (
+            "{ \\command printf '\\0%%s\\0' \"$?\"; \\command export -p; "
+            "\\command printf '\\0%%s\\0E%d\\0\\3' \"$PWD\"; } >&3 2>/dev/null\n" % ex.exec_id
+        )
+        line = "; ".join(parts) + "\n" + record
+        shell.record_bytes = len(record)
+        ex.pid = shell.pid
+        ex.started = time.monotonic()
+        ex.start_tick = self.now_tick()
+        shell.current = ex
+        self.execs[ex.exec_id] = ex
+        agent.by_request[ex.request_id] = ex
+        self.send_script(shell, line.encode("utf-8", "surrogateescape"))
+
+    def spawn(self, slot: int, previous: Optional[_Shell]) -> _Shell:
+        """Start the slot's shell; a `previous` one that died hands over its cwd and exports."""
+        agent = self.agent
+        workspace = agent.workspace(slot)
+        shell = _Shell(slot, workspace)
+        # Interactive, as in a terminal: aliases expand, and an interrupt ends the running
+        # line (a loop too) and returns to reading the next one instead of ending the shell.
+        # No history, no history expansion (``!`` stays literal), no prompts.
+        if self.is_bash:
+            script = [
+                "\\command set +H +o history; PS1=; PS2=; PS0=; PROMPT_COMMAND=; unset HISTFILE"
+            ]
+        else:
+            script = ["PS1=; PS2=; unset HISTFILE"]
+        cwd = workspace
+        env = agent.command_env(slot)
+        if previous is not None:
+            shell.cwd = previous.cwd
+            shell.exported = previous.exported
+            if os.path.isdir(previous.cwd):
+                cwd = previous.cwd
+            if previous.exported is not None:
+                # Exactly the last exported set: what the process starts with goes, then the
+                # last ``export -p`` is replayed at the top level (declarations stay global).
+                names = " ".join(name for name in sorted(env) if _is_shell_name(name))
+                script.append(
+                    "{ \\command unset -v %s; %s\n} >/dev/null 2>&1"
+                    % (
+                        names,
+                        previous.exported.decode("utf-8", "surrogateescape"),
+                    )
+                )
+        control_read, control_write = os.pipe()
+        status_read, status_write = os.pipe()
+        uid = agent.slot_uid(slot)
+        fds = (control_read, agent.devnull, agent.devnull, status_write)
+        if self.is_bash:
+            argv = [self.program, "--noediting", "--noprofile", "--norc", "-i"]
+        else:
+            argv = [self.program, "-i"]
+        try:
+            if _HAVE_POSIX_SPAWN and (uid is None or agent.fast_uid_spawn):
+                shell.pid = agent._posix_spawn(argv, cwd, env, fds, uid)
+            else:  # pragma: no cover - only on images without posix_spawn
+                process = agent._popen(argv, cwd, env, fds, uid)
+                shell.pid = process.pid
+                process.returncode = 0  # reaped by the agent's loop, never by Popen
+                if status_write != 3:
+                    script.insert(0, "\\command exec 3>&%d %d>&-" % (status_write, status_write))
+        except OSError:
+            for fd in (control_read, control_write, status_read):
+                os.close(fd)
+            raise
+        finally:
+            os.close(status_write)
+        os.close(control_read)
+        shell.control_fd = control_write
+        shell.status_fd = status_read
+        shell.spawn_env = env
+        if previous is not None:
+            shell.report_restart = previous.report_restart
+        os.set_blocking(control_write, False)
+        os.set_blocking(status_read, False)
+        agent.selector.register(status_read, selectors.EVENT_READ, self._status_callback(shell))
+        self.by_slot[slot] = shell
+        self.by_pid[shell.pid] = shell
+        agent.slots_used.add(slot)
+        self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
+        return shell
+
+    def slot_directory(self, slot: int) -> str:
+        """A directory for the slot's FIFOs, outside its workspace, reachable by its uid only."""
+        agent = self.agent
+        if self.directory is None:
+            directory = os.path.join(agent.workspace_root, ".hermes-shells-" + agent.nonce)
+            os.mkdir(directory, 0o711)
+            os.chmod(directory, 0o711)
+            self.directory = directory
+        path = os.path.join(self.directory, "slot-%d" % slot)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return path
+        uid = agent.slot_uid(slot)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        return path
+
+    def now_tick(self) -> int:
+        """The kernel's clock now, in the ticks /proc/PID/stat counts process start times in."""
+        return int(time.clock_gettime(time.CLOCK_BOOTTIME) * self.ticks_per_second)
+
+    # -- the channels ---------------------------------------------------------------------------
+
+    def send_script(self, shell: _Shell, data: bytes) -> None:
+        if shell.unsent:
+            shell.unsent += data
+            return
+        try:
+            written = _write_all_nonblocking(shell.control_fd, data)
+        except OSError:  # the shell is gone: its reap ends the call
+            return
+        if written < len(data):
+            shell.unsent = data[written:]
+            self.agent.selector.register(
+                shell.control_fd, selectors.EVENT_WRITE, self._control_callback(shell)
+            )
+
+    def _control_callback(self, shell: _Shell) -> Callable[[int, int], None]:
+        def on_writable(fd: int, mask: int) -> None:
+            try:
+                written = _write_all_nonblocking(fd, shell.unsent[: 1 << 20])
+            except OSError:
+                written = len(shell.unsent)
+            shell.unsent = shell.unsent[written:]
+            if not shell.unsent:
+                self.agent.selector.unregister(fd)
+
+        return on_writable
+
+    def _status_callback(self, shell: _Shell) -> Callable[[int, int], None]:
+        def on_status(fd: int, mask: int) -> None:
+            self.read_status(shell)
+
+        return on_status
+
+    def read_status(self, shell: _Shell) -> None:
+        """Take what the shell wrote on its status channel and finish the calls it reports."""
+        while shell.status_fd >= 0:
+            try:
+                data = os.read(shell.status_fd, _READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                # Nothing holds the write end any more: the shell is gone (its reap says how).
+                self.agent.selector.unregister(shell.status_fd)
+                os.close(shell.status_fd)
+                shell.status_fd = -1
+                break
+            shell.records += data
+        while True:
+            end = shell.records.find(b"\0\3")
+            if end < 0:
+                break
+            # A record is ``NUL status NUL export-p NUL cwd NUL E<exec id> NUL ETX``: read from
+            # its end, so the start of a record an interrupt cut short (no NUL in it but its
+            # first) is skipped.
+            fields = bytes(shell.records[:end]).split(b"\0")
+            del shell.records[: end + 2]
+            if len(fields) < 5 or not fields[-1].startswith(b"E"):
+                continue
+            status, exported, cwd, name = fields[-4:]
+            shell.cwd = os.fsdecode(cwd) or shell.cwd
+            shell.exported = exported
+            ex = shell.current
+            if ex is None or name != b"E%d" % ex.exec_id:
+                continue
+            try:
+                exit_code = int(status)
+            except ValueError:
+                exit_code = 1
+            self.finish(shell, ex, exit_code, None, restarted=shell.report_restart)
+            shell.report_restart = False
+
+    # -- ends of calls --------------------------------------------------------------------------
+
+    def finish(
+        self,
+        shell: _Shell,
+        ex: _Exec,
+        exit_code: int,
+        signal_number: Optional[int],
+        restarted: bool,
+    ) -> None:
+        agent = self.agent
+        self.execs.pop(ex.exec_id, None)
+        if shell.current is ex:
+            shell.current = None
+        agent.exec_done(ex)
+        for fd in list(ex.fds):
+            _drain_into(fd, ex.fds[fd])
+            self._linger(ex, fd)
+        timed_out = ex.kill_reason == "timeout"
+        cancelled = ex.kill_reason in ("cancel", "reset", "shutdown")
+        if timed_out:
+            exit_code, signal_number = 124, None
+        elif cancelled:
+            exit_code, signal_number = -signal.SIGKILL, int(signal.SIGKILL)
+        assert ex.stdout is not None
+        assert ex.stderr is not None
+        stdout, stdout_dropped = ex.stdout.result()
+        stderr, stderr_dropped = ex.stderr.result()
+        result = _exec_result(
+            exit_code,
+            signal_number,
+            timed_out,
+            cancelled,
+            time.monotonic() - ex.started,
+            stdout,
+            stdout_dropped,
+            stderr,
+            stderr_dropped,
+        )
+        result["shell_restarted"] = restarted
+        agent.send({"id": ex.request_id, "ok": True, "result": result})
+
+    def _linger(self, ex: _Exec, fd: int) -> None:
+        """Close a finished call's FIFO, unless a background job still writes into it.
+
+        The read-write fd is swapped for a read-only one: once no writer is left, it reads as
+        EOF and is closed; until then what arrives is discarded.
+        """
+        agent = self.agent
+        path = ex.fifos.pop(fd)
+        del ex.fds[fd]
+        agent.selector.unregister(fd)
+        try:
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            reader = -1
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if reader >= 0 and not _discard(reader):
+            self.lingering[reader] = ex.slot
+            agent.selector.register(reader, selectors.EVENT_READ, self._discard_callback)
+
+    def _discard_callback(self, fd: int, mask: int) -> None:
+        if _discard(fd):
+            self._close_lingering(fd)
+
+    def _close_lingering(self, fd: int) -> None:
+        self.lingering.pop(fd, None)
+        self.agent.selector.unregister(fd)
+        os.close(fd)
+
+    def on_reaped(self, pid: int, status: int) -> None:
+        """A shell process ended: finish its call, and let the next call start a replacement."""
+        shell = self.by_pid.pop(pid, None)
+        if shell is None:
+            return
+        self.read_status(shell)  # a call that ended just before the shell did
+        self._close_channels(shell)
+        shell.pid = 0
+        ex = shell.current
+        if shell.closing is not None:
+            if self.by_slot.get(shell.slot) is shell:
+                del self.by_slot[shell.slot]
+            if ex is not None:
+                if ex.kill_reason is None:
+                    ex.kill_reason = shell.closing
+                self.finish(shell, ex, -signal.SIGKILL, int(signal.SIGKILL), restarted=False)
+            return
+        if ex is None:
+            shell.report_restart = True
+            return
+        exit_code, signal_number = _exit_code_of(status)
+        self.finish(shell, ex, exit_code, signal_number, restarted=True)
+        shell.report_restart = False
+
+    def _close_channels(self, shell: _Shell) -> None:
+        selector = self.agent.selector
+        for fd in (shell.control_fd, shell.status_fd):
+            if fd >= 0:
+                with contextlib.suppress(KeyError):
+                    selector.unregister(fd)
+                os.close(fd)
+        shell.control_fd = shell.status_fd = -1
+        shell.unsent = b""
+
+    # -- timeouts, cancel, reset ----------------------------------------------------------------
+
+    def on_timer(self, exec_id: int, grace: bool) -> None:
+        ex = self.execs.get(exec_id)
+        if ex is None:
+            return
+        if not grace:
+            if ex.kill_reason is None:
+                self.kill_call(ex, "timeout")
+            return
+        shell = self.by_slot.get(ex.slot)
+        if shell is not None and shell.current is ex and shell.pid:
+            # It did not come back from the kill: a builtin loop, or it waits on something
+            # the kill could not reach. Replace it; its reap ends the call.
+            with contextlib.suppress(OSError):
+                os.kill(shell.pid, signal.SIGKILL)
+            self._kill_tree(ex, shell.pid, include_root=True)
+
+    def kill_call(self, ex: _Exec, reason: str) -> None:
+        """Kill a call's processes, keep the shell: it reports the end; see `on_timer`."""
+        shell = self.by_slot.get(ex.slot)
+        if shell is None or shell.current is not ex or not shell.pid:
+            return
+        self.read_status(shell)
+        if shell.current is not ex:
+            return  # it had just ended
+        ex.kill_reason = reason
+        if _pipe_unread(shell.control_fd) + len(shell.unsent) > shell.record_bytes:
+            # The shell has not read the whole call yet: interrupting it now would run the
+            # rest of the line as a command of its own. Replace the shell instead.
+            self.on_timer(ex.exec_id, grace=True)
+            return
+        with contextlib.suppress(OSError):
+            os.kill(shell.pid, signal.SIGSTOP)  # it must not start new processes meanwhile
+        try:
+            # SIGINT first, so a foreground command that does not handle it dies *of* it: the
+            # shell then ends the whole line as after Ctrl-C in a terminal, not just one
+            # command of it. The shell gets its own SIGINT too (it ends a builtin loop).
+            self._kill_tree(ex, shell.pid, include_root=False, first=signal.SIGINT)
+            with contextlib.suppress(OSError):
+                os.kill(shell.pid, signal.SIGINT)
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(shell.pid, signal.SIGCONT)
+        self.agent._reap()
+        if shell.current is ex:
+            deadline = time.monotonic() + SHELL_KILL_GRACE_S
+            heapq.heappush(self.agent.timers, (deadline, ex.exec_id, -1))
+
+    def _kill_tree(
+        self, ex: _Exec, root: int, include_root: bool, first: Optional[int] = None
+    ) -> int:
+        """SIGKILL the call's processes: its marker, or the shell's descendants (or orphans of
+        this slot) started since the call began. Scans /proc until a scan finds none."""
+        agent = self.agent
+        marker = _needle(EXEC_MARKER, "%s:%d" % (agent.nonce, ex.exec_id))
+        slot_needle = _needle(SLOT_MARKER, "%s:%d" % (agent.nonce, ex.slot))
+        own = os.getpid()
+        others = set(agent.execs) | set(self.by_pid) | set(agent.trees.helpers)
+        killed: Set[int] = set()
+        limit = time.monotonic() + _KILL_SWEEP_LIMIT_S
+        pause = 0.0005
+        while True:
+            table = _process_table()
+            children: Dict[int, List[int]] = {}
+            for pid, (ppid, _, _) in table.items():
+                children.setdefault(ppid, []).append(pid)
+            targets = set()
+            stack = [root]
+            while stack:
+                for child in children.get(stack.pop(), ()):
+                    # Older processes (a server from an earlier call) and what they start are
+                    # not this call's: only walk on through what started since the call began.
+                    if table[child][1] >= ex.start_tick:
+                        targets.add(child)
+                        stack.append(child)
+            for pid, (ppid, start, _) in table.items():
+                if pid in targets or pid == own or pid == 1 or pid in others:
+                    continue
+                if ppid == own and start >= ex.start_tick and _environ_has(pid, slot_needle):
+                    targets.add(pid)  # orphaned (adopted by us) since the call began
+                elif _environ_has(pid, marker):
+                    targets.add(pid)
+            if include_root and root in table:
+                targets.add(root)
+            elif not include_root:
+                targets.discard(root)
+            found = 0
+            for pid in targets:
+                if table[pid][2]:  # a zombie: dead already
+                    continue
+                if first is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, first)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    continue
+                found += 1
+                killed.add(pid)
+            agent._reap()
+            if not found or time.monotonic() > limit:
+                return len(killed)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def closing(self, slot: Optional[int], reason: str) -> Set[int]:
+        """Mark the slot's shell (every shell when `slot` is None) as being killed on purpose;
+        returns their sessions, for the kill sweep."""
+        sessions = set()
+        for shell in list(self.by_slot.values()):
+            if slot is not None and shell.slot != slot:
+                continue
+            shell.closing = reason
+            if shell.current is not None and shell.current.kill_reason is None:
+                shell.current.kill_reason = reason
+            if shell.pid:
+                sessions.add(shell.pid)
+            else:
+                del self.by_slot[shell.slot]  # died earlier: nothing to restore any more
+        return sessions
+
+    def close(self, slot: Optional[int]) -> None:
+        """After the kill: forget the slot's shell (or all), its FIFOs and lingering readers."""
+        for shell in list(self.by_slot.values()):
+            if slot is not None and shell.slot != slot:
+                continue
+            if shell.pid:
+                # Killed but not reaped yet (it may have been stopped): finish it now.
+                with contextlib.suppress(OSError):
+                    os.kill(shell.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(shell.pid, 0)
+                self.on_reaped(shell.pid, 0)
+            self.by_slot.pop(shell.slot, None)
+        for fd, owner in list(self.lingering.items()):
+            if slot is None or owner == slot:
+                self._close_lingering(fd)
+        if self.directory is not None:
+            import shutil
+
+            if slot is None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+            else:
+                shutil.rmtree(os.path.join(self.directory, "slot-%d" % slot), True)
+
+
+def _shell_quote(text: str) -> str:
+    """`text` as one single-quoted shell word (every byte literal, NUL excluded)."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _is_shell_name(name: str) -> bool:
+    return (
+        bool(name)
+        and (name[0].isalpha() or name[0] == "_")
+        and name.isascii()
+        and all(char.isalnum() or char == "_" for char in name)
+    )
+
+
+def _uses_shell(op: str, args: Dict[str, Any]) -> bool:
+    """Whether a request runs in the slot's persistent shell (so waits for the slot's turn)."""
+    return op == "exec" and args.get("shell") == "persistent" and args.get("command") is not None
+
+
+def _drain_into(fd: int, capture: _Capture) -> None:
+    """Take what a finished command's pipe holds now (bounded: a background writer may go on)."""
+    taken = 0
+    while taken < _FINAL_DRAIN_BYTES:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except (BlockingIOError, OSError):
+            break
+        if not data:
+            break
+        taken += len(data)
+        capture.feed(data)
+
+
+def _discard(fd: int) -> bool:
+    """Read and drop what a lingering FIFO holds; True once no writer is left (EOF)."""
+    taken = 0
+    while taken < _FINAL_DRAIN_BYTES:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        taken += len(data)
+    return False
+
+
+def _process_table() -> Dict[int, Tuple[int, int, bool]]:
+    """Every process in /proc: pid -> (parent pid, start time in ticks, is a zombie)."""
+    table: Dict[int, Tuple[int, int, bool]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return table
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as handle:
+                line = handle.read()
+            fields = line[line.rindex(b")") + 2 :].split()
+            table[int(name)] = (int(fields[1]), int(fields[19]), fields[0] in (b"Z", b"X"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _pipe_unread(fd: int) -> int:
+    """How many bytes wait in a pipe (FIONREAD); 0 if that cannot be told."""
+    try:
+        import fcntl
+
+        return int.from_bytes(fcntl.ioctl(fd, 0x541B, b"\0\0\0\0"), sys.byteorder)
+    except (OSError, ImportError, ValueError):
+        return 0
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            return needle in b"\0" + handle.read()
+    except OSError:
+        return False
 
 
 def _list_into(

@@ -50,6 +50,9 @@ class ExecResult:
     stderr: bytes
     stdout_dropped: int
     stderr_dropped: int
+    #: The slot's persistent shell ended during this call (``exit``, ``exec``, killed), or
+    #: since the previous one, and was replaced (last known cwd and exported env restored).
+    shell_restarted: bool = False
 
     @classmethod
     def from_reply(cls, result: Mapping[str, Any]) -> ExecResult:
@@ -63,6 +66,7 @@ class ExecResult:
             stderr=result.get("stderr", b""),
             stdout_dropped=int(result.get("stdout_dropped", 0)),
             stderr_dropped=int(result.get("stderr_dropped", 0)),
+            shell_restarted=bool(result.get("shell_restarted", False)),
         )
 
 
@@ -100,10 +104,16 @@ def exec_args(
     timeout_s: float | None = None,
     max_output_bytes: int | None = None,
     serial: bool = False,
+    shell: str | None = None,
+    merge_stderr: bool = False,
 ) -> dict[str, Any]:
     """The agent's `exec` arguments: exactly one of a shell `command` or an `argv`.
 
     `serial` queues the command behind the slot's earlier serial requests in the agent.
+    `shell` is ``"persistent"`` (the `command` runs in the slot's long-lived shell: cwd,
+    variables, functions and aliases persist between calls) or ``"fresh"`` (its own
+    ``bash -c``; the agent's default). `merge_stderr` sends stderr into stdout, in the order
+    the two were written (`stderr` comes back empty).
     """
     if (command is None) == (argv is None):
         raise ValueError("exec needs exactly one of command= or argv=")
@@ -120,6 +130,10 @@ def exec_args(
         args["max_output_bytes"] = max_output_bytes
     if serial:
         args["serial"] = True
+    if shell is not None:
+        args["shell"] = shell
+    if merge_stderr:
+        args["merge_stderr"] = True
     return args
 
 

@@ -1,0 +1,306 @@
+"""The persistent shell of a slot (exec with ``shell="persistent"``).
+
+Part one runs against every driver (local none, local bwrap, modal on the emulator) through the
+client; part two drives the agent directly, where /proc can be inspected around it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_processes_with_env
+from hermes_actors._client import SandboxClient
+from sandbox_support import ContractSandbox
+
+IS_ROOT = os.getuid() == 0
+
+
+async def sh(client: SandboxClient, command: str, slot: int = 0, **options: object):  # type: ignore[no-untyped-def]
+    return await client.exec(slot, command=command, shell="persistent", **options)
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - processes send no event to wait for
+            await trio.sleep(0.02)
+
+
+# -- every driver -----------------------------------------------------------------------------
+
+
+async def test_state_persists_between_calls(contract_sandbox: ContractSandbox) -> None:
+    """cd, exported and plain variables, functions, aliases and options survive to the next call."""
+    client = contract_sandbox.client
+    first = await sh(
+        client,
+        "mkdir -p repo/src && cd repo; export API=on; plain=kept; greet() { echo hi $1; }; "
+        "alias ll='echo listing'; set -o pipefail",
+    )
+    assert (first.exit_code, first.stdout, first.stderr) == (0, b"", b"")
+    second = await sh(
+        client, 'cd src; pwd; echo "$API $plain"; greet you; ll; [[ -o pipefail ]] && echo opt'
+    )
+    lines = second.stdout.decode().splitlines()
+    assert lines[0].endswith("/slot-0/repo/src")
+    assert lines[1:] == ["on kept", "hi you", "listing", "opt"]
+    third = await sh(client, "pwd")
+    assert third.stdout.decode().strip().endswith("/slot-0/repo/src")
+
+
+async def test_slots_and_fresh_calls_do_not_share_the_state(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """Another slot has its own shell, and a fresh call starts from the workspace every time."""
+    client = contract_sandbox.client
+    await sh(client, "export SEEN=slot0; cd /tmp")
+    other = await sh(client, 'echo "[$SEEN]"; pwd', slot=1)
+    fresh = await client.exec(0, command='echo "[$SEEN]"; pwd', shell="fresh")
+    again = await sh(client, 'echo "[$SEEN]"; pwd')
+    assert other.stdout.decode().splitlines()[0] == "[]"
+    assert other.stdout.decode().splitlines()[1].endswith("/slot-1")
+    assert fresh.stdout.decode().splitlines()[0] == "[]"
+    assert fresh.stdout.decode().splitlines()[1].endswith("/slot-0")
+    assert again.stdout == b"[slot0]\n/tmp\n"
+
+
+async def test_output_streams_and_interleaving(contract_sandbox: ContractSandbox) -> None:
+    """stdout and stderr come apart, or merged in the order they were written; stdin is empty."""
+    client = contract_sandbox.client
+    command = "echo one; echo two >&2; echo three; echo four >&2"
+    apart = await sh(client, command)
+    merged = await sh(client, command, merge_stderr=True)
+    fresh_merged = await client.exec(0, command=command, merge_stderr=True)
+    stdin = await sh(client, 'read line; echo "read=$? [$line]"; cat; python3 -c "pass"; echo ok')
+    assert (apart.stdout, apart.stderr) == (b"one\nthree\n", b"two\nfour\n")
+    assert (merged.stdout, merged.stderr) == (b"one\ntwo\nthree\nfour\n", b"")
+    assert (fresh_merged.stdout, fresh_merged.stderr) == (b"one\ntwo\nthree\nfour\n", b"")
+    assert stdin.stdout == b"read=1 []\nok\n"
+
+
+async def test_timeout_ends_the_line_and_keeps_the_shell(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """A timeout kills the command's tree, skips the rest of its line, and keeps the state."""
+    client = contract_sandbox.client
+    await sh(client, "cd /tmp; kept=yes")
+    slow = await sh(client, "echo partial; sleep 30 & sleep 30; echo never", timeout_s=0.5)
+    loop = await sh(client, "while :; do :; done; echo never", timeout_s=0.5)
+    after = await sh(client, 'echo "$kept"; pwd')
+    assert (slow.exit_code, slow.timed_out, slow.stdout) == (124, True, b"partial\n")
+    assert (loop.exit_code, loop.timed_out, b"never" in loop.stdout) == (124, True, False)
+    assert not slow.shell_restarted
+    assert after.stdout == b"yes\n/tmp\n"
+    assert not after.shell_restarted
+    await eventually(lambda: contract_sandbox.process_count() == 1)  # the shell itself stays
+
+
+async def test_exit_and_exec_replace_the_shell_with_its_state(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """`exit 3` and `exec sleep 1` end the shell: flagged, and the next one has cwd and exports."""
+    client = contract_sandbox.client
+    await sh(client, "mkdir -p deep && cd deep; export KEEP=1; unset PAGER; local_only=1")
+    exited = await sh(client, "exit 3")
+    assert (exited.exit_code, exited.shell_restarted) == (3, True)
+    restored = await sh(client, 'pwd; echo "${KEEP-} ${PAGER-unset} ${local_only-gone}"')
+    assert not restored.shell_restarted
+    lines = restored.stdout.decode().splitlines()
+    assert lines[0].endswith("/slot-0/deep")
+    assert lines[1] == "1 unset gone"
+    # What the ending call itself changed was never reported: the last known state is older.
+    replaced = await sh(client, "export LATER=2; exec sleep 1")
+    assert (replaced.exit_code, replaced.shell_restarted) == (0, True)
+    assert (await sh(client, 'echo "$KEEP${LATER-}"')).stdout == b"1\n"
+
+
+async def test_background_job_outlives_its_call_without_leaking(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """A background job keeps running and writing; its later output is in no other result."""
+    client = contract_sandbox.client
+    started = await sh(
+        client,
+        "(sleep 0.2; for i in 1 2 3 4 5 6; do echo late$i; echo err$i >&2; sleep 0.1; done; "
+        "touch survived) & echo started",
+    )
+    assert started.stdout == b"started\n"
+    outputs = []
+    for _ in range(12):
+        result = await sh(client, "echo tick")
+        outputs.append(result.stdout + result.stderr)
+        await trio.sleep(0.06)
+    assert all(output == b"tick\n" for output in outputs), outputs
+    with trio.fail_after(5):
+        while (await sh(client, "test -e survived")).exit_code != 0:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def test_reset_ends_the_shell_and_its_jobs(contract_sandbox: ContractSandbox) -> None:
+    """Reset kills the shell and its background jobs; the next call starts clean."""
+    client = contract_sandbox.client
+    await sh(client, "export DIRTY=1; cd /tmp; sleep 300 & sleep 300 &")
+    assert contract_sandbox.process_count() >= 3
+    await client.reset_slot(0)
+    await eventually(lambda: contract_sandbox.process_count() == 0)
+    clean = await sh(client, 'echo "[${DIRTY-}]"; pwd')
+    assert clean.stdout.decode().splitlines()[0] == "[]"
+    assert clean.stdout.decode().splitlines()[1].endswith("/slot-0")
+    assert not clean.shell_restarted
+
+
+async def test_fake_markers_and_random_bytes_are_just_output(
+    contract_sandbox: ContractSandbox,
+) -> None:
+    """Whatever a command prints (binary, NULs, record-like text) comes back exactly."""
+    client = contract_sandbox.client
+    noise = os.urandom(20000) + b"\0\0\3E1\0\3\0\n0\0/\0E2\0\3"
+    await client.write_file(0, "noise.bin", noise)
+    result = await sh(
+        client, "cat noise.bin; cat noise.bin >&2; printf 'x\\0\\3' >&3; echo $?", timeout_s=10
+    )
+    assert result.stdout == noise + b"1\n"
+    assert result.stderr.startswith(noise)
+    assert result.exit_code == 0
+    assert (await sh(client, "echo next")).stdout == b"next\n"
+
+
+async def test_output_caps_keep_head_and_tail(contract_sandbox: ContractSandbox) -> None:
+    """Big output keeps its head and tail, with the exact number of bytes dropped."""
+    result = await sh(
+        contract_sandbox.client,
+        "head -c 100000 /dev/zero | tr '\\0' a; echo; echo end",
+        max_output_bytes=1000,
+    )
+    assert len(result.stdout) == 1000
+    assert result.stdout_dropped == 100005 - 1000
+    assert result.stdout.startswith(b"a" * 500)
+    assert result.stdout.endswith(b"a\nend\n")
+
+
+# -- the agent, directly ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    with AgentProcess(str(tmp_path / "slots")) as process:
+        yield process
+
+
+def run(agent: AgentProcess, command: str, **args: object) -> dict[str, object]:
+    args.setdefault("slot", 0)
+    args.setdefault("shell", "persistent")
+    return agent.call("exec", command=command, **args)
+
+
+def shell_pid(agent: AgentProcess, slot: int = 0) -> int:
+    return int(str(run(agent, "echo $$", slot=slot)["stdout"]).strip("b'\\n"))
+
+
+def test_cancel_kills_the_command_and_keeps_the_shell(agent: AgentProcess) -> None:
+    """A cancelled call reports cancelled; its processes are gone; the shell keeps its state."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    run(agent, "kept=1; export " + marker)
+    pid = shell_pid(agent)
+    request = agent.send(
+        "exec", slot=0, shell="persistent", command="sleep 300 & sleep 300; echo never"
+    )
+    deadline = time.monotonic() + 10
+    while len(processes_with_env(marker)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert agent.call("cancel", target=request) == {"found": True}
+    result = agent.wait_reply(request)["result"]
+    assert result["cancelled"]
+    assert b"never" not in result["stdout"]
+    assert wait_no_processes_with_env(marker) == []
+    assert pid_alive(pid)
+    assert run(agent, 'echo "$kept $$"')["stdout"] == f"1 {pid}\n".encode()
+
+
+def test_a_killed_shell_is_replaced_and_the_next_result_says_so(agent: AgentProcess) -> None:
+    """A shell killed between calls comes back with its cwd and exports, flagged once."""
+    run(agent, "cd /tmp; export KEEP=yes")
+    pid = shell_pid(agent)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    replaced = run(agent, 'echo "$KEEP"; pwd')
+    assert replaced["shell_restarted"] is True
+    assert replaced["stdout"] == b"yes\n/tmp\n"
+    assert run(agent, "true")["shell_restarted"] is False
+
+
+def test_a_trapped_interrupt_falls_back_to_a_new_shell(agent: AgentProcess) -> None:
+    """A shell that ignores the interrupt past its timeout is replaced, flagged, state restored."""
+    run(agent, "export KEEP=yes; trap '' INT")
+    result = run(agent, "while :; do :; done", timeout_s=0.3)
+    assert (result["exit_code"], result["timed_out"], result["shell_restarted"]) == (
+        124,
+        True,
+        True,
+    )
+    assert run(agent, 'echo "$KEEP"')["stdout"] == b"yes\n"
+
+
+def test_shell_and_jobs_die_with_the_agent(tmp_path: Path) -> None:
+    """When the agent exits, the persistent shells and their background jobs are gone."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    with AgentProcess(str(tmp_path / "slots")) as agent:
+        run(agent, f"export {marker}; sleep 300 & sleep 300 &")
+        shells = [shell_pid(agent), shell_pid(agent, slot=3)]
+        assert len(processes_with_env(marker)) == 2
+    assert wait_no_processes_with_env(marker) == []
+    assert not any(pid_alive(pid) for pid in shells)
+    assert not any(name.startswith(".hermes-shells") for name in os.listdir(tmp_path / "slots"))
+
+
+def test_persistent_calls_wait_their_turn(agent: AgentProcess) -> None:
+    """Persistent calls for one slot run one after another, even when not sent as serial."""
+    first = agent.send("exec", slot=0, shell="persistent", command="sleep 0.3; echo a")
+    second = agent.send("exec", slot=0, shell="persistent", command="echo b")
+    assert agent.wait_reply(first)["result"]["stdout"] == b"a\n"
+    assert agent.wait_reply(second)["result"]["stdout"] == b"b\n"
+
+
+def test_bad_shell_arguments_are_refused(agent: AgentProcess) -> None:
+    """Unknown modes, stdin data and bad env names get a clear bad_request."""
+    bad_mode = agent.error("exec", slot=0, command="true", shell="sticky")
+    with_stdin = agent.error("exec", slot=0, command="cat", shell="persistent", stdin=b"x")
+    bad_name = agent.error("exec", slot=0, command="true", shell="persistent", env={"A B": "1"})
+    assert bad_mode["code"] == with_stdin["code"] == bad_name["code"] == "bad_request"
+    assert "fresh" in with_stdin["message"]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need root")
+def test_the_shell_runs_as_the_slot_uid(open_root: Path) -> None:
+    """With slot uids, the shell and its commands run as the slot's uid, HOME its workspace."""
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=43000) as agent:
+        result = run(agent, 'id -u; echo "$HOME"; cd /tmp; touch "$HOME/mine"', slot=2)
+        lines = result["stdout"].decode().splitlines()  # type: ignore[attr-defined]
+        assert lines[0] == "43002"
+        assert lines[1].endswith("/slot-2")
+        assert (open_root / "slots" / "slot-2" / "mine").stat().st_uid == 43002
+        assert run(agent, "pwd", slot=2)["stdout"] == b"/tmp\n"
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A workspace root other uids can traverse (pytest's tmp_path is private to root)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="hermes-shell-test-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["chmod", "-R", "u+rwx", str(path)], check=False)
+    shutil.rmtree(path)
