@@ -199,7 +199,7 @@ PYTHONS = [
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_agent_starts_and_serves_on_each_python(tmp_path: Path, python: str) -> None:
-    """The bootstrap starts the agent on the venv and the system python; it reports readiness."""
+    """The agent starts on each python and reports readiness, pid, uid and its workspace root."""
     with AgentProcess(str(tmp_path / "slots"), python=python) as agent:
         ready = agent.ready
         assert ready["ok"]
@@ -207,6 +207,7 @@ def test_agent_starts_and_serves_on_each_python(tmp_path: Path, python: str) -> 
         assert ready["result"]["protocol"] == PROTOCOL_VERSION
         assert ready["result"]["pid"] == agent.process.pid
         assert ready["result"]["uid"] == os.getuid()
+        assert ready["result"]["workspace_root"] == str(tmp_path / "slots")
         assert "exec" in ready["result"]["features"]
         result = run(agent, "echo $((6 * 7))")
         assert result["stdout"] == b"42\n"
@@ -607,9 +608,11 @@ def test_paths_inside_the_workspace_are_accepted_in_any_spelling(
 
 
 def test_list_files_lists_sorted_entries(agent: AgentProcess) -> None:
-    """list_files gives types and sizes, recursively on request, and truncates at max_entries."""
+    """list_files gives types, sizes and mtimes, recursively on request, and truncates at max_entries."""
     run(agent, "mkdir -p d/e; printf abc > d/f; printf 12345 > .hidden; ln -s d l; mkfifo p")
     top = agent.call("list_files", slot=0)
+    for entry in top["entries"]:
+        assert abs(entry.pop("mtime") - time.time()) < 60
     assert top == {
         "entries": [
             {"path": ".hidden", "type": "file", "size": 5},

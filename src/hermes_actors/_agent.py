@@ -590,6 +590,7 @@ class Agent:
                 "result": {
                     "ready": True,
                     "pid": os.getpid(),
+                    "workspace_root": self.workspace_root,
                     "python": "%d.%d.%d" % sys.version_info[:3],
                     "protocol": PROTOCOL_VERSION,
                     "uid": os.getuid(),
@@ -2813,7 +2814,9 @@ def _list_into(
         else:
             kind = "other"
         relative = entry.name if not prefix else prefix + "/" + entry.name
-        entries.append({"path": relative, "type": kind, "size": info.st_size})
+        entries.append(
+            {"path": relative, "type": kind, "size": info.st_size, "mtime": info.st_mtime}
+        )
         if recursive and kind == "dir":
             try:
                 if _list_into(entry.path, relative, recursive, limit, entries):
