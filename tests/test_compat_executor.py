@@ -39,12 +39,10 @@ import attrs
 import pytest
 import trio
 
-from hermes_actors import ModalSandboxConfig, ModalToolBackend
+from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
 
-pytestmark = pytest.mark.xfail(
-    strict=True, reason="issue 10: the original's contract is not implemented yet"
-)
+TODO_XFAIL = pytest.mark.xfail(strict=True, reason="issue 10: the original's contract is not implemented yet")
 
 #: Trajectories and tool calls per trajectory of the drop-in workload.
 TRAJECTORIES = 32
@@ -302,6 +300,7 @@ async def run_original_shaped_workload(
     return succeeded, trajectories * CALLS_PER_TRAJECTORY, elapsed, problems
 
 
+@TODO_XFAIL
 def test_original_shaped_executor_runs_32_trajectories_of_5_calls() -> None:
     """32 concurrent trajectories x 5 calls through the original's call pattern all succeed."""
     succeeded, calls, _, problems = asyncio.run(run_original_shaped_workload())
@@ -313,6 +312,7 @@ def test_original_shaped_executor_runs_32_trajectories_of_5_calls() -> None:
 # -- results: the original's shape alongside ours --------------------------------------------------
 
 
+@TODO_XFAIL
 def test_results_have_the_original_shape_and_convert_to_tool_results() -> None:
     """Success has error '' and metadata['returncode']; to_tool_result gives a settable result."""
 
@@ -367,6 +367,7 @@ def bwrap_works() -> bool:
     return trio.run(bwrap_problem) is None
 
 
+@TODO_XFAIL
 def test_require_sandbox_never_runs_a_command_without_isolation() -> None:
     """require_sandbox=True on an unisolated sandbox is an error result and nothing runs."""
 
@@ -394,6 +395,7 @@ def test_require_sandbox_never_runs_a_command_without_isolation() -> None:
     asyncio.run(main())
 
 
+@TODO_XFAIL
 @pytest.mark.skipif(not bwrap_works(), reason="bubblewrap does not work on this machine")
 def test_require_sandbox_and_no_network_run_under_bubblewrap() -> None:
     """Under bubblewrap require_sandbox is met, and allow_network=False finds no network."""
@@ -413,6 +415,7 @@ def test_require_sandbox_and_no_network_run_under_bubblewrap() -> None:
     asyncio.run(main())
 
 
+@TODO_XFAIL
 def test_allow_network_is_applied_or_the_result_says_it_could_not_be() -> None:
     """No network where the backend cannot take it away: refused; network not available: said."""
 
@@ -450,6 +453,7 @@ def test_allow_network_is_applied_or_the_result_says_it_could_not_be() -> None:
         asyncio.run(isolated())
 
 
+@TODO_XFAIL
 def test_policy_arguments_of_the_wrong_type_are_bad_requests() -> None:
     """allow_network / require_sandbox / background must be bools: anything else is refused."""
 
@@ -481,6 +485,7 @@ LIST_KEYS = {"success", "entries", "truncated", "error"}
 ARCHIVE_KEYS = {"success", "content", "error", "encoding", "format", "bytes", "entry_count"}
 
 
+@TODO_XFAIL
 def test_artifact_helpers_take_the_original_arguments_and_return_its_payloads() -> None:
     """read/list/archive_artifacts answer with the payload fields the executor parses."""
 
@@ -564,6 +569,7 @@ def test_artifact_helpers_take_the_original_arguments_and_return_its_payloads() 
 # -- the rest of the surface -----------------------------------------------------------------------
 
 
+@TODO_XFAIL
 def test_status_profiles_and_multi_profile_start(tmp_path: Path) -> None:
     """with_profiles (positional and profiles_file=), start(profiles_to_start=), get_status and
     list_profiles behave as the original's."""
@@ -610,6 +616,7 @@ def test_status_profiles_and_multi_profile_start(tmp_path: Path) -> None:
     assert positional.list_profiles()["default"]["memory"] == 2048
 
 
+@TODO_XFAIL
 def test_slots_carry_the_fields_the_executor_reads() -> None:
     """A slot has alloc_id, container_addr, workspace_dir, state and metadata."""
 
@@ -645,6 +652,10 @@ def test_config_constructors_of_the_original() -> None:
     assert dict(from_env.env_vars) == {"X": "1", "Y": "two"}
     assert from_env.gpu == "A10G"
     assert from_env.get_app_name() == "atropos-sandbox"
+    with pytest.raises(ConfigError, match="modal_env_vars: expected KEY=VALUE pairs"):
+        ModalSandboxConfig.from_agent_env_config(agent_env_config(modal_env_vars="NO_EQUALS"))
+    with pytest.raises(ConfigError, match=r"from_dict\('gpu'\): \$\.memroy: unknown"):
+        ModalSandboxConfig.from_dict("gpu", {"memroy": 1})
 
 
 def test_from_env_and_load_profiles_read_the_atropos_variables(
@@ -677,6 +688,7 @@ def test_from_env_and_load_profiles_read_the_atropos_variables(
     assert from_file["small"].memory == 512
 
 
+@TODO_XFAIL
 def test_the_original_defaults_clients_depend_on() -> None:
     """execution_timeout_s is 30 s and release keeps the workspace unless asked to reset it."""
     assert ModalSandboxConfig().execution_timeout_s == 30.0
@@ -700,6 +712,7 @@ def test_the_original_defaults_clients_depend_on() -> None:
     asyncio.run(main())
 
 
+@TODO_XFAIL
 def test_the_migration_guide_example_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,9 +22,7 @@ import pytest
 import hermes_actors.terminal_tool as terminal
 from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
 
-pytestmark = pytest.mark.xfail(
-    strict=True, reason="issue 10: the original terminal_tool contract is not implemented yet"
-)
+TODO_XFAIL = pytest.mark.xfail(strict=True, reason="issue 10: the original terminal_tool contract is not implemented yet")
 
 PROFILES_YAML = """\
 profiles:
@@ -74,6 +72,7 @@ def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+@TODO_XFAIL
 def test_positional_and_keyword_calls_of_the_original_signature(profiles_file: Path) -> None:
     """(command, background, timeout, task_id, profile) positionally and by keyword."""
     assert reply_of(terminal_tool("echo hi")) == {"output": "hi\n", "exit_code": 0, "error": None}
@@ -87,6 +86,7 @@ def test_positional_and_keyword_calls_of_the_original_signature(profiles_file: P
     cleanup_vm("task-a")
 
 
+@TODO_XFAIL
 def test_background_commands_return_at_once_and_die_at_cleanup_vm(profiles_file: Path) -> None:
     """background=True detaches the command, says where its output goes; cleanup_vm kills it."""
     token = f"hermes-bg-{secrets.token_hex(4)}"
@@ -106,6 +106,7 @@ def test_background_commands_return_at_once_and_die_at_cleanup_vm(profiles_file:
     wait_for(lambda: processes_with(token) == [])
 
 
+@TODO_XFAIL
 def test_background_without_task_id_runs_in_the_default_task(profiles_file: Path) -> None:
     """As in the original, a call without task_id that must outlive the call uses 'default'."""
     token = f"hermes-bg-default-{secrets.token_hex(4)}"
@@ -118,6 +119,7 @@ def test_background_without_task_id_runs_in_the_default_task(profiles_file: Path
     wait_for(lambda: processes_with(token) == [])
 
 
+@TODO_XFAIL
 def test_active_environments_info_and_cleanup_all(profiles_file: Path) -> None:
     """get_active_environments_info lists the tasks; cleanup_all_environments ends them all."""
     token = f"hermes-all-{secrets.token_hex(4)}"
@@ -138,6 +140,7 @@ def test_active_environments_info_and_cleanup_all(profiles_file: Path) -> None:
     assert terminal.cleanup_all_environments() == 0
 
 
+@TODO_XFAIL
 def test_check_terminal_requirements_says_whether_the_tool_can_run(
     profiles_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

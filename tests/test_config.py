@@ -101,7 +101,7 @@ def test_sandbox_config_defaults() -> None:
         "idle_timeout": 120.0,
         "max_lifetime": 3600.0,
         "acquire_timeout_s": 60.0,
-        "execution_timeout_s": 300.0,
+        "execution_timeout_s": 30.0,
         "secrets": [],
         "env_vars": {},
         "tags": {},

@@ -36,7 +36,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, Generic, Literal, TypeVar, cast, get_args, get_origin
+from typing import Any, Final, Generic, Literal, Self, TypeVar, cast, get_args, get_origin
 
 import attrs
 import cattrs
@@ -64,6 +64,9 @@ ENV_BACKEND: Final = "TERMINAL_ENV"
 ENV_IMAGE: Final = "TERMINAL_MODAL_IMAGE"
 ENV_APP_NAME: Final = "TERMINAL_MODAL_APP_NAME"
 ENV_PROFILES_FILE: Final = "TERMINAL_MODAL_PROFILES_FILE"
+#: The original Hermes Atropos backend's app name prefix and environment prefix.
+ATROPOS_APP_NAME: Final = "atropos-sandbox"
+ATROPOS_ENV_PREFIX: Final = "ATROPOS_MODAL_"
 
 #: Older spellings (the terminal tool's) accepted in YAML and mappings, and their field.
 FIELD_ALIASES: Final[Mapping[str, str]] = {
@@ -321,8 +324,9 @@ class SandboxConfig:
     max_lifetime: float = 3600.0
     #: Seconds `acquire` waits for a free slot before `AcquireTimeout`.
     acquire_timeout_s: float = 60.0
-    #: Default per-command timeout, in seconds, when a call gives none.
-    execution_timeout_s: float = 300.0
+    #: Default per-command timeout, in seconds, when a call gives none. 30 s as in the original
+    #: Hermes backend, whose executor groups and bounds its batches by it.
+    execution_timeout_s: float = 30.0
     #: Provider secret names whose variables are injected into every sandbox (modal).
     secrets: tuple[str, ...] = attrs.field(default=(), converter=_freeze_sequence)
     #: Environment variables set for every command.
@@ -367,6 +371,172 @@ class SandboxConfig:
         `ConfigError` when the result is not a valid app name (charset, 64 characters).
         """
         return attrs.evolve(self, app_name=f"{base}-{self.name}")
+
+    def get_app_name(self, fallback: str = ATROPOS_APP_NAME) -> str:
+        """The provider app this profile's sandboxes belong to (the original's accessor).
+
+        A config always has one here (`app_name`), so `fallback` is accepted only for callers
+        of the original; the original's own constructors (`from_dict`, `from_env`) name the
+        app `atropos-sandbox-<name>` as it did.
+        """
+        del fallback
+        return self.app_name
+
+    # -- the original Hermes Atropos backend's constructors ---------------------------------
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> Self:
+        """A profile named `name` from a mapping of fields, as the original's YAML loader made
+        them; checked as strictly as a YAML profile. Without `app_name` the app is
+        `atropos-sandbox-<name>`, as in the original.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"from_dict({name!r}): expected a mapping of settings, got {_describe(data)}"
+            )
+        settings = {"app_name": f"{ATROPOS_APP_NAME}-{name}", **data, "name": name}
+        return cls._from_settings(settings, source=f"from_dict({name!r})")
+
+    @classmethod
+    def from_env(cls, profile_name: str = "default") -> Self:
+        """A profile from `ATROPOS_MODAL_PROFILE_<NAME>_<KEY>`, else `ATROPOS_MODAL_<KEY>`.
+
+        Keys as in the original: IMAGE, GPU, CPU, MEMORY, SLOTS_PER_SANDBOX, MIN_SANDBOXES,
+        MAX_SANDBOXES, IDLE_TIMEOUT, MAX_LIFETIME, ACQUIRE_TIMEOUT, EXECUTION_TIMEOUT, SECRETS
+        (comma separated), ENV_VARS (`K=V;K2=V2`), WORKSPACE_BASE. Unset keys take the
+        defaults. A value that does not parse is a `ConfigError` naming the variable.
+        """
+        profile_prefix = f"{ATROPOS_ENV_PREFIX}PROFILE_{profile_name.upper().replace('-', '_')}_"
+        settings: dict[str, Any] = {"name": profile_name}
+        settings["app_name"] = f"{ATROPOS_APP_NAME}-{profile_name}"
+        problems: list[str] = []
+        for field, key, _ in _ATROPOS_KEYS:
+            for variable in (profile_prefix + key, ATROPOS_ENV_PREFIX + key):
+                text = os.environ.get(variable)
+                if text is not None:
+                    try:
+                        settings[field] = _parse_atropos_text(field, text)
+                    except ValueError as error:
+                        problems.append(f"environment: {variable}: {error}")
+                    break
+        _raise_problems(problems)
+        return cls._from_settings(settings, source=f"from_env({profile_name!r})")
+
+    @classmethod
+    def from_agent_env_config(cls, cfg: Any) -> Self:
+        """The `default` profile from an Atropos `AgentEnvConfig` (its `modal_*` attributes);
+        attributes it lacks take the original's defaults.
+        """
+        settings: dict[str, Any] = {"name": "default"}
+        app_name = getattr(cfg, "modal_app_name", None)
+        settings["app_name"] = ATROPOS_APP_NAME if app_name in (None, "") else app_name
+        problems: list[str] = []
+        for field, _, attribute in _ATROPOS_KEYS:
+            if not hasattr(cfg, attribute):
+                continue
+            value = getattr(cfg, attribute)
+            if field in ("secrets", "env_vars") or (field == "gpu" and value == ""):
+                try:
+                    value = _parse_atropos_text(field, "" if value is None else str(value))
+                except ValueError as error:
+                    problems.append(f"agent env config: {attribute}: {error}")
+                    continue
+            settings[field] = value
+        _raise_problems(problems)
+        return cls._from_settings(settings, source="agent env config")
+
+    @classmethod
+    def load_profiles(cls, config_file: str | None = None) -> dict[str, Self]:
+        """The original's profile loading: a dict of profile name to config.
+
+        From `config_file`, else `$ATROPOS_MODAL_PROFILES_FILE` (YAML with a `profiles`
+        mapping, each profile read by `from_dict`); else from the environment: the profiles
+        named in `$ATROPOS_MODAL_PROFILES` (comma separated, default `default`) by `from_env`,
+        plus `default`. Unlike the original, a named file that is missing or invalid is a
+        `ConfigError`, not a silent fallback. (`hermes_actors.load_profiles` is this
+        library's own loader.)
+        """
+        path = config_file or os.environ.get(ATROPOS_ENV_PREFIX + "PROFILES_FILE") or None
+        if path is not None:
+            problems: list[str] = []
+            document = _read_yaml(path, from_environment=config_file is None)
+            raw, _ = _read_document(document, path, problems)
+            _raise_problems(problems)
+            return {
+                name: cls.from_dict(name, cast("Mapping[str, Any]", {} if data is None else data))
+                for name, data in raw.items()
+            }
+        listed = os.environ.get(ATROPOS_ENV_PREFIX + "PROFILES", "default")
+        names = [name.strip() for name in listed.split(",") if name.strip()]
+        profiles = {name: cls.from_env(name) for name in names}
+        if "default" not in profiles:
+            profiles["default"] = cls.from_env("default")
+        return profiles
+
+    @classmethod
+    def _from_settings(cls, settings: Mapping[str, Any], *, source: str) -> Self:
+        config = structure_config(settings, source=source)
+        if type(config) is cls:
+            return config
+        values = {field.name: getattr(config, field.name) for field in attrs.fields(type(config))}
+        if "backend" not in settings:
+            del values["backend"]  # the class's own default (the Modal names: modal)
+        return cls(**values)
+
+
+#: The original's settings: field, `ATROPOS_MODAL_<KEY>` key, `AgentEnvConfig` attribute.
+_ATROPOS_KEYS: Final = (
+    ("image", "IMAGE", "modal_image"),
+    ("gpu", "GPU", "modal_gpu"),
+    ("cpu", "CPU", "modal_cpu"),
+    ("memory", "MEMORY", "modal_memory"),
+    ("slots_per_sandbox", "SLOTS_PER_SANDBOX", "modal_slots_per_sandbox"),
+    ("min_sandboxes", "MIN_SANDBOXES", "modal_min_sandboxes"),
+    ("max_sandboxes", "MAX_SANDBOXES", "modal_max_sandboxes"),
+    ("idle_timeout", "IDLE_TIMEOUT", "modal_idle_timeout"),
+    ("max_lifetime", "MAX_LIFETIME", "modal_max_lifetime"),
+    ("acquire_timeout_s", "ACQUIRE_TIMEOUT", "modal_acquire_timeout"),
+    ("execution_timeout_s", "EXECUTION_TIMEOUT", "modal_execution_timeout"),
+    ("secrets", "SECRETS", "modal_secrets"),
+    ("env_vars", "ENV_VARS", "modal_env_vars"),
+    ("workspace_base", "WORKSPACE_BASE", "modal_workspace_base"),
+)
+_ATROPOS_INTS: Final = frozenset({"memory", "slots_per_sandbox", "min_sandboxes", "max_sandboxes"})
+_ATROPOS_FLOATS: Final = frozenset(
+    {"cpu", "idle_timeout", "max_lifetime", "acquire_timeout_s", "execution_timeout_s"}
+)
+
+
+def _parse_atropos_text(field: str, text: str) -> Any:
+    """A value of the original's text spellings: numbers, `a,b` lists, `K=V;K2=V2` maps."""
+    if field in _ATROPOS_INTS:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected an int, got {text!r}") from None
+    if field in _ATROPOS_FLOATS:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
+    if field == "gpu":
+        return text.strip() or None
+    if field == "secrets":
+        return [name.strip() for name in text.split(",") if name.strip()]
+    if field == "env_vars":
+        variables: dict[str, str] = {}
+        for pair in text.split(";"):
+            if not pair.strip():
+                continue
+            if "=" not in pair:
+                raise ValueError(f"expected KEY=VALUE pairs separated by ';', got {pair!r}")
+            key, setting = pair.split("=", 1)
+            variables[key.strip()] = setting.strip()
+        return variables
+    return text
 
 
 #: The seed's name for `SandboxConfig`.
