@@ -608,7 +608,7 @@ def test_paths_inside_the_workspace_are_accepted_in_any_spelling(
 
 
 def test_list_files_lists_sorted_entries(agent: AgentProcess) -> None:
-    """list_files gives types, sizes and mtimes, recursively on request, and truncates at max_entries."""
+    """list_files gives types, sizes, mtimes, recursively on request, truncated at max_entries."""
     run(agent, "mkdir -p d/e; printf abc > d/f; printf 12345 > .hidden; ln -s d l; mkfifo p")
     top = agent.call("list_files", slot=0)
     for entry in top["entries"]:

@@ -42,7 +42,9 @@ import trio
 from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
 
-TODO_XFAIL = pytest.mark.xfail(strict=True, reason="issue 10: the original's contract is not implemented yet")
+TODO_XFAIL = pytest.mark.xfail(
+    strict=True, reason="issue 10: the original's contract is not implemented yet"
+)
 
 #: Trajectories and tool calls per trajectory of the drop-in workload.
 TRAJECTORIES = 32

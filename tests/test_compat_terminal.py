@@ -22,7 +22,9 @@ import pytest
 import hermes_actors.terminal_tool as terminal
 from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
 
-TODO_XFAIL = pytest.mark.xfail(strict=True, reason="issue 10: the original terminal_tool contract is not implemented yet")
+TODO_XFAIL = pytest.mark.xfail(
+    strict=True, reason="issue 10: the original terminal_tool contract is not implemented yet"
+)
 
 PROFILES_YAML = """\
 profiles:
