@@ -32,6 +32,8 @@ class FakeSandbox:
         self.driver = driver
         self._sandbox_id = sandbox_id
         self.spec = spec
+        self.isolated = True
+        self.network = spec.network
         host_side, agent_side = trio.testing.memory_stream_pair()
         self._stream = host_side
         self._agent_stream = agent_side

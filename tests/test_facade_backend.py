@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import secrets
 import threading
@@ -156,8 +157,9 @@ async def test_bad_tool_or_arguments_give_error_results() -> None:
         results = await backend.execute_batch(requests)
         errors = [result.error for result in results]
         assert errors[0] == "unknown tool 'python'; available tools: bash, read_file, write_file"
-        assert errors[1] == "bash: missing 'command' argument(s); expected {command, timeout?}"
-        assert errors[2] == "bash: unknown 'cwd' argument(s); expected {command, timeout?}"
+        expected = "{command, allow_network?, background?, require_sandbox?, timeout?}"
+        assert errors[1] == f"bash: missing 'command' argument(s); expected {expected}"
+        assert errors[2] == f"bash: unknown 'cwd' argument(s); expected {expected}"
         assert errors[3] == "bash: 'command' must be a str, got list"
         assert errors[4] == "bash: 'timeout' must be a number > 0, got -1"
         assert errors[5] == "write_file: 'content' must be str or bytes, got int"
@@ -222,7 +224,7 @@ async def test_output_beyond_the_cap_keeps_head_and_tail_and_counts_drops() -> N
 
 
 async def test_files_and_artifacts() -> None:
-    """write_file/read_file round-trip, artifacts are listed, read and archived within a bound."""
+    """write_file/read_file round-trip; artifacts are read, listed, archived, failures reported."""
     async with ToolBackend(local_config()) as backend:
         slot = await backend.acquire("t")
         write, read, missing = await backend.execute_batch(
@@ -237,20 +239,25 @@ async def test_files_and_artifacts() -> None:
         assert missing.success is False
         assert missing.error is not None
         assert "not_found" in missing.error
-        assert await backend.read_artifact(slot, "out/report.txt") == "héllo".encode()
-        entries = await backend.list_artifacts(slot, "out")
-        assert [(entry["type"], entry["size"]) for entry in entries] == [("file", 6)]
+        artifact = await backend.read_artifact(slot, "out/report.txt")
+        assert (artifact["success"], artifact["content"]) == (True, "héllo")
+        listing = await backend.list_artifacts(slot, "out")
+        assert [(entry["is_dir"], entry["size"]) for entry in listing["entries"]] == [(False, 6)]
         archive = await backend.archive_artifacts(slot, "out")
-        assert archive[:2] == b"\x1f\x8b"
+        assert base64.b64decode(archive["content"])[:2] == b"\x1f\x8b"
         await backend.execute_batch(
             [(slot, "bash", {"command": "head -c 200000 /dev/urandom > out/noise.bin"})]
         )
-        with pytest.raises(ArtifactTooLarge, match="larger than 10000 bytes"):
-            await backend.archive_artifacts(slot, "out", max_bytes=10_000)
-        with pytest.raises(AgentError, match="path_escape"):
-            await backend.archive_artifacts(slot, "../..")
-        with pytest.raises(AgentError, match="archive_failed"):
-            await backend.archive_artifacts(slot, "no-such-dir")
+        too_large = await backend.archive_artifacts(slot, "out", max_bytes=10_000)
+        assert too_large["success"] is False
+        assert str(ArtifactTooLarge("out", 10_000)) == too_large["error"]
+        escape = await backend.archive_artifacts(slot, "../..")
+        assert escape["error"] == str(
+            AgentError("path_escape", "'../..' is not a path inside the workspace")
+        )
+        missing_dir = await backend.archive_artifacts(slot, "no-such-dir")
+        assert missing_dir["success"] is False
+        assert "could not archive 'no-such-dir'" in missing_dir["error"]
 
 
 # -- lifecycle ---------------------------------------------------------------------------------

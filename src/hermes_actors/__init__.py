@@ -33,7 +33,9 @@ from hermes_actors.facades import (
     ExecutionResult,
     ModalToolBackend,
     Slot,
+    SlotState,
     ToolBackend,
+    ToolResult,
 )
 from hermes_actors.runtime._trees import Checkpoint
 from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
@@ -59,7 +61,9 @@ __all__ = [
     "SandboxLost",
     "SandboxStartFailed",
     "Slot",
+    "SlotState",
     "ToolBackend",
+    "ToolResult",
     "TransferFailed",
     "cleanup_vm",
     "format_status",

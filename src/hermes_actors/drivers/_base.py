@@ -50,6 +50,11 @@ class SandboxSpec:
 class SandboxHandle(Protocol):
     """One running sandbox, as the driver started it."""
 
+    #: Whether commands run isolated from the host (own namespaces, or a provider container).
+    isolated: bool
+    #: Whether commands can reach the network (an unisolated sandbox always can).
+    network: bool
+
     @property
     def sandbox_id(self) -> str:
         """A unique, human-readable id (`local-3f2a`, Modal's `sb-...`)."""

@@ -260,6 +260,7 @@ class LocalSandbox:
         directory: str,
         agent_config: Mapping[str, object],
         isolation: str,
+        network: bool,
     ) -> None:
         assert process.stdin is not None
         assert process.stdout is not None
@@ -268,6 +269,9 @@ class LocalSandbox:
         self._directory = directory
         self._agent_config = agent_config
         self.isolation = isolation
+        self.isolated = isolation == "bwrap"
+        # Without bubblewrap nothing takes the host's network away.
+        self.network = network or not self.isolated
         self._stream = trio.StapledStream(process.stdin, process.stdout)
         self._terminated = False
 
@@ -425,6 +429,7 @@ class LocalDriver:
             directory=directory,
             agent_config=agent_config,
             isolation=isolation,
+            network=spec.network,
         )
 
     async def aclose(self) -> None:

@@ -284,6 +284,8 @@ class ModalSandbox:
         self._sandbox = sandbox
         self._process = process
         self.spec = spec
+        self.isolated = True
+        self.network = spec.network  # `block_network` is always passed explicitly
         self._sandbox_id: str = sandbox.object_id
         self._pump = StdoutPump(
             process, name=f"hermes-modal-stdout:{self._sandbox_id}", on_end=self._agent_ended

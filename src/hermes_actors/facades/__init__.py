@@ -5,7 +5,9 @@ from hermes_actors.facades._backend import (
     ExecutionResult,
     ModalToolBackend,
     Slot,
+    SlotState,
     ToolBackend,
+    ToolResult,
 )
 from hermes_actors.facades._portal import Portal
 from hermes_actors.facades._terminal import cleanup_vm, shutdown_terminal_backend, terminal_tool
@@ -16,7 +18,9 @@ __all__ = [
     "ModalToolBackend",
     "Portal",
     "Slot",
+    "SlotState",
     "ToolBackend",
+    "ToolResult",
     "cleanup_vm",
     "shutdown_terminal_backend",
     "terminal_tool",

@@ -23,10 +23,19 @@ no internal exception group reaches a caller.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import enum
 import functools
+import hashlib
+import io
+import json
 import logging
 import math
+import mimetypes
+import os
+import shlex
+import tarfile
 import threading
 import time
 import uuid
@@ -58,7 +67,9 @@ __all__ = [
     "ExecutionResult",
     "ModalToolBackend",
     "Slot",
+    "SlotState",
     "ToolBackend",
+    "ToolResult",
 ]
 
 logger = logging.getLogger("hermes_actors.backend")
@@ -66,8 +77,13 @@ logger = logging.getLogger("hermes_actors.backend")
 T = TypeVar("T")
 
 #: The tools `execute_batch` knows, and the arguments each accepts (required, optional).
+#: `bash` takes the original Hermes executor's per-call policy too: `allow_network`,
+#: `require_sandbox` (both honoured, failing closed) and `background`.
 TOOLS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
-    "bash": (frozenset({"command"}), frozenset({"timeout"})),
+    "bash": (
+        frozenset({"command"}),
+        frozenset({"timeout", "allow_network", "require_sandbox", "background"}),
+    ),
     "read_file": (frozenset({"path"}), frozenset()),
     "write_file": (frozenset({"path", "content"}), frozenset()),
 }
@@ -75,6 +91,12 @@ TOOLS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
 DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
 #: How long a release cut short by the caller's cancellation may take to finish on its own.
 RELEASE_GRACE_S = 30.0
+#: Where a `background` command's output goes, under the slot's workspace.
+BACKGROUND_LOG_DIR = ".hermes-background"
+#: How long starting a `background` command may take.
+BACKGROUND_START_TIMEOUT_S = 10.0
+#: Archive formats `archive_artifacts` writes (the names the original's executor accepts).
+ARCHIVE_FORMATS = ("tar.gz", "tgz")
 
 
 class ArtifactTooLarge(HermesError, ValueError):
@@ -89,12 +111,25 @@ class ArtifactTooLarge(HermesError, ValueError):
         self.max_bytes = max_bytes
 
 
+class SlotState(enum.Enum):
+    """Where a slot is in its life, as the original Hermes `Slot.state` reported it."""
+
+    AVAILABLE = "available"
+    ACQUIRED = "acquired"
+    EXECUTING = "executing"
+    RELEASING = "releasing"
+    ERROR = "error"
+
+
 @attrs.frozen
 class Slot:
     """One trajectory's place in a sandbox: its own workspace, one command at a time.
 
     Returned by `ToolBackend.acquire`; valid until it is released. `slot_id` is unique across
-    profiles and sandboxes.
+    profiles and sandboxes. Besides ours, it has the fields the original Hermes executor
+    reads: `alloc_id` (the sandbox), `container_addr` (`<backend>://<sandbox_id>`),
+    `workspace_dir` (the workspace's path inside the sandbox), `state` and `metadata` (a dict
+    the caller may use). `isolated` and `network` say what the slot's sandbox enforces.
     """
 
     slot_id: str
@@ -102,6 +137,61 @@ class Slot:
     sandbox_id: str
     trajectory_id: str | None
     lease: Lease = attrs.field(repr=False, eq=False)
+    workspace_dir: str = ""
+    container_addr: str = ""
+    isolated: bool = False
+    network: bool = True
+    metadata: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    # The holding backend's table of held slots: `state` reads it, so it is never stale.
+    _held_by: Mapping[str, Slot] = attrs.field(factory=dict, eq=False, repr=False, alias="held_by")
+
+    @property
+    def alloc_id(self) -> str:
+        """The original's name for the sandbox hosting the slot."""
+        return self.sandbox_id
+
+    @property
+    def state(self) -> SlotState:
+        """`ACQUIRED` while the backend holds it for a caller, `AVAILABLE` once released."""
+        held = self._held_by.get(self.slot_id) is self
+        return SlotState.ACQUIRED if held else SlotState.AVAILABLE
+
+
+@attrs.define
+class ToolResult:
+    """A tool call's result in the shape the original Hermes agent consumes.
+
+    Made by `ExecutionResult.to_tool_result()`; mutable (the caller sets `uniq_id` to its tool
+    call's id). `error` is `''` on success.
+    """
+
+    success: bool
+    output: str = ""
+    error: str = ""
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    uniq_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """All five fields, as plain data."""
+        return {
+            "success": self.success,
+            "output": self.output,
+            "error": self.error,
+            "metadata": self.metadata,
+            "uniq_id": self.uniq_id,
+        }
+
+    def to_xml(self) -> str:
+        """`<tool_response>{json}</tool_response>`, leaving out empty `uniq_id`, `error`,
+        `metadata`, as the agent puts results into a conversation."""
+        data: dict[str, Any] = {"success": self.success, "output": self.output}
+        if self.uniq_id:
+            data["uniq_id"] = self.uniq_id
+        if self.error:
+            data["error"] = self.error
+        if self.metadata:
+            data["metadata"] = self.metadata
+        return f"<tool_response>{json.dumps(data, default=str)}</tool_response>"
 
 
 @attrs.frozen
@@ -110,17 +200,30 @@ class ExecutionResult:
 
     `success` is True when the tool did what was asked (for `bash`: exit status 0, not timed
     out). `output` is the tool's text (for `bash`: stdout, then stderr). `error` says what went
-    wrong, or is None. `metadata` always holds `tool`, `exit_code`, `timed_out`, `duration_s`,
-    `stdout_dropped` and `stderr_dropped`; an infrastructure failure adds `infra_error` (the
-    error's kind, e.g. `sandbox_lost`) and `retryable`.
+    wrong, and is `''` on success (as in the original Hermes result). `metadata` always holds
+    `tool`, `exit_code` and its original name `returncode`, `timed_out`, `duration_s`,
+    `stdout_dropped` and `stderr_dropped`; `bash` adds `isolated` and `network` (what the
+    sandbox enforced) and `network_note` when `allow_network=True` could not be met; an
+    infrastructure failure adds `infra_error` (the error's kind, e.g. `sandbox_lost`) and
+    `retryable`.
     """
 
     success: bool
     output: str
-    error: str | None
+    error: str
     execution_id: str
     slot_id: str
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def to_tool_result(self) -> ToolResult:
+        """This result as the original Hermes agent's `ToolResult` (`uniq_id`: our id)."""
+        return ToolResult(
+            success=self.success,
+            output=self.output,
+            error=self.error,
+            metadata=dict(self.metadata),
+            uniq_id=self.execution_id,
+        )
 
 
 class _BadRequest(Exception):
@@ -154,6 +257,9 @@ class ToolBackend:
         else:
             profiles = profiles_from_mapping({config.name: config}, default_profile=config.name)
         self.profiles: Profiles = profiles
+        # One profile given as a config: `get_status()` answers for that pool alone, as the
+        # original's single-config backend did.
+        self._single_profile = not isinstance(config, Profiles)
         self._drivers = drivers
         self._run_id = run_id
         self._default_timeout_s = default_timeout_s
@@ -175,21 +281,23 @@ class ToolBackend:
     @classmethod
     def with_profiles(
         cls,
-        *,
         app_name: str | None = None,
         profiles: Profiles | Mapping[str, SandboxConfig | Mapping[str, Any]] | None = None,
         default_profile: str | None = None,
+        profiles_file: str | os.PathLike[str] | None = None,
+        *,
         drivers: Mapping[str, SandboxDriver] | None = None,
         run_id: str | None = None,
     ) -> Self:
         """A backend serving several profiles (`acquire(profile=...)` picks one).
 
         `profiles` is a `Profiles`, a mapping of names to configs (or plain mappings, read as
-        strictly as YAML), or None to use `load_profiles()`. `app_name` gives every profile the
-        app `f"{app_name}-{profile}"`. Raises `ConfigError` for bad profiles.
+        strictly as YAML), or None to use `load_profiles(profiles_file)`. `app_name` gives every
+        profile the app `f"{app_name}-{profile}"`. The first four arguments may be given by
+        position, as the original's callers do. Raises `ConfigError` for bad profiles.
         """
         if profiles is None:
-            resolved = load_profiles(default_profile=default_profile)
+            resolved = load_profiles(profiles_file, default_profile=default_profile)
         elif isinstance(profiles, Profiles):
             resolved = profiles
             if default_profile is not None:
@@ -333,13 +441,25 @@ class ToolBackend:
             self._home_token = None
             self._nursery = None
 
-    async def start(self) -> None:
+    async def start(self, profiles_to_start: Sequence[str] | None = None) -> None:
         """Start the pools (pre-warming `min_sandboxes` of each profile). Idempotent.
 
-        Returns once the runtime runs. Raises `ConfigError`, `IsolationUnavailable`,
-        `BackendUnavailable` when the pools cannot start. Cancellation stops what was started.
+        `profiles_to_start` names profiles whose pools start (and warm) now as well; the others
+        start on first use. Returns once the runtime runs. Raises `ConfigError` (an unknown
+        profile, before anything starts), `IsolationUnavailable`, `BackendUnavailable` when
+        the pools cannot start. Cancellation stops what was started.
         """
-        await self._route(self._ensure_started)
+        names = list(profiles_to_start or ())
+        for name in names:
+            self.profiles.get_profile(name)
+
+        async def start() -> None:
+            runtime = await self._ensure_started()
+            for name in names:
+                with collapse_exception_groups():
+                    await runtime.start_pool(name)
+
+        await self._route(start)
 
     async def _ensure_started(self) -> Runtime:
         if self._runtime is not None:
@@ -451,18 +571,29 @@ class ToolBackend:
         return self._hold(lease)
 
     def _hold(self, lease: Lease) -> Slot:
+        handle = lease.sandbox.handle
+        backend = self.profiles.get_profile(lease.profile).backend
         slot = Slot(
             slot_id=lease.slot_id,
             profile=lease.profile,
             sandbox_id=lease.sandbox_id,
             trajectory_id=lease.trajectory_id,
             lease=lease,
+            workspace_dir=lease.sandbox.workspace_dir(lease.index),
+            container_addr=f"{backend}://{lease.sandbox_id}",
+            # A sandbox that is not running yet cannot be trusted to isolate anything.
+            isolated=handle is not None and handle.isolated,
+            network=handle is None or handle.network,
+            held_by=self._held,
         )
         self._held[slot.slot_id] = slot
         return slot
 
-    async def release(self, slot: Slot, reset_workspace: bool = True) -> None:
+    async def release(self, slot: Slot, reset_workspace: bool = False) -> None:
         """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
+
+        Without it (the default, as in the original Hermes backend) the next trajectory given
+        this slot finds its files, and anything it left running.
 
         Idempotent. Returns once the slot is free again. If the caller is cancelled, the
         release still completes in the background.
@@ -596,6 +727,10 @@ class ToolBackend:
         for name, value in (("timeout", args.get("timeout")), ("timeout_s", timeout_s)):
             if value is not None and not _is_positive_number(value):
                 raise _BadRequest(f"{tool}: {name!r} must be a number > 0, got {value!r}")
+        for name in ("allow_network", "require_sandbox", "background"):
+            if name in args and not isinstance(args[name], bool):
+                kind = type(args[name]).__name__
+                raise _BadRequest(f"{tool}: {name!r} must be a bool, got {kind}")
         return slot
 
     async def _run_tool(
@@ -616,16 +751,25 @@ class ToolBackend:
         try:
             with collapse_exception_groups():
                 if tool == "bash":
+                    refusal = _policy_refusal(slot, args)
+                    if refusal is not None:
+                        return _error_result(slot.slot_id, refusal, tool, 0.0, **_facts(slot))
                     timeout = args.get("timeout") or timeout_s or self._timeout_for(config)
+                    command = args["command"]
+                    if args.get("background", False):
+                        command, timeout = _background_command(command), BACKGROUND_START_TIMEOUT_S
                     cap = config.max_output_bytes
                     result = await runtime.exec(
                         slot.lease,
-                        command=args["command"],
+                        command=command,
                         timeout_s=float(timeout),
                         max_output_bytes=cap,
                         on_submitted=on_submitted,
                     )
-                    return _bash_result(slot.slot_id, result, cap, float(timeout))
+                    rendered = _bash_result(slot.slot_id, result, cap, float(timeout))
+                    if args.get("background", False):
+                        rendered = _background_result(rendered)
+                    return _with_facts(rendered, slot, args)
                 if tool == "read_file":
                     data = await runtime.read_file(
                         slot.lease,
@@ -673,57 +817,188 @@ class ToolBackend:
 
     # -- artifacts -------------------------------------------------------------------------
 
-    async def read_artifact(self, slot: Slot, path: str, max_bytes: int | None = None) -> bytes:
-        """The bytes of a file in the slot's workspace (at most `max_bytes`).
+    # The original Hermes executor parses these payloads; every field is always present, and a
+    # failure is `success: False` with the reason in `error`, never an exception.
 
-        Raises `AgentError` (`not_found`, `path_escape`, ...), `SandboxLost`.
+    async def read_artifact(
+        self,
+        slot: Slot,
+        path: str,
+        *,
+        encoding: str = "text",
+        max_bytes: int | None = None,
+        include_sha256: bool = False,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """A file of the slot's workspace: `{success, content, error, encoding, truncated,
+        bytes, file_size, path, mime, sha256}`.
+
+        `encoding` is `text` (UTF-8, undecodable bytes replaced) or `base64`; `max_bytes`
+        reads only the start (`truncated` says whether there was more; `file_size` is the
+        whole size); `include_sha256` adds the whole file's SHA-256.
         """
-        return await self._route(
-            lambda: self._held_runtime(slot).read_file(slot.lease, path, max_bytes=max_bytes)
+        payload: dict[str, Any] = {
+            "success": False,
+            "content": "",
+            "error": "",
+            "encoding": encoding,
+            "truncated": False,
+            "bytes": 0,
+            "file_size": None,
+            "path": path,
+            "mime": mimetypes.guess_type(path)[0] if isinstance(path, str) else None,
+            "sha256": None,
+        }
+
+        async def read() -> dict[str, Any]:
+            if encoding not in ("text", "base64"):
+                raise ValueError(f"encoding must be 'text' or 'base64', got {encoding!r}")
+            _check_bound("max_bytes", max_bytes, minimum=0)
+            runtime = self._held_runtime(slot)
+            args: dict[str, Any] = {"path": path}
+            if max_bytes is not None:
+                args["max_bytes"] = max_bytes
+            answer = await slot.lease.sandbox.file_op(slot.lease.index, "read_file", args)
+            data: bytes = answer["data"]
+            if include_sha256:
+                payload["sha256"] = (
+                    await self._sha256(runtime, slot, path)
+                    if answer["truncated"]
+                    else hashlib.sha256(data).hexdigest()
+                )
+            payload.update(
+                success=True,
+                content=(
+                    data.decode("utf-8", errors="replace")
+                    if encoding == "text"
+                    else base64.b64encode(data).decode("ascii")
+                ),
+                truncated=bool(answer["truncated"]),
+                bytes=len(data),
+                file_size=int(answer["size"]),
+            )
+            return payload
+
+        return await self._route(lambda: _artifact_payload(read, payload, timeout_s))
+
+    async def _sha256(self, runtime: Runtime, slot: Slot, path: str) -> str | None:
+        result = await runtime.exec(
+            slot.lease, argv=["sha256sum", "--", path], timeout_s=self.default_timeout_s
         )
+        digest = result.stdout.split(b" ", 1)[0].decode("ascii", errors="replace")
+        return digest if result.exit_code == 0 and len(digest) == 64 else None
 
     async def list_artifacts(
-        self, slot: Slot, path: str = ".", recursive: bool = False
-    ) -> list[dict[str, Any]]:
-        """Entries under `path` of the slot's workspace: `{"path", "type", "size"}` each."""
-        return await self._route(
-            lambda: self._held_runtime(slot).list_files(slot.lease, path, recursive=recursive)
-        )
+        self,
+        slot: Slot,
+        path: str = ".",
+        *,
+        recursive: bool = False,
+        max_entries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Entries under `path` of the slot's workspace: `{success, entries, truncated, error}`,
+        each entry `{path, is_dir, size, mtime}`, sorted, depth first when `recursive`.
+
+        `truncated` says `max_entries` (or the agent's own bound) cut the listing short.
+        """
+        payload: dict[str, Any] = {"success": False, "entries": [], "truncated": False, "error": ""}
+
+        async def listing() -> dict[str, Any]:
+            if not isinstance(recursive, bool):
+                raise ValueError(f"recursive must be a bool, got {recursive!r}")
+            _check_bound("max_entries", max_entries, minimum=0)
+            self._held_runtime(slot)
+            args: dict[str, Any] = {"path": path, "recursive": recursive}
+            if max_entries is not None:
+                args["max_entries"] = max_entries
+            answer = await slot.lease.sandbox.file_op(slot.lease.index, "list_files", args)
+            payload.update(
+                success=True,
+                truncated=bool(answer["truncated"]),
+                entries=[
+                    {
+                        "path": entry["path"],
+                        "is_dir": entry["type"] == "dir",
+                        "size": int(entry["size"]),
+                        "mtime": float(entry.get("mtime", 0.0)),
+                    }
+                    for entry in answer["entries"]
+                ],
+            )
+            return payload
+
+        return await self._route(lambda: _artifact_payload(listing, payload, timeout_s))
 
     async def archive_artifacts(
-        self, slot: Slot, path: str = ".", max_bytes: int = DEFAULT_ARCHIVE_MAX_BYTES
-    ) -> bytes:
-        """A tar.gz of `path` (relative to the slot's workspace), at most `max_bytes` long.
+        self,
+        slot: Slot,
+        path: str = ".",
+        *,
+        archive_format: str = "tar.gz",
+        max_bytes: int | None = None,
+        max_entries: int | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """A gzipped tar of `path` (relative to the slot's workspace): `{success, content
+        (base64), error, encoding, format, bytes, entry_count}`.
 
-        Raises `ArtifactTooLarge` when the archive would be longer, `AgentError` when `path`
-        escapes the workspace or cannot be archived, `SandboxLost`.
+        `archive_format` is `tar.gz` or `tgz`. An archive longer than `max_bytes` (default
+        `DEFAULT_ARCHIVE_MAX_BYTES`) or holding more than `max_entries` entries is an error.
         """
-        parts = PurePosixPath(path).parts
-        if PurePosixPath(path).is_absolute() or ".." in parts:
-            raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ValueError(f"max_bytes must be an int >= 1: {max_bytes!r}")
+        payload: dict[str, Any] = {
+            "success": False,
+            "content": "",
+            "error": "",
+            "encoding": "base64",
+            "format": archive_format,
+            "bytes": 0,
+            "entry_count": 0,
+        }
 
-        async def archive() -> bytes:
-            runtime = self._held_runtime(slot)
-            with collapse_exception_groups():
-                result = await runtime.exec(
-                    slot.lease,
-                    argv=["tar", "-czf", "-", "--", path],
-                    timeout_s=self.default_timeout_s,
-                    max_output_bytes=max_bytes,
+        async def archive() -> dict[str, Any]:
+            if archive_format not in ARCHIVE_FORMATS:
+                raise ValueError(
+                    f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got "
+                    f"{archive_format!r}"
                 )
+            _check_bound("max_bytes", max_bytes, minimum=1)
+            _check_bound("max_entries", max_entries, minimum=0)
+            if not isinstance(path, str):
+                raise ValueError(f"path must be a str, got {type(path).__name__}")
+            parts = PurePosixPath(path).parts
+            if PurePosixPath(path).is_absolute() or ".." in parts:
+                raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
+            limit = DEFAULT_ARCHIVE_MAX_BYTES if max_bytes is None else max_bytes
+            runtime = self._held_runtime(slot)
+            result = await runtime.exec(
+                slot.lease,
+                argv=["tar", "-czf", "-", "--", path],
+                timeout_s=self.default_timeout_s if timeout_s is None else timeout_s,
+                max_output_bytes=limit,
+            )
             if result.stdout_dropped:
-                raise ArtifactTooLarge(path, max_bytes)
+                raise ArtifactTooLarge(path, limit)
             if result.exit_code != 0 or result.timed_out:
                 detail = result.stderr.decode("utf-8", errors="replace").strip()
                 raise AgentError(
                     "archive_failed",
                     f"could not archive {path!r}: {detail or f'tar exited {result.exit_code}'}",
                 )
-            return result.stdout
+            entry_count = await trio.to_thread.run_sync(_tar_member_count, result.stdout)
+            if max_entries is not None and entry_count > max_entries:
+                raise ValueError(
+                    f"{path!r} holds {entry_count} entries, more than max_entries={max_entries}"
+                )
+            payload.update(
+                success=True,
+                content=base64.b64encode(result.stdout).decode("ascii"),
+                bytes=len(result.stdout),
+                entry_count=entry_count,
+            )
+            return payload
 
-        return await self._route(archive)
+        return await self._route(lambda: _artifact_payload(archive, payload, timeout_s))
 
     # -- workspace trees: checkpoints, forks, directory transfer ------------------------------
 
@@ -845,9 +1120,66 @@ class ToolBackend:
             snapshot["pools"] = attrs.asdict(runtime.status())["pools"]
         return snapshot
 
+    def get_status(self) -> dict[str, Any]:
+        """The status in the original Hermes backend's shape.
+
+        Per pool: `{sandboxes, healthy_sandboxes, max_sandboxes, total_slots, available_slots,
+        slots_per_sandbox}`. A backend made from one config answers with its pool's dict; one
+        made by `with_profiles` with `{profiles, active_pools, default_profile, pools: {name:
+        pool}}`. `status()` says more.
+        """
+        started = {pool["profile"]: pool for pool in self.status()["pools"]}
+        pools = {
+            name: _original_pool_status(self.profiles.get_profile(name), pool)
+            for name, pool in started.items()
+        }
+        if self._single_profile:
+            name = self.profiles.default_profile
+            return pools.get(name) or _original_pool_status(self.profiles.get_profile(name), None)
+        return {
+            "profiles": list(self.profiles.names),
+            "active_pools": list(pools),
+            "default_profile": self.profiles.default_profile,
+            "pools": pools,
+        }
+
+    def list_profiles(self) -> dict[str, dict[str, Any]]:
+        """Each profile's `{image, gpu, cpu, memory, slots_per_sandbox, max_sandboxes, active}`
+        (the original's listing); `active` is whether its pool runs."""
+        active = {pool["profile"] for pool in self.status()["pools"]}
+        return {
+            name: {
+                "image": config.image,
+                "gpu": config.gpu,
+                "cpu": config.cpu,
+                "memory": config.memory,
+                "slots_per_sandbox": config.slots_per_sandbox,
+                "max_sandboxes": config.max_sandboxes,
+                "active": name in active,
+            }
+            for name, config in self.profiles.profiles.items()
+        }
+
 
 #: The seed's name for `ToolBackend`.
 ModalToolBackend = ToolBackend
+
+
+#: Sandbox states whose slots serve trajectories.
+_HEALTHY_STATES = frozenset({"ready", "draining"})
+
+
+def _original_pool_status(config: SandboxConfig, pool: Mapping[str, Any] | None) -> dict[str, Any]:
+    sandboxes = [] if pool is None else pool["sandboxes"]
+    healthy = [sandbox for sandbox in sandboxes if sandbox["state"] in _HEALTHY_STATES]
+    return {
+        "sandboxes": len(sandboxes),
+        "healthy_sandboxes": len(healthy),
+        "max_sandboxes": config.max_sandboxes,
+        "total_slots": sum(s["slots_free"] + s["slots_held"] for s in healthy),
+        "available_slots": sum(s["slots_free"] for s in healthy),
+        "slots_per_sandbox": config.slots_per_sandbox,
+    }
 
 
 def _is_positive_number(value: object) -> bool:
@@ -872,7 +1204,7 @@ def _tool_of(request: object) -> str | None:
 
 
 def _metadata(tool: str | None, duration_s: float, **extra: Any) -> dict[str, Any]:
-    return {
+    metadata = {
         "tool": tool,
         "exit_code": None,
         "timed_out": False,
@@ -881,6 +1213,98 @@ def _metadata(tool: str | None, duration_s: float, **extra: Any) -> dict[str, An
         "stderr_dropped": 0,
         **extra,
     }
+    metadata["returncode"] = metadata["exit_code"]  # the original Hermes result's name
+    return metadata
+
+
+def _check_bound(name: str, value: object, *, minimum: int) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < minimum
+    ):
+        raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+
+
+async def _artifact_payload(
+    work: Callable[[], Awaitable[dict[str, Any]]],
+    payload: dict[str, Any],
+    timeout_s: float | None,
+) -> dict[str, Any]:
+    """`work()`'s payload; a failure or a timeout is the payload with `error` set instead."""
+    try:
+        if timeout_s is not None and not _is_positive_number(timeout_s):
+            raise ValueError(f"timeout_s must be a number > 0 or None, got {timeout_s!r}")
+        with collapse_exception_groups(), trio.fail_after(timeout_s or math.inf):
+            return await work()
+    except trio.TooSlowError:
+        error = f"timed out after {timeout_s:g} s"
+    except (HermesError, ValueError) as exc:
+        error = str(exc)
+    return {**payload, "success": False, "error": error}
+
+
+def _tar_member_count(archive: bytes) -> int:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        return len(tar.getmembers())
+
+
+def _facts(slot: Slot) -> dict[str, bool]:
+    return {"isolated": slot.isolated, "network": slot.network}
+
+
+def _policy_refusal(slot: Slot, args: Mapping[str, Any]) -> str | None:
+    """Why a `bash` call's `require_sandbox` / `allow_network` cannot be honoured, or None.
+
+    Both fail closed: a command is never run with less isolation than asked for.
+    """
+    if args.get("require_sandbox", False) and not slot.isolated:
+        return (
+            f"require_sandbox=True could not be met: the sandboxes of profile {slot.profile!r} "
+            "run commands without isolation (isolation 'none', or 'auto' without a working "
+            "bubblewrap); the command was not run. Use a profile with isolation: bwrap, or the "
+            "modal backend"
+        )
+    if args.get("allow_network", True) is False and slot.network:
+        return (
+            f"allow_network=False could not be met: the sandboxes of profile {slot.profile!r} "
+            "have network access (network: true, or no isolation to take it away) and it "
+            "cannot be taken away for one command; the command was not run. Use a profile "
+            "with network: false (and isolation: bwrap on the local backend)"
+        )
+    return None
+
+
+def _with_facts(result: ExecutionResult, slot: Slot, args: Mapping[str, Any]) -> ExecutionResult:
+    """A `bash` result with what the sandbox enforced, and a network request it could not meet."""
+    metadata = {**result.metadata, **_facts(slot)}
+    if args.get("allow_network", False) and not slot.network:
+        metadata["network_note"] = (
+            f"allow_network=True could not be met: the sandboxes of profile {slot.profile!r} "
+            "have no network (network: false); the command ran without network"
+        )
+    return attrs.evolve(result, metadata=metadata)
+
+
+def _background_command(command: str) -> str:
+    """A shell command that starts `command` detached, its output going to a log file in the
+    workspace, and prints the detached process's pid and the log's path.
+
+    The process belongs to the slot: it runs until the slot is reset (or its sandbox ends).
+    """
+    log = f"$HOME/{BACKGROUND_LOG_DIR}/{uuid.uuid4().hex[:12]}.log"
+    return (
+        f'mkdir -p "$HOME/{BACKGROUND_LOG_DIR}" || exit\n'
+        f'bash -c {shlex.quote(command)} > "{log}" 2>&1 < /dev/null &\n'
+        f'printf "%s %s\\n" "$!" "{log}"\n'
+    )
+
+
+def _background_result(started: ExecutionResult) -> ExecutionResult:
+    if not started.success:
+        return attrs.evolve(started, error=f"could not start in the background: {started.error}")
+    pid, log = started.output.strip().split(" ", 1)
+    output = f"started in the background (pid {pid}); its output goes to {log}"
+    metadata = {**started.metadata, "background_pid": int(pid), "background_log": log}
+    return attrs.evolve(started, output=output, metadata=metadata)
 
 
 def _ok_result(
@@ -889,7 +1313,7 @@ def _ok_result(
     return ExecutionResult(
         success=True,
         output=output,
-        error=None,
+        error="",
         execution_id=_new_execution_id(),
         slot_id=slot_id,
         metadata=_metadata(tool, duration_s, **extra),
@@ -928,7 +1352,7 @@ def _bash_result(slot_id: str, result: ExecResult, cap: int, timeout_s: float) -
         stdout += "\n"
     success = result.exit_code == 0 and not result.timed_out and not result.cancelled
     if success:
-        error = None
+        error = ""
     elif result.timed_out:
         error = f"command timed out after {timeout_s:g} s (its processes were killed)"
     elif result.cancelled:

@@ -135,7 +135,7 @@ def _run_in(
         return _reply("", None, _describe_failure(exc)), isinstance(exc, InfrastructureError)
     exit_code = result.metadata.get("exit_code")
     lost = "infra_error" in result.metadata
-    error = result.error
+    error = result.error or None  # null on success, as the original tool's JSON has it
     if lost and error is not None:
         error = f"sandbox infrastructure failure ({result.metadata['infra_error']}): {error}"
     return _reply(result.output, exit_code, error), lost

@@ -204,6 +204,10 @@ class Runtime:
 
     # -- what the facades call ------------------------------------------------------------------
 
+    async def start_pool(self, profile: str) -> None:
+        """Start `profile`'s pool now (it pre-warms its `min_sandboxes`) if it is not running."""
+        await self._pool(profile)
+
     async def acquire(
         self,
         profile: str | None = None,

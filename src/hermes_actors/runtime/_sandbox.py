@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, assert_never
 
@@ -119,6 +120,13 @@ class SandboxActor:
         self.died: SandboxLost | None = None
         self.commands_run = 0
         self.command_failures = 0
+
+    def workspace_dir(self, slot: int) -> str:
+        """Slot `slot`'s workspace directory inside the sandbox (as its agent reported it)."""
+        root = None if self.client is None else self.client.agent_info.get("workspace_root")
+        if not isinstance(root, str):
+            root = self.spec.workspace_base
+        return posixpath.join(root, f"slot-{slot}")
 
     # -- the caller side: send a message, await its reply --------------------------------------
 

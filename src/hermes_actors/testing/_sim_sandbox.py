@@ -95,6 +95,8 @@ class SimulatedSandbox:
     ) -> None:
         self._sandbox_id = sandbox_id
         self.spec = spec
+        self.isolated = True
+        self.network = spec.network
         self.created_at = trio.current_time()
         self._reset_s = reset_s
         self._contention = contention
