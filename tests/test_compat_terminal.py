@@ -3,7 +3,7 @@
 The original's tool dispatcher calls `terminal_tool(command=..., background=..., timeout=...,
 task_id=...)` with the model's arguments, scripts and docs call it positionally
 (`terminal_tool("python train.py", profile="gpu")`), agents end a task with `cleanup_vm(task_id)`,
-and the tool registry asks `terminal.check_terminal_requirements()` before offering the tool.
+and the tool registry asks `check_terminal_requirements()` before offering the tool.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 
-import hermes_actors.terminal_tool as terminal
-from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
-
-TODO_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 10: the original terminal_tool contract is not implemented yet"
+from hermes_actors.terminal_tool import (
+    TERMINAL_TOOL_DESCRIPTION,
+    check_terminal_requirements,
+    cleanup_all_environments,
+    cleanup_vm,
+    get_active_environments_info,
+    shutdown_terminal_backend,
+    terminal_tool,
 )
 
 PROFILES_YAML = """\
@@ -74,7 +77,6 @@ def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@TODO_XFAIL
 def test_positional_and_keyword_calls_of_the_original_signature(profiles_file: Path) -> None:
     """(command, background, timeout, task_id, profile) positionally and by keyword."""
     assert reply_of(terminal_tool("echo hi")) == {"output": "hi\n", "exit_code": 0, "error": None}
@@ -88,7 +90,6 @@ def test_positional_and_keyword_calls_of_the_original_signature(profiles_file: P
     cleanup_vm("task-a")
 
 
-@TODO_XFAIL
 def test_background_commands_return_at_once_and_die_at_cleanup_vm(profiles_file: Path) -> None:
     """background=True detaches the command, says where its output goes; cleanup_vm kills it."""
     token = f"hermes-bg-{secrets.token_hex(4)}"
@@ -108,7 +109,6 @@ def test_background_commands_return_at_once_and_die_at_cleanup_vm(profiles_file:
     wait_for(lambda: processes_with(token) == [])
 
 
-@TODO_XFAIL
 def test_background_without_task_id_runs_in_the_default_task(profiles_file: Path) -> None:
     """As in the original, a call without task_id that must outlive the call uses 'default'."""
     token = f"hermes-bg-default-{secrets.token_hex(4)}"
@@ -116,19 +116,18 @@ def test_background_without_task_id_runs_in_the_default_task(profiles_file: Path
     assert reply["exit_code"] == 0
     assert "task_id='default'" in reply["output"]
     wait_for(lambda: processes_with(token))
-    assert "default" in terminal.get_active_environments_info()["task_ids"]
+    assert "default" in get_active_environments_info()["task_ids"]
     cleanup_vm("default")
     wait_for(lambda: processes_with(token) == [])
 
 
-@TODO_XFAIL
 def test_active_environments_info_and_cleanup_all(profiles_file: Path) -> None:
     """get_active_environments_info lists the tasks; cleanup_all_environments ends them all."""
     token = f"hermes-all-{secrets.token_hex(4)}"
     for task_id in ("one", "two"):
         terminal_tool(f"exec -a {token} sleep 60", background=True, task_id=task_id)
     terminal_tool("head -c 100000 /dev/zero > blob", task_id="two")
-    info = terminal.get_active_environments_info()
+    info = get_active_environments_info()
     assert set(info) == {"count", "task_ids", "workdirs", "total_disk_usage_mb"}
     assert info["count"] == 2
     assert sorted(info["task_ids"]) == ["one", "two"]
@@ -136,19 +135,19 @@ def test_active_environments_info_and_cleanup_all(profiles_file: Path) -> None:
     assert info["workdirs"]["one"] == workdir
     assert info["total_disk_usage_mb"] >= 0.09
     wait_for(lambda: len(processes_with(token)) == 2)
-    assert terminal.cleanup_all_environments() == 2
-    assert terminal.get_active_environments_info()["count"] == 0
+    assert cleanup_all_environments() == 2
+    assert get_active_environments_info()["count"] == 0
     wait_for(lambda: processes_with(token) == [])
-    assert terminal.cleanup_all_environments() == 0
+    assert cleanup_all_environments() == 0
 
 
-@TODO_XFAIL
 def test_check_terminal_requirements_says_whether_the_tool_can_run(
     profiles_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """True when the configured backend can run commands; False (never raising) otherwise."""
-    assert terminal.check_terminal_requirements() is True
+    assert "background" in TERMINAL_TOOL_DESCRIPTION
+    assert check_terminal_requirements() is True
     broken = tmp_path / "broken.yaml"
     broken.write_text("profiles:\n  default:\n    slots_per_sandbox: many\n")
     monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(broken))
-    assert terminal.check_terminal_requirements() is False
+    assert check_terminal_requirements() is False

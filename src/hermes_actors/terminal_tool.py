@@ -1,14 +1,28 @@
 """The agent-facing terminal tool, importable as `hermes_actors.terminal_tool`.
 
-`terminal_tool(command, task_id=None, profile=None, timeout=None) -> str` (JSON with `output`,
-`exit_code`, `error`) and `cleanup_vm(task_id)`; see `hermes_actors.facades._terminal`.
+`terminal_tool(command, background=False, timeout=None, task_id=None, profile=None) -> str`
+(JSON with `output`, `exit_code`, `error`), `cleanup_vm(task_id)` and the rest of the original
+Hermes terminal tool's names; see `hermes_actors.facades._terminal`.
 """
 
 from hermes_actors.facades._terminal import (
     MAX_OUTPUT_CHARS,
+    TERMINAL_TOOL_DESCRIPTION,
+    check_terminal_requirements,
+    cleanup_all_environments,
     cleanup_vm,
+    get_active_environments_info,
     shutdown_terminal_backend,
     terminal_tool,
 )
 
-__all__ = ["MAX_OUTPUT_CHARS", "cleanup_vm", "shutdown_terminal_backend", "terminal_tool"]
+__all__ = [
+    "MAX_OUTPUT_CHARS",
+    "TERMINAL_TOOL_DESCRIPTION",
+    "check_terminal_requirements",
+    "cleanup_all_environments",
+    "cleanup_vm",
+    "get_active_environments_info",
+    "shutdown_terminal_backend",
+    "terminal_tool",
+]
