@@ -97,6 +97,48 @@ async def test_scales_down_after_idle_timeout(autojump_clock: trio.abc.Clock) ->
         assert h.pool.statistics().sandboxes_stopped == 2
 
 
+async def test_idle_sandboxes_stop_in_the_order_they_went_idle(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Each idle sandbox stops exactly idle_timeout after its own last release, oldest first."""
+    async with running_pool(
+        min_sandboxes=2, max_sandboxes=6, slots_per_sandbox=2, idle_timeout=60.0
+    ) as h:
+        leases = [await h.pool.acquire(timeout_s=10) for _ in range(12)]
+        by_sandbox: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_sandbox.setdefault(lease.sandbox_id, []).append(lease)
+        order = sorted(by_sandbox)
+        # Sandbox k goes idle at 10 k seconds; one slot of it is released earlier (still busy).
+        start = trio.current_time()
+        for k, sandbox_id in enumerate(order):
+            first, second = by_sandbox[sandbox_id]
+            await h.pool.release(first)
+            await trio.sleep_until(start + 10 * (k + 1))
+            await h.pool.release(second)
+        stats = h.pool.statistics()
+        assert stats.slots_free == 12
+        assert stats.slots_held == 0
+        stopped: list[str] = []
+        for k, sandbox_id in enumerate(order[:4]):
+            await trio.sleep_until(start + 10 * (k + 1) + 60 - 0.1)
+            alive = {s.sandbox_id for s in h.pool.statistics().sandboxes}
+            assert sandbox_id in alive
+            await trio.sleep_until(start + 10 * (k + 1) + 60 + 0.1)
+            alive = {s.sandbox_id for s in h.pool.statistics().sandboxes}
+            assert sandbox_id not in alive
+            stopped.append(sandbox_id)
+        await trio.sleep(600)
+        stats = h.pool.statistics()
+        assert sorted(s.sandbox_id for s in stats.sandboxes) == order[4:]
+        assert stats.slots_free == 4
+        # The kept sandboxes still serve, and a new burst scales up again.
+        more = [await h.pool.acquire(timeout_s=10) for _ in range(6)]
+        assert len({lease.slot_id for lease in more}) == 6
+        assert h.pool.statistics().slots_free == 0
+        assert h.pool.statistics().sandboxes_stopped == 4
+
+
 async def test_acquire_is_fifo_fair(autojump_clock: trio.abc.Clock) -> None:
     """Waiters get slots in the order they asked."""
     async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:

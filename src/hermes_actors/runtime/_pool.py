@@ -33,7 +33,7 @@ import collections
 import enum
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, assert_never
 
 import attrs
@@ -217,6 +217,14 @@ class ProfilePool:
         self._send, self._receive = trio.open_memory_channel[PoolMessage](MAILBOX_SIZE)
         self._members: dict[int, _Member] = {}
         self._member_ids = 0
+        # Indexes over `_members`, kept in step by the `_set_*` / `_*_free` / `_*_idle` helpers,
+        # so that no event costs a scan of every sandbox (pools run thousands of them):
+        self._by_actor: dict[SandboxActor, _Member] = {}
+        self._state_counts: collections.Counter[_State] = collections.Counter()
+        self._free_count = 0  # free slots of all READY members
+        self._with_free: dict[_Member, None] = {}  # READY members with a free slot
+        self._idle: dict[_Member, None] = {}  # idle READY members, oldest idle_since first
+        self._by_ready_at: dict[_Member, None] = {}  # READY members, oldest ready_at first
         self._waiters: collections.deque[Acquire] = collections.deque()
         self._nursery: trio.Nursery | None = None
         self._housekeeping: trio.CancelScope | None = None
@@ -336,7 +344,7 @@ class ProfilePool:
             if member is None:
                 return
             self._waiters.popleft()
-            index = member.free.pop(0)
+            index = self._take_free(member)
             actor = member.actor
             lease = Lease(
                 slot_id=f"{self.settings.profile}/{actor.sandbox_id}/{index}",
@@ -347,7 +355,7 @@ class ProfilePool:
                 sandbox=actor,
             )
             member.held[index] = lease
-            member.idle_since = None
+            self._set_busy(member)
             if not waiter.reply.set(lease):
                 self._take_back(lease)
         self._reschedule()
@@ -357,9 +365,9 @@ class ProfilePool:
         packing lets the others go idle."""
         candidates = [
             m
-            for m in self._members.values()
+            for m in self._with_free
             # A sandbox whose agent just died may not have reported its exit yet: skip it.
-            if m.state is _State.READY and m.free and m.actor.alive
+            if m.actor.alive
         ]
         for member in candidates:
             if member.actor is near:
@@ -367,10 +375,60 @@ class ProfilePool:
         return min(candidates, key=lambda m: len(m.free), default=None)
 
     def _member_of(self, lease: Lease) -> _Member | None:
-        for member in self._members.values():
-            if member.actor is lease.sandbox:
-                return member
-        return None
+        return self._by_actor.get(lease.sandbox)
+
+    # Every change to a member's state, free slots or idleness goes through these helpers, which
+    # keep the pool's indexes in step.
+
+    def _set_state(self, member: _Member, state: _State) -> None:
+        self._state_counts[member.state] -= 1
+        self._state_counts[state] += 1
+        member.state = state
+        if state is not _State.READY:
+            self._clear_free(member)
+            self._idle.pop(member, None)
+            self._by_ready_at.pop(member, None)
+
+    def _add_member(self, key: int, member: _Member) -> None:
+        self._members[key] = member
+        self._by_actor[member.actor] = member
+        self._state_counts[member.state] += 1
+
+    def _remove_member(self, key: int, member: _Member) -> None:
+        self._clear_free(member)
+        self._idle.pop(member, None)
+        self._by_ready_at.pop(member, None)
+        self._state_counts[member.state] -= 1
+        del self._members[key]
+        del self._by_actor[member.actor]
+
+    def _take_free(self, member: _Member) -> int:
+        index = member.free.pop(0)
+        self._free_count -= 1
+        if not member.free:
+            del self._with_free[member]
+        return index
+
+    def _add_free(self, member: _Member, index: int) -> None:
+        member.free.append(index)
+        member.free.sort()
+        self._free_count += 1
+        self._with_free[member] = None
+
+    def _clear_free(self, member: _Member) -> None:
+        self._free_count -= len(member.free)
+        member.free = []
+        self._with_free.pop(member, None)
+
+    def _set_idle(self, member: _Member) -> None:
+        member.idle_since = trio.current_time()
+        self._idle.pop(member, None)
+        if member.state is _State.READY:
+            self._idle[member] = None  # the newest idle_since goes last
+
+    def _set_busy(self, member: _Member) -> None:
+        member.idle_since = None
+        self._idle.pop(member, None)
 
     def _take_back(self, lease: Lease) -> None:
         """A lease handed to a caller that gave up: the slot was never used, so free it as is."""
@@ -410,10 +468,9 @@ class ProfilePool:
 
     def _slot_freed(self, member: _Member, index: int) -> None:
         if member.state is _State.READY:
-            member.free.append(index)
-            member.free.sort()
+            self._add_free(member, index)
         if not member.busy:
-            member.idle_since = trio.current_time()
+            self._set_idle(member)
             if member.state is _State.DRAINING:
                 self._stop_member(member, "rotated before its maximum lifetime")
         self._serve_waiters()
@@ -421,8 +478,8 @@ class ProfilePool:
 
     # -- sandboxes ------------------------------------------------------------------------------
 
-    def _live(self) -> list[_Member]:
-        return [m for m in self._members.values() if m.state is not _State.STOPPING]
+    def _live_count(self) -> int:
+        return len(self._members) - self._state_counts[_State.STOPPING]
 
     def _scale(self) -> None:
         """Start sandboxes for the waiters that free and starting slots will not cover."""
@@ -432,17 +489,18 @@ class ProfilePool:
             self._reschedule()
             return
         settings = self.settings
-        live = self._live()
-        ready_or_starting = [m for m in live if m.state in (_State.READY, _State.STARTING)]
-        starting = sum(1 for m in live if m.state is _State.STARTING)
-        free = sum(len(m.free) for m in live if m.state is _State.READY)
+        starting = self._state_counts[_State.STARTING]
+        room = min(settings.max_sandboxes - self._live_count(), settings.max_starting - starting)
+        if room <= 0:
+            self._reschedule()
+            return
+        ready_or_starting = self._state_counts[_State.READY] + starting
         waiting = sum(1 for waiter in self._waiters if not waiter.reply.abandoned)
-        uncovered = waiting - free - starting * settings.slots_per_sandbox
+        uncovered = waiting - self._free_count - starting * settings.slots_per_sandbox
         wanted = max(
             math.ceil(uncovered / settings.slots_per_sandbox),
-            settings.min_sandboxes - len(ready_or_starting),
+            settings.min_sandboxes - ready_or_starting,
         )
-        room = min(settings.max_sandboxes - len(live), settings.max_starting - starting)
         for _ in range(max(0, min(wanted, room))):
             self._start_member()
         self._reschedule()
@@ -459,7 +517,7 @@ class ProfilePool:
             on_ready=lambda _actor: self._on_ready(member),
         )
         member = _Member(actor=actor)
-        self._members[key] = member
+        self._add_member(key, member)
         self._nursery.start_soon(
             self._run_member, key, member, name=f"sandbox:{self.settings.profile}/{key}"
         )
@@ -473,17 +531,19 @@ class ProfilePool:
             error = exc
         except BaseException:
             # The pool itself is stopping: the actor has terminated its sandbox on the way out.
-            del self._members[key]
+            self._remove_member(key, member)
             raise
         self._on_exit(key, member, error)
 
     def _on_ready(self, member: _Member) -> None:
         if member.state is not _State.STARTING:
             return
-        member.state = _State.READY
+        self._set_state(member, _State.READY)
         member.ready_at = trio.current_time()
-        member.free = list(range(self.settings.slots_per_sandbox))
-        member.idle_since = member.ready_at
+        self._by_ready_at[member] = None
+        for index in range(self.settings.slots_per_sandbox):
+            self._add_free(member, index)
+        self._set_idle(member)
         self.sandboxes_started += 1
         self._start_failures = 0
         self._last_start_error = None
@@ -491,7 +551,7 @@ class ProfilePool:
         self._scale()
 
     def _on_exit(self, key: int, member: _Member, error: BaseException | None) -> None:
-        del self._members[key]
+        self._remove_member(key, member)
         self.checkpoints.forget_sandbox(member.actor)
         self._finished_commands += member.actor.commands_run
         self._finished_failures += member.actor.command_failures
@@ -508,7 +568,7 @@ class ProfilePool:
                 self.settings.profile,
                 member.actor.died or error,
             )
-        member.state = _State.STOPPING
+        member.state = _State.STOPPING  # no longer a member: the indexes do not count it
         self._serve_waiters()
         self._scale()
 
@@ -556,9 +616,8 @@ class ProfilePool:
         if member.state is _State.STOPPING:
             return
         logger.info("stopping sandbox %s: %s", member.actor.sandbox_id, reason)
-        member.state = _State.STOPPING
+        self._set_state(member, _State.STOPPING)
         member.stop_reason = reason
-        member.free = []
         member.scope.cancel(reason=reason)
 
     # -- housekeeping: idle timeouts, rotation, start backoff ------------------------------------
@@ -568,11 +627,12 @@ class ProfilePool:
         events = (
             [self._start_blocked_until] if self._start_blocked_until > trio.current_time() else []
         )
-        live = self._live()
-        idle = [m.idle_since for m in self._idle_members() if m.idle_since is not None]
-        if len(live) > settings.min_sandboxes and idle:
-            events.append(min(idle) + settings.idle_timeout_s)
-        events += [m.ready_at + settings.rotate_after_s for m in live if m.state is _State.READY]
+        longest_idle = next(self._stoppable_idle(), None)
+        if self._live_count() > settings.min_sandboxes and longest_idle is not None:
+            assert longest_idle.idle_since is not None
+            events.append(longest_idle.idle_since + settings.idle_timeout_s)
+        if self._by_ready_at:
+            events.append(next(iter(self._by_ready_at)).ready_at + settings.rotate_after_s)
         return min(events, default=math.inf)
 
     def checkpoints_changed(self) -> None:
@@ -591,32 +651,31 @@ class ProfilePool:
             self._housekeeping = None
             self._housekeep()
 
-    def _idle_members(self) -> list[_Member]:
-        """Ready sandboxes with every slot free that hold no checkpoint (those stay up)."""
-        return [
-            m
-            for m in self._live()
-            if m.state is _State.READY
-            and m.idle_since is not None
-            and not self.checkpoints.in_sandbox(m.actor)
-        ]
+    def _stoppable_idle(self) -> Iterator[_Member]:
+        """Ready sandboxes with every slot free, longest idle first, but those holding a
+        checkpoint (they stay up)."""
+        return (m for m in self._idle if not self.checkpoints.in_sandbox(m.actor))
 
     def _housekeep(self) -> None:
         now = trio.current_time()
         settings = self.settings
-        for member in list(self._live()):
-            if member.state is _State.READY and now >= member.ready_at + settings.rotate_after_s:
-                member.state = _State.DRAINING
-                member.free = []
-                if not member.busy:
-                    self._stop_member(member, "rotated before its maximum lifetime")
-        idle = sorted(self._idle_members(), key=lambda m: m.idle_since or 0.0)
-        for member in idle:
-            if len(self._live()) <= settings.min_sandboxes:
+        # Both indexes are in time order: only their heads can be due.
+        for member in list(self._by_ready_at):
+            if now < member.ready_at + settings.rotate_after_s:
                 break
+            self._set_state(member, _State.DRAINING)
+            if not member.busy:
+                self._stop_member(member, "rotated before its maximum lifetime")
+        due = []
+        for member in self._stoppable_idle():
             assert member.idle_since is not None
-            if now >= member.idle_since + settings.idle_timeout_s:
-                self._stop_member(member, f"idle for {settings.idle_timeout_s:g} s")
+            if now < member.idle_since + settings.idle_timeout_s:
+                break
+            due.append(member)
+        for member in due:
+            if self._live_count() <= settings.min_sandboxes:
+                break
+            self._stop_member(member, f"idle for {settings.idle_timeout_s:g} s")
         self._scale()
 
     # -- inspection -----------------------------------------------------------------------------
