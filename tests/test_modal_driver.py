@@ -103,6 +103,48 @@ async def test_throttle_penalty_delays_everyone(autojump_clock: trio.abc.Clock) 
         assert trio.current_time() == 2.0
 
 
+async def test_throttle_slows_down_on_refusals_and_recovers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A refusal halves the pace (down to a floor); accepted creates bring it back step by step."""
+    throttle = CreateThrottle(per_second=8.0, max_in_flight=8)
+    throttle.penalize(0.0)
+    assert throttle.current_per_second == 4.0
+    starts = []
+    for _ in range(3):
+        async with throttle.slot():
+            starts.append(trio.current_time())
+    assert starts == [0.0, 0.25, 0.5]
+    for _ in range(10):
+        throttle.penalize(0.0)
+    assert throttle.current_per_second == 0.5
+    for _ in range(3):
+        throttle.accepted()
+    assert throttle.current_per_second == pytest.approx(0.5 + 3 * 0.16)
+    for _ in range(100):
+        throttle.accepted()
+    assert throttle.current_per_second == 8.0
+
+
+async def test_throttle_penalty_applies_to_creates_already_waiting(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Creates queued before a refusal start at the slower pace, after the penalty."""
+    throttle = CreateThrottle(per_second=4.0, max_in_flight=8)
+    starts: list[float] = []
+
+    async def create() -> None:
+        async with throttle.slot():
+            starts.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(create)
+        await trio.sleep(0.3)
+        throttle.penalize(1.0)
+    assert starts == [0.0, 0.25, 1.3, 1.8]
+
+
 async def test_throttle_cancelled_waiter_gives_its_place_back(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import attrs
 import pytest
@@ -25,6 +27,9 @@ from hermes_actors.testing.simulator import (
     run_scenario,
     simulate,
 )
+
+# `bench` lives at the repository root, next to `tests`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: A provider without randomness: every create takes 2 s and succeeds, nothing is lost.
 STEADY = ProviderModel(
@@ -97,16 +102,19 @@ def test_creation_stays_within_the_configured_rate() -> None:
     assert result.trajectories_done == 60
 
 
-def test_rate_limit_answers_are_retried() -> None:
-    """A client pacing above the provider's limit is refused and retries its creates."""
+def test_rate_limit_answers_slow_creation_instead_of_failing() -> None:
+    """A client pacing above the provider's limit slows down when refused; no acquire fails."""
     provider = attrs.evolve(STEADY, creates_per_second=2.0, create_burst=2)
     result = run_scenario(
-        small(trajectories=40, slots_per_sandbox=1, creates_per_second=10.0, provider=provider)
+        small(trajectories=150, slots_per_sandbox=1, creates_per_second=10.0, provider=provider)
     )
     assert result.creates_rate_limited > 0
-    assert result.sandboxes_created > 2
+    # Refusals are a fraction of the creates: the pace found the limit and kept to it.
+    assert result.creates_rate_limited < result.sandboxes_created / 4
+    assert result.peak_creates_per_second <= 2 * provider.creates_per_second + provider.create_burst
+    assert result.acquire_failures == 0
     assert result.acquire_timeouts == 0
-    assert result.trajectories_done + result.acquire_failures == 40
+    assert result.trajectories_done == 150
 
 
 def test_loss_storm_costs_steps_not_trajectories() -> None:
@@ -219,3 +227,15 @@ async def test_simulate_leaves_nothing_running(autojump_clock: trio.abc.Clock) -
     result = await simulate(small(provider=STEADY))
     assert result.trajectories_done == 24
     assert result.timeline[-1][1] == 0
+
+
+def test_bench_scale_writes_its_report(tmp_path: Path) -> None:
+    """`python -m bench.scale --smoke` writes the report with its targets, table and chart."""
+    from bench import scale
+
+    assert scale.main(["--smoke", "--only", "slots,storm", "--output", str(tmp_path)]) == 0
+    report = (tmp_path / "scale.md").read_text()
+    assert "## Targets" in report
+    assert "| 24 x 10 slots |" in report
+    assert "fewer sandbox-seconds" in report
+    assert (tmp_path / "scale.png").stat().st_size > 10_000

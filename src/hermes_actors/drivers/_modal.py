@@ -206,11 +206,18 @@ def map_create_error(
 class CreateThrottle:
     """Spaces sandbox creations (`per_second`) and caps those in progress (`max_in_flight`).
 
-    `async with throttle.slot():` waits for a place among the creates in flight, then for the
-    next start time; starts are reserved in arrival order, `1 / per_second` apart. `penalize`
-    pushes the next start back for everyone (a rate-limit refusal is account-wide).
+    `async with throttle.slot():` waits for a place among the creates in flight, then for its
+    turn (arrival order), then for the next start time, `1 / current_per_second` after the last.
+    `penalize` (a rate-limit refusal, which is account-wide) pushes the next start back for
+    everyone and halves the pace, also for creates already waiting; each `accepted` create
+    raises it again by a fiftieth of `per_second`, up to `per_second` (additive increase,
+    multiplicative decrease, as TCP does):
+    a limit lower than configured is found and then kept to, instead of hit again at full pace
+    after every penalty. The pace never drops below `per_second / MIN_PACE_DIVISOR`.
     Cancellation while waiting gives the place back; the reserved start time is simply skipped.
     """
+
+    MIN_PACE_DIVISOR = 16.0
 
     def __init__(self, *, per_second: float, max_in_flight: int) -> None:
         if not per_second > 0:
@@ -219,17 +226,26 @@ class CreateThrottle:
             raise ValueError(f"max_in_flight must be >= 1: {max_in_flight!r}")
         self.per_second = per_second
         self.max_in_flight = max_in_flight
-        self._interval = 1.0 / per_second
+        self.current_per_second = per_second
         self._next_start = -math.inf
         self._in_flight = trio.Semaphore(max_in_flight)
+        self._turn = trio.Lock()  # fair: creates start in arrival order
         self.started = 0
 
     def slot(self) -> _ThrottleSlot:
         return _ThrottleSlot(self)
 
     def penalize(self, delay_s: float) -> None:
-        """No create starts within `delay_s` from now."""
+        """A create was refused for the rate: none starts within `delay_s`; halve the pace."""
         self._next_start = max(self._next_start, trio.current_time() + delay_s)
+        floor = self.per_second / self.MIN_PACE_DIVISOR
+        self.current_per_second = max(floor, self.current_per_second / 2)
+
+    def accepted(self) -> None:
+        """A create was accepted: raise the pace a step towards `per_second`."""
+        self.current_per_second = min(
+            self.per_second, self.current_per_second + self.per_second / 50
+        )
 
     @property
     def in_flight(self) -> int:
@@ -238,9 +254,12 @@ class CreateThrottle:
     async def _enter(self) -> None:
         await self._in_flight.acquire()
         try:
-            start = max(trio.current_time(), self._next_start)
-            self._next_start = start + self._interval
-            await trio.sleep_until(start)
+            async with self._turn:
+                # Only the head of the line waits for its start time, which a penalty may move
+                # while it sleeps (so: sleep again until the new time).
+                while (now := trio.current_time()) < self._next_start:  # noqa: ASYNC110
+                    await trio.sleep_until(self._next_start)
+                self._next_start = now + 1.0 / self.current_per_second
         except BaseException:
             self._in_flight.release()
             raise
@@ -603,7 +622,9 @@ class ModalDriver:
             attempts += 1
             try:
                 async with self.throttle.slot():
-                    return await self._create_once(modal, app, image, secret_objects, spec)
+                    handle = await self._create_once(modal, app, image, secret_objects, spec)
+                self.throttle.accepted()
+                return handle
             except Exception as exc:
                 retry = _is_rate_limit(modal, exc) or _is_transient(modal, exc)
                 delay = next(delays, None) if retry else None

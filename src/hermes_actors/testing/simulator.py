@@ -350,7 +350,9 @@ class SimulatedDriver:
             attempts += 1
             try:
                 async with self.throttle.slot():
-                    return await self.provider.create(spec)
+                    sandbox = await self.provider.create(spec)
+                self.throttle.accepted()
+                return sandbox
             except (RateLimited, CreateFailed) as exc:
                 delay = next(delays, None)
                 spent = trio.current_time() - started
