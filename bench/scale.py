@@ -1,0 +1,378 @@
+"""`python -m bench.scale`: trainer-scale scenarios on the simulated provider (issue 14).
+
+Runs the real runtime (supervisor, pools, sandbox actors, agent client) on trio's virtual clock
+over `hermes_actors.testing.simulator`'s provider model (Modal's published figures), and writes
+`bench/results/scale.md` and `scale.png`. Options: `--smoke` (tiny sizes, for the tests),
+`--only a,b` (scenario groups), `--output DIR`.
+
+Every figure is virtual time except "host CPU", which is what simulating cost this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from hermes_actors.testing.simulator import (
+    LossStorm,
+    ProviderModel,
+    Scenario,
+    ScenarioResult,
+    run_scenario,
+)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+GROUPS = ("slots", "slots10k", "warm", "pause", "storm", "ratelimit", "defaults")
+
+
+@attrs.frozen(kw_only=True)
+class Sizes:
+    small: int  # the 1,024-trajectory scenarios
+    large: int  # the 10,240-trajectory scenarios
+    steps: int
+
+
+FULL = Sizes(small=1024, large=10240, steps=20)
+SMOKE = Sizes(small=24, large=48, steps=3)
+
+
+def tuned(name: str, trajectories: int, steps: int, slots: int, **changes: object) -> Scenario:
+    """A cold pool sized for the batch, creating at the account's limit (5/s)."""
+    base = Scenario(
+        name=name,
+        trajectories=trajectories,
+        steps=steps,
+        slots_per_sandbox=slots,
+        creates_per_second=5.0,
+        max_starting=64,
+    )
+    return attrs.evolve(base, **changes)  # type: ignore[arg-type]
+
+
+def scenarios(group: str, sizes: Sizes) -> list[Scenario]:
+    small, large, steps = sizes.small, sizes.large, sizes.steps
+    if group == "slots":
+        return [tuned(f"{small} x {s} slots", small, steps, s) for s in (1, 4, 10, 32)]
+    if group == "slots10k":
+        return [tuned(f"{large} x {s} slots", large, steps, s) for s in (1, 4, 10, 32)]
+    if group == "warm":
+        needed = math.ceil(small / 10)
+        return [
+            tuned(f"{small} x 10, cold", small, steps, 10),
+            tuned(f"{small} x 10, warm", small, steps, 10, min_sandboxes=needed, prewarm=True),
+        ]
+    if group == "pause":
+        # Two rollout batches 90 s apart (a training step): does the pool stay warm between?
+        return [
+            tuned(
+                f"{small} x 10, 2 batches, idle {idle:g} s",
+                small,
+                steps,
+                10,
+                batches=2,
+                pause_s=90.0,
+                idle_timeout_s=idle,
+            )
+            for idle in (30.0, 120.0, 300.0)
+        ]
+    if group == "storm":
+        storm = LossStorm(at_s=120.0, fraction=0.1, over_s=60.0)
+        return [
+            tuned(
+                f"{small} x 10, loss storm", small, steps, 10, loss_storm=storm, sample_every_s=1.0
+            )
+        ]
+    if group == "ratelimit":
+        # The client paces at 10/s, the account allows 5/s: refusals must slow it, not fail.
+        return [
+            tuned(f"{small} x 1, pace 10/s > limit 5/s", small, steps, 1, creates_per_second=10.0)
+        ]
+    if group == "defaults":
+        # The profile defaults (max_starting 4, 4 creates/s) against the tuned pace.
+        return [
+            tuned(
+                f"{small} x 10, defaults",
+                small,
+                steps,
+                10,
+                max_starting=4,
+                creates_per_second=4.0,
+            ),
+            tuned(f"{small} x 10, tuned", small, steps, 10),
+        ]
+    raise ValueError(f"unknown group {group!r}; groups are {GROUPS}")
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def seconds(value: float) -> str:
+    if math.isinf(value):
+        return "-"
+    return f"{value:,.1f}"
+
+
+COLUMNS: Sequence[tuple[str, Callable[[ScenarioResult], str]]] = (
+    ("scenario", lambda r: r.scenario.name),
+    ("first result s", lambda r: seconds(r.first_result_s)),
+    ("wall s", lambda r: seconds(r.wall_s)),
+    (
+        "acquire wait p50 / p99 s",
+        lambda r: f"{r.acquire_wait_p50_s:.1f} / {r.acquire_wait_p99_s:.1f}",
+    ),
+    ("sandboxes peak / mean", lambda r: f"{r.peak_sandboxes:,} / {r.mean_sandboxes:,.0f}"),
+    ("sandbox-s", lambda r: f"{r.sandbox_seconds:,.0f}"),
+    ("cost $", lambda r: f"{r.cost:,.2f}"),
+    (
+        "creates issued / refused / failed",
+        lambda r: f"{r.creates_issued:,} / {r.creates_rate_limited:,} / {r.creates_failed:,}",
+    ),
+    ("peak creates/s", lambda r: str(r.peak_creates_per_second)),
+    (
+        "lost sandboxes / steps, wait p50 / max s",
+        lambda r: (
+            f"{r.sandboxes_lost} / {r.steps_lost}, "
+            f"{r.lost_wait_p50_s:.1f} / {r.lost_wait_max_s:.1f}"
+        ),
+    ),
+    ("acquire timeouts / failures", lambda r: f"{r.acquire_timeouts} / {r.acquire_failures}"),
+    (
+        "host CPU s (per command ms)",
+        lambda r: f"{r.host_cpu_s:,.1f} ({r.host_cpu_per_command_s * 1000:.2f})",
+    ),
+)
+
+
+def table(results: Sequence[ScenarioResult]) -> list[str]:
+    lines = [
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in results]
+    return lines
+
+
+def find(results: Sequence[ScenarioResult], name: str) -> ScenarioResult | None:
+    return next((r for r in results if r.scenario.name == name), None)
+
+
+def storm_recovery(result: ScenarioResult) -> tuple[int, int, float | None]:
+    """Sandboxes alive when the storm began, the fewest during it, and the seconds to recover."""
+    storm = result.scenario.loss_storm
+    assert storm is not None
+    before = max((live for at, live in result.timeline if at <= storm.at_s), default=0)
+    after = [(at, live) for at, live in result.timeline if at > storm.at_s]
+    lowest = min((live for _, live in after), default=before)
+    recovered = next((at for at, live in after if at > storm.at_s and live >= before), None)
+    return before, lowest, None if recovered is None else recovered - storm.at_s
+
+
+def targets(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
+    lines = []
+    for n in (sizes.small, sizes.large):
+        one, ten = find(results, f"{n} x 1 slots"), find(results, f"{n} x 10 slots")
+        if one is None or ten is None:
+            continue
+        ratio = one.sandbox_seconds / ten.sandbox_seconds
+        wall = ten.wall_s / one.wall_s
+        met = ratio >= 5 and wall <= 1.10
+        lines.append(
+            f"* {n:,} trajectories, 10 slots against 1: **{ratio:.1f}x fewer sandbox-seconds** "
+            f"(target >= 5x), wall time {wall:.2f}x of one sandbox per trajectory (target <= "
+            f"1.10x): {'met' if met else 'NOT met'}."
+        )
+    paced = [
+        r
+        for r in results
+        if r.scenario.creates_per_second <= r.scenario.provider.creates_per_second
+    ]
+    worst = max(
+        paced, key=lambda r: r.peak_creates_per_second / r.scenario.creates_per_second, default=None
+    )
+    if worst is not None:
+        within = all(
+            r.peak_creates_per_second <= math.ceil(r.scenario.creates_per_second) for r in paced
+        )
+        lines.append(
+            "* Creation never above the configured rate: the most create requests in any one "
+            f"second was {max(r.peak_creates_per_second for r in paced)} (configured "
+            f"{worst.scenario.creates_per_second:g}/s): {'met' if within else 'NOT met'}."
+        )
+    limited = [
+        r for r in results if r.scenario.creates_per_second > r.scenario.provider.creates_per_second
+    ]
+    for r in limited:
+        ok = r.acquire_failures == 0 and r.acquire_timeouts == 0
+        lines.append(
+            f"* Rate-limit answers slow creation instead of failing acquires ({r.scenario.name}): "
+            f"{r.creates_rate_limited:,} refusals, {r.acquire_failures} failed and "
+            f"{r.acquire_timeouts} timed-out acquires: {'met' if ok else 'NOT met'}."
+        )
+    for r in results:
+        if r.scenario.loss_storm is None:
+            continue
+        before, lowest, recovered = storm_recovery(r)
+        ok = recovered is not None
+        lines.append(
+            f"* Capacity after a loss storm ({r.sandboxes_lost} sandboxes lost): {before} alive "
+            f"before, {lowest} at the lowest, back to {before} after "
+            f"{seconds(recovered) if recovered is not None else 'never'} s; "
+            f"{r.acquire_timeouts} acquire timeouts: {'met' if ok else 'NOT met'}."
+        )
+    big = [r for r in results if r.scenario.trajectories == sizes.large]
+    if big:
+        worst_cpu = max(big, key=lambda r: r.host_cpu_s)
+        lines.append(
+            f"* {sizes.large:,} trajectories simulated in at most {worst_cpu.host_cpu_s / 60:.1f} "
+            f"min of host CPU per scenario ({worst_cpu.scenario.name}; "
+            f"{worst_cpu.host_cpu_per_command_s * 1e3:.2f} ms per command, heartbeats and "
+            "pool events included)."
+        )
+    return lines
+
+
+def render(
+    results: Sequence[ScenarioResult], sizes: Sizes, elapsed_s: float, chart: str | None
+) -> str:
+    model = ProviderModel()
+    lines = [
+        "# Scale by simulation (issue 14)",
+        "",
+        "Generated by `python -m bench.scale`. The real runtime (supervisor, pools, sandbox "
+        "actors, agent client and protocol) runs on trio's virtual clock over a simulated "
+        "provider; only time and the provider are simulated. Provider model (Modal's published "
+        f"figures): creation latency log-normal p50 2.7 s, p95 11.8 s (p99 about 22 s), "
+        f"{model.create_failure_rate:.0%} of creates fail, account limit "
+        f"{model.creates_per_second:g} creates/s (burst {model.create_burst}), "
+        f"{model.loss_per_hour:.0%} of sandboxes lost per hour, ${model.price_per_cpu_second} "
+        f"per core-second and ${model.price_per_gib_second} per GiB-second.",
+        "",
+        f"Workload: each batch starts every trajectory at once; a trajectory takes a slot, then "
+        f"{sizes.steps} steps of (think 2-30 s uniform, then one command of 50 ms-20 s "
+        "log-uniform), then releases it (the slot is reset). A sandbox of n slots has "
+        "max(1, n/4) cores and max(2, n/2) GiB; commands beyond its cores run slower. Pools "
+        "start cold (min 0), max_sandboxes is what the batch needs, 64 sandboxes may start at "
+        "once, the client paces creates at 5/s, idle timeout 120 s, acquire timeout 1 h; "
+        "other settings as each row says. Sandbox-seconds and cost run from each create to "
+        "its end, pre-warming included; wall time runs from the first batch's start to the "
+        "last trajectory's end. Host CPU is this machine's process time for the whole run.",
+        "",
+        "## Targets",
+        "",
+        *targets(results, sizes),
+        "",
+        "## Figures",
+        "",
+        *table(results),
+        "",
+    ]
+    if chart:
+        lines += [f"![scale]({chart})", ""]
+    lines += [f"Simulated in {elapsed_s / 60:.1f} min of real time.", ""]
+    return "\n".join(lines)
+
+
+def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    bars, walls, timeline, storm_axes = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
+    for offset, n in ((-0.2, sizes.small), (0.2, sizes.large)):
+        rows = [find(results, f"{n} x {s} slots") for s in (1, 4, 10, 32)]
+        present = [(i, r) for i, r in enumerate(rows) if r is not None]
+        if not present:
+            continue
+        xs = [i + offset for i, _ in present]
+        bars.bar(
+            xs,
+            [r.sandbox_seconds / 3600 for _, r in present],
+            width=0.4,
+            label=f"{n:,} trajectories",
+        )
+        walls.bar(xs, [r.wall_s / 60 for _, r in present], width=0.4, label=f"{n:,} trajectories")
+    for ax, title in ((bars, "sandbox-hours"), (walls, "wall time (min)")):
+        ax.set_xticks(range(4), ["1 slot", "4 slots", "10 slots", "32 slots"])
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.legend()
+    for s in (1, 4, 10, 32):
+        r = find(results, f"{sizes.small} x {s} slots")
+        if r is not None:
+            xs, ys = zip(*r.timeline, strict=True)
+            timeline.step(xs, ys, where="post", label=f"{s} slot(s)")
+    timeline.set_title(f"sandboxes alive, {sizes.small:,} trajectories")
+    timeline.set_xlabel("virtual seconds")
+    timeline.set_yscale("log")
+    timeline.legend()
+    storm = next((r for r in results if r.scenario.loss_storm is not None), None)
+    if storm is not None:
+        xs, ys = zip(*storm.timeline, strict=True)
+        storm_axes.step(xs, ys, where="post", label="sandboxes alive")
+        if storm.capacity:
+            at, held, _free, waiting = zip(*storm.capacity, strict=True)
+            storm_axes.plot(
+                at, [h / storm.scenario.slots_per_sandbox for h in held], label="slots held / 10"
+            )
+            storm_axes.plot(at, waiting, label="waiting acquires")
+        loss = storm.scenario.loss_storm
+        assert loss is not None
+        storm_axes.axvspan(
+            loss.at_s, loss.at_s + loss.over_s, color="red", alpha=0.15, label="storm"
+        )
+        storm_axes.set_title(storm.scenario.name)
+        storm_axes.set_xlabel("virtual seconds")
+        storm_axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return True
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (as in the tests)")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated groups of {','.join(GROUPS)}"
+    )
+    parser.add_argument("--output", default=RESULTS, help="directory for scale.md and scale.png")
+    options = parser.parse_args(argv)
+    sizes = SMOKE if options.smoke else FULL
+    groups = options.only.split(",") if options.only else list(GROUPS)
+    if unknown := [g for g in groups if g not in GROUPS]:
+        parser.error(f"unknown groups {unknown}; groups are {list(GROUPS)}")
+    # Losses and failed starts are part of the scenarios: their warnings are expected.
+    logging.getLogger("hermes_actors").setLevel(logging.ERROR)
+    started = time.monotonic()
+    results: list[ScenarioResult] = []
+    for group in groups:
+        for scenario in scenarios(group, sizes):
+            result = run_scenario(scenario)
+            print(
+                f"{scenario.name}: wall {result.wall_s:,.0f} s, {result.sandbox_seconds:,.0f} "
+                f"sandbox-s, host CPU {result.host_cpu_s:,.1f} s",
+                flush=True,
+            )
+            results.append(result)
+    os.makedirs(options.output, exist_ok=True)
+    chart = "scale.png" if draw(results, sizes, os.path.join(options.output, "scale.png")) else None
+    report = render(results, sizes, time.monotonic() - started, chart)
+    with open(os.path.join(options.output, "scale.md"), "w") as file:
+        file.write(report)
+    print(f"wrote {os.path.join(options.output, 'scale.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
