@@ -213,19 +213,21 @@ class CreateThrottle:
     raises it again by a fiftieth of `per_second`, up to `per_second` (additive increase,
     multiplicative decrease, as TCP does):
     a limit lower than configured is found and then kept to, instead of hit again at full pace
-    after every penalty. The pace never drops below `per_second / MIN_PACE_DIVISOR`.
+    after every penalty. The pace never drops below `per_second / MIN_PACE_DIVISOR`. With
+    `adaptive=False` the pace stays fixed (a penalty only pushes the next start back).
     Cancellation while waiting gives the place back; the reserved start time is simply skipped.
     """
 
     MIN_PACE_DIVISOR = 16.0
 
-    def __init__(self, *, per_second: float, max_in_flight: int) -> None:
+    def __init__(self, *, per_second: float, max_in_flight: int, adaptive: bool = True) -> None:
         if not per_second > 0:
             raise ValueError(f"per_second must be > 0: {per_second!r}")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1: {max_in_flight!r}")
         self.per_second = per_second
         self.max_in_flight = max_in_flight
+        self.adaptive = adaptive
         self.current_per_second = per_second
         self._next_start = -math.inf
         self._in_flight = trio.Semaphore(max_in_flight)
@@ -238,6 +240,8 @@ class CreateThrottle:
     def penalize(self, delay_s: float) -> None:
         """A create was refused for the rate: none starts within `delay_s`; halve the pace."""
         self._next_start = max(self._next_start, trio.current_time() + delay_s)
+        if not self.adaptive:
+            return
         floor = self.per_second / self.MIN_PACE_DIVISOR
         self.current_per_second = max(floor, self.current_per_second / 2)
 

@@ -336,9 +336,12 @@ class SimulatedDriver:
         creates_per_second: float = 4.0,
         max_starting: int = 32,
         retry_delays_s: Sequence[float] = DEFAULT_RETRY_DELAYS_S,
+        adaptive_pace: bool = True,
     ) -> None:
         self.provider = provider
-        self.throttle = CreateThrottle(per_second=creates_per_second, max_in_flight=max_starting)
+        self.throttle = CreateThrottle(
+            per_second=creates_per_second, max_in_flight=max_starting, adaptive=adaptive_pace
+        )
         self.retry_delays_s = tuple(retry_delays_s)
         self.create_retries = 0
 
@@ -407,8 +410,10 @@ class Scenario:
     idle_timeout_s: float = 120.0
     max_lifetime_s: float = 24 * 3600.0
     max_starting: int = 64
-    #: The client's creation pace (the profile's `creates_per_second`).
+    #: The client's creation pace (the profile's `creates_per_second`), and whether refusals
+    #: slow it down (the default) or it stays fixed (as before the adaptive throttle).
     creates_per_second: float = 5.0
+    adaptive_pace: bool = True
     acquire_timeout_s: float = 3600.0
     provider: ProviderModel = ProviderModel()
     loss_storm: LossStorm | None = None
@@ -585,6 +590,7 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
             provider,
             creates_per_second=scenario.creates_per_second,
             max_starting=scenario.max_starting,
+            adaptive_pace=scenario.adaptive_pace,
         )
         runtime = Runtime(profiles, drivers={"modal": driver}, run_id=f"sim{scenario.seed}")
         async with trio.open_nursery() as nursery:
