@@ -110,7 +110,7 @@ def test_sandbox_config_defaults() -> None:
         "network": False,
         "max_output_bytes": 1_000_000,
         "app_name": "hermes-actors",
-        "max_starting": 4,
+        "max_starting": 32,
         "creates_per_second": 4.0,
         "reap_orphans": False,
         "reap_min_age_s": 0.0,

@@ -345,8 +345,10 @@ class SandboxConfig:
     max_output_bytes: int = 1_000_000
     #: Provider app the sandboxes belong to (modal).
     app_name: str = "hermes-actors"
-    #: Sandboxes of this profile being started at once; more requests wait their turn.
-    max_starting: int = 4
+    #: Sandboxes of this profile being started at once; more requests wait their turn. Creation
+    #: runs at `creates_per_second` only with about rate x slow-tail latency in flight (Modal:
+    #: 4/s x 12 s p95); 4 held a simulated 1,024-trajectory batch to ~1 create/s (docs/sizing.md).
+    max_starting: int = 32
     #: Sandbox creations per second at most (provider rate limits).
     creates_per_second: float = 4.0
     #: At start, terminate this app's sandboxes left running by other (dead) runs (modal).
