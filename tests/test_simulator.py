@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -239,3 +240,12 @@ def test_bench_scale_writes_its_report(tmp_path: Path) -> None:
     assert "| 24 x 10 slots |" in report
     assert "fewer sandbox-seconds" in report
     assert (tmp_path / "scale.png").stat().st_size > 10_000
+
+
+def test_sizing_doc_code_runs() -> None:
+    """The code in docs/sizing.md runs as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sizing.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/sizing.md", "exec"), {})
