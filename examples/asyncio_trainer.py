@@ -31,7 +31,7 @@ async def episode(backend: ToolBackend, index: int) -> float:
             return float("nan")  # masked, not scored
         return 1.0 if run.success and run.output.strip() == str(index * 2) else 0.0
     finally:
-        await backend.release(slot)
+        await backend.release(slot, reset_workspace=True)
 
 
 async def cancelled_episode(backend: ToolBackend) -> str:
@@ -47,7 +47,7 @@ async def cancelled_episode(backend: ToolBackend) -> str:
             return "cancelled: the command was killed"
         return "finished before the cancel"
     finally:
-        await backend.release(slot)
+        await backend.release(slot, reset_workspace=True)
 
 
 async def train(episodes: int, isolation: str) -> int:
