@@ -474,6 +474,48 @@ def test_policy_arguments_of_the_wrong_type_are_bad_requests() -> None:
     asyncio.run(main())
 
 
+def test_background_bash_calls_run_detached_until_the_slot_is_reset() -> None:
+    """background=True returns at once with the pid and log; a reset release kills it."""
+
+    async def main() -> None:
+        async with local_backend(agent_env_config()) as backend:
+            slot = await backend.acquire("t")
+            started = time.perf_counter()
+            [detached] = await backend.execute_batch(
+                [(slot, "bash", {"command": "echo up; sleep 60", "background": True})]
+            )
+            assert time.perf_counter() - started < 5
+            assert detached.success, detached.error
+            pid = detached.metadata["background_pid"]
+            log = detached.metadata["background_log"]
+            assert (
+                detached.output
+                == f"started in the background (pid {pid}); its output goes to {log}"
+            )
+            assert log.startswith(slot.workspace_dir + "/")
+            for _ in range(100):
+                [read] = await backend.execute_batch([(slot, "bash", {"command": f"cat {log}"})])
+                assert read.success, read.error
+                if read.output:
+                    break
+                await asyncio.sleep(0.05)
+            assert read.output == "up\n"
+            [alive] = await backend.execute_batch([(slot, "bash", {"command": f"kill -0 {pid}"})])
+            assert alive.success
+            await backend.release(slot, reset_workspace=True)
+            assert not any(b"sleep 60" in line for line in _cmdlines(pid))
+
+    asyncio.run(main())
+
+
+def _cmdlines(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [handle.read()]
+    except OSError:
+        return []
+
+
 # -- artifacts: the original's arguments and payloads ----------------------------------------------
 
 READ_KEYS = {"success", "content", "error", "encoding", "truncated", "bytes", "file_size", "path",

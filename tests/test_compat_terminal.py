@@ -103,8 +103,9 @@ def test_background_commands_return_at_once_and_die_at_cleanup_vm(profiles_file:
     match = re.search(r"terminal_tool\('(cat [^']+)', task_id='bg'\)", reply["output"])
     assert match, reply["output"]
     wait_for(lambda: processes_with(token))
+    wait_for(lambda: reply_of(terminal_tool(match.group(1), task_id="bg"))["output"] != "")
     log = reply_of(terminal_tool(match.group(1), task_id="bg"))
-    assert log["output"] == "ready\n"
+    assert log == {"output": "ready\n", "exit_code": 0, "error": None}
     cleanup_vm("bg")
     wait_for(lambda: processes_with(token) == [])
 

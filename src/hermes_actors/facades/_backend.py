@@ -1293,6 +1293,8 @@ def _background_command(command: str) -> str:
     log = f"$HOME/{BACKGROUND_LOG_DIR}/{uuid.uuid4().hex[:12]}.log"
     return (
         f'mkdir -p "$HOME/{BACKGROUND_LOG_DIR}" || exit\n'
+        # Created before the reply, so reading it at once finds it (empty) rather than nothing.
+        f': > "{log}" || exit\n'
         f'bash -c {shlex.quote(command)} > "{log}" 2>&1 < /dev/null &\n'
         f'printf "%s %s\\n" "$!" "{log}"\n'
     )
@@ -1301,8 +1303,17 @@ def _background_command(command: str) -> str:
 def _background_result(started: ExecutionResult) -> ExecutionResult:
     if not started.success:
         return attrs.evolve(started, error=f"could not start in the background: {started.error}")
-    pid, log = started.output.strip().split(" ", 1)
-    output = f"started in the background (pid {pid}); its output goes to {log}"
+    # The last line is ours; anything before it is what the shell said on the way (warnings).
+    lines = started.output.rstrip("\n").rsplit("\n", 1)
+    pid, _, log = lines[-1].partition(" ")
+    if not pid.isdigit() or not log:
+        return attrs.evolve(
+            started,
+            success=False,
+            error=f"could not start in the background: unexpected output {started.output!r}",
+        )
+    said = lines[0] + "\n" if len(lines) == 2 else ""
+    output = f"{said}started in the background (pid {pid}); its output goes to {log}"
     metadata = {**started.metadata, "background_pid": int(pid), "background_log": log}
     return attrs.evolve(started, output=output, metadata=metadata)
 
