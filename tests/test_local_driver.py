@@ -43,3 +43,18 @@ async def test_a_start_cancelled_while_spawning_leaves_no_directory(
         await LocalDriver(root_dir=str(tmp_path)).create(SandboxSpec(profile="p", isolation="none"))
     assert scope.cancelled_caught
     assert os.listdir(tmp_path) == []
+
+
+def test_removing_a_sandbox_directory_never_touches_its_parent(tmp_path: Path) -> None:
+    """Removing a directory twice, or a read-only one, leaves the parent's mode as it was."""
+    tmp_path.chmod(0o1777)
+    gone = tmp_path / "hermes-gone"
+    _local._remove_tree(str(gone))
+    locked = tmp_path / "hermes-locked"
+    (locked / "ro").mkdir(parents=True)
+    (locked / "ro" / "f").write_text("x")
+    (locked / "ro").chmod(0o500)
+    _local._remove_tree(str(locked))
+    _local._remove_tree(str(locked))
+    assert not locked.exists()
+    assert tmp_path.stat().st_mode & 0o7777 == 0o1777

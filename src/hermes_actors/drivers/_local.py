@@ -32,6 +32,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -235,10 +236,13 @@ def kill_marked(marker: bytes) -> int:
 def _remove_tree(path: str) -> None:
     """Delete a sandbox directory even where its commands made parts read-only."""
 
-    def make_writable(function: object, failed: str, exc_info: object) -> None:
-        parent = os.path.dirname(failed)
+    def make_writable(function: object, failed: str, exc_info: tuple[Any, ...]) -> None:
+        if isinstance(exc_info[1], FileNotFoundError):
+            return  # already gone (removed twice, or by its own commands)
         with contextlib.suppress(OSError):
-            os.chmod(parent, stat.S_IRWXU)
+            # Never the parent of `path` itself: that is not ours (it is /tmp, usually).
+            if failed != path:
+                os.chmod(os.path.dirname(failed), stat.S_IRWXU)
             os.chmod(failed, stat.S_IRWXU)
         with contextlib.suppress(FileNotFoundError):
             if os.path.isdir(failed) and not os.path.islink(failed):
