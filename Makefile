@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bench bench-smoke clean
+.PHONY: install demo test lint unit bwrap bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
-unit: $(STAMP)
+## The isolation cases need bubblewrap: installed here when possible (root and apt-get); else
+## they are reported as skipped, with the reason, in pytest's summary (never as failures).
+unit: $(STAMP) bwrap
 	$(BIN)/python -m pytest
+
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 \
+	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	     && { echo "installing bubblewrap (apt-get) for the isolation tests"; \
+	          apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } ; } \
+	|| echo "bubblewrap is not installed and cannot be installed here (needs root and apt-get): the isolation tests will be skipped"
 
 ## Full benchmarks (not part of CI): writes bench/results/latest.md and a chart.
 bench: $(STAMP)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from hermes_actors._client import SandboxClient
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._config import SandboxConfig
 from hermes_actors.drivers._local import LocalDriver
 
 Runner = Callable[[], Awaitable[None]]
@@ -69,7 +69,7 @@ async def measure(
         handles = []
         for isolation in ("none", "bwrap"):
             handle = await driver.create(
-                SandboxSpec(profile=f"bench-{isolation}", isolation=isolation, slots=50)
+                SandboxConfig(name=f"bench-{isolation}", isolation=isolation, slots_per_sandbox=50)
             )
             handles.append(handle)
             client = SandboxClient(handle)

@@ -334,7 +334,7 @@ class HermesSystem:
         config = self._config(len(plan), sizes.scale_slots_per_sandbox)
         async with ToolBackend(config) as backend:
             slots = await _acquire_all(backend, len(plan), "scale")
-            held = backend.status()["slots_held_by_caller"]
+            held = backend.status().slots_held_by_caller
             results = await backend.execute_batch(
                 [
                     (slot, "bash", {"command": commands[0]})

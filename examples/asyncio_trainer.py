@@ -73,7 +73,7 @@ async def train(episodes: int, isolation: str) -> int:
     )
     print(f"abandoned episode: {note}")
     print(format_status(status))
-    held = sum(pool["slots_held"] for pool in status["pools"])
+    held = sum(pool.slots_held for pool in status.pools)
     print(f"slots still held after all episodes: {held}")
     return 0 if held == 0 else 1
 

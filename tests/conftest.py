@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from hermes_actors.drivers._local import bwrap_problem
 from sandbox_support import (
     ContractSandbox,
     ModalContractSandbox,
@@ -36,6 +37,7 @@ async def contract_sandbox(
             yield modal_sandbox
         return
     isolation = request.param.removeprefix("local-")
+    await skip_without_bwrap(isolation)
     async with open_local_sandbox(isolation) as sandbox:
         yield sandbox
 
@@ -43,5 +45,19 @@ async def contract_sandbox(
 @pytest.fixture(params=["local-bwrap"])
 async def isolated_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[ContractSandbox]:
     """A fresh sandbox per test, for each driver mode that promises isolation."""
-    async with open_local_sandbox(request.param.removeprefix("local-")) as sandbox:
+    isolation = request.param.removeprefix("local-")
+    await skip_without_bwrap(isolation)
+    async with open_local_sandbox(isolation) as sandbox:
         yield sandbox
+
+
+async def skip_without_bwrap(isolation: str) -> None:
+    """Skip an isolation case, saying why, where bubblewrap cannot run (never fail it)."""
+    if isolation != "bwrap":
+        return
+    problem = await bwrap_problem()
+    if problem is not None:
+        pytest.skip(
+            f"isolation case skipped: {problem}; `make test` installs bubblewrap when it runs "
+            "as root with apt-get, else install it (`apt-get install bubblewrap`)"
+        )

@@ -12,7 +12,7 @@ import attrs
 import trio
 
 from hermes_actors._client import SandboxClient
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._config import SandboxConfig
 from hermes_actors.drivers._local import (
     SANDBOX_MARKER_VAR,
     LocalDriver,
@@ -101,7 +101,9 @@ async def open_local_sandbox(
     isolation: str, **spec_changes: object
 ) -> AsyncIterator[ContractSandbox]:
     driver = LocalDriver()
-    spec = SandboxSpec(profile="contract", isolation=isolation, slots=4, **spec_changes)  # type: ignore[arg-type]
+    spec = SandboxConfig(
+        name="contract", backend="local", isolation=isolation, slots_per_sandbox=4, **spec_changes
+    )  # type: ignore[arg-type]
     handle = await driver.create(spec)
     try:
         async with trio.open_nursery() as nursery:
@@ -121,7 +123,7 @@ async def open_modal_sandbox(
     from hermes_actors.drivers._modal import ModalDriver
 
     driver = ModalDriver(run_id="contract")
-    spec = SandboxSpec(profile="contract", slots=4, **spec_changes)  # type: ignore[arg-type]
+    spec = SandboxConfig(name="contract", backend="modal", slots_per_sandbox=4, **spec_changes)  # type: ignore[arg-type]
     handle = await driver.create(spec)
     try:
         async with trio.open_nursery() as nursery:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import pickle
 import textwrap
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hermes_actors._config as config_module
 from hermes_actors._config import (
     ModalSandboxConfig,
     Profiles,
@@ -31,11 +33,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 WriteYaml = Callable[[str], str]
 
 VALID_KEYS = (
-    "acquire_timeout_s, app_name, backend, cpu, creates_per_second, env_vars, "
-    "execution_timeout_s, gpu, idle_timeout, image, isolation, max_checkpoint_bytes, "
-    "max_checkpoints, max_lifetime, max_output_bytes, max_pool, max_sandboxes, max_starting, "
-    "memory, min_pool, min_sandboxes, name, network, reap_min_age_s, reap_orphans, secrets, "
-    "slots_per_sandbox, tags, workspace_base"
+    "acquire_timeout_s, agent_ttl_s, app_name, backend, cpu, create_retry_budget_s, "
+    "creates_per_second, env_vars, execution_timeout_s, gpu, idle_timeout, image, isolation, "
+    "max_checkpoint_bytes, max_checkpoints, max_lifetime, max_output_bytes, max_pool, "
+    "max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
+    "reap_min_age_s, reap_orphans, secrets, slots_per_sandbox, tags, workspace_base"
 )
 
 
@@ -112,16 +114,20 @@ def test_sandbox_config_defaults() -> None:
         "app_name": "hermes-actors",
         "max_starting": 32,
         "creates_per_second": 4.0,
-        "reap_orphans": False,
-        "reap_min_age_s": 0.0,
+        "reap_orphans": True,
+        "reap_min_age_s": 900.0,
         "max_checkpoints": 64,
         "max_checkpoint_bytes": 8 * 1024**3,
+        "create_retry_budget_s": 30.0,
+        "agent_ttl_s": 60.0,
     }
 
 
-def test_modal_sandbox_config_is_an_alias() -> None:
-    """ModalSandboxConfig is the same class as SandboxConfig."""
-    assert ModalSandboxConfig is SandboxConfig
+def test_modal_sandbox_config_is_a_sandbox_config() -> None:
+    """ModalSandboxConfig is a SandboxConfig with the same fields (only a default differs)."""
+    assert issubclass(ModalSandboxConfig, SandboxConfig)
+    names = [field.name for field in attrs.fields(SandboxConfig)]
+    assert sorted(field.name for field in attrs.fields(ModalSandboxConfig)) == sorted(names)
 
 
 @pytest.mark.parametrize(
@@ -297,10 +303,10 @@ def test_terminal_env_sets_backend_only_where_the_file_does_not(write_yaml: Writ
     assert profiles.profiles["pinned"].backend == "local"
 
 
-def test_terminal_modal_image_sets_image_only_where_the_file_does_not(
+def test_terminal_modal_image_beats_the_file(
     write_yaml: WriteYaml,
 ) -> None:
-    """$TERMINAL_MODAL_IMAGE is the image of profiles that do not set one."""
+    """$TERMINAL_MODAL_IMAGE is the image of every profile, also where the file sets one."""
     path = write_yaml(
         """
         default_profile: unset
@@ -309,9 +315,10 @@ def test_terminal_modal_image_sets_image_only_where_the_file_does_not(
           set: {image: "node:22"}
         """
     )
+    assert load_profiles(path, env={}).profiles["set"].image == "node:22"
     profiles = load_profiles(path, env={"TERMINAL_MODAL_IMAGE": "python:3.12-slim"})
     assert profiles.profiles["unset"].image == "python:3.12-slim"
-    assert profiles.profiles["set"].image == "node:22"
+    assert profiles.profiles["set"].image == "python:3.12-slim"
 
 
 def test_terminal_modal_app_name_beats_the_file(write_yaml: WriteYaml) -> None:
@@ -499,10 +506,10 @@ def test_alias_errors_name_the_alias(write_yaml: WriteYaml) -> None:
         ("secrets: [hf, 2]", "$.profiles.p.secrets[1]: expected str, got int (2)"),
         (
             "env_vars: [A]",
-            "$.profiles.p.env_vars: expected a mapping of str to str, got list (['A'])",
+            "$.profiles.p.env_vars: expected a mapping of str to str, got list",
         ),
-        ("env_vars: {PORT: 8080}", "$.profiles.p.env_vars.PORT: expected str, got int (8080)"),
-        ("tags: {a.b: 1}", "$.profiles.p.tags['a.b']: expected str, got int (1)"),
+        ("env_vars: {PORT: 8080}", "$.profiles.p.env_vars.PORT: expected str, got int"),
+        ("tags: {a.b: 1}", "$.profiles.p.tags['a.b']: expected str, got int"),
     ],
 )
 def test_wrong_types_are_rejected_without_coercion(
@@ -626,7 +633,7 @@ def test_every_error_of_a_file_is_reported_at_once(write_yaml: WriteYaml) -> Non
     assert load_error(path).splitlines() == [
         "config/x.yaml: $.profiles.gpu.cpu: expected float, got bool (True)",
         "config/x.yaml: $.profiles.gpu.memory: expected int, got str ('lots')",
-        "config/x.yaml: $.profiles.gpu.env_vars.A: expected str, got int (1)",
+        "config/x.yaml: $.profiles.gpu.env_vars.A: expected str, got int",
         "config/x.yaml: $.profiles.gpu.memroy: unknown key; did you mean 'memory'?",
         "config/x.yaml: $.profiles.bad.backend: expected one of 'local', 'modal', got str "
         "('docker')",
@@ -1084,3 +1091,52 @@ def test_non_ints_are_never_accepted_for_int_fields(field: str, value: object) -
     """Whatever the non-int value, an int field rejects it at its own path."""
     message = config_error(lambda: profiles_from_mapping({"p": {field: value}}, env={}))
     assert message.startswith(f"profiles: $.p.{field}: expected int, got ")
+
+
+def test_reprs_and_errors_never_show_environment_values(write_yaml: WriteYaml) -> None:
+    """repr/str of configs and profiles, and config errors, name env vars but hide values."""
+    secret = "s3cr3t-value-42"
+    config = SandboxConfig(env_vars={"API_TOKEN": secret})
+    profiles = profiles_from_mapping({"default": config})
+    for text in (repr(config), str(config), repr(profiles), str(profiles)):
+        assert "API_TOKEN" in text
+        assert secret not in text
+    path = write_yaml(one_profile(f"env_vars: {{API_TOKEN: 12345678, OTHER: '{secret}\\0'}}\n"))
+    with pytest.raises(ConfigError) as bad:
+        load_profiles(path, env={})
+    assert "API_TOKEN" in str(bad.value)
+    assert "12345678" not in str(bad.value)
+    assert secret not in str(bad.value)
+    with pytest.raises(ConfigError) as not_a_mapping:
+        SandboxConfig(env_vars=f"API_TOKEN={secret}")  # type: ignore[arg-type]
+    assert secret not in str(not_a_mapping.value)
+
+
+def test_working_directory_profiles_file_is_read_when_no_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a path or $TERMINAL_MODAL_PROFILES_FILE, ./modal_profiles.yaml is read."""
+    (tmp_path / "modal_profiles.yaml").write_text("profiles:\n  default: {memory: 640}\n")
+    monkeypatch.chdir(tmp_path)
+    profiles = load_profiles(env={})
+    assert profiles.source == "modal_profiles.yaml"
+    assert profiles.get_profile().memory == 640
+    (tmp_path / "modal_profiles.yaml").unlink()
+    assert load_profiles(env={}).source is None
+
+
+def test_modal_names_default_to_the_modal_backend(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ModalSandboxConfig defaults to modal, SandboxConfig to local; $TERMINAL_ENV wins both."""
+    monkeypatch.delenv("TERMINAL_ENV", raising=False)
+    monkeypatch.setattr(config_module, "_announced", set())  # each pick is logged once per process
+    caplog.set_level(logging.INFO, logger="hermes_actors.config")
+    assert ModalSandboxConfig().backend == "modal"
+    assert isinstance(ModalSandboxConfig(), SandboxConfig)
+    assert SandboxConfig().backend == "local"
+    assert ModalSandboxConfig(backend="local").backend == "local"
+    assert "using the modal backend" in caplog.text
+    monkeypatch.setenv("TERMINAL_ENV", "local")
+    assert ModalSandboxConfig().backend == "local"
+    assert load_profiles(env={}, default_backend="modal").get_profile().backend == "modal"

@@ -259,3 +259,27 @@ def test_a_sync_program_that_just_ends_leaves_no_sandbox(tmp_path: Path) -> None
     assert sandbox_id
     assert processes_with(token) == []
     assert marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"command": "true", "task_id": ["t"]}, "'task_id' must be a str or None, got list"),
+        ({"command": "true", "profile": 3}, "'profile' must be a str or None, got int"),
+        ({"command": b"true"}, "'command' must be a str, got bytes"),
+        ({"command": "echo \0"}, "'command' must not contain NUL characters"),
+        ({"command": "true", "timeout": "5"}, "'timeout' must be a number of seconds > 0"),
+        ({"command": "true", "timeout": -1}, "'timeout' must be a number of seconds > 0"),
+        ({"command": "true", "timeout": float("nan")}, "'timeout' must be a number of seconds"),
+        ({"command": "true", "task_id": {"a": 1}}, "'task_id' must be a str or None, got dict"),
+    ],
+)
+def test_bad_argument_types_are_json_errors_never_raised(
+    arguments: dict[str, Any], expected: str
+) -> None:
+    """Arguments of the wrong type give the JSON error reply; nothing raises, nothing starts."""
+    reply = json.loads(terminal_tool(**arguments))
+    assert reply["output"] == ""
+    assert reply["exit_code"] is None
+    assert expected in reply["error"]
+    cleanup_vm(["not", "a", "str"])  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ SNAPSHOT = "find . -printf '%y %m %p %l\\n' | sort; md5sum repo/blob repo/src/m.
 
 
 def held(backend: ToolBackend) -> int:
-    return sum(pool["slots_held"] for pool in backend.status()["pools"])
+    return sum(pool.slots_held for pool in backend.status().pools)
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)

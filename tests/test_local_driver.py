@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import trio
 
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxStartFailed
 from hermes_actors.drivers import _local
-from hermes_actors.drivers._base import SandboxSpec
 from hermes_actors.drivers._local import LocalDriver
 
 
@@ -25,7 +25,7 @@ async def test_a_start_that_fails_leaves_no_directory(
 
     monkeypatch.setattr(_local.trio.lowlevel, "open_process", cannot_start)
     with pytest.raises(SandboxStartFailed, match="Permission denied"):
-        await LocalDriver(root_dir=str(tmp_path)).create(SandboxSpec(profile="p", isolation="none"))
+        await LocalDriver(root_dir=str(tmp_path)).create(SandboxConfig(name="p", isolation="none"))
     assert os.listdir(tmp_path) == []
 
 
@@ -40,7 +40,7 @@ async def test_a_start_cancelled_while_spawning_leaves_no_directory(
             await trio.lowlevel.checkpoint()
 
         monkeypatch.setattr(_local.trio.lowlevel, "open_process", cancelled_spawn)
-        await LocalDriver(root_dir=str(tmp_path)).create(SandboxSpec(profile="p", isolation="none"))
+        await LocalDriver(root_dir=str(tmp_path)).create(SandboxConfig(name="p", isolation="none"))
     assert scope.cancelled_caught
     assert os.listdir(tmp_path) == []
 

@@ -21,10 +21,9 @@ import trio.testing
 from grpclib import Status
 
 from hermes_actors._client import SandboxClient
-from hermes_actors._config import load_profiles
+from hermes_actors._config import SandboxConfig, load_profiles
 from hermes_actors._errors import BackendUnavailable, SandboxLost, SandboxStartFailed
 from hermes_actors.drivers import _modal_stream
-from hermes_actors.drivers._base import SandboxSpec
 from hermes_actors.drivers._modal import (
     TAG_APP,
     TAG_CREATE_ID,
@@ -35,15 +34,14 @@ from hermes_actors.drivers._modal import (
     ModalDriver,
     ModalSandbox,
 )
-from hermes_actors.runtime._runtime import sandbox_spec
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
 PROFILES_FILE = Path(__file__).parent.parent / "config" / "modal_profiles.yaml"
 FAST_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
-def _spec(**changes: object) -> SandboxSpec:
-    return SandboxSpec(profile="drv", slots=2, **changes)  # type: ignore[arg-type]
+def _spec(**changes: object) -> SandboxConfig:
+    return SandboxConfig(name="drv", backend="modal", slots_per_sandbox=2, **changes)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -173,7 +171,7 @@ def test_throttle_rejects_nonsense() -> None:
 async def test_default_profile_create_arguments(modal_emulator: ModalEmulator) -> None:
     """The default profile creates one sandbox with its resources, timeouts, network and tags."""
     profiles = load_profiles(PROFILES_FILE, env={"TERMINAL_ENV": "modal"})
-    spec = sandbox_spec(profiles.profiles["default"])
+    spec = profiles.profiles["default"]
     async with _driver(run_id="run-default") as driver:
         before = time.time()
         handle = await driver.create(spec)
@@ -223,7 +221,7 @@ async def test_gpu_profile_create_arguments(modal_emulator: ModalEmulator) -> No
     """The gpu profile goes through Modal's gpu path with its gpu, secret, env and lifetime."""
     secret_id = modal_emulator.define_secret("huggingface", {"HF_TOKEN": "hf-test"})
     profiles = load_profiles(PROFILES_FILE, env={"TERMINAL_ENV": "modal"})
-    spec = sandbox_spec(profiles.profiles["gpu"])
+    spec = profiles.profiles["gpu"]
     async with _driver(run_id="run-gpu") as driver:
         handle = await driver.create(spec)
         await handle.terminate()
@@ -331,7 +329,7 @@ async def test_provider_kill_is_detected_and_fails_pending_calls(
 async def test_idle_gap_keeps_a_held_sandbox_alive(modal_emulator: ModalEmulator) -> None:
     """A sandbox with a 1 s idle_timeout survives a 2.5 s gap: its agent exec keeps it busy."""
     async with _driver() as driver:
-        handle = await driver.create(_spec(idle_timeout_s=1.0))
+        handle = await driver.create(_spec(idle_timeout=1.0))
         async with _client(handle) as client:
             await trio.sleep(2.5)
             assert handle.is_alive()
@@ -516,9 +514,10 @@ def test_missing_modal_says_how_to_install(tmp_path: Path) -> None:
     script = """
         import sys, trio
         from hermes_actors.drivers._modal import ModalDriver
-        from hermes_actors.drivers._base import SandboxSpec
+        from hermes_actors._config import SandboxConfig
+
         try:
-            trio.run(ModalDriver(run_id="x").create, SandboxSpec(profile="p"))
+            trio.run(ModalDriver(run_id="x").create, SandboxConfig(name="p", backend="modal"))
         except Exception as exc:
             print(type(exc).__name__, exc)
     """
@@ -533,9 +532,10 @@ def test_missing_credentials_say_modal_token_new(modal_emulator_session: ModalEm
     script = """
         import trio
         from hermes_actors.drivers._modal import ModalDriver
-        from hermes_actors.drivers._base import SandboxSpec
+        from hermes_actors._config import SandboxConfig
+
         try:
-            trio.run(ModalDriver(run_id="x").create, SandboxSpec(profile="p"))
+            trio.run(ModalDriver(run_id="x").create, SandboxConfig(name="p", backend="modal"))
         except Exception as exc:
             print(type(exc).__name__, exc)
     """
@@ -552,10 +552,12 @@ def test_no_shutdown_noise_after_a_run(modal_emulator_session: ModalEmulator) ->
     script = """
         import trio
         from hermes_actors.drivers._modal import ModalDriver
-        from hermes_actors.drivers._base import SandboxSpec
+        from hermes_actors._config import SandboxConfig
+
         async def main():
             driver = ModalDriver(run_id="noise")
-            handle = await driver.create(SandboxSpec(profile="p", slots=1))
+            config = SandboxConfig(name="p", backend="modal", slots_per_sandbox=1)
+            handle = await driver.create(config)
             await handle.terminate()
             await driver.aclose()
             print("done")

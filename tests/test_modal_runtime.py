@@ -20,6 +20,7 @@ import trio
 from hermes_actors import SandboxConfig, ToolBackend
 from hermes_actors._config import profiles_from_mapping
 from hermes_actors._errors import AcquireTimeout, SandboxLost
+from hermes_actors._values import Command, ListFiles, WriteFile
 from hermes_actors.runtime._runtime import Runtime
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
@@ -92,7 +93,7 @@ async def test_prewarms_min_sandboxes_then_scales_up_to_max(modal_emulator: Moda
         assert len({lease.sandbox_id for lease in leases}) == 2
         assert running_ids(modal_emulator) == {lease.sandbox_id for lease in leases}
         for lease in leases:
-            result = await runtime.exec(lease, command="echo $HERMES_SANDBOX_ID")
+            result = await runtime.call(lease, Command(command="echo $HERMES_SANDBOX_ID"))
             assert result.stdout.decode().strip() == lease.sandbox_id
         with pytest.raises(AcquireTimeout):
             await runtime.acquire(timeout_s=0.5)
@@ -128,7 +129,7 @@ async def test_scales_down_to_min_after_idle_timeout(modal_emulator: ModalEmulat
         await trio.sleep(1.5)
         assert len(running_ids(modal_emulator)) == 1
         lease = await runtime.acquire()
-        assert (await runtime.exec(lease, command="echo warm")).stdout == b"warm\n"
+        assert (await runtime.call(lease, Command(command="echo warm"))).stdout == b"warm\n"
         await runtime.release(lease)
 
 
@@ -150,16 +151,16 @@ async def test_provider_killed_sandbox_fails_held_slots_and_is_replaced(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kill_soon)
             with trio.fail_after(DEADLINE_S), pytest.raises(SandboxLost) as lost:
-                await runtime.exec(busy, command="sleep 60")
+                await runtime.call(busy, Command(command="sleep 60"))
         assert lost.value.retryable
         with pytest.raises(SandboxLost) as lost_idle:
-            await runtime.exec(idle, command="echo hi")
+            await runtime.call(idle, Command(command="echo hi"))
         assert lost_idle.value.retryable
         await runtime.release(busy)
         await runtime.release(idle)
         fresh = await runtime.acquire(timeout_s=DEADLINE_S)
         assert fresh.sandbox_id != doomed
-        assert (await runtime.exec(fresh, command="echo alive")).stdout == b"alive\n"
+        assert (await runtime.call(fresh, Command(command="echo alive"))).stdout == b"alive\n"
         assert running_ids(modal_emulator) == {fresh.sandbox_id}
         (pool,) = runtime.status().pools
         assert pool.sandboxes_lost == 1
@@ -170,11 +171,11 @@ async def test_release_resets_the_slot(modal_emulator: ModalEmulator) -> None:
     """Released slots come back empty: files (dotfiles too) gone, processes (escapees too) dead."""
     async with running_runtime(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as runtime:
         lease = await runtime.acquire(trajectory_id="first")
-        await runtime.write_file(lease, "notes.txt", b"secret")
-        await runtime.write_file(lease, ".hidden/config", b"x")
-        result = await runtime.exec(
+        await runtime.call(lease, WriteFile(path="notes.txt", data=b"secret"))
+        await runtime.call(lease, WriteFile(path=".hidden/config", data=b"x"))
+        result = await runtime.call(
             lease,
-            command="sleep 300 & echo $!; setsid sleep 300 > /dev/null 2>&1 & echo $!",
+            Command(command="sleep 300 & echo $!; setsid sleep 300 > /dev/null 2>&1 & echo $!"),
         )
         pids = [int(line) for line in result.stdout.split()]
         assert len(pids) == 2
@@ -183,8 +184,8 @@ async def test_release_resets_the_slot(modal_emulator: ModalEmulator) -> None:
         await eventually(lambda: not any(pid_alive(pid) for pid in pids), "slot processes killed")
         again = await runtime.acquire(trajectory_id="second")
         assert (again.sandbox_id, again.index) == (lease.sandbox_id, lease.index)
-        assert await runtime.list_files(again, ".", recursive=True) == []
-        listing = await runtime.exec(again, command="ls -A")
+        assert (await runtime.call(again, ListFiles(recursive=True))).entries == ()
+        listing = await runtime.call(again, Command(command="ls -A"))
         assert listing.stdout == b""
         await runtime.release(again)
     assert all(not pid_alive(pid) for pid in pids)
@@ -246,12 +247,13 @@ async def test_reap_orphans_at_start_stops_a_dead_runs_sandboxes(
 ) -> None:
     """With reap_orphans, a new run terminates what a crashed run left in its app first."""
     from hermes_actors.drivers._modal import ModalDriver
-    from hermes_actors.runtime._runtime import sandbox_spec
 
     crashed = ModalDriver(run_id="crashed-run")
     try:
-        orphan = await crashed.create(sandbox_spec(_profile(name="rt")))
-        profiles = profiles_from_mapping({"rt": _profile(reap_orphans=True, min_sandboxes=1)})
+        orphan = await crashed.create(_profile(name="rt"))
+        profiles = profiles_from_mapping(
+            {"rt": _profile(reap_orphans=True, reap_min_age_s=0.0, min_sandboxes=1)}
+        )
         runtime = Runtime(profiles, run_id="next-run")
         async with trio.open_nursery() as nursery:
             await nursery.start(runtime.run)
@@ -273,11 +275,10 @@ async def test_stop_with_purge_terminates_other_runs_leftovers(
 ) -> None:
     """stop(purge=True) terminates this run's sandboxes and what crashed runs left in the app."""
     from hermes_actors.drivers._modal import ModalDriver
-    from hermes_actors.runtime._runtime import sandbox_spec
 
     crashed = ModalDriver(run_id="crashed-run")
     try:
-        orphan = await crashed.create(sandbox_spec(_profile(name="rt")))
+        orphan = await crashed.create(_profile(name="rt"))
         backend = ToolBackend(_profile(min_sandboxes=1))
         async with backend:
             slot = await backend.acquire()

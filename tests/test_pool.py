@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import pytest
@@ -11,17 +12,18 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from fake_driver import FakeDriver
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import (
     AcquireTimeout,
+    AgentError,
     IsolationUnavailable,
     SandboxLost,
     SandboxStartFailed,
 )
+from hermes_actors._trio import Reply
+from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._pool import Lease, ProfilePool, Release
-from hermes_actors.runtime._runtime import pool_settings
-from hermes_actors.runtime._trio_util import Reply
+from hermes_actors.testing.fake_driver import FakeDriver
 
 
 @attrs.frozen
@@ -33,14 +35,16 @@ class Harness:
 
 @asynccontextmanager
 async def running_pool(**config: object) -> AsyncIterator[Harness]:
-    settings = pool_settings(SandboxConfig(name="test", backend="local", **config))  # type: ignore[arg-type]
+    settings = SandboxConfig(name="test", backend="local", **config)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         driver = FakeDriver(nursery)
         driver.create_latency_s = 1.0
         pool = ProfilePool(settings, driver)
         await nursery.start(pool.run)
-        yield Harness(pool, driver, nursery)
-        nursery.cancel_scope.cancel()
+        try:
+            yield Harness(pool, driver, nursery)
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def test_prewarms_min_sandboxes(autojump_clock: trio.abc.Clock) -> None:
@@ -163,27 +167,26 @@ async def test_release_resets_before_reuse(autojump_clock: trio.abc.Clock) -> No
     """A released slot is reset (files gone) before the next holder gets it."""
     async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
         lease = await h.pool.acquire()
-        await lease.sandbox.file_op(lease.index, "write_file", {"path": "a.txt", "data": b"x"})
+        await lease.sandbox.call(lease.index, WriteFile(path="a.txt", data=b"x"))
         await h.pool.release(lease)
         again = await h.pool.acquire()
         assert again.index == lease.index
         assert h.driver.resets == 1
-        listing = await again.sandbox.file_op(again.index, "list_files", {"path": "."})
-        assert listing["entries"] == []
+        listing = await again.sandbox.call(again.index, ListFiles(path="."))
+        assert listing.entries == ()
 
 
 async def test_release_without_reset_keeps_files(autojump_clock: trio.abc.Clock) -> None:
     """release(reset=False) hands the slot on as it is."""
     async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
         lease = await h.pool.acquire()
-        await lease.sandbox.file_op(lease.index, "write_file", {"path": "a.txt", "data": b"x"})
+        await lease.sandbox.call(lease.index, WriteFile(path="a.txt", data=b"x"))
         await h.pool.release(lease, reset=False)
         await h.pool.release(lease)  # idempotent: already released, nothing happens
         again = await h.pool.acquire()
         assert h.driver.resets == 0
-        assert (await again.sandbox.file_op(again.index, "read_file", {"path": "a.txt"}))[
-            "data"
-        ] == b"x"
+        content = await again.sandbox.call(again.index, ReadFile(path="a.txt"))
+        assert content.data == b"x"
 
 
 async def test_cancelled_acquire_leaks_no_slot(autojump_clock: trio.abc.Clock) -> None:
@@ -237,14 +240,14 @@ async def test_sandbox_death_fails_held_slots_and_is_replaced(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_kill_later, h.driver, lease.sandbox_id)
             with pytest.raises(SandboxLost) as lost:
-                await lease.exec(command="sleep 100")
+                await lease.exec(Command(command="sleep 100"))
         assert lost.value.retryable
         with pytest.raises(SandboxLost):
-            await other.exec(command="echo hi")
+            await other.exec(Command(command="echo hi"))
         await h.pool.release(lease)  # releasing a dead slot is harmless
         fresh = await h.pool.acquire(timeout_s=5)
         assert fresh.sandbox_id != lease.sandbox_id
-        assert (await fresh.exec(command="echo hi")).stdout == b"hi\n"
+        assert (await fresh.exec(Command(command="echo hi"))).stdout == b"hi\n"
         stats = h.pool.statistics()
         assert stats.sandboxes_lost == 1
         assert stats.infra_failures >= 2
@@ -266,7 +269,7 @@ async def test_rotates_before_max_lifetime(autojump_clock: trio.abc.Clock) -> No
         stats = h.pool.statistics()
         states = {s.sandbox_id: s.state for s in stats.sandboxes}
         assert states[first_id] == "draining"
-        assert (await lease.exec(command="echo still")).stdout == b"still\n"
+        assert (await lease.exec(Command(command="echo still"))).stdout == b"still\n"
         await h.pool.release(lease)
         await trio.sleep(2.0)
         ids = [s.sandbox_id for s in h.pool.statistics().sandboxes]
@@ -293,7 +296,7 @@ async def test_transient_start_failures_are_retried(autojump_clock: trio.abc.Clo
         lease = await h.pool.acquire(timeout_s=60)
         # create 1 fails at 1 s, retry after 1 s backoff fails at 3 s, retry after 2 s -> 6 s.
         assert trio.current_time() == pytest.approx(6.0)
-        assert (await lease.exec(command="echo ok")).stdout == b"ok\n"
+        assert (await lease.exec(Command(command="echo ok"))).stdout == b"ok\n"
 
 
 async def test_repeated_start_failures_fail_waiters(autojump_clock: trio.abc.Clock) -> None:
@@ -350,7 +353,7 @@ async def test_given_up_pool_fails_fast_during_backoff_then_tries_again(
         await trio.sleep(1.0)
         lease = await h.pool.acquire(timeout_s=60)
         assert trio.current_time() == pytest.approx(3.0)
-        assert (await lease.exec(command="echo healed")).stdout == b"healed\n"
+        assert (await lease.exec(Command(command="echo healed"))).stdout == b"healed\n"
 
 
 async def test_commands_in_one_slot_run_one_at_a_time(autojump_clock: trio.abc.Clock) -> None:
@@ -362,7 +365,7 @@ async def test_commands_in_one_slot_run_one_at_a_time(autojump_clock: trio.abc.C
         finished: list[str] = []
 
         async def run(target: Lease, command: str) -> None:
-            await target.exec(command=command)
+            await target.exec(Command(command=command))
             finished.append(f"{target.index}:{command}@{trio.current_time() - start:g}")
 
         async with trio.open_nursery() as nursery:
@@ -382,11 +385,11 @@ async def test_cancelled_command_is_killed_and_slot_stays_usable(
     async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
         lease = await h.pool.acquire()
         with trio.move_on_after(5):
-            await lease.exec(command="sleep 1000")
+            await lease.exec(Command(command="sleep 1000"))
         # The command is already gone when the cancelled caller moves on.
         assert h.driver.by_id[lease.sandbox_id].running == {}
         start = trio.current_time()
-        assert (await lease.exec(command="echo next")).stdout == b"next\n"
+        assert (await lease.exec(Command(command="echo next"))).stdout == b"next\n"
         assert trio.current_time() - start < 1
 
 
@@ -398,7 +401,7 @@ async def test_two_hundred_trajectories_through_fifty_slots(autojump_clock: trio
         async def trajectory(number: int) -> None:
             lease = await h.pool.acquire(f"traj-{number}", timeout_s=600)
             for step in range(3):
-                result = await lease.exec(command=f"echo {number}-{step}")
+                result = await lease.exec(Command(command=f"echo {number}-{step}"))
                 await trio.sleep(1)
                 done.append(result.stdout)
             await h.pool.release(lease)
@@ -430,7 +433,7 @@ async def test_requests_queued_on_a_dying_sandbox_fail_too(autojump_clock: trio.
 
         async def run(command: str) -> None:
             try:
-                await lease.exec(command=command)
+                await lease.exec(Command(command=command))
             except SandboxLost:
                 outcomes.append(f"lost:{command}")
 
@@ -441,3 +444,64 @@ async def test_requests_queued_on_a_dying_sandbox_fail_too(autojump_clock: trio.
             nursery.start_soon(_kill_later, h.driver, lease.sandbox_id)
         assert sorted(outcomes) == ["lost:sleep 1", "lost:sleep 100"]
         assert trio.current_time() - start == pytest.approx(5.0)
+
+
+async def test_a_release_whose_reset_is_in_flight_is_answered_when_the_pool_stops(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Stopping the pool mid-reset still answers the release (issue 8, defect 10)."""
+    answered: list[float] = []
+    done = trio.Event()
+    async with trio.open_nursery() as outer:
+        driver = FakeDriver(outer)
+        driver.reset_latency_s = 30.0
+        pool = ProfilePool(SandboxConfig(name="test", backend="local", slots_per_sandbox=1), driver)
+        with trio.CancelScope() as pool_scope:
+
+            async def release_then_note(lease: Any) -> None:
+                await pool.release(lease)
+                answered.append(trio.current_time())
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pool.run)
+                lease = await pool.acquire()
+                outer.start_soon(release_then_note, lease)
+                await trio.sleep(5)
+                pool_scope.cancel()
+        with trio.fail_after(10):
+            await done.wait()
+        outer.cancel_scope.cancel()
+    assert answered == [5]
+
+
+async def test_an_error_the_sandbox_answers_at_once_reaches_the_caller_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A call for a slot the sandbox does not have fails at once, not after a grace wait."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        started = trio.current_time()
+        with pytest.raises(AgentError, match="slot 7 does not exist"):
+            await lease.sandbox.call(7, Command(command="true"))
+        assert trio.current_time() == started
+
+
+async def test_a_lost_sandbox_is_logged_without_nesting_its_own_message(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool's lost-sandbox line and the caller's error say 'was lost' once each."""
+    async with running_pool(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=1) as h:
+        lease = await h.pool.acquire()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_kill_later, h.driver, lease.sandbox_id)
+            with pytest.raises(SandboxLost) as lost:
+                await lease.exec(Command(command="sleep 100"))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(SandboxLost) as again:
+            await lease.exec(Command(command="true"))
+    assert str(lost.value).count("was lost") == 1
+    assert str(again.value).count("was lost") == 1
+    lines = [record.getMessage() for record in caplog.records if "was lost" in record.getMessage()]
+    assert lines
+    assert all(line.count("was lost") == 1 for line in lines), lines

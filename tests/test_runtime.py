@@ -9,12 +9,13 @@ import pytest
 import trio
 import trio.testing
 
-from fake_driver import FakeDriver
 from hermes_actors._config import SandboxConfig, profiles_from_mapping
 from hermes_actors._errors import ConfigError, RuntimeStopped
+from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._pool import ProfilePool
 from hermes_actors.runtime._runtime import Runtime
 from hermes_actors.runtime._supervisor import SupervisorEscalation
+from hermes_actors.testing.fake_driver import FakeDriver
 
 
 def two_profiles() -> dict[str, SandboxConfig]:
@@ -23,6 +24,7 @@ def two_profiles() -> dict[str, SandboxConfig]:
             name="default", backend="local", min_sandboxes=1, slots_per_sandbox=2
         ),
         "big": SandboxConfig(name="big", backend="local", min_sandboxes=2, slots_per_sandbox=4),
+        "lazy": SandboxConfig(name="lazy", backend="local", min_sandboxes=0, slots_per_sandbox=4),
     }
 
 
@@ -37,28 +39,32 @@ async def running_runtime() -> AsyncIterator[tuple[Runtime, FakeDriver]]:
         nursery.cancel_scope.cancel()
 
 
-async def test_default_profile_prewarms_and_others_start_on_first_use(
+async def test_profiles_with_a_minimum_are_warm_at_start_and_others_start_on_first_use(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """Only the default profile's pool starts with the runtime; another starts when used."""
+    """Every profile with min_sandboxes starts with the runtime; one without starts when used."""
     async with running_runtime() as (runtime, driver):
+        assert trio.current_time() == 0
         await trio.sleep(1.0)
-        await trio.testing.wait_all_tasks_blocked()
-        assert [pool.profile for pool in runtime.status().pools] == ["default"]
-        assert driver.created == 1
-        lease = await runtime.acquire("big", "traj-1")
-        assert lease.profile == "big"
-        assert lease.trajectory_id == "traj-1"
         await trio.testing.wait_all_tasks_blocked()
         assert [pool.profile for pool in runtime.status().pools] == ["default", "big"]
         assert driver.created == 3
-        result = await runtime.exec(lease, command="echo hi")
+        assert [pool.slots_free for pool in runtime.status().pools] == [2, 8]
+        lease = await runtime.acquire("lazy", "traj-1")
+        assert trio.current_time() == 2.0
+        assert lease.profile == "lazy"
+        assert lease.trajectory_id == "traj-1"
+        await trio.testing.wait_all_tasks_blocked()
+        assert [pool.profile for pool in runtime.status().pools] == ["default", "big", "lazy"]
+        assert driver.created == 4
+        result = await runtime.call(lease, Command(command="echo hi"))
         assert result.stdout == b"hi\n"
-        await runtime.write_file(lease, "f.txt", b"data")
-        assert await runtime.read_file(lease, "f.txt") == b"data"
-        assert [entry["path"] for entry in await runtime.list_files(lease)] == ["f.txt"]
+        await runtime.call(lease, WriteFile(path="f.txt", data=b"data"))
+        assert (await runtime.call(lease, ReadFile(path="f.txt"))).data == b"data"
+        listing = await runtime.call(lease, ListFiles())
+        assert [entry["path"] for entry in listing.entries] == ["f.txt"]
         await runtime.release(lease)
-        assert runtime.status().pools[1].slots_held == 0
+        assert runtime.status().pools[2].slots_held == 0
 
 
 async def test_unknown_profile_names_the_known_ones(autojump_clock: trio.abc.Clock) -> None:
@@ -94,7 +100,7 @@ async def test_a_crashed_pool_is_restarted_with_fresh_state(
         fresh = await runtime.acquire(timeout_s=5)
         assert fresh.sandbox_id != lease.sandbox_id
         await runtime.release(lease)  # a lease of the old pool is released harmlessly
-        assert (await runtime.exec(fresh, command="echo ok")).stdout == b"ok\n"
+        assert (await runtime.call(fresh, Command(command="echo ok"))).stdout == b"ok\n"
 
 
 async def test_a_crash_loop_escalates_out_of_run(

@@ -12,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxLost, SandboxStartFailed
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.testing.simulator import (
     Constant,
@@ -166,29 +167,29 @@ async def test_agent_semantics_through_the_real_actor(autojump_clock: trio.abc.C
     async with trio.open_nursery() as nursery:
         provider = SimulatedProvider(STEADY, nursery)
         driver = SimulatedDriver(provider)
-        spec = SandboxSpec(profile="p", slots=2, cpu=2.0)
-        actor = SandboxActor(driver=driver, spec=spec)
+        config = SandboxConfig(name="p", slots_per_sandbox=2, cpu=2.0)
+        actor = SandboxActor(driver=driver, config=config)
         await nursery.start(actor.run)
         started = trio.current_time()
         async with trio.open_nursery() as both:
-            both.start_soon(lambda: actor.exec(0, command="sleep 4"))
-            both.start_soon(lambda: actor.exec(1, command="sleep 4"))
+            both.start_soon(lambda: actor.exec(0, Command(command="sleep 4")))
+            both.start_soon(lambda: actor.exec(1, Command(command="sleep 4")))
         assert trio.current_time() - started == pytest.approx(4.0)
-        timed_out = await actor.exec(0, command="sleep 10", timeout_s=1.0)
+        timed_out = await actor.exec(0, Command(command="sleep 10", timeout_s=1.0))
         assert timed_out.timed_out
         assert timed_out.exit_code == 124
-        assert (await actor.exec(1, command="exit 3")).exit_code == 3
-        await actor.file_op(0, "write_file", {"path": "a", "data": b"hi"})
-        assert (await actor.file_op(0, "read_file", {"path": "a"}))["data"] == b"hi"
+        assert (await actor.exec(1, Command(command="exit 3"))).exit_code == 3
+        await actor.call(0, WriteFile(path="a", data=b"hi"))
+        assert (await actor.call(0, ReadFile(path="a"))).data == b"hi"
         await actor.reset_slot(0)
-        assert (await actor.file_op(0, "list_files", {"path": "."}))["entries"] == []
+        assert (await actor.call(0, ListFiles())).entries == ()
         with trio.move_on_after(1.0):
-            await actor.exec(0, command="sleep 100")
+            await actor.exec(0, Command(command="sleep 100"))
         sandbox = next(iter(provider.live.values()))
         assert sandbox.busy == 0
         provider.kill(sandbox.sandbox_id)
         with pytest.raises(SandboxLost):
-            await actor.exec(0, command="sleep 1")
+            await actor.exec(0, Command(command="sleep 1"))
         assert provider.live == {}
         assert provider.sandboxes_lost == 1
         nursery.cancel_scope.cancel()
@@ -199,13 +200,14 @@ async def test_contention_stretches_commands(autojump_clock: trio.abc.Clock) -> 
     async with trio.open_nursery() as nursery:
         provider = SimulatedProvider(STEADY, nursery)
         actor = SandboxActor(
-            driver=SimulatedDriver(provider), spec=SandboxSpec(profile="p", slots=2, cpu=1.0)
+            driver=SimulatedDriver(provider),
+            config=SandboxConfig(name="p", slots_per_sandbox=2, cpu=1.0),
         )
         await nursery.start(actor.run)
         started = trio.current_time()
         async with trio.open_nursery() as both:
-            both.start_soon(lambda: actor.exec(0, command="sleep 4"))
-            both.start_soon(lambda: actor.exec(1, command="sleep 4"))
+            both.start_soon(lambda: actor.exec(0, Command(command="sleep 4")))
+            both.start_soon(lambda: actor.exec(1, Command(command="sleep 4")))
         assert trio.current_time() - started == pytest.approx(8.0)
         nursery.cancel_scope.cancel()
 
@@ -216,7 +218,7 @@ async def test_driver_gives_up_after_its_retries(autojump_clock: trio.abc.Clock)
         provider = SimulatedProvider(attrs.evolve(STEADY, create_failure_rate=1.0), nursery)
         driver = SimulatedDriver(provider, retry_delays_s=(1.0, 2.0))
         with pytest.raises(SandboxStartFailed) as failed:
-            await driver.create(SandboxSpec(profile="p"))
+            await driver.create(SandboxConfig(name="p"))
         assert failed.value.retryable
         assert provider.creates_failed == 3
         assert driver.create_retries == 2

@@ -18,6 +18,7 @@ from typing import Any
 
 from hermes_actors._config import Profiles, load_profiles
 from hermes_actors._errors import HermesError
+from hermes_actors._status import BackendStatus
 
 __all__ = ["format_profiles", "format_status", "main"]
 
@@ -46,8 +47,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def format_status(status: Mapping[str, Any]) -> str:
+def format_status(status: BackendStatus | Mapping[str, Any]) -> str:
     """Render a `ToolBackend.status()` snapshot as a table: one row per pool, then sandboxes."""
+    if isinstance(status, BackendStatus):
+        status = status.as_dict()
     pools: list[Mapping[str, Any]] = list(status.get("pools", ()))
     state = "running" if status.get("running") else "stopped"
     lines = [
@@ -146,10 +149,10 @@ def _status_command(arguments: argparse.Namespace) -> int:
         while time.monotonic() < deadline:
             ready = [
                 sandbox
-                for pool in backend.status()["pools"]
-                if pool["profile"] == default.name
-                for sandbox in pool["sandboxes"]
-                if sandbox["state"] == "ready"
+                for pool in backend.status().pools
+                if pool.profile == default.name
+                for sandbox in pool.sandboxes
+                if sandbox.state == "ready"
             ]
             if len(ready) >= default.min_sandboxes:
                 break
@@ -157,7 +160,7 @@ def _status_command(arguments: argparse.Namespace) -> int:
         status = backend.status()
     finally:
         backend.stop_sync()
-    print(json.dumps(status, indent=2) if arguments.json else format_status(status))
+    print(json.dumps(status.as_dict(), indent=2) if arguments.json else format_status(status))
     return 0
 
 

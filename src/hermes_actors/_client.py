@@ -9,9 +9,9 @@ agent's dead-man switch from firing while the host is alive.
 Invariants:
 * Every request gets exactly one outcome: its reply, or `SandboxLost` when the stream breaks, the
   agent dies or stops answering, or the client is closed. No caller ever hangs on a dead agent.
-* A caller cancelled during `exec` has its command killed: the client queues a `cancel` for it
-  (sync, so it cannot be lost to the cancellation) and waits, bounded and shielded, for the
-  command's final reply, so the slot is quiet before the next command runs there.
+* `cancel(request)` (sync) queues the agent's `cancel` for a request; the owner of a request
+  decides when (the sandbox actor: when its caller gave up). The request still gets its final
+  answer (a command killed reports `cancelled`).
 """
 
 from __future__ import annotations
@@ -19,55 +19,29 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
 import outcome
 import trio
 
 from hermes_actors._agent import FrameDecoder, FrameError, bootstrap_payload, encode_frame
 from hermes_actors._errors import AgentError, SandboxLost
+from hermes_actors._values import (
+    Command,
+    CommandResult,
+    ListFiles,
+    Operation,
+    ReadFile,
+    ResetSlot,
+    WriteFile,
+)
 from hermes_actors.drivers._base import SandboxHandle
 
 logger = logging.getLogger("hermes_actors.client")
 
-#: How long a cancelled exec may take to report its killed command before the caller moves on.
+#: How long a cancelled command may take to report its death before its caller moves on.
 CANCEL_GRACE_S = 5.0
-
-
-@attrs.frozen(kw_only=True)
-class ExecResult:
-    """What one command did; a timeout or cancel is a result (`timed_out`, `cancelled`)."""
-
-    exit_code: int
-    signal: int | None
-    timed_out: bool
-    cancelled: bool
-    duration_s: float
-    stdout: bytes
-    stderr: bytes
-    stdout_dropped: int
-    stderr_dropped: int
-    #: The slot's persistent shell ended during this call (``exit``, ``exec``, killed), or
-    #: since the previous one, and was replaced (last known cwd and exported env restored).
-    shell_restarted: bool = False
-
-    @classmethod
-    def from_reply(cls, result: Mapping[str, Any]) -> ExecResult:
-        return cls(
-            exit_code=int(result["exit_code"]),
-            signal=result.get("signal"),
-            timed_out=bool(result.get("timed_out", False)),
-            cancelled=bool(result.get("cancelled", False)),
-            duration_s=float(result.get("duration_s", 0.0)),
-            stdout=result.get("stdout", b""),
-            stderr=result.get("stderr", b""),
-            stdout_dropped=int(result.get("stdout_dropped", 0)),
-            stderr_dropped=int(result.get("stderr_dropped", 0)),
-            shell_restarted=bool(result.get("shell_restarted", False)),
-        )
 
 
 class Request:
@@ -93,50 +67,6 @@ class Request:
         return self.result.unwrap()
 
 
-def exec_args(
-    slot: int,
-    *,
-    command: str | None = None,
-    argv: list[str] | None = None,
-    cwd: str = ".",
-    env: Mapping[str, str] | None = None,
-    stdin: bytes | None = None,
-    timeout_s: float | None = None,
-    max_output_bytes: int | None = None,
-    serial: bool = False,
-    shell: str | None = None,
-    merge_stderr: bool = False,
-) -> dict[str, Any]:
-    """The agent's `exec` arguments: exactly one of a shell `command` or an `argv`.
-
-    `serial` queues the command behind the slot's earlier serial requests in the agent.
-    `shell` is ``"persistent"`` (the `command` runs in the slot's long-lived shell: cwd,
-    variables, functions and aliases persist between calls) or ``"fresh"`` (its own
-    ``bash -c``; the agent's default). `merge_stderr` sends stderr into stdout, in the order
-    the two were written (`stderr` comes back empty).
-    """
-    if (command is None) == (argv is None):
-        raise ValueError("exec needs exactly one of command= or argv=")
-    args: dict[str, Any] = {"slot": slot, "cwd": cwd, "env": dict(env or {})}
-    if command is not None:
-        args["command"] = command
-    else:
-        args["argv"] = list(argv or ())
-    if stdin is not None:
-        args["stdin"] = stdin
-    if timeout_s is not None and math.isfinite(timeout_s):
-        args["timeout_s"] = float(timeout_s)
-    if max_output_bytes is not None:
-        args["max_output_bytes"] = max_output_bytes
-    if serial:
-        args["serial"] = True
-    if shell is not None:
-        args["shell"] = shell
-    if merge_stderr:
-        args["merge_stderr"] = True
-    return args
-
-
 class SandboxClient:
     """Talks the agent protocol to one sandbox. Create, then `await nursery.start(client.run)`."""
 
@@ -146,7 +76,7 @@ class SandboxClient:
         *,
         ttl_s: float = 60.0,
         env: Mapping[str, str] | None = None,
-        max_output_bytes: int = 1_000_000,
+        max_output_bytes: int | None = None,
         start_timeout_s: float = 60.0,
     ) -> None:
         self.handle = handle
@@ -185,8 +115,9 @@ class SandboxClient:
             **self.handle.agent_config,
             "ttl_s": self._ttl_s,
             "env": {**self.handle.agent_config.get("env", {}), **self._env},  # type: ignore[dict-item]
-            "max_output_bytes": self._max_output_bytes,
         }
+        if self._max_output_bytes is not None:
+            config["max_output_bytes"] = self._max_output_bytes
         decoder = FrameDecoder()
         stream = self.handle.stream
         try:
@@ -333,69 +264,69 @@ class SandboxClient:
         self.requests_sent += 1
         return request
 
+    def cancel(self, request: Request) -> None:
+        """Ask the agent to cancel a pending request (sync; a no-op once it was answered).
+
+        A command is killed (its whole tree) and answers `cancelled`; a request still queued
+        behind its slot's earlier ones is dropped. Other operations finish regardless.
+        """
+        if request.cancellable and not request.event.is_set() and self._lost is None:
+            self._send_nowait(
+                {"id": next(self._ids), "op": "cancel", "args": {"target": request.request_id}}
+            )
+
     async def wait(self, request: Request) -> dict[str, Any]:
         """Wait for a submitted request's result.
 
         Raises `AgentError` when the agent refused it, `SandboxLost` when the sandbox went away.
-        If the caller is cancelled while an `exec` (or a queued serial request) is pending, the
-        agent is told to cancel it, and this waits (shielded, bounded by `CANCEL_GRACE_S`) for
-        its final answer, so the command is dead when `Cancelled` propagates. Other operations
-        finish in the agent regardless; their answer is dropped.
+        Cancellation only stops waiting: call `cancel` to stop the request itself.
         """
-        try:
-            return await request.wait()
-        except trio.Cancelled:
-            if request.cancellable and not request.event.is_set() and self._lost is None:
-                self._send_nowait(
-                    {"id": next(self._ids), "op": "cancel", "args": {"target": request.request_id}}
-                )
-                with trio.move_on_after(CANCEL_GRACE_S, shield=True):
-                    await request.event.wait()
-            raise
-        finally:
-            self._pending.pop(request.request_id, None)
+        return await request.wait()
 
     async def call(self, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its result (see `submit` and `wait`)."""
-        return await self.wait(self.submit(op, args))
+        """Send one request and wait for its result; a cancelled caller cancels it in the agent.
 
-    async def exec(self, slot: int, **options: Any) -> ExecResult:
-        """Run one command in `slot`'s workspace and return what it did (see `exec_args`).
-
-        A timeout kills the command's whole process tree and returns the partial output with
-        `timed_out` set and exit code 124. If the caller is cancelled, the command is killed the
-        same way before this returns (bounded by `CANCEL_GRACE_S`), then `Cancelled` propagates.
+        The cancelled caller does not wait for the agent's answer (see `SandboxActor.call` for
+        the caller that must).
         """
-        return ExecResult.from_reply(await self.call("exec", exec_args(slot, **options)))
+        request = self.submit(op, args)
+        try:
+            return await self.wait(request)
+        except trio.Cancelled:
+            self.cancel(request)
+            raise
+
+    async def perform(self, slot: int, operation: Operation) -> Any:
+        """Do one operation value in `slot` and return its result value."""
+        return operation.result_from_wire(await self.call(operation.op, operation.to_wire(slot)))
+
+    async def exec(self, slot: int, **options: Any) -> CommandResult:
+        """Run `Command(**options)` in `slot`; a timeout is a result (`timed_out`, exit 124)."""
+        result: CommandResult = await self.perform(slot, Command(**options))
+        return result
 
     async def read_file(self, slot: int, path: str, *, max_bytes: int | None = None) -> bytes:
-        args: dict[str, Any] = {"slot": slot, "path": path}
-        if max_bytes is not None:
-            args["max_bytes"] = max_bytes
-        result = await self.call("read_file", args)
-        data: bytes = result["data"]
+        """The file's bytes (up to the agent's bound; see `ReadFile` for the whole answer)."""
+        content = await self.perform(slot, ReadFile(path=path, max_bytes=max_bytes))
+        data: bytes = content.data
         return data
 
     async def write_file(self, slot: int, path: str, data: bytes, *, mode: int = 0o644) -> int:
-        result = await self.call(
-            "write_file", {"slot": slot, "path": path, "data": data, "mode": mode}
-        )
-        return int(result["size"])
+        written = await self.perform(slot, WriteFile(path=path, data=data, mode=mode))
+        return int(written.size)
 
     async def list_files(
         self, slot: int, path: str = ".", *, recursive: bool = False, max_entries: int = 10000
     ) -> list[dict[str, Any]]:
-        result = await self.call(
-            "list_files",
-            {"slot": slot, "path": path, "recursive": recursive, "max_entries": max_entries},
+        listing = await self.perform(
+            slot, ListFiles(path=path, recursive=recursive, max_entries=max_entries)
         )
-        entries: list[dict[str, Any]] = result["entries"]
-        return entries
+        return [dict(entry) for entry in listing.entries]
 
     async def reset_slot(self, slot: int) -> int:
         """Kill everything `slot` started and wipe its workspace; returns processes killed."""
-        result = await self.call("reset_slot", {"slot": slot})
-        return int(result.get("killed", 0))
+        reset = await self.perform(slot, ResetSlot())
+        return int(reset.killed)
 
     async def ping(self) -> dict[str, Any]:
         return await self.call("ping", {})

@@ -7,11 +7,12 @@ a default. Configuration is resolved in layers, later wins:
     defaults  <  YAML file  <  environment  <  explicit overrides
 
 * The YAML file is `{default_profile?: str, profiles: {name: {field: value, ...}}}`, read from
-  the `path` given or else from `TERMINAL_MODAL_PROFILES_FILE`. With neither, there is a single
-  `default` profile built from the defaults (no file is looked up implicitly).
-* `TERMINAL_ENV` (`local` | `modal`) sets the backend of profiles that do not name one;
-  `TERMINAL_MODAL_IMAGE` sets the image of profiles that do not set one;
-  `TERMINAL_MODAL_APP_NAME` sets `app_name` everywhere. An empty variable counts as unset.
+  the `path` given, else from `TERMINAL_MODAL_PROFILES_FILE`, else `./modal_profiles.yaml` when
+  it exists. With none, there is a single `default` profile built from the defaults.
+* `TERMINAL_ENV` (`local` | `modal`) sets the backend of profiles that do not name one (else
+  `local`; `modal` under the Modal names), and the pick is logged once with its reason;
+  `TERMINAL_MODAL_IMAGE` and `TERMINAL_MODAL_APP_NAME` set `image` and `app_name` of every
+  profile, over the file. An empty variable counts as unset.
 * `overrides` (a mapping of fields) applies to every profile; `profile_overrides` (profile name
   to a mapping of fields) to one profile each, after `overrides`.
 
@@ -32,9 +33,11 @@ spellings `min_pool` and `max_pool` are accepted for `min_sandboxes` and `max_sa
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Generic, Literal, Self, TypeVar, cast, get_args, get_origin
 
@@ -44,6 +47,8 @@ import yaml
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from hermes_actors._errors import ConfigError
+
+logger = logging.getLogger("hermes_actors.config")
 
 __all__ = [
     "Backend",
@@ -67,6 +72,8 @@ ENV_PROFILES_FILE: Final = "TERMINAL_MODAL_PROFILES_FILE"
 #: The original Hermes Atropos backend's app name prefix and environment prefix.
 ATROPOS_APP_NAME: Final = "atropos-sandbox"
 ATROPOS_ENV_PREFIX: Final = "ATROPOS_MODAL_"
+#: Read from the working directory when no profiles file is named.
+WORKING_DIRECTORY_PROFILES: Final = "modal_profiles.yaml"
 
 #: Older spellings (the terminal tool's) accepted in YAML and mappings, and their field.
 FIELD_ALIASES: Final[Mapping[str, str]] = {
@@ -225,13 +232,14 @@ def _check_str_tuple(value: Any) -> tuple[str, ...]:
 
 def _check_str_mapping(value: Any) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
-        raise _Invalid([("", f"expected a mapping of str to str, got {_describe(value)}")])
+        # Type names only: these mappings hold environment values, which may be secrets.
+        raise _Invalid([("", f"expected a mapping of str to str, got {type(value).__name__}")])
     items: list[tuple[str, str]] = []
     for key, item in value.items():
         if not isinstance(key, str):
-            items.append(("", f"expected str keys, got key {_describe(key)}"))
+            items.append(("", f"expected str keys, got key of type {type(key).__name__}"))
         elif not isinstance(item, str):
-            items.append((_child("", key), f"expected str, got {_describe(item)}"))
+            items.append((_child("", key), f"expected str, got {type(item).__name__}"))
     if items:
         raise _Invalid(items)
     return _FrozenMap(value)
@@ -280,16 +288,51 @@ class _InvalidConfig(ConfigError):
         self.problems = tuple(problems)
 
 
-def _backend_from_environment() -> Backend:
+def _names_only(variables: Mapping[str, str]) -> str:
+    """A repr of environment variables that shows their names, never their values."""
+    try:
+        names = sorted(str(name) for name in variables)
+    except TypeError:  # not a mapping: validation reports it (without the value)
+        return "<invalid>"
+    return "{" + ", ".join(f"{name!r}: '***'" for name in names) + "}"
+
+
+_announced: set[tuple[str, str]] = set()
+_announced_lock = threading.Lock()
+
+
+def announce_backend(backend: str, reason: str) -> None:
+    """Log, once per process for each backend and reason, a backend picked implicitly."""
+    with _announced_lock:
+        if (backend, reason) in _announced:
+            return
+        _announced.add((backend, reason))
+    logger.info("hermes-actors: using the %s backend (%s)", backend, reason)
+
+
+def _implicit_backend(default: Backend, default_reason: str) -> Backend:
+    """`$TERMINAL_ENV` when set, else `default`; the pick is logged once with its reason."""
     value = os.environ.get(ENV_BACKEND, "")
     if value == "":
-        return "local"
+        announce_backend(default, default_reason)
+        return default
     if value not in get_args(Backend):
         raise ConfigError(
             f"environment: {ENV_BACKEND}: expected one of 'local', 'modal', got "
             f"{_describe(value)}; set it to 'local' or 'modal', or unset it"
         )
+    announce_backend(value, f"{ENV_BACKEND}={value}")
     return cast(Backend, value)
+
+
+def _backend_from_environment() -> Backend:
+    return _implicit_backend("local", f"{ENV_BACKEND} is unset and no backend was given")
+
+
+def _modal_backend_from_environment() -> Backend:
+    return _implicit_backend(
+        "modal", f"the Modal names default to Modal; {ENV_BACKEND} is unset and no backend given"
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -329,8 +372,11 @@ class SandboxConfig:
     execution_timeout_s: float = 30.0
     #: Provider secret names whose variables are injected into every sandbox (modal).
     secrets: tuple[str, ...] = attrs.field(default=(), converter=_freeze_sequence)
-    #: Environment variables set for every command.
-    env_vars: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_str_mapping)
+    #: Environment variables set for every command. Their values never appear in a repr, a log
+    #: line, an error or a status (they often hold credentials).
+    env_vars: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_freeze_str_mapping, repr=_names_only
+    )
     #: Extra provider tags on every sandbox, for finding them in dashboards and listings.
     tags: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_str_mapping)
     #: Directory under which slot workspaces live inside the sandbox (absolute).
@@ -352,13 +398,22 @@ class SandboxConfig:
     #: Sandbox creations per second at most (provider rate limits).
     creates_per_second: float = 4.0
     #: At start, terminate this app's sandboxes left running by other (dead) runs (modal).
-    #: Off by default: runs sharing an app name would stop each other's sandboxes.
-    reap_orphans: bool = False
+    #: Runs sharing an app name at the same time must keep their sandboxes younger than
+    #: `reap_min_age_s`, or use their own app name (`with_app_name`).
+    reap_orphans: bool = True
     #: With `reap_orphans`, only sandboxes older than this many seconds are reaped.
-    reap_min_age_s: float = 0.0
     #: Checkpoints the profile's pool may hold at once, and the bytes they may store together.
     max_checkpoints: int = 64
     max_checkpoint_bytes: int = 8 * 1024**3
+    reap_min_age_s: float = 900.0
+    #: Seconds a driver may keep retrying a failed sandbox create (its waits included) before
+    #: it reports the failure. The pool keeps it inside the acquire deadline, so a create that
+    #: keeps failing reaches the waiting callers as its cause, not as an acquire timeout.
+    create_retry_budget_s: float = 30.0
+    #: The agent's dead-man timeout: seconds without a frame from the host after which the
+    #: agent in a sandbox kills everything it started and exits (the host pings at a third of
+    #: it), so a crashed host leaves nothing running.
+    agent_ttl_s: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         problems = _check_config(self)
@@ -541,8 +596,16 @@ def _parse_atropos_text(field: str, text: str) -> Any:
     return text
 
 
-#: The seed's name for `SandboxConfig`.
-ModalSandboxConfig = SandboxConfig
+@attrs.frozen(kw_only=True)
+class ModalSandboxConfig(SandboxConfig):
+    """The seed's name for `SandboxConfig`: the same profile, whose backend defaults to modal.
+
+    `backend` is `$TERMINAL_ENV` when set, else `modal` (the original ran on Modal only).
+    """
+
+    #: Where sandboxes run. Default: `$TERMINAL_ENV` when set (and not empty), else `modal`.
+    backend: Backend = attrs.field(factory=_modal_backend_from_environment)
+
 
 attrs.resolve_types(SandboxConfig)
 _FIELD_CHECKERS: Final[Mapping[str, Callable[[Any], Any]]] = {
@@ -646,6 +709,8 @@ def _check_config(config: SandboxConfig) -> list[_Problem]:
     at_least("reap_min_age_s", 0)
     at_least("max_checkpoints", 0)
     at_least("max_checkpoint_bytes", 0)
+    positive("agent_ttl_s")
+    at_least("create_retry_budget_s", 0)
     return problems
 
 
@@ -857,15 +922,15 @@ def _settings_from_mapping(data: object, layer: _Layer, problems: list[str]) -> 
 def _environment_settings(
     env: Mapping[str, str], given: Mapping[str, _Setting], *, from_arguments: bool
 ) -> dict[str, _Setting]:
-    """The environment's layer: fills `backend` and `image` when not given, sets `app_name`.
+    """The environment's layer: fills `backend` when not given, sets `image` and `app_name`.
 
     When the profiles were passed as arguments (`from_arguments`), which outrank the
-    environment, `app_name` is only filled in too.
+    environment, `image` and `app_name` are only filled in too.
     """
     settings: dict[str, _Setting] = {}
     for variable, field, fill_only in (
         (ENV_BACKEND, "backend", True),
-        (ENV_IMAGE, "image", True),
+        (ENV_IMAGE, "image", from_arguments),
         (ENV_APP_NAME, "app_name", from_arguments),
     ):
         value = env.get(variable, "")
@@ -881,13 +946,23 @@ def _build_config(
     problems: list[str],
     *,
     name: str | None = None,
+    default_backend: Backend = "local",
 ) -> SandboxConfig | None:
     """Structure one config from its merged settings, reporting problems where they came from.
 
     With `name` (a profile's key), a `name` setting must equal it, and the backend defaults to
-    `local`: the environment's `TERMINAL_ENV` is one of the layers already merged.
+    `default_backend`: the environment's `TERMINAL_ENV` is one of the layers already merged.
     """
-    data: dict[str, Any] = {} if name is None else {"name": name, "backend": "local"}
+    data: dict[str, Any] = {}
+    if name is not None:
+        data = {"name": name, "backend": default_backend}
+        backend = settings.get("backend")
+        if backend is None:
+            announce_backend(
+                default_backend, f"no profile sets a backend and {ENV_BACKEND} is unset"
+            )
+        elif backend.layer.rank == _RANK_ENVIRONMENT:
+            announce_backend(str(backend.value), f"{ENV_BACKEND}={backend.value}")
     for field, setting in settings.items():
         if field == "name" and name is not None:
             if setting.value != name:
@@ -1123,13 +1198,17 @@ def load_profiles(
     overrides: Mapping[str, Any] | None = None,
     profile_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     default_profile: str | None = None,
+    default_backend: Backend = "local",
 ) -> Profiles:
     """Resolve the profiles: defaults < YAML file < environment < overrides.
 
-    `path` is the YAML file; when None, `$TERMINAL_MODAL_PROFILES_FILE` is used, and without it
-    there is one `default` profile made of the defaults. `env` stands for the environment
-    (default `os.environ`). `overrides` sets fields of every profile; `profile_overrides`
-    (profile name to fields) sets fields of one profile each and wins over `overrides`.
+    `path` is the YAML file; when None, `$TERMINAL_MODAL_PROFILES_FILE` is used, else
+    `./modal_profiles.yaml` when it exists (as the original terminal tool did), and without
+    any there is one `default` profile made of the defaults. Profiles that name no backend get
+    `$TERMINAL_ENV`, else `default_backend` (the Modal names pass `modal`). `env` stands for
+    the environment (default `os.environ`). `overrides` sets fields of every profile;
+    `profile_overrides` (profile name to fields) sets fields of one profile each and wins over
+    `overrides`.
     `default_profile` wins over the file's; without either, the default profile is `default`
     when there is one, else the only profile (several profiles and no default is an error).
 
@@ -1145,6 +1224,14 @@ def load_profiles(
     elif environment.get(ENV_PROFILES_FILE, "") != "":
         source = environment[ENV_PROFILES_FILE]
         document = _read_yaml(source, from_environment=True)
+    elif os.path.isfile(WORKING_DIRECTORY_PROFILES):
+        source = WORKING_DIRECTORY_PROFILES
+        logger.info(
+            "hermes-actors: reading profiles from ./%s (%s is unset)",
+            WORKING_DIRECTORY_PROFILES,
+            ENV_PROFILES_FILE,
+        )
+        document = _read_yaml(source, from_environment=False)
     else:
         source = None
         document = {"profiles": {"default": {}}}
@@ -1182,7 +1269,9 @@ def load_profiles(
                 f"{own.pop('name').location}: a profile's name is its key; it cannot be overridden"
             )
         settings.update(own)
-        config = _build_config(settings, file_layer, problems, name=name)
+        config = _build_config(
+            settings, file_layer, problems, name=name, default_backend=default_backend
+        )
         if config is not None:
             configs[name] = config
 
@@ -1203,6 +1292,7 @@ def profiles_from_mapping(
     default_profile: str | None = None,
     env: Mapping[str, str] | None = None,
     source: str = "profiles",
+    default_backend: Backend = "local",
 ) -> Profiles:
     """Build `Profiles` from configs or plain mappings given as arguments, as strictly as YAML.
 
@@ -1210,8 +1300,9 @@ def profiles_from_mapping(
     `"default"` takes its key's name; any other name must equal its key. A mapping is read like
     a YAML profile (aliases accepted, unknown keys rejected); fields it leaves out come from the
     environment (`TERMINAL_ENV`, `TERMINAL_MODAL_IMAGE`, `TERMINAL_MODAL_APP_NAME`, which only
-    fill in: arguments outrank the environment) and then the defaults. `default_profile` as in
-    `load_profiles`. Problems are reported as `{source}: $.name...: ...`.
+    fill in: arguments outrank the environment) and then the defaults (`default_backend` for
+    the backend). `default_profile` as in `load_profiles`. Problems are reported as
+    `{source}: $.name...: ...`.
     """
     environment = os.environ if env is None else env
     problems: list[str] = []
@@ -1238,7 +1329,9 @@ def profiles_from_mapping(
         else:
             settings = _settings_from_mapping(value, layer, problems)
             settings.update(_environment_settings(environment, settings, from_arguments=True))
-            config = _build_config(settings, layer, problems, name=name)
+            config = _build_config(
+                settings, layer, problems, name=name, default_backend=default_backend
+            )
             if config is not None:
                 configs[name] = config
     names = [name for name in profiles if isinstance(name, str)]

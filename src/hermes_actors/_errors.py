@@ -54,6 +54,10 @@ class SandboxLost(InfrastructureError):
         self.sandbox_id = sandbox_id
         self.reason = reason
 
+    def again(self) -> SandboxLost:
+        """A fresh error for the same loss (one error object must not be raised in two tasks)."""
+        return SandboxLost(self.sandbox_id, self.reason)
+
 
 class SandboxStartFailed(InfrastructureError):
     """A sandbox could not be started.

@@ -1,7 +1,8 @@
 """The driver seam: how a sandbox is started, and nothing else.
 
-A driver turns a `SandboxSpec` into a running sandbox whose agent bootstrap (`python3 -c
-BOOTSTRAP`, see `hermes_actors._agent`) is connected to a bidirectional byte stream. The layers
+A driver turns a profile (`SandboxConfig`, the one value that says what a sandbox is) into a
+running sandbox whose agent bootstrap (`python3 -c BOOTSTRAP`, see `hermes_actors._agent`) is
+connected to a bidirectional byte stream. The layers
 above speak the agent protocol over that stream and never learn how the sandbox was made.
 """
 
@@ -10,41 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-import attrs
 import trio
 
-
-@attrs.frozen(kw_only=True)
-class SandboxSpec:
-    """Everything a driver needs to start one sandbox of a profile."""
-
-    profile: str
-    image: str = "python:3.11"
-    cpu: float = 1.0
-    memory_mib: int = 2048
-    gpu: str | None = None
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    secrets: tuple[str, ...] = ()
-    network: bool = False
-    #: Seconds a sandbox may live at most (the provider kills it then).
-    max_lifetime_s: float = 3600.0
-    #: Seconds with no activity after which the provider may reclaim the sandbox.
-    idle_timeout_s: float = 120.0
-    #: Where slot workspaces live inside the sandbox (local/none: a host temp dir is used).
-    workspace_base: str = "/data"
-    #: `bwrap`, `none` or `auto`; only the local driver reads it.
-    isolation: str = "auto"
-    slots: int = 10
-    #: The provider app sandboxes belong to (Modal: `App.lookup(app_name)`).
-    app_name: str = "hermes-actors"
-    #: Provider tags (the modal driver adds its own: app, profile, run id, created-at).
-    tags: Mapping[str, str] = attrs.field(factory=dict)
-    #: Seconds without any frame from the host after which the agent kills everything and exits.
-    agent_ttl_s: float = 60.0
-    #: Seconds a driver may keep retrying a failed create (its waits included) before it
-    #: reports the failure. The pool sets it inside its acquire deadline, so a create that keeps
-    #: failing reaches the waiting callers as its cause, not as an acquire timeout.
-    create_retry_budget_s: float = 30.0
+from hermes_actors._config import SandboxConfig
 
 
 class SandboxHandle(Protocol):
@@ -91,7 +60,7 @@ class SandboxDriver(Protocol):
 
     name: str
 
-    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+    async def create(self, spec: SandboxConfig) -> SandboxHandle:
         """Start one sandbox and return its handle, with the bootstrap already running.
 
         If cancelled or failing after the provider accepted the sandbox, the driver terminates

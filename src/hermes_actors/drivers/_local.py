@@ -3,7 +3,7 @@
 Each sandbox gets a private host directory (its slot workspaces, and the agent's log) and one
 agent process started as ``python3 -c BOOTSTRAP``; the agent's stdin/stdout are the stream.
 
-Isolation (`SandboxSpec.isolation`):
+Isolation (`SandboxConfig.isolation`):
 
 * ``bwrap``: the agent runs inside bubblewrap with its own pid/net/ipc/uts namespaces, host
   ``/usr`` and ``/etc`` read-only, private ``/tmp`` and ``/run``, the workspace root bound
@@ -37,8 +37,8 @@ from typing import Any
 import trio
 
 from hermes_actors._agent import BOOTSTRAP
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
-from hermes_actors.drivers._base import SandboxSpec
 
 logger = logging.getLogger("hermes_actors.drivers.local")
 
@@ -372,10 +372,10 @@ class LocalDriver:
             return "none"
         return "bwrap"
 
-    async def create(self, spec: SandboxSpec) -> LocalSandbox:
+    async def create(self, spec: SandboxConfig) -> LocalSandbox:
         isolation = await self.resolve_isolation(spec.isolation)
-        sandbox_id = f"local-{spec.profile}-{secrets.token_hex(4)}"
-        directory = tempfile.mkdtemp(prefix=f"hermes-{spec.profile}-", dir=self._root_dir)
+        sandbox_id = f"local-{spec.name}-{secrets.token_hex(4)}"
+        directory = tempfile.mkdtemp(prefix=f"hermes-{spec.name}-", dir=self._root_dir)
         workspace = os.path.join(directory, "ws")
         os.mkdir(workspace)
         # Slot uids must traverse the workspace root to reach their own 0700 directories.

@@ -45,8 +45,8 @@ from typing import Any
 import trio
 
 from hermes_actors._agent import BOOTSTRAP
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import BackendUnavailable, HermesError, SandboxStartFailed
-from hermes_actors.drivers._base import SandboxSpec
 from hermes_actors.drivers._modal_stream import (
     FUTURES_SUPPORTED,
     StdinStream,
@@ -159,7 +159,7 @@ def _auth_error(exc: BaseException) -> BackendUnavailable:
 
 
 def map_create_error(
-    modal: Any, exc: BaseException, spec: SandboxSpec, *, attempts: int = 1, spent_s: float = 0.0
+    modal: Any, exc: BaseException, spec: SandboxConfig, *, attempts: int = 1, spent_s: float = 0.0
 ) -> HermesError:
     """The hermes error for a modal failure while starting a sandbox of `spec`.
 
@@ -174,13 +174,13 @@ def map_create_error(
     if _is(modal, exc, "ImageBuildError", "RemoteError"):
         return SandboxStartFailed(
             f"Modal could not pull or build the image {spec.image!r} of profile "
-            f"{spec.profile!r}: {exc}. Check the image reference (and registry access), or set "
+            f"{spec.name!r}: {exc}. Check the image reference (and registry access), or set "
             "another `image` in the profile",
             retryable=False,
         )
     if _is_rate_limit(modal, exc):
         return SandboxStartFailed(
-            f"Modal refused to start a sandbox of profile {spec.profile!r} because of a quota "
+            f"Modal refused to start a sandbox of profile {spec.name!r} because of a quota "
             f"or rate limit ({exc}){tried}; retry later, lower `creates_per_second`/"
             "`max_starting`, or raise the account's limits",
             retryable=True,
@@ -188,12 +188,12 @@ def map_create_error(
         )
     if _is(modal, exc, "InvalidError", "NotFoundError", "AlreadyExistsError"):
         return SandboxStartFailed(
-            f"Modal rejected the sandbox of profile {spec.profile!r}: {exc}. Fix the profile "
+            f"Modal rejected the sandbox of profile {spec.name!r}: {exc}. Fix the profile "
             "(image, gpu, cpu, memory, timeouts) and try again",
             retryable=False,
         )
     return SandboxStartFailed(
-        f"starting a Modal sandbox of profile {spec.profile!r} failed: {exc!r}{tried}; retry "
+        f"starting a Modal sandbox of profile {spec.name!r} failed: {exc!r}{tried}; retry "
         "later, and if it persists check https://status.modal.com",
         retryable=True,
         attempts=attempts,
@@ -301,7 +301,7 @@ class ModalSandbox:
         driver: ModalDriver,
         sandbox: Any,
         process: Any,
-        spec: SandboxSpec,
+        spec: SandboxConfig,
     ) -> None:
         self._driver = driver
         self._sandbox = sandbox
@@ -557,7 +557,7 @@ class ModalDriver:
             self._images[image] = cached
         return cached
 
-    async def _secret(self, modal: Any, name: str, spec: SandboxSpec) -> Any:
+    async def _secret(self, modal: Any, name: str, spec: SandboxConfig) -> Any:
         cached = self._secrets.get(name)
         if cached is None:
             secret = modal.Secret.from_name(name)
@@ -566,7 +566,7 @@ class ModalDriver:
             except Exception as exc:
                 if _is(modal, exc, "NotFoundError"):
                     raise SandboxStartFailed(
-                        f"the Modal secret {name!r} (profile {spec.profile!r}) does not exist: "
+                        f"the Modal secret {name!r} (profile {spec.name!r}) does not exist: "
                         f"create it with `modal secret create {name} KEY=value`, or remove it "
                         "from the profile's `secrets`",
                         retryable=False,
@@ -579,29 +579,29 @@ class ModalDriver:
 
     # -- create --
 
-    def create_arguments(self, spec: SandboxSpec, *, create_id: str) -> dict[str, Any]:
+    def create_arguments(self, spec: SandboxConfig, *, create_id: str) -> dict[str, Any]:
         """The `Sandbox.create` keywords for `spec` (app, image and secrets added by `create`)."""
         tags = {
             **spec.tags,
             TAG_APP: spec.app_name,
-            TAG_PROFILE: spec.profile,
+            TAG_PROFILE: spec.name,
             TAG_RUN: self.run_id,
             TAG_CREATED_AT: str(int(time.time())),
             TAG_CREATE_ID: create_id,
         }
         return {
             "cpu": float(spec.cpu),
-            "memory": int(spec.memory_mib),
+            "memory": int(spec.memory),
             "gpu": spec.gpu,
-            "timeout": max(1, math.ceil(spec.max_lifetime_s)),
-            "idle_timeout": max(1, math.ceil(spec.idle_timeout_s)),
+            "timeout": max(1, math.ceil(spec.max_lifetime)),
+            "idle_timeout": max(1, math.ceil(spec.idle_timeout)),
             "workdir": spec.workspace_base,
-            "env": dict(spec.env),
+            "env": dict(spec.env_vars),
             "tags": tags,
             "block_network": not spec.network,
         }
 
-    async def create(self, spec: SandboxSpec) -> ModalSandbox:
+    async def create(self, spec: SandboxConfig) -> ModalSandbox:
         """Start one sandbox and its agent exec; see `SandboxDriver.create`.
 
         Retries rate-limit refusals and transient failures with backoff (`retry_delays_s`),
@@ -642,7 +642,7 @@ class ModalDriver:
                 self.create_retries += 1
                 logger.info(
                     "creating a Modal sandbox of profile %r failed (%r); retrying in %g s",
-                    spec.profile,
+                    spec.name,
                     exc,
                     delay,
                 )
@@ -651,7 +651,7 @@ class ModalDriver:
                 await trio.sleep(delay)
 
     async def _create_once(
-        self, modal: Any, app: Any, image: Any, secret_objects: list[Any], spec: SandboxSpec
+        self, modal: Any, app: Any, image: Any, secret_objects: list[Any], spec: SandboxConfig
     ) -> ModalSandbox:
         create_id = secrets.token_hex(8)
         arguments = self.create_arguments(spec, create_id=create_id)

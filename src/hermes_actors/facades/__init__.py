@@ -1,5 +1,6 @@
 """Facades: the APIs users call (`ToolBackend` for trainers, `terminal_tool` for agents)."""
 
+from hermes_actors._trio import Portal
 from hermes_actors.facades._backend import (
     ArtifactTooLarge,
     ExecutionResult,
@@ -9,7 +10,6 @@ from hermes_actors.facades._backend import (
     ToolBackend,
     ToolResult,
 )
-from hermes_actors.facades._portal import Portal
 from hermes_actors.facades._terminal import cleanup_vm, shutdown_terminal_backend, terminal_tool
 
 __all__ = [

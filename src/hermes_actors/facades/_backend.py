@@ -47,7 +47,6 @@ import attrs
 import sniffio
 import trio
 
-from hermes_actors._client import ExecResult
 from hermes_actors._config import Profiles, SandboxConfig, load_profiles, profiles_from_mapping
 from hermes_actors._errors import (
     AgentError,
@@ -56,11 +55,19 @@ from hermes_actors._errors import (
     RuntimeStopped,
     SandboxLost,
 )
+from hermes_actors._status import BackendStatus, PoolStatus
+from hermes_actors._trio import Portal, collapse_exception_groups
+from hermes_actors._values import (
+    Command,
+    CommandResult,
+    FileContent,
+    FileWritten,
+    ReadFile,
+    WriteFile,
+)
 from hermes_actors.drivers._base import SandboxDriver
-from hermes_actors.facades._portal import Portal
 from hermes_actors.runtime._runtime import Checkpoint, Lease, Runtime
 from hermes_actors.runtime._trees import DownloadTarget, UploadSource
-from hermes_actors.runtime._trio_util import collapse_exception_groups
 
 __all__ = [
     "ArtifactTooLarge",
@@ -84,7 +91,7 @@ TOOLS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"command"}),
         frozenset({"timeout", "allow_network", "require_sandbox", "background"}),
     ),
-    "read_file": (frozenset({"path"}), frozenset()),
+    "read_file": (frozenset({"path"}), frozenset({"max_bytes"})),
     "write_file": (frozenset({"path", "content"}), frozenset()),
 }
 #: Default bound of `archive_artifacts`, in bytes of compressed archive.
@@ -100,13 +107,20 @@ ARCHIVE_FORMATS = ("tar.gz", "tgz")
 
 
 class ArtifactTooLarge(HermesError, ValueError):
-    """An artifact (or archive) is larger than the bound the caller set."""
+    """An artifact (or archive) is larger than the bound the caller set or the agent allows."""
 
-    def __init__(self, path: str, max_bytes: int) -> None:
-        super().__init__(
-            f"the archive of {path!r} is larger than {max_bytes} bytes; archive a smaller "
-            "directory or raise max_bytes"
-        )
+    def __init__(self, path: str, max_bytes: int, *, what: str = "archive") -> None:
+        if what == "archive":
+            message = (
+                f"the archive of {path!r} is larger than {max_bytes} bytes; archive a smaller "
+                "directory or raise max_bytes"
+            )
+        else:
+            message = (
+                f"the file {path!r} is larger than the {max_bytes} bytes one read returns; "
+                "read it in parts (max_bytes) or archive it with archive_artifacts"
+            )
+        super().__init__(message)
         self.path = path
         self.max_bytes = max_bytes
 
@@ -731,6 +745,11 @@ class ToolBackend:
             if name in args and not isinstance(args[name], bool):
                 kind = type(args[name]).__name__
                 raise _BadRequest(f"{tool}: {name!r} must be a bool, got {kind}")
+        max_bytes = args.get("max_bytes")
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        ):
+            raise _BadRequest(f"{tool}: 'max_bytes' must be an int >= 1, got {max_bytes!r}")
         return slot
 
     async def _run_tool(
@@ -759,11 +778,9 @@ class ToolBackend:
                     if args.get("background", False):
                         command, timeout = _background_command(command), BACKGROUND_START_TIMEOUT_S
                     cap = config.max_output_bytes
-                    result = await runtime.exec(
+                    result: CommandResult = await runtime.call(
                         slot.lease,
-                        command=command,
-                        timeout_s=float(timeout),
-                        max_output_bytes=cap,
+                        Command(command=command, timeout_s=float(timeout), max_output_bytes=cap),
                         on_submitted=on_submitted,
                     )
                     rendered = _bash_result(slot.slot_id, result, cap, float(timeout))
@@ -771,30 +788,27 @@ class ToolBackend:
                         rendered = _background_result(rendered)
                     return _with_facts(rendered, slot, args)
                 if tool == "read_file":
-                    data = await runtime.read_file(
+                    cap = config.max_output_bytes
+                    asked = args.get("max_bytes")
+                    content: FileContent = await runtime.call(
                         slot.lease,
-                        args["path"],
-                        max_bytes=config.max_output_bytes,
+                        ReadFile(path=args["path"], max_bytes=min(asked or cap, cap)),
                         on_submitted=on_submitted,
                     )
-                    return _ok_result(
-                        slot.slot_id,
-                        data.decode("utf-8", errors="replace"),
-                        tool,
-                        time.monotonic() - started,
-                        size=len(data),
+                    return _read_result(
+                        slot.slot_id, args["path"], asked, cap, content, time.monotonic() - started
                     )
-                content = args["content"]
-                data = content.encode("utf-8") if isinstance(content, str) else content
-                size = await runtime.write_file(
-                    slot.lease, args["path"], data, on_submitted=on_submitted
+                given = args["content"]
+                data = given.encode("utf-8") if isinstance(given, str) else given
+                written: FileWritten = await runtime.call(
+                    slot.lease, WriteFile(path=args["path"], data=data), on_submitted=on_submitted
                 )
                 return _ok_result(
                     slot.slot_id,
-                    f"wrote {size} bytes to {args['path']}",
+                    f"wrote {written.size} bytes to {args['path']}",
                     tool,
                     time.monotonic() - started,
-                    size=size,
+                    size=written.size,
                 )
         except InfrastructureError as exc:
             if isinstance(exc, SandboxLost):
@@ -860,6 +874,10 @@ class ToolBackend:
                 args["max_bytes"] = max_bytes
             answer = await slot.lease.sandbox.file_op(slot.lease.index, "read_file", args)
             data: bytes = answer["data"]
+            if answer["truncated"] and max_bytes is None:
+                # The caller asked for the whole file: a cut one is not an answer.
+                payload.update(truncated=True, bytes=len(data), file_size=int(answer["size"]))
+                raise ArtifactTooLarge(path, len(data), what="file")
             if include_sha256:
                 payload["sha256"] = (
                     await self._sha256(runtime, slot, path)
@@ -882,8 +900,8 @@ class ToolBackend:
         return await self._route(lambda: _artifact_payload(read, payload, timeout_s))
 
     async def _sha256(self, runtime: Runtime, slot: Slot, path: str) -> str | None:
-        result = await runtime.exec(
-            slot.lease, argv=["sha256sum", "--", path], timeout_s=self.default_timeout_s
+        result: CommandResult = await runtime.call(
+            slot.lease, Command(argv=("sha256sum", "--", path), timeout_s=self.default_timeout_s)
         )
         digest = result.stdout.split(b" ", 1)[0].decode("ascii", errors="replace")
         return digest if result.exit_code == 0 and len(digest) == 64 else None
@@ -971,11 +989,13 @@ class ToolBackend:
                 raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
             limit = DEFAULT_ARCHIVE_MAX_BYTES if max_bytes is None else max_bytes
             runtime = self._held_runtime(slot)
-            result = await runtime.exec(
+            result: CommandResult = await runtime.call(
                 slot.lease,
-                argv=["tar", "-czf", "-", "--", path],
-                timeout_s=self.default_timeout_s if timeout_s is None else timeout_s,
-                max_output_bytes=limit,
+                Command(
+                    argv=("tar", "-czf", "-", "--", path),
+                    timeout_s=self.default_timeout_s if timeout_s is None else timeout_s,
+                    max_output_bytes=limit,
+                ),
             )
             if result.stdout_dropped:
                 raise ArtifactTooLarge(path, limit)
@@ -1090,14 +1110,10 @@ class ToolBackend:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """A snapshot for people: per profile, its sandboxes, slots free/held, waiters, counters.
+    def status(self) -> BackendStatus:
+        """A frozen snapshot: the profiles, and per started pool its sandboxes, slots and counters.
 
-        `{"running": bool, "profiles": [...names], "pools": [{"profile", "backend",
-        "sandboxes": [{"sandbox_id", "state", "slots_free", "slots_held", "age_s",
-        "commands_run"}], "slots_free", "slots_held", "waiters", "starting", "commands_run",
-        "command_failures", "infra_failures", "sandboxes_started", "sandboxes_stopped",
-        "sandboxes_lost"}]}`. Never blocks for long.
+        See `BackendStatus` for what each figure means. Never blocks for long.
         """
         portal = self._portal
         if self._mode == "portal" and portal is not None and portal.running:
@@ -1107,18 +1123,15 @@ class ToolBackend:
                 pass
         return self._status_now()
 
-    def _status_now(self) -> dict[str, Any]:
+    def _status_now(self) -> BackendStatus:
         runtime = self._runtime
-        snapshot: dict[str, Any] = {
-            "running": runtime is not None,
-            "profiles": list(self.profiles.names),
-            "default_profile": self.profiles.default_profile,
-            "slots_held_by_caller": len(self._held),
-            "pools": [],
-        }
-        if runtime is not None:
-            snapshot["pools"] = attrs.asdict(runtime.status())["pools"]
-        return snapshot
+        return BackendStatus(
+            running=runtime is not None,
+            profiles=self.profiles.names,
+            default_profile=self.profiles.default_profile,
+            slots_held_by_caller=len(self._held),
+            pools=runtime.status().pools if runtime is not None else (),
+        )
 
     def get_status(self) -> dict[str, Any]:
         """The status in the original Hermes backend's shape.
@@ -1128,7 +1141,7 @@ class ToolBackend:
         made by `with_profiles` with `{profiles, active_pools, default_profile, pools: {name:
         pool}}`. `status()` says more.
         """
-        started = {pool["profile"]: pool for pool in self.status()["pools"]}
+        started = {pool.profile: pool for pool in self.status().pools}
         pools = {
             name: _original_pool_status(self.profiles.get_profile(name), pool)
             for name, pool in started.items()
@@ -1146,7 +1159,7 @@ class ToolBackend:
     def list_profiles(self) -> dict[str, dict[str, Any]]:
         """Each profile's `{image, gpu, cpu, memory, slots_per_sandbox, max_sandboxes, active}`
         (the original's listing); `active` is whether its pool runs."""
-        active = {pool["profile"] for pool in self.status()["pools"]}
+        active = {pool.profile for pool in self.status().pools}
         return {
             name: {
                 "image": config.image,
@@ -1169,15 +1182,15 @@ ModalToolBackend = ToolBackend
 _HEALTHY_STATES = frozenset({"ready", "draining"})
 
 
-def _original_pool_status(config: SandboxConfig, pool: Mapping[str, Any] | None) -> dict[str, Any]:
-    sandboxes = [] if pool is None else pool["sandboxes"]
-    healthy = [sandbox for sandbox in sandboxes if sandbox["state"] in _HEALTHY_STATES]
+def _original_pool_status(config: SandboxConfig, pool: PoolStatus | None) -> dict[str, Any]:
+    sandboxes = () if pool is None else pool.sandboxes
+    healthy = [sandbox for sandbox in sandboxes if sandbox.state in _HEALTHY_STATES]
     return {
         "sandboxes": len(sandboxes),
         "healthy_sandboxes": len(healthy),
         "max_sandboxes": config.max_sandboxes,
-        "total_slots": sum(s["slots_free"] + s["slots_held"] for s in healthy),
-        "available_slots": sum(s["slots_free"] for s in healthy),
+        "total_slots": sum(s.slots_free + s.slots_held for s in healthy),
+        "available_slots": sum(s.slots_free for s in healthy),
         "slots_per_sandbox": config.slots_per_sandbox,
     }
 
@@ -1344,6 +1357,34 @@ def _error_result(
     )
 
 
+def _read_result(
+    slot_id: str,
+    path: str,
+    asked: int | None,
+    cap: int,
+    content: FileContent,
+    duration_s: float,
+) -> ExecutionResult:
+    """`read_file`'s result: the whole file, or says it is not (an error when all was asked)."""
+    text = content.data.decode("utf-8", errors="replace")
+    facts = {"size": content.size, "truncated": content.truncated}
+    if content.truncated and (asked is None or asked > len(content.data)):
+        return attrs.evolve(
+            _error_result(
+                slot_id,
+                f"read_file: {path!r} is {content.size} bytes, more than the {cap}-byte cap (the "
+                f"profile's max_output_bytes); output holds its first {len(content.data)} "
+                "bytes. Read it in parts (max_bytes, or bash with head/tail) or raise "
+                "max_output_bytes",
+                "read_file",
+                duration_s,
+                **facts,
+            ),
+            output=text,
+        )
+    return _ok_result(slot_id, text, "read_file", duration_s, **facts)
+
+
 def _capped_text(data: bytes, dropped: int, cap: int, stream: str) -> str:
     """Decode captured output, marking where the agent dropped the middle of it."""
     if not dropped:
@@ -1356,7 +1397,9 @@ def _capped_text(data: bytes, dropped: int, cap: int, stream: str) -> str:
     )
 
 
-def _bash_result(slot_id: str, result: ExecResult, cap: int, timeout_s: float) -> ExecutionResult:
+def _bash_result(
+    slot_id: str, result: CommandResult, cap: int, timeout_s: float
+) -> ExecutionResult:
     stdout = _capped_text(result.stdout, result.stdout_dropped, cap, "stdout")
     stderr = _capped_text(result.stderr, result.stderr_dropped, cap, "stderr")
     if stdout and stderr and not stdout.endswith("\n"):

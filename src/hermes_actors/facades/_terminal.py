@@ -121,10 +121,13 @@ def terminal_tool(
     else the profile's `execution_timeout_s`). With `background`, the command starts detached
     and the call returns at once, saying which file collects its output; it runs until
     `cleanup_vm` of its task (`default` when `task_id` is None). Blocks the calling thread;
-    never raises for a failure.
+    never raises, also not for arguments of the wrong type (they are reported in `error`).
     """
-    if not isinstance(background, bool):
-        return _reply("", None, f"'background' must be a bool, got {type(background).__name__}")
+    problem = _argument_problem(command, task_id, profile, timeout)
+    if problem is None and not isinstance(background, bool):
+        problem = f"invalid arguments: 'background' must be a bool, got {type(background).__name__}"
+    if problem is not None:
+        return _reply("", None, problem)
     if timeout is None:
         try:
             timeout = _timeout_from_environment()
@@ -160,6 +163,31 @@ def terminal_tool(
             _task_slots.pop(task_id, None)
             _release_quietly(backend, slot, reset=False)
         return reply
+
+
+def _argument_problem(
+    command: object, task_id: object, profile: object, timeout: object
+) -> str | None:
+    """What is wrong with terminal_tool's arguments, or None."""
+    problems = []
+    if not isinstance(command, str):
+        problems.append(f"'command' must be a str, got {type(command).__name__}")
+    elif "\0" in command:
+        problems.append("'command' must not contain NUL characters")
+    for name, value in (("task_id", task_id), ("profile", profile)):
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{name!r} must be a str or None, got {type(value).__name__}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        shown = repr(timeout) if isinstance(timeout, int | float) else type(timeout).__name__
+        problems.append(f"'timeout' must be a number of seconds > 0 or None, got {shown}")
+    if not problems:
+        return None
+    return "invalid arguments: " + "; ".join(problems)
 
 
 def _run_once(
@@ -227,8 +255,10 @@ def cleanup_vm(task_id: str) -> None:
     """Give back `task_id`'s slot: its processes are killed and its files wiped.
 
     A task without a slot (never used, or already cleaned up) is a no-op. Never raises for a
-    failed sandbox.
+    failed sandbox; a `task_id` that is not a str cannot have a slot, so it is a no-op too.
     """
+    if not isinstance(task_id, str):
+        return
     with _task_lock(task_id):
         slot = _task_slots.pop(task_id, None)
         backend = _backend

@@ -33,13 +33,13 @@ import collections
 import enum
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from typing import Any, assert_never
+from collections.abc import Iterator
+from typing import assert_never
 
 import attrs
 import trio
 
-from hermes_actors._client import ExecResult
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import (
     AcquireTimeout,
     ConfigError,
@@ -49,10 +49,12 @@ from hermes_actors._errors import (
     RuntimeStopped,
     SandboxStartFailed,
 )
-from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
+from hermes_actors._status import PoolStatus, SandboxStatus
+from hermes_actors._trio import Reply, call, clone_exception, close_mailbox
+from hermes_actors._values import Command, CommandResult
+from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.runtime._trees import CheckpointLedger
-from hermes_actors.runtime._trio_util import Reply, call, clone_exception, close_mailbox
 
 logger = logging.getLogger("hermes_actors.pool")
 
@@ -77,9 +79,9 @@ class Lease:
     trajectory_id: str | None
     sandbox: SandboxActor = attrs.field(repr=False, eq=False)
 
-    async def exec(self, **options: Any) -> ExecResult:
-        """Run a command in this slot (options as for `SandboxClient.exec`)."""
-        return await self.sandbox.exec(self.index, **options)
+    async def exec(self, command: Command) -> CommandResult:
+        """Run a command in this slot (see `SandboxActor.call`)."""
+        return await self.sandbox.exec(self.index, command)
 
 
 @attrs.frozen(kw_only=True)
@@ -98,33 +100,6 @@ class Release:
 
 
 PoolMessage = Acquire | Release
-
-
-@attrs.frozen(kw_only=True)
-class SandboxStatus:
-    sandbox_id: str
-    state: str
-    slots_free: int
-    slots_held: int
-    age_s: float
-    commands_run: int
-
-
-@attrs.frozen(kw_only=True)
-class PoolStatus:
-    profile: str
-    backend: str
-    sandboxes: tuple[SandboxStatus, ...]
-    slots_free: int
-    slots_held: int
-    waiters: int
-    starting: int
-    commands_run: int
-    command_failures: int
-    infra_failures: int
-    sandboxes_started: int
-    sandboxes_stopped: int
-    sandboxes_lost: int
 
 
 class _State(enum.Enum):
@@ -153,45 +128,9 @@ class _Member:
         return bool(self.held or self.resetting)
 
 
-@attrs.frozen(kw_only=True)
-class PoolSettings:
-    """What the pool needs from a profile's configuration, beyond the sandbox spec."""
-
-    backend: str
-    spec: SandboxSpec
-    min_sandboxes: int
-    max_sandboxes: int
-    acquire_timeout_s: float
-    max_starting: int
-    max_output_bytes: int = 1_000_000
-    #: Checkpoints the pool may hold at once, and the bytes they may store together.
-    max_checkpoints: int = 64
-    max_checkpoint_bytes: int = 8 * 1024**3
-
-    @property
-    def profile(self) -> str:
-        return self.spec.profile
-
-    @property
-    def slots_per_sandbox(self) -> int:
-        return self.spec.slots
-
-    @property
-    def idle_timeout_s(self) -> float:
-        return self.spec.idle_timeout_s
-
-    @property
-    def max_lifetime_s(self) -> float:
-        return self.spec.max_lifetime_s
-
-    @property
-    def env(self) -> Mapping[str, str]:
-        return self.spec.env
-
-    @property
-    def rotate_after_s(self) -> float:
-        """Age at which a sandbox stops taking slots: a margin before the provider's limit."""
-        return self.max_lifetime_s - min(60.0, self.max_lifetime_s * 0.1)
+def _rotate_after_s(config: SandboxConfig) -> float:
+    """Age at which a sandbox stops taking slots: a margin before the provider's limit."""
+    return config.max_lifetime - min(60.0, config.max_lifetime * 0.1)
 
 
 def _is_permanent(error: BaseException) -> bool:
@@ -204,14 +143,15 @@ def _is_permanent(error: BaseException) -> bool:
 class ProfilePool:
     """The pool actor of one profile. Run with `await nursery.start(pool.run)`."""
 
-    def __init__(self, settings: PoolSettings, driver: SandboxDriver) -> None:
-        self.settings = settings
+    def __init__(self, config: SandboxConfig, driver: SandboxDriver) -> None:
+        self.config = config
         self._driver = driver
-        self._spec = attrs.evolve(
-            settings.spec,
+        # What the driver is asked to start: the profile, with a create retry budget that fits
+        # inside the acquire deadline.
+        self._create_config = attrs.evolve(
+            config,
             create_retry_budget_s=min(
-                settings.spec.create_retry_budget_s,
-                settings.acquire_timeout_s * CREATE_RETRY_SHARE,
+                config.create_retry_budget_s, config.acquire_timeout_s * CREATE_RETRY_SHARE
             ),
         )
         self._send, self._receive = trio.open_memory_channel[PoolMessage](MAILBOX_SIZE)
@@ -239,9 +179,7 @@ class ProfilePool:
         self._finished_commands = 0
         self._finished_failures = 0
         self.checkpoints = CheckpointLedger(
-            settings.profile,
-            max_count=settings.max_checkpoints,
-            max_bytes=settings.max_checkpoint_bytes,
+            config.name, max_count=config.max_checkpoints, max_bytes=config.max_checkpoint_bytes
         )
 
     # -- the caller side ------------------------------------------------------------------------
@@ -261,7 +199,7 @@ class ProfilePool:
         Cancellation gives back a slot that was already handed over. With `near`, a free slot
         of that sandbox is taken first (a fork lands next to its source when it can).
         """
-        limit = self.settings.acquire_timeout_s if timeout_s is None else timeout_s
+        limit = self.config.acquire_timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit):
             return await call(
                 self._send,
@@ -271,7 +209,7 @@ class ProfilePool:
         if self._last_start_error is not None:
             # No slot came because sandboxes fail to start: that, not capacity, is the answer.
             raise clone_exception(self._start_error())
-        raise AcquireTimeout(self.settings.profile, limit)
+        raise AcquireTimeout(self.config.name, limit)
 
     async def release(self, lease: Lease, *, reset: bool = True) -> None:
         """Give a slot back; with `reset` its processes are killed and its workspace wiped first.
@@ -294,9 +232,7 @@ class ProfilePool:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(
-                    self._housekeeper, name=f"pool-housekeeper:{self.settings.profile}"
-                )
+                nursery.start_soon(self._housekeeper, name=f"pool-housekeeper:{self.config.name}")
                 self._scale()
                 task_status.started(self)
                 async for message in self._receive:
@@ -314,7 +250,7 @@ class ProfilePool:
 
     def _stopped_error(self) -> RuntimeStopped:
         return RuntimeStopped(
-            f"the pool of profile {self.settings.profile!r} stopped; if the runtime is still "
+            f"the pool of profile {self.config.name!r} stopped; if the runtime is still "
             "running, its supervisor restarts the pool: try again"
         )
 
@@ -347,8 +283,8 @@ class ProfilePool:
             index = self._take_free(member)
             actor = member.actor
             lease = Lease(
-                slot_id=f"{self.settings.profile}/{actor.sandbox_id}/{index}",
-                profile=self.settings.profile,
+                slot_id=f"{self.config.name}/{actor.sandbox_id}/{index}",
+                profile=self.config.name,
                 sandbox_id=actor.sandbox_id,
                 index=index,
                 trajectory_id=waiter.trajectory_id,
@@ -460,11 +396,13 @@ class ProfilePool:
             # The sandbox is dying; its exit report drops it. The caller's release still holds.
             logger.warning("reset of %s slot %d failed: %s", member.actor.sandbox_id, index, exc)
             member.resetting.discard(index)
+        else:
+            member.resetting.discard(index)
+            self._slot_freed(member, index)
+        finally:
+            # Also when the pool stops mid-reset: the slot is released either way (its sandbox
+            # is terminated with the pool), and the caller must hear so.
             reply.set(None)
-            return
-        member.resetting.discard(index)
-        self._slot_freed(member, index)
-        reply.set(None)
 
     def _slot_freed(self, member: _Member, index: int) -> None:
         if member.state is _State.READY:
@@ -488,18 +426,18 @@ class ProfilePool:
         if trio.current_time() < self._start_blocked_until:
             self._reschedule()
             return
-        settings = self.settings
+        config = self.config
         starting = self._state_counts[_State.STARTING]
-        room = min(settings.max_sandboxes - self._live_count(), settings.max_starting - starting)
+        room = min(config.max_sandboxes - self._live_count(), config.max_starting - starting)
         if room <= 0:
             self._reschedule()
             return
         ready_or_starting = self._state_counts[_State.READY] + starting
         waiting = sum(1 for waiter in self._waiters if not waiter.reply.abandoned)
-        uncovered = waiting - self._free_count - starting * settings.slots_per_sandbox
+        uncovered = waiting - self._free_count - starting * config.slots_per_sandbox
         wanted = max(
-            math.ceil(uncovered / settings.slots_per_sandbox),
-            settings.min_sandboxes - ready_or_starting,
+            math.ceil(uncovered / config.slots_per_sandbox),
+            config.min_sandboxes - ready_or_starting,
         )
         for _ in range(max(0, min(wanted, room))):
             self._start_member()
@@ -511,15 +449,13 @@ class ProfilePool:
         key = self._member_ids
         actor = SandboxActor(
             driver=self._driver,
-            spec=self._spec,
-            env=self.settings.env,
-            max_output_bytes=self.settings.max_output_bytes,
+            config=self._create_config,
             on_ready=lambda _actor: self._on_ready(member),
         )
         member = _Member(actor=actor)
         self._add_member(key, member)
         self._nursery.start_soon(
-            self._run_member, key, member, name=f"sandbox:{self.settings.profile}/{key}"
+            self._run_member, key, member, name=f"sandbox:{self.config.name}/{key}"
         )
 
     async def _run_member(self, key: int, member: _Member) -> None:
@@ -541,7 +477,7 @@ class ProfilePool:
         self._set_state(member, _State.READY)
         member.ready_at = trio.current_time()
         self._by_ready_at[member] = None
-        for index in range(self.settings.slots_per_sandbox):
+        for index in range(self.config.slots_per_sandbox):
             self._add_free(member, index)
         self._set_idle(member)
         self.sandboxes_started += 1
@@ -565,8 +501,8 @@ class ProfilePool:
             logger.warning(
                 "sandbox %s of profile %r was lost (%s); replacing it",
                 member.actor.sandbox_id,
-                self.settings.profile,
-                member.actor.died or error,
+                self.config.name,
+                died.reason if (died := member.actor.died) is not None else repr(error),
             )
         member.state = _State.STOPPING  # no longer a member: the indexes do not count it
         self._serve_waiters()
@@ -576,7 +512,7 @@ class ProfilePool:
         self._start_failures += 1
         self._last_start_error = error
         self.infra_failures += 1
-        logger.warning("could not start a sandbox of profile %r: %s", self.settings.profile, error)
+        logger.warning("could not start a sandbox of profile %r: %s", self.config.name, error)
         if self._gave_up(error):
             self._fail_waiters(self._start_error())
         backoff = START_BACKOFF_S[min(self._start_failures, len(START_BACKOFF_S)) - 1]
@@ -604,7 +540,7 @@ class ProfilePool:
         if isinstance(error, HermesError):
             return error
         return SandboxStartFailed(
-            f"sandboxes of profile {self.settings.profile!r} fail to start: {error!r}"
+            f"sandboxes of profile {self.config.name!r} fail to start: {error!r}"
         )
 
     def _fail_waiters(self, error: BaseException) -> None:
@@ -623,16 +559,16 @@ class ProfilePool:
     # -- housekeeping: idle timeouts, rotation, start backoff ------------------------------------
 
     def _next_event(self) -> float:
-        settings = self.settings
+        config = self.config
         events = (
             [self._start_blocked_until] if self._start_blocked_until > trio.current_time() else []
         )
         longest_idle = next(self._stoppable_idle(), None)
-        if self._live_count() > settings.min_sandboxes and longest_idle is not None:
+        if self._live_count() > config.min_sandboxes and longest_idle is not None:
             assert longest_idle.idle_since is not None
-            events.append(longest_idle.idle_since + settings.idle_timeout_s)
+            events.append(longest_idle.idle_since + config.idle_timeout)
         if self._by_ready_at:
-            events.append(next(iter(self._by_ready_at)).ready_at + settings.rotate_after_s)
+            events.append(next(iter(self._by_ready_at)).ready_at + _rotate_after_s(config))
         return min(events, default=math.inf)
 
     def checkpoints_changed(self) -> None:
@@ -658,10 +594,10 @@ class ProfilePool:
 
     def _housekeep(self) -> None:
         now = trio.current_time()
-        settings = self.settings
+        config = self.config
         # Both indexes are in time order: only their heads can be due.
         for member in list(self._by_ready_at):
-            if now < member.ready_at + settings.rotate_after_s:
+            if now < member.ready_at + _rotate_after_s(config):
                 break
             self._set_state(member, _State.DRAINING)
             if not member.busy:
@@ -669,13 +605,13 @@ class ProfilePool:
         due = []
         for member in self._stoppable_idle():
             assert member.idle_since is not None
-            if now < member.idle_since + settings.idle_timeout_s:
+            if now < member.idle_since + config.idle_timeout:
                 break
             due.append(member)
         for member in due:
-            if self._live_count() <= settings.min_sandboxes:
+            if self._live_count() <= config.min_sandboxes:
                 break
-            self._stop_member(member, f"idle for {settings.idle_timeout_s:g} s")
+            self._stop_member(member, f"idle for {config.idle_timeout:g} s")
         self._scale()
 
     # -- inspection -----------------------------------------------------------------------------
@@ -696,8 +632,8 @@ class ProfilePool:
         )
         members = list(self._members.values())
         return PoolStatus(
-            profile=self.settings.profile,
-            backend=self.settings.backend,
+            profile=self.config.name,
+            backend=self.config.backend,
             sandboxes=sandboxes,
             slots_free=sum(len(m.free) for m in members),
             slots_held=sum(len(m.held) for m in members),

@@ -1,7 +1,8 @@
 """The runtime: every profile's pool under one supervisor, and the calls the facades make.
 
 `Runtime.run` owns a `Supervisor` whose children are the `ProfilePool` actors, one per profile,
-started when the profile is first used (the default profile at once, so it pre-warms). A pool that
+started at once for the default profile and every profile with `min_sandboxes` (so they are warm
+when `run` reports started), and for the others when they are first used. A pool that
 crashes is restarted by the supervisor with fresh state (its sandboxes went down with it); too
 many crashes in a short period escalate out of `run`. Commands go straight to the sandbox actor
 a lease names: handles are the addresses, so the pool is not on the hot path of `exec`.
@@ -17,11 +18,14 @@ from typing import Any
 import attrs
 import trio
 
-from hermes_actors._client import ExecResult
 from hermes_actors._config import Profiles, SandboxConfig
 from hermes_actors._errors import ConfigError, RuntimeStopped
-from hermes_actors.drivers._base import SandboxDriver, SandboxSpec
-from hermes_actors.runtime._pool import Lease, PoolSettings, PoolStatus, ProfilePool, SandboxStatus
+from hermes_actors._status import PoolStatus
+from hermes_actors._trio import collapse_exception_groups
+from hermes_actors._values import Operation
+from hermes_actors.drivers._base import SandboxDriver
+from hermes_actors.drivers._registry import DRIVERS, make_driver
+from hermes_actors.runtime._pool import Lease, ProfilePool
 from hermes_actors.runtime._supervisor import ChildSpec, Restart, Supervisor
 from hermes_actors.runtime._trees import (
     Checkpoint,
@@ -34,9 +38,8 @@ from hermes_actors.runtime._trees import (
     take_checkpoint,
     upload,
 )
-from hermes_actors.runtime._trio_util import collapse_exception_groups
 
-__all__ = ["Checkpoint", "Lease", "PoolStatus", "Runtime", "RuntimeStatus", "SandboxStatus"]
+__all__ = ["Checkpoint", "Lease", "Runtime", "RuntimeStatus"]
 
 #: Pool crashes tolerated within `POOL_RESTART_PERIOD_S` before the runtime gives up.
 POOL_MAX_RESTARTS = 3
@@ -50,41 +53,6 @@ class RuntimeStatus:
     """A snapshot of every started pool."""
 
     pools: tuple[PoolStatus, ...]
-
-
-def sandbox_spec(config: SandboxConfig) -> SandboxSpec:
-    """What a driver needs to start a sandbox of this profile."""
-    return SandboxSpec(
-        profile=config.name,
-        image=config.image,
-        cpu=config.cpu,
-        memory_mib=config.memory,
-        gpu=config.gpu,
-        env=dict(config.env_vars),
-        secrets=tuple(config.secrets),
-        network=config.network,
-        max_lifetime_s=config.max_lifetime,
-        idle_timeout_s=config.idle_timeout,
-        workspace_base=config.workspace_base,
-        isolation=config.isolation,
-        slots=config.slots_per_sandbox,
-        tags=dict(config.tags),
-        app_name=config.app_name,
-    )
-
-
-def pool_settings(config: SandboxConfig) -> PoolSettings:
-    return PoolSettings(
-        backend=config.backend,
-        spec=sandbox_spec(config),
-        min_sandboxes=config.min_sandboxes,
-        max_sandboxes=config.max_sandboxes,
-        acquire_timeout_s=config.acquire_timeout_s,
-        max_starting=config.max_starting,
-        max_output_bytes=config.max_output_bytes,
-        max_checkpoints=config.max_checkpoints,
-        max_checkpoint_bytes=config.max_checkpoint_bytes,
-    )
 
 
 class Runtime:
@@ -114,7 +82,10 @@ class Runtime:
     async def run(
         self, *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Start the supervisor and the default profile's pool, report started, run until cancelled.
+        """Start the supervisor and the pools to warm, report started, run until cancelled.
+
+        The pools started at once are the default profile's and every profile's with
+        `min_sandboxes` (their sandboxes start warming then).
 
         On cancellation the pools stop in reverse start order and every sandbox is terminated
         (bounded). Raises `SupervisorEscalation` if pools keep crashing.
@@ -127,7 +98,10 @@ class Runtime:
                 await nursery.start(supervisor.run)
                 self._supervisor = supervisor
                 try:
-                    await self._pool(self.profiles.default_profile)
+                    for name in self.profiles.names:
+                        config = self.profiles.profiles[name]
+                        if name == self.profiles.default_profile or config.min_sandboxes > 0:
+                            await self._pool(name)
                 except RuntimeStopped:
                     # The supervisor stopped under us because we are being cancelled: let the
                     # cancellation, not its side effect, be what the caller sees.
@@ -145,31 +119,10 @@ class Runtime:
     def _driver(self, config: SandboxConfig) -> SandboxDriver:
         backend = config.backend
         if backend not in self._drivers:
-            driver: SandboxDriver
-            if backend == "local":
-                from hermes_actors.drivers._local import LocalDriver
-
-                driver = LocalDriver()
-            elif backend == "modal":
-                from hermes_actors.drivers._modal import ModalDriver
-
-                # Modal's limits are per account, so one driver throttles every modal profile:
-                # at the strictest profile's rate, with each profile's starting cap added up
-                # (each pool also enforces its own).
-                modal_profiles = [
-                    profile
-                    for profile in self.profiles.profiles.values()
-                    if profile.backend == "modal"
-                ] or [config]
-                driver = ModalDriver(
-                    run_id=self.run_id,
-                    creates_per_second=min(p.creates_per_second for p in modal_profiles),
-                    max_starting=sum(p.max_starting for p in modal_profiles),
-                    reap_on_start=any(p.reap_orphans for p in modal_profiles),
-                    reap_min_age_s=max(p.reap_min_age_s for p in modal_profiles),
-                )
-            else:  # pragma: no cover - the config rejects other backends
+            if backend not in DRIVERS:  # pragma: no cover - the config rejects other backends
                 raise ConfigError(f"unknown backend {backend!r}")
+            same_backend = [p for p in self.profiles.profiles.values() if p.backend == backend]
+            driver = make_driver(backend, same_backend or [config], self.run_id)
             self._drivers[backend] = driver
             self._owned_drivers.append(driver)
         return self._drivers[backend]
@@ -177,7 +130,7 @@ class Runtime:
     async def _run_pool(
         self, config: SandboxConfig, *, task_status: trio.TaskStatus[ProfilePool]
     ) -> None:
-        pool = ProfilePool(pool_settings(config), self._driver(config))
+        pool = ProfilePool(config, self._driver(config))
         await pool.run(task_status=task_status)
 
     async def _pool(self, profile: str | None) -> ProfilePool:
@@ -230,52 +183,19 @@ class Runtime:
         pool = await self._pool(lease.profile)
         await pool.release(lease, reset=reset)
 
-    async def exec(self, lease: Lease, **options: Any) -> ExecResult:
-        """Run a command in the leased slot; see `SandboxActor.exec` for the options.
+    async def call(
+        self,
+        lease: Lease,
+        operation: Operation,
+        *,
+        on_submitted: Callable[[], None] | None = None,
+    ) -> Any:
+        """Do `operation` in the leased slot and return its result value.
 
-        A slot's requests run in the order they are submitted: `on_submitted` (for `exec`,
-        `read_file`, `write_file`) says when this one is, so the next can be sent at once.
+        Goes straight to the lease's sandbox actor (see `SandboxActor.call`): a slot's calls run
+        in the order they are submitted, and `on_submitted` says when this one is.
         """
-        return await lease.sandbox.exec(lease.index, **options)
-
-    async def read_file(
-        self,
-        lease: Lease,
-        path: str,
-        *,
-        max_bytes: int | None = None,
-        on_submitted: Callable[[], None] | None = None,
-    ) -> bytes:
-        args: dict[str, Any] = {"path": path}
-        if max_bytes is not None:
-            args["max_bytes"] = max_bytes
-        result = await lease.sandbox.file_op(
-            lease.index, "read_file", args, on_submitted=on_submitted
-        )
-        data: bytes = result["data"]
-        return data
-
-    async def write_file(
-        self,
-        lease: Lease,
-        path: str,
-        data: bytes,
-        *,
-        on_submitted: Callable[[], None] | None = None,
-    ) -> int:
-        result = await lease.sandbox.file_op(
-            lease.index, "write_file", {"path": path, "data": data}, on_submitted=on_submitted
-        )
-        return int(result["size"])
-
-    async def list_files(
-        self, lease: Lease, path: str = ".", *, recursive: bool = False
-    ) -> list[dict[str, Any]]:
-        result = await lease.sandbox.file_op(
-            lease.index, "list_files", {"path": path, "recursive": recursive}
-        )
-        entries: list[dict[str, Any]] = result["entries"]
-        return entries
+        return await lease.sandbox.call(lease.index, operation, on_submitted=on_submitted)
 
     # -- workspace trees: checkpoints, forks, directory transfer (see runtime._trees) -----------
 
@@ -343,23 +263,16 @@ class Runtime:
         await download(lease, path, dest)
 
     async def reap_orphans(self) -> int:
-        """Terminate sandboxes that other (crashed) runs left in the modal profiles' apps.
+        """Terminate what other (crashed) runs left in this runtime's backends; how many.
 
-        Found by tag; this run's sandboxes are spared. Local sandboxes never outlive their run
-        (bubblewrap dies with its parent, the agent with its stream), so there is nothing to
-        reap locally. Returns how many were terminated.
+        Each backend's driver entry says how (Modal: by tag, sparing this run's sandboxes);
+        local sandboxes never outlive their run, so there is nothing to reap locally.
         """
-        from hermes_actors.drivers._modal import ModalDriver
-
-        modal_profiles = [p for p in self.profiles.profiles.values() if p.backend == "modal"]
-        if not modal_profiles:
-            return 0
-        driver = self._driver(modal_profiles[0])
-        if not isinstance(driver, ModalDriver):  # a test's stand-in
-            return 0
         reaped = 0
-        for app_name in sorted({p.app_name for p in modal_profiles}):
-            reaped += len(await driver.reap(app_name))
+        for backend, entry in DRIVERS.items():
+            profiles = [p for p in self.profiles.profiles.values() if p.backend == backend]
+            if entry.reap is not None and profiles:
+                reaped += await entry.reap(self._driver(profiles[0]), profiles)
         return reaped
 
     def status(self) -> RuntimeStatus:

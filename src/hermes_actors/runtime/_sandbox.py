@@ -1,18 +1,23 @@
 """The sandbox actor: owns one driver sandbox and the agent client talking to it.
 
-Messages (`SandboxMessage`): `Exec`, `FileOp`, `ResetSlot` from the facades and the pool; the
-actor replies through each message's `Reply`. The mailbox loop submits each request to the agent
-at once (a sync queue write, so requests leave in mailbox order) and a child task awaits the
-answer. Each slot's requests run one at a time, in arrival order: they are submitted as `serial`,
-and the agent queues them per slot. So a batch for many slots, or many requests for one slot,
-costs one write to the agent, and one provider round trip on Modal.
+Messages: `Call` (an `Operation` value for one slot, and its `Reply`). The mailbox loop submits
+each call to the agent at once (a sync queue write, so calls leave in mailbox order) and a child
+task awaits the answer. Every slot operation is submitted as `serial`, so the agent runs a slot's
+calls one at a time, in arrival order; a batch for many slots, or many calls for one slot, costs
+one write to the agent and one provider round trip on Modal.
+
+Cancellation is one protocol: a caller that gives up abandons its reply, and the actor (told so
+by the reply, synchronously) sends the agent a `cancel` for that request. The caller then waits,
+bounded, until the actor has its final answer, so a cancelled command is dead before the caller
+moves on. No cancel scope or event travels inside a message.
 
 Invariants:
-* A request whose caller gives up (its `cancel_scope` is cancelled) has its command killed before
-  the caller moves on: the client cancels it in the agent (running or queued) and waits for it.
+* Every call gets exactly one outcome: its result, the agent's error, or `SandboxLost` when the
+  sandbox is or becomes dead (never a hang). An error the actor knows at once (bad slot, dead
+  sandbox at submit) reaches the caller at once.
 * When the sandbox dies (agent exit, broken stream) or the actor is stopped, every pending and
-  later request fails with `SandboxLost` (never a hang), the sandbox is terminated (bounded), and
-  the owner learns why through `died` / the `on_exit` callback.
+  later call fails with `SandboxLost`, the sandbox is terminated (bounded), and the owner learns
+  why through `died`.
 """
 
 from __future__ import annotations
@@ -20,20 +25,17 @@ from __future__ import annotations
 import logging
 import posixpath
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, assert_never
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
-from hermes_actors._client import CANCEL_GRACE_S, ExecResult, Request, SandboxClient, exec_args
+from hermes_actors._client import CANCEL_GRACE_S, Request, SandboxClient
+from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import AgentError, SandboxLost
-from hermes_actors.drivers._base import SandboxDriver, SandboxHandle, SandboxSpec
-from hermes_actors.runtime._trio_util import (
-    Reply,
-    bounded_cleanup,
-    close_mailbox,
-    collapse_exception_groups,
-)
+from hermes_actors._trio import Reply, bounded_cleanup, close_mailbox, collapse_exception_groups
+from hermes_actors._values import Command, CommandResult, Operation, ResetSlot, SlotOp
+from hermes_actors.drivers._base import SandboxDriver, SandboxHandle
 
 logger = logging.getLogger("hermes_actors.sandbox")
 
@@ -44,55 +46,12 @@ _T = TypeVar("_T")
 
 
 @attrs.frozen(kw_only=True)
-class Exec:
-    """Run one command in a slot."""
+class Call:
+    """Do `operation` in slot `slot`; the answer goes to `reply`."""
 
     slot: int
-    command: str | None = None
-    argv: list[str] | None = None
-    cwd: str = "."
-    env: Mapping[str, str] | None = None
-    stdin: bytes | None = None
-    timeout_s: float | None = None
-    max_output_bytes: int | None = None
-    reply: Reply[ExecResult]
-    cancel_scope: trio.CancelScope
-    finished: trio.Event = attrs.field(factory=trio.Event)
-
-
-@attrs.frozen(kw_only=True)
-class FileOp:
-    """A file operation of the agent (`read_file`, `write_file`, `list_files`) in a slot."""
-
-    slot: int
-    op: str
-    args: Mapping[str, Any]
-    reply: Reply[dict[str, Any]]
-    cancel_scope: trio.CancelScope
-    finished: trio.Event = attrs.field(factory=trio.Event)
-
-
-@attrs.frozen(kw_only=True)
-class ResetSlot:
-    """Kill everything a slot started and wipe its workspace."""
-
-    slot: int
-    reply: Reply[int]
-
-
-SandboxMessage = Exec | FileOp | ResetSlot
-
-
-def _same(answer: dict[str, Any]) -> dict[str, Any]:
-    return answer
-
-
-def _killed_count(answer: dict[str, Any]) -> int:
-    return int(answer.get("killed", 0))
-
-
-def _replies_of(message: SandboxMessage) -> list[Reply[Any]]:
-    return [message.reply]
+    operation: Operation
+    reply: Reply[Any]
 
 
 class SandboxActor:
@@ -102,20 +61,16 @@ class SandboxActor:
         self,
         *,
         driver: SandboxDriver,
-        spec: SandboxSpec,
+        config: SandboxConfig,
         on_ready: Callable[[SandboxActor], None] | None = None,
-        env: Mapping[str, str] | None = None,
-        max_output_bytes: int = 1_000_000,
     ) -> None:
         self._driver = driver
-        self.spec = spec
+        self.config = config
         self._on_ready = on_ready
-        self._env = dict(env or {})
-        self._max_output_bytes = max_output_bytes
-        self._send, self._receive = trio.open_memory_channel[SandboxMessage](MAILBOX_SIZE)
+        self._send, self._receive = trio.open_memory_channel[Call](MAILBOX_SIZE)
         self.handle: SandboxHandle | None = None
         self.client: SandboxClient | None = None
-        self.sandbox_id = f"{spec.profile}-starting"
+        self.sandbox_id = f"{config.name}-starting"
         self.started_at = 0.0
         self.died: SandboxLost | None = None
         self.commands_run = 0
@@ -125,71 +80,61 @@ class SandboxActor:
         """Slot `slot`'s workspace directory inside the sandbox (as its agent reported it)."""
         root = None if self.client is None else self.client.agent_info.get("workspace_root")
         if not isinstance(root, str):
-            root = self.spec.workspace_base
+            root = self.config.workspace_base
         return posixpath.join(root, f"slot-{slot}")
 
     # -- the caller side: send a message, await its reply --------------------------------------
 
-    async def exec(
-        self, slot: int, *, on_submitted: Callable[[], None] | None = None, **options: Any
-    ) -> ExecResult:
-        """Run a command in `slot` (see `SandboxClient.exec` for the options).
-
-        Requests of one slot run in the order they reach the mailbox; `on_submitted` is called
-        once this one is there, so a caller can pipeline a slot's requests in order without
-        waiting for each to finish. Cancellation kills the command (its whole tree, running or
-        queued) before this raises `Cancelled` (bounded by `CANCEL_GRACE_S`).
-        Raises `SandboxLost` if the sandbox is or becomes dead.
-        """
-        message = Exec(slot=slot, reply=Reply(), cancel_scope=trio.CancelScope(), **options)
-        result: ExecResult = await self._request(message, on_submitted)
-        return result
-
-    async def file_op(
+    async def call(
         self,
         slot: int,
-        op: str,
-        args: Mapping[str, Any],
+        operation: Operation,
         *,
         on_submitted: Callable[[], None] | None = None,
-    ) -> dict[str, Any]:
-        """Run an agent file operation (`read_file`, `write_file`, `list_files`) in `slot`."""
-        message = FileOp(
-            slot=slot, op=op, args=args, reply=Reply(), cancel_scope=trio.CancelScope()
-        )
-        result: dict[str, Any] = await self._request(message, on_submitted)
-        return result
-
-    async def reset_slot(self, slot: int) -> int:
-        """Kill the slot's processes and wipe its workspace; returns how many were killed."""
-        reply: Reply[int] = Reply()
-        await self._send_message(ResetSlot(slot=slot, reply=reply))
-        return await reply.wait()
-
-    async def _send_message(self, message: SandboxMessage) -> None:
-        if self.died is not None:
-            raise SandboxLost(self.died.sandbox_id, self.died.reason)
-        try:
-            await self._send.send(message)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
-            raise SandboxLost(died.sandbox_id, died.reason) from None
-
-    async def _request(  # returns the reply's type
-        self, message: Exec | FileOp, on_submitted: Callable[[], None] | None
     ) -> Any:
-        await self._send_message(message)
+        """Do `operation` in `slot` and return its result value (see `hermes_actors._values`).
+
+        A slot's calls run in the order they reach the mailbox; `on_submitted` is called once
+        this one is there, so a caller can pipeline a slot's calls without waiting for each.
+        Cancellation abandons the reply: the actor cancels the request in the agent (a command
+        is killed, tree and all, running or queued), and this waits for that (bounded by
+        `CANCEL_GRACE_S`) before `Cancelled` propagates. Raises `SandboxLost` if the sandbox is
+        or becomes dead, `AgentError` when the agent refused the operation.
+        """
+        reply: Reply[Any] = Reply()
+        if self.died is not None:
+            raise self.died.again()
+        try:
+            self._send.send_nowait(Call(slot=slot, operation=operation, reply=reply))
+        except trio.WouldBlock:
+            await self._send.send(Call(slot=slot, operation=operation, reply=reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise (self.died or SandboxLost(self.sandbox_id, "sandbox stopped")).again() from None
         if on_submitted is not None:
             on_submitted()
         try:
-            return await message.reply.wait()
-        except BaseException:
-            # The caller gave up (or failed): what it asked for must not run on. Wait, bounded
-            # and shielded, until the actor has stopped it, so nothing runs behind its back.
-            message.cancel_scope.cancel(reason="caller gave up")
+            return await reply.wait()
+        except trio.Cancelled:
+            # The reply is abandoned (the actor cancels the request in the agent): wait until
+            # the agent's final answer reached the actor, so nothing runs behind our back.
             with trio.move_on_after(CANCEL_GRACE_S, shield=True):
-                await message.finished.wait()
+                await reply.wait_closed()
             raise
+
+    async def exec(self, slot: int, command: Command) -> CommandResult:
+        """Run `command` in `slot` (see `call`)."""
+        result: CommandResult = await self.call(slot, command)
+        return result
+
+    async def file_op(self, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """An agent operation `_values` does not model (checkpoints, tar streams): its answer."""
+        answer: dict[str, Any] = await self.call(slot, SlotOp(op=op, args=args))
+        return answer
+
+    async def reset_slot(self, slot: int) -> int:
+        """Kill the slot's processes and wipe its workspace; returns how many were killed."""
+        result = await self.call(slot, ResetSlot())
+        return int(result.killed)
 
     # -- the actor ----------------------------------------------------------------------------
 
@@ -216,30 +161,27 @@ class SandboxActor:
                     self.died = SandboxLost(self.sandbox_id, "sandbox stopped")
             # A fresh error per reply: one exception object raised in many tasks would get
             # their tracebacks mixed up.
-            died = self.died
-            close_mailbox(
-                self._receive, _replies_of, lambda: SandboxLost(died.sandbox_id, died.reason)
-            )
+            close_mailbox(self._receive, lambda call: [call.reply], self.died.again)
             if self.handle is not None:
                 await bounded_cleanup(TERMINATE_LIMIT_S, self.handle.terminate)
 
     async def _serve(self, task_status: trio.TaskStatus[SandboxActor]) -> None:
-        self.handle = await self._driver.create(self.spec)
+        self.handle = await self._driver.create(self.config)
         self.sandbox_id = self.handle.sandbox_id
         self.started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             self.client = SandboxClient(
                 self.handle,
-                ttl_s=self.spec.agent_ttl_s,
-                env=self._env,
-                max_output_bytes=self._max_output_bytes,
+                ttl_s=self.config.agent_ttl_s,
+                env=self.config.env_vars,
+                max_output_bytes=self.config.max_output_bytes,
             )
             await nursery.start(self._run_client, nursery.cancel_scope)
             task_status.started(self)
             if self._on_ready is not None:
                 self._on_ready(self)
-            async for message in self._receive:
-                self._dispatch(nursery, message)
+            async for call in self._receive:
+                self._dispatch(nursery, call)
 
     async def _run_client(
         self, actor_scope: trio.CancelScope, *, task_status: trio.TaskStatus[SandboxClient]
@@ -255,85 +197,55 @@ class SandboxActor:
             # Whatever ended the client ends the actor: a sandbox without its agent is dead.
             actor_scope.cancel(reason="sandbox agent gone")
 
-    def _dispatch(self, nursery: trio.Nursery, message: SandboxMessage) -> None:
-        slot = message.slot
-        if not 0 <= slot < self.spec.slots:
+    def _dispatch(self, nursery: trio.Nursery, call: Call) -> None:
+        if call.reply.abandoned:
+            call.reply.close()
+            return
+        slot, operation = call.slot, call.operation
+        if not 0 <= slot < self.config.slots_per_sandbox:
             error = AgentError("bad_request", f"slot {slot} does not exist in {self.sandbox_id}")
-            message.reply.fail(error)
+            call.reply.fail(error)
             return
         assert self.client is not None
-        convert: Callable[[dict[str, Any]], Any]
-        match message:
-            case Exec():
-                args = exec_args(
-                    slot,
-                    command=message.command,
-                    argv=message.argv,
-                    cwd=message.cwd,
-                    env=message.env,
-                    stdin=message.stdin,
-                    timeout_s=message.timeout_s,
-                    max_output_bytes=message.max_output_bytes,
-                    serial=True,
-                )
-                request_args, op, convert = args, "exec", self._count_exec
-                scope, finished = message.cancel_scope, message.finished
-            case FileOp():
-                request_args = {**message.args, "slot": slot, "serial": True}
-                op, convert = message.op, _same
-                scope, finished = message.cancel_scope, message.finished
-            case ResetSlot():
-                request_args, op = {"slot": slot}, "reset_slot"
-                convert = _killed_count
-                scope, finished = trio.CancelScope(), trio.Event()  # a reset always completes
-            case _:
-                assert_never(message)
+        args = operation.to_wire(slot)
+        if not isinstance(operation, ResetSlot):  # a reset must not wait behind the slot's queue
+            args["serial"] = True
         try:
-            request = self.client.submit(op, request_args)
+            request = self.client.submit(operation.op, args)
         except SandboxLost as exc:
-            message.reply.fail(exc)
-            if isinstance(message, Exec):
+            call.reply.fail(exc.again())
+            if isinstance(operation, Command):
                 self.command_failures += 1
             return
-        name = f"{op}:{self.sandbox_id}/{slot}"
-        nursery.start_soon(
-            self._await_answer, request, message.reply, scope, finished, convert, name=name
-        )
+        client = self.client
+        call.reply.on_abandon(lambda: client.cancel(request))
+        name = f"{operation.op}:{self.sandbox_id}/{slot}"
+        nursery.start_soon(self._await_answer, request, call, name=name)
 
-    async def _await_answer(
-        self,
-        request: Request,
-        reply: Reply[Any],
-        scope: trio.CancelScope,
-        finished: trio.Event,
-        convert: Callable[[dict[str, Any]], Any],
-    ) -> None:
-        """Await the agent's answer to one request and resolve its reply; then set `finished`."""
+    async def _await_answer(self, request: Request, call: Call) -> None:
+        """Await the agent's answer to one request and resolve the call's reply."""
         assert self.client is not None
+        reply = call.reply
         try:
-            with scope:
-                try:
-                    answer = await self.client.wait(request)
-                except (AgentError, SandboxLost) as exc:
-                    if request.cancellable and isinstance(exc, SandboxLost):
-                        self.command_failures += 1
-                    reply.fail(exc)
-                    return
-                reply.set(convert(answer))
+            try:
+                answer = await self.client.wait(request)
+            except (AgentError, SandboxLost) as exc:
+                if isinstance(call.operation, Command) and isinstance(exc, SandboxLost):
+                    self.command_failures += 1
+                reply.fail(exc)
+                return
+            result = call.operation.result_from_wire(answer)
+            if isinstance(result, CommandResult):
+                self.commands_run += 1
+                if result.exit_code != 0:
+                    self.command_failures += 1
+            reply.set(result)
         finally:
             # Cancelled because the sandbox died while this request was pending: the caller
-            # must still hear why (no-op when the caller gave up or it was answered).
+            # must still hear why (a no-op when it was answered or abandoned).
             if not reply.done:
-                died = self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
-                reply.fail(SandboxLost(died.sandbox_id, died.reason))
-            finished.set()
-
-    def _count_exec(self, answer: dict[str, Any]) -> ExecResult:
-        result = ExecResult.from_reply(answer)
-        self.commands_run += 1
-        if result.exit_code != 0:
-            self.command_failures += 1
-        return result
+                reply.fail((self.died or SandboxLost(self.sandbox_id, "sandbox stopped")).again())
+            reply.close()
 
     # -- inspection -----------------------------------------------------------------------------
 

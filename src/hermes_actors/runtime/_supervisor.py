@@ -35,7 +35,7 @@ import attrs
 import trio
 
 from hermes_actors._errors import HermesError, RuntimeStopped
-from hermes_actors.runtime._trio_util import bounded_cleanup
+from hermes_actors._trio import bounded_cleanup
 
 __all__ = [
     "ChildAlreadyStarted",

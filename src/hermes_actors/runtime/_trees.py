@@ -38,8 +38,8 @@ from hermes_actors._errors import (
     HermesError,
     TransferFailed,
 )
+from hermes_actors._trio import collapse_exception_groups
 from hermes_actors.runtime._sandbox import SandboxActor
-from hermes_actors.runtime._trio_util import collapse_exception_groups
 
 logger = logging.getLogger("hermes_actors.trees")
 

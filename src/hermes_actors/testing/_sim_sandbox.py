@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from hermes_actors._agent import PROTOCOL_VERSION, FrameDecoder, encode_frame
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._config import SandboxConfig
 
 _U32 = struct.Struct(">I")
 
@@ -88,7 +88,7 @@ class SimulatedSandbox:
         self,
         *,
         sandbox_id: str,
-        spec: SandboxSpec,
+        spec: SandboxConfig,
         reset_s: float,
         contention: bool,
         on_exit: Callable[[SimulatedSandbox], None],
@@ -342,6 +342,6 @@ class SimulatedSandbox:
         }
 
 
-def lifetime_end(spec: SandboxSpec, now: float) -> float:
+def lifetime_end(spec: SandboxConfig, now: float) -> float:
     """When the provider kills a sandbox for reaching its maximum lifetime."""
-    return now + spec.max_lifetime_s if math.isfinite(spec.max_lifetime_s) else math.inf
+    return now + spec.max_lifetime if math.isfinite(spec.max_lifetime) else math.inf

@@ -38,7 +38,7 @@ import trio.testing
 
 from hermes_actors._config import Profiles, SandboxConfig
 from hermes_actors._errors import AcquireTimeout, InfrastructureError, SandboxStartFailed
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._values import Command
 from hermes_actors.drivers._modal import DEFAULT_RETRY_DELAYS_S, CreateThrottle
 from hermes_actors.runtime._pool import Lease
 from hermes_actors.runtime._runtime import Runtime
@@ -201,7 +201,7 @@ class SimulatedProvider:
             return True
         return False
 
-    async def create(self, spec: SandboxSpec) -> SimulatedSandbox:
+    async def create(self, spec: SandboxConfig) -> SimulatedSandbox:
         """One create request. Raises `RateLimited` (at once) or `CreateFailed` (after latency)."""
         self.create_times.append(trio.current_time())
         if not self._take_token():
@@ -230,7 +230,7 @@ class SimulatedProvider:
         self.live[sandbox.sandbox_id] = sandbox
         self.peak_live = max(self.peak_live, len(self.live))
         self.timeline.append((trio.current_time(), len(self.live)))
-        expires = spec.max_lifetime_s if math.isfinite(spec.max_lifetime_s) else math.inf
+        expires = spec.max_lifetime if math.isfinite(spec.max_lifetime) else math.inf
         if lost_after < expires:
             self._nursery.start_soon(self._kill_after, sandbox, lost_after, "lost")
         elif math.isfinite(expires):
@@ -270,7 +270,7 @@ class SimulatedProvider:
         spec = sandbox.spec
         return (
             spec.cpu * self.model.price_per_cpu_second
-            + spec.memory_mib / 1024 * self.model.price_per_gib_second
+            + spec.memory / 1024 * self.model.price_per_gib_second
         )
 
     def _gone(self, sandbox: SimulatedSandbox) -> None:
@@ -345,7 +345,7 @@ class SimulatedDriver:
         self.retry_delays_s = tuple(retry_delays_s)
         self.create_retries = 0
 
-    async def create(self, spec: SandboxSpec) -> SimulatedSandbox:
+    async def create(self, spec: SandboxConfig) -> SimulatedSandbox:
         delays = iter(self.retry_delays_s)
         started = trio.current_time()
         attempts = 0
@@ -364,7 +364,7 @@ class SimulatedDriver:
                 if delay is None:
                     tried = f" (gave up after {attempts} attempts in {spent:.1f} s)"
                     raise SandboxStartFailed(
-                        f"the simulated provider refused a sandbox of profile {spec.profile!r}: "
+                        f"the simulated provider refused a sandbox of profile {spec.name!r}: "
                         f"{exc}{tried if attempts > 1 else ''}",
                         retryable=True,
                         attempts=attempts,
@@ -542,7 +542,7 @@ async def _trajectory(
             duration = scenario.command.sample(rng)
             while True:
                 try:
-                    await runtime.exec(lease, command=f"sleep {duration:.6f}")
+                    await runtime.call(lease, Command(command=f"sleep {duration:.6f}"))
                     break
                 except InfrastructureError:
                     # The sandbox was lost: mask the step, go on in a fresh slot.

@@ -1,4 +1,8 @@
-"""A scriptable fake driver for actor tests, on trio's virtual clock.
+"""A scriptable fake driver: test trainers and tools offline, on trio's virtual clock.
+
+Public test support (beside `hermes_actors.testing.modal_emulator`): pass it as a backend's
+driver, `ToolBackend(config, drivers={"local": FakeDriver(nursery)})`, and your code runs
+against the real client, actors and pools with no process or network, in virtual time.
 
 Each fake sandbox runs a fake agent: a trio task in this process that speaks the real agent
 protocol (the real codec, the real client on the other side) over an in-memory stream. Commands
@@ -6,9 +10,9 @@ are interpreted, not run: `sleep N` sleeps N virtual seconds, `echo X` prints, `
 anything else runs the driver's `script` hook. So the client, sandbox actors, pools and runtime
 are exercised for real, with exact virtual times.
 
-Knobs: `create_latency_s`, `fail_next_creates` (errors raised by the next creates), `kill(id)`
-(the sandbox dies as if the provider killed it). Counters: `created`, `terminated`, `alive`,
-`execs`, `resets`, `max_alive`.
+Knobs: `create_latency_s`, `reset_latency_s`, `fail_next_creates` (errors raised by the next
+creates), `kill(id)` (the sandbox dies as if the provider killed it). Counters: `created`,
+`terminated`, `alive`, `execs`, `resets`, `max_alive`.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import trio
 import trio.testing
 
 from hermes_actors._agent import PROTOCOL_VERSION, FrameDecoder, encode_frame
-from hermes_actors.drivers._base import SandboxSpec
+from hermes_actors._config import SandboxConfig
 
 Script = Callable[[str], Awaitable[tuple[int, bytes]]]
 
 
 class FakeSandbox:
-    def __init__(self, driver: FakeDriver, sandbox_id: str, spec: SandboxSpec) -> None:
+    def __init__(self, driver: FakeDriver, sandbox_id: str, spec: SandboxConfig) -> None:
         self.driver = driver
         self._sandbox_id = sandbox_id
         self.spec = spec
@@ -45,6 +49,7 @@ class FakeSandbox:
         self._cancel_scope = trio.CancelScope()
         self._send_lock = trio.Lock()
         self.serial_queues: dict[int, list[dict[str, Any]]] = {}
+        self.cancelled_early: set[int] = set()
 
     @property
     def sandbox_id(self) -> str:
@@ -119,7 +124,7 @@ class FakeSandbox:
                     if not data:
                         self._die(0)
                         return
-                    decoder.feed(data)
+                    decoder.feed(bytes(data))
 
     def _enqueue_serial(self, nursery: trio.Nursery, message: dict[str, Any]) -> None:
         """Like the real agent: serial requests of a slot run one at a time, in order."""
@@ -174,8 +179,13 @@ class FakeSandbox:
             scope = self.running.get(args["target"])
             if scope is not None:
                 scope.cancel()
+            else:
+                # Received but not started yet (its task is spawned, not run): it starts
+                # cancelled, as the real agent's would.
+                self.cancelled_early.add(args["target"])
             return {"found": scope is not None}
         if op == "reset_slot":
+            await trio.sleep(self.driver.reset_latency_s)
             self.driver.resets += 1
             slot = args["slot"]
             for dropped in self._drop_queued(slot):
@@ -190,7 +200,9 @@ class FakeSandbox:
             return {"size": len(args["data"])}
         if op == "read_file":
             data = self.files.get(args["slot"], {})[args["path"]]
-            return {"data": data, "size": len(data), "truncated": False}
+            limit = args.get("max_bytes")
+            head = data if limit is None else data[:limit]
+            return {"data": head, "size": len(data), "truncated": len(head) < len(data)}
         if op == "list_files":
             names = sorted(self.files.get(args["slot"], {}))
             return {
@@ -210,6 +222,9 @@ class FakeSandbox:
         command = args.get("command") or shlex.join(args.get("argv") or [])
         started = trio.current_time()
         scope = trio.CancelScope()
+        if request_id in self.cancelled_early:
+            self.cancelled_early.discard(request_id)
+            scope.cancel()
         if args.get("timeout_s") is not None:
             scope.deadline = started + args["timeout_s"]
         self.running[request_id] = scope
@@ -234,6 +249,12 @@ class FakeSandbox:
 
 
 class FakeDriver:
+    """Starts fake sandboxes whose agents are tasks of `nursery` (see the module docstring).
+
+    `script(command)` answers commands the fake does not interpret itself (`sleep`, `echo`,
+    `exit`) with `(exit_code, stdout)`.
+    """
+
     name = "fake"
 
     def __init__(self, nursery: trio.Nursery, *, script: Script | None = None) -> None:
@@ -241,6 +262,7 @@ class FakeDriver:
         self._script = script
         self._ids = itertools.count(1)
         self.create_latency_s = 0.0
+        self.reset_latency_s = 0.0
         self.fail_next_creates: list[BaseException] = []
         self.created = 0
         self.terminated = 0
@@ -248,15 +270,15 @@ class FakeDriver:
         self.resets = 0
         self.alive: set[FakeSandbox] = set()
         self.max_alive = 0
-        self.specs: list[SandboxSpec] = []
+        self.specs: list[SandboxConfig] = []
         self.by_id: dict[str, FakeSandbox] = {}
 
-    async def create(self, spec: SandboxSpec) -> FakeSandbox:
+    async def create(self, spec: SandboxConfig) -> FakeSandbox:
         self.specs.append(spec)
         await trio.sleep(self.create_latency_s)
         if self.fail_next_creates:
             raise self.fail_next_creates.pop(0)
-        sandbox = FakeSandbox(self, f"fake-{spec.profile}-{next(self._ids)}", spec)
+        sandbox = FakeSandbox(self, f"fake-{spec.name}-{next(self._ids)}", spec)
         self.created += 1
         self.alive.add(sandbox)
         self.max_alive = max(self.max_alive, len(self.alive))

@@ -13,8 +13,6 @@ that did not open the runtime in its own nursery) reach it through a `Portal`: o
   finished, so a cancelled command is killed before the caller moves on. A value that the work
   produced but the caller did not take (it was cancelled in between) is handed to the call's
   `on_abandoned`, run as a task in the portal, so a lease is never lost in transit.
-* `services`: long-lived tasks (the runtime itself) are started in the portal nursery with
-  `start_service`, which returns once the service reported started.
 * `stop()` cancels every task in the portal, waits for the loop to finish and joins the thread.
   It is also run at interpreter exit (registered with `threading`'s pre-join exit hooks, so it
   runs while the thread can still be stopped): a script that ends, or dies of Ctrl-C, leaves
@@ -429,17 +427,6 @@ class Portal:
             if not self.running:
                 raise _stopped_error("the call")
         return box[0].unwrap()
-
-    async def start_service(
-        self, service: Callable[..., Awaitable[object]], *, name: str | None = None
-    ) -> Any:
-        """Start `service(task_status=...)` as a long-lived task of the portal nursery.
-
-        Must run inside the portal (e.g. through `call`/`call_blocking`); returns the value the
-        service reported with `task_status.started(...)`.
-        """
-        assert self._nursery is not None
-        return await self._nursery.start(service, name=name)
 
 
 def _register_exit_hook(hook: Callable[[], object]) -> None:

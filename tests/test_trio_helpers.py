@@ -1,4 +1,4 @@
-"""Tests for the general trio helpers: reply cells, calls, cleanup, group collapsing, idle."""
+"""Tests for the general trio helpers: reply cells, calls, cleanup, group collapsing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import trio.lowlevel
 import trio.testing
 
 from hermes_actors._errors import HermesError, RuntimeStopped, SandboxLost
-from hermes_actors.runtime._trio_util import (
-    IdleDeadline,
+from hermes_actors._trio import (
     Reply,
     bounded_cleanup,
     call,
@@ -612,62 +611,10 @@ async def test_collapse_exception_groups_lets_a_cancelled_nursery_be_caught(
     assert trio.current_time() == 1
 
 
-# IdleDeadline -----------------------------------------------------------------------------------
-
-
-async def test_idle_deadline_cancels_body_when_idle(autojump_clock: trio.testing.MockClock) -> None:
-    """The body is cancelled exactly timeout_s after the last touch."""
-    touches: list[float] = []
-    with IdleDeadline(5) as idle:
-        assert idle.deadline == 5
-        for _ in range(3):
-            await trio.sleep(2)
-            idle.touch()
-            touches.append(trio.current_time())
-        await trio.sleep_forever()
-    assert touches == [2, 4, 6]
-    assert idle.expired
-    assert trio.current_time() == 6 + 5
-
-
-async def test_idle_deadline_explicit_cancel_is_not_expiry(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A body cancelled explicitly ends at once and is not reported as idle expiry."""
-
-    async def canceller(idle: IdleDeadline) -> None:
-        await trio.sleep(1)
-        idle.cancel(reason="pool stopping")
-
-    async with trio.open_nursery() as nursery:
-        with IdleDeadline(10) as idle:
-            nursery.start_soon(canceller, idle)
-            await trio.sleep_forever()
-    assert trio.current_time() == 1
-    assert not idle.expired
-
-
-async def test_idle_deadline_body_that_finishes_is_not_expired(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A body that completes before going idle is not expired, and touch is then harmless."""
-    with IdleDeadline(3) as idle:
-        await trio.sleep(2)
-    assert not idle.expired
-    assert trio.current_time() == 2
-
-
-async def test_idle_deadline_rejects_bad_timeouts(autojump_clock: trio.testing.MockClock) -> None:
-    """Non-positive or NaN idle timeouts are refused."""
-    for bad in (0, -1, float("nan")):
-        with pytest.raises(ValueError, match="idle timeout"):
-            IdleDeadline(bad)
-
-
 def test_clone_exception_is_a_fresh_equal_error() -> None:
     """A clone has the class, message and attributes of the original but is another object."""
     from hermes_actors._errors import SandboxLost
-    from hermes_actors.runtime._trio_util import clone_exception
+    from hermes_actors._trio import clone_exception
 
     original = SandboxLost("sb-1", "agent died")
     try:
@@ -680,3 +627,34 @@ def test_clone_exception_is_a_fresh_equal_error() -> None:
     assert str(clone) == str(original)
     assert (clone.sandbox_id, clone.reason, clone.retryable) == ("sb-1", "agent died", True)
     assert clone.__traceback__ is None
+
+
+async def test_on_abandon_runs_when_the_caller_gives_up_and_close_releases_wait_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A caller that gives up runs the actor's abandon hook; wait_closed returns on close."""
+    reply: Reply[str] = Reply()
+    hooked: list[float] = []
+    reply.on_abandon(lambda: hooked.append(trio.current_time()))
+    with trio.move_on_after(2):
+        await reply.wait()
+    assert hooked == [2]
+    assert not reply.set("too late")
+
+    async def close_later() -> None:
+        await trio.sleep(3)
+        reply.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_later)
+        await reply.wait_closed()
+        assert trio.current_time() == 5
+
+
+async def test_on_abandon_registered_after_the_caller_left_runs_at_once() -> None:
+    """A hook registered on an already abandoned reply runs immediately."""
+    reply: Reply[int] = Reply()
+    reply.abandon()
+    ran: list[bool] = []
+    reply.on_abandon(lambda: ran.append(True))
+    assert ran == [True]

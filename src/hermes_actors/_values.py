@@ -1,0 +1,265 @@
+"""The values that travel unchanged from the facades to the wire: operations and their results.
+
+An *operation* is one thing a slot's agent does: run a `Command`, `ReadFile`, `WriteFile`,
+`ListFiles`, `ResetSlot`. Each is a frozen value that knows its agent op name (`op`), its wire
+arguments (`to_wire(slot)`, the field names are the protocol's), and how to read the agent's
+answer back (`result_from_wire`). The facades build them, the runtime carries them to the sandbox
+actor, the client writes them as one frame. A new per-command option is one field on `Command`
+(its name is its wire name; `None` means "the agent's default", and is not sent).
+
+Results are frozen values too (`CommandResult`, `FileContent`, `FileWritten`, `Listing`,
+`SlotReset`): what came back, nothing added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+__all__ = [
+    "Command",
+    "CommandResult",
+    "FileContent",
+    "FileWritten",
+    "ListFiles",
+    "Listing",
+    "Operation",
+    "ReadFile",
+    "ResetSlot",
+    "SlotOp",
+    "SlotReset",
+    "WriteFile",
+]
+
+
+def _tuple_or_none(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _frozen_env(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    return dict(value or {})
+
+
+def _finite_positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{attribute.name!r} must be a number > 0, got {value!r}")
+
+
+def _wire_fields(value: attrs.AttrsInstance, slot: int) -> dict[str, Any]:
+    """The value's fields as wire arguments: `None` fields left out (the agent's default)."""
+    args: dict[str, Any] = {"slot": slot}
+    for field in attrs.fields(type(value)):
+        item = getattr(value, field.name)
+        if item is None:
+            continue
+        if isinstance(item, tuple):
+            item = list(item)
+        elif isinstance(item, Mapping):
+            item = dict(item)
+        args[field.name] = item
+    return args
+
+
+@attrs.frozen(kw_only=True)
+class Command:
+    """One command for a slot: a shell `command` (run by bash) or an `argv`, never both.
+
+    `cwd` is relative to the slot's workspace; `env` adds variables; `stdin` is fed to the
+    command (else /dev/null); `timeout_s` kills the whole tree after that many seconds (None:
+    no limit); `max_output_bytes` caps each captured stream (None: the agent's default).
+    `shell` is `"persistent"` (the command runs in the slot's long-lived shell: cwd, variables,
+    functions persist between calls) or `"fresh"` (its own `bash -c`; the agent's default when
+    None); `merge_stderr` sends stderr into stdout in write order.
+    """
+
+    op: ClassVar[str] = "exec"
+
+    command: str | None = None
+    argv: tuple[str, ...] | None = attrs.field(default=None, converter=_tuple_or_none)
+    cwd: str = "."
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_env, repr=False)
+    stdin: bytes | None = attrs.field(default=None, repr=False)
+    timeout_s: float | None = attrs.field(default=None, validator=_finite_positive)
+    max_output_bytes: int | None = None
+    shell: str | None = None
+    merge_stderr: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.command is None) == (self.argv is None):
+            raise ValueError("a Command needs exactly one of command= or argv=")
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        args = _wire_fields(self, slot)
+        if self.timeout_s is not None and not math.isfinite(self.timeout_s):
+            del args["timeout_s"]
+        return args
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> CommandResult:
+        return CommandResult.from_wire(answer)
+
+
+@attrs.frozen(kw_only=True)
+class CommandResult:
+    """What one command did; a timeout or cancel is a result (`timed_out`, `cancelled`)."""
+
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    cancelled: bool
+    duration_s: float
+    stdout: bytes = attrs.field(repr=False)
+    stderr: bytes = attrs.field(repr=False)
+    #: Bytes of stdout (stderr) the agent dropped from the middle to keep within the cap.
+    stdout_dropped: int
+    stderr_dropped: int
+    #: The slot's persistent shell ended during this call (`exit`, `exec`, killed), or since
+    #: the previous one, and was replaced (last known cwd and exported env restored).
+    shell_restarted: bool = False
+
+    @classmethod
+    def from_wire(cls, answer: Mapping[str, Any]) -> CommandResult:
+        return cls(
+            exit_code=int(answer["exit_code"]),
+            signal=answer.get("signal"),
+            timed_out=bool(answer.get("timed_out", False)),
+            cancelled=bool(answer.get("cancelled", False)),
+            duration_s=float(answer.get("duration_s", 0.0)),
+            stdout=answer.get("stdout", b""),
+            stderr=answer.get("stderr", b""),
+            stdout_dropped=int(answer.get("stdout_dropped", 0)),
+            stderr_dropped=int(answer.get("stderr_dropped", 0)),
+            shell_restarted=bool(answer.get("shell_restarted", False)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ReadFile:
+    """Read a file of the slot's workspace; at most `max_bytes` (None: the agent's bound)."""
+
+    op: ClassVar[str] = "read_file"
+
+    path: str
+    max_bytes: int | None = None
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> FileContent:
+        data: bytes = answer["data"]
+        return FileContent(
+            data=data,
+            size=int(answer.get("size", len(data))),
+            truncated=bool(answer.get("truncated", False)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class FileContent:
+    """A file read: `data` is all of it unless `truncated`; `size` is the file's real size."""
+
+    data: bytes = attrs.field(repr=False)
+    size: int
+    truncated: bool
+
+
+@attrs.frozen(kw_only=True)
+class WriteFile:
+    """Write `data` to a file of the slot's workspace, atomically."""
+
+    op: ClassVar[str] = "write_file"
+
+    path: str
+    data: bytes = attrs.field(repr=False)
+    mode: int | None = None
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> FileWritten:
+        return FileWritten(size=int(answer["size"]))
+
+
+@attrs.frozen(kw_only=True)
+class FileWritten:
+    """A file written: how many bytes."""
+
+    size: int
+
+
+@attrs.frozen(kw_only=True)
+class ListFiles:
+    """The entries under `path` of the slot's workspace."""
+
+    op: ClassVar[str] = "list_files"
+
+    path: str = "."
+    recursive: bool = False
+    max_entries: int | None = None
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> Listing:
+        return Listing(
+            entries=tuple(answer.get("entries", ())),
+            truncated=bool(answer.get("truncated", False)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Listing:
+    """Entries (`{"path", "type", "size"}` each); `truncated` when `max_entries` cut it short."""
+
+    entries: tuple[Mapping[str, Any], ...]
+    truncated: bool
+
+
+@attrs.frozen(kw_only=True)
+class ResetSlot:
+    """Kill everything the slot started and wipe its workspace."""
+
+    op: ClassVar[str] = "reset_slot"
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return {"slot": slot}
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> SlotReset:
+        return SlotReset(killed=int(answer.get("killed", 0)))
+
+
+@attrs.frozen(kw_only=True)
+class SlotReset:
+    """A slot reset: how many processes were killed."""
+
+    killed: int
+
+
+@attrs.frozen(kw_only=True)
+class SlotOp:
+    """An agent operation of a slot that has no value of its own here (checkpoints, tar
+    streams: `runtime._trees` speaks them); `args` are its wire arguments, the answer is the
+    agent's mapping as it came."""
+
+    op: str
+    args: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return {**self.args, "slot": slot}
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(answer)
+
+
+#: Everything a slot's agent can be asked to do.
+Operation = Command | ReadFile | WriteFile | ListFiles | ResetSlot | SlotOp
