@@ -13,6 +13,9 @@ that did not open the runtime in its own nursery) reach it through a `Portal`: o
   finished, so a cancelled command is killed before the caller moves on. A value that the work
   produced but the caller did not take (it was cancelled in between) is handed to the call's
   `on_abandoned`, run as a task in the portal, so a lease is never lost in transit.
+* Ctrl-C: while the main thread unwinds a KeyboardInterrupt, every call in flight (from any
+  thread) is cancelled and new calls are refused, so threads blocked in the portal return at
+  once and the program can exit.
 * `stop()` cancels every task in the portal, waits for the loop to finish and joins the thread.
   It is also run at interpreter exit (registered with `threading`'s pre-join exit hooks, so it
   runs while the thread can still be stopped): a script that ends, or dies of Ctrl-C, leaves
@@ -28,6 +31,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -38,7 +42,7 @@ import trio
 
 from hermes_actors._errors import RuntimeStopped
 
-__all__ = ["CANCEL_WAIT_S", "Portal"]
+__all__ = ["CANCEL_WAIT_S", "Portal", "main_thread_interrupted"]
 
 logger = logging.getLogger("hermes_actors.portal")
 
@@ -46,6 +50,8 @@ T = TypeVar("T")
 
 #: How long a cancelled caller waits for its work in the portal to finish being cancelled.
 CANCEL_WAIT_S = 10.0
+#: How often the portal looks for a Ctrl-C unwinding in the main thread.
+WATCH_INTERVAL_S = 0.2
 #: How long `stop()` waits for the portal's tasks (and the runtime's teardown) to finish.
 STOP_WAIT_S = 60.0
 
@@ -77,6 +83,7 @@ class _Call(Generic[T]):
         self._delivered_lock = threading.Lock()
         self._scope: trio.CancelScope | None = None
         self._cancel_requested = False
+        self._interrupted: str | None = None
 
     def deliver(self, result: outcome.Outcome[T] | None) -> None:
         """Hand the outcome to the caller; only the first outcome counts (any thread)."""
@@ -103,6 +110,8 @@ class _Call(Generic[T]):
             # cancellation.
             self.deliver(outcome.Error(_stopped_error("the call")))
             raise
+        if result is None and self._interrupted is not None:
+            result = outcome.Error(RuntimeStopped(self._interrupted))
         self.deliver(result)
 
     def cancel_threadsafe(self) -> None:
@@ -113,6 +122,12 @@ class _Call(Generic[T]):
         self._cancel_requested = True
         if self._scope is not None:
             self._scope.cancel(reason="caller cancelled")
+
+    def interrupt(self, why: str) -> None:
+        """Cancel the work for a reason of the portal's (in the portal thread); the caller gets
+        `RuntimeStopped(why)`."""
+        self._interrupted = why
+        self._cancel()
 
 
 class Portal:
@@ -183,14 +198,41 @@ class Portal:
         with self._lock:
             self._calls.discard(call)
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The portal's nursery, for long-lived tasks started from inside the portal."""
+        if self._nursery is None:
+            raise _stopped_error("a task")
+        return self._nursery
+
     async def _main(self) -> None:
         self._stop_event = trio.Event()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
+            nursery.start_soon(self._watch_main_thread, name="portal-ctrl-c-watch")
             await self._stop_event.wait()
             nursery.cancel_scope.cancel(reason="portal stopped")
+
+    async def _watch_main_thread(self) -> None:
+        # Ctrl-C raises KeyboardInterrupt in the main thread only: threads blocked in
+        # `call_blocking` (a ThreadPoolExecutor's workers) never see it, and the executor's
+        # shutdown would wait for their commands to time out. So while the main thread is
+        # unwinding a KeyboardInterrupt, every call in flight is cancelled and new ones are
+        # refused (`main_thread_interrupted`).
+        while True:
+            await trio.sleep(WATCH_INTERVAL_S)
+            if self._calls and main_thread_interrupted():
+                self.interrupt_calls("interrupted by Ctrl-C (KeyboardInterrupt in the main thread)")
+
+    def interrupt_calls(self, why: str) -> None:
+        """Cancel every call in flight (in the portal thread); each caller gets
+        `RuntimeStopped(why)`."""
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.interrupt(why)
 
     def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
         """Cancel every task in the portal, wait for them to finish, join the thread.
@@ -236,6 +278,11 @@ class Portal:
             except RuntimeError:  # the nursery is closed: the portal is stopping
                 call.deliver(outcome.Error(_stopped_error("the call")))
 
+        if main_thread_interrupted():
+            raise RuntimeStopped(
+                "interrupted by Ctrl-C (KeyboardInterrupt in the main thread): no new call starts "
+                "while the program unwinds it"
+            )
         with self._lock:
             if self._stopped:
                 raise _stopped_error("the call")
@@ -427,6 +474,18 @@ class Portal:
             if not self.running:
                 raise _stopped_error("the call")
         return box[0].unwrap()
+
+
+def main_thread_interrupted() -> bool:
+    """True while the main thread is unwinding (handling) a KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        return False  # a caller in the main thread is interrupted by the signal itself
+    # `sys._current_exceptions` (3.11: (type, value, traceback) per thread id; 3.12: the
+    # exception) is the one way to see another thread's exception in flight.
+    handled: object = sys._current_exceptions().get(threading.main_thread().ident or -1)
+    if isinstance(handled, tuple):
+        handled = handled[1]
+    return isinstance(handled, KeyboardInterrupt)
 
 
 def _register_exit_hook(hook: Callable[[], object]) -> None:

@@ -1,9 +1,10 @@
 """ToolBackend (alias ModalToolBackend): the trainer-facing facade over the runtime.
 
 A trainer acquires a `Slot` per trajectory, sends tool calls for many slots at once with
-`execute_batch`, and releases the slots when the trajectories end. Tools are `bash`
-{command, timeout?}, `read_file` {path} and `write_file` {path, content}; artifacts can be read,
-listed and archived.
+`execute_batch`, and releases the slots when the trajectories end. The tools are the rows of
+`facades._tools.TOOLS` (`bash`, `read_file`, `write_file`); artifacts can be read, listed and
+archived. SIGTERM and SIGHUP stop every sandbox as Ctrl-C does, then end the program as the
+signal would (`facades._signals`).
 
 Three ways to drive the same object:
 
@@ -29,16 +30,13 @@ import enum
 import functools
 import hashlib
 import io
-import json
 import logging
 import math
 import mimetypes
 import os
-import shlex
 import tarfile
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any, Self, TypeVar
@@ -60,12 +58,18 @@ from hermes_actors._trio import Portal, collapse_exception_groups
 from hermes_actors._values import (
     Command,
     CommandResult,
-    FileContent,
-    FileWritten,
-    ReadFile,
-    WriteFile,
 )
 from hermes_actors.drivers._base import SandboxDriver
+from hermes_actors.facades._signals import install_signal_handlers, register_host, serve_signals
+from hermes_actors.facades._tools import (
+    TOOLS,
+    BadRequest,
+    ExecutionResult,
+    ToolContext,
+    ToolResult,
+    error_result,
+    parse_arguments,
+)
 from hermes_actors.runtime._runtime import Checkpoint, Lease, Runtime
 from hermes_actors.runtime._trees import DownloadTarget, UploadSource
 
@@ -83,25 +87,10 @@ logger = logging.getLogger("hermes_actors.backend")
 
 T = TypeVar("T")
 
-#: The tools `execute_batch` knows, and the arguments each accepts (required, optional).
-#: `bash` takes the original Hermes executor's per-call policy too: `allow_network`,
-#: `require_sandbox` (both honoured, failing closed) and `background`.
-TOOLS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
-    "bash": (
-        frozenset({"command"}),
-        frozenset({"timeout", "allow_network", "require_sandbox", "background"}),
-    ),
-    "read_file": (frozenset({"path"}), frozenset({"max_bytes"})),
-    "write_file": (frozenset({"path", "content"}), frozenset()),
-}
 #: Default bound of `archive_artifacts`, in bytes of compressed archive.
 DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
 #: How long a release cut short by the caller's cancellation may take to finish on its own.
 RELEASE_GRACE_S = 30.0
-#: Where a `background` command's output goes, under the slot's workspace.
-BACKGROUND_LOG_DIR = ".hermes-background"
-#: How long starting a `background` command may take.
-BACKGROUND_START_TIMEOUT_S = 10.0
 #: Archive formats `archive_artifacts` writes (the names the original's executor accepts).
 ARCHIVE_FORMATS = ("tar.gz", "tgz")
 
@@ -169,83 +158,6 @@ class Slot:
         """`ACQUIRED` while the backend holds it for a caller, `AVAILABLE` once released."""
         held = self._held_by.get(self.slot_id) is self
         return SlotState.ACQUIRED if held else SlotState.AVAILABLE
-
-
-@attrs.define
-class ToolResult:
-    """A tool call's result in the shape the original Hermes agent consumes.
-
-    Made by `ExecutionResult.to_tool_result()`; mutable (the caller sets `uniq_id` to its tool
-    call's id). `error` is `''` on success.
-    """
-
-    success: bool
-    output: str = ""
-    error: str = ""
-    metadata: dict[str, Any] = attrs.field(factory=dict)
-    uniq_id: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """All five fields, as plain data."""
-        return {
-            "success": self.success,
-            "output": self.output,
-            "error": self.error,
-            "metadata": self.metadata,
-            "uniq_id": self.uniq_id,
-        }
-
-    def to_xml(self) -> str:
-        """`<tool_response>{json}</tool_response>`, leaving out empty `uniq_id`, `error`,
-        `metadata`, as the agent puts results into a conversation."""
-        data: dict[str, Any] = {"success": self.success, "output": self.output}
-        if self.uniq_id:
-            data["uniq_id"] = self.uniq_id
-        if self.error:
-            data["error"] = self.error
-        if self.metadata:
-            data["metadata"] = self.metadata
-        return f"<tool_response>{json.dumps(data, default=str)}</tool_response>"
-
-
-@attrs.frozen
-class ExecutionResult:
-    """The outcome of one tool call of a batch.
-
-    `success` is True when the tool did what was asked (for `bash`: exit status 0, not timed
-    out). `output` is the tool's text (for `bash`: stdout, then stderr). `error` says what went
-    wrong, and is `''` on success (as in the original Hermes result). `metadata` always holds
-    `tool`, `exit_code` and its original name `returncode`, `timed_out`, `duration_s`,
-    `stdout_dropped` and `stderr_dropped`; `bash` adds `isolated` and `network` (what the
-    sandbox enforced) and `network_note` when `allow_network=True` could not be met; an
-    infrastructure failure adds `infra_error` (the error's kind, e.g. `sandbox_lost`) and
-    `retryable`.
-    """
-
-    success: bool
-    output: str
-    error: str
-    execution_id: str
-    slot_id: str
-    metadata: Mapping[str, Any] = attrs.field(factory=dict)
-
-    def to_tool_result(self) -> ToolResult:
-        """This result as the original Hermes agent's `ToolResult` (`uniq_id`: our id)."""
-        return ToolResult(
-            success=self.success,
-            output=self.output,
-            error=self.error,
-            metadata=dict(self.metadata),
-            uniq_id=self.execution_id,
-        )
-
-
-class _BadRequest(Exception):
-    """A batch request that cannot run (unknown tool, bad arguments, slot not held)."""
-
-
-def _new_execution_id() -> str:
-    return f"exec-{uuid.uuid4().hex[:16]}"
 
 
 class ToolBackend:
@@ -378,6 +290,8 @@ class ToolBackend:
                 return self._portal
             portal = Portal(name=f"hermes-actors-portal-{id(self):x}")
             portal.start()
+            register_host(self)
+            install_signal_handlers()
             self._portal = portal
             self._mode = "portal"
             self._home_token = portal.token
@@ -422,6 +336,9 @@ class ToolBackend:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             with collapse_exception_groups():
                 await self._ensure_started()
+            self._nursery.start_soon(
+                serve_signals, self._stop_runtime, name="hermes-actors-stop-signals"
+            )
         except BaseException:
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
@@ -552,6 +469,20 @@ class ToolBackend:
         self._held.clear()
         self._lost.clear()
 
+    def stop_on_signal(self, limit_s: float) -> None:
+        """A stop signal arrived: terminate every sandbox, blocking at most about `limit_s`."""
+        portal = self._portal
+        if self._mode != "portal" or portal is None or not portal.running:
+            return
+
+        async def bounded() -> None:
+            with trio.move_on_after(limit_s):
+                await self._stop_runtime()
+
+        with contextlib.suppress(RuntimeStopped):
+            portal.call_blocking(bounded)
+        portal.stop(1.0)
+
     def stop_sync(self, purge: bool = False) -> None:
         """`stop()` for sync code: blocks until every sandbox is terminated."""
         portal = self._portal
@@ -668,9 +599,9 @@ class ToolBackend:
         for index, request in enumerate(batch):
             try:
                 slot = self._check_request(request, timeout_s)
-            except _BadRequest as exc:
+            except BadRequest as exc:
                 slot_id = _slot_id_of(request)
-                results[index] = _error_result(slot_id, str(exc), _tool_of(request), 0.0)
+                results[index] = error_result(slot_id, str(exc), _tool_of(request), 0.0)
                 continue
             queues.setdefault(slot.slot_id, []).append(index)
 
@@ -706,123 +637,72 @@ class ToolBackend:
 
     def _check_request(self, request: object, timeout_s: float | None) -> Slot:
         if not isinstance(request, tuple | list) or len(request) != 3:
-            raise _BadRequest(f"a request is a (slot, tool, args) triple, got {request!r}")
-        slot, tool, args = request
+            raise BadRequest(f"a request is a (slot, tool, args) triple, got {request!r}")
+        slot, tool, _ = request
         if not isinstance(slot, Slot):
-            raise _BadRequest(f"expected a Slot from acquire(), got {type(slot).__name__}")
+            raise BadRequest(f"expected a Slot from acquire(), got {type(slot).__name__}")
         if self._held.get(slot.slot_id) is not slot:
-            raise _BadRequest(
+            raise BadRequest(
                 f"slot {slot.slot_id} is not held by this backend (released, lost, or from "
                 "another backend); acquire a new one"
             )
         if tool not in TOOLS:
-            raise _BadRequest(f"unknown tool {tool!r}; available tools: {', '.join(TOOLS)}")
-        if not isinstance(args, Mapping):
-            raise _BadRequest(f"{tool}: args must be a mapping, got {type(args).__name__}")
-        required, optional = TOOLS[tool]
-        missing = sorted(required - set(args))
-        unknown = sorted(set(args) - required - optional)
-        if missing or unknown:
-            parts = []
-            if missing:
-                parts.append("missing " + ", ".join(repr(name) for name in missing))
-            if unknown:
-                parts.append("unknown " + ", ".join(repr(name) for name in unknown))
-            expected = ", ".join([*sorted(required), *(f"{name}?" for name in sorted(optional))])
-            raise _BadRequest(f"{tool}: {'; '.join(parts)} argument(s); expected {{{expected}}}")
-        for name in ("command", "path"):
-            if name in args and not isinstance(args[name], str):
-                kind = type(args[name]).__name__
-                raise _BadRequest(f"{tool}: {name!r} must be a str, got {kind}")
-        if tool == "write_file" and not isinstance(args["content"], str | bytes):
-            raise _BadRequest(
-                f"write_file: 'content' must be str or bytes, got {type(args['content']).__name__}"
-            )
-        for name, value in (("timeout", args.get("timeout")), ("timeout_s", timeout_s)):
-            if value is not None and not _is_positive_number(value):
-                raise _BadRequest(f"{tool}: {name!r} must be a number > 0, got {value!r}")
-        for name in ("allow_network", "require_sandbox", "background"):
-            if name in args and not isinstance(args[name], bool):
-                kind = type(args[name]).__name__
-                raise _BadRequest(f"{tool}: {name!r} must be a bool, got {kind}")
-        max_bytes = args.get("max_bytes")
-        if max_bytes is not None and (
-            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-        ):
-            raise _BadRequest(f"{tool}: 'max_bytes' must be an int >= 1, got {max_bytes!r}")
+            raise BadRequest(f"unknown tool {tool!r}; available tools: {', '.join(TOOLS)}")
+        if timeout_s is not None and not _is_positive_number(timeout_s):
+            raise BadRequest(f"{tool}: 'timeout_s' must be a number > 0, got {timeout_s!r}")
         return slot
 
     async def _run_tool(
         self,
         slot: Slot,
-        tool: str,
+        name: str,
         args: Mapping[str, Any],
         timeout_s: float | None,
         on_submitted: Callable[[], None] | None = None,
     ) -> ExecutionResult:
+        """One call through its row of `TOOLS`: arguments, refusal, operation, rendering."""
         runtime = self._runtime
         started = time.monotonic()
         if runtime is None or self._held.get(slot.slot_id) is not slot:
-            return _error_result(
-                slot.slot_id, f"slot {slot.slot_id} was released while the batch ran", tool, 0.0
+            return error_result(
+                slot.slot_id, f"slot {slot.slot_id} was released while the batch ran", name, 0.0
             )
+        tool = TOOLS[name]
+        try:
+            arguments = parse_arguments(name, tool.arguments, args)
+        except BadRequest as exc:
+            return error_result(slot.slot_id, str(exc), name, 0.0)
         config = self.profiles.get_profile(slot.profile)
+        context = ToolContext(
+            slot_id=slot.slot_id,
+            config=config,
+            timeout_s=timeout_s or self._timeout_for(config),
+            isolated=slot.isolated,
+            network=slot.network,
+            started=started,
+        )
+        refused = tool.refusal(name, arguments, context)
+        if refused is not None:
+            return refused
         try:
             with collapse_exception_groups():
-                if tool == "bash":
-                    refusal = _policy_refusal(slot, args)
-                    if refusal is not None:
-                        return _error_result(slot.slot_id, refusal, tool, 0.0, **_facts(slot))
-                    timeout = args.get("timeout") or timeout_s or self._timeout_for(config)
-                    command = args["command"]
-                    if args.get("background", False):
-                        command, timeout = _background_command(command), BACKGROUND_START_TIMEOUT_S
-                    cap = config.max_output_bytes
-                    result: CommandResult = await runtime.call(
-                        slot.lease,
-                        Command(command=command, timeout_s=float(timeout), max_output_bytes=cap),
-                        on_submitted=on_submitted,
-                    )
-                    rendered = _bash_result(slot.slot_id, result, cap, float(timeout))
-                    if args.get("background", False):
-                        rendered = _background_result(rendered)
-                    return _with_facts(rendered, slot, args)
-                if tool == "read_file":
-                    cap = config.max_output_bytes
-                    asked = args.get("max_bytes")
-                    content: FileContent = await runtime.call(
-                        slot.lease,
-                        ReadFile(path=args["path"], max_bytes=min(asked or cap, cap)),
-                        on_submitted=on_submitted,
-                    )
-                    return _read_result(
-                        slot.slot_id, args["path"], asked, cap, content, time.monotonic() - started
-                    )
-                given = args["content"]
-                data = given.encode("utf-8") if isinstance(given, str) else given
-                written: FileWritten = await runtime.call(
-                    slot.lease, WriteFile(path=args["path"], data=data), on_submitted=on_submitted
-                )
-                return _ok_result(
-                    slot.slot_id,
-                    f"wrote {written.size} bytes to {args['path']}",
-                    tool,
-                    time.monotonic() - started,
-                    size=written.size,
+                result = await runtime.call(
+                    slot.lease, tool.operation(arguments, context), on_submitted=on_submitted
                 )
         except InfrastructureError as exc:
             if isinstance(exc, SandboxLost):
                 self._lost.add(slot.slot_id)
-            return _error_result(
+            return error_result(
                 slot.slot_id,
                 str(exc),
-                tool,
+                name,
                 time.monotonic() - started,
                 infra_error=exc.kind,
                 retryable=exc.retryable,
             )
         except (AgentError, HermesError) as exc:
-            return _error_result(slot.slot_id, str(exc), tool, time.monotonic() - started)
+            return error_result(slot.slot_id, str(exc), name, time.monotonic() - started)
+        return tool.render(arguments, result, context)
 
     def _timeout_for(self, config: SandboxConfig) -> float:
         if self._default_timeout_s is not None:
@@ -1216,20 +1096,6 @@ def _tool_of(request: object) -> str | None:
     return None
 
 
-def _metadata(tool: str | None, duration_s: float, **extra: Any) -> dict[str, Any]:
-    metadata = {
-        "tool": tool,
-        "exit_code": None,
-        "timed_out": False,
-        "duration_s": duration_s,
-        "stdout_dropped": 0,
-        "stderr_dropped": 0,
-        **extra,
-    }
-    metadata["returncode"] = metadata["exit_code"]  # the original Hermes result's name
-    return metadata
-
-
 def _check_bound(name: str, value: object, *, minimum: int) -> None:
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, int) or value < minimum
@@ -1258,176 +1124,3 @@ async def _artifact_payload(
 def _tar_member_count(archive: bytes) -> int:
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         return len(tar.getmembers())
-
-
-def _facts(slot: Slot) -> dict[str, bool]:
-    return {"isolated": slot.isolated, "network": slot.network}
-
-
-def _policy_refusal(slot: Slot, args: Mapping[str, Any]) -> str | None:
-    """Why a `bash` call's `require_sandbox` / `allow_network` cannot be honoured, or None.
-
-    Both fail closed: a command is never run with less isolation than asked for.
-    """
-    if args.get("require_sandbox", False) and not slot.isolated:
-        return (
-            f"require_sandbox=True could not be met: the sandboxes of profile {slot.profile!r} "
-            "run commands without isolation (isolation 'none', or 'auto' without a working "
-            "bubblewrap); the command was not run. Use a profile with isolation: bwrap, or the "
-            "modal backend"
-        )
-    if args.get("allow_network", True) is False and slot.network:
-        return (
-            f"allow_network=False could not be met: the sandboxes of profile {slot.profile!r} "
-            "have network access (network: true, or no isolation to take it away) and it "
-            "cannot be taken away for one command; the command was not run. Use a profile "
-            "with network: false (and isolation: bwrap on the local backend)"
-        )
-    return None
-
-
-def _with_facts(result: ExecutionResult, slot: Slot, args: Mapping[str, Any]) -> ExecutionResult:
-    """A `bash` result with what the sandbox enforced, and a network request it could not meet."""
-    metadata = {**result.metadata, **_facts(slot)}
-    if args.get("allow_network", False) and not slot.network:
-        metadata["network_note"] = (
-            f"allow_network=True could not be met: the sandboxes of profile {slot.profile!r} "
-            "have no network (network: false); the command ran without network"
-        )
-    return attrs.evolve(result, metadata=metadata)
-
-
-def _background_command(command: str) -> str:
-    """A shell command that starts `command` detached, its output going to a log file in the
-    workspace, and prints the detached process's pid and the log's path.
-
-    The process belongs to the slot: it runs until the slot is reset (or its sandbox ends).
-    """
-    log = f"$HOME/{BACKGROUND_LOG_DIR}/{uuid.uuid4().hex[:12]}.log"
-    return (
-        f'mkdir -p "$HOME/{BACKGROUND_LOG_DIR}" || exit\n'
-        # Created before the reply, so reading it at once finds it (empty) rather than nothing.
-        f': > "{log}" || exit\n'
-        f'bash -c {shlex.quote(command)} > "{log}" 2>&1 < /dev/null &\n'
-        f'printf "%s %s\\n" "$!" "{log}"\n'
-    )
-
-
-def _background_result(started: ExecutionResult) -> ExecutionResult:
-    if not started.success:
-        return attrs.evolve(started, error=f"could not start in the background: {started.error}")
-    # The last line is ours; anything before it is what the shell said on the way (warnings).
-    lines = started.output.rstrip("\n").rsplit("\n", 1)
-    pid, _, log = lines[-1].partition(" ")
-    if not pid.isdigit() or not log:
-        return attrs.evolve(
-            started,
-            success=False,
-            error=f"could not start in the background: unexpected output {started.output!r}",
-        )
-    said = lines[0] + "\n" if len(lines) == 2 else ""
-    output = f"{said}started in the background (pid {pid}); its output goes to {log}"
-    metadata = {**started.metadata, "background_pid": int(pid), "background_log": log}
-    return attrs.evolve(started, output=output, metadata=metadata)
-
-
-def _ok_result(
-    slot_id: str, output: str, tool: str, duration_s: float, **extra: Any
-) -> ExecutionResult:
-    return ExecutionResult(
-        success=True,
-        output=output,
-        error="",
-        execution_id=_new_execution_id(),
-        slot_id=slot_id,
-        metadata=_metadata(tool, duration_s, **extra),
-    )
-
-
-def _error_result(
-    slot_id: str, error: str, tool: str | None, duration_s: float, **extra: Any
-) -> ExecutionResult:
-    return ExecutionResult(
-        success=False,
-        output="",
-        error=error,
-        execution_id=_new_execution_id(),
-        slot_id=slot_id,
-        metadata=_metadata(tool, duration_s, **extra),
-    )
-
-
-def _read_result(
-    slot_id: str,
-    path: str,
-    asked: int | None,
-    cap: int,
-    content: FileContent,
-    duration_s: float,
-) -> ExecutionResult:
-    """`read_file`'s result: the whole file, or says it is not (an error when all was asked)."""
-    text = content.data.decode("utf-8", errors="replace")
-    facts = {"size": content.size, "truncated": content.truncated}
-    if content.truncated and (asked is None or asked > len(content.data)):
-        return attrs.evolve(
-            _error_result(
-                slot_id,
-                f"read_file: {path!r} is {content.size} bytes, more than the {cap}-byte cap (the "
-                f"profile's max_output_bytes); output holds its first {len(content.data)} "
-                "bytes. Read it in parts (max_bytes, or bash with head/tail) or raise "
-                "max_output_bytes",
-                "read_file",
-                duration_s,
-                **facts,
-            ),
-            output=text,
-        )
-    return _ok_result(slot_id, text, "read_file", duration_s, **facts)
-
-
-def _capped_text(data: bytes, dropped: int, cap: int, stream: str) -> str:
-    """Decode captured output, marking where the agent dropped the middle of it."""
-    if not dropped:
-        return data.decode("utf-8", errors="replace")
-    head, tail = data[: cap // 2], data[cap // 2 :]
-    return (
-        head.decode("utf-8", errors="replace")
-        + f"\n[... {dropped} bytes of {stream} omitted ...]\n"
-        + tail.decode("utf-8", errors="replace")
-    )
-
-
-def _bash_result(
-    slot_id: str, result: CommandResult, cap: int, timeout_s: float
-) -> ExecutionResult:
-    stdout = _capped_text(result.stdout, result.stdout_dropped, cap, "stdout")
-    stderr = _capped_text(result.stderr, result.stderr_dropped, cap, "stderr")
-    if stdout and stderr and not stdout.endswith("\n"):
-        stdout += "\n"
-    success = result.exit_code == 0 and not result.timed_out and not result.cancelled
-    if success:
-        error = ""
-    elif result.timed_out:
-        error = f"command timed out after {timeout_s:g} s (its processes were killed)"
-    elif result.cancelled:
-        error = "command was cancelled (its processes were killed)"
-    elif result.signal is not None:
-        error = f"command was killed by signal {result.signal}"
-    else:
-        error = f"command exited with status {result.exit_code}"
-    return ExecutionResult(
-        success=success,
-        output=stdout + stderr,
-        error=error,
-        execution_id=_new_execution_id(),
-        slot_id=slot_id,
-        metadata=_metadata(
-            "bash",
-            result.duration_s,
-            exit_code=result.exit_code,
-            signal=result.signal,
-            timed_out=result.timed_out,
-            stdout_dropped=result.stdout_dropped,
-            stderr_dropped=result.stderr_dropped,
-        ),
-    )

@@ -1,0 +1,105 @@
+"""SIGTERM and SIGHUP stop the runtime like Ctrl-C does, then end the process as the signal would.
+
+Two cases, one behaviour: every running backend is closed (its sandboxes terminated and their
+directories removed, bounded by `SIGNAL_STOP_S`), then the signal's default action runs, so the
+exit status is the signal's.
+
+* Backends on portal threads (asyncio and sync programs): `install_signal_handlers` (main thread
+  only) takes SIGTERM and SIGHUP when they are at their default action; the handler stops every
+  registered backend, then dies of the signal.
+* A backend in the main thread's trio run (`async with backend:`) runs `serve_signals`, which
+  receives the signals through trio while the backend is open.
+
+Signals a program handles itself are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Protocol
+
+import trio
+
+__all__ = ["install_signal_handlers", "register_host", "serve_signals"]
+
+logger = logging.getLogger("hermes_actors.signals")
+
+#: How long a SIGTERM/SIGHUP may spend closing every backend before the signal takes effect.
+SIGNAL_STOP_S = 4.0
+#: The signals that stop the runtime like Ctrl-C does, then take their default action.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Host(Protocol):
+    def stop_on_signal(self, limit_s: float) -> None:
+        """Terminate every sandbox, blocking for at most `limit_s` seconds."""
+
+
+_hosts: weakref.WeakSet[_Host] = weakref.WeakSet()
+
+
+def register_host(host: _Host) -> None:
+    """Have `host.stop_on_signal()` run when a stop signal arrives."""
+    _hosts.add(host)
+
+
+def install_signal_handlers() -> None:
+    """In the main thread: make SIGTERM and SIGHUP stop every backend like Ctrl-C does.
+
+    Only signals still at their default action are taken (a program's own handlers are left
+    alone). With no backend running the handler just takes the default action.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    hosts = list(_hosts)
+    if hosts:
+        logger.warning(
+            "hermes-actors: %s: stopping every sandbox, then exiting", signal.Signals(signum).name
+        )
+    for host in hosts:
+        try:
+            host.stop_on_signal(SIGNAL_STOP_S)
+        except Exception:
+            logger.exception("stopping a backend on %s failed", signal.Signals(signum).name)
+    _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+    """Take the signal's default action (the process ends with the signal's status)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+async def serve_signals(close: Callable[[], Awaitable[object]]) -> None:
+    """For a core in the main thread's trio run: on SIGTERM/SIGHUP `close()`, then die of it.
+
+    Runs until cancelled; does nothing outside the main thread or when the program handles
+    those signals itself.
+    """
+    if threading.current_thread() is not threading.main_thread() or not all(
+        signal.getsignal(signum) in (signal.SIG_DFL, _on_stop_signal) for signum in STOP_SIGNALS
+    ):
+        await trio.sleep_forever()
+    with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+        async for signum in received:
+            logger.warning(
+                "hermes-actors: %s: stopping every sandbox, then exiting",
+                signal.Signals(signum).name,
+            )
+            with trio.move_on_after(SIGNAL_STOP_S, shield=True):
+                await close()
+            for host in list(_hosts):
+                host.stop_on_signal(SIGNAL_STOP_S)
+            _die_of(signum)
