@@ -41,6 +41,7 @@ import trio
 
 from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
+from hermes_actors.testing.modal_emulator import ModalEmulator
 
 TODO_XFAIL = pytest.mark.xfail(
     strict=True, reason="issue 10: the original's contract is not implemented yet"
@@ -264,10 +265,12 @@ def trajectory_calls(index: int) -> list[tuple[ToolCall, Any]]:
 
 async def run_original_shaped_workload(
     trajectories: int = TRAJECTORIES,
+    env_config: SimpleNamespace | None = None,
+    backend: Any = None,
 ) -> tuple[int, int, float, list[str]]:
     """Run the workload; return (calls that succeeded, calls made, seconds, problems seen)."""
-    env_config = agent_env_config()
-    backend = local_backend(env_config)
+    env_config = env_config or agent_env_config()
+    backend = backend or local_backend(env_config)
     await backend.start()
     executor = OriginalShapedExecutor(backend, env_config)
     await executor.start()
@@ -308,6 +311,30 @@ def test_original_shaped_executor_runs_32_trajectories_of_5_calls() -> None:
     assert problems == []
     assert succeeded == calls == TRAJECTORIES * CALLS_PER_TRAJECTORY
     assert sandbox_processes() == []
+
+
+def test_original_shaped_executor_on_modal_with_the_strict_policy(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """On the modal backend (emulated) require_sandbox and allow_network=False are met."""
+    env_config = agent_env_config(
+        require_sandbox=True,
+        allow_network=False,
+        modal_cpu=0.5,
+        modal_memory=256,
+        modal_slots_per_sandbox=4,
+        modal_max_sandboxes=2,
+    )
+    config = ModalSandboxConfig.from_agent_env_config(env_config)
+    backend = ModalToolBackend(attrs.evolve(config, backend="modal"), run_id="compat-tests")
+    succeeded, calls, _, problems = asyncio.run(
+        run_original_shaped_workload(8, env_config, backend)
+    )
+    assert problems == []
+    assert succeeded == calls == 8 * CALLS_PER_TRAJECTORY
+    sandboxes = modal_emulator.sandboxes()
+    assert 1 <= len(sandboxes) <= 2
+    assert all(state.returncode is not None for state in sandboxes)
 
 
 # -- results: the original's shape alongside ours --------------------------------------------------
@@ -600,6 +627,31 @@ def test_artifact_helpers_take_the_original_arguments_and_return_its_payloads() 
             assert wrong["success"] is False
             assert "tar.gz" in wrong["error"]
             await backend.release(slot)
+
+    asyncio.run(main())
+
+
+def test_artifact_helpers_report_bad_arguments_and_released_slots_as_failed_payloads() -> None:
+    """Bad arguments, a directory read, a released slot: success False and why, never raised."""
+
+    async def main() -> None:
+        async with local_backend(agent_env_config()) as backend:
+            slot = await backend.acquire("t")
+            await backend.execute_batch([(slot, "bash", {"command": "mkdir d; echo x > d/f"})])
+            failures = [
+                (await backend.read_artifact(slot, "d/f", encoding="utf16"), "encoding must be"),
+                (await backend.read_artifact(slot, "d/f", max_bytes=-1), "max_bytes must be"),
+                (await backend.read_artifact(slot, "d"), "is a directory"),
+                (await backend.read_artifact(slot, "../etc/passwd"), "path_escape"),
+                (await backend.list_artifacts(slot, "d/f"), "not a directory"),
+                (await backend.list_artifacts(slot, "d", max_entries=True), "max_entries must"),
+                (await backend.archive_artifacts(slot, "d", timeout_s=0), "timeout_s must"),
+            ]
+            await backend.release(slot)
+            failures.append((await backend.list_artifacts(slot, "d"), "is not held"))
+            for payload, reason in failures:
+                assert payload["success"] is False
+                assert reason in payload["error"], payload
 
     asyncio.run(main())
 
