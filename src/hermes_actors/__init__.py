@@ -38,7 +38,12 @@ from hermes_actors.facades import (
     ToolResult,
 )
 from hermes_actors.runtime._trees import Checkpoint
-from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
+from hermes_actors.terminal_tool import (
+    cleanup_vm,
+    register_task_image,
+    shutdown_terminal_backend,
+    terminal_tool,
+)
 
 __all__ = [
     "AcquireTimeout",
@@ -69,6 +74,7 @@ __all__ = [
     "format_status",
     "load_profiles",
     "profiles_from_mapping",
+    "register_task_image",
     "shutdown_terminal_backend",
     "terminal_tool",
 ]

@@ -347,7 +347,9 @@ class SandboxConfig:
     name: str = "default"
     #: Where sandboxes run. Default: `$TERMINAL_ENV` when set (and not empty), else `local`.
     backend: Backend = attrs.field(factory=_backend_from_environment)
-    #: Container image (modal: a registry reference; local: informational, the host is used).
+    #: Container image (modal: a registry reference; local: an absolute path names a root
+    #: filesystem directory used as `/` under bwrap, anything else means the host's own).
+    #: `acquire(..., image=)` runs a slot in another image of the same profile.
     image: str = "python:3.11"
     #: CPU cores reserved per sandbox.
     cpu: float = 1.0

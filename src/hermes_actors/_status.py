@@ -21,6 +21,8 @@ class SandboxStatus:
 
     #: The driver's id of the sandbox (`local-...`, Modal's `sb-...`).
     sandbox_id: str
+    #: The image it runs (the profile's, or one an `acquire` named).
+    image: str
     #: `starting`, `ready`, `draining` (rotating out: takes no new slot) or `stopping`.
     state: str
     #: Slots ready to be handed out.

@@ -84,6 +84,69 @@ def _agent_python() -> tuple[str, list[str]]:
     return str(Path(prefix) / "bin" / "python3"), [prefix]
 
 
+def is_rootfs_image(image: str) -> bool:
+    """Whether a profile's `image` names a local root filesystem directory (an absolute path).
+
+    Any other value (`host`, a registry reference) means the host's own /usr and /etc.
+    """
+    return image.startswith("/")
+
+
+#: Where an image's python3 may live, tried in order.
+_ROOTFS_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+#: Top-level entries of a root filesystem that the sandbox sets up itself.
+_ROOTFS_OWN = frozenset({"proc", "dev", "tmp", "run", "sys"})
+
+
+def rootfs_problem(rootfs: str) -> str | None:
+    """Why `rootfs` cannot serve as a sandbox's `/` (None when it can)."""
+    if not os.path.isdir(rootfs):
+        return f"image {rootfs!r} is not a directory (a local image is a root filesystem)"
+    if _rootfs_python(rootfs) is None:
+        return (
+            f"image {rootfs!r} has no python3 (looked for {', '.join(_ROOTFS_PYTHONS)}); the "
+            "sandbox agent needs one (any python3 >= 3.8, standard library only): install it "
+            "in the image"
+        )
+    return None
+
+
+def _rootfs_python(rootfs: str) -> str | None:
+    for candidate in _ROOTFS_PYTHONS:
+        if os.path.exists(os.path.join(rootfs, candidate.lstrip("/"))):
+            return candidate
+    return None
+
+
+def _root_binds(rootfs: str | None) -> tuple[list[str], str, list[str]]:
+    """bwrap arguments making `/` (the host's /usr, /etc and top links, or a root filesystem
+    directory, entry by entry so new mount points stay possible), the agent's python, and host
+    prefixes it needs bound."""
+    argv: list[str] = []
+    if rootfs is None:
+        python, extra_binds = _agent_python()
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "lib32", "sbin"):
+            top = Path("/") / name
+            if top.is_symlink():
+                argv += ["--symlink", os.readlink(top), f"/{name}"]
+            elif top.is_dir():
+                argv += ["--ro-bind", str(top), f"/{name}"]
+        argv += ["--ro-bind", "/etc", "/etc"]
+        return argv, python, extra_binds
+    found = _rootfs_python(rootfs)
+    assert found is not None  # checked by rootfs_problem before
+    for name in sorted(os.listdir(rootfs)):
+        if name in _ROOTFS_OWN:
+            continue
+        entry = os.path.join(rootfs, name)
+        if os.path.islink(entry):
+            argv += ["--symlink", os.readlink(entry), f"/{name}"]
+        else:
+            argv += ["--ro-bind", entry, f"/{name}"]
+    return argv, found, []
+
+
 def _bwrap_argv(
     *,
     workspace_host: str,
@@ -91,8 +154,9 @@ def _bwrap_argv(
     network: bool,
     sandbox_id: str,
     as_root: bool,
+    rootfs: str | None = None,
 ) -> list[str]:
-    python, extra_binds = _agent_python()
+    root_binds, python, extra_binds = _root_binds(rootfs)
     argv = [
         "bwrap",
         "--die-with-parent",
@@ -103,20 +167,9 @@ def _bwrap_argv(
         "--unshare-cgroup-try",
         "--hostname",
         "hermes-sandbox",
-        "--ro-bind",
-        "/usr",
-        "/usr",
+        *root_binds,
     ]
-    for name in ("bin", "lib", "lib64", "lib32", "sbin"):
-        top = Path("/") / name
-        if top.is_symlink():
-            argv += ["--symlink", os.readlink(top), f"/{name}"]
-        elif top.is_dir():
-            argv += ["--ro-bind", str(top), f"/{name}"]
     argv += [
-        "--ro-bind",
-        "/etc",
-        "/etc",
         "--proc",
         "/proc",
         "--ro-bind",
@@ -374,6 +427,17 @@ class LocalDriver:
 
     async def create(self, spec: SandboxConfig) -> LocalSandbox:
         isolation = await self.resolve_isolation(spec.isolation)
+        rootfs = spec.image if is_rootfs_image(spec.image) else None
+        if rootfs is not None:
+            if isolation != "bwrap":
+                raise SandboxStartFailed(
+                    f"image {rootfs!r} is a root filesystem, which only isolation 'bwrap' can "
+                    "use as `/`: set `isolation: bwrap` (or `auto` with bubblewrap installed)",
+                    retryable=False,
+                )
+            problem = await trio.to_thread.run_sync(rootfs_problem, rootfs)
+            if problem is not None:
+                raise SandboxStartFailed(problem, retryable=False)
         sandbox_id = f"local-{spec.name}-{secrets.token_hex(4)}"
         directory = tempfile.mkdtemp(prefix=f"hermes-{spec.name}-", dir=self._root_dir)
         workspace = os.path.join(directory, "ws")
@@ -395,6 +459,7 @@ class LocalDriver:
                 network=spec.network,
                 sandbox_id=sandbox_id,
                 as_root=as_root,
+                rootfs=rootfs,
             )
             agent_config: dict[str, object] = {
                 "workspace_root": spec.workspace_base,

@@ -499,20 +499,31 @@ class ToolBackend:
 
     # -- slots -----------------------------------------------------------------------------
 
-    async def acquire(self, trajectory_id: str | None = None, profile: str | None = None) -> Slot:
+    async def acquire(
+        self, trajectory_id: str | None = None, profile: str | None = None, image: str | None = None
+    ) -> Slot:
         """Wait for a free slot of `profile` (default profile when None) and hold it.
+
+        `image` runs the slot in a sandbox of that image instead of the profile's (a task's
+        own repository and toolchain): Modal, a registry image; local, a root filesystem
+        directory used as `/` under bubblewrap. Each image has its own sandboxes, all within
+        the profile's `max_sandboxes`.
 
         Starts the backend if needed. Raises `ConfigError` (unknown profile), `AcquireTimeout`
         (no slot within the profile's `acquire_timeout_s`), `SandboxStartFailed`,
         `IsolationUnavailable`, `RuntimeStopped`. Cancellation leaves no slot held.
         """
         self.profiles.get_profile(profile)  # unknown profile: fail before starting anything
-        return await self._route(lambda: self._acquire(trajectory_id, profile), self._give_back)
+        return await self._route(
+            lambda: self._acquire(trajectory_id, profile, image), self._give_back
+        )
 
-    async def _acquire(self, trajectory_id: str | None, profile: str | None) -> Slot:
+    async def _acquire(
+        self, trajectory_id: str | None, profile: str | None, image: str | None = None
+    ) -> Slot:
         runtime = await self._ensure_started()
         with collapse_exception_groups():
-            lease = await runtime.acquire(profile, trajectory_id)
+            lease = await runtime.acquire(profile, trajectory_id, image=image)
         return self._hold(lease)
 
     def _hold(self, lease: Lease) -> Slot:

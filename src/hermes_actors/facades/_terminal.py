@@ -42,6 +42,7 @@ __all__ = [
     "cleanup_all_environments",
     "cleanup_vm",
     "get_active_environments_info",
+    "register_task_image",
     "shutdown_terminal_backend",
     "terminal_tool",
 ]
@@ -75,6 +76,8 @@ _backend: ToolBackend | None = None
 # task_id -> its slot, and a lock per task so one task's commands run one at a time.
 _task_slots: dict[str, Slot] = {}
 _task_locks: dict[str, threading.Lock] = {}
+# task_id -> the image its slot runs, for tasks registered before their first command.
+_task_images: dict[str, str] = {}
 
 
 def _get_backend() -> ToolBackend:
@@ -103,12 +106,23 @@ def _reply(output: str, exit_code: int | None, error: str | None) -> str:
     return json.dumps({"output": _cap(output), "exit_code": exit_code, "error": error})
 
 
+def register_task_image(task_id: str, image: str) -> None:
+    """Run `task_id`'s commands in a sandbox of `image` (the task's repository and toolchain).
+
+    Takes effect at the task's first command (or after `cleanup_vm`); kept until `cleanup_vm`.
+    Modal: a registry image; local: a root filesystem directory (used as `/` under bwrap).
+    """
+    with _lock:
+        _task_images[task_id] = image
+
+
 def terminal_tool(
     command: str,
     background: bool = False,
     timeout: float | None = None,
     task_id: str | None = None,
     profile: str | None = None,
+    image: str | None = None,
 ) -> str:
     """Run `command` with bash in a sandbox and return `{"output", "exit_code", "error"}` JSON.
 
@@ -120,8 +134,10 @@ def terminal_tool(
     None); `timeout` bounds the command in seconds (default: `$TERMINAL_TIMEOUT` when set,
     else the profile's `execution_timeout_s`). With `background`, the command starts detached
     and the call returns at once, saying which file collects its output; it runs until
-    `cleanup_vm` of its task (`default` when `task_id` is None). Blocks the calling thread;
-    never raises, also not for arguments of the wrong type (they are reported in `error`).
+    `cleanup_vm` of its task (`default` when `task_id` is None). `image` runs a task's first
+    command (and so all its later ones) in a sandbox of that image, like `register_task_image`.
+    Blocks the calling thread; never raises, also not for arguments of the wrong type (they are
+    reported in `error`).
     """
     problem = _argument_problem(command, task_id, profile, timeout)
     if problem is None and not isinstance(background, bool):
@@ -140,7 +156,7 @@ def terminal_tool(
     if background and task_id is None:
         task_id = DEFAULT_TASK_ID
     if task_id is None:
-        return _run_once(backend, command, profile, timeout)
+        return _run_once(backend, command, profile, timeout, image)
     with _task_lock(task_id):
         slot = _task_slots.get(task_id)
         if slot is not None and profile is not None and profile != slot.profile:
@@ -150,9 +166,18 @@ def terminal_tool(
                 f"task {task_id!r} already runs in profile {slot.profile!r}; call "
                 f"cleanup_vm({task_id!r}) before using profile {profile!r}",
             )
+        if slot is not None and image is not None and image != slot.lease.image:
+            return _reply(
+                "",
+                None,
+                f"task {task_id!r} already runs image {slot.lease.image!r}; call "
+                f"cleanup_vm({task_id!r}) before using image {image!r}",
+            )
         if slot is None:
+            with _lock:
+                wanted = image or _task_images.get(task_id)
             try:
-                slot = backend.call_blocking(backend.acquire, task_id, profile)
+                slot = backend.call_blocking(backend.acquire, task_id, profile, wanted)
             except HermesError as exc:
                 return _reply("", None, _describe_failure(exc))
             _task_slots[task_id] = slot
@@ -191,10 +216,14 @@ def _argument_problem(
 
 
 def _run_once(
-    backend: ToolBackend, command: str, profile: str | None, timeout: float | None
+    backend: ToolBackend,
+    command: str,
+    profile: str | None,
+    timeout: float | None,
+    image: str | None,
 ) -> str:
     try:
-        slot = backend.call_blocking(backend.acquire, None, profile)
+        slot = backend.call_blocking(backend.acquire, None, profile, image)
     except HermesError as exc:
         return _reply("", None, _describe_failure(exc))
     try:
@@ -266,6 +295,7 @@ def cleanup_vm(task_id: str) -> None:
             _release_quietly(backend, slot, reset=True)
     with _lock:
         _task_locks.pop(task_id, None)
+        _task_images.pop(task_id, None)
 
 
 def cleanup_all_environments() -> int:
@@ -371,5 +401,6 @@ def shutdown_terminal_backend() -> None:
         backend, _backend = _backend, None
         _task_slots.clear()
         _task_locks.clear()
+        _task_images.clear()
     if backend is not None:
         backend.stop_sync()

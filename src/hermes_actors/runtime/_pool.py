@@ -16,6 +16,11 @@ own tasks, so a report can never block):
   slots and is stopped once its held slots come back, before the provider would kill it.
   Both run off one cancel scope whose absolute deadline is the next such event, recomputed on
   every state change.
+* Images: each sandbox runs one image, the profile's own or one an `acquire` named; a waiter
+  gets a slot of its image only, and one image's waiters never hold up another's. All images
+  share `max_sandboxes` and `max_starting`; `min_sandboxes` warms the profile's image only;
+  other images' sandboxes stop after `idle_timeout` whatever `min_sandboxes` says, or at once
+  when another image's waiters need the room. Start failures and backoff are kept per image.
 * `release` resets the slot (processes killed, workspace wiped) before it is free again.
 * A sandbox that dies is dropped at once (it never counts against capacity), its held slots fail
   with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off.
@@ -77,6 +82,8 @@ class Lease:
     sandbox_id: str
     index: int
     trajectory_id: str | None
+    #: The image of the slot's sandbox (the profile's own unless `acquire` named another).
+    image: str = ""
     sandbox: SandboxActor = attrs.field(repr=False, eq=False)
 
     async def exec(self, command: Command) -> CommandResult:
@@ -88,6 +95,8 @@ class Lease:
 class Acquire:
     trajectory_id: str | None
     reply: Reply[Lease]
+    #: The image the slot's sandbox must run.
+    image: str
     #: Prefer a slot of this sandbox (a fork's source) when it has one free.
     near: SandboxActor | None = None
 
@@ -114,6 +123,7 @@ class _Member:
     """The pool's view of one of its sandboxes."""
 
     actor: SandboxActor
+    image: str
     state: _State = _State.STARTING
     free: list[int] = attrs.field(factory=list)
     held: dict[int, Lease] = attrs.field(factory=dict)
@@ -126,6 +136,15 @@ class _Member:
     @property
     def busy(self) -> bool:
         return bool(self.held or self.resetting)
+
+
+@attrs.define
+class _Starts:
+    """How starting sandboxes of one image goes: failures in a row, backoff, last error."""
+
+    failures: int = 0
+    blocked_until: float = -math.inf
+    last_error: BaseException | None = None
 
 
 def _rotate_after_s(config: SandboxConfig) -> float:
@@ -168,9 +187,11 @@ class ProfilePool:
         self._waiters: collections.deque[Acquire] = collections.deque()
         self._nursery: trio.Nursery | None = None
         self._housekeeping: trio.CancelScope | None = None
-        self._start_failures = 0
-        self._start_blocked_until = -math.inf
-        self._last_start_error: BaseException | None = None
+        #: Per image: a broken image must not hold back the profile's own.
+        self._starts: dict[str, _Starts] = collections.defaultdict(_Starts)
+        # Per image: members by state, and free slots (the global counts are above).
+        self._image_states: collections.Counter[tuple[str, _State]] = collections.Counter()
+        self._image_free: collections.Counter[str] = collections.Counter()
         self._stopped = False
         self.sandboxes_started = 0
         self.sandboxes_stopped = 0
@@ -190,6 +211,7 @@ class ProfilePool:
         *,
         timeout_s: float | None = None,
         near: SandboxActor | None = None,
+        image: str | None = None,
     ) -> Lease:
         """Wait (FIFO) for a free slot and hold it until `release`.
 
@@ -197,18 +219,23 @@ class ProfilePool:
         the start error (the provider's cause) when sandboxes cannot be started, also when the
         deadline passes while the last start failed, `RuntimeStopped` when the pool stopped.
         Cancellation gives back a slot that was already handed over. With `near`, a free slot
-        of that sandbox is taken first (a fork lands next to its source when it can).
+        of that sandbox is taken first (a fork lands next to its source when it can). With
+        `image`, the slot is in a sandbox of that image (None: the profile's); every image's
+        sandboxes count against the profile's `max_sandboxes`.
         """
         limit = self.config.acquire_timeout_s if timeout_s is None else timeout_s
+        wanted = image or self.config.image
         with trio.move_on_after(limit):
             return await call(
                 self._send,
-                lambda reply: Acquire(trajectory_id=trajectory_id, reply=reply, near=near),
+                lambda reply: Acquire(
+                    trajectory_id=trajectory_id, reply=reply, near=near, image=wanted
+                ),
                 on_abandoned=self._take_back,
             )
-        if self._last_start_error is not None:
+        if self._starts[wanted].last_error is not None:
             # No slot came because sandboxes fail to start: that, not capacity, is the answer.
-            raise clone_exception(self._start_error())
+            raise clone_exception(self._start_error(wanted))
         raise AcquireTimeout(self.config.name, limit)
 
     async def release(self, lease: Lease, *, reset: bool = True) -> None:
@@ -257,8 +284,8 @@ class ProfilePool:
     def _handle(self, message: PoolMessage) -> None:
         match message:
             case Acquire():
-                if self._failing_fast():
-                    message.reply.fail(clone_exception(self._start_error()))
+                if self._failing_fast(message.image):
+                    message.reply.fail(clone_exception(self._start_error(message.image)))
                     return
                 self._waiters.append(message)
                 self._serve_waiters()
@@ -271,15 +298,19 @@ class ProfilePool:
     # -- slots ----------------------------------------------------------------------------------
 
     def _serve_waiters(self) -> None:
-        while self._waiters:
-            waiter = self._waiters[0]
+        """Hand free slots to waiters, oldest first within each image: one image's waiters
+        never hold up another's. Stops as soon as no slot is free (the common case under load)."""
+        kept: collections.deque[Acquire] = collections.deque()
+        blocked: set[str] = set()
+        while self._waiters and self._free_count:
+            waiter = self._waiters.popleft()
             if waiter.reply.abandoned:
-                self._waiters.popleft()
                 continue
-            member = self._pick_member(waiter.near)
+            member = None if waiter.image in blocked else self._pick_member(waiter)
             if member is None:
-                return
-            self._waiters.popleft()
+                blocked.add(waiter.image)
+                kept.append(waiter)
+                continue
             index = self._take_free(member)
             actor = member.actor
             lease = Lease(
@@ -288,25 +319,30 @@ class ProfilePool:
                 sandbox_id=actor.sandbox_id,
                 index=index,
                 trajectory_id=waiter.trajectory_id,
+                image=member.image,
                 sandbox=actor,
             )
             member.held[index] = lease
             self._set_busy(member)
             if not waiter.reply.set(lease):
                 self._take_back(lease)
+        kept.extend(self._waiters)
+        self._waiters = kept
         self._reschedule()
 
-    def _pick_member(self, near: SandboxActor | None = None) -> _Member | None:
-        """`near` if it has a free slot, else the ready sandbox with the fewest free slots:
-        packing lets the others go idle."""
+    def _pick_member(self, waiter: Acquire) -> _Member | None:
+        """A sandbox of the waiter's image: its `near` one if that has a free slot, else the
+        ready one with the fewest free slots (packing lets the others go idle)."""
+        if not self._image_free[waiter.image]:
+            return None
         candidates = [
             m
             for m in self._with_free
             # A sandbox whose agent just died may not have reported its exit yet: skip it.
-            if m.actor.alive
+            if m.actor.alive and m.image == waiter.image
         ]
         for member in candidates:
-            if member.actor is near:
+            if member.actor is waiter.near:
                 return member
         return min(candidates, key=lambda m: len(m.free), default=None)
 
@@ -319,6 +355,8 @@ class ProfilePool:
     def _set_state(self, member: _Member, state: _State) -> None:
         self._state_counts[member.state] -= 1
         self._state_counts[state] += 1
+        self._image_states[member.image, member.state] -= 1
+        self._image_states[member.image, state] += 1
         member.state = state
         if state is not _State.READY:
             self._clear_free(member)
@@ -329,18 +367,21 @@ class ProfilePool:
         self._members[key] = member
         self._by_actor[member.actor] = member
         self._state_counts[member.state] += 1
+        self._image_states[member.image, member.state] += 1
 
     def _remove_member(self, key: int, member: _Member) -> None:
         self._clear_free(member)
         self._idle.pop(member, None)
         self._by_ready_at.pop(member, None)
         self._state_counts[member.state] -= 1
+        self._image_states[member.image, member.state] -= 1
         del self._members[key]
         del self._by_actor[member.actor]
 
     def _take_free(self, member: _Member) -> int:
         index = member.free.pop(0)
         self._free_count -= 1
+        self._image_free[member.image] -= 1
         if not member.free:
             del self._with_free[member]
         return index
@@ -349,10 +390,12 @@ class ProfilePool:
         member.free.append(index)
         member.free.sort()
         self._free_count += 1
+        self._image_free[member.image] += 1
         self._with_free[member] = None
 
     def _clear_free(self, member: _Member) -> None:
         self._free_count -= len(member.free)
+        self._image_free[member.image] -= len(member.free)
         member.free = []
         self._with_free.pop(member, None)
 
@@ -419,40 +462,68 @@ class ProfilePool:
     def _live_count(self) -> int:
         return len(self._members) - self._state_counts[_State.STOPPING]
 
+    def _own_live(self) -> int:
+        """Live sandboxes of the profile's own image."""
+        own = self.config.image
+        return sum(
+            self._image_states[own, state] for state in _State if state is not _State.STOPPING
+        )
+
     def _scale(self) -> None:
-        """Start sandboxes for the waiters that free and starting slots will not cover."""
+        """Start sandboxes for the waiters that free and starting slots will not cover.
+
+        Images are served in the order of their oldest waiter, then the profile's own image
+        is topped up to `min_sandboxes`; all share `max_sandboxes` and `max_starting`. When the
+        bound leaves no room for waiters of one image, idle sandboxes of other images are
+        stopped to make it.
+        """
         if self._stopped or self._nursery is None:
             return
-        if trio.current_time() < self._start_blocked_until:
-            self._reschedule()
-            return
         config = self.config
-        starting = self._state_counts[_State.STARTING]
-        room = min(config.max_sandboxes - self._live_count(), config.max_starting - starting)
-        if room <= 0:
-            self._reschedule()
-            return
-        ready_or_starting = self._state_counts[_State.READY] + starting
-        waiting = sum(1 for waiter in self._waiters if not waiter.reply.abandoned)
-        uncovered = waiting - self._free_count - starting * config.slots_per_sandbox
-        wanted = max(
-            math.ceil(uncovered / config.slots_per_sandbox),
-            config.min_sandboxes - ready_or_starting,
+        now = trio.current_time()
+        slots = config.slots_per_sandbox
+        room = min(
+            config.max_sandboxes - self._live_count(),
+            config.max_starting - self._state_counts[_State.STARTING],
         )
-        for _ in range(max(0, min(wanted, room))):
-            self._start_member()
+        # Insertion order: images by their oldest waiter.
+        waiting = collections.Counter(w.image for w in self._waiters if not w.reply.abandoned)
+        own = config.image
+        for image in [*waiting, *([] if own in waiting else [own])]:
+            if now < self._starts[image].blocked_until:
+                continue
+            starting = self._image_states[image, _State.STARTING]
+            uncovered = waiting[image] - self._image_free[image] - starting * slots
+            for_waiters = math.ceil(uncovered / slots)
+            wanted = for_waiters
+            if image == own:
+                warm = self._image_states[own, _State.READY] + starting
+                wanted = max(wanted, config.min_sandboxes - warm)
+            count = max(0, min(wanted, room))
+            for _ in range(count):
+                self._start_member(image)
+            room -= count
+            if for_waiters > count and config.max_sandboxes <= self._live_count():
+                self._make_room(image, for_waiters - count)
         self._reschedule()
 
-    def _start_member(self) -> None:
+    def _make_room(self, image: str, count: int) -> None:
+        """Stop up to `count` idle sandboxes of other images (longest idle first)."""
+        others = [m for m in self._stoppable_idle() if m.image != image][:count]
+        for member in others:
+            self._stop_member(member, f"making room for image {image!r}")
+
+    def _start_member(self, image: str) -> None:
         assert self._nursery is not None
         self._member_ids += 1
         key = self._member_ids
+        config = self._create_config
         actor = SandboxActor(
             driver=self._driver,
-            config=self._create_config,
+            config=config if image == config.image else attrs.evolve(config, image=image),
             on_ready=lambda _actor: self._on_ready(member),
         )
-        member = _Member(actor=actor)
+        member = _Member(actor=actor, image=image)
         self._add_member(key, member)
         self._nursery.start_soon(
             self._run_member, key, member, name=f"sandbox:{self.config.name}/{key}"
@@ -481,8 +552,7 @@ class ProfilePool:
             self._add_free(member, index)
         self._set_idle(member)
         self.sandboxes_started += 1
-        self._start_failures = 0
-        self._last_start_error = None
+        self._starts.pop(member.image, None)
         self._serve_waiters()
         self._scale()
 
@@ -492,7 +562,9 @@ class ProfilePool:
         self._finished_commands += member.actor.commands_run
         self._finished_failures += member.actor.command_failures
         if member.state is _State.STARTING and member.stop_reason is None:
-            self._start_failed(error or SandboxStartFailed("the sandbox stopped while starting"))
+            self._start_failed(
+                member.image, error or SandboxStartFailed("the sandbox stopped while starting")
+            )
         elif member.stop_reason is not None:
             self.sandboxes_stopped += 1
         else:
@@ -508,44 +580,53 @@ class ProfilePool:
         self._serve_waiters()
         self._scale()
 
-    def _start_failed(self, error: BaseException) -> None:
-        self._start_failures += 1
-        self._last_start_error = error
+    def _start_failed(self, image: str, error: BaseException) -> None:
+        starts = self._starts[image]
+        starts.failures += 1
+        starts.last_error = error
         self.infra_failures += 1
-        logger.warning("could not start a sandbox of profile %r: %s", self.config.name, error)
-        if self._gave_up(error):
-            self._fail_waiters(self._start_error())
-        backoff = START_BACKOFF_S[min(self._start_failures, len(START_BACKOFF_S)) - 1]
-        self._start_blocked_until = trio.current_time() + backoff
+        logger.warning(
+            "could not start a sandbox of profile %r (image %r): %s", self.config.name, image, error
+        )
+        if self._gave_up(image, error):
+            self._fail_waiters(self._start_error(image), image)
+        backoff = START_BACKOFF_S[min(starts.failures, len(START_BACKOFF_S)) - 1]
+        starts.blocked_until = trio.current_time() + backoff
 
-    def _gave_up(self, error: BaseException) -> bool:
+    def _gave_up(self, image: str, error: BaseException) -> bool:
         """Whether waiting longer cannot help: no retry left for this start error."""
         return (
             _is_permanent(error)
             or (isinstance(error, SandboxStartFailed) and error.attempts > 1)
-            or self._start_failures >= MAX_START_FAILURES
+            or self._starts[image].failures >= MAX_START_FAILURES
         )
 
-    def _failing_fast(self) -> bool:
+    def _failing_fast(self, image: str) -> bool:
         """Whether a new caller gets the start error at once: the pool gave up and backs off."""
-        error = self._last_start_error
+        starts = self._starts.get(image)
         return (
-            error is not None
-            and self._gave_up(error)
-            and trio.current_time() < self._start_blocked_until
+            starts is not None
+            and starts.last_error is not None
+            and self._gave_up(image, starts.last_error)
+            and trio.current_time() < starts.blocked_until
         )
 
-    def _start_error(self) -> BaseException:
-        error = self._last_start_error
+    def _start_error(self, image: str) -> BaseException:
+        error = self._starts[image].last_error
         if isinstance(error, HermesError):
             return error
         return SandboxStartFailed(
-            f"sandboxes of profile {self.config.name!r} fail to start: {error!r}"
+            f"sandboxes of profile {self.config.name!r} (image {image!r}) fail to start: {error!r}"
         )
 
-    def _fail_waiters(self, error: BaseException) -> None:
-        waiters, self._waiters = self._waiters, collections.deque()
-        for waiter in waiters:
+    def _fail_waiters(self, error: BaseException, image: str | None = None) -> None:
+        """Fail the waiters of `image` (None: all of them) with copies of `error`."""
+        if image is None:
+            failing, self._waiters = self._waiters, collections.deque()
+        else:
+            failing = collections.deque(w for w in self._waiters if w.image == image)
+            self._waiters = collections.deque(w for w in self._waiters if w.image != image)
+        for waiter in failing:
             waiter.reply.fail(clone_exception(error))
 
     def _stop_member(self, member: _Member, reason: str) -> None:
@@ -560,11 +641,10 @@ class ProfilePool:
 
     def _next_event(self) -> float:
         config = self.config
-        events = (
-            [self._start_blocked_until] if self._start_blocked_until > trio.current_time() else []
-        )
-        longest_idle = next(self._stoppable_idle(), None)
-        if self._live_count() > config.min_sandboxes and longest_idle is not None:
+        now = trio.current_time()
+        events = [s.blocked_until for s in self._starts.values() if s.blocked_until > now]
+        longest_idle = next((m for m in self._stoppable_idle() if self._may_idle_stop(m)), None)
+        if longest_idle is not None:
             assert longest_idle.idle_since is not None
             events.append(longest_idle.idle_since + config.idle_timeout)
         if self._by_ready_at:
@@ -592,6 +672,11 @@ class ProfilePool:
         checkpoint (they stay up)."""
         return (m for m in self._idle if not self.checkpoints.in_sandbox(m.actor))
 
+    def _may_idle_stop(self, member: _Member) -> bool:
+        """Whether the idle timeout may stop `member`: any of another image than the
+        profile's, the profile's own above `min_sandboxes`."""
+        return member.image != self.config.image or self._own_live() > self.config.min_sandboxes
+
     def _housekeep(self) -> None:
         now = trio.current_time()
         config = self.config
@@ -609,9 +694,8 @@ class ProfilePool:
                 break
             due.append(member)
         for member in due:
-            if self._live_count() <= config.min_sandboxes:
-                break
-            self._stop_member(member, f"idle for {config.idle_timeout:g} s")
+            if self._may_idle_stop(member):
+                self._stop_member(member, f"idle for {config.idle_timeout:g} s")
         self._scale()
 
     # -- inspection -----------------------------------------------------------------------------
@@ -622,6 +706,7 @@ class ProfilePool:
         sandboxes = tuple(
             SandboxStatus(
                 sandbox_id=m.actor.sandbox_id,
+                image=m.image,
                 state=m.state.value,
                 slots_free=len(m.free),
                 slots_held=len(m.held),

@@ -167,14 +167,18 @@ class Runtime:
         trajectory_id: str | None = None,
         *,
         timeout_s: float | None = None,
+        image: str | None = None,
     ) -> Lease:
         """Hold a slot of `profile` (default profile when None) until `release`.
+
+        With `image`, the slot's sandbox runs that image instead of the profile's (the pool
+        keeps sandboxes per image, all within the profile's `max_sandboxes`).
 
         Raises `ConfigError` for an unknown profile, `AcquireTimeout`, the start error when the
         profile's sandboxes cannot start, and `RuntimeStopped` when the runtime is not running.
         """
         pool = await self._pool(profile)
-        return await pool.acquire(trajectory_id, timeout_s=timeout_s)
+        return await pool.acquire(trajectory_id, timeout_s=timeout_s, image=image)
 
     async def release(self, lease: Lease, *, reset: bool = True) -> None:
         """Give a slot back (reset first unless `reset=False`). Idempotent."""
@@ -235,7 +239,9 @@ class Runtime:
 
         async def acquire_one() -> None:
             leases.append(
-                await pool.acquire(lease.trajectory_id, timeout_s=timeout_s, near=lease.sandbox)
+                await pool.acquire(
+                    lease.trajectory_id, timeout_s=timeout_s, near=lease.sandbox, image=lease.image
+                )
             )
 
         done = False
