@@ -181,3 +181,45 @@ def test_closing_an_unread_stream_kills_its_tar(agent: AgentProcess) -> None:
         agent.call("ping")  # the agent reaps on its loop turns
         time.sleep(0.01)
     assert children_of(agent.process.pid) == []
+
+
+def shell(agent: AgentProcess, slot: int, command: str) -> str:
+    result = agent.call("exec", slot=slot, command=command, shell="persistent")
+    assert result["exit_code"] == 0, result
+    assert not result.get("shell_restarted"), result
+    return bytes(result["stdout"]).decode()
+
+
+STATE = 'pwd; echo "$FOO"; echo "${HERMES_ACTORS_SLOT##*:}"; echo "$HOME"'
+
+
+def test_checkpoint_and_restore_carry_the_shell_cwd_and_exports(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A restore puts the shell back in the checkpoint's directory with its exported variables."""
+    workspace = open_root / "slots" / "slot-0"
+    shell(agent, 0, "mkdir -p a/b && cd a/b && export FOO=bar")
+    checkpoint = agent.call("checkpoint", slot=0, checkpoint="ck")
+    assert checkpoint["shell"]["cwd"] == "a/b"
+    shell(agent, 0, "cd / && export FOO=changed && rm -rf $HOME/a")
+    agent.call("restore", slot=0, checkpoint="ck", shell=checkpoint["shell"])
+    assert shell(agent, 0, STATE) == f"{workspace}/a/b\nbar\n0\n{workspace}\n"
+
+
+def test_forks_get_the_shell_state_moved_to_their_own_slot(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A fork's shell starts in the same relative directory with the same exports, as itself."""
+    shell(agent, 0, "mkdir -p a/b && cd a/b && export FOO=bar && export WHERE=$PWD")
+    agent.call("fork", slot=0, targets=[1])
+    slot_1 = open_root / "slots" / "slot-1"
+    assert shell(agent, 1, STATE + '; echo "$WHERE"') == (
+        f"{slot_1}/a/b\nbar\n1\n{slot_1}\n{slot_1}/a/b\n"
+    )
+    # Through the host (another sandbox): the state read from one slot, set on another.
+    state = agent.call("get_shell_state", slot=0)["shell"]
+    agent.call("fork", slot=0, targets=[2])  # the files; then the state as a transfer sets it
+    agent.call("set_shell_state", slot=2, shell=state)
+    slot_2 = open_root / "slots" / "slot-2"
+    assert shell(agent, 2, STATE) == f"{slot_2}/a/b\nbar\n2\n{slot_2}\n"
+    assert shell(agent, 0, "pwd") == f"{open_root / 'slots' / 'slot-0'}/a/b\n"  # unchanged

@@ -54,6 +54,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import heapq
 import json
 import os
@@ -1481,6 +1482,8 @@ TREE_OPS = (
     "stream_read",
     "stream_write",
     "stream_close",
+    "get_shell_state",
+    "set_shell_state",
 )
 SLOT_TREE_OPS = ("checkpoint", "restore", "fork")
 #: Largest chunk one `stream_read` returns or one `stream_write` takes.
@@ -1587,6 +1590,8 @@ class TreeOps:
             "stream_read": self.op_stream_read,
             "stream_write": self.op_stream_write,
             "stream_close": self.op_stream_close,
+            "get_shell_state": self.op_get_shell_state,
+            "set_shell_state": self.op_set_shell_state,
         }
 
     # -- helper processes ---------------------------------------------------------------------
@@ -1814,7 +1819,8 @@ class TreeOps:
                 return
             self._seal(inner)
             size, entries = _tree_size(tree)
-            self._finish(request_id, {"bytes": size, "entries": entries})
+            result = {"bytes": size, "entries": entries, "shell": self.shell_state(slot)}
+            self._finish(request_id, result)
 
         try:
             self._spawn(request_id, slot, [*self._cp(), source, tree], uid, copied)
@@ -1830,18 +1836,29 @@ class TreeOps:
         tree = os.path.join(self.checkpoint_path(name), "w", "tree")
         if not os.path.isdir(tree):
             raise OpError("not_found", "checkpoint %r does not exist in this sandbox" % name)
+        shell = args.get("shell")
+        if shell is not None and not isinstance(shell, dict):
+            raise OpError("bad_request", "'shell' must be a state a checkpoint gave, or null")
         agent = self.agent
-        # Like a reset: nothing the slot started may write into the restored tree.
+        # Like a reset: nothing the slot started (its shell included) may write into the
+        # restored tree.
         uid = agent.slot_uid(slot)
         agent.kill_execs(
             [ex for ex in agent.execs.values() if ex.slot == slot],
             "reset",
             [_needle(SLOT_MARKER, "%s:%d" % (agent.nonce, slot))],
             {uid} if uid is not None else None,
+            agent.shells.closing(slot, "reset"),
         )
+        agent.shells.close(slot)
         self._start(request_id, slot)
+
+        def restored() -> None:
+            self.set_shell_state(slot, shell)
+            self._finish(request_id, {})
+
         try:
-            self._copy_into_slot(request_id, tree, None, slot, lambda: self._finish(request_id, {}))
+            self._copy_into_slot(request_id, tree, None, slot, restored)
         except OpError as exc:
             self._finish(request_id, error=(exc.code, exc.message))
         except OSError as exc:
@@ -1864,17 +1881,21 @@ class TreeOps:
         agent = self.agent
         source = agent.workspace(slot)
         uid = agent.slot_uid(slot)
+        shell = self.shell_state(slot)
         self._start(request_id, slot)
         left = [len(targets)]
 
-        def one_done() -> None:
+        def one_done(target: int) -> None:
+            self.set_shell_state(target, shell)
             left[0] -= 1
             if left[0] == 0:
                 self._finish(request_id, {})
 
         try:
             for target in targets:
-                self._copy_into_slot(request_id, source, uid, target, one_done)
+                self._copy_into_slot(
+                    request_id, source, uid, target, functools.partial(one_done, target)
+                )
         except OpError as exc:
             self._finish(request_id, error=(exc.code, exc.message))
         except OSError as exc:
@@ -1900,6 +1921,58 @@ class TreeOps:
 
         self._spawn(request_id, slot, ["rm", "-rf", doomed], None, removed)
         return None
+
+    # -- the persistent shell's state: working directory and exported environment ----------
+
+    def shell_state(self, slot: int) -> Optional[Dict[str, Any]]:
+        """The slot's shell's last known cwd (relative) and ``export -p`` text, or None."""
+        shell = self.agent.shells.by_slot.get(slot)
+        if shell is None:
+            return None
+        workspace = self.agent.workspace_path(slot)
+        cwd = "."
+        if shell.cwd.startswith(workspace + os.sep):
+            cwd = os.path.relpath(shell.cwd, workspace)
+        return {"cwd": cwd, "exported": shell.exported, "workspace": workspace}
+
+    def set_shell_state(self, slot: int, state: Optional[Dict[str, Any]]) -> None:
+        """Replace the slot's shell by one that starts (lazily, at the next call) from `state`.
+
+        Paths under the state's workspace are moved to this slot's, and the slot marker is
+        this slot's, so the new shell's commands belong to this slot.
+        """
+        shells = self.agent.shells
+        sessions = shells.closing(slot, "reset")
+        if sessions:
+            self.agent.kill_execs([], "reset", None, None, sessions)
+        shells.close(slot)
+        if not state:
+            return
+        workspace = self.agent.workspace_path(slot)
+        relative = state.get("cwd")
+        cwd = workspace
+        if isinstance(relative, str) and relative not in ("", "."):
+            candidate = os.path.normpath(os.path.join(workspace, relative))
+            if candidate.startswith(workspace + os.sep):
+                cwd = candidate
+        placeholder = _Shell(slot, cwd)
+        exported = state.get("exported")
+        origin = state.get("workspace")
+        if isinstance(exported, bytes) and isinstance(origin, str):
+            marker = "%s:%d" % (self.agent.nonce, slot)
+            placeholder.exported = _retarget_exports(exported, origin, workspace, marker)
+        shells.by_slot[slot] = placeholder
+
+    def op_get_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"shell": self.shell_state(_slot_arg(args))}
+
+    def op_set_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        slot = _slot_arg(args)
+        state = args.get("shell")
+        if state is not None and not isinstance(state, dict):
+            raise OpError("bad_request", "'shell' must be a state get_shell_state gave, or null")
+        self.set_shell_state(slot, state)
+        return {}
 
     # -- tar streams ------------------------------------------------------------------------
 
@@ -2123,6 +2196,22 @@ class TreeOps:
         """On exit: every stream closed (their helpers die with the agent's kill sweep)."""
         for stream in list(self.streams.values()):
             self._close_stream(stream)
+
+
+def _retarget_exports(exported: bytes, origin: str, workspace: str, marker: str) -> bytes:
+    """``export -p`` text of one slot made fit for another: its workspace paths and its slot
+    marker become the target's; the per-command exec marker is dropped."""
+    if origin != workspace:
+        exported = exported.replace(origin.encode(), workspace.encode())
+    lines = []
+    for line in exported.split(b"\n"):
+        for prefix in (b"declare -x ", b"export "):
+            if line.startswith(prefix + SLOT_MARKER.encode() + b"="):
+                line = prefix + ("%s='%s'" % (SLOT_MARKER, marker)).encode()
+            elif line.startswith(prefix + EXEC_MARKER.encode() + b"="):
+                line = b""
+        lines.append(line)
+    return b"\n".join(lines)
 
 
 def _remove_stage(path: str) -> None:

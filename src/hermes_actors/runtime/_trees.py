@@ -70,9 +70,11 @@ class _Leased(Protocol):
 
 @attrs.frozen(kw_only=True)
 class Checkpoint:
-    """A slot's workspace at one moment, stored in the sandbox it was taken in.
+    """A slot's workspace and its persistent shell's state at one moment.
 
-    `size_bytes` and `entries` describe the stored tree. Running processes are not captured.
+    The files are stored in the sandbox the checkpoint was taken in; `size_bytes` and `entries`
+    describe them. `shell` is the shell's last known working directory and exported
+    environment (None when the slot had no shell yet). Running processes are not captured.
     Valid until released (`release_checkpoint`) or until its sandbox stops.
     """
 
@@ -81,6 +83,7 @@ class Checkpoint:
     sandbox_id: str
     size_bytes: int
     entries: int
+    shell: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
     sandbox: SandboxActor = attrs.field(repr=False, eq=False)
 
 
@@ -173,6 +176,7 @@ async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoin
             sandbox_id=lease.sandbox_id,
             size_bytes=int(answer["bytes"]),
             entries=int(answer["entries"]),
+            shell=answer.get("shell"),
             sandbox=lease.sandbox,
         )
         reserved = False
@@ -213,7 +217,8 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
     if not checkpoint.sandbox.alive:
         raise CheckpointLost(checkpoint.checkpoint_id, "its sandbox stopped")
     if checkpoint.sandbox is lease.sandbox:
-        await _op(lease.sandbox, lease.index, "restore", {"checkpoint": checkpoint.checkpoint_id})
+        args = {"checkpoint": checkpoint.checkpoint_id, "shell": checkpoint.shell}
+        await _op(lease.sandbox, lease.index, "restore", args)
         return
     await lease.sandbox.reset_slot(lease.index)
     await stream_between(
@@ -223,6 +228,7 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
         lease.sandbox,
         lease.index,
     )
+    await _op(lease.sandbox, lease.index, "set_shell_state", {"shell": checkpoint.shell})
 
 
 # -- forks ---------------------------------------------------------------------------------------
@@ -237,18 +243,20 @@ async def fork_into(source: _Leased, targets: list[_Leased]) -> None:
     """
     local = [t.index for t in targets if t.sandbox is source.sandbox]
     remote = [t for t in targets if t.sandbox is not source.sandbox]
+    shell: Mapping[str, Any] | None = None
+    if remote:
+        answer = await _op(source.sandbox, source.index, "get_shell_state", {})
+        shell = answer.get("shell")
     async with trio.open_nursery() as nursery:  # the caller collapses the group
         if local:
             nursery.start_soon(_op, source.sandbox, source.index, "fork", {"targets": local})
         for target in remote:
-            nursery.start_soon(
-                stream_between,
-                source.sandbox,
-                source.index,
-                {"path": "."},
-                target.sandbox,
-                target.index,
-            )
+            nursery.start_soon(_stream_fork, source, target, shell)
+
+
+async def _stream_fork(source: _Leased, target: _Leased, shell: Mapping[str, Any] | None) -> None:
+    await stream_between(source.sandbox, source.index, {"path": "."}, target.sandbox, target.index)
+    await _op(target.sandbox, target.index, "set_shell_state", {"shell": shell})
 
 
 async def stream_between(
