@@ -1563,8 +1563,12 @@ class _Stream:
         self.pending: Optional[int] = None  # the request waiting on fd
         self.pending_data = memoryview(b"")
         self.max_bytes = 0
+        self.buffer = bytearray()  # tar's output read ahead of a full chunk
         self.eof = False
-        self.closing: Optional[int] = None  # the stream_close waiting for tar's exit
+        self.closing: Optional[int] = None  # the request waiting for tar's exit
+        self.last = False  # the pending write is the last one
+        self.opened = False  # the pending write came with tar_in: reply with the stream id
+        self.shell: Optional[Dict[str, Any]] = None  # given to the slot once tar x succeeded
 
 
 class TreeOps:
@@ -1977,6 +1981,8 @@ class TreeOps:
     # -- tar streams ------------------------------------------------------------------------
 
     def op_tar_out(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        """Start ``tar c`` of a slot directory (or of a checkpoint); the host pulls it with
+        `stream_read`. The reply carries the slot's shell state, for a fork through the host."""
         agent = self.agent
         slot = _slot_arg(args)
         uid: Optional[int]
@@ -2011,12 +2017,20 @@ class TreeOps:
         finally:
             os.close(write_fd)
         os.set_blocking(read_fd, False)
-        return {"stream": self._add_stream(slot, helper, read_fd, out=True).stream_id}
+        stream = self._add_stream(slot, helper, read_fd, out=True)
+        return {"stream": stream.stream_id, "shell": self.shell_state(slot)}
 
-    def op_tar_in(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+    def op_tar_in(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Start ``tar x`` into a slot directory; the host feeds it with `stream_write`.
+
+        Optional: ``data`` (the first bytes, written at once), ``last`` (no more data: the
+        reply comes when tar is done, as for `stream_close`), ``shell`` (a shell state to give
+        the slot once tar succeeded). So a small tree costs one request.
+        """
         agent = self.agent
         slot = _slot_arg(args)
         path = args.get("path", ".")
+        data, last, shell = self._write_args(args)
         with agent.as_slot(slot):
             directory, _ = agent.resolve(slot, path, "tar_in")
             try:
@@ -2038,7 +2052,23 @@ class TreeOps:
         finally:
             os.close(read_fd)
         os.set_blocking(write_fd, False)
-        return {"stream": self._add_stream(slot, helper, write_fd, out=False).stream_id}
+        stream = self._add_stream(slot, helper, write_fd, out=False)
+        stream.shell = shell
+        stream.opened = True
+        self._start_write(stream, request_id, data, last)
+        return None
+
+    def _write_args(self, args: Dict[str, Any]) -> Tuple[bytes, bool, Optional[Dict[str, Any]]]:
+        data = args.get("data", b"")
+        if not isinstance(data, bytes):
+            raise OpError("bad_request", "'data' must be bytes")
+        last = args.get("last", False)
+        if not isinstance(last, bool):
+            raise OpError("bad_request", "'last' must be a bool")
+        shell = args.get("shell")
+        if shell is not None and not isinstance(shell, dict):
+            raise OpError("bad_request", "'shell' must be a shell state, or null")
+        return data, last, shell
 
     def _add_stream(self, slot: int, helper: _Helper, fd: int, out: bool) -> _Stream:
         stream = _Stream(self.next_stream, slot, helper, fd, out)
@@ -2053,11 +2083,12 @@ class TreeOps:
             raise OpError("not_found", "no open stream %r" % args.get("stream"))
         if out is not None and stream.out != out:
             raise OpError("bad_request", "stream %d does not go that way" % stream.stream_id)
-        if stream.pending is not None:
+        if stream.pending is not None or stream.closing is not None:
             raise OpError("bad_request", "stream %d has a request pending" % stream.stream_id)
         return stream
 
     def op_stream_read(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The next `max_bytes` of tar's output (fewer only at its end, with ``eof``)."""
         stream = self._get_stream(args, out=True)
         max_bytes = args.get("max_bytes", 1 << 20)
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
@@ -2072,36 +2103,42 @@ class TreeOps:
         return None
 
     def _try_read(self, stream: _Stream) -> None:
-        chunks: List[bytes] = []
-        size = 0
-        while size < stream.max_bytes:
+        while len(stream.buffer) < stream.max_bytes:
             try:
-                data = os.read(stream.fd, min(stream.max_bytes - size, 1 << 20))
+                data = os.read(stream.fd, min(stream.max_bytes - len(stream.buffer), 1 << 20))
             except BlockingIOError:
-                break
+                return  # wait for more (a full chunk, or the end)
             except OSError:
                 data = b""
             if not data:
                 stream.eof = True
                 break
-            chunks.append(data)
-            size += len(data)
-        if not chunks and not stream.eof:
-            return
+            stream.buffer += data
         with contextlib.suppress(KeyError, ValueError):
             self.agent.selector.unregister(stream.fd)
-        if chunks:
+        if not stream.eof:
             request_id, stream.pending = stream.pending, None
+            chunk, stream.buffer = bytes(stream.buffer), bytearray()
             assert request_id is not None
-            self.agent.send({"id": request_id, "ok": True, "result": {"data": b"".join(chunks)}})
-        elif stream.helper.status is not None:
+            self.agent.send({"id": request_id, "ok": True, "result": {"data": chunk}})
+            return
+        # The end of tar's output: tar is exiting; reap it now if it has, so the last chunk
+        # and the outcome travel in one reply.
+        if stream.helper.status is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(stream.helper.pid, os.WNOHANG)
+                if pid:
+                    self.exited(pid, status)  # replies through `_stream_exited`
+                    return
+        if stream.helper.status is not None:
             self._reply_end(stream)
-        # else: at the end of tar's output, waiting for its exit status (`_stream_exited`).
+        # else: `_stream_exited` replies once tar's exit is reaped.
 
     def _reply_end(self, stream: _Stream) -> None:
         """tar is done: answer the waiting request with its outcome and forget the stream."""
         request_id = stream.pending if stream.pending is not None else stream.closing
         stream.pending = stream.closing = None
+        data, stream.buffer = bytes(stream.buffer), bytearray()
         self._close_stream(stream)
         if request_id is None:
             return
@@ -2109,8 +2146,10 @@ class TreeOps:
         if code != 0:
             errors = stream.helper.errors_text.strip() or "exit status %s" % code
             self.agent.send(_error_reply(request_id, "tar_failed", "tar failed: %s" % errors))
-        else:
-            self.agent.send({"id": request_id, "ok": True, "result": {"data": b"", "eof": True}})
+            return
+        if not stream.out and stream.shell is not None:
+            self.set_shell_state(stream.slot, stream.shell)
+        self.agent.send({"id": request_id, "ok": True, "result": {"data": data, "eof": True}})
 
     def _stream_exited(self, stream: _Stream, code: int, errors: str) -> None:
         if stream.out:
@@ -2121,29 +2160,35 @@ class TreeOps:
             elif stream.pending is not None:
                 self._try_read(stream)
             return
-        if stream.pending is not None:  # a write tar will never take
+        if stream.closing is not None:
+            self._reply_end(stream)
+        elif stream.pending is not None:  # a write tar will never take: the stream is done
             request_id, stream.pending = stream.pending, None
             message = "tar stopped reading: %s" % (errors.strip() or "exit status %d" % code)
             self.agent.send(_error_reply(request_id, "tar_failed", message))
-        if stream.closing is not None:
-            self._reply_end(stream)
+            self._close_stream(stream)
 
     def op_stream_write(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Feed tar x; with ``last``, the stream closes after this data (reply at tar's end)."""
         stream = self._get_stream(args, out=False)
-        data = args.get("data")
-        if not isinstance(data, bytes):
-            raise OpError("bad_request", "'data' must be bytes")
+        data, last, shell = self._write_args(args)
+        if shell is not None:
+            stream.shell = shell
         if stream.helper.status is not None:
             errors = stream.helper.errors_text.strip()
             raise OpError("tar_failed", "tar stopped reading: %s" % (errors or "it exited"))
+        self._start_write(stream, request_id, data, last)
+        return None
+
+    def _start_write(self, stream: _Stream, request_id: int, data: bytes, last: bool) -> None:
         stream.pending = request_id
         stream.pending_data = memoryview(data)
+        stream.last = last
         self._try_write(stream)
-        if stream.pending is not None:
+        if stream.pending is not None and stream.fd >= 0:
             self.agent.selector.register(
                 stream.fd, selectors.EVENT_WRITE, lambda fd, mask: self._try_write(stream)
             )
-        return None
 
     def _try_write(self, stream: _Stream) -> None:
         try:
@@ -2158,30 +2203,45 @@ class TreeOps:
         with contextlib.suppress(KeyError, ValueError):
             self.agent.selector.unregister(stream.fd)
         request_id, stream.pending = stream.pending, None
-        if request_id is not None:
+        if request_id is None:
+            return
+        if stream.last:
+            self._finish_input(stream, request_id)
+        elif stream.opened:
+            stream.opened = False
+            self.agent.send({"id": request_id, "ok": True, "result": {"stream": stream.stream_id}})
+        else:
             self.agent.send({"id": request_id, "ok": True, "result": {}})
+
+    def _finish_input(self, stream: _Stream, request_id: int) -> None:
+        """No more input: EOF for tar x; `request_id` gets tar's outcome."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.agent.selector.unregister(stream.fd)
+        if stream.fd >= 0:
+            os.close(stream.fd)
+            stream.fd = -1
+        stream.closing = request_id
+        if stream.helper.status is not None:
+            self._reply_end(stream)
 
     def op_stream_close(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         stream = self.streams.get(_stream_id(args))
         if stream is None:
             return {"closed": False}
-        if stream.pending is not None:  # abandoned mid-request: answer it, then close
-            self.agent.send(_error_reply(stream.pending, "cancelled", "stream closed"))
-            stream.pending = None
+        for waiting in (stream.pending, stream.closing):
+            if waiting is not None:  # abandoned mid-request: answer it, then close
+                self.agent.send(_error_reply(waiting, "cancelled", "stream closed"))
+        stream.pending = stream.closing = None
         if stream.out and not stream.eof:
             # The host gave up reading: stop tar; nothing more is owed.
             with contextlib.suppress(OSError):
                 os.kill(stream.helper.pid, signal.SIGKILL)
             self._close_stream(stream)
             return {"closed": True}
-        with contextlib.suppress(KeyError, ValueError):
-            self.agent.selector.unregister(stream.fd)
-        if not stream.out and stream.fd >= 0:
-            os.close(stream.fd)  # EOF for tar x
-            stream.fd = -1
-        stream.closing = request_id
-        if stream.helper.status is not None:
-            self._reply_end(stream)
+        if stream.out:
+            self._close_stream(stream)
+            return {"closed": True}
+        self._finish_input(stream, request_id)
         return None
 
     def _close_stream(self, stream: _Stream) -> None:

@@ -20,11 +20,12 @@ A checkpoint holds files only: processes running in the slot are not captured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -225,76 +226,95 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
         checkpoint.sandbox,
         0,
         {"checkpoint": checkpoint.checkpoint_id},
-        lease.sandbox,
-        lease.index,
+        [lease],
+        shell=checkpoint.shell,
     )
-    await _op(lease.sandbox, lease.index, "set_shell_state", {"shell": checkpoint.shell})
 
 
 # -- forks ---------------------------------------------------------------------------------------
 
 
 async def fork_into(source: _Leased, targets: list[_Leased]) -> None:
-    """Give every target slot a copy of the source slot's workspace.
+    """Give every target slot a copy of the source slot's workspace and shell state.
 
     Targets in the source's sandbox get one in-sandbox copy each (one `fork` op, no provider
-    call); the others get a tar streamed through the host. Targets are expected fresh (just
+    call); the others share one tar of the source, streamed through the host to all of them
+    (one request per target for a tree that fits a chunk). Targets are expected fresh (just
     acquired); on failure some may hold a partial copy, so the caller releases them with reset.
     """
     local = [t.index for t in targets if t.sandbox is source.sandbox]
     remote = [t for t in targets if t.sandbox is not source.sandbox]
-    shell: Mapping[str, Any] | None = None
-    if remote:
-        answer = await _op(source.sandbox, source.index, "get_shell_state", {})
-        shell = answer.get("shell")
     async with trio.open_nursery() as nursery:  # the caller collapses the group
         if local:
             nursery.start_soon(_op, source.sandbox, source.index, "fork", {"targets": local})
-        for target in remote:
-            nursery.start_soon(_stream_fork, source, target, shell)
+        if remote:
+            nursery.start_soon(
+                functools.partial(
+                    stream_between,
+                    source.sandbox,
+                    source.index,
+                    {"path": "."},
+                    remote,
+                    shell_of_source=True,
+                )
+            )
 
 
-async def _stream_fork(source: _Leased, target: _Leased, shell: Mapping[str, Any] | None) -> None:
-    await stream_between(source.sandbox, source.index, {"path": "."}, target.sandbox, target.index)
-    await _op(target.sandbox, target.index, "set_shell_state", {"shell": shell})
+class _Target(Protocol):
+    @property
+    def sandbox(self) -> SandboxActor: ...
+    @property
+    def index(self) -> int: ...
 
 
 async def stream_between(
     source: SandboxActor,
     source_slot: int,
     tar_args: Mapping[str, Any],
-    target: SandboxActor,
-    target_slot: int,
-    dest: str = ".",
+    targets: Sequence[_Target],
+    *,
+    shell: Mapping[str, Any] | None = None,
+    shell_of_source: bool = False,
 ) -> int:
-    """Stream a tar from one agent to another through the host; returns the bytes moved."""
+    """Stream one tar made in `source` into every target slot's workspace; returns its bytes.
+
+    Each chunk is written to all targets before the next is read (memory: one chunk). The
+    targets' shells get `shell` (or the source slot's state, with `shell_of_source`).
+    """
     moved = 0
-    async with (
-        _tar_out(source, source_slot, tar_args) as read,
-        _tar_in(target, target_slot, dest) as write,
-    ):
-        while chunk := await read():
-            moved += len(chunk)
-            await write(chunk)
-    return moved
+    async with _tar_out(source, source_slot, tar_args) as (read, source_shell):
+        state = source_shell if shell_of_source else shell
+        sinks = [_TarSink(target.sandbox, target.index, ".", state) for target in targets]
+        try:
+            while True:
+                data, eof = await read()
+                moved += len(data)
+                with collapse_exception_groups():
+                    async with trio.open_nursery() as nursery:
+                        for sink in sinks:
+                            nursery.start_soon(sink.send, data, eof)
+                if eof:
+                    return moved
+        finally:
+            for sink in sinks:
+                await sink.abort()
 
 
 # -- tar streams -----------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
-async def _tar_out(
-    sandbox: SandboxActor, slot: int, args: Mapping[str, Any]
-) -> Any:  # AsyncIterator[Callable[[], Awaitable[bytes]]]
-    """A `read()` giving the next chunk of a tar made in the sandbox (b"" at its end)."""
+async def _tar_out(sandbox: SandboxActor, slot: int, args: Mapping[str, Any]) -> Any:
+    """`(read, shell)`: `read()` gives `(chunk, eof)` of a tar made in the sandbox; `shell` is
+    the slot's shell state. The stream is closed on the way out if not read to its end."""
     opened = await _op(sandbox, slot, "tar_out", args)
     stream = int(opened["stream"])
     done = False
 
-    async def read() -> bytes:
+    async def read() -> tuple[bytes, bool]:
         nonlocal done
         if done:
-            return b""
+            return b"", True
         try:
             answer = await _op(
                 sandbox, slot, "stream_read", {"stream": stream, "max_bytes": CHUNK_BYTES}
@@ -304,48 +324,78 @@ async def _tar_out(
             raise TransferFailed(
                 f"reading the tree from {sandbox.sandbox_id} failed: {exc.detail}"
             ) from exc
-        if answer.get("eof"):
-            done = True
-            return b""
-        data: bytes = answer["data"]
-        return data
+        done = bool(answer.get("eof"))
+        data: bytes = answer.get("data", b"")
+        return data, done
 
     try:
-        yield read
+        yield read, opened.get("shell")
     finally:
         if not done:
-            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True), contextlib.suppress(HermesError):
+            with (
+                trio.move_on_after(CLEANUP_LIMIT_S, shield=True),
+                contextlib.suppress(HermesError),
+            ):
                 await _op(sandbox, slot, "stream_close", {"stream": stream})
 
 
-@contextlib.asynccontextmanager
-async def _tar_in(sandbox: SandboxActor, slot: int, dest: str) -> Any:
-    """A `write(chunk)` feeding `tar x` in the sandbox; the tar is finished on a clean exit."""
-    opened = await _op(sandbox, slot, "tar_in", {"path": dest})
-    stream = int(opened["stream"])
+class _TarSink:
+    """`tar x` into one slot, fed chunk by chunk: the first chunk opens it (`tar_in`), the last
+    one (`last`) finishes it and gets tar's outcome; a tree of one chunk is one request."""
 
-    async def write(chunk: bytes) -> None:
-        try:
-            await _op(sandbox, slot, "stream_write", {"stream": stream, "data": chunk})
-        except AgentError as exc:
-            raise TransferFailed(
-                f"writing the tree into {sandbox.sandbox_id} failed: {exc.detail}"
-            ) from exc
+    def __init__(
+        self, sandbox: SandboxActor, slot: int, dest: str, shell: Mapping[str, Any] | None
+    ) -> None:
+        self.sandbox = sandbox
+        self.slot = slot
+        self.dest = dest
+        self.shell = shell
+        self.stream: int | None = None
+        self.done = False
 
-    finished = False
-    try:
-        yield write
+    async def send(self, data: bytes, last: bool) -> None:
         try:
-            await _op(sandbox, slot, "stream_close", {"stream": stream})
+            if self.stream is None:
+                args = {"path": self.dest, "data": data, "last": last, "shell": self.shell}
+                answer = await _op(self.sandbox, self.slot, "tar_in", args)
+                if not last:
+                    self.stream = int(answer["stream"])
+            else:
+                args = {"stream": self.stream, "data": data, "last": last}
+                await _op(self.sandbox, self.slot, "stream_write", args)
         except AgentError as exc:
+            self.done = True  # the agent closed the stream with its error
             raise TransferFailed(
-                f"unpacking the tree in {sandbox.sandbox_id} failed: {exc.detail}"
+                f"unpacking the tree in {self.sandbox.sandbox_id} failed: {exc.detail}"
             ) from exc
-        finished = True
-    finally:
-        if not finished:
-            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True), contextlib.suppress(HermesError):
-                await _op(sandbox, slot, "stream_close", {"stream": stream})
+        self.done = last
+
+    async def abort(self) -> None:
+        """Close a stream left unfinished (bounded, shielded)."""
+        if self.stream is not None and not self.done:
+            self.done = True
+            with (
+                trio.move_on_after(CLEANUP_LIMIT_S, shield=True),
+                contextlib.suppress(HermesError),
+            ):
+                await _op(self.sandbox, self.slot, "stream_close", {"stream": self.stream})
+
+
+class _LookAhead:
+    """Feeds a `_TarSink` from a source of unknown length: holds one chunk back, so the last
+    one goes out marked `last`."""
+
+    def __init__(self, sink: _TarSink) -> None:
+        self.sink = sink
+        self.held: bytes | None = None
+
+    async def feed(self, chunk: bytes) -> None:
+        if self.held is not None:
+            await self.sink.send(self.held, False)
+        self.held = chunk
+
+    async def finish(self) -> None:
+        await self.sink.send(self.held or b"", True)
 
 
 # -- upload and download -----------------------------------------------------------------------
@@ -420,18 +470,23 @@ async def upload(lease: _Leased, source: UploadSource, dest: str = ".") -> None:
     """
     if isinstance(source, str | os.PathLike) and not await trio.Path(source).is_dir():
         raise TransferFailed(f"upload source {os.fspath(source)!r} is not a directory")
-    async with _tar_in(lease.sandbox, lease.index, dest) as write:
+    sink = _TarSink(lease.sandbox, lease.index, dest, None)
+    writer = _LookAhead(sink)
+    try:
         if isinstance(source, bytes | bytearray | memoryview):
             data = bytes(source)
             for start in range(0, len(data), CHUNK_BYTES):
-                await write(data[start : start + CHUNK_BYTES])
+                await writer.feed(data[start : start + CHUNK_BYTES])
         elif isinstance(source, str | os.PathLike):
             directory = Path(source)
-            await _pump_from_thread(lambda send: _pack_directory(directory, send), write)
+            await _pump_from_thread(lambda send: _pack_directory(directory, send), writer.feed)
         else:
             reader = source
             while chunk := await trio.to_thread.run_sync(reader.read, CHUNK_BYTES):
-                await write(chunk)
+                await writer.feed(chunk)
+        await writer.finish()
+    finally:
+        await sink.abort()
 
 
 async def _pump_from_thread(
@@ -463,7 +518,12 @@ async def download(lease: _Leased, path: str, dest: DownloadTarget) -> None:
     would land outside it) or a binary file-like object (the tar stream is written to it).
     Memory stays bounded by `CHUNK_BYTES`. Raises `TransferFailed` when tar fails on a side.
     """
-    async with _tar_out(lease.sandbox, lease.index, {"path": path}) as read:
+    async with _tar_out(lease.sandbox, lease.index, {"path": path}) as (read_chunk, _):
+
+        async def read() -> bytes:
+            data: bytes = (await read_chunk())[0]  # b"" only at the end
+            return data
+
         if isinstance(dest, str | os.PathLike):
             directory = Path(dest)
             await trio.Path(directory).mkdir(parents=True, exist_ok=True)
