@@ -71,3 +71,16 @@ def test_multi_profile_serves_two_profiles_from_one_backend() -> None:
     says = re.findall(r"profile=(\w+) .* says (\w+)", done.stdout)
     assert says == [("small", "small")] * 3 + [("big", "big")] * 2
     assert re.search(r"^big +local +2 +0 +2 ", done.stdout, re.MULTILINE)
+
+
+def test_tree_search_forks_tries_candidates_and_keeps_the_best() -> None:
+    """tree_search.py forks a prepared workspace, scores each branch and keeps the best."""
+    done = run_example("tree_search.py", "--branches", "4", "--files", "50", "--isolation", "none")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "branch 3: return max(low, min(x, high))        score 5/5 (vendor files: 50)" in (
+        done.stdout
+    )
+    assert "kept branch 3 (score 1.00)" in done.stdout
+    assert re.search(
+        r"4 forks of 52 files, 4 in the source's sandbox; prepare: \d+ ms, fork:", done.stdout
+    )

@@ -1,0 +1,342 @@
+"""Fork, cross-sandbox fork and per-image acquire: the targets of issue 12, with ratios.
+
+Three measurements, each against a baseline in the same run:
+
+* **fork in one sandbox** (local backend): a workspace of `files` files / `megabytes` MB is
+  forked into `branches` free slots of the source's sandbox (`ToolBackend.fork`). Baselines:
+  the same copies made by one plain `cp -a` per branch in a shell command of the slot (the
+  floor of an in-sandbox copy on this disk), and the peers' way: a fork per new sandbox (here
+  the slots of other sandboxes, the tree streamed through the host).
+* **provider calls** (Modal API emulator, real `modal` client): the RPCs the client makes
+  during an in-sandbox fork and during a cross-sandbox fork, per target sandbox, from the
+  emulator's per-method counters.
+* **acquire on a warm pool of a second image** (local backend): acquire + release of a slot of
+  the profile's own image against one of a second image of the same profile, both pools warm;
+  median per acquire, and the ratio second / first.
+
+Run: `python -m bench.trees [--files 5000] [--megabytes 50] [--branches 8] [--reps 3]
+[--output bench/results/trees.md]`. Prints a markdown report and writes it to `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from hermes_actors.testing.modal_emulator import ModalEmulator
+
+#: Targets from issue 12.
+TARGET_FORK_MS = 300.0
+TARGET_CROSS_CALLS_PER_TARGET = 3.0
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "trees.md"
+
+
+@attrs.frozen(kw_only=True)
+class Sizes:
+    files: int = 5000
+    megabytes: int = 50
+    branches: int = 8
+    repetitions: int = 3
+    #: Files of the workspace forked across sandboxes through the emulator.
+    cross_files: int = 200
+    cross_targets: int = 3
+    acquires: int = 20
+
+
+SMOKE = Sizes(files=50, megabytes=1, branches=2, repetitions=1, cross_files=5, acquires=3)
+
+
+def _populate(files: int, megabytes: int) -> str:
+    """A shell command writing `files` files of `megabytes` MB in all under ./tree."""
+    size = max(1, megabytes * 1024 * 1024 // max(1, files))
+    per_dir = 100
+    return (
+        'python3 -c "import os\n'
+        f"for i in range({files}):\n"
+        f" d='tree/d%d' % (i // {per_dir})\n"
+        " os.makedirs(d, exist_ok=True)\n"
+        f" open(d + '/f%d' % i, 'wb').write(os.urandom({size}))\n\""
+    )
+
+
+async def _sh(backend: Any, slot: Any, command: str) -> str:
+    [result] = await backend.execute_batch([(slot, "bash", {"command": command})])
+    if not result.success:
+        raise RuntimeError(f"{command!r} failed: {result.error}: {result.output}")
+    return str(result.output)
+
+
+@attrs.frozen(kw_only=True)
+class LocalResult:
+    fork_ms: tuple[float, ...]
+    cp_ms: tuple[float, ...]
+    cross_ms: tuple[float, ...]
+    first_image_ms: float
+    second_image_ms: float
+    same_sandbox: int
+    isolation: str
+
+
+async def measure_local(sizes: Sizes, isolation: str = "auto") -> LocalResult:
+    from hermes_actors import SandboxConfig, ToolBackend
+
+    branches = sizes.branches
+    config = SandboxConfig(
+        backend="local",
+        isolation=isolation,  # type: ignore[arg-type]
+        slots_per_sandbox=branches + 1,
+        min_sandboxes=1,
+        max_sandboxes=2 + branches,
+        idle_timeout=600.0,
+        acquire_timeout_s=120.0,
+        max_starting=branches,
+        execution_timeout_s=600.0,
+    )
+    fork_ms: list[float] = []
+    cp_ms: list[float] = []
+    cross_ms: list[float] = []
+    async with ToolBackend(config) as backend:
+        source = await backend.acquire("bench-source")
+        await _sh(backend, source, _populate(sizes.files, sizes.megabytes))
+        same = 0
+        for _ in range(sizes.repetitions):
+            started = time.perf_counter()
+            forks = await backend.fork(source, branches)
+            fork_ms.append((time.perf_counter() - started) * 1000)
+            same = sum(fork.sandbox_id == source.sandbox_id for fork in forks)
+            for fork in forks:
+                await backend.release(fork)
+            started = time.perf_counter()
+            await _sh(
+                backend,
+                source,
+                " & ".join(f"cp -a tree copy{index}" for index in range(branches)) + "; wait",
+            )
+            cp_ms.append((time.perf_counter() - started) * 1000)
+            await _sh(backend, source, "rm -rf copy*")
+        # Baseline: the branches in another sandbox (the peers give each branch a sandbox of
+        # its own), the tree streamed through the host. The other sandbox is warmed first, so
+        # only the copy is timed.
+        fill = [await backend.acquire(f"bench-fill-{index}") for index in range(branches)]
+        warm = [await backend.acquire(f"bench-warm-{index}") for index in range(branches)]
+        for slot in warm:
+            await backend.release(slot)
+        for _ in range(sizes.repetitions):
+            started = time.perf_counter()
+            forks = await backend.fork(source, branches)
+            cross_ms.append((time.perf_counter() - started) * 1000)
+            assert all(fork.sandbox_id != source.sandbox_id for fork in forks)
+            for slot in forks:
+                await backend.release(slot)
+        for slot in fill:
+            await backend.release(slot)
+        first, second = await _acquire_times(backend, sizes)
+        isolation_used = str(getattr(source.lease.sandbox.handle, "isolation", isolation))
+    return LocalResult(
+        fork_ms=tuple(fork_ms),
+        cp_ms=tuple(cp_ms),
+        cross_ms=tuple(cross_ms),
+        first_image_ms=first,
+        second_image_ms=second,
+        same_sandbox=same,
+        isolation=isolation_used,
+    )
+
+
+async def _acquire_times(backend: Any, sizes: Sizes) -> tuple[float, float]:
+    """Median ms of an acquire on the profile's image, then on a second image, both warm."""
+    results = []
+    for image in (None, "second-image:latest"):
+        warm = await backend.acquire("bench-warm", image=image)
+        await backend.release(warm)
+        times = []
+        for index in range(sizes.acquires):
+            started = time.perf_counter()
+            slot = await backend.acquire(f"bench-acquire-{index}", image=image)
+            times.append((time.perf_counter() - started) * 1000)
+            await backend.release(slot)
+        results.append(statistics.median(times))
+    return results[0], results[1]
+
+
+# -- provider calls through the Modal emulator ---------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class ModalResult:
+    in_sandbox_calls: Mapping[str, int]
+    cross_calls: Mapping[str, int]
+    cross_targets: int
+    cross_sandboxes: int
+
+    @property
+    def cross_calls_per_target(self) -> float:
+        return sum(self.cross_calls.values()) / max(1, self.cross_sandboxes)
+
+
+def _delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    return {
+        method: count - before.get(method, 0)
+        for method, count in sorted(after.items())
+        if count != before.get(method, 0)
+    }
+
+
+async def measure_modal(emulator: ModalEmulator, sizes: Sizes) -> ModalResult:
+    from hermes_actors import SandboxConfig, ToolBackend
+
+    targets = sizes.cross_targets
+    common: dict[str, Any] = {
+        "backend": "modal",
+        "image": "python:3.11",
+        "memory": 512,
+        "app_name": "hermes-bench-trees",
+        "acquire_timeout_s": 120.0,
+        "idle_timeout": 600.0,
+    }
+    one_sandbox = SandboxConfig(
+        name="bench-fork", slots_per_sandbox=sizes.branches + 1, min_sandboxes=1, **common
+    )
+    async with ToolBackend(one_sandbox, run_id="bench-trees") as backend:
+        source = await backend.acquire("bench-source")
+        await _sh(backend, source, _populate(sizes.files, sizes.megabytes))
+        before = emulator.call_counts()
+        forks = await backend.fork(source, sizes.branches)
+        in_sandbox = _delta(emulator.call_counts(), before)
+        assert all(fork.sandbox_id == source.sandbox_id for fork in forks)
+    # One slot per sandbox, every sandbox warm: each fork target is another sandbox.
+    spread = SandboxConfig(
+        name="bench-spread",
+        slots_per_sandbox=1,
+        min_sandboxes=1 + targets,
+        max_sandboxes=1 + targets,
+        max_starting=1 + targets,
+        **common,
+    )
+    async with ToolBackend(spread, run_id="bench-trees-spread") as backend:
+        source = await backend.acquire("bench-source")
+        await _sh(backend, source, _populate(sizes.cross_files, 1))
+        # Warm targets: every other sandbox is up before the window opens.
+        held = [await backend.acquire(f"bench-warm-{index}") for index in range(targets)]
+        for slot in held:
+            await backend.release(slot)
+        before = emulator.call_counts()
+        cross = await backend.fork(source, targets)
+        calls = _delta(emulator.call_counts(), before)
+        sandboxes = len({fork.sandbox_id for fork in cross})
+    return ModalResult(
+        in_sandbox_calls=in_sandbox,
+        cross_calls=calls,
+        cross_targets=targets,
+        cross_sandboxes=sandboxes,
+    )
+
+
+@contextlib.contextmanager
+def emulator_environment() -> Iterator[ModalEmulator]:
+    """A fresh emulator with this process's modal client pointed at it (before modal loads)."""
+    os.environ.setdefault("MODAL_CONFIG_PATH", "/nonexistent")
+    from hermes_actors.testing.modal_emulator import ModalEmulator
+
+    with ModalEmulator() as emulator:
+        os.environ.update(emulator.env)
+        yield emulator
+
+
+def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
+    fork = statistics.median(local.fork_ms)
+    cp = statistics.median(local.cp_ms)
+    cross = statistics.median(local.cross_ms)
+    lines = [
+        "# Checkpoint, fork and per-task images (issue 12)",
+        "",
+        f"Workspace: {sizes.files} files, {sizes.megabytes} MB; {sizes.branches} branches; "
+        f"median of {sizes.repetitions} repetition(s); local isolation {local.isolation}.",
+        "",
+        "| measurement | median | ratio | target | met |",
+        "|---|---:|---:|---:|:---:|",
+        f"| fork into {sizes.branches} slots of the source's sandbox ({local.same_sandbox} "
+        f"landed there) | {fork:.0f} ms | 1.00 | <= {TARGET_FORK_MS:.0f} ms | "
+        f"{'yes' if fork <= TARGET_FORK_MS else 'NO'} |",
+        f"| baseline: {sizes.branches} x `cp -a` in the slot (disk floor) | {cp:.0f} ms | "
+        f"{fork / cp:.2f}x (fork / floor) | | |",
+        f"| baseline: fork into {sizes.branches} other sandboxes (through the host) | "
+        f"{cross:.0f} ms | {cross / fork:.2f}x slower than in-sandbox | | |",
+        f"| acquire on a warm pool, profile's image | {local.first_image_ms:.2f} ms | 1.00 | | |",
+        f"| acquire on a warm pool, second image | {local.second_image_ms:.2f} ms | "
+        f"{local.second_image_ms / local.first_image_ms:.2f}x | <= 1x (10% noise) | "
+        f"{'yes' if local.second_image_ms <= local.first_image_ms * 1.1 else 'NO'} |",
+    ]
+    if modal is not None:
+        in_total = sum(modal.in_sandbox_calls.values())
+        control = in_total - modal.in_sandbox_calls.get("TaskExecStdinWrite", 0)
+        per_target = modal.cross_calls_per_target
+        lines += [
+            f"| Modal: provider calls of an in-sandbox fork ({sizes.branches} slots) | "
+            f"{in_total} | | 0 | {'yes' if in_total == 0 else 'NO'} |",
+            f"| Modal: ... of which control plane (create, snapshot, mount, exec) | "
+            f"{control} | | 0 | {'yes' if control == 0 else 'NO'} |",
+            f"| Modal: provider calls per target sandbox, cross-sandbox fork "
+            f"({modal.cross_targets} targets, {modal.cross_sandboxes} sandboxes, "
+            f"{sizes.cross_files} files) | {per_target:.1f} | | <= "
+            f"{TARGET_CROSS_CALLS_PER_TARGET:g} | "
+            f"{'yes' if per_target <= TARGET_CROSS_CALLS_PER_TARGET else 'NO'} |",
+            "",
+            f"Calls of the in-sandbox fork: "
+            f"{', '.join(f'{m} {c}' for m, c in modal.in_sandbox_calls.items()) or 'none'}.",
+            f"Calls of the cross-sandbox fork: "
+            f"{', '.join(f'{m} {c}' for m, c in modal.cross_calls.items()) or 'none'}.",
+        ]
+    lines += [
+        "",
+        "The in-sandbox fork is one request to the sandbox's agent, which copies the tree with "
+        "`cp -a --reflink=auto` per branch (hard links kept; copy-on-write where the filesystem "
+        "has reflinks) and hands each copy to its slot's uid. Provider calls are every RPC the "
+        "modal client made in the window, stdin writes to the agent included.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = Sizes()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=defaults.files)
+    parser.add_argument("--megabytes", type=int, default=defaults.megabytes)
+    parser.add_argument("--branches", type=int, default=defaults.branches)
+    parser.add_argument("--reps", type=int, default=defaults.repetitions)
+    parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "none"])
+    parser.add_argument("--no-modal", action="store_true", help="skip the emulator part")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
+    args = parser.parse_args(argv)
+    sizes = attrs.evolve(
+        defaults,
+        files=args.files,
+        megabytes=args.megabytes,
+        branches=args.branches,
+        repetitions=args.reps,
+    )
+    modal: ModalResult | None = None
+    if not args.no_modal:
+        with emulator_environment() as emulator:
+            modal = trio.run(measure_modal, emulator, sizes)
+    local = trio.run(measure_local, sizes, args.isolation)
+    report = render(sizes, local, modal)
+    print(report, end="")
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
