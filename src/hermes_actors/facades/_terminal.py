@@ -142,6 +142,8 @@ def terminal_tool(
     problem = _argument_problem(command, task_id, profile, timeout)
     if problem is None and not isinstance(background, bool):
         problem = f"invalid arguments: 'background' must be a bool, got {type(background).__name__}"
+    if problem is None and image is not None and not isinstance(image, str):
+        problem = f"invalid arguments: 'image' must be a str, got {type(image).__name__}"
     if problem is not None:
         return _reply("", None, problem)
     if timeout is None:
