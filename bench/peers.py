@@ -436,6 +436,8 @@ def all_systems() -> list[System]:
         LimitSystem("sh"),
         HermesSystem("none"),
         HermesSystem("bwrap"),
+        HermesSystem("none", shell="persistent"),
+        HermesSystem("bwrap", shell="persistent"),
         SweRexExecuteSystem(),
         SweRexSessionSystem(),
         MiniSweAgentSystem(),

@@ -18,12 +18,23 @@ from bench.workloads import BenchResult, Measurement, median, percentile
 
 TITLES = {
     "tiny": "1. Tiny commands (spawn-bound)",
+    "external": "1b. External commands (a process per command for every row)",
     "short": "2. Short real commands (concurrency-bound)",
     "latency": "3. Agent latency (sequential calls on one warm task)",
     "churn": "4. Churn (acquire, commands, release with reset)",
     "scale": "5. Scale (every slot held at once, one command each)",
 }
-HERMES_ROWS = ("hermes-none", "hermes-bwrap")
+HERMES_ROWS = (
+    "hermes-none",
+    "hermes-bwrap",
+    "hermes-persistent-none",
+    "hermes-persistent-bwrap",
+)
+#: The rows of issue 11 (one long-lived shell per slot) and its targets.
+PERSISTENT_ROWS = ("hermes-persistent-none", "hermes-persistent-bwrap")
+LATENCY_TARGET_MS = 0.5
+#: Why a peer is still ahead of a persistent row on a workload, when it is (see the report).
+AHEAD_REASONS: dict[tuple[str, str], str] = {}
 MEMORY_TARGET_MB = 300.0
 
 
@@ -163,6 +174,8 @@ def targets(summary: Summary) -> list[Target]:
                 met=None if math.isnan(ratio) else ratio >= 20,
             )
         )
+        if row in PERSISTENT_ROWS:
+            found += _persistent_targets(summary, row)
         peak = summary.figure("scale", row, lambda m: _mb(m.peak_rss_bytes))
         pss = summary.figure("scale", row, lambda m: _mb(m.peak_pss_bytes))
         wall = summary.time("scale", row)
@@ -180,6 +193,63 @@ def targets(summary: Summary) -> list[Target]:
     return found
 
 
+def _persistent_targets(summary: Summary, row: str) -> list[Target]:
+    """Issue 11's targets for a persistent-shell row."""
+    found = []
+    p50 = summary.time("latency", row).median * 1e3
+    found.append(
+        Target(
+            text=f"latency p50 at most {LATENCY_TARGET_MS:g} ms (issue 11)",
+            row=row,
+            measured="n/a" if math.isnan(p50) else f"{p50:.2f} ms",
+            met=None if math.isnan(p50) else p50 <= LATENCY_TARGET_MS,
+        )
+    )
+    for workload, peer, at_least in (
+        ("tiny", "mini-swe-agent", 2.0),
+        ("churn", "mini-swe-agent", 1.0),
+        ("external", "limit-bash", 1.0),
+    ):
+        ratio = summary.speedup(workload, row, peer)
+        found.append(
+            Target(
+                text=f"workload {workload} at least {at_least:g}x {peer} (issue 11)",
+                row=row,
+                measured=_ratio(ratio),
+                met=None if math.isnan(ratio) else ratio >= at_least,
+            )
+        )
+    return found
+
+
+def _ahead_section(summary: Summary) -> list[str]:
+    """Where a peer (not a raw limit) is still faster than a persistent row, and why."""
+    result = summary.result
+    rows = [row.name for row in result.rows if row.unavailable is None]
+    lines = ["## Where a peer is still ahead of the persistent shell", ""]
+    found = False
+    for workload in result.workloads:
+        for row in PERSISTENT_ROWS:
+            if row not in rows:
+                continue
+            for peer in rows:
+                if peer in HERMES_ROWS or peer.startswith("limit-"):
+                    continue
+                ratio = summary.speedup(workload, row, peer)
+                if math.isnan(ratio) or ratio >= 1.0:
+                    continue
+                found = True
+                reason = AHEAD_REASONS.get((workload, peer), "")
+                lines.append(
+                    f"- {workload}: {peer} is ahead of {row} ({_ratio(ratio)})"
+                    + (f": {reason}" if reason else "")
+                )
+    if not found:
+        lines.append("None: the persistent rows are ahead of every peer on every workload run.")
+    lines.append("")
+    return lines
+
+
 def _mb(value: int | None) -> float | None:
     return None if value is None else value / 1e6
 
@@ -190,6 +260,12 @@ def _workload_description(workload: str, result: BenchResult) -> str:
         return (
             f"{sizes.tiny_trajectories} trajectories x {sizes.tiny_commands} sequential "
             "`echo` commands, all trajectories at once. Wall time of all commands."
+        )
+    if workload == "external":
+        return (
+            f"{sizes.tiny_trajectories} trajectories x {sizes.tiny_commands} sequential "
+            "`/bin/echo` commands (an external program: every row starts a process per "
+            "command), all trajectories at once. Wall time of all commands."
         )
     if workload == "short":
         return (
@@ -324,7 +400,7 @@ def render_markdown(result: BenchResult, chart_name: str = "latest.png") -> str:
         "|---|---|---|",
         *[f"| {row.name} | {row.shell} | {row.description} |" for row in result.rows],
         "",
-        "## Targets of issue 4",
+        "## Targets of issue 4 and issue 11",
         "",
         "| target | row | measured | met |",
         "|---|---|---|---|",
@@ -336,6 +412,7 @@ def render_markdown(result: BenchResult, chart_name: str = "latest.png") -> str:
     for workload in result.workloads:
         lines += _workload_table(summary, workload)
     lines += _speedup_table(summary)
+    lines += _ahead_section(summary)
     lines += [
         "## Raw measurements",
         "",

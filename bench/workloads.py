@@ -3,6 +3,8 @@
 Workloads (sizes in `Sizes`; `FULL` is the issue's, `SMOKE` the test suite's):
 
 1. `tiny`: trajectories x sequential `echo` commands, all trajectories at once (spawn-bound).
+1b. `external`: the same with `/bin/echo`, an external command: a process per command for every
+   row, so a shell builtin is never the only evidence.
 2. `short`: trajectories x sequential `sleep S; echo` commands (concurrency-bound).
 3. `latency`: sequential `true` calls on one warm task; per-call times (p50, p95).
 4. `churn`: trajectories through a fixed number of slots: acquire, commands, release with reset.
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-WORKLOADS = ("tiny", "short", "latency", "churn", "scale")
+WORKLOADS = ("tiny", "external", "short", "latency", "churn", "scale")
 
 #: A command's outcome as a row reports it: exit status (None when unknown) and its output.
 Outcome = tuple[int | None, str]
@@ -101,6 +103,14 @@ def plan_for(workload: str, sizes: Sizes) -> list[list[Command]]:
         return [
             [
                 Command(text=f"echo t{i}c{k}", expected=f"t{i}c{k}")
+                for k in range(sizes.tiny_commands)
+            ]
+            for i in range(sizes.tiny_trajectories)
+        ]
+    if workload == "external":
+        return [
+            [
+                Command(text=f"/bin/echo t{i}c{k}", expected=f"t{i}c{k}")
                 for k in range(sizes.tiny_commands)
             ]
             for i in range(sizes.tiny_trajectories)
@@ -182,6 +192,10 @@ class System(Protocol):
 class HermesSystem:
     """hermes-actors on the local backend: `ToolBackend.execute_batch`, and `terminal_tool`.
 
+    `shell` is the profile's `shell` setting: `fresh` (a `bash -c` per command, the rows
+    `hermes-none`/`hermes-bwrap`) or `persistent` (one long-lived bash per slot, the rows
+    `hermes-persistent-none`/`hermes-persistent-bwrap`).
+
     Workloads 1 and 2 send one `execute_batch` holding every trajectory's commands (calls for
     one slot run in request order, slots run concurrently); workload 3 calls `terminal_tool` on
     one task; workload 4 runs every trajectory as its own task (acquire, one `execute_batch` per
@@ -191,10 +205,21 @@ class HermesSystem:
 
     shell = "bash"
 
-    def __init__(self, isolation: str) -> None:
+    def __init__(self, isolation: str, shell: str = "fresh") -> None:
         self.isolation = isolation
-        self.name = f"hermes-{isolation}"
-        self.description = f"hermes-actors, local backend, `isolation: {isolation}`"
+        self.shell_mode = shell
+        if shell == "fresh":
+            self.name = f"hermes-{isolation}"
+            self.description = (
+                f"hermes-actors, local backend, `isolation: {isolation}`, `shell: fresh` "
+                "(a `bash -c` per command)"
+            )
+        else:
+            self.name = f"hermes-{shell}-{isolation}"
+            self.description = (
+                f"hermes-actors, local backend, `isolation: {isolation}`, `shell: {shell}` "
+                "(one long-lived bash per slot)"
+            )
         self._probed = False
         self._problem: str | None = None
 
@@ -207,6 +232,7 @@ class HermesSystem:
             name="bench",
             backend="local",
             isolation=self.isolation,  # type: ignore[arg-type]
+            shell=self.shell_mode,  # type: ignore[arg-type]
             slots_per_sandbox=per_sandbox,
             min_sandboxes=sandboxes,
             max_sandboxes=sandboxes,
@@ -272,6 +298,7 @@ class HermesSystem:
                             "bench": {
                                 "backend": "local",
                                 "isolation": self.isolation,
+                                "shell": self.shell_mode,
                                 "slots_per_sandbox": 1,
                                 "min_sandboxes": 1,
                                 "max_sandboxes": 1,
@@ -566,7 +593,7 @@ def run_workload(system: System, workload: str, sizes: Sizes, repetition: int) -
     plan = plan_for(workload, sizes)
     if workload == "scale":
         return run_scale_in_child(system, sizes, repetition)
-    if workload in ("tiny", "short"):
+    if workload in ("tiny", "external", "short"):
         timed = system.run_trajectories(texts(plan), sizes)
     elif workload == "latency":
         timed = system.run_latency(texts(plan)[0], sizes)

@@ -37,7 +37,7 @@ VALID_KEYS = (
     "creates_per_second, env_vars, execution_timeout_s, gpu, idle_timeout, image, isolation, "
     "max_checkpoint_bytes, max_checkpoints, max_lifetime, max_output_bytes, max_pool, "
     "max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
-    "reap_min_age_s, reap_orphans, secrets, slots_per_sandbox, tags, workspace_base"
+    "reap_min_age_s, reap_orphans, secrets, shell, slots_per_sandbox, tags, workspace_base"
 )
 
 
@@ -109,6 +109,7 @@ def test_sandbox_config_defaults() -> None:
         "tags": {},
         "workspace_base": "/data",
         "isolation": "auto",
+        "shell": "persistent",
         "network": False,
         "max_output_bytes": 1_000_000,
         "app_name": "hermes-actors",

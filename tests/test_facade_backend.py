@@ -106,8 +106,10 @@ async def test_bad_tool_or_arguments_give_error_results() -> None:
         ]
         results = await backend.execute_batch(requests)
         errors = [result.error for result in results]
-        assert errors[0] == "unknown tool 'python'; available tools: bash, read_file, write_file"
-        expected = "{command, allow_network?, background?, require_sandbox?, timeout?}"
+        assert errors[0] == (
+            "unknown tool 'python'; available tools: bash, terminal, read_file, write_file"
+        )
+        expected = "{command, allow_network?, background?, require_sandbox?, shell?, timeout?}"
         assert errors[1] == f"bash: missing 'command' argument(s); expected {expected}"
         assert errors[2] == f"bash: unknown 'cwd' argument(s); expected {expected}"
         assert errors[3] == "bash: 'command' must be a str, got list"

@@ -102,6 +102,10 @@ def test_cleanup_vm_kills_the_tasks_background_processes(profiles_file: Path) ->
     """cleanup_vm kills what the task left running."""
     token = f"hermes-term-{secrets.token_hex(4)}"
     run(f"(exec -a {token} sleep 60) > /dev/null 2>&1 &", task_id="bg")
+    # The call may return before the background subshell has exec'd its sleep.
+    deadline = time.monotonic() + 5
+    while not processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert processes_with(token)
     cleanup_vm("bg")
     assert processes_with(token) == []

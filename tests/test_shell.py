@@ -283,12 +283,12 @@ def test_bad_shell_arguments_are_refused(agent: AgentProcess) -> None:
 @pytest.mark.skipif(not IS_ROOT, reason="slot uids need root")
 def test_the_shell_runs_as_the_slot_uid(open_root: Path) -> None:
     """With slot uids, the shell and its commands run as the slot's uid, HOME its workspace."""
-    with AgentProcess(str(open_root / "slots"), slot_uid_base=43000) as agent:
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=47100) as agent:
         result = run(agent, 'id -u; echo "$HOME"; cd /tmp; touch "$HOME/mine"', slot=2)
         lines = result["stdout"].decode().splitlines()  # type: ignore[attr-defined]
-        assert lines[0] == "43002"
+        assert lines[:1] == ["47102"], repr(result)
         assert lines[1].endswith("/slot-2")
-        assert (open_root / "slots" / "slot-2" / "mine").stat().st_uid == 43002
+        assert (open_root / "slots" / "slot-2" / "mine").stat().st_uid == 47102
         assert run(agent, "pwd", slot=2)["stdout"] == b"/tmp\n"
 
 
@@ -304,3 +304,20 @@ def open_root() -> Iterator[Path]:
     yield path
     subprocess.run(["chmod", "-R", "u+rwx", str(path)], check=False)
     shutil.rmtree(path)
+
+
+def test_end_shell_forgets_the_state_but_keeps_files_and_jobs(agent: AgentProcess) -> None:
+    """end_shell (a release that keeps the slot) ends only the shell: the next call is clean."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    run(agent, f"export KEEP=1; cd /tmp; echo data > $HOME/kept; {marker} sleep 300 &")
+    pid = shell_pid(agent)
+    assert agent.call("end_shell", slot=0, serial=True) == {"ended": True}
+    clean = run(agent, 'echo "[${KEEP-}]"; pwd; cat kept')
+    assert clean["stdout"].decode().splitlines()[0] == "[]"  # type: ignore[attr-defined]
+    assert clean["stdout"].decode().splitlines()[2] == "data"  # type: ignore[attr-defined]
+    assert clean["shell_restarted"] is False
+    assert not pid_alive(pid)
+    assert len(processes_with_env(marker)) == 1
+    assert agent.call("end_shell", slot=5) == {"ended": False}
+    agent.call("reset_slot", slot=0)
+    assert wait_no_processes_with_env(marker) == []

@@ -43,6 +43,10 @@ Invariants:
 * Once a command's own process has exited, its reply goes out with what its pipes hold at that
   moment: background children that keep the pipes open do not delay it.
 * Every child reaching the agent is reaped; tracked leaders finish their exec, orphans vanish.
+* An exec with ``"shell": "persistent"`` runs in its slot's long-lived shell instead of its own
+  ``bash -c`` (state persists between calls; see `_Shells` for the protocol, the framing that
+  never travels in the output, and how timeouts, ``exit`` and resets are handled).
+  ``"merge_stderr": true`` sends stderr into stdout in write order (one pipe or FIFO for both).
 * File ops are confined to the slot workspace (``..``, absolute paths and symlinks resolving
   outside give ``path_escape``); with slot uids they run under the slot's uid (``seteuid``).
 * Leaving the loop (shutdown, stdin EOF, ``ttl_s`` without a frame, a fatal signal, a broken
@@ -279,9 +283,19 @@ SHELL_MODES = ("fresh", "persistent")
 #: report the call's end before it counts as stuck (a builtin loop) and is replaced.
 SHELL_KILL_GRACE_S = 0.25
 
-OPS = ("exec", "cancel", "read_file", "write_file", "list_files", "reset_slot", "ping", "shutdown")
+OPS = (
+    "exec",
+    "cancel",
+    "read_file",
+    "write_file",
+    "list_files",
+    "reset_slot",
+    "end_shell",
+    "ping",
+    "shutdown",
+)
 #: Operations that accept ``"serial": true``: run one at a time per slot, in arrival order.
-SERIAL_OPS = ("exec", "read_file", "write_file", "list_files")
+SERIAL_OPS = ("exec", "read_file", "write_file", "list_files", "end_shell")
 
 
 class OpError(Exception):
@@ -544,6 +558,7 @@ class Agent:
             "reset_slot": self.op_reset_slot,
             "ping": self.op_ping,
             "shutdown": self.op_shutdown,
+            "end_shell": self.op_end_shell,
         }
         self.trees = TreeOps(self)
         self.handlers.update(self.trees.handlers())
@@ -935,12 +950,15 @@ class Agent:
                 if not _is_shell_name(key):
                     raise OpError("bad_request", "'env': %r is not a shell variable name" % key)
         cwd_arg = args.get("cwd", ".")
-        self.workspace(slot)
-        cwd, _ = self.resolve(slot, "." if cwd_arg is None else cwd_arg, "exec cwd")
-        if not os.path.isdir(cwd):
-            if os.path.exists(cwd):
-                raise OpError("not_a_directory", "exec cwd %r is not a directory" % cwd_arg)
-            raise OpError("not_found", "exec cwd %r does not exist" % cwd_arg)
+        if in_shell and cwd_arg in (None, ".") and slot in self.shells.by_slot:
+            cwd = ""  # the running shell's own cwd: nothing to check on this hot path
+        else:
+            self.workspace(slot)
+            cwd, _ = self.resolve(slot, "." if cwd_arg is None else cwd_arg, "exec cwd")
+            if not os.path.isdir(cwd):
+                if os.path.exists(cwd):
+                    raise OpError("not_a_directory", "exec cwd %r is not a directory" % cwd_arg)
+                raise OpError("not_found", "exec cwd %r does not exist" % cwd_arg)
 
         ex = _Exec(request_id, self.next_exec_id, slot)
         self.next_exec_id += 1
@@ -1345,6 +1363,11 @@ class Agent:
         if uid is not None:
             os.chown(workspace, uid, uid)
         return {"killed": killed}
+
+    def op_end_shell(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        """End the slot's persistent shell (only it: files and other processes stay), so the
+        slot's next persistent call starts a clean one; for a release that keeps the slot."""
+        return {"ended": self.shells.end(_slot_arg(args))}
 
     def op_ping(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         execs = len(self.execs) + len(self.shells.execs)
@@ -2305,8 +2328,11 @@ class _Shell:
         self.status_fd = -1
         self.unsent = b""
         self.records = bytearray()
-        #: Length of the current call's record line, the last thing sent (see `kill_call`).
-        self.record_bytes = 0
+        #: The output FIFOs no writer holds any more, by kind ("o", "e"): the next call's.
+        self.fifos: Dict[str, str] = {}
+        self.fifo_count = 0
+        #: The current call was interrupted (see `_Shells.kill_call`).
+        self.interrupted = False
         self.current: Optional[_Exec] = None
         #: What the last finished call left: working directory and ``export -p`` text. A
         #: replacement shell starts from these.
@@ -2323,36 +2349,43 @@ class _Shell:
 class _Shells:
     """The persistent shells of every slot (``exec`` with ``"shell": "persistent"``).
 
-    Protocol between the agent and a shell (bash, or ``sh`` when the image has no bash):
+    Protocol between the agent and a shell (an interactive bash, or ``sh -i`` without bash):
 
-    * The shell reads its script from its stdin, a pipe only the agent writes to. Each call is
-      one line: ``export`` of the call's exec marker, then ``eval`` of the command, quoted as one
-      single-quoted word, with ``</dev/null`` (every command's stdin is empty: ``read`` gets
-      EOF), its stdout and stderr redirected to FIFOs made for this call alone (one FIFO for
-      both when merged, so the order of writes is kept), and fd 3 closed; then a status record
-      written to fd 3. ``eval`` runs at the top level (not in a function), so ``declare``,
-      ``local`` errors, ``break`` and ``return`` behave as typed in a terminal, and variables,
-      functions, aliases, options and the working directory persist.
-    * The status record (``status NUL cwd NUL export-p-text NUL``) travels on fd 3, which no
-      command holds (the ``3>&-``): nothing a command prints can end a call early or forge a
-      status. Framing is never in-band in the output streams.
-    * Output is per call: each call has fresh FIFOs, so a background job started by one call
-      writes into that call's FIFO forever after, never into a later call's result. When the
-      call ends, the agent takes what is buffered, then keeps draining and discarding the FIFO
-      until its last writer is gone (a background server writing later must not die of
-      SIGPIPE).
-    * Timeout and cancel: the shell is stopped (SIGSTOP) while every process of the call is
-      killed (those carrying the call's marker, and the shell's descendants started since the
-      call began; older background jobs are spared), then continued; it reports the call's end
-      (exit 124 after a timeout) and keeps its state. A shell that does not report within
-      `SHELL_KILL_GRACE_S` (a builtin loop) is killed and replaced.
+    * The shell reads its script from its stdin, a pipe only the agent writes to. A call is two
+      lines. The first exports the call's exec marker, then sources (``.``) a file holding the
+      command, with ``</dev/null`` (every command's stdin is empty: ``read`` gets EOF), its
+      stdout and stderr redirected to FIFOs of the slot (one FIFO for both when merged, so the
+      order of writes is kept), and fd 3 closed. Sourcing runs the command at the top level
+      (not in a function): ``declare``, aliases, ``cd``, functions and options persist, as
+      typed in a terminal; and sourced code runs with bash's interactive messages off, so the
+      output is what ``bash -c`` prints (no ``[1] PID``, no ``exit``). The shell is interactive
+      for one reason: an interrupt ends the running line (a loop, a list) and the shell goes on
+      reading, where a non-interactive shell would exit.
+    * The second line writes ``export -p`` to a file that is read only when a replacement
+      shell needs the last exported environment, then the status record ``NUL status NUL cwd
+      NUL E<exec id> NUL ETX`` to fd 3 in one write. No command holds fd 3 (the ``3>&-``):
+      nothing a command prints can end a call early or forge a status. Framing is never
+      in-band in the output streams.
+    * Output per call: a FIFO is reused only while no writer holds it. When a call ends, the
+      agent takes what is buffered; if a background job of the call still holds the FIFO, the
+      agent keeps draining and discarding it until its last writer is gone (a background
+      server writing later must not die of SIGPIPE) and the next call gets a new FIFO, so the
+      job's later output never reaches another result.
+    * Timeout and cancel, once the shell is inside the call (its stdout is the call's FIFO):
+      the shell is stopped (SIGSTOP), every process of the call gets SIGINT then SIGKILL
+      (those carrying the call's marker, and the shell's descendants started since the call
+      began: older background jobs are spared), the shell gets SIGINT and is continued; it
+      ends the call's line, as after Ctrl-C in a terminal, and reports (exit 124 after a
+      timeout), keeping its state. A shell that does not report within `SHELL_KILL_GRACE_S`
+      (it traps SIGINT, or never reached the command) is killed and replaced.
     * A shell that exits or dies (``exit 3``, ``exec sleep 1``, a signal) is replaced at the
       slot's next call by a new shell started through the same spawn path as every command
       (same uid, environment, HOME, session), in the last known working directory with the
       last known exported environment; the result of the call it died in (or the next call,
       when it died between calls) has ``shell_restarted`` set, with the shell's exit status.
     * Reset and shutdown kill the shell with everything else of the slot (its session is
-      added to the kill sweep); the slot's next lease starts a clean shell lazily.
+      added to the kill sweep) and remove the slot's FIFOs and files; the slot's next lease
+      starts a clean shell at its first persistent call.
     """
 
     def __init__(self, agent: Agent) -> None:
@@ -2386,21 +2419,14 @@ class _Shells:
             except OSError as exc:
                 agent.reply_not_started(ex, self.program, exc)
                 return
-        directory = self.slot_directory(ex.slot)
-        uid = agent.slot_uid(ex.slot)
         ex.in_shell = True
         ex.stdout = _Capture(cap)
         ex.stderr = _Capture(cap)
         paths = []
-        for name, capture in (("out", ex.stdout), ("err", ex.stderr)):
-            if name == "err" and merge_stderr:
+        for kind, capture in (("o", ex.stdout), ("e", ex.stderr)):
+            if kind == "e" and merge_stderr:
                 break
-            path = os.path.join(directory, "%d.%s" % (ex.exec_id, name))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # left by a killed agent's predecessor: never reuse it
-            os.mkfifo(path, 0o600)
-            if uid is not None:
-                os.chown(path, uid, uid)
+            path = self.fifo(shell, kind)
             # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
             # the shell has opened it; see `_linger` for after the call.
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -2415,17 +2441,36 @@ class _Shells:
         if cwd is not None:
             parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
+        # The command reaches the shell as a file it sources: no quoting, and sourced code
+        # runs with bash's "interactive" messages off (no "[1] PID" for a background job, no
+        # "exit" on exit), so the output is what ``bash -c`` prints.
+        directory = self.slot_directory(ex.slot)
+        script = os.path.join(directory, "command")
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            data = command.encode("utf-8", "surrogateescape")
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         parts.append(
-            "\\command eval %s </dev/null >|%s %s 3>&-"
-            % (_shell_quote(command), _shell_quote(paths[0]), redirect)
+            "\\command . %s </dev/null >|%s %s 3>&-"
+            % (_shell_quote(script), _shell_quote(paths[0]), redirect)
         )
-        # The record is its own line: an interrupt (see `kill_call`) ends the call's line only.
+        # The record is its own line (an interrupt, see `kill_call`, ends the call's line
+        # only), written in one write. Before it, the exported environment goes to a file read
+        # only when a replacement shell needs it: saved first, so a shell killed after its call
+        # has ended never leaves it half-written. The status waits in $1 meanwhile (a variable
+        # would show up in `set`); `shift` gives the positional parameters back.
         record = (
-            "{ \\command printf '\\0%%s\\0' \"$?\"; \\command export -p; "
-            "\\command printf '\\0%%s\\0E%d\\0\\3' \"$PWD\"; } >&3 2>/dev/null\n" % ex.exec_id
+            '\\command set -- "$?" "$@"; \\command export -p >|%s 2>/dev/null; '
+            '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD" >&3 2>/dev/null; '
+            "\\command shift\n" % (_shell_quote(os.path.join(directory, "env")), ex.exec_id)
         )
         line = "; ".join(parts) + "\n" + record
-        shell.record_bytes = len(record)
         ex.pid = shell.pid
         ex.started = time.monotonic()
         ex.start_tick = self.now_tick()
@@ -2453,9 +2498,12 @@ class _Shells:
         if previous is not None:
             shell.cwd = previous.cwd
             shell.exported = previous.exported
+            env_file = os.path.join(self.slot_directory(slot), "env")
+            with contextlib.suppress(OSError), open(env_file, "rb") as handle:
+                shell.exported = previous.exported = handle.read()
             if os.path.isdir(previous.cwd):
                 cwd = previous.cwd
-            if previous.exported is not None:
+            if previous.exported:
                 # Exactly the last exported set: what the process starts with goes, then the
                 # last ``export -p`` is replayed at the top level (declarations stay global).
                 names = " ".join(name for name in sorted(env) if _is_shell_name(name))
@@ -2503,6 +2551,23 @@ class _Shells:
         agent.slots_used.add(slot)
         self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
         return shell
+
+    def fifo(self, shell: _Shell, kind: str) -> str:
+        """A FIFO for a call's output: the slot's last one of that kind, unless a background
+        job of an earlier call still holds it (then a new one)."""
+        path = shell.fifos.get(kind)
+        if path is not None:
+            return path
+        shell.fifo_count += 1
+        path = os.path.join(self.slot_directory(shell.slot), "%s%d" % (kind, shell.fifo_count))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.mkfifo(path, 0o600)
+        uid = self.agent.slot_uid(shell.slot)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        shell.fifos[kind] = path
+        return path
 
     def slot_directory(self, slot: int) -> str:
         """A directory for the slot's FIFOs, outside its workspace, reachable by its uid only."""
@@ -2580,16 +2645,13 @@ class _Shells:
             end = shell.records.find(b"\0\3")
             if end < 0:
                 break
-            # A record is ``NUL status NUL export-p NUL cwd NUL E<exec id> NUL ETX``: read from
-            # its end, so the start of a record an interrupt cut short (no NUL in it but its
-            # first) is skipped.
+            # A record is ``NUL status NUL cwd NUL E<exec id> NUL ETX``, one write.
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
-            if len(fields) < 5 or not fields[-1].startswith(b"E"):
+            if len(fields) < 4 or not fields[-1].startswith(b"E"):
                 continue
-            status, exported, cwd, name = fields[-4:]
+            status, cwd, name = fields[-3:]
             shell.cwd = os.fsdecode(cwd) or shell.cwd
-            shell.exported = exported
             ex = shell.current
             if ex is None or name != b"E%d" % ex.exec_id:
                 continue
@@ -2599,6 +2661,7 @@ class _Shells:
                 exit_code = 1
             self.finish(shell, ex, exit_code, None, restarted=shell.report_restart)
             shell.report_restart = False
+            shell.interrupted = False
 
     # -- ends of calls --------------------------------------------------------------------------
 
@@ -2657,9 +2720,17 @@ class _Shells:
         except OSError:
             reader = -1
         os.close(fd)
+        if reader >= 0 and _discard(reader):
+            os.close(reader)  # nobody else holds it: the next call may use it again
+            return
+        shell = self.by_slot.get(ex.slot)
+        if shell is not None:
+            for kind, kept in list(shell.fifos.items()):
+                if kept == path:
+                    del shell.fifos[kind]
         with contextlib.suppress(OSError):
             os.unlink(path)
-        if reader >= 0 and not _discard(reader):
+        if reader >= 0:
             self.lingering[reader] = ex.slot
             agent.selector.register(reader, selectors.EVENT_READ, self._discard_callback)
 
@@ -2718,8 +2789,12 @@ class _Shells:
             return
         shell = self.by_slot.get(ex.slot)
         if shell is not None and shell.current is ex and shell.pid:
-            # It did not come back from the kill: a builtin loop, or it waits on something
-            # the kill could not reach. Replace it; its reap ends the call.
+            if not shell.interrupted and self._in_call(shell, ex):
+                self.interrupt(shell, ex)  # it was still setting up at the first try
+                return
+            # It did not come back from the interrupt (the command traps SIGINT, or waits on
+            # something the kill could not reach), or never reached the command. Replace it;
+            # its reap ends the call.
             with contextlib.suppress(OSError):
                 os.kill(shell.pid, signal.SIGKILL)
             self._kill_tree(ex, shell.pid, include_root=True)
@@ -2733,11 +2808,18 @@ class _Shells:
         if shell.current is not ex:
             return  # it had just ended
         ex.kill_reason = reason
-        if _pipe_unread(shell.control_fd) + len(shell.unsent) > shell.record_bytes:
-            # The shell has not read the whole call yet: interrupting it now would run the
-            # rest of the line as a command of its own. Replace the shell instead.
-            self.on_timer(ex.exec_id, grace=True)
+        self.interrupt(shell, ex)
+
+    def interrupt(self, shell: _Shell, ex: _Exec) -> None:
+        """Kill the call's processes and interrupt its line, if the shell is inside the call's
+        command now; then give it `SHELL_KILL_GRACE_S` to report (see `on_timer`)."""
+        deadline = time.monotonic() + SHELL_KILL_GRACE_S
+        heapq.heappush(self.agent.timers, (deadline, ex.exec_id, -1))
+        if not self._in_call(shell, ex):
+            # Still reading or setting up the call (an interrupt could cut its line in two and
+            # run the rest as a command), or writing its record: the grace decides.
             return
+        shell.interrupted = True
         with contextlib.suppress(OSError):
             os.kill(shell.pid, signal.SIGSTOP)  # it must not start new processes meanwhile
         try:
@@ -2751,9 +2833,14 @@ class _Shells:
             with contextlib.suppress(OSError):
                 os.kill(shell.pid, signal.SIGCONT)
         self.agent._reap()
-        if shell.current is ex:
-            deadline = time.monotonic() + SHELL_KILL_GRACE_S
-            heapq.heappush(self.agent.timers, (deadline, ex.exec_id, -1))
+
+    def _in_call(self, shell: _Shell, ex: _Exec) -> bool:
+        """Whether the shell runs the call's command now: its stdout is the call's FIFO."""
+        try:
+            target = os.readlink("/proc/%d/fd/1" % shell.pid)
+        except OSError:
+            return False
+        return target in ex.fifos.values()
 
     def _kill_tree(
         self, ex: _Exec, root: int, include_root: bool, first: Optional[int] = None
@@ -2811,6 +2898,23 @@ class _Shells:
                 return len(killed)
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+
+    def end(self, slot: int) -> bool:
+        """Kill the slot's shell process alone and forget its state (see `op_end_shell`)."""
+        shell = self.by_slot.pop(slot, None)
+        if shell is None:
+            return False
+        shell.closing = "cancel"
+        if shell.current is not None:
+            self.kill_call(shell.current, "cancel")
+        if shell.pid:
+            with contextlib.suppress(OSError):
+                os.kill(shell.pid, signal.SIGKILL)
+        if self.directory is not None:
+            for name in ("command", "env"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, "slot-%d" % slot, name))
+        return True
 
     def closing(self, slot: Optional[int], reason: str) -> Set[int]:
         """Mark the slot's shell (every shell when `slot` is None) as being killed on purpose;
@@ -2921,16 +3025,6 @@ def _process_table() -> Dict[int, Tuple[int, int, bool]]:
         except (OSError, ValueError, IndexError):
             continue
     return table
-
-
-def _pipe_unread(fd: int) -> int:
-    """How many bytes wait in a pipe (FIONREAD); 0 if that cannot be told."""
-    try:
-        import fcntl
-
-        return int.from_bytes(fcntl.ioctl(fd, 0x541B, b"\0\0\0\0"), sys.byteorder)
-    except (OSError, ImportError, ValueError):
-        return 0
 
 
 def _environ_has(pid: int, needle: bytes) -> bool:

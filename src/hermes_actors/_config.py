@@ -64,6 +64,7 @@ __all__ = [
 
 Backend = Literal["local", "modal"]
 Isolation = Literal["auto", "bwrap", "none"]
+Shell = Literal["persistent", "fresh"]
 
 ENV_BACKEND: Final = "TERMINAL_ENV"
 ENV_IMAGE: Final = "TERMINAL_MODAL_IMAGE"
@@ -385,6 +386,10 @@ class SandboxConfig:
     workspace_base: str = "/data"
     #: Local isolation: `bwrap`, `none`, or `auto` (bwrap when it works, else none with a warning).
     isolation: Isolation = "auto"
+    #: How `bash` commands run: `persistent` (one long-lived shell per slot: cwd, variables,
+    #: functions and aliases carry over from call to call, as in a terminal) or `fresh` (each
+    #: call its own `bash -c` in the workspace). A call may override it.
+    shell: Shell = "persistent"
     #: Whether sandboxes may reach the network. Off by default (least privilege, and the same on
     #: both backends); profiles that install packages or download models turn it on.
     network: bool = False

@@ -123,13 +123,17 @@ def terminal_tool(
     task_id: str | None = None,
     profile: str | None = None,
     image: str | None = None,
+    shell: str | None = None,
 ) -> str:
     """Run `command` with bash in a sandbox and return `{"output", "exit_code", "error"}` JSON.
 
     The original Hermes tool's signature, so its positional callers keep working.
-    `output` is stdout then stderr, capped (head and tail kept) at `MAX_OUTPUT_CHARS`.
+    `output` is what a terminal shows: stdout and stderr interleaved in the order they were
+    written, capped (head and tail kept) at `MAX_OUTPUT_CHARS`.
     `exit_code` is the command's status (124 after a timeout, null when it did not run).
-    `task_id` keeps one slot (files, background processes) until `cleanup_vm(task_id)`;
+    `task_id` keeps one slot (files, background processes, and with the profile's default
+    `shell: persistent` its shell: cwd, variables, functions) until `cleanup_vm(task_id)`;
+    `shell` (`"persistent"` or `"fresh"`) overrides the profile's `shell` for this call;
     `profile` picks the sandbox profile for a task's first command (default profile when
     None); `timeout` bounds the command in seconds (default: `$TERMINAL_TIMEOUT` when set,
     else the profile's `execution_timeout_s`). With `background`, the command starts detached
@@ -158,7 +162,7 @@ def terminal_tool(
     if background and task_id is None:
         task_id = DEFAULT_TASK_ID
     if task_id is None:
-        return _run_once(backend, command, profile, timeout, image)
+        return _run_once(backend, command, profile, timeout, image, shell)
     with _task_lock(task_id):
         slot = _task_slots.get(task_id)
         if slot is not None and profile is not None and profile != slot.profile:
@@ -183,7 +187,7 @@ def terminal_tool(
             except HermesError as exc:
                 return _reply("", None, _describe_failure(exc))
             _task_slots[task_id] = slot
-        reply, lost = _run_in(backend, slot, command, timeout, background=background)
+        reply, lost = _run_in(backend, slot, command, timeout, background=background, shell=shell)
         if lost:
             # The sandbox is gone, and the task's files with it: the next call starts afresh
             # (releasing only forgets the slot: there is nothing left to reset).
@@ -223,13 +227,14 @@ def _run_once(
     profile: str | None,
     timeout: float | None,
     image: str | None,
+    shell: str | None,
 ) -> str:
     try:
         slot = backend.call_blocking(backend.acquire, None, profile, image)
     except HermesError as exc:
         return _reply("", None, _describe_failure(exc))
     try:
-        reply, _ = _run_in(backend, slot, command, timeout)
+        reply, _ = _run_in(backend, slot, command, timeout, shell=shell)
         return reply
     finally:
         _release_quietly(backend, slot, reset=True)
@@ -242,6 +247,7 @@ def _run_in(
     timeout: float | None,
     *,
     background: bool = False,
+    shell: str | None = None,
 ) -> tuple[str, bool]:
     """The JSON reply for one command in `slot`, and whether the slot's sandbox was lost."""
     args: dict[str, Any] = {"command": command}
@@ -249,8 +255,10 @@ def _run_in(
         args["timeout"] = timeout
     if background:
         args["background"] = True
+    if shell is not None:
+        args["shell"] = shell
     try:
-        [result] = backend.call_blocking(backend.execute_batch, [(slot, "bash", args)])
+        [result] = backend.call_blocking(backend.execute_batch, [(slot, "terminal", args)])
     except HermesError as exc:
         return _reply("", None, _describe_failure(exc)), isinstance(exc, InfrastructureError)
     exit_code = result.metadata.get("exit_code")

@@ -15,11 +15,11 @@ import shlex
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, get_args
 
 import attrs
 
-from hermes_actors._config import SandboxConfig
+from hermes_actors._config import SandboxConfig, Shell
 from hermes_actors._values import (
     Command,
     CommandResult,
@@ -91,13 +91,15 @@ class ExecutionResult:
     """The outcome of one tool call of a batch.
 
     `success` is True when the tool did what was asked (for `bash`: exit status 0, not timed
-    out). `output` is the tool's text (for `bash`: stdout, then stderr). `error` says what went
-    wrong, and is `''` on success (as in the original Hermes result). `metadata` always holds
-    `tool`, `exit_code` and its original name `returncode`, `timed_out`, `duration_s`,
-    `stdout_dropped` and `stderr_dropped`; `bash` adds `isolated` and `network` (what the
-    sandbox enforced) and `network_note` when `allow_network=True` could not be met; an
-    infrastructure failure adds `infra_error` (the error's kind, e.g. `sandbox_lost`) and
-    `retryable`.
+    out). `output` is the tool's text (for `bash`: stdout, then stderr; for `terminal`: both
+    interleaved in the order they were written). `error` says what went wrong, and is `''` on
+    success (as in the original Hermes result). `metadata` always holds `tool`, `exit_code` and
+    its original name `returncode`, `timed_out`, `duration_s`, `stdout_dropped` and
+    `stderr_dropped`; `bash` and `terminal` add `isolated` and `network` (what the sandbox
+    enforced), `network_note` when `allow_network=True` could not be met, and
+    `shell_restarted` (the slot's persistent shell ended, by `exit`, `exec` or a kill, and was
+    replaced with its last known cwd and exported environment); an infrastructure failure adds
+    `infra_error` (the error's kind, e.g. `sandbox_lost`) and `retryable`.
     """
 
     success: bool
@@ -175,6 +177,12 @@ def _positive_int(instance: object, attribute: attrs.Attribute[Any], value: Any)
         raise BadRequest(f"{attribute.name!r} must be an int >= 1, got {value!r}")
 
 
+def _shell_mode(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value not in get_args(Shell):
+        modes = ", ".join(repr(mode) for mode in get_args(Shell))
+        raise BadRequest(f"{attribute.name!r} must be one of {modes}, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class BashArgs:
     """`bash`: run `command` with bash in the slot's workspace."""
@@ -189,6 +197,9 @@ class BashArgs:
     require_sandbox: bool | None = attrs.field(default=None, validator=_optional_bool)
     #: Start detached and return at once with the log file its output goes to.
     background: bool | None = attrs.field(default=None, validator=_optional_bool)
+    #: `persistent` (the slot's long-lived shell: cwd, variables, functions carry over) or
+    #: `fresh` (its own `bash -c`); default: the profile's `shell`.
+    shell: str | None = attrs.field(default=None, validator=_shell_mode)
 
 
 @attrs.frozen(kw_only=True)
@@ -295,7 +306,7 @@ def _capped_text(data: bytes, dropped: int, cap: int, stream: str) -> str:
 
 
 def _bash_result(
-    slot_id: str, result: CommandResult, cap: int, timeout_s: float
+    slot_id: str, result: CommandResult, cap: int, timeout_s: float, tool: str = "bash"
 ) -> ExecutionResult:
     stdout = _capped_text(result.stdout, result.stdout_dropped, cap, "stdout")
     stderr = _capped_text(result.stderr, result.stderr_dropped, cap, "stderr")
@@ -319,13 +330,14 @@ def _bash_result(
         execution_id=_new_execution_id(),
         slot_id=slot_id,
         metadata=_metadata(
-            "bash",
+            tool,
             result.duration_s,
             exit_code=result.exit_code,
             signal=result.signal,
             timed_out=result.timed_out,
             stdout_dropped=result.stdout_dropped,
             stderr_dropped=result.stderr_dropped,
+            shell_restarted=result.shell_restarted,
         ),
     )
 
@@ -337,10 +349,12 @@ def _background_command(command: str) -> str:
     The process belongs to the slot: it runs until the slot is reset (or its sandbox ends).
     """
     log = f"$HOME/{BACKGROUND_LOG_DIR}/{uuid.uuid4().hex[:12]}.log"
+    # No `exit` on failure: in the slot's persistent shell it would end the shell.
     return (
-        f'mkdir -p "$HOME/{BACKGROUND_LOG_DIR}" || exit\n'
+        f'if mkdir -p "$HOME/{BACKGROUND_LOG_DIR}"; then\n'
         f'bash -c {shlex.quote(command)} > "{log}" 2>&1 < /dev/null &\n'
         f'printf "%s %s\\n" "$!" "{log}"\n'
+        "else false; fi\n"
     )
 
 
@@ -384,18 +398,30 @@ def _bash_timeout(args: BashArgs, context: ToolContext) -> float:
     return float(args.timeout or context.timeout_s)
 
 
-def _bash_command(args: BashArgs, context: ToolContext) -> Command:
+def _bash_command(args: BashArgs, context: ToolContext, merge_stderr: bool = False) -> Command:
     command = _background_command(args.command) if args.background else args.command
     return Command(
         command=command,
         timeout_s=_bash_timeout(args, context),
         max_output_bytes=context.config.max_output_bytes,
+        shell=args.shell or context.config.shell,
+        merge_stderr=merge_stderr or None,
     )
 
 
-def _bash_render(args: BashArgs, result: CommandResult, context: ToolContext) -> ExecutionResult:
+def _terminal_command(args: BashArgs, context: ToolContext) -> Command:
+    return _bash_command(args, context, merge_stderr=True)
+
+
+def _bash_render(
+    args: BashArgs, result: CommandResult, context: ToolContext, tool: str = "bash"
+) -> ExecutionResult:
     rendered = _bash_result(
-        context.slot_id, result, context.config.max_output_bytes, _bash_timeout(args, context)
+        context.slot_id,
+        result,
+        context.config.max_output_bytes,
+        _bash_timeout(args, context),
+        tool,
     )
     if args.background:
         rendered = _background_result(rendered)
@@ -407,6 +433,12 @@ def _bash_render(args: BashArgs, result: CommandResult, context: ToolContext) ->
             "without network"
         )
     return attrs.evolve(rendered, metadata=metadata)
+
+
+def _terminal_render(
+    args: BashArgs, result: CommandResult, context: ToolContext
+) -> ExecutionResult:
+    return _bash_render(args, result, context, "terminal")
 
 
 def _read_operation(args: ReadFileArgs, context: ToolContext) -> ReadFile:
@@ -476,10 +508,17 @@ class Tool:
         return error_result(context.slot_id, reason, name, 0.0, **_facts(context))
 
 
-#: The tools `execute_batch` knows.
+#: The tools `execute_batch` knows. `terminal` is `bash` whose output interleaves stdout and
+#: stderr in the order they were written (what a terminal shows; `terminal_tool` uses it).
 TOOLS: Mapping[str, Tool] = {
     "bash": Tool(
         arguments=BashArgs, operation=_bash_command, render=_bash_render, refuse=_bash_refusal
+    ),
+    "terminal": Tool(
+        arguments=BashArgs,
+        operation=_terminal_command,
+        render=_terminal_render,
+        refuse=_bash_refusal,
     ),
     "read_file": Tool(arguments=ReadFileArgs, operation=_read_operation, render=_read_render),
     "write_file": Tool(arguments=WriteFileArgs, operation=_write_operation, render=_write_render),

@@ -21,7 +21,8 @@ own tasks, so a report can never block):
   share `max_sandboxes` and `max_starting`; `min_sandboxes` warms the profile's image only;
   other images' sandboxes stop after `idle_timeout` whatever `min_sandboxes` says, or at once
   when another image's waiters need the room. Start failures and backoff are kept per image.
-* `release` resets the slot (processes killed, workspace wiped) before it is free again.
+* `release` resets the slot (processes killed, workspace wiped) before it is free again; a
+  release without reset ends only the slot's persistent shell, so the next lease starts clean.
 * A sandbox that dies is dropped at once (it never counts against capacity), its held slots fail
   with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off.
   The waiters fail with the start error (the provider's cause, never an `AcquireTimeout`) when
@@ -424,17 +425,22 @@ class ProfilePool:
             message.reply.set(None)
             return
         del member.held[lease.index]
-        if not message.reset:
-            self._slot_freed(member, lease.index)
-            message.reply.set(None)
-            return
         member.resetting.add(lease.index)
         assert self._nursery is not None
-        self._nursery.start_soon(self._reset_slot, member, lease.index, message.reply)
+        self._nursery.start_soon(
+            self._reset_slot, member, lease.index, message.reply, message.reset
+        )
 
-    async def _reset_slot(self, member: _Member, index: int, reply: Reply[None]) -> None:
+    async def _reset_slot(
+        self, member: _Member, index: int, reply: Reply[None], reset: bool = True
+    ) -> None:
         try:
-            await member.actor.reset_slot(index)
+            if reset:
+                await member.actor.reset_slot(index)
+            else:
+                # Files and processes stay for the next holder; the slot's persistent shell
+                # (its cwd, variables, functions) does not: the next lease starts a clean one.
+                await member.actor.file_op(index, "end_shell", {})
         except (HermesError, RuntimeStopped) as exc:
             # The sandbox is dying; its exit report drops it. The caller's release still holds.
             logger.warning("reset of %s slot %d failed: %s", member.actor.sandbox_id, index, exc)

@@ -211,6 +211,8 @@ class FakeSandbox:
             }
         if op in ("ping", "shutdown"):
             return {}
+        if op == "end_shell":  # this fake runs every command fresh: there is no shell to end
+            return {"ended": False}
         raise KeyError(op)
 
     async def _send_cancelled(self, request_id: int) -> None:
