@@ -93,7 +93,7 @@ async def main(branches: int, files: int, isolation: str) -> None:
             for fork, body in zip(forks, candidates, strict=True)
         ]
         tests = [
-            (fork, "bash", {"command": "cd repo && python3 test_mathlib.py && ls vendor | wc -l"})
+            (fork, "bash", {"command": "cd ~/repo && python3 test_mathlib.py && ls vendor | wc -l"})
             for fork in forks
         ]
         results = (await backend.execute_batch(writes + tests))[branches:]
@@ -118,7 +118,7 @@ async def main(branches: int, files: int, isolation: str) -> None:
             await backend.release(fork)
         timings["keep the best"] = time.perf_counter() - started
 
-        kept = await run(backend, source, "cd repo && python3 test_mathlib.py && cat mathlib.py")
+        kept = await run(backend, source, "cd ~/repo && python3 test_mathlib.py && cat mathlib.py")
         print(f"kept branch {best} (score {best_score:.2f}); the source now has:\n{kept}", end="")
         print(
             f"{branches} forks of {files + 2} files, {same_sandbox} in the source's sandbox; "
