@@ -33,7 +33,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 WriteYaml = Callable[[str], str]
 
 VALID_KEYS = (
-    "acquire_timeout_s, agent_ttl_s, app_name, backend, cpu, create_retry_budget_s, "
+    "acquire_timeout_s, add_python, agent_ttl_s, app_name, backend, cpu, create_retry_budget_s, "
     "creates_per_second, env_vars, execution_timeout_s, gpu, idle_timeout, image, isolation, "
     "max_checkpoint_bytes, max_checkpoints, max_lifetime, max_output_bytes, max_pool, "
     "max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
@@ -119,6 +119,7 @@ def test_sandbox_config_defaults() -> None:
         "reap_min_age_s": 900.0,
         "max_checkpoints": 64,
         "max_checkpoint_bytes": 8 * 1024**3,
+        "add_python": None,
         "create_retry_budget_s": 30.0,
         "agent_ttl_s": 60.0,
     }

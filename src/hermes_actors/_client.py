@@ -26,7 +26,7 @@ import outcome
 import trio
 
 from hermes_actors._agent import FrameDecoder, FrameError, bootstrap_payload, encode_frame
-from hermes_actors._errors import AgentError, SandboxLost
+from hermes_actors._errors import AgentError, SandboxLost, SandboxStartFailed
 from hermes_actors._values import (
     Command,
     CommandResult,
@@ -40,6 +40,13 @@ from hermes_actors.drivers._base import SandboxHandle
 
 logger = logging.getLogger("hermes_actors.client")
 
+#: The shell's "command not found": the agent's `python3` is not in the image.
+EXIT_NO_PYTHON = 127
+NO_PYTHON_MESSAGE = (
+    "the sandbox image has no python3, which the hermes-actors agent needs (any python3 >= 3.8, "
+    "standard library only): on Modal set `add_python: '3.11'` in the profile so Modal adds one "
+    "to the image, or use an image that has python3"
+)
 #: How long a cancelled command may take to report its death before its caller moves on.
 CANCEL_GRACE_S = 5.0
 
@@ -150,6 +157,8 @@ class SandboxClient:
             messages = await self._receive(decoder)
         if messages is None:
             note = await self._exit_note()
+            if note == f"exit status {EXIT_NO_PYTHON}":
+                raise SandboxStartFailed(NO_PYTHON_MESSAGE, retryable=False)
             raise SandboxLost(self.sandbox_id, f"agent exited during start ({note})")
         first, rest = messages[0], messages[1:]
         result = first.get("result") or {}

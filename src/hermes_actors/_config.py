@@ -412,6 +412,10 @@ class SandboxConfig:
     #: Checkpoints the profile's pool may hold at once, and the bytes they may store together.
     max_checkpoints: int = 64
     max_checkpoint_bytes: int = 8 * 1024**3
+    #: Modal: add this Python version ("3.11") to every image of the profile, the way Modal's
+    #: `Image.from_registry(add_python=...)` does, for images without a python3 (the sandbox
+    #: agent needs one). None: the image must have python3. The local backend ignores it.
+    add_python: str | None = None
     reap_min_age_s: float = 900.0
     #: Seconds a driver may keep retrying a failed sandbox create (its waits included) before
     #: it reports the failure. The pool keeps it inside the acquire deadline, so a create that
@@ -716,6 +720,15 @@ def _check_config(config: SandboxConfig) -> list[_Problem]:
     at_least("reap_min_age_s", 0)
     at_least("max_checkpoints", 0)
     at_least("max_checkpoint_bytes", 0)
+    rule(
+        ("add_python",),
+        lambda: (
+            config.add_python is None or re.fullmatch(r"3\.\d{1,2}", config.add_python) is not None
+        ),
+        lambda: (
+            f"'add_python' must be a Python version like '3.11', or null: {config.add_python!r}"
+        ),
+    )
     positive("agent_ttl_s")
     at_least("create_retry_budget_s", 0)
     return problems

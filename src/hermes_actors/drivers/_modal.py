@@ -514,7 +514,8 @@ class ModalDriver:
         self.reap_min_age_s = reap_min_age_s
         self._apps: dict[str, Any] = {}
         self._app_lock = trio.Lock()
-        self._images: dict[str, Any] = {}
+        # Per app, image and added Python: a second sandbox of an image reuses the built one.
+        self._images: dict[tuple[str, str, str | None], Any] = {}
         self._secrets: dict[str, Any] = {}
         self._reaped_apps: set[str] = set()
         self._live: dict[str, ModalSandbox] = {}
@@ -545,16 +546,23 @@ class ModalDriver:
                 self._apps[app_name] = app
             return app
 
-    def _image(self, modal: Any, image: str) -> Any:
-        cached = self._images.get(image)
+    def _image(self, modal: Any, app_name: str, image: str, add_python: str | None) -> Any:
+        """The image object for `image` (with Python `add_python` added, if given), built once
+        per app: later sandboxes of the same image reuse it."""
+        key = (app_name, image, add_python)
+        cached = self._images.get(key)
         if cached is None:
             try:
-                cached = modal.Image.from_registry(image)
+                if add_python is None:
+                    cached = modal.Image.from_registry(image)
+                else:
+                    cached = modal.Image.from_registry(image, add_python=add_python)
             except Exception as exc:
                 raise SandboxStartFailed(
-                    f"invalid image reference {image!r}: {exc}", retryable=False
+                    f"invalid image reference {image!r} (add_python={add_python!r}): {exc}",
+                    retryable=False,
                 ) from exc
-            self._images[image] = cached
+            self._images[key] = cached
         return cached
 
     async def _secret(self, modal: Any, name: str, spec: SandboxConfig) -> Any:
@@ -618,7 +626,7 @@ class ModalDriver:
             self._reaped_apps.add(spec.app_name)
             await self.reap(spec.app_name, min_age_s=self.reap_min_age_s)
         secret_objects = [await self._secret(modal, name, spec) for name in spec.secrets]
-        image = self._image(modal, spec.image)
+        image = self._image(modal, spec.app_name, spec.image, spec.add_python)
         delays = iter(self.retry_delays_s)
         started = trio.current_time()
         attempts = 0

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -151,6 +152,8 @@ class EmulatorService:
         self._secrets_by_name: dict[str, _Secret] = {}
         self._secrets_by_id: dict[str, _Secret] = {}
         self._failing_images = set(failing_images)
+        # Registry images emulated as having no python3 (unless Python was added to them).
+        self._images_without_python: set[str] = set()
         self._latency = 0.0
         self._slow_start = 0.0
         self._create_failures: collections.deque[tuple[Status, str]] = collections.deque()
@@ -184,6 +187,21 @@ class EmulatorService:
         with self._lock:
             self._failing_images.add(tag)
 
+    def add_image_without_python(self, tag: str) -> None:
+        with self._lock:
+            self._images_without_python.add(tag)
+
+    def _lacks_python(self, sandbox: LocalSandbox) -> bool:
+        """Whether the sandbox's image is one without python3 that had none added."""
+        image = self._images.get(sandbox.definition.image_id)
+        with self._lock:
+            bare = image is not None and image.tag in self._images_without_python
+        return (
+            bare
+            and image is not None
+            and not any(line.startswith("COPY /python/") for line in image.commands)
+        )
+
     def set_latency(self, seconds: float) -> None:
         with self._lock:
             self._latency = seconds
@@ -208,6 +226,7 @@ class EmulatorService:
             self._create_failures.clear()
             self._create_rate_limit = None
             self._create_times.clear()
+            self._images_without_python.clear()
 
     def calls(self, method: str | None = None) -> list[EmulatorCall]:
         with self._lock:
@@ -463,6 +482,26 @@ class EmulatorService:
             result = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
         await stream.send_message(
             api_pb2.ImageGetOrCreateResponse(image_id=image_id, result=result)
+        )
+
+    async def cp_MountGetOrCreate(self, stream: AnyStream) -> None:
+        """Lookups of Modal's published mounts, such as the Python `add_python` copies in."""
+        request = await _receive(stream, api_pb2.MountGetOrCreateRequest)
+        self.record(
+            "MountGetOrCreate",
+            {
+                "deployment_name": request.deployment_name or None,
+                "object_creation_type": api_pb2.ObjectCreationType.Name(
+                    request.object_creation_type
+                ),
+                "files": len(request.files),
+            },
+        )
+        await stream.send_message(
+            api_pb2.MountGetOrCreateResponse(
+                mount_id=_new_id("mo"),
+                handle_metadata=api_pb2.MountHandleMetadata(content_checksum_sha256_hex="0" * 64),
+            )
         )
 
     async def cp_SecretGetOrCreate(self, stream: AnyStream) -> None:
@@ -909,9 +948,18 @@ class EmulatorService:
             raise GRPCError(Status.INVALID_ARGUMENT, "exec needs at least one argument")
         env = self._sources_env(request.secret_ids, request.secret_sources)
         env.update({entry.key: entry.value for entry in request.env})
+        args = list(request.command_args)
+        if os.path.basename(args[0]).startswith("python") and self._lacks_python(sandbox):
+            # As in an image without Python: the program is not found (the shell's 127).
+            args = [
+                "sh",
+                "-c",
+                'echo "exec: \\"$0\\": executable file not found in \\$PATH" >&2; exit 127',
+                args[0],
+            ]
         await sandbox.exec(
             request.exec_id,
-            list(request.command_args),
+            args,
             workdir=workdir,
             env=env,
             pipe_stdout=request.stdout_config == pipe,

@@ -11,7 +11,10 @@ emulator per test session and export `emulator.env` (server URL, dummy token) in
 
 Implemented flows (modal 1.6.4): `App.lookup(create_if_missing=True)`, `Image.from_registry`
 (recorded, never pulled; tags in `failing_images` fail the way a registry pull failure does),
-`Secret.from_name` (secrets defined on the emulator; unknown names -> NOT_FOUND), `Secret.from_dict`
+`Image.from_registry(..., add_python=)` (the published Python mount it looks up is served;
+tags given to `add_image_without_python` have no python3 unless built with it: an exec of
+`python3` there exits 127 as a missing program does), `Secret.from_name` (secrets defined on the
+emulator; unknown names -> NOT_FOUND), `Secret.from_dict`
 and `env=`, `Sandbox.create` (V2 by default; V1 with `gpu=`), `exec` with stdin/stdout/stderr,
 `wait`/`poll` of execs and sandboxes, `terminate`, tags, `Sandbox.list`, `Sandbox.from_id`, the
 sandbox entrypoint's stdio (V2 only). Every other RPC answers UNIMPLEMENTED with its name.
@@ -246,6 +249,12 @@ class ModalEmulator:
     def add_failing_image(self, tag: str) -> None:
         """Make `Image.from_registry(tag)` fail as a registry pull failure does."""
         self._require_service().add_failing_image(tag)
+
+    def add_image_without_python(self, tag: str) -> None:
+        """Make sandboxes of registry image `tag` have no python3 (an exec of `python3` fails
+        with 127, as a missing program does), unless the image was built with `add_python`.
+        Cleared by `clear_faults`."""
+        self._require_service().add_image_without_python(tag)
 
     def set_latency(self, seconds: float) -> None:
         """Delay the start of every RPC (both services) by `seconds`."""
