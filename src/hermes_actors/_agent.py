@@ -2928,6 +2928,10 @@ class _Shells:
                 shell.current.kill_reason = reason
             if shell.pid:
                 sessions.add(shell.pid)
+                # Killed at once: a dead shell is a zombie the sweep skips, so a slot with no
+                # background job is done in one scan of /proc instead of two.
+                with contextlib.suppress(OSError):
+                    os.kill(shell.pid, signal.SIGKILL)
             else:
                 del self.by_slot[shell.slot]  # died earlier: nothing to restore any more
         return sessions
