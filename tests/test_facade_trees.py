@@ -220,3 +220,19 @@ async def test_transfer_errors_are_clear(tmp_path: Path) -> None:
         with pytest.raises(TransferFailed, match="tar"):
             await backend.upload(slot, b"this is not a tar archive" * 100, ".")
         assert await sh(backend, slot, "echo still fine") == "still fine\n"
+
+
+async def test_forks_and_restores_carry_the_shell_cwd_and_exports() -> None:
+    """The slot's shell state (cwd, exported variables) reaches forks, in and across
+    sandboxes, and comes back with a restore."""
+    async with ToolBackend(config(slots_per_sandbox=2)) as backend:
+        source = await backend.acquire("t")
+        await sh(backend, source, "mkdir -p a/b && cd a/b && export FOO=bar")
+        checkpoint = await backend.checkpoint(source)
+        near, far = await backend.fork(source, 2)
+        assert near.sandbox_id == source.sandbox_id != far.sandbox_id
+        for slot in (near, far):
+            assert await sh(backend, slot, 'basename "$PWD"; echo "$FOO"') == "b\nbar\n"
+        await sh(backend, source, "cd / && export FOO=changed")
+        await backend.restore(source, checkpoint)
+        assert await sh(backend, source, 'basename "$PWD"; echo "$FOO"') == "b\nbar\n"

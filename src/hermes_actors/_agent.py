@@ -1960,7 +1960,14 @@ class TreeOps:
         cwd = "."
         if shell.cwd.startswith(workspace + os.sep):
             cwd = os.path.relpath(shell.cwd, workspace)
-        return {"cwd": cwd, "exported": shell.exported, "workspace": workspace}
+        exported = shell.exported
+        shells = self.agent.shells
+        if shells.directory is not None:
+            # The shell saves its ``export -p`` there after every call.
+            env_file = os.path.join(shells.directory, "slot-%d" % slot, "env")
+            with contextlib.suppress(OSError), open(env_file, "rb") as handle:
+                exported = handle.read()
+        return {"cwd": cwd, "exported": exported, "workspace": workspace}
 
     def set_shell_state(self, slot: int, state: Optional[Dict[str, Any]]) -> None:
         """Replace the slot's shell by one that starts (lazily, at the next call) from `state`.
