@@ -321,3 +321,12 @@ def test_end_shell_forgets_the_state_but_keeps_files_and_jobs(agent: AgentProces
     assert agent.call("end_shell", slot=5) == {"ended": False}
     agent.call("reset_slot", slot=0)
     assert wait_no_processes_with_env(marker) == []
+
+
+def test_the_shells_directory_removed_by_a_command_is_made_again(agent: AgentProcess) -> None:
+    """A command deleting the agent's FIFO directory (same uid, no isolation) breaks nothing."""
+    run(agent, "export KEEP=1")
+    removed = run(agent, "rm -rf ../.hermes-shells-*; echo gone")
+    assert removed["stdout"] == b"gone\n"
+    after = run(agent, 'echo "$KEEP"; echo err >&2')
+    assert (after["stdout"], after["stderr"], after["exit_code"]) == (b"1\n", b"err\n", 0)

@@ -2429,18 +2429,21 @@ class _Shells:
         ex.in_shell = True
         ex.stdout = _Capture(cap)
         ex.stderr = _Capture(cap)
-        paths = []
-        for kind, capture in (("o", ex.stdout), ("e", ex.stderr)):
-            if kind == "e" and merge_stderr:
+        for attempt in (1, 2):
+            try:
+                paths = self._open_fifos(shell, ex, merge_stderr)
+                script = self._write_command(ex.slot, command)
                 break
-            path = self.fifo(shell, kind)
-            # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
-            # the shell has opened it; see `_linger` for after the call.
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            ex.fds[fd] = capture
-            ex.fifos[fd] = path
-            agent.selector.register(fd, selectors.EVENT_READ, agent._output_callback(ex))
-            paths.append(path)
+            except OSError as exc:
+                for fd in list(ex.fds):
+                    agent._close_output(ex, fd)
+                ex.fifos.clear()
+                shell.fifos.clear()
+                if attempt == 2 or not isinstance(exc, FileNotFoundError):
+                    agent.reply_not_started(ex, "the shell's FIFOs", exc)
+                    return
+                # Our directory was removed under us (see `slot_directory`): make it again.
+                self.directory = None
         marker = "%s:%d" % (agent.nonce, ex.exec_id)
         parts = ["\\command export %s=%s" % (EXEC_MARKER, marker)]
         for key in sorted(extra_env):
@@ -2448,21 +2451,7 @@ class _Shells:
         if cwd is not None:
             parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
-        # The command reaches the shell as a file it sources: no quoting, and sourced code
-        # runs with bash's "interactive" messages off (no "[1] PID" for a background job, no
-        # "exit" on exit), so the output is what ``bash -c`` prints.
         directory = self.slot_directory(ex.slot)
-        script = os.path.join(directory, "command")
-        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            data = command.encode("utf-8", "surrogateescape")
-            if not data.endswith(b"\n"):
-                data += b"\n"
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
         parts.append(
             "\\command . %s </dev/null >|%s %s 3>&-"
             % (_shell_quote(script), _shell_quote(paths[0]), redirect)
@@ -2559,6 +2548,45 @@ class _Shells:
         self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
         return shell
 
+    def _write_command(self, slot: int, command: str) -> str:
+        """Put the command in the slot's command file; its path.
+
+        The command reaches the shell as a file it sources: no quoting, and sourced code runs
+        with bash's "interactive" messages off (no "[1] PID" for a background job, no "exit"
+        on exit), so the output is what ``bash -c`` prints.
+        """
+        script = os.path.join(self.slot_directory(slot), "command")
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            data = command.encode("utf-8", "surrogateescape")
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        return script
+
+    def _open_fifos(self, shell: _Shell, ex: _Exec, merge_stderr: bool) -> List[str]:
+        """Open the call's output FIFOs (one when merged) and watch them; their paths."""
+        agent = self.agent
+        paths = []
+        assert ex.stdout is not None
+        assert ex.stderr is not None
+        for kind, capture in (("o", ex.stdout), ("e", ex.stderr)):
+            if kind == "e" and merge_stderr:
+                break
+            path = self.fifo(shell, kind)
+            # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
+            # the shell has opened it; see `_linger` for after the call.
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            ex.fds[fd] = capture
+            ex.fifos[fd] = path
+            agent.selector.register(fd, selectors.EVENT_READ, agent._output_callback(ex))
+            paths.append(path)
+        return paths
+
     def fifo(self, shell: _Shell, kind: str) -> str:
         """A FIFO for a call's output: the slot's last one of that kind, unless a background
         job of an earlier call still holds it (then a new one)."""
@@ -2589,6 +2617,13 @@ class _Shells:
             os.mkdir(path, 0o700)
         except FileExistsError:
             return path
+        except FileNotFoundError:
+            # Someone removed our directory (a command running as the agent's uid can): make
+            # it again, once.
+            self.directory = None
+            for shell in self.by_slot.values():
+                shell.fifos.clear()
+            return self.slot_directory(slot) if os.path.isdir(agent.workspace_root) else path
         uid = agent.slot_uid(slot)
         if uid is not None:
             os.chown(path, uid, uid)
