@@ -25,11 +25,12 @@ from hermes_actors.testing.simulator import (
     ProviderModel,
     Scenario,
     ScenarioResult,
+    SideBatch,
     run_scenario,
 )
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-GROUPS = ("slots", "slots10k", "warm", "pause", "storm", "ratelimit", "defaults")
+GROUPS = ("slots", "slots10k", "warm", "pause", "storm", "ratelimit", "defaults", "fairness")
 
 
 @attrs.frozen(kw_only=True)
@@ -115,6 +116,18 @@ def scenarios(group: str, sizes: Sizes) -> list[Scenario]:
             )
             for slots in (1, 10)
             for starting, when in ((4, "old"), (32, "new"))
+        ]
+    if group == "fairness":
+        # A small batch of a second profile arrives while the first one is still creating.
+        side = SideBatch(trajectories=max(4, small // 64), at_s=60.0)
+        return [
+            tuned(
+                f"{small} x 1 + {side.trajectories} of a 2nd profile at 60 s",
+                small,
+                steps,
+                1,
+                side=side,
+            )
         ]
     raise ValueError(f"unknown group {group!r}; groups are {GROUPS}")
 
@@ -239,6 +252,15 @@ def targets(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
             f"median, {r.lost_wait_max_s:.1f} s at most for a new slot): {before} sandboxes "
             f"alive when it began, {lowest} at the lowest, {settled} 30 s after it; "
             f"{r.acquire_timeouts} acquire timeouts: {'met' if ok else 'NOT met'}."
+        )
+    for r in results:
+        if r.scenario.side is None:
+            continue
+        lines.append(
+            f"* Fairness between profiles ({r.scenario.name}): the second profile's acquires "
+            f"waited {r.side_acquire_wait_p50_s:.1f} s median, {r.side_acquire_wait_p99_s:.1f} s "
+            f"p99, while the first profile's waited {r.acquire_wait_p50_s:.1f} s median: its "
+            "creates join the shared throttle behind at most one max_starting of the other's."
         )
     big = [r for r in results if r.scenario.trajectories == sizes.large]
     if big:

@@ -23,6 +23,7 @@ from hermes_actors.testing.simulator import (
     LossStorm,
     ProviderModel,
     Scenario,
+    SideBatch,
     SimulatedDriver,
     SimulatedProvider,
     percentile,
@@ -138,6 +139,24 @@ def test_loss_storm_costs_steps_not_trajectories() -> None:
     assert result.trajectories_done == 40
     assert result.commands == 40 * 6
     assert result.sandboxes_created == 20 + 10
+
+
+def test_a_second_profile_is_served_while_the_first_scales_up() -> None:
+    """A late small batch of another profile does not wait for the big batch's creates."""
+    result = run_scenario(
+        small(
+            trajectories=100,
+            slots_per_sandbox=1,
+            max_starting=8,
+            provider=STEADY,
+            side=SideBatch(trajectories=4, at_s=5.0),
+        )
+    )
+    assert result.side_trajectories_done == 4
+    assert result.trajectories_done == 100
+    # Behind at most 8 creates of the other profile at 5/s, plus its own 2 s create.
+    assert result.side_acquire_wait_p99_s <= 8 / 5 + 2.0 + 1.0
+    assert result.acquire_wait_p99_s > 15.0
 
 
 def test_failed_creates_are_retried() -> None:

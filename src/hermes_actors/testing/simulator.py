@@ -55,6 +55,7 @@ __all__ = [
     "RateLimited",
     "Scenario",
     "ScenarioResult",
+    "SideBatch",
     "SimulatedDriver",
     "SimulatedProvider",
     "SimulatedSandbox",
@@ -382,6 +383,16 @@ class SimulatedDriver:
 
 
 @attrs.frozen(kw_only=True)
+class SideBatch:
+    """A second profile's batch, `at_s` after the first batch starts, on the same provider
+    account and driver (their creates share one throttle): is it served fairly?"""
+
+    trajectories: int
+    at_s: float
+    slots_per_sandbox: int = 1
+
+
+@attrs.frozen(kw_only=True)
 class Scenario:
     """A trainer's workload and the pool it runs on.
 
@@ -417,6 +428,7 @@ class Scenario:
     acquire_timeout_s: float = 3600.0
     provider: ProviderModel = ProviderModel()
     loss_storm: LossStorm | None = None
+    side: SideBatch | None = None
     #: Record the slots held and free and the waiters every this many seconds (None: never;
     #: each sample reads the pool's whole status, a cost that grows with its sandboxes).
     sample_every_s: float | None = None
@@ -452,6 +464,21 @@ class Scenario:
             creates_per_second=self.creates_per_second,
         )
 
+    def profiles(self) -> Profiles:
+        main = self.profile()
+        configs = {"sim": main}
+        if self.side is not None:
+            slots = self.side.slots_per_sandbox
+            configs["side"] = attrs.evolve(
+                main,
+                name="side",
+                slots_per_sandbox=slots,
+                cpu=max(1.0, 0.25 * slots),
+                memory=max(2048, 512 * slots),
+                max_sandboxes=math.ceil(self.side.trajectories / slots),
+            )
+        return Profiles(profiles=configs, default_profile="sim")
+
 
 @attrs.frozen(kw_only=True)
 class ScenarioResult:
@@ -482,6 +509,10 @@ class ScenarioResult:
     lost_wait_p50_s: float
     lost_wait_max_s: float
     acquire_timeouts: int
+    #: The side batch's acquire waits and its trajectories done (zeros without one).
+    side_acquire_wait_p50_s: float
+    side_acquire_wait_p99_s: float
+    side_trajectories_done: int
     #: Acquires failed with the pool's start error (it gave up starting sandboxes).
     acquire_failures: int
     trajectories_done: int
@@ -515,14 +546,19 @@ class _Tally:
 
 
 async def _trajectory(
-    runtime: Runtime, scenario: Scenario, tally: _Tally, key: str, started: float
+    runtime: Runtime,
+    scenario: Scenario,
+    tally: _Tally,
+    key: str,
+    started: float,
+    profile: str = "sim",
 ) -> None:
     rng = random.Random(f"trajectory-{scenario.seed}-{key}")
 
     async def acquire() -> Lease | None:
         asked = trio.current_time()
         try:
-            lease = await runtime.acquire("sim", key)
+            lease = await runtime.acquire(profile, key)
         except AcquireTimeout:
             tally.acquire_timeouts += 1
             return None
@@ -583,13 +619,15 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
     cpu_started = time.process_time()
     tally = _Tally()
     capacity: list[tuple[float, int, int, int]] = []
-    profiles = Profiles(profiles={"sim": scenario.profile()}, default_profile="sim")
+    side_tally = _Tally()
+    profiles = scenario.profiles()
     async with trio.open_nursery() as outer:
         provider = SimulatedProvider(scenario.provider, outer, seed=scenario.seed)
         driver = SimulatedDriver(
             provider,
             creates_per_second=scenario.creates_per_second,
-            max_starting=scenario.max_starting,
+            # One driver serves every profile of the account, as the runtime's modal driver.
+            max_starting=scenario.max_starting * len(profiles.profiles),
             adaptive_pace=scenario.adaptive_pace,
         )
         runtime = Runtime(profiles, drivers={"modal": driver}, run_id=f"sim{scenario.seed}")
@@ -606,13 +644,34 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
             if scenario.loss_storm is not None:
                 storm = scenario.loss_storm
                 nursery.start_soon(_storm_at, provider, storm, started + storm.at_s)
-            for batch in range(scenario.batches):
-                if batch:
-                    await trio.sleep(scenario.pause_s)
+
+            async def batches() -> None:
+                for batch in range(scenario.batches):
+                    if batch:
+                        await trio.sleep(scenario.pause_s)
+                    async with trio.open_nursery() as trainer:
+                        for number in range(scenario.trajectories):
+                            key = f"b{batch}-t{number}"
+                            trainer.start_soon(_trajectory, runtime, scenario, tally, key, started)
+
+            async def side_batch(side: SideBatch) -> None:
+                await trio.sleep_until(started + side.at_s)
                 async with trio.open_nursery() as trainer:
-                    for number in range(scenario.trajectories):
-                        key = f"b{batch}-t{number}"
-                        trainer.start_soon(_trajectory, runtime, scenario, tally, key, started)
+                    for number in range(side.trajectories):
+                        trainer.start_soon(
+                            _trajectory,
+                            runtime,
+                            scenario,
+                            side_tally,
+                            f"side-{number}",
+                            started,
+                            "side",
+                        )
+
+            async with trio.open_nursery() as work:
+                work.start_soon(batches)
+                if scenario.side is not None:
+                    work.start_soon(side_batch, scenario.side)
             wall_s = trio.current_time() - started
             sandbox_seconds, cost = provider.sandbox_seconds(), provider.cost()
             nursery.cancel_scope.cancel(reason="the scenario is over")
@@ -639,8 +698,11 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
         steps_lost=len(tally.lost_waits),
         lost_wait_p50_s=percentile(tally.lost_waits, 0.50),
         lost_wait_max_s=max(tally.lost_waits, default=0.0),
-        acquire_timeouts=tally.acquire_timeouts,
-        acquire_failures=tally.acquire_failures,
+        acquire_timeouts=tally.acquire_timeouts + side_tally.acquire_timeouts,
+        side_acquire_wait_p50_s=percentile(side_tally.acquire_waits, 0.50),
+        side_acquire_wait_p99_s=percentile(side_tally.acquire_waits, 0.99),
+        side_trajectories_done=side_tally.done,
+        acquire_failures=tally.acquire_failures + side_tally.acquire_failures,
         trajectories_done=tally.done,
         commands=tally.commands,
         host_cpu_s=host_cpu,
