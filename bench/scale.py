@@ -11,6 +11,7 @@ Every figure is virtual time except "host CPU", which is what simulating cost th
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import math
 import os
@@ -376,6 +377,19 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
     return True
 
 
+def _quiet() -> None:
+    # Losses and failed starts are part of the scenarios: their warnings are expected.
+    logging.getLogger("hermes_actors").setLevel(logging.ERROR)
+
+
+def _progress(result: ScenarioResult) -> None:
+    print(
+        f"{result.scenario.name}: wall {result.wall_s:,.0f} s, {result.sandbox_seconds:,.0f} "
+        f"sandbox-s, host CPU {result.host_cpu_s:,.1f} s",
+        flush=True,
+    )
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (as in the tests)")
@@ -383,23 +397,31 @@ def main(argv: Sequence[str]) -> int:
         "--only", default=None, help=f"comma-separated groups of {','.join(GROUPS)}"
     )
     parser.add_argument("--output", default=RESULTS, help="directory for scale.md and scale.png")
+    parser.add_argument("--jobs", type=int, default=1, help="scenarios run at once (processes)")
     options = parser.parse_args(argv)
     sizes = SMOKE if options.smoke else FULL
     groups = options.only.split(",") if options.only else list(GROUPS)
     if unknown := [g for g in groups if g not in GROUPS]:
         parser.error(f"unknown groups {unknown}; groups are {list(GROUPS)}")
-    # Losses and failed starts are part of the scenarios: their warnings are expected.
-    logging.getLogger("hermes_actors").setLevel(logging.ERROR)
+    _quiet()
     started = time.monotonic()
+    planned = [scenario for group in groups for scenario in scenarios(group, sizes)]
     results: list[ScenarioResult] = []
-    for group in groups:
-        for scenario in scenarios(group, sizes):
-            result = run_scenario(scenario)
-            print(
-                f"{scenario.name}: wall {result.wall_s:,.0f} s, {result.sandbox_seconds:,.0f} "
-                f"sandbox-s, host CPU {result.host_cpu_s:,.1f} s",
-                flush=True,
+    if options.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(options.jobs, initializer=_quiet) as pool:
+            # The longest runs (most sandboxes) first, so that the processes finish together.
+            by_cost = sorted(
+                planned, key=lambda s: -s.trajectories * s.batches / s.slots_per_sandbox
             )
+            futures = {id(scenario): pool.submit(run_scenario, scenario) for scenario in by_cost}
+            for scenario in planned:
+                result = futures[id(scenario)].result()
+                _progress(result)
+                results.append(result)
+    else:
+        for scenario in planned:
+            result = run_scenario(scenario)
+            _progress(result)
             results.append(result)
     os.makedirs(options.output, exist_ok=True)
     chart = "scale.png" if draw(results, sizes, os.path.join(options.output, "scale.png")) else None
