@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -275,6 +276,69 @@ def targets(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
     return lines
 
 
+def pair(results: Sequence[ScenarioResult], before: str, after: str) -> str | None:
+    """One line comparing two rows on what a trainer feels and pays."""
+    old, new = find(results, before), find(results, after)
+    if old is None or new is None:
+        return None
+    return (
+        f"  {before} -> {after}: first result {old.first_result_s:.1f} -> "
+        f"{new.first_result_s:.1f} s, wall {old.wall_s:,.0f} -> {new.wall_s:,.0f} s, acquire wait "
+        f"p50 {old.acquire_wait_p50_s:.1f} -> {new.acquire_wait_p50_s:.1f} s, p99 "
+        f"{old.acquire_wait_p99_s:.1f} -> {new.acquire_wait_p99_s:.1f} s, sandbox-seconds "
+        f"{old.sandbox_seconds:,.0f} -> {new.sandbox_seconds:,.0f}, refused creates "
+        f"{old.creates_rate_limited:,} -> {new.creates_rate_limited:,}, failed acquires "
+        f"{old.acquire_failures:,} -> {new.acquire_failures:,}."
+    )
+
+
+def findings(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
+    """What the simulation showed about the pool's policy, with the rows that show it."""
+    n = sizes.small
+    lines: list[str | None] = [
+        "* **Creation pace against a rate limit (fixed).** With the client pacing above the "
+        "account's limit, a fixed pace was refused again after every penalty until the "
+        "driver's retries ran out, and the pool failed the waiting acquires with the "
+        "rate-limit error. The create throttle now halves its pace on a refusal (also for "
+        "creates already queued) and raises it by a fiftieth of the configured rate per "
+        "accepted create:",
+        pair(
+            results,
+            f"{n} x 1, pace 10/s > limit 5/s, fixed pace",
+            f"{n} x 1, pace 10/s > limit 5/s, adaptive pace",
+        ),
+        "* **Scale-up pace (fixed).** Creation runs at `creates_per_second` only with about "
+        "rate x slow-tail latency in flight; the old default of 4 sandboxes starting at once "
+        "held creation near 1/s. The default `max_starting` is now 32:",
+        pair(
+            results,
+            f"{n} x 1, max_starting 4 (old default)",
+            f"{n} x 1, max_starting 32 (new default)",
+        ),
+        pair(
+            results,
+            f"{n} x 10, max_starting 4 (old default)",
+            f"{n} x 10, max_starting 32 (new default)",
+        ),
+        "* **The pool's cost per event (fixed).** Every acquire, release, ready and exit "
+        "scanned all the pool's sandboxes, which made a pool of thousands quadratic in host "
+        "CPU; the pool now keeps indexes (counts by state, free slots, idle and ready "
+        "sandboxes in time order), with identical decisions. See the host CPU column.",
+        "* **Pre-warming (no change).** A warm pool answers the first acquires at once; it "
+        "costs the sandbox-seconds of waiting for the trainer:",
+        pair(results, f"{n} x 10, cold", f"{n} x 10, warm"),
+        "* **Scale-down hysteresis (no change; a sizing matter).** Between two batches 90 s "
+        "apart the pool stays warm only when `idle_timeout` covers the training step plus the "
+        "spread of trajectory lengths (sandboxes go idle as their trajectories end):",
+        pair(results, f"{n} x 10, 2 batches, idle 30 s", f"{n} x 10, 2 batches, idle 300 s"),
+        "* **Fairness between profiles (no change needed).** Profiles on one account share "
+        "one create throttle, served in arrival order; each pool has at most `max_starting` "
+        "creates queued, so a second profile's first sandboxes wait behind at most that many "
+        "of the first profile's creates (see the targets above), not behind its whole batch.",
+    ]
+    return [line for line in lines if line is not None]
+
+
 def render(
     results: Sequence[ScenarioResult], sizes: Sizes, elapsed_s: float, chart: str | None
 ) -> str:
@@ -304,6 +368,10 @@ def render(
         "## Targets",
         "",
         *targets(results, sizes),
+        "",
+        "## What the simulation showed about the pool's policy",
+        "",
+        *findings(results, sizes),
         "",
         "## Figures",
         "",
@@ -398,6 +466,10 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--output", default=RESULTS, help="directory for scale.md and scale.png")
     parser.add_argument("--jobs", type=int, default=1, help="scenarios run at once (processes)")
+    parser.add_argument("--save", default=None, help="also pickle the results to this file")
+    parser.add_argument(
+        "--render-from", default=None, help="write the report from results saved with --save"
+    )
     options = parser.parse_args(argv)
     sizes = SMOKE if options.smoke else FULL
     groups = options.only.split(",") if options.only else list(GROUPS)
@@ -407,7 +479,10 @@ def main(argv: Sequence[str]) -> int:
     started = time.monotonic()
     planned = [scenario for group in groups for scenario in scenarios(group, sizes)]
     results: list[ScenarioResult] = []
-    if options.jobs > 1:
+    if options.render_from:
+        with open(options.render_from, "rb") as file:
+            results, elapsed_s = pickle.load(file)
+    elif options.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(options.jobs, initializer=_quiet) as pool:
             # The longest runs (most sandboxes) first, so that the processes finish together.
             by_cost = sorted(
@@ -423,9 +498,14 @@ def main(argv: Sequence[str]) -> int:
             result = run_scenario(scenario)
             _progress(result)
             results.append(result)
+    if not options.render_from:
+        elapsed_s = time.monotonic() - started
+    if options.save:
+        with open(options.save, "wb") as file:
+            pickle.dump((results, elapsed_s), file)
     os.makedirs(options.output, exist_ok=True)
     chart = "scale.png" if draw(results, sizes, os.path.join(options.output, "scale.png")) else None
-    report = render(results, sizes, time.monotonic() - started, chart)
+    report = render(results, sizes, elapsed_s, chart)
     with open(os.path.join(options.output, "scale.md"), "w") as file:
         file.write(report)
     print(f"wrote {os.path.join(options.output, 'scale.md')}")
