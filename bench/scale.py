@@ -445,9 +445,13 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
     return True
 
 
-def _quiet() -> None:
-    # Losses and failed starts are part of the scenarios: their warnings are expected.
-    logging.getLogger("hermes_actors").setLevel(logging.ERROR)
+def _quiet() -> int:
+    """Silence the runtime's warnings (losses and failed starts are part of the scenarios);
+    returns the level it had."""
+    logger = logging.getLogger("hermes_actors")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    return level
 
 
 def _progress(result: ScenarioResult) -> None:
@@ -475,7 +479,14 @@ def main(argv: Sequence[str]) -> int:
     groups = options.only.split(",") if options.only else list(GROUPS)
     if unknown := [g for g in groups if g not in GROUPS]:
         parser.error(f"unknown groups {unknown}; groups are {list(GROUPS)}")
-    _quiet()
+    level = _quiet()
+    try:
+        return _run(options, sizes, groups)
+    finally:
+        logging.getLogger("hermes_actors").setLevel(level)
+
+
+def _run(options: argparse.Namespace, sizes: Sizes, groups: Sequence[str]) -> int:
     started = time.monotonic()
     planned = [scenario for group in groups for scenario in scenarios(group, sizes)]
     results: list[ScenarioResult] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import sys
@@ -255,7 +256,10 @@ def test_bench_scale_writes_its_report(tmp_path: Path) -> None:
     """`python -m bench.scale --smoke` writes the report with its targets, table and chart."""
     from bench import scale
 
+    level = logging.getLogger("hermes_actors").level
     assert scale.main(["--smoke", "--only", "slots,storm", "--output", str(tmp_path)]) == 0
+    # The runtime's warnings were silenced for the run only.
+    assert logging.getLogger("hermes_actors").level == level
     report = (tmp_path / "scale.md").read_text()
     assert "## Targets" in report
     assert "| 24 x 10 slots |" in report
