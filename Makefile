@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit bwrap bench bench-smoke clean
+.PHONY: install demo docs test lint unit bwrap bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 ## Run the main job: 64 RL-style trajectories through execute_batch on the local backend.
 demo: $(STAMP)
 	TERMINAL_ENV=local $(BIN)/python examples/rl_batch.py
+
+## Regenerate docs/profiles.md and docs/troubleshooting.md from the code.
+docs: $(STAMP)
+	$(BIN)/python -m hermes_actors.cli._docs
 
 ## Lint, type-check, then the whole test suite.
 test: lint unit

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -24,6 +26,22 @@ REAL_MODAL_ENVIRONMENT = {
 
 # The Modal API emulator's fixtures (one emulator per test session).
 pytest_plugins = ["conftest_modal"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def state_directory() -> Iterator[str]:
+    """A state directory of the test session's own: runtimes publish their status there."""
+    directory = tempfile.mkdtemp(prefix="hst-", dir="/tmp")  # short: socket paths are bounded
+    saved = os.environ.get("HERMES_ACTORS_STATE_DIR")
+    os.environ["HERMES_ACTORS_STATE_DIR"] = directory
+    try:
+        yield directory
+    finally:
+        if saved is None:
+            os.environ.pop("HERMES_ACTORS_STATE_DIR", None)
+        else:
+            os.environ["HERMES_ACTORS_STATE_DIR"] = saved
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(params=["local-none", "local-bwrap", "modal"])

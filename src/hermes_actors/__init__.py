@@ -5,7 +5,7 @@ tool calls for many slots at once with `execute_batch`, release. Agents use `ter
 `cleanup_vm`. Both read the same profiles (`SandboxConfig`, `load_profiles`).
 """
 
-from hermes_actors._cli import format_status
+import hermes_actors._logging  # noqa: F401  (the layer loggers' filters)
 from hermes_actors._config import (
     ModalSandboxConfig,
     Profiles,
@@ -28,6 +28,8 @@ from hermes_actors._errors import (
     SandboxStartFailed,
     TransferFailed,
 )
+from hermes_actors._progress import Progress
+from hermes_actors.cli._render import format_status
 from hermes_actors.facades import (
     ArtifactTooLarge,
     ExecutionResult,
@@ -61,6 +63,7 @@ __all__ = [
     "ModalSandboxConfig",
     "ModalToolBackend",
     "Profiles",
+    "Progress",
     "RuntimeStopped",
     "SandboxConfig",
     "SandboxLost",

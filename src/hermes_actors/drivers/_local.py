@@ -46,6 +46,8 @@ logger = logging.getLogger("hermes_actors.drivers.local")
 SLOT_UID_BASE = 200_000
 #: The environment variable (and value prefix) that marks every process of a sandbox.
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
+#: The environment variable naming the host process that started a sandbox's top process.
+HOST_PID_VAR = "HERMES_HOST_PID"
 #: How long a sandbox may take to exit after its stream is closed before it is killed.
 GRACEFUL_EXIT_S = 2.0
 _AGENT_CAPABILITIES = (
@@ -451,6 +453,8 @@ class LocalDriver:
             "PATH": os.environ.get("PATH", _SANDBOX_PATH),
             "LANG": "C.UTF-8",
             SANDBOX_MARKER_VAR: sandbox_id,
+            # Who started it: `hermes-actors reap` stops sandboxes whose host is gone.
+            HOST_PID_VAR: f"{os.getpid()}",
         }
         if isolation == "bwrap":
             argv = _bwrap_argv(

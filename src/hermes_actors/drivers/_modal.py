@@ -39,7 +39,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -735,13 +735,21 @@ class ModalDriver:
 
     # -- orphans --
 
-    async def reap(self, app_name: str, *, min_age_s: float = 0.0) -> list[ReapedSandbox]:
+    async def reap(
+        self,
+        app_name: str,
+        *,
+        min_age_s: float = 0.0,
+        spare_runs: Collection[str] = (),
+        dry_run: bool = False,
+    ) -> list[ReapedSandbox]:
         """Terminate running sandboxes of `app_name` left by other runs; return what was reaped.
 
-        Found by tag (`hermes-app`); spared: this driver's own run, and sandboxes younger than
-        `min_age_s` (by their `hermes-created-at` tag). Use `min_age_s` when other live runs
-        may share the app. Raises `BackendUnavailable` when modal is missing or not
-        authenticated.
+        Found by tag (`hermes-app`); spared: this driver's own run, the runs in `spare_runs`
+        (known to be alive), and sandboxes younger than `min_age_s` (by their
+        `hermes-created-at` tag). Use `min_age_s` when other live runs may share the app. With
+        `dry_run`, nothing is terminated: the result is what would be. Raises
+        `BackendUnavailable` when modal is missing or not authenticated.
         """
         modal = import_modal()
         app = await self._app(modal, app_name)
@@ -752,10 +760,13 @@ class ModalDriver:
             if sandbox.object_id in self._live:
                 continue
             tags: dict[str, str] = dict(await call_modal(sandbox.get_tags))
-            if tags.get(TAG_RUN) == self.run_id:
+            if tags.get(TAG_RUN) == self.run_id or tags.get(TAG_RUN) in spare_runs:
                 continue
             created_at = _float_or_none(tags.get(TAG_CREATED_AT))
             if min_age_s > 0 and (created_at is None or now - created_at < min_age_s):
+                continue
+            if dry_run:
+                reaped.append(ReapedSandbox(sandbox.object_id, tags))
                 continue
             with trio.move_on_after(TERMINATE_RPC_S) as scope:
                 await call_modal(sandbox.terminate)

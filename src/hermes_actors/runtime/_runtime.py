@@ -26,6 +26,7 @@ from hermes_actors._values import Operation
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.drivers._registry import DRIVERS, make_driver
 from hermes_actors.runtime._pool import Lease, ProfilePool
+from hermes_actors.runtime._publish import publish_status
 from hermes_actors.runtime._supervisor import ChildSpec, Restart, Supervisor
 from hermes_actors.runtime._trees import (
     Checkpoint,
@@ -97,6 +98,7 @@ class Runtime:
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.run)
                 self._supervisor = supervisor
+                await nursery.start(self._publish_status)
                 try:
                     for name in self.profiles.names:
                         config = self.profiles.profiles[name]
@@ -115,6 +117,15 @@ class Runtime:
             with trio.move_on_after(5, shield=True):
                 for driver in self._owned_drivers:
                     await driver.aclose()
+
+    async def _publish_status(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Answer `hermes-actors status` from other processes while this runtime runs."""
+        await publish_status(
+            self.published_status,
+            run_id=self.run_id,
+            profiles=self.profiles.names,
+            task_status=task_status,
+        )
 
     def _driver(self, config: SandboxConfig) -> SandboxDriver:
         backend = config.backend
@@ -280,6 +291,16 @@ class Runtime:
             if entry.reap is not None and profiles:
                 reaped += await entry.reap(self._driver(profiles[0]), profiles)
         return reaped
+
+    def published_status(self) -> dict[str, Any]:
+        """The status snapshot `hermes-actors status` shows, as plain JSON-able data."""
+        return {
+            "running": not self._stopped,
+            "run_id": self.run_id,
+            "profiles": list(self.profiles.names),
+            "default_profile": self.profiles.default_profile,
+            "pools": attrs.asdict(self.status())["pools"],
+        }
 
     def status(self) -> RuntimeStatus:
         """A snapshot of every started pool (sync: it only reads state)."""
