@@ -64,6 +64,8 @@ FIELD_EXAMPLES: Final[Mapping[str, object]] = {
     "creates_per_second": 10.0,
     "reap_orphans": True,
     "reap_min_age_s": 600,
+    "max_checkpoints": 16,
+    "max_checkpoint_bytes": 2147483648,
 }
 
 
@@ -74,14 +76,19 @@ def field_comments(cls: type) -> dict[str, str]:
     """The `#:` comment above each field of an attrs class, joined into one paragraph."""
     comments: dict[str, str] = {}
     pending: list[str] = []
+    previous: str | None = None  # the comment of the field on the line before
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()
         if stripped.startswith("#:"):
             pending.append(stripped[2:].strip())
             continue
         match = re.match(r"([a-z_][a-z0-9_]*)\s*:", stripped)
-        if match and pending:
-            comments[match.group(1)] = " ".join(pending)
+        if match and (pending or previous):
+            # A field right below another, without its own comment, shares that comment.
+            comments[match.group(1)] = " ".join(pending) if pending else str(previous)
+            previous = comments[match.group(1)]
+        else:
+            previous = None
         pending = []
     return comments
 
@@ -277,6 +284,10 @@ AGENT_CODES: Final[Mapping[str, str]] = {
     "exists": "the path already exists",
     "io_error": "the file system reported an error (the message says which)",
     "archive_failed": "tar could not archive the path (the message has tar's error)",
+    "missing_tool": "a program the operation needs (such as tar) is not in the image: "
+    "install it in the image",
+    "tar_failed": "tar failed inside the sandbox (checkpoint, restore, upload or download): "
+    "the message has tar's error",
 }
 
 _ERROR_CLASSES: Final = frozenset(REMEDIES) - {"warning"}
@@ -466,7 +477,10 @@ def troubleshooting() -> str:
     messages = error_messages()
     unknown = [code for code in agent_codes() if code not in AGENT_CODES]
     if unknown:
-        raise RuntimeError(f"agent error codes without an explanation in AGENT_CODES: {unknown}")
+        raise RuntimeError(
+            f"agent error codes without an explanation: {unknown}; add each to AGENT_CODES in "
+            "src/hermes_actors/cli/_docs.py"
+        )
     lines = [
         "# Troubleshooting",
         "",
