@@ -5,8 +5,9 @@
 Each trajectory acquires a slot, then on every turn all trajectories send their next tool call
 together, as a trainer does between LLM turns: write a solution, run it with python, write a
 test, run the test. Some "policies" write a buggy solution, so some tests fail: those are
-command failures (a score), not infrastructure failures (to be masked). A progress line shows
-the turns; the summary gives throughput, failures and the pools' status.
+command failures (a score), not infrastructure failures (to be masked). Progress (live on a
+terminal, plain lines in a log) shows the pool starting and the turns; the summary gives
+throughput, failures and the pools' status.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import trio
 
-from hermes_actors import ExecutionResult, SandboxConfig, Slot, ToolBackend, format_status
+from hermes_actors import ExecutionResult, Progress, SandboxConfig, Slot, ToolBackend, format_status
 
 TEST_CODE = """\
 import unittest
@@ -50,14 +51,6 @@ def turns(trajectory: int) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def progress(turn: int, total_turns: int, done: int, failures: int, started: float) -> None:
-    elapsed = time.monotonic() - started
-    line = f"turn {turn}/{total_turns}  tool calls {done}  failed {failures}  {elapsed:6.2f}s"
-    # One line redrawn in place on a terminal; a line per turn in a log.
-    sys.stdout.write(f"\r{line}" if sys.stdout.isatty() else f"{line}\n")
-    sys.stdout.flush()
-
-
 async def run(trajectories: int, isolation: str, slots_per_sandbox: int) -> int:
     max_sandboxes = max(1, -(-trajectories // slots_per_sandbox))
     config = SandboxConfig(
@@ -72,28 +65,36 @@ async def run(trajectories: int, isolation: str, slots_per_sandbox: int) -> int:
     async with ToolBackend(config) as backend:
         slots: list[Slot] = [None] * trajectories  # type: ignore[list-item]
 
-        async def acquire(index: int) -> None:
-            slots[index] = await backend.acquire(trajectory_id=f"traj-{index}")
+        # Pool start-up: the sandboxes start while the slots are acquired.
+        with Progress("acquiring slots", total=trajectories, stream=sys.stdout) as starting:
 
-        async with trio.open_nursery() as nursery:
-            for index in range(trajectories):
-                nursery.start_soon(acquire, index)
+            async def acquire(index: int) -> None:
+                starting.start()
+                slots[index] = await backend.acquire(trajectory_id=f"traj-{index}")
+                starting.finish()
+
+            async with trio.open_nursery() as nursery:
+                for index in range(trajectories):
+                    nursery.start_soon(acquire, index)
         ready = time.monotonic()
         print(f"{trajectories} slots on {max_sandboxes} sandbox(es) in {ready - started:.2f}s")
 
         plans = [turns(index) for index in range(trajectories)]
         results: list[list[ExecutionResult]] = [[] for _ in range(trajectories)]
-        done = failures = 0
-        for turn in range(len(plans[0])):
-            batch = [(slots[index], *plans[index][turn]) for index in range(trajectories)]
-            for index, result in enumerate(await backend.execute_batch(batch)):
-                results[index].append(result)
-                done += 1
-                failures += not result.success
-            progress(turn + 1, len(plans[0]), done, failures, ready)
+        total_turns = len(plans[0])
+        # Live on a terminal; in a log, a line per second at most and a last one.
+        with Progress(
+            "tool calls", total=trajectories * total_turns, stream=sys.stdout
+        ) as progress:
+            for turn in range(total_turns):
+                progress.set(description=f"turn {turn + 1}/{total_turns}")
+                progress.start(trajectories)
+                batch = [(slots[index], *plans[index][turn]) for index in range(trajectories)]
+                for index, result in enumerate(await backend.execute_batch(batch)):
+                    results[index].append(result)
+                    progress.finish(ok=result.success)
+        done, failures = progress.done, progress.failed
         elapsed = time.monotonic() - ready
-        if sys.stdout.isatty():
-            print()  # end the line redrawn in place
         status = backend.status()
         async with trio.open_nursery() as nursery:
             for slot in slots:

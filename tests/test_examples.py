@@ -46,7 +46,8 @@ def test_rl_batch_runs_trajectories_through_execute_batch() -> None:
     done = run_example("rl_batch.py", "--trajectories", "12", "--slots-per-sandbox", "4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 slots on 3 sandbox(es)" in done.stdout
-    assert "turn 5/5  tool calls 60" in done.stdout
+    assert "acquiring slots: done 12/12  failed 0  in flight 0" in done.stdout
+    assert "turn 5/5: done 60/60  failed 2  in flight 0" in done.stdout
     # Policies 3 and 10 write a wrong solution: their tests fail, as command failures.
     assert (
         "tests passed: 10/12; failed tool calls: 2 (command failures 2, infrastructure failures 0)"

@@ -37,7 +37,8 @@ def test_every_logger_in_the_package_is_a_declared_layer_logger() -> None:
         if "getLogger(__name__)" in text:
             relative = path.relative_to(SRC.parent).with_suffix("")
             names.add(".".join(relative.parts))
-    assert names - {"hermes_actors"} <= set(LAYER_LOGGERS), names - set(LAYER_LOGGERS)
+    missing = names - {"hermes_actors"} - set(LAYER_LOGGERS)
+    assert not missing, f"add {missing} to LAYER_LOGGERS in src/hermes_actors/_logging.py"
 
 
 def test_a_warning_of_one_kind_is_logged_once_and_repeats_show_at_debug(
