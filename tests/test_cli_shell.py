@@ -101,3 +101,20 @@ def test_shell_runs_commands_ctrl_c_cancels_one_and_ctrl_d_leaves() -> None:
             os.waitpid(terminal.pid, 0)
             os.close(terminal.fd)
     assert host_sandbox_pids(terminal.pid) == []
+
+
+def test_run_on_a_terminal_shows_live_progress_then_the_output() -> None:
+    """On a terminal, `run` draws a live line while the command runs, then clears it and
+    prints the output; its exit code is the command's."""
+    terminal = Terminal(
+        [*HERMES, "run", "--", "sleep 1.5; echo finished; exit 3"], clean_environment()
+    )
+    try:
+        terminal.expect("running sleep 1.5; echo finished")  # the live display
+        assert terminal.expect("finished\r\n").count("in flight 1") >= 1
+        assert terminal.wait() == 3
+    finally:
+        if terminal.fd >= 0:
+            os.kill(terminal.pid, signal.SIGKILL)
+            os.waitpid(terminal.pid, 0)
+            os.close(terminal.fd)

@@ -26,7 +26,8 @@ class Progress:
     `with Progress("tool calls", total=64) as progress:` then `progress.start()` when an item
     starts and `progress.finish(ok=...)` when it ends (or `progress.set(...)` for all at once).
     `live` forces the display mode (default: live when `stream` is a terminal). Plain lines
-    start only after `quiet_for_s` (work that ends sooner prints none). Thread-safe.
+    start only after `quiet_for_s` (work that ends sooner prints none). On a terminal the live
+    display is replaced by one summary line at the end, unless `summary` is False. Thread-safe.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class Progress:
         live: bool | None = None,
         interval_s: float = 1.0,
         quiet_for_s: float = 0.0,
+        summary: bool = True,
     ) -> None:
         self.description = description
         self.total = total
@@ -50,6 +52,7 @@ class Progress:
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._quiet_for_s = quiet_for_s
+        self._summary = summary
         self._last_line = float("-inf")
         self._lines = 0
         self._rich: RichProgress | None = None
@@ -176,8 +179,9 @@ class Progress:
             self._rich.stop()
             self._rich = None
             self._task = None
-            # The live display vanishes; one line stays as the record of what happened.
-            self._stream.write(self.line() + "\n")
-            self._stream.flush()
+            if self._summary:
+                # The live display vanishes; one line stays as the record of what happened.
+                self._stream.write(self.line() + "\n")
+                self._stream.flush()
             return
         self._show(final=True)

@@ -134,6 +134,7 @@ async def _run_one(profiles: Profiles, profile: str, command: str, timeout_s: fl
             total=1,
             interval_s=RUN_QUIET_S,
             quiet_for_s=RUN_QUIET_S,
+            summary=False,
         ) as progress,
         collapse_exception_groups(),
     ):
