@@ -114,6 +114,14 @@ def test_run_reads_modal_profiles_yaml_in_the_working_directory(tmp_path: Path) 
     assert (done.returncode, done.stdout) == (0, "from-file\n")
 
 
+def test_demo_runs_the_rl_batch_example() -> None:
+    """`demo` runs what `make demo` runs (here with a few trajectories) and exits 0."""
+    done = hermes("demo", "--", "--trajectories", "4", "--slots-per-sandbox", "2", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 slots on 2 sandbox(es)" in done.stdout
+    assert "tests passed: 4/4" in done.stdout
+
+
 # -- profiles check --------------------------------------------------------------------------------
 
 GOOD_PROFILES = """\
