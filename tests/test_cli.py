@@ -119,7 +119,7 @@ def test_demo_runs_the_rl_batch_example() -> None:
     done = hermes("demo", "--", "--trajectories", "4", "--slots-per-sandbox", "2", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 slots on 2 sandbox(es)" in done.stdout
-    assert "tests passed: 4/4" in done.stdout
+    assert "tests passed: 3/4" in done.stdout  # policy 3 writes a wrong solution
 
 
 # -- profiles check --------------------------------------------------------------------------------
