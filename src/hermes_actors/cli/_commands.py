@@ -156,7 +156,7 @@ async def _run_in_slot(
                 [result] = await backend.execute_batch([(slot, "bash", arguments)])
             finally:
                 with trio.CancelScope(shield=True), contextlib.suppress(InfrastructureError):
-                    await backend.release(slot)
+                    await backend.release(slot, reset_workspace=True)
             progress.finish(ok=result.success)
         ticker.cancel_scope.cancel()
     return result
@@ -217,7 +217,7 @@ def shell_command(arguments: argparse.Namespace) -> int:
             if "infra_error" in result.metadata:
                 print(f"hermes-actors: {result.error}", file=sys.stderr)
                 with contextlib.suppress(InfrastructureError):
-                    backend.call_blocking(backend.release, slot)
+                    backend.call_blocking(backend.release, slot, True)
                 print("starting a new slot...", file=sys.stderr)
                 slot = backend.call_blocking(backend.acquire, "hermes-actors-shell", profile)
             elif result.metadata.get("timed_out"):
