@@ -388,14 +388,16 @@ def test_reap_stops_modal_sandboxes_of_dead_runs(modal_emulator: object) -> None
     --dry-run only lists them."""
     import trio
 
-    from hermes_actors.drivers._base import SandboxSpec
+    from hermes_actors import SandboxConfig
     from hermes_actors.drivers._modal import ModalDriver
 
     env = clean_environment(**modal_emulator.env)  # type: ignore[attr-defined]
 
     async def leave_an_orphan() -> str:
         driver = ModalDriver(run_id="run-dead")
-        handle = await driver.create(SandboxSpec(profile="p", slots=1, app_name="reap-cli"))
+        handle = await driver.create(
+            SandboxConfig(name="p", backend="modal", slots_per_sandbox=1, app_name="reap-cli")
+        )
         driver._forget(handle)  # the run "dies": nobody terminates it
         await driver.aclose()
         return handle.sandbox_id
@@ -415,10 +417,10 @@ async def test_modal_reap_spares_runs_known_alive_and_dry_run_stops_nothing(
     modal_emulator: object,
 ) -> None:
     """The driver's reap skips `spare_runs`; with dry_run it lists without terminating."""
-    from hermes_actors.drivers._base import SandboxSpec
+    from hermes_actors import SandboxConfig
     from hermes_actors.drivers._modal import ModalDriver
 
-    spec = SandboxSpec(profile="p", slots=1, app_name="reap-spare")
+    spec = SandboxConfig(name="p", backend="modal", slots_per_sandbox=1, app_name="reap-spare")
     alive, dead, reaper = (ModalDriver(run_id=run) for run in ("run-alive", "run-dead", "reaper"))
     try:
         kept = await alive.create(spec)

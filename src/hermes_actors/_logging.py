@@ -21,12 +21,14 @@ __all__ = ["LAYER_LOGGERS", "WarnOnce", "configure_logging", "warn_once_filter"]
 
 #: The logger of each layer, from the facades down to the drivers (see docs/architecture.md).
 LAYER_LOGGERS: Final[tuple[str, ...]] = (
+    "hermes_actors.config",
     "hermes_actors.backend",
     "hermes_actors.terminal",
     "hermes_actors.portal",
     "hermes_actors.status",
     "hermes_actors.runtime._supervisor",
-    "hermes_actors.runtime._trio_util",
+    "hermes_actors.reply",
+    "hermes_actors.cleanup",
     "hermes_actors.pool",
     "hermes_actors.sandbox",
     "hermes_actors.client",

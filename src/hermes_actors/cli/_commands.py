@@ -22,9 +22,9 @@ import trio
 from hermes_actors._config import ENV_PROFILES_FILE, Profiles, load_profiles
 from hermes_actors._errors import InfrastructureError
 from hermes_actors._progress import Progress
+from hermes_actors._trio import collapse_exception_groups
 from hermes_actors.cli._main import EXIT_INFRASTRUCTURE, EXIT_OK, UsageError
 from hermes_actors.cli._render import format_profiles, format_runs, profiles_as_data
-from hermes_actors.runtime._trio_util import collapse_exception_groups
 
 __all__ = [
     "demo_command",
@@ -257,7 +257,7 @@ def _runs_as_data(runs: list[Any], where: Path) -> dict[str, Any]:
                 "run_id": run.run_id,
                 "started_at": run.started_at,
                 "command": run.command,
-                "status": dict(run.status),
+                "status": run.status.as_dict(),
             }
             for run in runs
         ],

@@ -10,6 +10,7 @@ import attrs
 
 from hermes_actors._config import SandboxConfig
 from hermes_actors._provenance import ResolvedProfiles
+from hermes_actors._status import BackendStatus
 
 __all__ = ["format_profiles", "format_runs", "format_status", "profiles_as_data", "table"]
 
@@ -39,42 +40,39 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def format_status(status: Mapping[str, Any]) -> str:
+def format_status(status: BackendStatus) -> str:
     """Render a status snapshot as a table: one row per pool, then each pool's sandboxes."""
-    pools: list[Mapping[str, Any]] = list(status.get("pools", ()))
-    state = "running" if status.get("running") else "stopped"
+    state = "running" if status.running else "stopped"
     lines = [
-        f"hermes-actors: {state}; profiles: {', '.join(status.get('profiles', ())) or '-'}"
-        f" (default: {status.get('default_profile', '-')})"
+        f"hermes-actors: {state}; profiles: {', '.join(status.profiles) or '-'}"
+        f" (default: {status.default_profile})"
     ]
-    if not pools:
+    if not status.pools:
         lines.append("no pool has started")
         return "\n".join(lines)
     header = [title for title, _ in _POOL_COLUMNS]
-    rows = []
-    for pool in pools:
-        rows.append(
-            [
-                str(len(pool.get("sandboxes", ()))) if key is None else str(pool.get(key, "-"))
-                for _, key in _POOL_COLUMNS
-            ]
-        )
+    rows = [
+        [
+            str(len(pool.sandboxes)) if key is None else str(getattr(pool, key))
+            for _, key in _POOL_COLUMNS
+        ]
+        for pool in status.pools
+    ]
     lines.extend(table(header, rows))
-    for pool in pools:
-        sandboxes = list(pool.get("sandboxes", ()))
-        if not sandboxes:
+    for pool in status.pools:
+        if not pool.sandboxes:
             continue
-        lines.append(f"sandboxes of {pool.get('profile')}:")
+        lines.append(f"sandboxes of {pool.profile}:")
         sandbox_rows = [
             [
-                "  " + str(sandbox["sandbox_id"]),
-                str(sandbox["state"]),
-                str(sandbox["slots_free"]),
-                str(sandbox["slots_held"]),
-                f"{float(sandbox['age_s']):.1f}s",
-                str(sandbox["commands_run"]),
+                "  " + sandbox.sandbox_id,
+                sandbox.state,
+                str(sandbox.slots_free),
+                str(sandbox.slots_held),
+                f"{sandbox.age_s:.1f}s",
+                str(sandbox.commands_run),
             ]
-            for sandbox in sandboxes
+            for sandbox in pool.sandboxes
         ]
         lines.extend(table(["  sandbox", "state", "free", "held", "age", "commands"], sandbox_rows))
     return "\n".join(lines)

@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
+import cattrs
 import trio
+
+from hermes_actors._status import BackendStatus
 
 __all__ = [
     "ENV_PUBLISH",
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("hermes_actors.status")
+_converter: Final = cattrs.Converter()
 
 ENV_STATE_DIR: Final = "HERMES_ACTORS_STATE_DIR"
 ENV_PUBLISH: Final = "HERMES_ACTORS_PUBLISH_STATUS"
@@ -188,7 +192,7 @@ class PublishedRun:
     started_at: float
     command: str
     #: The snapshot the runtime sent (`Runtime.published_status()`).
-    status: Mapping[str, Any]
+    status: BackendStatus
 
 
 def _receive(path: str, timeout_s: float) -> bytes:
@@ -228,7 +232,7 @@ def read_runs(
                     path.unlink()
             continue
         try:
-            status = json.loads(_receive(socket_path, timeout_s))
+            data = json.loads(_receive(socket_path, timeout_s))
         except OSError as error:
             if error.errno not in (errno.ECONNREFUSED, errno.ENOENT) and not isinstance(
                 error, TimeoutError
@@ -237,6 +241,10 @@ def read_runs(
             continue
         except ValueError:
             continue  # the run stopped while answering
+        try:
+            status = _converter.structure(data, BackendStatus)
+        except (TypeError, KeyError, cattrs.BaseValidationError):
+            continue  # the run stopped while answering, or speaks another version
         runs.append(
             PublishedRun(
                 pid=pid,

@@ -20,7 +20,7 @@ import trio
 
 from hermes_actors._config import Profiles, SandboxConfig
 from hermes_actors._errors import ConfigError, RuntimeStopped
-from hermes_actors._status import PoolStatus
+from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors._values import Operation
 from hermes_actors.drivers._base import SandboxDriver
@@ -121,7 +121,7 @@ class Runtime:
     async def _publish_status(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Answer `hermes-actors status` from other processes while this runtime runs."""
         await publish_status(
-            self.published_status,
+            lambda: self.published_status().as_dict(),
             run_id=self.run_id,
             profiles=self.profiles.names,
             task_status=task_status,
@@ -292,15 +292,20 @@ class Runtime:
                 reaped += await entry.reap(self._driver(profiles[0]), profiles)
         return reaped
 
-    def published_status(self) -> dict[str, Any]:
-        """The status snapshot `hermes-actors status` shows, as plain JSON-able data."""
-        return {
-            "running": not self._stopped,
-            "run_id": self.run_id,
-            "profiles": list(self.profiles.names),
-            "default_profile": self.profiles.default_profile,
-            "pools": attrs.asdict(self.status())["pools"],
-        }
+    def published_status(self) -> BackendStatus:
+        """The status `hermes-actors status` shows from another process (sync: reads state).
+
+        The runtime does not know which caller holds what, so `slots_held_by_caller` counts
+        every slot held in its pools.
+        """
+        pools = self.status().pools
+        return BackendStatus(
+            running=not self._stopped,
+            profiles=self.profiles.names,
+            default_profile=self.profiles.default_profile,
+            slots_held_by_caller=sum(pool.slots_held for pool in pools),
+            pools=pools,
+        )
 
     def status(self) -> RuntimeStatus:
         """A snapshot of every started pool (sync: it only reads state)."""
