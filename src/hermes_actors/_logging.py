@@ -35,6 +35,7 @@ LAYER_LOGGERS: Final[tuple[str, ...]] = (
     "hermes_actors.drivers.local",
     "hermes_actors.drivers.modal",
     "hermes_actors.reap",
+    "hermes_actors.signals",
     "hermes_actors.trees",
     "hermes_actors.cli",
     "hermes_actors.testing.modal_emulator",
