@@ -124,7 +124,8 @@ async def _tick(progress: Progress, interval_s: float) -> None:
 
 
 async def _run_one(profiles: Profiles, profile: str, command: str, timeout_s: float | None) -> Any:
-    arguments: dict[str, Any] = {"command": command}
+    # One command on its own: `bash -c` semantics (its `$$`, `exit` and signals are its own).
+    arguments: dict[str, Any] = {"command": command, "shell": "fresh"}
     if timeout_s is not None:
         arguments["timeout"] = timeout_s
     title = command if len(command) <= 40 else command[:37] + "..."

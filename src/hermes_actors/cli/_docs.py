@@ -66,6 +66,7 @@ FIELD_EXAMPLES: Final[Mapping[str, object]] = {
     "reap_min_age_s": 600,
     "create_retry_budget_s": 120,
     "agent_ttl_s": 300,
+    "shell": "fresh",
     "max_checkpoints": 16,
     "max_checkpoint_bytes": 2147483648,
 }
