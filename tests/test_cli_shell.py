@@ -8,6 +8,7 @@ import pty
 import select
 import signal
 import time
+from pathlib import Path
 
 from cli_support import HERMES, clean_environment, host_sandbox_pids
 
@@ -64,15 +65,25 @@ class Terminal:
         raise AssertionError(f"the program did not exit; screen: {self.screen!r}")
 
 
-def test_shell_runs_commands_ctrl_c_cancels_one_and_ctrl_d_leaves() -> None:
-    """In `shell`, a command's output shows; Ctrl-C kills only the running command and the
-    prompt returns; up-arrow recalls history; Ctrl-D leaves with 0 and releases the sandbox."""
-    terminal = Terminal([*HERMES, "shell", "-vv"], clean_environment())
+def test_shell_runs_commands_ctrl_c_cancels_one_and_ctrl_d_leaves(tmp_path: Path) -> None:
+    """In `shell`, a command's output shows and cd/export persist; Ctrl-C kills only the running
+    command and the prompt returns; up-arrow recalls history; Ctrl-D leaves with 0 and releases
+    the sandbox."""
+    # Even a profile whose bash calls are `fresh` gets a persistent shell at the prompt.
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  default:\n    shell: fresh\n")
+    terminal = Terminal([*HERMES, "shell", "--profiles", str(profiles)], clean_environment())
     try:
         terminal.expect("Ctrl-D leaves")
         terminal.expect("$ ")
         terminal.send("echo hello from $((6 * 7))\r")
         terminal.expect("hello from 42\r\n")
+        terminal.expect("$ ")
+        # The slot's shell persists: cd and export carry over to the next command.
+        terminal.send("mkdir -p work/sub && cd work/sub && export GREETING=hey\r")
+        terminal.expect("$ ")
+        terminal.send('echo "$GREETING from $(basename $PWD)"\r')
+        terminal.expect("hey from sub\r\n")
         terminal.expect("$ ")
         # A slow command: Ctrl-C cancels it, the shell stays.
         started = time.monotonic()

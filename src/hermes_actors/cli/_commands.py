@@ -206,7 +206,8 @@ def shell_command(arguments: argparse.Namespace) -> int:
                 break
             try:
                 [result] = backend.call_blocking(
-                    backend.execute_batch, [(slot, "bash", {"command": line})]
+                    backend.execute_batch,
+                    [(slot, "bash", {"command": line, "shell": "persistent"})],
                 )
             except KeyboardInterrupt:
                 print("^C (command cancelled)", file=sys.stderr)
