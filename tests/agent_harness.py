@@ -213,3 +213,49 @@ def _pids() -> Iterator[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             yield int(name)
+
+
+def processes_with_argv(token: str) -> list[int]:
+    """Pids of live (non-zombie) processes with `token` in their command line."""
+    needle = token.encode()
+    found = []
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+            if state in (b"Z", b"X"):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline:
+            found.append(pid)
+    return found
+
+
+def wait_processes_with_argv(token: str, count: int, timeout: float = 10.0) -> list[int]:
+    """Poll until at least `count` processes carry `token` (or fail the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = processes_with_argv(token)
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {len(found)} of {count} processes with {token} started")
+        time.sleep(0.01)
+
+
+def wait_no_processes_with_argv(token: str, timeout: float = 2.0) -> list[int]:
+    """Poll until no process carries `token` or `timeout` passes; return the survivors."""
+    deadline = time.monotonic() + timeout
+    survivors = processes_with_argv(token)
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.02)
+        survivors = processes_with_argv(token)
+    return survivors
+
+
+def escapee(token: str) -> str:
+    """Shell words for a long sleep that carries `token` as its argv[0] (counted in /proc)."""
+    return f"bash -c 'exec -a {token} sleep 1000'"

@@ -27,9 +27,13 @@ from hypothesis import strategies as st
 
 from agent_harness import (
     AgentProcess,
+    escapee,
     pid_alive,
+    processes_with_argv,
     processes_with_env,
+    wait_no_processes_with_argv,
     wait_no_processes_with_env,
+    wait_processes_with_argv,
 )
 from hermes_actors._agent import (
     BOOTSTRAP,
@@ -457,6 +461,92 @@ def test_timeout_kills_the_whole_tree_promptly(agent: AgentProcess, command: str
     assert result["exit_code"] == 124
     assert result["stdout"] == b"partial\n"
     assert processes_with_env(marker) == []
+
+
+def token() -> str:
+    return "hermes-test-" + uuid.uuid4().hex
+
+
+def test_timeout_kills_escapees_that_left_session_and_environment(agent: AgentProcess) -> None:
+    """Escapees with a new session and an empty environment die with their command's timeout."""
+    mark = token()
+    command = f"setsid env -i {escapee(mark)} & setsid -f env -i {escapee(mark)}; sleep 1000"
+    exec_id = agent.send("exec", slot=0, command=command, timeout_s=3.0)
+    wait_processes_with_argv(mark, 2)
+    result = agent.wait_reply(exec_id)["result"]
+    assert result["timed_out"] is True
+    assert processes_with_argv(mark) == []
+
+
+def test_timeout_of_a_fork_storm_leaves_no_survivor(agent: AgentProcess) -> None:
+    """A command that keeps double-forking escapees until killed leaves none behind."""
+    mark = token()
+    command = f"while :; do ( (setsid env -i {escapee(mark)} &) & ); sleep 0.01; done"
+    exec_id = agent.send("exec", slot=0, command=command, timeout_s=3.0)
+    wait_processes_with_argv(mark, 20)
+    assert agent.wait_reply(exec_id)["result"]["timed_out"] is True
+    assert processes_with_argv(mark) == []
+
+
+def test_escapees_of_earlier_commands_survive_a_later_timeout(agent: AgentProcess) -> None:
+    """A timeout kills what its own command started, not an earlier command's daemon."""
+    earlier = token()
+    run(agent, f"setsid {escapee(earlier)} &")
+    wait_processes_with_argv(earlier, 1)
+    time.sleep(0.05)  # start times are counted in clock ticks
+    later = token()
+    result = run(agent, f"setsid {escapee(later)} & sleep 1000", timeout_s=1.0)
+    assert result["timed_out"] is True
+    assert processes_with_argv(later) == []
+    assert len(processes_with_argv(earlier)) == 1
+    assert agent.call("reset_slot", slot=0)["killed"] == 1
+    assert processes_with_argv(earlier) == []
+
+
+def test_reset_kills_escapees_without_markers_or_session(agent: AgentProcess) -> None:
+    """reset_slot kills a slot's setsid env -i escapees and leaves other slots' alone."""
+    mark, other = token(), token()
+    run(agent, f"setsid env -i {escapee(mark)} & env -i setsid -f {escapee(mark)}")
+    run(agent, f"setsid env -i {escapee(other)} &", slot=1)
+    wait_processes_with_argv(mark, 2)
+    wait_processes_with_argv(other, 1)
+    assert agent.call("reset_slot", slot=0)["killed"] >= 2
+    assert processes_with_argv(mark) == []
+    assert len(processes_with_argv(other)) == 1
+
+
+def test_stdin_eof_kills_escapees_without_markers_or_session(agent: AgentProcess) -> None:
+    """The dead-man switch kills escapees that dropped their environment and session."""
+    mark = token()
+    run(agent, f"setsid env -i {escapee(mark)} &")
+    run(agent, f"(setsid env -i {escapee(mark)} &) &", slot=5)
+    wait_processes_with_argv(mark, 2)
+    agent.close_stdin()
+    assert agent.wait_exit(5.0) == 0
+    assert processes_with_argv(mark) == []
+
+
+def test_a_killed_keeper_takes_its_slots_processes_along(agent: AgentProcess) -> None:
+    """A command that kills its slot's keeper loses its slot's processes; the agent serves on."""
+    mark = token()
+    run(agent, f"setsid env -i {escapee(mark)} &")
+    wait_processes_with_argv(mark, 1)
+    result = run(agent, f"setsid env -i {escapee(mark)} & sleep 0.2; kill -9 $PPID; sleep 1000")
+    assert result["cancelled"] is True
+    assert wait_no_processes_with_argv(mark) == []
+    assert run(agent, "echo again")["stdout"] == b"again\n"
+
+
+@pytest.mark.parametrize("size", [200 * 1024, 3 * 1024 * 1024])
+def test_a_command_longer_than_argv_allows_runs(agent: AgentProcess, size: int) -> None:
+    """A command past the kernel's argument limit runs whole, heredocs included, stdin empty."""
+    body = "x" * 100 + "\n"
+    lines = size // len(body)
+    command = "cat <<'EOF' | wc -l\n" + body * lines + 'EOF\ncat; echo "stdin done $#"'
+    command += "; [ -e /dev/fd/3 ] && echo fd3 open; echo $LINENO"
+    result = run(agent, command)
+    assert result["exit_code"] == 0, result
+    assert result["stdout"] == f"{lines}\nstdin done 0\n{lines + 3}\n".encode()
 
 
 def test_timeout_zero_kills_at_once(agent: AgentProcess) -> None:
@@ -899,13 +989,14 @@ def test_orphans_are_reaped(agent: AgentProcess) -> None:
     """Double-forked children that exit are reaped by the agent, leaving no zombies."""
     run(agent, "for i in 1 2 3 4 5; do (true &) ; done; sleep 0.2")
     run(agent, "sleep 0.1")
-    children = subprocess.run(
-        ["ps", "-o", "stat=", "--ppid", str(agent.process.pid)],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    assert [state for state in children if state.startswith("Z")] == []
+    rows = subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid=,stat="], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    table = [row.split() for row in rows if row.strip()]
+    below = {agent.process.pid}
+    for _ in range(3):  # the agent, its keepers, their adopted orphans
+        below |= {int(pid) for pid, ppid, _ in table if int(ppid) in below}
+    assert [pid for pid, _, state in table if int(pid) in below and state.startswith("Z")] == []
 
 
 def test_ping_reports_time_and_execs_in_flight(agent: AgentProcess) -> None:

@@ -33,16 +33,18 @@ Invariants:
   read are buffered, and past `OUTBOX_HIGH_WATER` no new request is taken until it catches up.
 * Every command runs in its own session with stdin from /dev/null (unless data is given), a
   non-interactive environment (the sandbox's own < `DEFAULT_ENV` < config ``env`` < exec
-  ``env``; see `_sandbox_env`), HOME at its slot
-  workspace, and two marker variables (`EXEC_MARKER`, `SLOT_MARKER`) carrying this agent's nonce.
-* A timeout, cancel, reset or exit kills whole trees: the agent is a child subreaper and sweeps
-  /proc, SIGKILLing every process in the command's session or carrying its marker (or, with slot
-  uids, running as the slot's uid) until a sweep finds none. Exit codes: 124 and
-  ``timed_out`` after a timeout, ``cancelled`` after cancel/reset/shutdown, ``-N`` and
-  ``signal: N`` for a command killed by signal N.
+  ``env``; see `_sandbox_env`) and HOME at its slot workspace. A command longer than argv
+  allows (`_MAX_ARGV_COMMAND`) reaches its shell through a pipe on fd 3 instead.
+* Every command is started by its slot's keeper (`_keeper_main`), a child subreaper, so the
+  slot's processes are exactly the keeper's descendants: ownership is read from the process
+  tree, which no command can rewrite (environment and session are not consulted). A timeout,
+  cancel, reset or exit kills whole trees, ``setsid``/double-fork escapees included, and
+  repeats until a /proc scan finds none alive. Exit codes: 124 and ``timed_out`` after a
+  timeout, ``cancelled`` after cancel/reset/shutdown (or the loss of the slot's keeper),
+  ``-N`` and ``signal: N`` for a command killed by signal N.
 * Once a command's own process has exited, its reply goes out with what its pipes hold at that
   moment: background children that keep the pipes open do not delay it.
-* Every child reaching the agent is reaped; tracked leaders finish their exec, orphans vanish.
+* Every child is reaped (keepers reap their slot's, and report each leader's end).
 * An exec with ``"shell": "persistent"`` runs in its slot's long-lived shell instead of its own
   ``bash -c`` (state persists between calls; see `_Shells` for the protocol, the framing that
   never travels in the output, and how timeouts, ``exit`` and resets are handled).
@@ -68,10 +70,7 @@ import stat
 import struct
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
-
-if TYPE_CHECKING:  # imported lazily below: each costs the agent about 1 MB of memory
-    import subprocess
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -246,12 +245,6 @@ def _sandbox_env(environ: Mapping[str, str]) -> Dict[str, str]:
     return env
 
 
-#: Marker variables put in every command's environment, so that a whole tree (escapees that
-#: left the session included) can be found again in /proc. Values start with the agent's nonce,
-#: so agents sharing one /proc never touch each other's processes.
-EXEC_MARKER = "HERMES_ACTORS_EXEC"
-SLOT_MARKER = "HERMES_ACTORS_SLOT"
-
 DEFAULT_TTL_S = 60.0
 DEFAULT_MAX_OUTPUT_BYTES = 1000000
 #: Per-stream cap an exec may ask for: two streams must fit in one frame with room to spare.
@@ -266,8 +259,10 @@ _READ_CHUNK = 256 * 1024
 #: After a command exits, how much still-buffered output is taken from each pipe at most (the
 #: command's own writes are all in the pipe by then; a background writer must not hold us).
 _FINAL_DRAIN_BYTES = 4 * 1024 * 1024
-#: How long a kill sweep keeps scanning /proc for a tree that refuses to die.
-_KILL_SWEEP_LIMIT_S = 3.0
+#: How long a kill keeps scanning /proc for a tree that refuses to die (D state).
+_KILL_LIMIT_S = 5.0
+#: Longest command passed in argv (the kernel refuses one argument of 128 KiB or more).
+_MAX_ARGV_COMMAND = 100 * 1024
 _FLUSH_ON_EXIT_S = 2.0
 
 EXIT_OK = 0
@@ -419,6 +414,360 @@ def _write_all_nonblocking(fd: int, data: bytes) -> int:
     return written
 
 
+# ---------------------------------------------------------------------------------------------
+# Process ownership: one keeper per slot.
+#
+# Which processes belong to a slot is decided from the process tree, which a command cannot
+# rewrite: every command of a slot is spawned by that slot's keeper, a small child subreaper
+# forked from the agent. A process that leaves its session, clears its environment or double
+# forks still stays a descendant of the keeper: when its parent dies it is reparented to the
+# nearest living subreaper above it, the keeper. So a slot's processes are exactly the
+# keeper's descendants, and a command's are its leader's descendants plus the orphans the
+# keeper adopted that were started after the command (`_kill_until_gone` loops until a /proc
+# scan finds none alive). When the agent goes away (its socket closes), the keeper kills all
+# its descendants and exits; when a keeper dies, its orphans reach the agent (a subreaper too),
+# which kills them.
+#
+# Wire between agent and keeper: a SOCK_STREAM socketpair, frames of ``u32 length, json``;
+# a spawn request carries the command's fds (stdin, stdout, stderr[, script]) as SCM_RIGHTS.
+# Requests: ``{"argv", "path", "env", "cwd"}`` -> ``{"pid", "start"}`` or ``{"errno",
+# "message"}``. Notices from the keeper: ``{"exited": pid, "status": wait_status}``.
+# ---------------------------------------------------------------------------------------------
+
+_KEEPER_HEADER = struct.Struct(">I")
+_KEEPER_MAX_FDS = 8
+#: Signals a keeper ignores (it ends only when its agent closes the socket); a command must
+#: get them back at their default disposition.
+_KEEPER_IGNORED = tuple(
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    if hasattr(signal, name)
+)
+#: How long the agent waits for its keeper to answer a spawn before giving the keeper up.
+_KEEPER_REPLY_S = 10.0
+
+
+def _keeper_frame(message: Dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    return _KEEPER_HEADER.pack(len(data)) + data
+
+
+def _send_to_keeper_peer(sock: Any, message: Dict[str, Any], fds: Tuple[int, ...] = ()) -> None:
+    """Send one frame on a blocking socket, `fds` riding with its first byte."""
+    import socket
+
+    payload = _keeper_frame(message)
+    sent = 0
+    if fds:
+        rights = struct.pack("%di" % len(fds), *fds)
+        sent = sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    if sent < len(payload):
+        sock.sendall(payload[sent:])
+
+
+def _children_of(table: Dict[int, Tuple[int, int, bool]]) -> Dict[int, List[int]]:
+    children: Dict[int, List[int]] = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    return children
+
+
+def _descendants(children: Dict[int, List[int]], roots: Any) -> Set[int]:
+    """Every process below `roots` (the roots themselves not included)."""
+    found: Set[int] = set()
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _kill_until_gone(
+    select: Callable[[Dict[int, Tuple[int, int, bool]]], Set[int]],
+    reap: Callable[[], None],
+    limit_s: float = _KILL_LIMIT_S,
+) -> Set[int]:
+    """SIGKILL what `select` picks from a fresh process table, until it picks nothing alive.
+
+    Killing is repeated rather than trusted: a process forked between a scan and its parent's
+    kill shows up in the next scan (reparented to a keeper, still picked). Returns every pid
+    killed. `limit_s` bounds it against a process the kernel cannot kill (D state).
+    """
+    killed: Set[int] = set()
+    own = os.getpid()
+    limit = time.monotonic() + limit_s
+    pause = 0.0005
+    while True:
+        table = _process_table()
+        targets = [
+            pid
+            for pid in select(table)
+            if pid in table and not table[pid][2] and pid != own and pid != 1
+        ]
+        if not targets:
+            return killed
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+            killed.add(pid)
+        reap()
+        if time.monotonic() > limit:
+            return killed
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks since boot (0 when it cannot be read)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            line = handle.read()
+        return int(line[line.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _spawn_as(
+    path: str,
+    argv: List[str],
+    env: Dict[str, str],
+    cwd: str,
+    fds: List[int],
+    uid: Optional[int],
+    fast_uid_spawn: bool,
+) -> int:
+    """Start a command with `fds` as its fds 0..n-1, in its own session, as `uid`.
+
+    posix_spawn is vfork-fast even when the command runs as a slot uid: `subprocess.Popen(
+    user=...)` must fork() the whole process (about 1 ms more per command). Instead the
+    spawner briefly makes the slot uid its *real* uid (keeping uid 0 as effective and saved,
+    so it keeps its capabilities) and asks posix_spawn to reset the child's effective ids to
+    the real ones: the command starts as the slot uid, all ids non-zero, so exec leaves it no
+    capability. posix_spawn has no cwd: the spawner is single-threaded, so it changes its own.
+    Every other fd of the spawner is close-on-exec.
+    """
+    for target, fd in enumerate(fds):
+        if fd == target:  # dup2 onto itself would keep close-on-exec set
+            os.set_inheritable(fd, True)
+    if _HAVE_POSIX_SPAWN and (uid is None or fast_uid_spawn):
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
+        os.chdir(cwd)
+        if uid is not None:
+            os.setresgid(uid, 0, 0)
+            os.setresuid(uid, 0, 0)
+        try:
+            return os.posix_spawn(
+                path,
+                argv,
+                env,
+                file_actions=actions,
+                setsid=True,
+                resetids=uid is not None,
+                setsigdef=_DEFAULT_SIGNALS + _KEEPER_IGNORED,
+                setsigmask=(),
+            )
+        finally:
+            if uid is not None:
+                os.setresuid(0, 0, 0)
+                os.setresgid(0, 0, 0)
+            os.chdir("/")
+    return _fork_exec_as(path, argv, env, cwd, fds, uid)  # pragma: no cover
+
+
+def _fork_exec_as(  # pragma: no cover - only where posix_spawn cannot drop the uid
+    path: str, argv: List[str], env: Dict[str, str], cwd: str, fds: List[int], uid: Optional[int]
+) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+            for number in _DEFAULT_SIGNALS + _KEEPER_IGNORED:
+                signal.signal(number, signal.SIG_DFL)
+            os.setsid()
+            os.chdir(cwd)
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            os.execve(path, argv, env)
+        except BaseException:
+            pass
+        os._exit(127)
+    return pid
+
+
+def _keeper_receive(sock: Any) -> Tuple[Optional[Dict[str, Any]], List[int]]:
+    """Read one request frame (blocking) and the fds that came with it; None at EOF."""
+    import socket
+
+    header = b""
+    fds: List[int] = []
+    space = socket.CMSG_SPACE(_KEEPER_MAX_FDS * 4)
+    while len(header) < _KEEPER_HEADER.size:
+        data, ancillary, _, _ = sock.recvmsg(
+            _KEEPER_HEADER.size - len(header), space, getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+        )
+        for level, kind, blob in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(blob) - len(blob) % 4
+                fds.extend(struct.unpack("%di" % (usable // 4), blob[:usable]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        header += data
+    (length,) = _KEEPER_HEADER.unpack(header)
+    body = bytearray()
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        body += chunk
+    return json.loads(body.decode("utf-8")), fds
+
+
+def _keeper_main(
+    sock_fd: int, uid: Optional[int], fast_uid_spawn: bool, keep_fds: Set[int]
+) -> None:
+    """Serve one slot as its keeper until the agent closes the socket; then kill and exit.
+
+    Runs in a process forked from the agent (never returns: the caller `_exit`s).
+    """
+    import select
+    import socket
+
+    os.setsid()  # a kill of the agent's process group must leave the cleanup to us
+    _become_subreaper()
+    signal.set_wakeup_fd(-1)
+    for number in _KEEPER_IGNORED:
+        signal.signal(number, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    # The host stream is the agent's alone: the host must see EOF when the agent dies.
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    keep = set(keep_fds) | {0, 1, 2, sock_fd}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda number, frame: None)
+    sock = socket.socket(fileno=sock_fd)
+    sock.setblocking(True)
+    leaders: Set[int] = set()
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in leaders:
+                leaders.discard(pid)
+                _send_to_keeper_peer(sock, {"exited": pid, "status": status})
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    try:
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_read, 4096):
+                    pass
+            reap()
+            if not any(fd == sock.fileno() for fd, _ in events):
+                continue
+            request, fds = _keeper_receive(sock)
+            if request is None:
+                break
+            try:
+                pid = _spawn_as(
+                    request["path"],
+                    request["argv"],
+                    request["env"],
+                    request["cwd"],
+                    fds,
+                    uid,
+                    fast_uid_spawn,
+                )
+                reply: Dict[str, Any] = {"pid": pid, "start": _start_time(pid)}
+                leaders.add(pid)
+            except OSError as exc:
+                reply = {"errno": exc.errno or 0, "message": exc.strerror or str(exc)}
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            _send_to_keeper_peer(sock, reply)
+    except OSError:
+        pass  # the agent is gone: fall through to the cleanup
+    leaders.clear()
+
+    def reap_quietly() -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+    own = os.getpid()
+    _kill_until_gone(lambda table: _descendants(_children_of(table), [own]), reap_quietly)
+    reap_quietly()
+
+
+class _Keeper:
+    """The agent's side of one slot's keeper: its pid, socket and unread notices."""
+
+    def __init__(self, slot: int, pid: int, sock: Any) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.sock = sock
+        self.fd: int = sock.fileno()
+        self.buffer = bytearray()
+        self.eof = False
+
+    def read_available(self) -> None:
+        """Take what the socket holds now (without blocking); sets `eof` when it closed."""
+        import socket
+
+        while not self.eof:
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                return
+            self.buffer += data
+
+    def next_message(self) -> Optional[Dict[str, Any]]:
+        if len(self.buffer) < _KEEPER_HEADER.size:
+            return None
+        (length,) = _KEEPER_HEADER.unpack_from(self.buffer)
+        end = _KEEPER_HEADER.size + length
+        if len(self.buffer) < end:
+            return None
+        message = json.loads(bytes(self.buffer[_KEEPER_HEADER.size : end]).decode("utf-8"))
+        del self.buffer[:end]
+        return message  # type: ignore[no-any-return]
+
+
 class _Capture:
     """A bounded head+tail buffer: the first half of the cap and the last half, exact drops."""
 
@@ -482,30 +831,30 @@ class _Exec:
         self.exec_id = exec_id
         self.slot = slot
         self.pid = 0
-        self.process: Optional[subprocess.Popen[bytes]] = None
         self.started = 0.0
         self.deadline: Optional[float] = None
         self.fds: Dict[int, _Capture] = {}
         self.stdout: Optional[_Capture] = None
         self.stderr: Optional[_Capture] = None
-        self.stdin_fd: Optional[int] = None
-        self.stdin_data = memoryview(b"")
+        #: Pipes we still write to (stdin data, a script too long for argv): fd -> unwritten.
+        self.feeds: Dict[int, memoryview] = {}
         #: Why we killed it: "timeout", "cancel", "reset" or "shutdown"; None if it ended itself.
         self.kill_reason: Optional[str] = None
         #: Run by the slot's persistent shell (see `_Shells`), not as a process of its own.
         self.in_shell = False
-        #: For a shell call: the FIFO path behind each output fd, and when the call started
-        #: in kernel clock ticks since boot (to tell its processes from older background jobs).
+        #: For a shell call: the FIFO path behind each output fd.
         self.fifos: Dict[int, str] = {}
+        #: When the command (or shell call) started, in kernel clock ticks since boot: the
+        #: orphans its keeper adopted since then may be its escapees; older ones are not.
         self.start_tick = 0
 
 
 class Agent:
     """The single-threaded event loop serving one host over fds 0 (requests) and 1 (replies).
 
-    Invariants: fd 1 carries frames only; every command runs in its own session with the exec and
-    slot markers in its environment; every child that reaches us is reaped; every exec gets
-    exactly one reply; leaving `run` kills everything this agent started.
+    Invariants: fd 1 carries frames only; every command runs in its own session, started by its
+    slot's keeper; every child is reaped; every exec gets exactly one reply; leaving `run`
+    kills everything this agent started.
     """
 
     def __init__(self, config: Dict[str, Any], in_fd: int = 0, out_fd: int = 1) -> None:
@@ -545,6 +894,10 @@ class Agent:
         self.pending_signals: List[int] = []
         self.subreaper = False
         self.fast_uid_spawn = False
+        self.keepers: Dict[int, _Keeper] = {}  # by slot
+        self.keeper_notices: Deque[Tuple[_Keeper, Dict[str, Any]]] = collections.deque()
+        #: fds the agent was started with: keepers keep them open (the host may watch them).
+        self.inherited_fds: Set[int] = set()
         self.devnull = -1
         self.wakeup_read = -1
         self.wakeup_write = -1
@@ -567,6 +920,8 @@ class Agent:
 
     def run(self) -> int:
         """Serve until shutdown, host loss, ttl expiry or a signal; return the exit status."""
+        with contextlib.suppress(OSError):
+            self.inherited_fds = {int(name) for name in os.listdir("/proc/self/fd")}
         self.subreaper = _become_subreaper()
         # Without a cleared ambient set, uid switches must take the fork()+setuid() path,
         # which clears every capability.
@@ -594,7 +949,7 @@ class Agent:
         self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
         self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
         features = [*list(OPS), *TREE_OPS, "head_tail_output", "tree_kill", "serial"]
-        features += ["shell", "merge_stderr"]
+        features += ["shell", "merge_stderr", "keepers", "long_command"]
         if self.subreaper:
             features.append("subreaper")
         if self.slot_uid_base is not None:
@@ -627,6 +982,7 @@ class Agent:
         return self.exit_code if self.exit_code is not None else 1
 
     def _loop_once(self) -> None:
+        self._handle_keeper_notices()
         now = time.monotonic()
         wake_at = self.host_deadline
         if self.timers:
@@ -906,10 +1262,17 @@ class Agent:
         argv = args.get("argv")
         if (command is None) == (argv is None):
             raise OpError("bad_request", "exec needs exactly one of 'command' or 'argv'")
+        script: Optional[bytes] = None
         if command is not None:
             if not isinstance(command, str):
                 raise OpError("bad_request", "'command' must be a string")
-            full_argv = [*self.shell, command]
+            if len(command.encode("utf-8", "surrogateescape")) > _MAX_ARGV_COMMAND:
+                # Past the kernel's limit for one argument (128 KiB): the shell reads the
+                # script from a pipe on fd 3 instead, which the script's first words close.
+                script = ("exec 3<&-; " + command).encode("utf-8", "surrogateescape")
+                full_argv = [self.shell[0], "/dev/fd/3"]
+            else:
+                full_argv = [*self.shell, command]
         else:
             if (
                 not isinstance(argv, list)
@@ -969,8 +1332,7 @@ class Agent:
         else:
             env = self.command_env(slot)
             env.update(extra_env)
-            env[EXEC_MARKER] = "%s:%d" % (self.nonce, ex.exec_id)
-            self._spawn(ex, full_argv, cwd, env, stdin, cap, merge_stderr)
+            self._spawn(ex, full_argv, script, cwd, env, stdin, cap, merge_stderr)
         if ex.pid == 0:
             return None  # could not start: already replied
         if timeout_s is not None:
@@ -980,49 +1342,60 @@ class Agent:
         return None
 
     def command_env(self, slot: int) -> Dict[str, str]:
-        """The environment a slot's commands (and its shell) start with, slot marker included."""
+        """The environment a slot's commands (and its shell) start with."""
         env = dict(self.sandbox_env)
         env.update(self.base_env)
         env["HOME"] = self.workspace(slot)
-        env[SLOT_MARKER] = "%s:%d" % (self.nonce, slot)
         return env
 
     def _spawn(
         self,
         ex: _Exec,
         argv: List[str],
+        script: Optional[bytes],
         cwd: str,
         env: Dict[str, str],
         stdin: Optional[bytes],
         cap: int,
         merge_stderr: bool = False,
     ) -> None:
-        out_read, out_write = os.pipe()
-        # Merged: one pipe behind both fds, so the output keeps the order it was written in.
-        err_read, err_write = (-1, out_write) if merge_stderr else os.pipe()
-        in_read, in_write = os.pipe() if stdin is not None else (self.devnull, -1)
+        """Start the command through its slot's keeper (which makes it the keeper's child)."""
         uid = self.slot_uid(ex.slot)
-        ex.started = time.monotonic()
+        parent_ends: List[int] = []
+        child_ends: List[int] = []
+        feeds: List[Tuple[int, bytes]] = []
         try:
-            if _HAVE_POSIX_SPAWN and (uid is None or self.fast_uid_spawn):
-                ex.pid = self._posix_spawn(argv, cwd, env, (in_read, out_write, err_write), uid)
-            else:  # pragma: no cover - only on images without posix_spawn
-                ex.process = self._popen(argv, cwd, env, (in_read, out_write, err_write), uid)
-                ex.pid = ex.process.pid
-        except OSError as exc:
-            for fd in (out_read, err_read, in_write):
-                if fd >= 0:
-                    os.close(fd)
             if stdin is not None:
-                os.close(in_read)
+                in_read, in_write = os.pipe()
+                child_ends.append(in_read)
+                parent_ends.append(in_write)
+                feeds.append((in_write, stdin))
+            else:
+                child_ends.append(self.devnull)
+            out_read, out_write = os.pipe()
+            child_ends.append(out_write)
+            # Merged: one pipe behind both fds, so the output keeps the order it was written in.
+            err_read, err_write = (-1, out_write) if merge_stderr else os.pipe()
+            child_ends.append(err_write)
+            parent_ends += [fd for fd in (out_read, err_read) if fd >= 0]
+            if script is not None:
+                # Owned by the slot's uid, so its shell may reopen it as /dev/fd/3.
+                with _SlotIdentity(uid):
+                    script_read, script_write = os.pipe()
+                child_ends.append(script_read)
+                parent_ends.append(script_write)
+                feeds.append((script_write, script))
+            ex.started = time.monotonic()
+            ex.pid, ex.start_tick = self.spawn_in_slot(ex.slot, argv, env, cwd, child_ends)
+        except OSError as exc:
+            for fd in parent_ends:
+                os.close(fd)
             self.reply_not_started(ex, argv[0], exc)
             return
         finally:
-            os.close(out_write)
-            if not merge_stderr:
-                os.close(err_write)
-        if stdin is not None:
-            os.close(in_read)
+            for fd in set(child_ends):
+                if fd != self.devnull:
+                    os.close(fd)
         ex.stdout = _Capture(cap)
         ex.stderr = _Capture(cap)
         for fd, capture in ((out_read, ex.stdout), (err_read, ex.stderr)):
@@ -1033,15 +1406,12 @@ class Agent:
             self.selector.register(fd, selectors.EVENT_READ, self._output_callback(ex))
         self.execs[ex.pid] = ex
         self.by_request[ex.request_id] = ex
-        if stdin is not None:
-            os.set_blocking(in_write, False)
-            ex.stdin_fd = in_write
-            ex.stdin_data = memoryview(stdin)
-            self._feed_stdin(ex)
-            if ex.stdin_fd is not None:
-                self.selector.register(
-                    in_write, selectors.EVENT_WRITE, lambda fd, mask: self._feed_stdin(ex)
-                )
+        for fd, data in feeds:
+            os.set_blocking(fd, False)
+            ex.feeds[fd] = memoryview(data)
+            self._feed(ex, fd)
+            if fd in ex.feeds:
+                self.selector.register(fd, selectors.EVENT_WRITE, self._feed_callback(ex))
 
     def reply_not_started(self, ex: _Exec, program: str, exc: OSError) -> None:
         """Report a command that cannot start the way a shell does: 127 missing, 126 denied."""
@@ -1050,23 +1420,36 @@ class Agent:
         result = _exec_result(code, None, False, False, 0.0, b"", 0, message.encode(), 0)
         self.send({"id": ex.request_id, "ok": True, "result": result})
 
-    def _posix_spawn(
-        self,
-        argv: List[str],
-        cwd: str,
-        env: Dict[str, str],
-        fds: Tuple[int, ...],
-        uid: Optional[int],
-    ) -> int:
-        """Start a command with posix_spawn: vfork-fast even when it runs as a slot uid.
+    def _feed_callback(self, ex: _Exec) -> Callable[[int, int], None]:
+        return lambda fd, mask: self._feed(ex, fd)
 
-        `subprocess.Popen(user=...)` must fork() the whole agent (about 1 ms more per command
-        than vfork). Instead the agent briefly makes the slot uid its *real* uid (keeping uid 0
-        as effective and saved, so it keeps its capabilities) and asks posix_spawn to reset the
-        child's effective ids to the real ones: the command starts as the slot uid, all ids
-        non-zero, so exec leaves it no capability. posix_spawn has no cwd: the agent is
-        single-threaded, so it changes its own for the spawn. Its fds are all close-on-exec
-        (see `_close_on_exec_all`), so the command inherits only the three it is given.
+    def _feed(self, ex: _Exec, fd: int) -> None:
+        data = ex.feeds[fd]
+        try:
+            written = _write_all_nonblocking(fd, bytes(data[: 1 << 20]))
+        except OSError:  # the command closed the pipe or exited: it does not want the rest
+            written = len(data)
+        ex.feeds[fd] = data[written:]
+        if not ex.feeds[fd]:
+            self._close_feed(ex, fd)
+
+    def _close_feed(self, ex: _Exec, fd: int) -> None:
+        del ex.feeds[fd]
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(fd)
+        os.close(fd)
+
+    # -- keepers --------------------------------------------------------------------------------
+
+    def spawn_in_slot(
+        self, slot: int, argv: List[str], env: Dict[str, str], cwd: str, fds: List[int]
+    ) -> Tuple[int, int]:
+        """Start a process of `slot`: `fds` become its fds 0..n-1; ``(pid, start tick)``.
+
+        The one way a slot's processes start (commands, the persistent shell): the slot's
+        keeper spawns it, in its own session, as the slot's uid, so it and everything it
+        starts stay the keeper's descendants. The keeper reports its end (see
+        `_handle_keeper_notices`). Raises OSError (FileNotFoundError for a missing program).
         """
         path = argv[0]
         if "/" not in path:
@@ -1074,73 +1457,134 @@ class Agent:
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "command not found", path)
             path = found
-        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
-        os.chdir(cwd)
-        if uid is not None:
-            os.setresgid(uid, 0, 0)
-            os.setresuid(uid, 0, 0)
-        try:
-            return os.posix_spawn(
-                path,
-                argv,
-                env,
-                file_actions=actions,
-                setsid=True,
-                resetids=uid is not None,
-                setsigdef=_DEFAULT_SIGNALS,
-                setsigmask=(),
-            )
-        finally:
-            if uid is not None:
-                os.setresuid(0, 0, 0)
-                os.setresgid(0, 0, 0)
-            os.chdir("/")
+        keeper = self._keeper(slot)
+        request = {"path": path, "argv": argv, "env": env, "cwd": cwd}
+        return self._keeper_spawn(keeper, request, fds)
 
-    def _popen(
-        self,
-        argv: List[str],
-        cwd: str,
-        env: Dict[str, str],
-        fds: Tuple[int, ...],
-        uid: Optional[int],
-    ) -> "subprocess.Popen[bytes]":
-        kwargs: Dict[str, Any] = {}
-        if uid is not None:
-            if sys.version_info >= (3, 9):
-                kwargs.update(user=uid, group=uid, extra_groups=[])
+    def _keeper(self, slot: int) -> _Keeper:
+        """The slot's keeper, started (forked from this agent) on the slot's first command."""
+        keeper = self.keepers.get(slot)
+        if keeper is not None:
+            return keeper
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the keeper process (measured by its tests)
+            code = 0
+            try:
+                ours.close()
+                _keeper_main(
+                    theirs.detach(), self.slot_uid(slot), self.fast_uid_spawn, self.inherited_fds
+                )
+            except BaseException as exc:
+                code = 1
+                _log("keeper of slot %d failed: %r" % (slot, exc))
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(True)
+        keeper = _Keeper(slot, pid, ours)
+        self.keepers[slot] = keeper
+        self.selector.register(keeper.fd, selectors.EVENT_READ, self._keeper_callback(keeper))
+        return keeper
+
+    def _keeper_callback(self, keeper: _Keeper) -> Callable[[int, int], None]:
+        def on_readable(fd: int, mask: int) -> None:
+            self._read_keeper(keeper)
+            self._handle_keeper_notices()
+
+        return on_readable
+
+    def _read_keeper(self, keeper: _Keeper) -> Optional[Dict[str, Any]]:
+        """Queue the keeper's notices; return a spawn reply if one came (None if not yet)."""
+        keeper.read_available()
+        reply = None
+        while True:
+            message = keeper.next_message()
+            if message is None:
+                break
+            if "exited" in message:
+                self.keeper_notices.append((keeper, message))
             else:
-                kwargs["preexec_fn"] = _drop_to(uid)
-        import subprocess
+                reply = message
+        if keeper.eof:
+            self.keeper_notices.append((keeper, {"lost": True}))
+        return reply
 
-        return subprocess.Popen(
-            argv,
-            stdin=fds[0],
-            stdout=fds[1],
-            stderr=fds[2],
-            cwd=cwd,
-            env=env,
-            close_fds=True,
-            pass_fds=fds[3:],  # kept at their own numbers: see `_Shells.spawn`
-            start_new_session=True,
-            **kwargs,
-        )
+    def _keeper_spawn(
+        self, keeper: _Keeper, request: Dict[str, Any], fds: List[int]
+    ) -> Tuple[int, int]:
+        """Have the keeper start a command; ``(pid, start ticks)``. Raises OSError on failure."""
+        import select
 
-    def _feed_stdin(self, ex: _Exec) -> None:
-        assert ex.stdin_fd is not None
         try:
-            written = _write_all_nonblocking(ex.stdin_fd, bytes(ex.stdin_data[: 1 << 20]))
-        except OSError:  # the command closed its stdin or exited: it does not want the rest
-            written = len(ex.stdin_data)
-        ex.stdin_data = ex.stdin_data[written:]
-        if not ex.stdin_data:
-            self._close_stdin(ex)
+            _send_to_keeper_peer(keeper.sock, request, tuple(fds))
+        except OSError:
+            self._keeper_lost(keeper)
+            raise
+        deadline = time.monotonic() + _KEEPER_REPLY_S
+        while True:
+            reply = self._read_keeper(keeper)
+            if reply is not None:
+                break
+            remaining = deadline - time.monotonic()
+            if keeper.eof or remaining <= 0:
+                self._keeper_lost(keeper)
+                raise OSError(errno.ECHILD, "the slot's keeper process is gone")
+            with contextlib.suppress(InterruptedError):
+                select.select([keeper.fd], [], [], remaining)
+        if "pid" not in reply:
+            code = int(reply.get("errno") or errno.EIO)
+            raise OSError(code, str(reply.get("message") or os.strerror(code)))
+        return int(reply["pid"]), int(reply.get("start") or 0)
 
-    def _close_stdin(self, ex: _Exec) -> None:
-        if ex.stdin_fd is not None:
-            with contextlib.suppress(KeyError):
-                self.selector.unregister(ex.stdin_fd)
-            os.close(ex.stdin_fd)
-            ex.stdin_fd = None
+    def _handle_keeper_notices(self) -> None:
+        while self.keeper_notices:
+            keeper, notice = self.keeper_notices.popleft()
+            if notice.get("lost"):
+                self._keeper_lost(keeper)
+                continue
+            pid, status = int(notice["exited"]), int(notice["status"])
+            ex = self.execs.get(pid)
+            if ex is not None:
+                self._finish(ex, status)
+            else:
+                self.shells.on_reaped(pid, status)
+
+    def _keeper_lost(self, keeper: _Keeper) -> None:
+        """A keeper died (or stopped answering): its slot's processes die with it.
+
+        Its orphans were reparented to this agent (a subreaper): everything below the agent
+        that is not under a living keeper is what it kept, so all of that is killed. Commands
+        whose leader dies that way reply as cancelled.
+        """
+        if self.keepers.get(keeper.slot) is not keeper:
+            return
+        del self.keepers[keeper.slot]
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(keeper.fd)
+        keeper.sock.close()
+        with contextlib.suppress(OSError):
+            os.kill(keeper.pid, signal.SIGKILL)
+        _log("keeper of slot %d lost: killing what it kept" % keeper.slot)
+        for ex in self.execs.values():
+            if ex.slot == keeper.slot and ex.kill_reason is None:
+                ex.kill_reason = "cancel"
+        self._kill_unkept()
+
+    def _kill_unkept(self) -> int:
+        """Kill every process below the agent that no living keeper holds."""
+        own = os.getpid()
+        keeper_pids = {keeper.pid for keeper in self.keepers.values()}
+
+        def select(table: Dict[int, Tuple[int, int, bool]]) -> Set[int]:
+            children = _children_of(table)
+            kept = _descendants(children, keeper_pids) | keeper_pids
+            return _descendants(children, [own]) - kept
+
+        return len(_kill_until_gone(select, self._reap))
 
     def _output_callback(self, ex: _Exec) -> Callable[[int, int], None]:
         def on_output(fd: int, mask: int) -> None:
@@ -1180,16 +1624,14 @@ class Agent:
         for fd in list(ex.fds):
             _drain_into(fd, ex.fds[fd])
             self._close_output(ex, fd)
-        self._close_stdin(ex)
+        for fd in list(ex.feeds):
+            self._close_feed(ex, fd)
         duration = time.monotonic() - ex.started
         signal_number: Optional[int]
         if status is None:
             exit_code, signal_number = -signal.SIGKILL, int(signal.SIGKILL)
         else:
             exit_code, signal_number = _exit_code_of(status)
-        if ex.process is not None:
-            # We reaped it ourselves; tell Popen so it never waits or warns about it.
-            ex.process.returncode = exit_code
         timed_out = ex.kill_reason == "timeout"
         if timed_out:
             exit_code = 124
@@ -1211,7 +1653,11 @@ class Agent:
         self.send({"id": ex.request_id, "ok": True, "result": result})
 
     def _reap(self) -> None:
-        """Reap every exited child: tracked leaders finish their exec, orphans are dropped."""
+        """Reap every exited child: keepers that died are handled, adopted orphans dropped.
+
+        The agent's children are its keepers and the tree ops' helpers, plus what a dead
+        keeper left (leaders and shells among them: those end their exec here).
+        """
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -1222,9 +1668,13 @@ class Agent:
             ex = self.execs.get(pid)
             if ex is not None:
                 self._finish(ex, status)
-            else:
-                if not self.trees.exited(pid, status):
-                    self.shells.on_reaped(pid, status)
+                continue
+            if self.trees.exited(pid, status):
+                continue
+            for keeper in list(self.keepers.values()):
+                if keeper.pid == pid:
+                    self._keeper_lost(keeper)
+            self.shells.on_reaped(pid, status)
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
@@ -1242,83 +1692,137 @@ class Agent:
 
     # -- killing --------------------------------------------------------------------------------
 
-    def kill_execs(
-        self,
-        execs: List[_Exec],
-        reason: str,
-        needles: Optional[List[bytes]] = None,
-        uids: Optional[Set[int]] = None,
-        sessions: Optional[Set[int]] = None,
-    ) -> int:
-        """Kill the whole trees of `execs` (and anything matching `needles`/`uids`/`sessions`)."""
-        all_needles = list(needles or [])
-        sessions = set(sessions or ())
+    def kill_execs(self, execs: List[_Exec], reason: str) -> int:
+        """Kill the whole trees of `execs`; return how many processes were killed.
+
+        An exec's tree is its leader's descendants plus the orphans its keeper adopted that
+        started after the leader (a setsid or double-fork escapee): facts from the process
+        tree, not from anything the command controls. Returns once all of them are dead and
+        the execs have replied (the keeper reports each leader's end).
+        """
         for ex in execs:
             if ex.kill_reason is None:
                 ex.kill_reason = reason
-            sessions.add(ex.pid)
-            all_needles.append(_needle(EXEC_MARKER, "%s:%d" % (self.nonce, ex.exec_id)))
-        killed = self._sweep(all_needles, sessions, uids or set())
-        self._reap()
-        return killed
+        leaders = {ex.pid for ex in execs}
+        all_leaders = set(self.execs)
+        orphan_rules: Dict[int, int] = {}  # keeper pid -> earliest start of its killed execs
+        for ex in execs:
+            keeper = self.keepers.get(ex.slot)
+            if keeper is not None:
+                earliest = orphan_rules.get(keeper.pid, ex.start_tick)
+                orphan_rules[keeper.pid] = min(earliest, ex.start_tick)
 
-    def _sweep(self, needles: List[bytes], sessions: Set[int], uids: Set[int]) -> int:
-        """SIGKILL every process that matches, scanning /proc until a scan finds none."""
-        own_pid = os.getpid()
-        killed: Set[int] = set()
-        limit = time.monotonic() + _KILL_SWEEP_LIMIT_S
-        pause = 0.0005
+        def select(table: Dict[int, Tuple[int, int, bool]]) -> Set[int]:
+            children = _children_of(table)
+            roots = set(leaders)
+            for keeper_pid, start in orphan_rules.items():
+                for pid in children.get(keeper_pid, ()):
+                    if pid not in all_leaders and table[pid][1] >= start:
+                        roots.add(pid)
+            return roots | _descendants(children, roots)
+
+        killed = _kill_until_gone(select, self._reap)
+        self._wait_finished(execs)
+        return len(killed)
+
+    def kill_slot(self, slot: int, reason: str) -> int:
+        """Kill every process of `slot` (its keeper's descendants); its execs reply."""
+        execs = [ex for ex in self.execs.values() if ex.slot == slot]
+        for ex in execs:
+            if ex.kill_reason is None:
+                ex.kill_reason = reason
+        roots = set(self._slot_helpers(slot))
+        keeper = self.keepers.get(slot)
+        if keeper is not None:
+            keeper_pid = keeper.pid
+            roots.add(keeper_pid)
+
+        def select(table: Dict[int, Tuple[int, int, bool]]) -> Set[int]:
+            helpers = roots - {keeper_pid} if keeper is not None else roots
+            return helpers | _descendants(_children_of(table), roots)
+
+        killed = _kill_until_gone(select, self._reap) if roots else set()
+        self._wait_finished(execs)
+        return len(killed)
+
+    def kill_trees(self, roots: Set[int]) -> int:
+        """Kill `roots` and everything below them (until a scan finds none alive)."""
+        return len(
+            _kill_until_gone(
+                lambda table: set(roots) | _descendants(_children_of(table), roots), self._reap
+            )
+        )
+
+    def _slot_helpers(self, slot: int) -> Set[int]:
+        """Pids of the tree ops' helper processes working for `slot`."""
+        pids: Set[int] = set()
+        for busy_slot, helper_pids in self.trees.busy.values():
+            if busy_slot == slot:
+                pids |= helper_pids
+        for stream in self.trees.streams.values():
+            if stream.slot == slot:
+                pids.add(stream.helper.pid)
+        return pids
+
+    def _wait_finished(self, execs: List[_Exec], limit_s: float = 2.0) -> None:
+        """Wait (bounded) until the keepers report the end of `execs`' killed leaders."""
+        import select
+
+        deadline = time.monotonic() + limit_s
         while True:
-            found = 0
-            try:
-                names = os.listdir("/proc")
-            except OSError:
-                return len(killed)
-            for name in names:
-                if not name.isdigit():
-                    continue
-                pid = int(name)
-                if pid == own_pid or pid == 1:
-                    continue
-                if not _process_matches(pid, needles, sessions, uids):
-                    continue
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    continue
-                found += 1
-                killed.add(pid)
-            # Killed direct children and adopted orphans become zombies: reap as we go.
+            self._handle_keeper_notices()
+            waiting = [ex for ex in execs if self.execs.get(ex.pid) is ex]
+            if not waiting:
+                return
+            keepers = [self.keepers[ex.slot] for ex in waiting if ex.slot in self.keepers]
+            fds = {keeper.fd: keeper for keeper in keepers}
+            remaining = deadline - time.monotonic()
+            if not fds or remaining <= 0:
+                return
+            with contextlib.suppress(InterruptedError):
+                ready, _, _ = select.select(list(fds), [], [], remaining)
+            for fd in ready:
+                self._read_keeper(fds[fd])
             self._reap()
-            if not found or time.monotonic() > limit:
-                return len(killed)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
 
     def _kill_everything(self) -> None:
+        """On exit: kill every process below the agent, then let the keepers go."""
         for slot in list(self.serial_queues):
             self._drop_queued(slot)
-        execs = list(self.execs.values())
-        uids: Set[int] = set()
-        for slot in self.slots_used:
-            uid = self.slot_uid(slot)
-            if uid is not None:
-                uids.add(uid)
-        shell_sessions = self.shells.closing(None, "shutdown")
+        for ex in self.execs.values():
+            if ex.kill_reason is None:
+                ex.kill_reason = "shutdown"
+        self.shells.closing(None, "shutdown")
+        own = os.getpid()
+        keeper_pids = {keeper.pid for keeper in self.keepers.values()}
         try:
-            self.kill_execs(
-                execs,
-                "shutdown",
-                [_needle(SLOT_MARKER, self.nonce + ":", True)],
-                uids,
-                shell_sessions,
+            _kill_until_gone(
+                lambda table: _descendants(_children_of(table), [own]) - keeper_pids, self._reap
             )
+            self._wait_finished(list(self.execs.values()), 1.0)
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
+        for keeper in list(self.keepers.values()):
+            keeper.sock.close()  # the keeper finds nothing left to kill and exits
+        deadline = time.monotonic() + 1.0
+        pending = set(keeper_pids)
+        while pending and time.monotonic() < deadline:
+            for pid in list(pending):
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                        continue
+                pending.discard(pid)
+            if pending:
+                time.sleep(0.002)
+        for pid in pending:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.keepers.clear()
         for ex in list(self.execs.values()):
             self._finish(ex, None)
         self.trees.close_all()
         self.shells.close(None)
+        self.trees.close_all()
 
     # -- other ops ------------------------------------------------------------------------------
 
@@ -1344,16 +1848,10 @@ class Agent:
         slot = _slot_arg(args)
         # Queued requests go first, or killing the running one would start the next.
         self._drop_queued(slot)
-        execs = [ex for ex in self.execs.values() if ex.slot == slot]
-        uid = self.slot_uid(slot)
-        killed = self.kill_execs(
-            execs,
-            "reset",
-            [_needle(SLOT_MARKER, "%s:%d" % (self.nonce, slot))],
-            {uid} if uid is not None else None,
-            self.shells.closing(slot, "reset"),
-        )
+        self.shells.closing(slot, "reset")
+        killed = self.kill_slot(slot, "reset")
         self.shells.close(slot)
+        uid = self.slot_uid(slot)
         workspace = self.workspace(slot)
         try:
             _wipe_contents(workspace)
@@ -1643,20 +2141,19 @@ class TreeOps:
             os.unlink(name)
         env = dict(agent.sandbox_env)
         env["LC_ALL"] = "C"
-        # The slot marker makes a reset of the slot, and the agent's exit, kill helpers too.
-        env[SLOT_MARKER] = "%s:%d" % (agent.nonce, slot)
-        fds = (
+        # Helpers are the agent's own children: a reset of their slot (`Agent.kill_slot`) and
+        # the agent's exit kill them by pid.
+        fds = [
             agent.devnull if stdin < 0 else stdin,
             agent.devnull if stdout < 0 else stdout,
             errors_fd,
-        )
+        ]
         process = None
         try:
-            if _HAVE_POSIX_SPAWN and (uid is None or agent.fast_uid_spawn):
-                pid = agent._posix_spawn(argv, "/", env, fds, uid)
-            else:  # pragma: no cover - only on images without posix_spawn
-                process = agent._popen(argv, "/", env, fds, uid)
-                pid = process.pid
+            path = _which(argv[0], env.get("PATH", os.defpath)) if "/" not in argv[0] else argv[0]
+            if path is None:
+                raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
+            pid = _spawn_as(path, argv, env, "/", fds, uid, agent.fast_uid_spawn)
         except OSError as exc:
             os.close(errors_fd)
             raise OpError(
@@ -1869,14 +2366,8 @@ class TreeOps:
         agent = self.agent
         # Like a reset: nothing the slot started (its shell included) may write into the
         # restored tree.
-        uid = agent.slot_uid(slot)
-        agent.kill_execs(
-            [ex for ex in agent.execs.values() if ex.slot == slot],
-            "reset",
-            [_needle(SLOT_MARKER, "%s:%d" % (agent.nonce, slot))],
-            {uid} if uid is not None else None,
-            agent.shells.closing(slot, "reset"),
-        )
+        agent.shells.closing(slot, "reset")
+        agent.kill_slot(slot, "reset")
         agent.shells.close(slot)
         self._start(request_id, slot)
 
@@ -1938,7 +2429,7 @@ class TreeOps:
         # checkpoint behind; the rm runs as a helper so a big tree does not stall the loop.
         doomed = os.path.join(os.path.dirname(path), ".drop-" + os.urandom(8).hex())
         os.rename(path, doomed)
-        slot = 0  # any slot: the marker only makes the agent's exit kill the helper
+        slot = 0  # any slot: helpers are the agent's children, its exit kills them
         self.busy[request_id] = (-1, set())
 
         def removed(exit_code: int, errors: str) -> None:
@@ -1972,13 +2463,13 @@ class TreeOps:
     def set_shell_state(self, slot: int, state: Optional[Dict[str, Any]]) -> None:
         """Replace the slot's shell by one that starts (lazily, at the next call) from `state`.
 
-        Paths under the state's workspace are moved to this slot's, and the slot marker is
-        this slot's, so the new shell's commands belong to this slot.
+        Paths under the state's workspace are moved to this slot's. (The new shell belongs to
+        this slot because this slot's keeper starts it.)
         """
         shells = self.agent.shells
-        sessions = shells.closing(slot, "reset")
-        if sessions:
-            self.agent.kill_execs([], "reset", None, None, sessions)
+        shell_pids = shells.closing(slot, "reset")
+        if shell_pids:
+            self.agent.kill_trees(shell_pids)
         shells.close(slot)
         if not state:
             return
@@ -1993,8 +2484,7 @@ class TreeOps:
         exported = state.get("exported")
         origin = state.get("workspace")
         if isinstance(exported, bytes) and isinstance(origin, str):
-            marker = "%s:%d" % (self.agent.nonce, slot)
-            placeholder.exported = _retarget_exports(exported, origin, workspace, marker)
+            placeholder.exported = _retarget_exports(exported, origin, workspace)
         shells.by_slot[slot] = placeholder
 
     def op_get_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -2288,20 +2778,12 @@ class TreeOps:
             self._close_stream(stream)
 
 
-def _retarget_exports(exported: bytes, origin: str, workspace: str, marker: str) -> bytes:
-    """``export -p`` text of one slot made fit for another: its workspace paths and its slot
-    marker become the target's; the per-command exec marker is dropped."""
+def _retarget_exports(exported: bytes, origin: str, workspace: str) -> bytes:
+    """``export -p`` text of one slot made fit for another: its workspace paths become the
+    target's."""
     if origin != workspace:
         exported = exported.replace(origin.encode(), workspace.encode())
-    lines = []
-    for line in exported.split(b"\n"):
-        for prefix in (b"declare -x ", b"export "):
-            if line.startswith(prefix + SLOT_MARKER.encode() + b"="):
-                line = prefix + ("%s='%s'" % (SLOT_MARKER, marker)).encode()
-            elif line.startswith(prefix + EXEC_MARKER.encode() + b"="):
-                line = b""
-        lines.append(line)
-    return b"\n".join(lines)
+    return exported
 
 
 def _remove_stage(path: str) -> None:
@@ -2359,7 +2841,7 @@ class _Shells:
     Protocol between the agent and a shell (an interactive bash, or ``sh -i`` without bash):
 
     * The shell reads its script from its stdin, a pipe only the agent writes to. A call is two
-      lines. The first exports the call's exec marker, then sources (``.``) a file holding the
+      lines. The first exports the call's env, then sources (``.``) a file holding the
       command, with ``</dev/null`` (every command's stdin is empty: ``read`` gets EOF), its
       stdout and stderr redirected to FIFOs of the slot (one FIFO for both when merged, so the
       order of writes is kept), and fd 3 closed. Sourcing runs the command at the top level
@@ -2380,8 +2862,8 @@ class _Shells:
       job's later output never reaches another result.
     * Timeout and cancel, once the shell is inside the call (its stdout is the call's FIFO):
       the shell is stopped (SIGSTOP), every process of the call gets SIGINT then SIGKILL
-      (those carrying the call's marker, and the shell's descendants started since the call
-      began: older background jobs are spared), the shell gets SIGINT and is continued; it
+      (the shell's descendants and the orphans the slot's keeper adopted, started since the
+      call began: older background jobs are spared), the shell gets SIGINT and is continued; it
       ends the call's line, as after Ctrl-C in a terminal, and reports (exit 124 after a
       timeout), keeping its state. A shell that does not report within `SHELL_KILL_GRACE_S`
       (it traps SIGINT, or never reached the command) is killed and replaced.
@@ -2444,8 +2926,7 @@ class _Shells:
                     return
                 # Our directory was removed under us (see `slot_directory`): make it again.
                 self.directory = None
-        marker = "%s:%d" % (agent.nonce, ex.exec_id)
-        parts = ["\\command export %s=%s" % (EXEC_MARKER, marker)]
+        parts: List[str] = []
         for key in sorted(extra_env):
             parts.append("\\command export %s=%s" % (key, _shell_quote(extra_env[key])))
         if cwd is not None:
@@ -2512,21 +2993,15 @@ class _Shells:
                 )
         control_read, control_write = os.pipe()
         status_read, status_write = os.pipe()
-        uid = agent.slot_uid(slot)
-        fds = (control_read, agent.devnull, agent.devnull, status_write)
+        fds = [control_read, agent.devnull, agent.devnull, status_write]
         if self.is_bash:
             argv = [self.program, "--noediting", "--noprofile", "--norc", "-i"]
         else:
             argv = [self.program, "-i"]
         try:
-            if _HAVE_POSIX_SPAWN and (uid is None or agent.fast_uid_spawn):
-                shell.pid = agent._posix_spawn(argv, cwd, env, fds, uid)
-            else:  # pragma: no cover - only on images without posix_spawn
-                process = agent._popen(argv, cwd, env, fds, uid)
-                shell.pid = process.pid
-                process.returncode = 0  # reaped by the agent's loop, never by Popen
-                if status_write != 3:
-                    script.insert(0, "\\command exec 3>&%d %d>&-" % (status_write, status_write))
+            # Through the slot's keeper like every command: the shell and all it starts are
+            # the keeper's descendants; the keeper reports the shell's end.
+            shell.pid, _ = agent.spawn_in_slot(slot, argv, env, cwd, fds)
         except OSError:
             for fd in (control_read, control_write, status_read):
                 os.close(fd)
@@ -2887,15 +3362,15 @@ class _Shells:
     def _kill_tree(
         self, ex: _Exec, root: int, include_root: bool, first: Optional[int] = None
     ) -> int:
-        """SIGKILL the call's processes: its marker, or the shell's descendants (or orphans of
-        this slot) started since the call began. Scans /proc until a scan finds none."""
+        """SIGKILL the call's processes: the shell's descendants, and the orphans the slot's
+        keeper adopted, started since the call began. Scans /proc until a scan finds none."""
         agent = self.agent
-        marker = _needle(EXEC_MARKER, "%s:%d" % (agent.nonce, ex.exec_id))
-        slot_needle = _needle(SLOT_MARKER, "%s:%d" % (agent.nonce, ex.slot))
+        keeper = agent.keepers.get(ex.slot)
+        keeper_pid = keeper.pid if keeper is not None else -1
         own = os.getpid()
         others = set(agent.execs) | set(self.by_pid) | set(agent.trees.helpers)
         killed: Set[int] = set()
-        limit = time.monotonic() + _KILL_SWEEP_LIMIT_S
+        limit = time.monotonic() + _KILL_LIMIT_S
         pause = 0.0005
         while True:
             table = _process_table()
@@ -2914,10 +3389,14 @@ class _Shells:
             for pid, (ppid, start, _) in table.items():
                 if pid in targets or pid == own or pid == 1 or pid in others:
                     continue
-                if ppid == own and start >= ex.start_tick and _environ_has(pid, slot_needle):
-                    targets.add(pid)  # orphaned (adopted by us) since the call began
-                elif _environ_has(pid, marker):
-                    targets.add(pid)
+                if ppid == keeper_pid and start >= ex.start_tick:
+                    targets.add(pid)  # orphaned (adopted by the keeper) since the call began
+                    stack.append(pid)
+            while stack:
+                for child in children.get(stack.pop(), ()):
+                    if child not in targets:
+                        targets.add(child)
+                        stack.append(child)
             if include_root and root in table:
                 targets.add(root)
             elif not include_root:
@@ -3073,14 +3552,6 @@ def _process_table() -> Dict[int, Tuple[int, int, bool]]:
     return table
 
 
-def _environ_has(pid: int, needle: bytes) -> bool:
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as handle:
-            return needle in b"\0" + handle.read()
-    except OSError:
-        return False
-
-
 def _list_into(
     directory: str, prefix: str, recursive: bool, limit: int, entries: List[Dict[str, Any]]
 ) -> bool:
@@ -3137,31 +3608,6 @@ def _wipe_contents(directory: str) -> None:
             os.unlink(entry.path)
 
 
-def _needle(name: str, value: str, prefix: bool = False) -> bytes:
-    return ("\0%s=%s%s" % (name, value, "" if prefix else "\0")).encode()
-
-
-def _process_matches(pid: int, needles: List[bytes], sessions: Set[int], uids: Set[int]) -> bool:
-    """Whether a live (non-zombie) process belongs to one of the trees being killed."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            stat_line = handle.read()
-        fields = stat_line[stat_line.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            return False
-        if int(fields[2]) in sessions or int(fields[3]) in sessions:
-            return True
-        if uids and os.stat("/proc/%d" % pid).st_uid in uids:
-            return True
-        if not needles:
-            return False
-        with open("/proc/%d/environ" % pid, "rb") as handle:
-            environ = b"\0" + handle.read()
-    except (OSError, ValueError, IndexError):
-        return False
-    return any(needle in environ for needle in needles)
-
-
 def _exec_result(
     exit_code: int,
     signal_number: Optional[int],
@@ -3210,15 +3656,6 @@ def _check_env(env: Any, what: str) -> None:
             or "\0" in value
         ):
             raise OpError("bad_request", "%s: bad entry %r=%r" % (what, key, value))
-
-
-def _drop_to(uid: int) -> Callable[[], None]:  # pragma: no cover - Python 3.8 images only
-    def drop() -> None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-
-    return drop
 
 
 def _log(text: str) -> None:

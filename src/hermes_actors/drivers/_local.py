@@ -58,8 +58,6 @@ _AGENT_CAPABILITIES = (
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",
     "CAP_KILL",
-    # Reading a slot process's /proc/<pid>/environ (the tree-kill marker) needs it.
-    "CAP_SYS_PTRACE",
 )
 _SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
