@@ -1,18 +1,25 @@
-"""Local driver specifics beyond the contract suite: failed or cancelled starts leave nothing."""
+"""Local driver specifics beyond the contract suite: starts that fail or are cancelled leave
+nothing, sandboxes live as long as promised, and a stuck sandbox is still cleaned up."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio._core._thread_cache
 
+from agent_harness import escapee, processes_with_argv, wait_processes_with_argv
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxStartFailed
 from hermes_actors.drivers import _local
 from hermes_actors.drivers._local import LocalDriver
+from sandbox_support import open_local_sandbox
 
 
 async def test_a_start_that_fails_leaves_no_directory(
@@ -20,10 +27,10 @@ async def test_a_start_that_fails_leaves_no_directory(
 ) -> None:
     """When the agent process cannot be started, the sandbox directory is removed."""
 
-    async def cannot_start(*args: Any, **kwargs: Any) -> Any:
+    def cannot_start(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied", "python3")
 
-    monkeypatch.setattr(_local.trio.lowlevel, "open_process", cannot_start)
+    monkeypatch.setattr(_local, "_spawn_agent", cannot_start)
     with pytest.raises(SandboxStartFailed, match="Permission denied"):
         await LocalDriver(root_dir=str(tmp_path)).create(SandboxConfig(name="p", isolation="none"))
     assert os.listdir(tmp_path) == []
@@ -39,7 +46,7 @@ async def test_a_start_cancelled_while_spawning_leaves_no_directory(
             scope.cancel()
             await trio.lowlevel.checkpoint()
 
-        monkeypatch.setattr(_local.trio.lowlevel, "open_process", cancelled_spawn)
+        monkeypatch.setattr(_local, "open_agent_process", cancelled_spawn)
         await LocalDriver(root_dir=str(tmp_path)).create(SandboxConfig(name="p", isolation="none"))
     assert scope.cancelled_caught
     assert os.listdir(tmp_path) == []
@@ -58,3 +65,74 @@ def test_removing_a_sandbox_directory_never_touches_its_parent(tmp_path: Path) -
     _local._remove_tree(str(locked))
     assert not locked.exists()
     assert tmp_path.stat().st_mode & 0o7777 == 0o1777
+
+
+def _trio_workers() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("Trio thread")]
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+async def test_an_idle_sandbox_outlives_the_thread_that_started_it(
+    isolation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox still serves its slot, files intact, after trio retires its worker threads."""
+    monkeypatch.setattr(trio._core._thread_cache, "IDLE_TIMEOUT", 0.2)
+    async with open_local_sandbox(isolation) as sandbox:
+        await sandbox.client.write_file(0, "kept", b"still here")
+        # Whichever worker threads took part in the start (the old spawn path forked from
+        # one), they all retire now; the sandbox must not notice.
+        for _ in range(100):
+            if not _trio_workers():
+                break
+            await trio.sleep(0.1)
+        assert _trio_workers() == []
+        await trio.sleep(0.5)
+        assert sandbox.handle.is_alive()
+        result = await sandbox.client.exec(0, command="cat kept")
+        assert (result.exit_code, result.stdout) == (0, b"still here")
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+async def test_terminate_kills_a_sandbox_whose_keepers_cannot_clean_up(isolation: str) -> None:
+    """With the agent killed and its keepers frozen, terminate still leaves no process behind."""
+    mark = "hermes-test-" + uuid.uuid4().hex
+    async with open_local_sandbox(isolation) as sandbox:
+        for slot in (0, 1):
+            await sandbox.client.exec(slot, command=f"setsid env -i {escapee(mark)} &")
+        await trio.to_thread.run_sync(wait_processes_with_argv, mark, 2)
+        keepers = [
+            pid
+            for pid in _descendants_of(sandbox.handle.pid)
+            if _cmdline(pid) == _cmdline(sandbox.handle.pid)
+            or (isolation == "bwrap" and b"hermes_agent" in _cmdline(pid))
+        ]
+        assert keepers
+        for pid in keepers:
+            os.kill(pid, signal.SIGSTOP)
+        os.killpg(sandbox.handle.pid, signal.SIGKILL)
+    assert processes_with_argv(mark) == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _descendants_of(root: int) -> list[int]:
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as handle:
+                    parents[int(name)] = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+    found = {root}
+    while True:
+        below = {pid for pid, parent in parents.items() if parent in found} - found
+        if not below:
+            return sorted(found - {root})
+        found |= below

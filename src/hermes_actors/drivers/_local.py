@@ -20,9 +20,11 @@ Isolation (`SandboxConfig.isolation`):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -30,7 +32,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +290,78 @@ def kill_marked(marker: bytes) -> int:
     return killed
 
 
+def kill_holders_and_descendants(pipe: str) -> int:
+    """SIGKILL every process holding `pipe` (``pipe:[inode]``) and all below them.
+
+    The last resort of `LocalSandbox.terminate`: the sandbox's own processes (agent, keepers)
+    hold its liveness pipe and a slot's processes are below its keeper, so this finds them from
+    facts no command can change. They are all stopped first (a stopped process neither forks
+    nor lets its children be reparented away), then killed together. Returns how many.
+    """
+    stopped: set[int] = set()
+    for _ in range(100):
+        targets = _holders_and_descendants(pipe)
+        targets.discard(os.getpid())
+        new = targets - stopped
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    # SIGKILL takes effect asynchronously: return once none of them is alive.
+    deadline = time.monotonic() + GRACEFUL_EXIT_S
+    while any(_alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return len(stopped)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _holders_and_descendants(pipe: str) -> set[int]:
+    holders: set[int] = set()
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            if fields[0] in (b"Z", b"X"):
+                continue
+            parents[pid] = int(fields[1])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == pipe:
+                        holders.add(pid)
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    targets = set(holders)
+    while True:
+        below = {pid for pid, parent in parents.items() if parent in targets} - targets
+        if not below:
+            return targets
+        targets |= below
+
+
 def _remove_tree(path: str) -> None:
-    """Delete a sandbox directory even where its commands made parts read-only."""
+    """Delete a sandbox directory even where its commands made parts read-only.
+
+    Only what is inside `path` is ever made writable: never its parent (the shared temp dir).
+    """
+    if not os.path.lexists(path):
+        return
 
     def make_writable(function: object, failed: str, exc_info: tuple[Any, ...]) -> None:
         if isinstance(exc_info[1], FileNotFoundError):
@@ -306,6 +380,145 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=make_writable)
 
 
+class _SpawnThread:
+    """The one thread that starts every sandbox process; it lives as long as this process.
+
+    bwrap's ``--die-with-parent`` (PR_SET_PDEATHSIG) fires when the *thread* that forked it
+    exits, not the process. trio's `open_process` forks from a worker thread that trio retires
+    after ten idle seconds, which killed every bwrap sandbox about ten seconds after its start.
+    Forking from a thread that never exits ties the signal to this process's death instead.
+    """
+
+    _lock = threading.Lock()
+    _jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] | None = None
+
+    @classmethod
+    def submit(cls, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        with cls._lock:
+            if cls._jobs is None:
+                cls._jobs = queue.SimpleQueue()
+                threading.Thread(
+                    target=cls._serve, args=(cls._jobs,), name="hermes-sandbox-spawner", daemon=True
+                ).start()
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            cls._jobs.put((job, future))
+        return future
+
+    @staticmethod
+    def _serve(
+        jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]],
+    ) -> None:
+        while True:
+            job, future = jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+
+class _AgentProcess:
+    """The agent's process (bwrap or python), started on the `_SpawnThread`.
+
+    Its stdin and stdout are trio streams; `wait` watches a pidfd. The host also keeps the read
+    end of a pipe whose write end only the sandbox's own processes hold (the agent passes it to
+    its keepers, never to commands): its EOF means that all of them are gone.
+    """
+
+    def __init__(
+        self, popen: subprocess.Popen[bytes], stdin_fd: int, stdout_fd: int, alive_fd: int
+    ) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdin = trio.lowlevel.FdStream(stdin_fd)
+        self.stdout = trio.lowlevel.FdStream(stdout_fd)
+        self._alive_fd = alive_fd
+        os.set_blocking(alive_fd, False)
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._wait_lock = trio.Lock()
+        #: ``pipe:[inode]``, as /proc/<pid>/fd shows the liveness pipe.
+        self.alive_pipe = os.readlink(f"/proc/self/fd/{alive_fd}")
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        async with self._wait_lock:
+            if self._popen.poll() is None:
+                await trio.lowlevel.wait_readable(self._pidfd)
+                self._popen.wait()
+        return self._popen.returncode
+
+    async def wait_all_gone(self) -> None:
+        """Wait until no process of the sandbox holds the liveness pipe any more."""
+        while True:
+            try:
+                if not os.read(self._alive_fd, 64):
+                    return
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._alive_fd)
+
+    def close_fds(self) -> None:
+        for fd in (self._pidfd, self._alive_fd):
+            if fd >= 0:
+                trio.lowlevel.notify_closing(fd)
+                os.close(fd)
+        self._pidfd = self._alive_fd = -1
+
+
+def _spawn_agent(
+    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int
+) -> tuple[subprocess.Popen[bytes], int, int, int]:
+    """Start the agent (runs on the `_SpawnThread`); return it and the host's pipe ends."""
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    alive_read, alive_write = os.pipe()
+    ours = [stdin_write, stdout_read, alive_read]
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=stdin_read,
+            stdout=stdout_write,
+            stderr=log_fd,
+            start_new_session=True,
+            env=dict(env),
+            cwd=cwd,
+            pass_fds=(alive_write,),
+        )
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in (stdin_read, stdout_write, alive_write):
+            os.close(fd)
+    return popen, stdin_write, stdout_read, alive_read
+
+
+async def open_agent_process(
+    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int
+) -> _AgentProcess:
+    """Start the agent from the `_SpawnThread`. Not cancellable while it forks (milliseconds);
+    a caller cancelled meanwhile gets the process killed and reaped, then the cancellation."""
+    future = _SpawnThread.submit(lambda: _spawn_agent(argv, env, cwd, log_fd))
+    popen, stdin_fd, stdout_fd, alive_fd = await trio.to_thread.run_sync(future.result)
+    process = _AgentProcess(popen, stdin_fd, stdout_fd, alive_fd)
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        process.close_fds()
+        for stream in (process.stdin, process.stdout):
+            with contextlib.suppress(trio.ClosedResourceError):
+                await stream.aclose()
+        raise
+    return process
+
+
 class LocalSandbox:
     """One local sandbox: the agent process (maybe inside bwrap) and its host directory."""
 
@@ -313,14 +526,12 @@ class LocalSandbox:
         self,
         *,
         sandbox_id: str,
-        process: trio.Process,
+        process: _AgentProcess,
         directory: str,
         agent_config: Mapping[str, object],
         isolation: str,
         network: bool,
     ) -> None:
-        assert process.stdin is not None
-        assert process.stdout is not None
         self._sandbox_id = sandbox_id
         self._process = process
         self._directory = directory
@@ -329,7 +540,9 @@ class LocalSandbox:
         self.isolated = isolation == "bwrap"
         # Without bubblewrap nothing takes the host's network away.
         self.network = network or not self.isolated
-        self._stream = trio.StapledStream(process.stdin, process.stdout)
+        self._stream: trio.StapledStream[trio.abc.SendStream, trio.abc.ReceiveStream] = (
+            trio.StapledStream(process.stdin, process.stdout)
+        )
         self._terminated = False
 
     @property
@@ -371,8 +584,9 @@ class LocalSandbox:
     async def terminate(self) -> None:
         """Close the agent's stream (its dead-man switch kills its commands), then make sure.
 
-        Graceful first (bounded by `GRACEFUL_EXIT_S`), then SIGKILL to the whole session, plus a
-        marker scan under `isolation: none`; finally the directory is deleted. Idempotent, and
+        Graceful first (bounded by `GRACEFUL_EXIT_S`), then SIGKILL to the agent's session; then
+        waits (bounded) until no process of the sandbox holds its liveness pipe, killing what
+        still does and everything below it; finally the directory is deleted. Idempotent, and
         safe to call from a cancelled scope (it shields itself, bounded).
         """
         if self._terminated:
@@ -388,9 +602,15 @@ class LocalSandbox:
                     os.killpg(self._process.pid, signal.SIGKILL)
                 with trio.move_on_after(GRACEFUL_EXIT_S):
                     await self._process.wait()
-            if self.isolation == "none":
-                marker = f"{SANDBOX_MARKER_VAR}={self._sandbox_id}".encode()
-                await trio.to_thread.run_sync(kill_marked, marker)
+            # The agent's keepers kill their slots' processes when it goes; the liveness
+            # pipe says when they are done. Keepers that do not finish are killed from here,
+            # with everything below them.
+            with trio.move_on_after(GRACEFUL_EXIT_S) as waiting:
+                await self._process.wait_all_gone()
+            if waiting.cancelled_caught:
+                pipe = self._process.alive_pipe
+                await trio.to_thread.run_sync(kill_holders_and_descendants, pipe)
+            self._process.close_fds()
             with contextlib.suppress(trio.ClosedResourceError):
                 await self._stream.receive_stream.aclose()
             await trio.to_thread.run_sync(_remove_tree, self._directory)
@@ -475,15 +695,7 @@ class LocalDriver:
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
         log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log_fd,
-                start_new_session=True,
-                env=env,
-                cwd=directory,
-            )
+            process = await open_agent_process(argv, env, directory, log_fd)
         except BaseException as exc:
             # Synchronously: an await here would not run when the caller is being cancelled,
             # and the directory holds nothing yet but an empty log and workspace.
