@@ -503,7 +503,8 @@ async def open_agent_process(
     """Start the agent from the `_SpawnThread`. Not cancellable while it forks (milliseconds);
     a caller cancelled meanwhile gets the process killed and reaped, then the cancellation."""
     future = _SpawnThread.submit(lambda: _spawn_agent(argv, env, cwd, log_fd))
-    popen, stdin_fd, stdout_fd, alive_fd = await trio.to_thread.run_sync(future.result)
+    with trio.CancelScope(shield=True):  # the spawn happens anyway: never drop its result
+        popen, stdin_fd, stdout_fd, alive_fd = await trio.to_thread.run_sync(future.result)
     process = _AgentProcess(popen, stdin_fd, stdout_fd, alive_fd)
     try:
         await trio.lowlevel.checkpoint_if_cancelled()
