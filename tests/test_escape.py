@@ -24,6 +24,7 @@ import trio
 
 from agent_harness import processes_with_argv, wait_no_processes_with_argv
 from hermes_actors._agent import DEFAULT_ENV
+from hermes_actors._values import Command
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR
 from sandbox_support import ContractSandbox, open_local_sandbox
 
@@ -99,16 +100,22 @@ async def test_timeout_leaves_no_escapee(isolation: str) -> None:
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_cancel_leaves_no_escapee(isolation: str) -> None:
-    """A cancelled exec has all its escapees killed before the cancellation completes."""
+    """A cancelled exec answers cancelled only once all its escapees are dead."""
     tag_of = tags()
     async with open_local_sandbox(isolation) as sandbox:
-        async with trio.open_nursery() as nursery:
-            for slot, name in enumerate(PATTERNS):
-                command = command_for(name, tag_of[name], True)
-                nursery.start_soon(lambda s=slot, c=command: sandbox.client.exec(s, command=c))
-            await trio.to_thread.run_sync(wait_started, tag_of, True)
-            nursery.cancel_scope.cancel()
+        client = sandbox.client
+        requests = [
+            client.submit(
+                "exec", Command(command=command_for(name, tag_of[name], True)).to_wire(slot)
+            )
+            for slot, name in enumerate(PATTERNS)
+        ]
+        await trio.to_thread.run_sync(wait_started, tag_of, True)
+        for request in requests:
+            client.cancel(request)
+        replies = [await client.wait(request) for request in requests]
         assert survivors(tag_of) == {}
+        assert all(reply["cancelled"] for reply in replies)
         await assert_ready(sandbox)
 
 
@@ -140,12 +147,12 @@ _HOST = textwrap.dedent(
     """
     import sys, trio
     from hermes_actors._client import SandboxClient
-    from hermes_actors.drivers._base import SandboxSpec
+    from hermes_actors._config import SandboxConfig
     from hermes_actors.drivers._local import LocalDriver
 
     async def main(isolation, root, commands):
         driver = LocalDriver(root_dir=root)
-        handle = await driver.create(SandboxSpec(profile="escape", isolation=isolation))
+        handle = await driver.create(SandboxConfig(name="escape", isolation=isolation))
         async with trio.open_nursery() as nursery:
             client = SandboxClient(handle)
             await nursery.start(client.run)
