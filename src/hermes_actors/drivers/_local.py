@@ -62,6 +62,8 @@ _AGENT_CAPABILITIES = (
     "CAP_DAC_OVERRIDE",
     "CAP_DAC_READ_SEARCH",
     "CAP_KILL",
+    # Reading where a slot's shell has its stdout (/proc/<pid>/fd/1, see the agent's shells).
+    "CAP_SYS_PTRACE",
 )
 _SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
