@@ -101,6 +101,9 @@ async def measure_local(sizes: Sizes, isolation: str = "auto") -> LocalResult:
         acquire_timeout_s=120.0,
         max_starting=branches,
         execution_timeout_s=600.0,
+        # The `cp -a` baseline backgrounds 8 jobs: under bwrap with slot uids that kills the
+        # sandbox in the persistent shell (reported to the shell's owner), so plain bash -c.
+        shell="fresh",
     )
     fork_ms: list[float] = []
     cp_ms: list[float] = []
