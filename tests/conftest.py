@@ -24,8 +24,9 @@ REAL_MODAL_ENVIRONMENT = {
     name: value for name, value in os.environ.items() if name.startswith("MODAL_")
 }
 
-# The Modal API emulator's fixtures (one emulator per test session).
-pytest_plugins = ["conftest_modal"]
+# The Modal API emulator's fixtures (one emulator per test session), and the fault suite's
+# figures (`docs/reliability.md`).
+pytest_plugins = ["conftest_modal", "fault_report"]
 
 
 @pytest.fixture(autouse=True, scope="session")
