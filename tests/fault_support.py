@@ -13,6 +13,7 @@ to `docs/reliability.md` when asked to (`--reliability-report`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -236,15 +237,11 @@ class HostRun:
     def close(self) -> None:
         """Kill whatever is left (counted by the test before), then the subreaper."""
         for proc in self.procs():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         assert self.reaper.stdin is not None
-        try:
+        with contextlib.suppress(BrokenPipeError):
             self.reaper.stdin.close()
-        except BrokenPipeError:
-            pass
         try:
             self.reaper.wait(10)
         except subprocess.TimeoutExpired:

@@ -134,12 +134,12 @@ async def _check_idle_slots_survive(isolation: str, reliability: Reliability) ->
 async def test_idle_bwrap_sandbox_outlives_trio_worker_threads(
     terminal_profiles: Path, reliability: Reliability
 ) -> None:
-    """An idle bwrap sandbox still serves its held slot, files intact, after trio retires threads."""
+    """An idle bwrap sandbox serves its held slot, files intact, after trio retires threads."""
     await _check_idle_slots_survive("bwrap", reliability)
 
 
 async def test_idle_none_sandbox_outlives_trio_worker_threads(
     terminal_profiles: Path, reliability: Reliability
 ) -> None:
-    """An idle `none` sandbox still serves its held slot, files intact, after trio retires threads."""
+    """An idle `none` sandbox serves its held slot, files intact, after trio retires threads."""
     await _check_idle_slots_survive("none", reliability)

@@ -45,8 +45,8 @@ def _backend(**changes: Any) -> ToolBackend:
         "acquire_timeout_s": 20.0,
         **changes,
     }
-    profiles = profiles_from_mapping({"faulty": SandboxConfig(**settings)}, default_profile="faulty")
-    return ToolBackend(profiles)
+    config = SandboxConfig(**settings)
+    return ToolBackend(profiles_from_mapping({"faulty": config}, default_profile="faulty"))
 
 
 def _running(emulator: ModalEmulator) -> list[str]:
@@ -133,8 +133,10 @@ def _agent_pids(emulator: ModalEmulator, sandbox_id: str) -> list[int]:
                     argv = handle.read().split(b"\0")
             except OSError:
                 continue
-            if len(argv) > 2 and argv[1] == b"-c" and os.path.basename(argv[0]).startswith(
-                b"python"
+            if (
+                len(argv) > 2
+                and argv[1] == b"-c"
+                and os.path.basename(argv[0]).startswith(b"python")
             ):
                 found.append(pid)
     return found
@@ -157,7 +159,8 @@ async def test_agent_stream_dropping_mid_batch(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(batch)
             with trio.fail_after(10):
-                while not any(
+                # Polling on purpose: the emulator's state lives in its own thread.
+                while not any(  # noqa: ASYNC110
                     "sleep" in _cmdline(pid)
                     for state in modal_emulator.sandboxes()
                     for pid in state.live_pids
