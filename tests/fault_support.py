@@ -119,10 +119,14 @@ class Resources:
     @classmethod
     def now(cls, temp_dir: Path) -> Resources:
         own = os.getpid()
+        # Not counted: the thread measuring (main, or a worker polling), and trio's idle workers.
         threads = [
             thread
             for thread in threading.enumerate()
-            if thread.is_alive() and not thread.name.startswith(TRIO_WORKER_PREFIX)
+            if thread.is_alive()
+            and thread is not threading.current_thread()
+            and thread is not threading.main_thread()
+            and not thread.name.startswith(TRIO_WORKER_PREFIX)
         ]
         rss = 0
         with open("/proc/self/status") as handle:
