@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo docs test lint unit bwrap bench bench-smoke clean
+.PHONY: install demo docs test lint unit bwrap reliability bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bwrap:
 	     && { echo "installing bubblewrap (apt-get) for the isolation tests"; \
 	          apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } ; } \
 	|| echo "bubblewrap is not installed and cannot be installed here (needs root and apt-get): the isolation tests will be skipped"
+
+## The fault suite alone (also part of `make test`), writing its figures to docs/reliability.md.
+reliability: $(STAMP) bwrap
+	$(BIN)/python -m pytest -m faults --reliability-report docs/reliability.md
 
 ## Full benchmarks (not part of CI): writes bench/results/latest.md and a chart.
 bench: $(STAMP)

@@ -45,6 +45,7 @@ AGENT_KILLS = 4
 #: RSS the soak may add to the test process (buffers, caches, the portal's loop).
 RSS_BOUND_KIB = 150 * 1024
 SEED = 8
+SLOTS_PER_SANDBOX = 10
 
 
 @attrs.define
@@ -239,7 +240,7 @@ async def test_soak_under_random_faults(
         name="soak",
         backend="local",
         isolation=isolation,  # type: ignore[arg-type]
-        slots_per_sandbox=10,
+        slots_per_sandbox=SLOTS_PER_SANDBOX,
         min_sandboxes=0,
         max_sandboxes=8,
         max_starting=4,
@@ -301,5 +302,7 @@ async def test_soak_under_random_faults(
     assert tally.answered + tally.cancelled == tally.requests, summary
     assert tally.requests >= 2 * TRAJECTORIES_PER_LOOP * COMMANDS_PER_TRAJECTORY
     assert tally.kills == AGENT_KILLS
+    # Losses come from the kills only: at most every request of a killed sandbox's slots.
+    assert tally.infra_errors["sandbox_lost"] <= tally.kills * SLOTS_PER_SANDBOX * 3, summary
     assert settled, f"left after the soak: {leaks}"
     assert rss_growth < RSS_BOUND_KIB, summary
