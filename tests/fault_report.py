@@ -33,22 +33,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture
-def reliability(request: pytest.FixtureRequest) -> Iterator[Reliability]:
+def reliability() -> Reliability:
     """The session's fault figures; what a test records is attributed to it."""
-    RELIABILITY.current_test = request.node.nodeid
-    yield RELIABILITY
-    RELIABILITY.current_test = None
+    return RELIABILITY
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    RELIABILITY.current_test = item.nodeid
+    try:
+        return (yield)
+    finally:
+        RELIABILITY.current_test = None
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "faults" in report.keywords:
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         if hasattr(report, "wasxfail"):
             outcome = "xfail" if report.outcome == "skipped" else "XPASS"
         else:
             outcome = report.outcome
         RELIABILITY.outcome(report.nodeid, outcome)
-        if report.when == "call" and "faults" in report.keywords:
-            _durations[report.nodeid] = report.duration
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -179,14 +179,14 @@ def _fresh_agent_exits(tmp_path: Path, data: bytes, fault: str) -> None:
     RELIABILITY.record("fuzz", fault, injected=1, requests=1, answered=1)
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=12)
 @given(data=st.binary(min_size=1, max_size=2048))
 def test_agent_exits_cleanly_after_random_bytes(tmp_path: Path, data: bytes) -> None:
     """Random bytes, then end of input: the agent exits, it never hangs."""
     _fresh_agent_exits(tmp_path, data, "agent: random bytes")
 
 
-@settings(FUZZ, max_examples=20)
+@settings(FUZZ, max_examples=12)
 @given(message=messages, cut=st.floats(min_value=0.0, max_value=0.99))
 def test_agent_exits_cleanly_after_a_truncated_frame(
     tmp_path: Path, message: dict[str, Any], cut: float
@@ -311,7 +311,7 @@ commands = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=15)
 @given(
     command=commands,
     task_id=st.one_of(st.none(), st.sampled_from(["fuzz-task", "fuzz-other", "", "\0", TEN_MB])),

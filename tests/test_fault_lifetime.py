@@ -9,11 +9,12 @@ that the same workspace, files intact, still answers.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import outcome
 import pytest
 import trio
@@ -56,20 +57,27 @@ async def in_plain_thread(function: Callable[[], T]) -> T:
     return box[0].unwrap()
 
 
-@pytest.fixture
-def terminal_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+@pytest.fixture(scope="module")
+def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Profiles of the process-wide terminal backend (one per isolation); shut down after."""
-    path = tmp_path / "profiles.yaml"
+    path = tmp_path_factory.mktemp("lifetime") / "profiles.yaml"
     path.write_text(
         "default_profile: none\n"
         "profiles:\n"
         "  none: {backend: local, isolation: none, slots_per_sandbox: 2, min_sandboxes: 0}\n"
         "  bwrap: {backend: local, isolation: bwrap, slots_per_sandbox: 2, min_sandboxes: 0}\n"
     )
-    monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(path))
+    saved = os.environ.get("TERMINAL_MODAL_PROFILES_FILE")
+    os.environ["TERMINAL_MODAL_PROFILES_FILE"] = str(path)
     shutdown_terminal_backend()
-    yield path
-    shutdown_terminal_backend()
+    try:
+        yield
+    finally:
+        shutdown_terminal_backend()
+        if saved is None:
+            os.environ.pop("TERMINAL_MODAL_PROFILES_FILE", None)
+        else:
+            os.environ["TERMINAL_MODAL_PROFILES_FILE"] = saved
 
 
 def _tool(command: str, **options: Any) -> dict[str, Any]:
@@ -77,7 +85,17 @@ def _tool(command: str, **options: Any) -> dict[str, Any]:
     return reply
 
 
-async def _check_idle_slots_survive(isolation: str, reliability: Reliability) -> None:
+@attrs.frozen
+class Survival:
+    """What one isolation mode's held slot and task answered after the idle wait."""
+
+    before: tuple[str, str]  # the workspaces' paths (ToolBackend slot, terminal_tool task)
+    backend_reply: Any
+    tool_reply: dict[str, Any]
+
+
+async def _idle_slots(isolation: str) -> Survival:
+    """Hold a slot and a task, write a file in each, idle past worker retirement, read back."""
     config = SandboxConfig(
         name=isolation,
         backend="local",
@@ -87,7 +105,6 @@ async def _check_idle_slots_survive(isolation: str, reliability: Reliability) ->
     )
     profiles = profiles_from_mapping({isolation: config}, default_profile=isolation)
     task = f"lifetime-{isolation}"
-    answered = 0
     async with ToolBackend(profiles) as backend:
         slot = await backend.acquire("lifetime")
         [wrote] = await backend.execute_batch(
@@ -98,32 +115,52 @@ async def _check_idle_slots_survive(isolation: str, reliability: Reliability) ->
             lambda: _tool("echo tool-kept > keep.txt && pwd", task_id=task, profile=isolation)
         )
         assert reply["exit_code"] == 0, reply
-        answered += 2
 
         await trio.sleep(IDLE_PAST_WORKER_RETIREMENT_S)
 
         [read] = await backend.execute_batch([(slot, "bash", {"command": "cat keep.txt && pwd"})])
-        answered += 1
         after = await in_plain_thread(
             lambda: _tool("cat keep.txt && pwd", task_id=task, profile=isolation)
         )
-        answered += 1
-        lost = int(not read.success) + int(after["exit_code"] != 0)
-        reliability.record(
-            "lifetime",
-            f"sandbox idle past trio's worker-thread retirement ({isolation})",
-            injected=2,
-            requests=4,
-            answered=answered,
-            leaks=0,
-        )
-        assert read.success, read
-        assert read.output.split() == ["backend-kept", wrote.output.strip()]
-        assert after["exit_code"] == 0, after
-        assert after["output"].split() == ["tool-kept", reply["output"].strip()]
-        assert lost == 0
         await backend.release(slot)
         await in_plain_thread(lambda: cleanup_vm(task))
+    return Survival(
+        before=(wrote.output.strip(), reply["output"].strip()), backend_reply=read, tool_reply=after
+    )
+
+
+@pytest.fixture(scope="module")
+def survivals(terminal_profiles: None) -> dict[str, outcome.Outcome[Survival]]:
+    """Both isolation modes idle at once (one wait for both); each test judges its own."""
+    results: dict[str, outcome.Outcome[Survival]] = {}
+
+    async def both() -> None:
+        async def one(isolation: str) -> None:
+            results[isolation] = await outcome.acapture(_idle_slots, isolation)
+
+        async with trio.open_nursery() as nursery:
+            for isolation in ("bwrap", "none"):
+                nursery.start_soon(one, isolation)
+
+    trio.run(both)
+    return results
+
+
+def _judge(isolation: str, survival: Survival, reliability: Reliability) -> None:
+    read, after = survival.backend_reply, survival.tool_reply
+    answered = int(read.success) + int(after["exit_code"] == 0)
+    reliability.record(
+        "lifetime",
+        f"sandbox idle past trio's worker-thread retirement ({isolation})",
+        injected=2,
+        requests=2,
+        answered=2,
+        leaks=2 - answered,
+    )
+    assert read.success, read
+    assert read.output.split() == ["backend-kept", survival.before[0]]
+    assert after["exit_code"] == 0, after
+    assert after["output"].split() == ["tool-kept", survival.before[1]]
 
 
 @pytest.mark.xfail(
@@ -131,15 +168,15 @@ async def _check_idle_slots_survive(isolation: str, reliability: Reliability) ->
     reason="issue 8 defect 1: bwrap's --die-with-parent fires when the trio worker thread that "
     "started it retires, ~10 s after the start",
 )
-async def test_idle_bwrap_sandbox_outlives_trio_worker_threads(
-    terminal_profiles: Path, reliability: Reliability
+def test_idle_bwrap_sandbox_outlives_trio_worker_threads(
+    survivals: dict[str, outcome.Outcome[Survival]], reliability: Reliability
 ) -> None:
     """An idle bwrap sandbox serves its held slot, files intact, after trio retires threads."""
-    await _check_idle_slots_survive("bwrap", reliability)
+    _judge("bwrap", survivals["bwrap"].unwrap(), reliability)
 
 
-async def test_idle_none_sandbox_outlives_trio_worker_threads(
-    terminal_profiles: Path, reliability: Reliability
+def test_idle_none_sandbox_outlives_trio_worker_threads(
+    survivals: dict[str, outcome.Outcome[Survival]], reliability: Reliability
 ) -> None:
     """An idle `none` sandbox serves its held slot, files intact, after trio retires threads."""
-    await _check_idle_slots_survive("none", reliability)
+    _judge("none", survivals["none"].unwrap(), reliability)

@@ -33,7 +33,8 @@ def test_report_renders_the_recorded_figures() -> None:
 def _rows() -> list[list[str]]:
     lines = REPORT.read_text().splitlines()
     rows = [line.strip("|").split("|") for line in lines if line.startswith("| ")]
-    return [[cell.strip() for cell in row] for row in rows[1:] if not row[0].strip().startswith("**")]
+    figures = [row for row in rows[1:] if not row[0].strip().startswith("**")]
+    return [[cell.strip() for cell in row] for row in figures]
 
 
 def test_committed_report_shows_no_leak_where_its_tests_passed() -> None:

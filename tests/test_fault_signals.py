@@ -143,7 +143,7 @@ CASES = [
     (host, name, _isolation(h, s)) for h, host in enumerate(HOSTS) for s, name in enumerate(SIGNALS)
 ]
 #: Cases run this many at a time (each host starts 5 sandboxes and 50 commands).
-PARALLEL_CASES = 4
+PARALLEL_CASES = 6
 
 
 @attrs.frozen
