@@ -44,7 +44,7 @@ bwrap:
 
 ## The fault suite alone (also part of `make test`), writing its figures to docs/reliability.md.
 reliability: $(STAMP) bwrap
-	$(BIN)/python -m pytest -m faults --reliability-report docs/reliability.md
+	$(BIN)/python -m pytest -m faults --reliability-report=docs/reliability.md
 
 ## Full benchmarks (not part of CI): writes bench/results/latest.md and a chart.
 bench: $(STAMP)

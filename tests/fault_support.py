@@ -275,7 +275,7 @@ class FaultFigures:
 class Reliability:
     """Per fault: injected, requests sent and answered, leaks found. Filled by the fault tests."""
 
-    faults: dict[str, FaultFigures] = attrs.field(factory=dict)
+    faults: dict[tuple[str, str], FaultFigures] = attrs.field(factory=dict)
     current_test: str | None = None
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -290,7 +290,7 @@ class Reliability:
         leaks: int = 0,
     ) -> None:
         with self._lock:
-            figures = self.faults.setdefault(fault, FaultFigures(fault=fault, area=area))
+            figures = self.faults.setdefault((area, fault), FaultFigures(fault=fault, area=area))
             figures.injected += injected
             figures.requests += requests
             figures.answered += answered

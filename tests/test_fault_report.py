@@ -20,6 +20,7 @@ def test_report_renders_the_recorded_figures() -> None:
     reliability.current_test = "tests/x.py::test_a"
     reliability.record("soak", "agent killed", injected=3, requests=10, answered=10)
     reliability.record("soak", "agent killed", injected=1, requests=5, answered=4, leaks=2)
+    reliability.record("soak (bwrap)", "agent killed", injected=5)
     reliability.current_test = "tests/x.py::test_b"
     reliability.record("modal", "create refused", injected=7)
     reliability.outcome("tests/x.py::test_a", "passed")
@@ -27,7 +28,8 @@ def test_report_renders_the_recorded_figures() -> None:
     text = _render(reliability)
     assert "| soak | agent killed | 4 | 15 | 14 | 2 | passed |" in text
     assert "| modal | create refused | 7 | 0 | 0 | 0 | xfail |" in text
-    assert "| **all** | | **11** | **15** | **14** | **2** | |" in text
+    assert "| soak (bwrap) | agent killed | 5 | 0 | 0 | 0 | passed |" in text
+    assert "| **all** | | **16** | **15** | **14** | **2** | |" in text
 
 
 def _rows() -> list[list[str]]:
