@@ -5,10 +5,11 @@ trajectories (another `ToolBackend`, through its portal, from an asyncio loop in
 at once, each sending `COMMANDS_PER_TRAJECTORY` requests: plain commands that echo a unique tag,
 commands that hit a random timeout, calls the caller cancels at a random moment, multi-request
 batches, and releases in mid-trajectory; meanwhile a chaos task SIGKILLs a random sandbox's agent
-every so often. The figures: every request is answered exactly once (by its own result, or by
-the caller's cancellation), each plain command's answer carries its own tag, and afterwards the
-process's fds, threads, child processes and temp directories are back where they started, with
-RSS within a bound. The random choices are seeded: the same faults are injected every run.
+each time the run passes another fifth of its requests. The figures: every request is answered
+exactly once (by its own result, or by the caller's cancellation), each plain command's answer
+carries its own tag, and afterwards the process's fds, threads, child processes and temp
+directories are back where they started, with RSS within a bound. The random choices are
+seeded: the same faults are injected every run.
 """
 
 from __future__ import annotations
@@ -217,11 +218,14 @@ def kill_one_agent(rng: random.Random) -> bool:
 
 
 async def chaos(tally: Tally, done: trio.Event) -> None:
+    """SIGKILL a random sandbox each time the run passes one more share of its requests."""
     rng = random.Random(f"{SEED}-chaos")
+    expected = 2 * TRAJECTORIES_PER_LOOP * COMMANDS_PER_TRAJECTORY
+    thresholds = [expected * (n + 1) // (AGENT_KILLS + 1) for n in range(AGENT_KILLS)]
     while tally.kills < AGENT_KILLS and not done.is_set():
-        with trio.move_on_after(rng.uniform(1.0, 2.0)):
+        with trio.move_on_after(0.05):
             await done.wait()
-        if not done.is_set() and kill_one_agent(rng):
+        if tally.requests >= thresholds[tally.kills] and kill_one_agent(rng):
             tally.kills += 1
 
 
