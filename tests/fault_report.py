@@ -107,7 +107,8 @@ def _render(reliability: Reliability) -> str:
         f"**{total_leaks}** | |",
         "",
         "`answered` counts requests that got exactly one answer (a result, a typed error, or the "
-        "caller's own cancellation); `leaks` counts processes, directories, fds, threads and child "
+        "caller's own cancellation; for the lifetime rows, an answer from the same workspace "
+        "with its files intact); `leaks` counts processes, directories, fds, threads and child "
         "processes found after the fault beyond what was there before it. A row whose tests say "
         "`xfail` is a known open defect of issue 8 (its test is marked with the defect's number); "
         "its figures are what the run saw before the test stopped.",

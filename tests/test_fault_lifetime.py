@@ -148,14 +148,16 @@ def survivals(terminal_profiles: None) -> dict[str, outcome.Outcome[Survival]]:
 
 def _judge(isolation: str, survival: Survival, reliability: Reliability) -> None:
     read, after = survival.backend_reply, survival.tool_reply
-    answered = int(read.success) + int(after["exit_code"] == 0)
+    # Answered: served by the same workspace, files intact (a lost sandbox is no such answer).
+    answered = int(read.success and "backend-kept" in read.output) + int(
+        after["exit_code"] == 0 and "tool-kept" in after["output"]
+    )
     reliability.record(
         "lifetime",
         f"sandbox idle past trio's worker-thread retirement ({isolation})",
         injected=2,
         requests=2,
-        answered=2,
-        leaks=2 - answered,
+        answered=answered,
     )
     assert read.success, read
     assert read.output.split() == ["backend-kept", survival.before[0]]
