@@ -38,8 +38,13 @@ def reliability() -> Reliability:
     return RELIABILITY
 
 
+_fault_tests: set[str] = set()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker("faults") is not None:
+        _fault_tests.add(item.nodeid)
     RELIABILITY.current_test = item.nodeid
     try:
         return (yield)
@@ -48,7 +53,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "faults" in report.keywords:
+    if report.nodeid in _fault_tests:
         _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         if hasattr(report, "wasxfail"):

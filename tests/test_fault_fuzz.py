@@ -322,7 +322,9 @@ def test_terminal_tool_answers_fuzzed_arguments_with_json(
     terminal_profiles: None, command: Any, task_id: Any, profile: Any, timeout: Any
 ) -> None:
     """terminal_tool returns its JSON for any command and timeout, never raises, never hangs."""
-    reply = within_deadline(lambda: terminal_tool(command, task_id, profile, timeout))
+    reply = within_deadline(
+        lambda: terminal_tool(command, timeout=timeout, task_id=task_id, profile=profile)
+    )
     decoded = json.loads(reply)
     assert set(decoded) == {"output", "exit_code", "error"}
     RELIABILITY.record(
@@ -342,7 +344,7 @@ def test_terminal_tool_answers_non_string_task_ids_and_profiles(
     terminal_profiles: None, task_id: Any, profile: Any
 ) -> None:
     """A task_id or profile of the wrong type gets the tool's JSON error, not an exception."""
-    reply = within_deadline(lambda: terminal_tool("echo no", task_id, profile))
+    reply = within_deadline(lambda: terminal_tool("echo no", task_id=task_id, profile=profile))
     decoded = json.loads(reply)
     assert decoded["error"], decoded
 
