@@ -332,11 +332,6 @@ def test_terminal_tool_answers_fuzzed_arguments_with_json(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect 7: a non-string task_id or profile raises TypeError instead of the "
-    "tool's JSON error",
-)
 @pytest.mark.parametrize(
     ("task_id", "profile"), [(["a"], None), ({"a": 1}, None), (None, ["fuzz"])]
 )

@@ -248,7 +248,8 @@ async def test_host_sigkill_then_the_next_run_reaps(
     finally:
         host.close()
     started = time.monotonic()
-    async with _backend(reap_orphans=True) as backend:
+    # The killed run's sandboxes are seconds old: reap them regardless of age.
+    async with _backend(reap_orphans=True, reap_min_age_s=0.0) as backend:
         slot = await backend.acquire("next-run")
         left = orphans & set(_running(modal_emulator))
         assert left == set(), f"orphans of the killed run still running: {left}"
