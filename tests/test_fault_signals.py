@@ -97,29 +97,22 @@ SIGNALS = {
     "SIGKILL": signal.SIGKILL,
 }
 
-_SIGTERM_DIRS = (
-    "issue 8 defect 3: on {signal} only the sandbox processes end; the sandbox directories "
-    "(workspaces, logs) stay behind"
-)
 _SIGINT_TRACEBACK = (
-    "issue 8 defect 3 / fault suite: Ctrl-C of the {host} host ends with a KeyboardInterrupt "
-    "traceback wall instead of one line"
+    "issue 8 fault suite (signals): Ctrl-C of the {host} host cleans up in time but ends with a "
+    "KeyboardInterrupt traceback wall instead of one line"
 )
 _SIGKILL_DIRS = (
     "issue 8 fault suite (dead-man switch): after a host SIGKILL every process ends but nothing "
     "removes the sandbox directories"
 )
-#: Known defects of issue 8 each case runs into on main, by (host, signal).
+#: Known defects of issue 8 each case still runs into on main, by (host, signal).
 DEFECTS: dict[tuple[str, str], str] = {
-    ("trio", "SIGINT"): _SIGINT_TRACEBACK.format(host="trio"),
-    ("asyncio", "SIGINT"): _SIGINT_TRACEBACK.format(host="asyncio"),
-    ("sync threads", "SIGINT"): (
-        "issue 8 defect 4: Ctrl-C does not cancel the terminal_tool calls of a sync program's "
-        "threads; they run on until their timeout"
-    ),
+    **{(host, "SIGINT"): _SIGINT_TRACEBACK.format(host=host) for host in HOSTS},
     **{
-        (host, name): _SIGTERM_DIRS.format(signal=name)
-        for host in HOSTS
+        ("sync threads", name): (
+            f"issue 8 defect 3 (terminal_tool host): on {name} the sandbox processes end but "
+            "their directories (workspaces, logs) stay behind"
+        )
         for name in ("SIGTERM", "SIGHUP")
     },
     **{(host, "SIGKILL"): _SIGKILL_DIRS for host in HOSTS},
