@@ -165,11 +165,6 @@ def _judge(isolation: str, survival: Survival, reliability: Reliability) -> None
     assert after["output"].split() == ["tool-kept", survival.before[1]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect 1: bwrap's --die-with-parent fires when the trio worker thread that "
-    "started it retires, ~10 s after the start",
-)
 def test_idle_bwrap_sandbox_outlives_trio_worker_threads(
     survivals: dict[str, outcome.Outcome[Survival]], reliability: Reliability
 ) -> None:
