@@ -22,6 +22,11 @@ FULL_RUN_SKIPS = {
         "(`BashSession.start`), so 500 sessions take over 150 s per repetition before any "
         "command; the smoke run covers this cell"
     ),
+    ("swerex-session", "external"): (
+        "not run at full size: like tiny, every command waits about 108 ms in the session, so "
+        "1,000 commands take over 100 s per repetition; the tiny row shows the same cost and "
+        "the smoke run covers this cell"
+    ),
     ("swerex-session", "scale"): (
         "not run at full size: 1,000 session starts block the event loop for 300 s before any "
         "command; the smoke run covers this cell"
