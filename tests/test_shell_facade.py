@@ -87,7 +87,7 @@ async def test_profile_shell_fresh_keeps_calls_independent(
                 (slot, "bash", {"command": "true", "shell": "sticky"}),
             ]
         )
-        assert [result.output for result in results[:4]] == ["", "[]\n", "", "[2]\n"]
+        assert [result.output for result in results[:4]] == ["", "[]\n", "", "[2]\n"], results
         assert not results[4].success
         assert "'shell' must be one of" in (results[4].error or "")
         await backend.release(slot)
