@@ -136,3 +136,19 @@ def _descendants_of(root: int) -> list[int]:
         if not below:
             return sorted(found - {root})
         found |= below
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="slot uids need the host side to be root")
+async def test_slot_users_have_a_name_and_their_workspace_as_home_under_bwrap() -> None:
+    """whoami, getpass and pwd know each slot's uid; its passwd HOME is its workspace."""
+    lookup = (
+        "import getpass, os, pwd; entry = pwd.getpwuid(os.getuid()); "
+        "print(getpass.getuser(), entry.pw_dir == os.environ['HOME'], os.getcwd() == entry.pw_dir)"
+    )
+    async with open_local_sandbox("bwrap") as sandbox:
+        for slot in (0, 3):
+            result = await sandbox.client.exec(
+                slot, command=f'whoami; id -gn; python3 -c "{lookup}"'
+            )
+            assert result.exit_code == 0, result
+            assert result.stdout == f"slot{slot}\nslot{slot}\nslot{slot} True True\n".encode()

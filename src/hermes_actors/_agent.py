@@ -633,8 +633,36 @@ def _keeper_receive(sock: Any) -> Tuple[Optional[Dict[str, Any]], List[int]]:
     return json.loads(body.decode("utf-8")), fds
 
 
+def _apply_limits(limits: Dict[str, Any], uid: Optional[int]) -> None:
+    """Per-slot resource limits, set on the keeper so every process of the slot inherits them.
+
+    ``memory_bytes`` bounds each process's data (RLIMIT_DATA: heap and private writable
+    mappings; not address space, which breaks JVM and Go runtimes). ``processes`` bounds the
+    slot uid's process count (RLIMIT_NPROC counts per uid, so only with slot uids).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Linux
+        return
+    for name, value in (
+        ("RLIMIT_DATA", limits.get("memory_bytes")),
+        ("RLIMIT_NPROC", limits.get("processes")),
+    ):
+        if not value or (name == "RLIMIT_NPROC" and uid is None) or not hasattr(resource, name):
+            continue
+        kind = getattr(resource, name)
+        _, hard = resource.getrlimit(kind)
+        bound = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(kind, (bound, bound))
+
+
 def _keeper_main(
-    sock_fd: int, uid: Optional[int], fast_uid_spawn: bool, keep_fds: Set[int]
+    sock_fd: int,
+    uid: Optional[int],
+    fast_uid_spawn: bool,
+    keep_fds: Set[int],
+    limits: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Serve one slot as its keeper until the agent closes the socket; then kill and exit.
 
@@ -666,6 +694,8 @@ def _keeper_main(
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
     leaders: Set[int] = set()
+    if limits:
+        _apply_limits(limits, uid)
 
     def reap() -> None:
         while True:
@@ -895,6 +925,8 @@ class Agent:
         self.subreaper = False
         self.fast_uid_spawn = False
         self.keepers: Dict[int, _Keeper] = {}  # by slot
+        #: Resource limits each slot's processes get (see `_apply_limits`).
+        self.limits: Dict[str, Any] = dict(config.get("limits") or {})
         self.keeper_notices: Deque[Tuple[_Keeper, Dict[str, Any]]] = collections.deque()
         #: fds the agent was started with: keepers keep them open (the host may watch them).
         self.inherited_fds: Set[int] = set()
@@ -966,6 +998,7 @@ class Agent:
                     "protocol": PROTOCOL_VERSION,
                     "uid": os.getuid(),
                     "features": features,
+                    "limits": self.enforced_limits(),
                 },
             }
         )
@@ -1441,6 +1474,17 @@ class Agent:
 
     # -- keepers --------------------------------------------------------------------------------
 
+    def enforced_limits(self) -> Dict[str, Optional[int]]:
+        """The limits every slot's processes get here (None: not enforced)."""
+        memory = self.limits.get("memory_bytes")
+        processes = self.limits.get("processes")
+        return {
+            "memory_bytes_per_process": int(memory) if memory else None,
+            "processes_per_slot": int(processes)
+            if processes and self.slot_uid_base is not None
+            else None,
+        }
+
     def spawn_in_slot(
         self, slot: int, argv: List[str], env: Dict[str, str], cwd: str, fds: List[int]
     ) -> Tuple[int, int]:
@@ -1476,7 +1520,11 @@ class Agent:
             try:
                 ours.close()
                 _keeper_main(
-                    theirs.detach(), self.slot_uid(slot), self.fast_uid_spawn, self.inherited_fds
+                    theirs.detach(),
+                    self.slot_uid(slot),
+                    self.fast_uid_spawn,
+                    self.inherited_fds,
+                    self.limits,
                 )
             except BaseException as exc:
                 code = 1
@@ -3687,6 +3735,14 @@ def _parse_config(config_text: str) -> Dict[str, Any]:
     cap = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
         raise OpError("bad_config", "'max_output_bytes' must be an int >= 0")
+    limits = config.get("limits") or {}
+    if not isinstance(limits, dict) or any(
+        key not in ("memory_bytes", "processes")
+        or (value is not None and (not isinstance(value, int) or isinstance(value, bool)))
+        or (value is not None and value < 1)
+        for key, value in limits.items()
+    ):
+        raise OpError("bad_config", "'limits' must map 'memory_bytes' and 'processes' to ints >= 1")
     try:
         _check_env(config.get("env") or {}, "'env'")
     except OpError as exc:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from hermes_actors._agent import BOOTSTRAP
@@ -45,6 +46,24 @@ from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
 
 logger = logging.getLogger("hermes_actors.drivers.local")
+
+#: How many processes one slot's uid may have at once (RLIMIT_NPROC; only with slot uids).
+PROCESSES_PER_SLOT = 1024
+
+
+@attrs.frozen(kw_only=True)
+class EnforcedLimits:
+    """Which of a profile's limits a local sandbox enforces, and how (None: not enforced)."""
+
+    #: Each process's data (heap, private writable mappings) is capped at the profile's
+    #: `memory` (RLIMIT_DATA): a memory hog fails its allocation instead of the host OOMing.
+    memory_bytes_per_process: int | None
+    #: The processes one slot may have at once (RLIMIT_NPROC of its own uid): a fork bomb
+    #: stops there. Only with slot uids (bwrap started by root).
+    processes_per_slot: int | None
+    #: The profile's `cpu` is not enforced locally (no delegated cgroup to set cpu.max in).
+    cpu: float | None = None
+
 
 #: Slot N's commands run as this uid + N under bwrap when the host side is root.
 SLOT_UID_BASE = 200_000
@@ -153,6 +172,42 @@ def _root_binds(rootfs: str | None) -> tuple[list[str], str, list[str]]:
     return argv, found, []
 
 
+def _write_accounts(
+    directory: str, etc: str, slots: int, workspace_base: str
+) -> tuple[str, str] | None:
+    """passwd and group files for a sandbox: `etc`'s own plus one user and group per slot uid.
+
+    Tools look the running user up (``whoami``, ``getpass.getuser()``, git, ssh, pip): each
+    slot uid gets a name (``slotN``) and its workspace as HOME. None when `etc` has no such
+    files to bind over.
+    """
+    sources = [os.path.join(etc, "passwd"), os.path.join(etc, "group")]
+    if not all(os.path.isfile(path) for path in sources):
+        return None
+    with open(sources[0], encoding="utf-8", errors="surrogateescape") as handle:
+        passwd = handle.read()
+    with open(sources[1], encoding="utf-8", errors="surrogateescape") as handle:
+        group = handle.read()
+    taken_uids = {line.split(":")[2] for line in passwd.splitlines() if line.count(":") >= 3}
+    taken_gids = {line.split(":")[2] for line in group.splitlines() if line.count(":") >= 3}
+    shell = "/bin/bash" if os.path.exists(os.path.join(etc, "..", "bin", "bash")) else "/bin/sh"
+    passwd = passwd if passwd.endswith("\n") or not passwd else passwd + "\n"
+    group = group if group.endswith("\n") or not group else group + "\n"
+    for slot in range(slots):
+        uid = SLOT_UID_BASE + slot
+        if str(uid) not in taken_uids:
+            home = f"{workspace_base.rstrip('/')}/slot-{slot}"
+            passwd += f"slot{slot}:x:{uid}:{uid}:hermes slot {slot}:{home}:{shell}\n"
+        if str(uid) not in taken_gids:
+            group += f"slot{slot}:x:{uid}:\n"
+    paths = (os.path.join(directory, "passwd"), os.path.join(directory, "group"))
+    for path, text in zip(paths, (passwd, group), strict=True):
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
+            handle.write(text)
+        os.chmod(path, 0o644)
+    return paths
+
+
 def _bwrap_argv(
     *,
     workspace_host: str,
@@ -161,8 +216,19 @@ def _bwrap_argv(
     sandbox_id: str,
     as_root: bool,
     rootfs: str | None = None,
+    accounts: tuple[str, str] | None = None,
 ) -> list[str]:
     root_binds, python, extra_binds = _root_binds(rootfs)
+    if accounts is not None:
+        # Bound over the sandbox's own (read-only) files: the slot users exist inside.
+        root_binds += [
+            "--ro-bind",
+            accounts[0],
+            "/etc/passwd",
+            "--ro-bind",
+            accounts[1],
+            "/etc/group",
+        ]
     argv = [
         "bwrap",
         "--die-with-parent",
@@ -534,12 +600,17 @@ class LocalSandbox:
         agent_config: Mapping[str, object],
         isolation: str,
         network: bool,
+        enforced_limits: EnforcedLimits | None = None,
     ) -> None:
         self._sandbox_id = sandbox_id
         self._process = process
         self._directory = directory
         self._agent_config = agent_config
         self.isolation = isolation
+        #: Which of the profile's limits this sandbox enforces (see `EnforcedLimits`).
+        self.enforced_limits = enforced_limits or EnforcedLimits(
+            memory_bytes_per_process=None, processes_per_slot=None
+        )
         self.isolated = isolation == "bwrap"
         # Without bubblewrap nothing takes the host's network away.
         self.network = network or not self.isolated
@@ -678,6 +749,15 @@ class LocalDriver:
             HOST_PID_VAR: f"{os.getpid()}",
         }
         if isolation == "bwrap":
+            accounts = None
+            if as_root:
+                etc = os.path.join(rootfs, "etc") if rootfs is not None else "/etc"
+                try:
+                    accounts = _write_accounts(
+                        directory, etc, spec.slots_per_sandbox, spec.workspace_base
+                    )
+                except OSError as exc:  # the slots still work, only unnamed
+                    logger.warning("no passwd entries for the slot users: %s", exc)
             argv = _bwrap_argv(
                 workspace_host=workspace,
                 workspace_base=spec.workspace_base,
@@ -685,6 +765,7 @@ class LocalDriver:
                 sandbox_id=sandbox_id,
                 as_root=as_root,
                 rootfs=rootfs,
+                accounts=accounts,
             )
             agent_config: dict[str, object] = {
                 "workspace_root": spec.workspace_base,
@@ -696,6 +777,12 @@ class LocalDriver:
             argv = [_agent_python()[0], "-c", BOOTSTRAP]
             agent_config = {"workspace_root": workspace, "slot_uid_base": None}
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
+        memory_bytes = spec.memory * 1024 * 1024
+        agent_config["limits"] = {"memory_bytes": memory_bytes, "processes": PROCESSES_PER_SLOT}
+        limits = EnforcedLimits(
+            memory_bytes_per_process=memory_bytes,
+            processes_per_slot=PROCESSES_PER_SLOT if agent_config["slot_uid_base"] else None,
+        )
         log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             process = await open_agent_process(argv, env, directory, log_fd)
@@ -716,6 +803,7 @@ class LocalDriver:
             agent_config=agent_config,
             isolation=isolation,
             network=spec.network,
+            enforced_limits=limits,
         )
 
     async def aclose(self) -> None:
