@@ -150,3 +150,17 @@ def kill_agent(sandbox_id: str) -> None:
             os.kill(pid, signal.SIGKILL)
             return
     raise AssertionError(f"no agent process found for {sandbox_id}")
+
+
+def processes_with(token: str) -> list[int]:
+    """Pids whose command line contains `token` (commands started as `exec -a TOKEN ...`)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if token.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found

@@ -9,7 +9,6 @@ and the tool registry asks `check_terminal_requirements()` before offering the t
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
@@ -28,6 +27,7 @@ from hermes_actors.terminal_tool import (
     shutdown_terminal_backend,
     terminal_tool,
 )
+from sandbox_support import processes_with
 
 PROFILES_YAML = """\
 profiles:
@@ -55,19 +55,6 @@ def reply_of(text: str) -> dict[str, Any]:
     reply = json.loads(text)
     assert set(reply) == {"output", "exit_code", "error"}
     return reply  # type: ignore[no-any-return]
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if token.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def wait_for(condition: Any, timeout_s: float = 10.0) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import secrets
 import threading
 import time
@@ -25,7 +24,7 @@ from hermes_actors import (
     format_status,
 )
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
-from sandbox_support import kill_agent
+from sandbox_support import kill_agent, processes_with
 
 
 def local_config(**changes: Any) -> SandboxConfig:
@@ -47,21 +46,6 @@ def slots_held(backend: ToolBackend) -> int:
 
 def sandbox_ids(backend: ToolBackend) -> set[str]:
     return {sandbox.sandbox_id for pool in backend.status().pools for sandbox in pool.sandboxes}
-
-
-def processes_with(token: str) -> list[int]:
-    """Pids whose command line contains `token`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if token.encode() in handle.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def sandbox_processes(ids: set[str]) -> list[int]:

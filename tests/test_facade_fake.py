@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from hermes_actors import SandboxConfig, Slot, ToolBackend, profiles_from_mapping
+from hermes_actors import ModalToolBackend, SandboxConfig, Slot, ToolBackend, profiles_from_mapping
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -277,3 +279,19 @@ async def test_cancelling_execute_batch_at_every_await_kills_its_commands(
             [(slot, "bash", {"command": "echo ok"}) for slot in slots]
         )
         assert [result.output for result in results] == ["ok\n", "ok\n"]
+
+
+def test_modal_names_run_on_modal_and_tool_backend_follows_terminal_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModalToolBackend's profiles default to modal, ToolBackend's to local; TERMINAL_ENV wins."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TERMINAL_ENV", raising=False)
+    monkeypatch.delenv("TERMINAL_MODAL_PROFILES_FILE", raising=False)
+    assert ModalToolBackend().profiles.get_profile().backend == "modal"
+    assert ToolBackend().profiles.get_profile().backend == "local"
+    modal = ModalToolBackend.with_profiles(profiles={"gpu": {"gpu": "A10G"}})
+    assert modal.profiles.get_profile("gpu").backend == "modal"
+    assert ToolBackend.with_profiles(profiles={"cpu": {}}).profiles.get_profile().backend == "local"
+    monkeypatch.setenv("TERMINAL_ENV", "local")
+    assert ModalToolBackend().profiles.get_profile().backend == "local"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
+from sandbox_support import processes_with
 
 PROFILES_YAML = """\
 profiles:
@@ -31,19 +32,6 @@ profiles:
     max_sandboxes: 6
     execution_timeout_s: 120
 """
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if token.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def start_program(body: str, tmp_path: Path, token: str) -> tuple[subprocess.Popen[str], Path]:

@@ -23,7 +23,7 @@ from hermes_actors.terminal_tool import (
     shutdown_terminal_backend,
     terminal_tool,
 )
-from sandbox_support import kill_agent
+from sandbox_support import kill_agent, processes_with
 
 PROFILES_YAML = """\
 default_profile: fast
@@ -59,19 +59,6 @@ def run(command: str, **options: Any) -> dict[str, Any]:
     reply = json.loads(terminal_tool(command, **options))
     assert set(reply) == {"output", "exit_code", "error"}
     return reply  # type: ignore[no-any-return]
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if token.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def test_a_task_keeps_its_files_until_cleanup_vm(profiles_file: Path) -> None:

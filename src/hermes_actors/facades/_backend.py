@@ -39,13 +39,19 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import PurePosixPath
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 import sniffio
 import trio
 
-from hermes_actors._config import Profiles, SandboxConfig, load_profiles, profiles_from_mapping
+from hermes_actors._config import (
+    Backend,
+    Profiles,
+    SandboxConfig,
+    load_profiles,
+    profiles_from_mapping,
+)
 from hermes_actors._errors import (
     AgentError,
     HermesError,
@@ -168,6 +174,9 @@ class ToolBackend:
     an acquire that was cancelled holds no slot).
     """
 
+    #: The backend of profiles that name none, when `$TERMINAL_ENV` is unset.
+    default_backend: ClassVar[Backend] = "local"
+
     def __init__(
         self,
         config: SandboxConfig | Profiles | None = None,
@@ -177,7 +186,7 @@ class ToolBackend:
         default_timeout_s: float | None = None,
     ) -> None:
         if config is None:
-            profiles = load_profiles()
+            profiles = load_profiles(default_backend=self.default_backend)
         elif isinstance(config, Profiles):
             profiles = config
         else:
@@ -223,7 +232,9 @@ class ToolBackend:
         position, as the original's callers do. Raises `ConfigError` for bad profiles.
         """
         if profiles is None:
-            resolved = load_profiles(profiles_file, default_profile=default_profile)
+            resolved = load_profiles(
+                profiles_file, default_profile=default_profile, default_backend=cls.default_backend
+            )
         elif isinstance(profiles, Profiles):
             resolved = profiles
             if default_profile is not None:
@@ -233,7 +244,9 @@ class ToolBackend:
                     source=profiles.source,
                 )
         else:
-            resolved = profiles_from_mapping(profiles, default_profile=default_profile)
+            resolved = profiles_from_mapping(
+                profiles, default_profile=default_profile, default_backend=cls.default_backend
+            )
         if app_name is not None:
             resolved = resolved.with_app_name(app_name)
         return cls(resolved, drivers=drivers, run_id=run_id)
@@ -1065,8 +1078,14 @@ class ToolBackend:
         }
 
 
-#: The seed's name for `ToolBackend`.
-ModalToolBackend = ToolBackend
+class ModalToolBackend(ToolBackend):
+    """The seed's name: a `ToolBackend` whose profiles run on Modal unless they say otherwise.
+
+    Profiles that name no backend run on `$TERMINAL_ENV` when set, else `modal` (the original
+    ran on Modal only); the pick is logged once with its reason.
+    """
+
+    default_backend: ClassVar[Backend] = "modal"
 
 
 #: Sandbox states whose slots serve trajectories.
