@@ -28,6 +28,11 @@ one `ConfigError` with one line per problem, each naming its source and path::
 Field problems name the field's path; problems of a whole profile (range and cross-field checks)
 name the profile, in the layer that set the offending value. The terminal tool's older
 spellings `min_pool` and `max_pool` are accepted for `min_sandboxes` and `max_sandboxes`.
+
+Where the rules live: a field's type is its annotation (checked strictly by the converter and on
+construction); its value rules are attrs validators (`ge`, `gt`, or functions like them) in the
+field's `metadata` (`_rules(...)`), run for every field so that one error lists every problem;
+rules relating fields are `_RELATIONS`. A new field is one line plus its rule.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from typing import Any, Final, Generic, Literal, Self, TypeVar, cast, get_args, 
 import attrs
 import cattrs
 import yaml
+from attrs.validators import ge, gt
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from hermes_actors._errors import ConfigError
@@ -298,6 +304,63 @@ def _names_only(variables: Mapping[str, str]) -> str:
     return "{" + ", ".join(f"{name!r}: '***'" for name in names) + "}"
 
 
+def _rules(*validators: Callable[[Any, attrs.Attribute[Any], Any], None]) -> dict[str, Any]:
+    """A field's value rules: attrs validators (`ge`, `gt`, ...) or functions like them.
+
+    They run after the field's type check (see `_check_config`), all of them for all fields,
+    so one `ConfigError` lists every problem.
+    """
+    return {"rules": validators}
+
+
+def _object_name(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if _OBJECT_NAME.fullmatch(value) is None:
+        raise ValueError(f"{attribute.name!r} must be {_OBJECT_NAME_RULE}: {value!r}")
+
+
+def _not_empty(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "":
+        raise ValueError(f"{attribute.name!r} must not be empty")
+
+
+def _gpu_not_empty(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value == "":
+        raise ValueError(f"{attribute.name!r} must not be empty (use null for none)")
+
+
+def _secret_names(
+    instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    if not all(_OBJECT_NAME.fullmatch(secret) for secret in value):
+        raise ValueError(f"{attribute.name!r} must each be {_OBJECT_NAME_RULE}: {list(value)!r}")
+
+
+def _variable_names(
+    instance: object, attribute: attrs.Attribute[Any], value: Mapping[str, str]
+) -> None:
+    # Names only in the message: the values may be secrets.
+    bad = [
+        key for key, item in value.items() if key == "" or "=" in key or "\0" in key or "\0" in item
+    ]
+    if bad:
+        raise ValueError(
+            f"{attribute.name!r} keys must be non-empty, without '=' or NUL, values without NUL: "
+            + ", ".join(repr(key) for key in bad)
+        )
+
+
+def _python_version(instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and re.fullmatch(r"3\.\d{1,2}", value) is None:
+        raise ValueError(
+            f"{attribute.name!r} must be a Python version like '3.11', or null: {value!r}"
+        )
+
+
+def _absolute_path(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"{attribute.name!r} must be an absolute path: {value!r}")
+
+
 _announced: set[tuple[str, str]] = set()
 _announced_lock = threading.Lock()
 
@@ -345,45 +408,52 @@ class SandboxConfig:
     """
 
     #: The profile's name (its key in `Profiles`); it also ends up in app names and tags.
-    name: str = "default"
+    name: str = attrs.field(default="default", metadata=_rules(_object_name))
     #: Where sandboxes run. Default: `$TERMINAL_ENV` when set (and not empty), else `local`.
     backend: Backend = attrs.field(factory=_backend_from_environment)
     #: Container image (modal: a registry reference; local: an absolute path names a root
     #: filesystem directory used as `/` under bwrap, anything else means the host's own).
     #: `acquire(..., image=)` runs a slot in another image of the same profile.
-    image: str = "python:3.11"
+    image: str = attrs.field(default="python:3.11", metadata=_rules(_not_empty))
     #: CPU cores reserved per sandbox.
-    cpu: float = 1.0
+    cpu: float = attrs.field(default=1.0, metadata=_rules(gt(0)))
     #: Memory per sandbox, in MiB.
-    memory: int = 2048
+    memory: int = attrs.field(default=2048, metadata=_rules(gt(0)))
     #: GPU request in the provider's syntax (`"A10G"`, `"H100:2"`); ignored by the local backend.
-    gpu: str | None = None
+    gpu: str | None = attrs.field(default=None, metadata=_rules(_gpu_not_empty))
     #: Trajectories served at once by one sandbox, each in its own workspace.
-    slots_per_sandbox: int = 10
+    slots_per_sandbox: int = attrs.field(default=10, metadata=_rules(ge(1)))
     #: Sandboxes kept running (pre-warmed) even when idle.
-    min_sandboxes: int = 1
+    min_sandboxes: int = attrs.field(default=1, metadata=_rules(ge(0)))
     #: Sandboxes the pool may run at once.
-    max_sandboxes: int = 5
+    max_sandboxes: int = attrs.field(default=5, metadata=_rules(ge(1)))
     #: Seconds a sandbox above `min_sandboxes` may stay idle before it is stopped (0: at once).
-    idle_timeout: float = 120.0
+    idle_timeout: float = attrs.field(default=120.0, metadata=_rules(ge(0)))
     #: Seconds a sandbox may live; the pool rotates it before then (modal: at most 24 h).
-    max_lifetime: float = 3600.0
+    max_lifetime: float = attrs.field(default=3600.0, metadata=_rules(gt(0)))
     #: Seconds `acquire` waits for a free slot before `AcquireTimeout`.
-    acquire_timeout_s: float = 60.0
+    acquire_timeout_s: float = attrs.field(default=60.0, metadata=_rules(gt(0)))
     #: Default per-command timeout, in seconds, when a call gives none. 30 s as in the original
     #: Hermes backend, whose executor groups and bounds its batches by it.
-    execution_timeout_s: float = 30.0
+    execution_timeout_s: float = attrs.field(default=30.0, metadata=_rules(gt(0)))
     #: Provider secret names whose variables are injected into every sandbox (modal).
-    secrets: tuple[str, ...] = attrs.field(default=(), converter=_freeze_sequence)
+    secrets: tuple[str, ...] = attrs.field(
+        default=(), converter=_freeze_sequence, metadata=_rules(_secret_names)
+    )
     #: Environment variables set for every command. Their values never appear in a repr, a log
     #: line, an error or a status (they often hold credentials).
     env_vars: Mapping[str, str] = attrs.field(
-        factory=dict, converter=_freeze_str_mapping, repr=_names_only
+        factory=dict,
+        converter=_freeze_str_mapping,
+        repr=_names_only,
+        metadata=_rules(_variable_names),
     )
     #: Extra provider tags on every sandbox, for finding them in dashboards and listings.
-    tags: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_str_mapping)
+    tags: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_freeze_str_mapping, metadata=_rules(_variable_names)
+    )
     #: Directory under which slot workspaces live inside the sandbox (absolute).
-    workspace_base: str = "/data"
+    workspace_base: str = attrs.field(default="/data", metadata=_rules(_absolute_path))
     #: Local isolation: `bwrap`, `none`, or `auto` (bwrap when it works, else none with a warning).
     isolation: Isolation = "auto"
     #: How `bash` commands run: `persistent` (one long-lived shell per slot: cwd, variables,
@@ -395,36 +465,36 @@ class SandboxConfig:
     network: bool = False
     #: Cap on captured bytes per stream (stdout, stderr) per command; the rest is dropped and
     #: counted.
-    max_output_bytes: int = 1_000_000
+    max_output_bytes: int = attrs.field(default=1_000_000, metadata=_rules(gt(0)))
     #: Provider app the sandboxes belong to (modal).
-    app_name: str = "hermes-actors"
+    app_name: str = attrs.field(default="hermes-actors", metadata=_rules(_object_name))
     #: Sandboxes of this profile being started at once; more requests wait their turn. Creation
     #: runs at `creates_per_second` only with about rate x slow-tail latency in flight (Modal:
     #: 4/s x 12 s p95); 4 held a simulated 1,024-trajectory batch to ~1 create/s (docs/sizing.md).
-    max_starting: int = 32
+    max_starting: int = attrs.field(default=32, metadata=_rules(ge(1)))
     #: Sandbox creations per second at most (provider rate limits).
-    creates_per_second: float = 4.0
+    creates_per_second: float = attrs.field(default=4.0, metadata=_rules(gt(0)))
     #: At start, terminate this app's sandboxes left running by other (dead) runs (modal).
     #: Runs sharing an app name at the same time must keep their sandboxes younger than
     #: `reap_min_age_s`, or use their own app name (`with_app_name`).
     reap_orphans: bool = True
     #: With `reap_orphans`, only sandboxes older than this many seconds are reaped.
+    reap_min_age_s: float = attrs.field(default=900.0, metadata=_rules(ge(0)))
     #: Checkpoints the profile's pool may hold at once, and the bytes they may store together.
-    max_checkpoints: int = 64
-    max_checkpoint_bytes: int = 8 * 1024**3
+    max_checkpoints: int = attrs.field(default=64, metadata=_rules(ge(0)))
+    max_checkpoint_bytes: int = attrs.field(default=8 * 1024**3, metadata=_rules(ge(0)))
     #: Modal: add this Python version ("3.11") to every image of the profile, the way Modal's
     #: `Image.from_registry(add_python=...)` does, for images without a python3 (the sandbox
     #: agent needs one). None: the image must have python3. The local backend ignores it.
-    add_python: str | None = None
-    reap_min_age_s: float = 900.0
+    add_python: str | None = attrs.field(default=None, metadata=_rules(_python_version))
     #: Seconds a driver may keep retrying a failed sandbox create (its waits included) before
     #: it reports the failure. The pool keeps it inside the acquire deadline, so a create that
     #: keeps failing reaches the waiting callers as its cause, not as an acquire timeout.
-    create_retry_budget_s: float = 30.0
+    create_retry_budget_s: float = attrs.field(default=30.0, metadata=_rules(ge(0)))
     #: The agent's dead-man timeout: seconds without a frame from the host after which the
     #: agent in a sandbox kills everything it started and exits (the host pings at a third of
     #: it), so a crashed host leaves nothing running.
-    agent_ttl_s: float = 60.0
+    agent_ttl_s: float = attrs.field(default=60.0, metadata=_rules(gt(0)))
 
     def __attrs_post_init__(self) -> None:
         problems = _check_config(self)
@@ -634,113 +704,57 @@ _SAFE_DEFAULTS: Final[Mapping[str, Any]] = {
 
 
 def _check_config(config: SandboxConfig) -> list[_Problem]:
-    """Every problem of a config's values: types first, then ranges and relations."""
+    """Every problem of a config's values: the fields' types, then their rules, then relations."""
     problems: list[_Problem] = []
-    # Fields already reported (wrong type, or out of their own range): checks relating them to
+    # Fields already reported (wrong type, or out of their own range): rules relating them to
     # other fields would only repeat the problem.
     reported: set[str] = set()
-    for name, checker in _FIELD_CHECKERS.items():
+    fields = attrs.fields(type(config))
+    for field in fields:
+        checker = _FIELD_CHECKERS.get(field.name)
         try:
-            checker(getattr(config, name))
+            if checker is not None:
+                checker(getattr(config, field.name))
         except _Invalid as invalid:
-            reported.add(name)
+            reported.add(field.name)
             for suffix, message in invalid.items:
-                problems.append(_Problem((name,), f"{name + suffix!r}: {message}"))
-
-    def rule(fields: tuple[str, ...], ok: Callable[[], bool], message: Callable[[], str]) -> None:
-        if not reported.intersection(fields) and not ok():
-            problems.append(_Problem(fields, message()))
-            reported.update(fields)
-
-    def positive(name: str) -> None:
-        value = getattr(config, name)
-        rule((name,), lambda: value > 0, lambda: f"{name!r} must be > 0: {value!r}")
-
-    def at_least(name: str, bound: int) -> None:
-        value = getattr(config, name)
-        rule((name,), lambda: value >= bound, lambda: f"{name!r} must be >= {bound}: {value!r}")
-
-    def nonempty(name: str) -> None:
-        value = getattr(config, name)
-        rule((name,), lambda: value != "", lambda: f"{name!r} must not be empty")
-
-    def object_name(name: str) -> None:
-        value = getattr(config, name)
-        rule(
-            (name,),
-            lambda: _OBJECT_NAME.fullmatch(value) is not None,
-            lambda: f"{name!r} must be {_OBJECT_NAME_RULE}: {value!r}",
-        )
-
-    c = config
-    object_name("name")
-    nonempty("image")
-    positive("cpu")
-    positive("memory")
-    rule(("gpu",), lambda: c.gpu != "", lambda: "'gpu' must not be empty (use null for none)")
-    at_least("slots_per_sandbox", 1)
-    at_least("min_sandboxes", 0)
-    at_least("max_sandboxes", 1)
-    rule(
-        ("max_sandboxes", "min_sandboxes"),
-        lambda: c.max_sandboxes >= c.min_sandboxes,
-        lambda: f"'max_sandboxes' must be >= min_sandboxes ({c.min_sandboxes}): {c.max_sandboxes}",
-    )
-    at_least("idle_timeout", 0)
-    positive("max_lifetime")
-    rule(
-        ("max_lifetime", "backend"),
-        lambda: c.backend != "modal" or c.max_lifetime <= _MODAL_MAX_LIFETIME_S,
-        lambda: (
-            f"'max_lifetime' must be <= {_MODAL_MAX_LIFETIME_S} (Modal's 24 h limit) on "
-            f"backend 'modal': {c.max_lifetime!r}"
-        ),
-    )
-    positive("acquire_timeout_s")
-    positive("execution_timeout_s")
-    rule(
-        ("secrets",),
-        lambda: all(_OBJECT_NAME.fullmatch(secret) for secret in c.secrets),
-        lambda: f"'secrets' must each be {_OBJECT_NAME_RULE}: {list(c.secrets)!r}",
-    )
-    for name in ("env_vars", "tags"):
-        bad = "" if name in reported else _bad_variable_names(getattr(c, name))
-        if bad:
-            message = f"{name!r} keys must be non-empty, without '=' or NUL, values without NUL"
-            problems.append(_Problem((name,), f"{message}: {bad}"))
-    rule(
-        ("workspace_base",),
-        lambda: c.workspace_base.startswith("/"),
-        lambda: f"'workspace_base' must be an absolute path: {c.workspace_base!r}",
-    )
-    positive("max_output_bytes")
-    object_name("app_name")
-    at_least("max_starting", 1)
-    positive("creates_per_second")
-    at_least("reap_min_age_s", 0)
-    at_least("max_checkpoints", 0)
-    at_least("max_checkpoint_bytes", 0)
-    rule(
-        ("add_python",),
-        lambda: (
-            config.add_python is None or re.fullmatch(r"3\.\d{1,2}", config.add_python) is not None
-        ),
-        lambda: (
-            f"'add_python' must be a Python version like '3.11', or null: {config.add_python!r}"
-        ),
-    )
-    positive("agent_ttl_s")
-    at_least("create_retry_budget_s", 0)
+                problems.append(_Problem((field.name,), f"{field.name + suffix!r}: {message}"))
+    for field in fields:
+        if field.name in reported:
+            continue
+        for rule in field.metadata.get("rules", ()):
+            try:
+                rule(config, field, getattr(config, field.name))
+            except ValueError as error:
+                reported.add(field.name)
+                problems.append(_Problem((field.name,), str(error)))
+                break
+    for involved, relation in _RELATIONS:
+        if not reported.intersection(involved) and (problem := relation(config)) is not None:
+            problems.append(_Problem(involved, problem))
     return problems
 
 
-def _bad_variable_names(variables: Mapping[str, str]) -> str:
-    bad = [
-        key
-        for key, value in variables.items()
-        if key == "" or "=" in key or "\0" in key or "\0" in value
-    ]
-    return ", ".join(repr(key) for key in bad)
+def _max_at_least_min(c: SandboxConfig) -> str | None:
+    if c.max_sandboxes >= c.min_sandboxes:
+        return None
+    return f"'max_sandboxes' must be >= min_sandboxes ({c.min_sandboxes}): {c.max_sandboxes}"
+
+
+def _modal_lifetime(c: SandboxConfig) -> str | None:
+    if c.backend != "modal" or c.max_lifetime <= _MODAL_MAX_LIFETIME_S:
+        return None
+    return (
+        f"'max_lifetime' must be <= {_MODAL_MAX_LIFETIME_S} (Modal's 24 h limit) on "
+        f"backend 'modal': {c.max_lifetime!r}"
+    )
+
+
+#: Rules relating fields to each other (each field's own rules are on the field).
+_RELATIONS: Final[tuple[tuple[tuple[str, ...], Callable[[SandboxConfig], str | None]], ...]] = (
+    (("max_sandboxes", "min_sandboxes"), _max_at_least_min),
+    (("max_lifetime", "backend"), _modal_lifetime),
+)
 
 
 def _check_profiles(profiles: Profiles) -> list[_Problem]:
@@ -757,7 +771,10 @@ def _check_profiles(profiles: Profiles) -> list[_Problem]:
             )
         elif config.name != key:
             problems.append(
-                _Problem(("profiles",), f"profile {key!r} holds a config named {config.name!r}")
+                _Problem(
+                    ("profiles",),
+                    f"profile {key!r} holds a config named {config.name!r}",
+                )
             )
     if profiles.default_profile not in profiles.profiles:
         problems.append(
@@ -1299,7 +1316,10 @@ def load_profiles(
         chosen = _choose_default(list(raw_profiles), default_profile, "default_profile", problems)
     else:
         chosen = _choose_default(
-            list(raw_profiles), file_default, f"{file_label}: $.default_profile", problems
+            list(raw_profiles),
+            file_default,
+            f"{file_label}: $.default_profile",
+            problems,
         )
     _raise_problems(problems)
     assert chosen is not None
