@@ -240,22 +240,25 @@ async def test_stop_terminates_every_sandbox_and_process() -> None:
     """stop() kills running commands and background processes and terminates every sandbox."""
     token = f"hermes-stop-{secrets.token_hex(4)}"
     backend = ToolBackend(local_config(min_sandboxes=2))
-    await backend.start()
-    slot = await backend.acquire("t")
-    [result] = await backend.execute_batch(
-        [(slot, "bash", {"command": f"({sleeper(token)}) > /dev/null 2>&1 & echo started"})]
-    )
-    assert result.output == "started\n"
-    ids = sandbox_ids(backend)
-    assert len(ids) == 2
-    assert processes_with(token)
-    await backend.stop()
-    assert processes_with(token) == []
-    assert sandbox_processes(ids) == []
-    # A stopped backend starts again on use.
-    slot = await backend.acquire("again")
-    assert slot.sandbox_id not in ids
-    await backend.stop()
+    try:
+        await backend.start()
+        slot = await backend.acquire("t")
+        [result] = await backend.execute_batch(
+            [(slot, "bash", {"command": f"({sleeper(token)}) > /dev/null 2>&1 & echo started"})]
+        )
+        assert result.output == "started\n"
+        ids = sandbox_ids(backend)
+        assert len(ids) == 2
+        # The background subshell may not have exec'd its renamed sleep yet.
+        await eventually(lambda: bool(processes_with(token)))
+        await backend.stop()
+        assert processes_with(token) == []
+        assert sandbox_processes(ids) == []
+        # A stopped backend starts again on use.
+        slot = await backend.acquire("again")
+        assert slot.sandbox_id not in ids
+    finally:
+        await backend.stop()
 
 
 async def test_unknown_profile_is_a_config_error() -> None:
