@@ -29,6 +29,7 @@ import runpy
 import tarfile
 import time
 import uuid
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,7 +624,23 @@ def test_artifact_helpers_take_the_original_arguments_and_return_its_payloads() 
             few = await backend.archive_artifacts(slot, "out", max_entries=1)
             assert few["success"] is False
             assert "max_entries" in few["error"]
-            wrong = await backend.archive_artifacts(slot, "out", archive_format="zip")
+            plain = await backend.archive_artifacts(slot, "out", archive_format="tar")
+            assert (plain["success"], plain["format"]) == (True, "tar")
+            with tarfile.open(
+                fileobj=io.BytesIO(base64.b64decode(plain["content"])), mode="r:"
+            ) as tar:
+                report = tar.extractfile("out/report.txt")
+                assert report is not None
+                assert report.read() == data
+            zipped = await backend.archive_artifacts(slot, "out", archive_format="zip")
+            assert (zipped["success"], zipped["format"]) == (True, "zip")
+            raw_zip = base64.b64decode(zipped["content"])
+            assert zipped["bytes"] == len(raw_zip)
+            with zipfile.ZipFile(io.BytesIO(raw_zip)) as archive_zip:
+                assert archive_zip.read("out/report.txt") == data
+                assert archive_zip.read("out/sub/data.bin") == b"0123456789"
+                assert "out/sub/" in archive_zip.namelist()
+            wrong = await backend.archive_artifacts(slot, "out", archive_format="rar")
             assert wrong["success"] is False
             assert "tar.gz" in wrong["error"]
             await backend.release(slot)

@@ -34,9 +34,11 @@ import logging
 import math
 import mimetypes
 import os
+import stat
 import tarfile
 import threading
 import time
+import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
@@ -98,7 +100,7 @@ DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
 #: How long a release cut short by the caller's cancellation may take to finish on its own.
 RELEASE_GRACE_S = 30.0
 #: Archive formats `archive_artifacts` writes (the names the original's executor accepts).
-ARCHIVE_FORMATS = ("tar.gz", "tgz")
+ARCHIVE_FORMATS = ("tar.gz", "tgz", "tar", "zip")
 
 
 class ArtifactTooLarge(HermesError, ValueError):
@@ -862,11 +864,13 @@ class ToolBackend:
         max_entries: int | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """A gzipped tar of `path` (relative to the slot's workspace): `{success, content
+        """An archive of `path` (relative to the slot's workspace): `{success, content
         (base64), error, encoding, format, bytes, entry_count}`.
 
-        `archive_format` is `tar.gz` or `tgz`. An archive longer than `max_bytes` (default
-        `DEFAULT_ARCHIVE_MAX_BYTES`) or holding more than `max_entries` entries is an error.
+        `archive_format` is `tar.gz` (or `tgz`), `tar` or `zip`, as in the original backend; a
+        zip is made on the host from the sandbox's tar, so the image needs no `zip` program. An
+        archive longer than `max_bytes` (default `DEFAULT_ARCHIVE_MAX_BYTES`; for a zip, the tar
+        it is made from too) or holding more than `max_entries` entries is an error.
         """
         payload: dict[str, Any] = {
             "success": False,
@@ -892,11 +896,12 @@ class ToolBackend:
             if PurePosixPath(path).is_absolute() or ".." in parts:
                 raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
             limit = DEFAULT_ARCHIVE_MAX_BYTES if max_bytes is None else max_bytes
+            gzipped = archive_format in ("tar.gz", "tgz")
             runtime = self._held_runtime(slot)
             result: CommandResult = await runtime.call(
                 slot.lease,
                 Command(
-                    argv=("tar", "-czf", "-", "--", path),
+                    argv=("tar", "-czf" if gzipped else "-cf", "-", "--", path),
                     timeout_s=self.default_timeout_s if timeout_s is None else timeout_s,
                     max_output_bytes=limit,
                 ),
@@ -914,10 +919,15 @@ class ToolBackend:
                 raise ValueError(
                     f"{path!r} holds {entry_count} entries, more than max_entries={max_entries}"
                 )
+            archived = result.stdout
+            if archive_format == "zip":
+                archived = await trio.to_thread.run_sync(_zip_from_tar, archived)
+                if len(archived) > limit:
+                    raise ArtifactTooLarge(path, limit)
             payload.update(
                 success=True,
-                content=base64.b64encode(result.stdout).decode("ascii"),
-                bytes=len(result.stdout),
+                content=base64.b64encode(archived).decode("ascii"),
+                bytes=len(archived),
                 entry_count=entry_count,
             )
             return payload
@@ -1152,5 +1162,29 @@ async def _artifact_payload(
 
 
 def _tar_member_count(archive: bytes) -> int:
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
         return len(tar.getmembers())
+
+
+def _zip_from_tar(archive: bytes) -> bytes:
+    """The same entries as a zip: directories, files (with their modes) and symlinks."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar,
+        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zipped,
+    ):
+        for member in tar:
+            name = member.name + "/" if member.isdir() else member.name
+            info = zipfile.ZipInfo(name, date_time=time.gmtime(max(member.mtime, 315532800))[:6])
+            if member.isdir():
+                info.external_attr = (stat.S_IFDIR | member.mode) << 16 | 0x10
+                zipped.writestr(info, b"")
+            elif member.issym():
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                zipped.writestr(info, member.linkname)
+            elif member.isfile():
+                info.external_attr = (stat.S_IFREG | member.mode) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                source = tar.extractfile(member)
+                zipped.writestr(info, source.read() if source is not None else b"")
+    return out.getvalue()
