@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,12 +52,103 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_run_prints_the_output_and_exits_with_the_commands_code() -> None:
-    """`run` prints what the command printed and exits with the command's own exit code."""
+    """`run` prints what the command printed (stdout to stdout, stderr to stderr) and exits
+    with the command's own exit code."""
     ok = hermes("run", "--", "echo hello; echo oops >&2")
-    assert (ok.returncode, ok.stdout) == (0, "hello\noops\n")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "hello\n", "oops\n")
     failed = hermes("run", "--", "echo partial; exit 7")
     assert (failed.returncode, failed.stdout) == (7, "partial\n")
     assert failed.stderr == ""
+
+
+#: Marks the processes of `run` tests, to find the waiting command and count what is left.
+RUN_TAG = "hermes-cli-run-tag"
+
+
+def _run_waiting(*options: str) -> subprocess.Popen[bytes]:
+    """`hermes-actors run` of a command that prints a line, then waits for a `sleep` tagged
+    `RUN_TAG` to end (the test ends it from the host: sandboxes share no files with it), then
+    prints another."""
+    command = f"echo first; (exec -a {RUN_TAG} sleep 600); echo second"
+    return subprocess.Popen(
+        [*HERMES, "run", *options, "--", command],
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _tagged_processes() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(RUN_TAG.encode()):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _wait_for_tagged() -> list[int]:
+    deadline = time.monotonic() + 30
+    while not (found := _tagged_processes()):
+        assert time.monotonic() < deadline, "the tagged sleep never started"
+        time.sleep(0.02)
+    return found
+
+
+def test_run_streams_output_while_the_command_runs() -> None:
+    """`run` shows the command's first line while the command still runs: the command may go
+    on only after that line was read from `run`'s stdout."""
+    process = _run_waiting()
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"first\n"
+        assert process.poll() is None
+        for pid in _wait_for_tagged():
+            os.kill(pid, signal.SIGTERM)
+        assert process.stdout.read() == b"second\n"
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_run_interrupted_by_ctrl_c_exits_130_and_leaves_nothing() -> None:
+    """SIGINT to `run` mid-command cancels the command, stops the sandbox and exits 130."""
+    process = _run_waiting()
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"first\n"
+        assert host_sandbox_pids(process.pid)
+        _wait_for_tagged()  # the waiting command runs
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 130
+        assert process.stderr is not None
+        assert b"interrupted" in process.stderr.read()
+        assert process.stdout.read() == b""  # the command never went on
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert host_sandbox_pids(process.pid) == []
+    assert _tagged_processes() == []
+
+
+def test_run_json_reports_the_whole_output_once(tmp_path: Path) -> None:
+    """`run --json` streams nothing: stdout is one JSON object with the command's output."""
+    done = hermes("run", "--json", "--", "echo out; echo err >&2; exit 5")
+    assert done.returncode == 5
+    report = json.loads(done.stdout)
+    assert (report["output"], report["exit_code"]) == ("out\nerr\n", 5)
 
 
 def test_run_quotes_several_arguments_as_one_command() -> None:

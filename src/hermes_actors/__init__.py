@@ -28,6 +28,7 @@ from hermes_actors._errors import (
     SandboxStartFailed,
     TransferFailed,
 )
+from hermes_actors._output import OutputBuffer, OutputChunk
 from hermes_actors._progress import Progress
 from hermes_actors.cli._render import format_status
 from hermes_actors.facades import (
@@ -62,6 +63,8 @@ __all__ = [
     "IsolationUnavailable",
     "ModalSandboxConfig",
     "ModalToolBackend",
+    "OutputBuffer",
+    "OutputChunk",
     "Profiles",
     "Progress",
     "RuntimeStopped",

@@ -16,6 +16,9 @@ content travel without escaping or base64.
 Requests: ``{"id": int > 0, "op": str, "args": {...}}``.
 Replies:  ``{"id": int, "ok": true, "result": {...}}`` or
           ``{"id": int, "ok": false, "error": {"code": str, "message": str}}``.
+Output:   ``{"id": int, "output": "stdout"|"stderr", "data": bytes, "skipped": int}``, sent
+          while an exec with ``"stream_output": true`` runs, before its reply (see
+          `Agent.stream_output`); a frame without ``ok`` is never a reply.
 The agent's first frame is ``{"id": 0, "ok": true, "result": {"ready": true, ...}}``.
 A frame the agent cannot parse gets ``{"id": 0, "ok": false, "error": {"code": "bad_frame"}}``
 when the stream is still usable, and a clean exit when it is not.
@@ -256,6 +259,10 @@ MAX_SLOT = 1000000
 #: Replies buffered for a host that does not read: above this, stop taking new requests.
 OUTBOX_HIGH_WATER = 64 * 1024 * 1024
 _READ_CHUNK = 256 * 1024
+#: Output frames of streamed execs are sent only while fewer bytes than this wait for the host;
+#: the rest is skipped (counted in the next frame), so a slow host bounds the agent's memory
+#: and never slows the command (its capture, and so its reply, has everything as usual).
+STREAM_OUTBOX_LIMIT = 1024 * 1024
 #: After a command exits, how much still-buffered output is taken from each pipe at most (the
 #: command's own writes are all in the pipe by then; a background writer must not hold us).
 _FINAL_DRAIN_BYTES = 4 * 1024 * 1024
@@ -807,8 +814,12 @@ class _Capture:
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
+        #: Called with every piece fed (an exec with ``stream_output``).
+        self.on_data: Optional[Callable[[bytes], None]] = None
 
     def feed(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
         room = self.head_cap - len(self.head)
         if room > 0:
             self.head += data[:room]
@@ -877,6 +888,9 @@ class _Exec:
         #: When the command (or shell call) started, in kernel clock ticks since boot: the
         #: orphans its keeper adopted since then may be its escapees; older ones are not.
         self.start_tick = 0
+        #: Output frames are sent while it runs (``stream_output``); bytes skipped per stream.
+        self.streamed = False
+        self.skipped: Dict[str, int] = {}
 
 
 class Agent:
@@ -981,7 +995,7 @@ class Agent:
         self.selector.register(self.in_fd, selectors.EVENT_READ, self._on_stdin)
         self.selector.register(self.wakeup_read, selectors.EVENT_READ, self._on_wakeup)
         features = [*list(OPS), *TREE_OPS, "head_tail_output", "tree_kill", "serial"]
-        features += ["shell", "merge_stderr", "keepers", "long_command"]
+        features += ["shell", "merge_stderr", "keepers", "long_command", "stream_output"]
         if self.subreaper:
             features.append("subreaper")
         if self.slot_uid_base is not None:
@@ -1335,6 +1349,9 @@ class Agent:
         merge_stderr = args.get("merge_stderr", False)
         if not isinstance(merge_stderr, bool):
             raise OpError("bad_request", "'merge_stderr' must be a bool")
+        streamed = args.get("stream_output", False)
+        if not isinstance(streamed, bool):
+            raise OpError("bad_request", "'stream_output' must be a bool")
         shell_mode = args.get("shell", "fresh")
         if shell_mode not in SHELL_MODES:
             raise OpError("bad_request", "'shell' must be one of %s" % ", ".join(SHELL_MODES))
@@ -1358,6 +1375,7 @@ class Agent:
 
         ex = _Exec(request_id, self.next_exec_id, slot)
         self.next_exec_id += 1
+        ex.streamed = streamed
         if in_shell:
             assert command is not None
             explicit_cwd = cwd if cwd_arg not in (None, ".") else None
@@ -1368,6 +1386,9 @@ class Agent:
             self._spawn(ex, full_argv, script, cwd, env, stdin, cap, merge_stderr)
         if ex.pid == 0:
             return None  # could not start: already replied
+        if streamed and ex.stdout is not None and ex.stderr is not None:
+            ex.stdout.on_data = functools.partial(self.stream_output, ex, "stdout")
+            ex.stderr.on_data = functools.partial(self.stream_output, ex, "stderr")
         if timeout_s is not None:
             ex.deadline = ex.started + float(timeout_s)
             # A shell call's timer names no pid (0): the shell outlives its calls.
@@ -1451,7 +1472,21 @@ class Agent:
         code = 127 if isinstance(exc, FileNotFoundError) else 126
         message = "hermes-agent: %s: %s\n" % (program, exc.strerror or exc)
         result = _exec_result(code, None, False, False, 0.0, b"", 0, message.encode(), 0)
+        if ex.streamed:
+            self.stream_output(ex, "stderr", message.encode())
         self.send({"id": ex.request_id, "ok": True, "result": result})
+
+    def stream_output(self, ex: _Exec, name: str, data: bytes) -> None:
+        """Send a piece of a streamed exec's output now, or skip it while the host lags.
+
+        Skipped bytes are counted and reported in the stream's next frame; the command's
+        capture (its reply) is unaffected.
+        """
+        if len(self.outbox) > STREAM_OUTBOX_LIMIT:
+            ex.skipped[name] = ex.skipped.get(name, 0) + len(data)
+            return
+        skipped = ex.skipped.pop(name, 0)
+        self.send({"id": ex.request_id, "output": name, "data": data, "skipped": skipped})
 
     def _feed_callback(self, ex: _Exec) -> Callable[[int, int], None]:
         return lambda fd, mask: self._feed(ex, fd)

@@ -27,6 +27,7 @@ import trio
 
 from hermes_actors._agent import FrameDecoder, FrameError, bootstrap_payload, encode_frame
 from hermes_actors._errors import AgentError, SandboxLost, SandboxStartFailed
+from hermes_actors._output import OutputChunk, OutputSink, OutputTally
 from hermes_actors._values import (
     Command,
     CommandResult,
@@ -54,12 +55,16 @@ CANCEL_GRACE_S = 5.0
 class Request:
     """One submitted request: resolved once by the reader with the agent's answer."""
 
-    __slots__ = ("cancellable", "event", "request_id", "result")
+    __slots__ = ("cancellable", "event", "on_output", "request_id", "result")
 
-    def __init__(self, request_id: int, cancellable: bool) -> None:
+    def __init__(
+        self, request_id: int, cancellable: bool, on_output: OutputSink | None = None
+    ) -> None:
         self.request_id = request_id
         #: Whether the agent can cancel it: a command, or anything waiting in a serial queue.
         self.cancellable = cancellable
+        #: Gets a streamed command's output as it arrives (see `OutputTally`).
+        self.on_output = None if on_output is None else OutputTally(on_output)
         self.event = trio.Event()
         self.result: outcome.Outcome[dict[str, Any]] | None = None
 
@@ -198,12 +203,19 @@ class SandboxClient:
     def _dispatch(self, messages: list[dict[str, Any]]) -> None:
         for message in messages:
             request_id = message.get("id")
+            if "output" in message:  # a streamed command's output, before its reply
+                streaming = self._pending.get(request_id) if isinstance(request_id, int) else None
+                if streaming is not None and streaming.on_output is not None:
+                    streaming.on_output.deliver(OutputChunk.from_wire(message))
+                continue
             pending = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
             if pending is None:
                 if request_id == 0:
                     logger.warning("sandbox %s: agent reported: %r", self.sandbox_id, message)
                 continue
             if message.get("ok"):
+                if pending.on_output is not None:
+                    pending.on_output.finish(message.get("result") or {})
                 pending.resolve(outcome.Value(message.get("result") or {}))
             else:
                 error = message.get("error") or {}
@@ -260,16 +272,29 @@ class SandboxClient:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, op: str, args: Mapping[str, Any]) -> Request:
+    def submit(
+        self, op: str, args: Mapping[str, Any], *, on_output: OutputSink | None = None
+    ) -> Request:
         """Queue one request for the agent now (sync: requests go out in submission order).
 
-        Raises `SandboxLost` when the sandbox is already gone. Await the answer with `wait`.
+        `on_output` (an `exec` only) gets the command's output while it runs: called from the
+        reader (it must not block), never after the request's answer. Raises `SandboxLost` when
+        the sandbox is already gone. Await the answer with `wait`.
         """
         if self._lost is not None:
             raise SandboxLost(self._lost.sandbox_id, self._lost.reason)
-        request = Request(next(self._ids), cancellable=op == "exec" or bool(args.get("serial")))
+        wire = dict(args)
+        if on_output is not None:
+            if op != "exec":
+                raise ValueError(f"only an exec streams its output, not {op!r}")
+            wire["stream_output"] = True
+        request = Request(
+            next(self._ids),
+            cancellable=op == "exec" or bool(args.get("serial")),
+            on_output=on_output,
+        )
         self._pending[request.request_id] = request
-        self._send_nowait({"id": request.request_id, "op": op, "args": dict(args)})
+        self._send_nowait({"id": request.request_id, "op": op, "args": wire})
         self.requests_sent += 1
         return request
 

@@ -113,6 +113,15 @@ class Progress:
             f"in flight {self.in_flight}  {self.rate:.1f}/s  {self.elapsed_s:.1f}s"
         )
 
+    def close_live(self) -> None:
+        """End the live display now (it vanishes; no summary line): what follows is shown by
+        other means, such as a command's streamed output. Plain lines go on as before."""
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+            self._task = None
+            self._summary = False
+
     # -- display -------------------------------------------------------------------------------
 
     def _fields(self) -> dict[str, Any]:

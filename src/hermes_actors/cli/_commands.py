@@ -21,6 +21,7 @@ import trio
 
 from hermes_actors._config import ENV_PROFILES_FILE, Profiles, load_profiles
 from hermes_actors._errors import InfrastructureError
+from hermes_actors._output import OutputBuffer
 from hermes_actors._progress import Progress
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors.cli._main import EXIT_INFRASTRUCTURE, EXIT_OK, UsageError
@@ -82,7 +83,7 @@ def run_command(arguments: argparse.Namespace) -> int:
     if arguments.timeout is not None and not arguments.timeout > 0:
         raise UsageError(f"--timeout must be a number of seconds > 0: {arguments.timeout:g}")
     profiles, profile = _load_for_one_slot(arguments)
-    result = trio.run(_run_one, profiles, profile, command, arguments.timeout)
+    result = trio.run(_run_one, profiles, profile, command, arguments.timeout, arguments.json)
     metadata = result.metadata
     if arguments.json:
         print(
@@ -98,9 +99,6 @@ def run_command(arguments: argparse.Namespace) -> int:
                 }
             )
         )
-    else:
-        sys.stdout.write(result.output)
-        sys.stdout.flush()
     if "infra_error" in metadata:
         print(f"hermes-actors: {result.error}", file=sys.stderr)
         return EXIT_INFRASTRUCTURE
@@ -123,7 +121,9 @@ async def _tick(progress: Progress, interval_s: float) -> None:
         progress.tick()
 
 
-async def _run_one(profiles: Profiles, profile: str, command: str, timeout_s: float | None) -> Any:
+async def _run_one(
+    profiles: Profiles, profile: str, command: str, timeout_s: float | None, as_json: bool
+) -> Any:
     # One command on its own: `bash -c` semantics (its `$$`, `exit` and signals are its own).
     arguments: dict[str, Any] = {"command": command, "shell": "fresh"}
     if timeout_s is not None:
@@ -139,28 +139,70 @@ async def _run_one(profiles: Profiles, profile: str, command: str, timeout_s: fl
         ) as progress,
         collapse_exception_groups(),
     ):
-        return await _run_in_slot(profiles, profile, arguments, title, progress)
+        return await _run_in_slot(profiles, profile, arguments, title, progress, as_json)
 
 
 async def _run_in_slot(
-    profiles: Profiles, profile: str, arguments: dict[str, Any], title: str, progress: Progress
+    profiles: Profiles,
+    profile: str,
+    arguments: dict[str, Any],
+    title: str,
+    progress: Progress,
+    as_json: bool,
 ) -> Any:
     from hermes_actors.facades import ToolBackend
 
+    output = OutputBuffer()
     async with trio.open_nursery() as ticker:
         ticker.start_soon(_tick, progress, 1.0)
         async with ToolBackend(profiles) as backend:
             progress.start()
             slot = await backend.acquire("hermes-actors-run", profile=profile)
+            if not as_json:
+                # From here the command's own output, streamed as it is written, shows that it
+                # runs: a live display would only be drawn over by it.
+                progress.close_live()
             progress.set(description=f"running {title}")
             try:
-                [result] = await backend.execute_batch([(slot, "bash", arguments)])
+                async with trio.open_nursery() as writer:
+                    if not as_json:
+                        writer.start_soon(_write_output, output)
+                    try:
+                        [result] = await backend.execute_batch(
+                            [(slot, "bash", arguments)],
+                            on_output=None if as_json else lambda _, chunk: output(chunk),
+                        )
+                    finally:
+                        output.close()
             finally:
                 with trio.CancelScope(shield=True), contextlib.suppress(InfrastructureError):
                     await backend.release(slot, reset_workspace=True)
             progress.finish(ok=result.success)
         ticker.cancel_scope.cancel()
     return result
+
+
+async def _write_output(output: OutputBuffer) -> None:
+    """Copy a streamed command's output to ours as it comes: stdout to stdout, stderr to stderr.
+
+    Writes block (as a local command's would) when our reader is slow; meanwhile the buffer
+    skips what does not fit and says how much, so memory stays bounded.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    async for chunk in output:
+        target = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+        if chunk.skipped:
+            sys.stdout.buffer.flush()
+            sys.stderr.buffer.write(
+                f"\nhermes-actors: {chunk.skipped} bytes of {chunk.stream} not shown (the "
+                "command wrote faster than they could be shown; its result keeps the head "
+                "and tail)\n".encode()
+            )
+            sys.stderr.buffer.flush()
+        if chunk.data:
+            target.write(chunk.data)
+            target.flush()
 
 
 # -- shell -----------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from hermes_actors._errors import (
     RuntimeStopped,
     SandboxLost,
 )
+from hermes_actors._output import OutputChunk, OutputSink
 from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import Portal, collapse_exception_groups
 from hermes_actors._values import (
@@ -604,6 +605,8 @@ class ToolBackend:
         self,
         requests: Sequence[tuple[Slot, str, Mapping[str, Any]]],
         timeout_s: float | None = None,
+        *,
+        on_output: Callable[[int, OutputChunk], None] | None = None,
     ) -> list[ExecutionResult]:
         """Run tool calls and return their results in request order.
 
@@ -612,12 +615,21 @@ class ToolBackend:
         (default: `default_timeout_s`). Never raises for a request: an unknown tool, bad
         arguments, a slot that is not held or a lost sandbox give an error result.
         Cancellation kills the commands still running.
+
+        `on_output(index, chunk)` streams each `bash` call's output while it runs (`index` is
+        the request's position): called in the runtime's trio thread (the caller's, under
+        `async with`; else the portal thread), it must return quickly and never block. Chunks
+        the runtime could not deliver in time are counted, never buffered without bound (see
+        `OutputChunk.skipped`); the results are the same as without it.
         """
         batch = list(requests)
-        return await self._route(lambda: self._execute_batch(batch, timeout_s))
+        return await self._route(lambda: self._execute_batch(batch, timeout_s, on_output))
 
     async def _execute_batch(
-        self, batch: list[tuple[Slot, str, Mapping[str, Any]]], timeout_s: float | None
+        self,
+        batch: list[tuple[Slot, str, Mapping[str, Any]]],
+        timeout_s: float | None,
+        on_output: Callable[[int, OutputChunk], None] | None = None,
     ) -> list[ExecutionResult]:
         await self._ensure_started()
         results: list[ExecutionResult | None] = [None] * len(batch)
@@ -640,8 +652,11 @@ class ToolBackend:
                 submitted = True
                 task_status.started()
 
+            sink = None if on_output is None else functools.partial(on_output, index)
             try:
-                results[index] = await self._run_tool(slot, tool, args, timeout_s, on_submitted)
+                results[index] = await self._run_tool(
+                    slot, tool, args, timeout_s, on_submitted, sink
+                )
             finally:
                 if not submitted:
                     task_status.started()
@@ -685,6 +700,7 @@ class ToolBackend:
         args: Mapping[str, Any],
         timeout_s: float | None,
         on_submitted: Callable[[], None] | None = None,
+        on_output: OutputSink | None = None,
     ) -> ExecutionResult:
         """One call through its row of `TOOLS`: arguments, refusal, operation, rendering."""
         runtime = self._runtime
@@ -710,10 +726,14 @@ class ToolBackend:
         refused = tool.refusal(name, arguments, context)
         if refused is not None:
             return refused
+        operation = tool.operation(arguments, context)
         try:
             with collapse_exception_groups():
                 result = await runtime.call(
-                    slot.lease, tool.operation(arguments, context), on_submitted=on_submitted
+                    slot.lease,
+                    operation,
+                    on_submitted=on_submitted,
+                    on_output=on_output if isinstance(operation, Command) else None,
                 )
         except InfrastructureError as exc:
             if isinstance(exc, SandboxLost):

@@ -20,6 +20,7 @@ import trio
 
 from hermes_actors._config import Profiles, SandboxConfig
 from hermes_actors._errors import ConfigError, RuntimeStopped
+from hermes_actors._output import OutputSink
 from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors._values import Operation
@@ -204,13 +205,17 @@ class Runtime:
         operation: Operation,
         *,
         on_submitted: Callable[[], None] | None = None,
+        on_output: OutputSink | None = None,
     ) -> Any:
         """Do `operation` in the leased slot and return its result value.
 
         Goes straight to the lease's sandbox actor (see `SandboxActor.call`): a slot's calls run
-        in the order they are submitted, and `on_submitted` says when this one is.
+        in the order they are submitted, and `on_submitted` says when this one is; `on_output`
+        gets a command's output while it runs.
         """
-        return await lease.sandbox.call(lease.index, operation, on_submitted=on_submitted)
+        return await lease.sandbox.call(
+            lease.index, operation, on_submitted=on_submitted, on_output=on_output
+        )
 
     # -- workspace trees: checkpoints, forks, directory transfer (see runtime._trees) -----------
 

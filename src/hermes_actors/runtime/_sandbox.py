@@ -33,6 +33,7 @@ import trio
 from hermes_actors._client import CANCEL_GRACE_S, Request, SandboxClient
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import AgentError, SandboxLost
+from hermes_actors._output import OutputSink
 from hermes_actors._trio import Reply, bounded_cleanup, close_mailbox, collapse_exception_groups
 from hermes_actors._values import Command, CommandResult, Operation, ResetSlot, SlotOp
 from hermes_actors.drivers._base import SandboxDriver, SandboxHandle
@@ -52,6 +53,8 @@ class Call:
     slot: int
     operation: Operation
     reply: Reply[Any]
+    #: Gets a command's output while it runs (see `hermes_actors._output`); None: not streamed.
+    output: OutputSink | None = None
 
 
 class SandboxActor:
@@ -91,11 +94,13 @@ class SandboxActor:
         operation: Operation,
         *,
         on_submitted: Callable[[], None] | None = None,
+        on_output: OutputSink | None = None,
     ) -> Any:
         """Do `operation` in `slot` and return its result value (see `hermes_actors._values`).
 
         A slot's calls run in the order they reach the mailbox; `on_submitted` is called once
         this one is there, so a caller can pipeline a slot's calls without waiting for each.
+        `on_output` (a `Command` only) gets its output while it runs, never after the result.
         Cancellation abandons the reply: the actor cancels the request in the agent (a command
         is killed, tree and all, running or queued), and this waits for that (bounded by
         `CANCEL_GRACE_S`) before `Cancelled` propagates. Raises `SandboxLost` if the sandbox is
@@ -104,10 +109,13 @@ class SandboxActor:
         reply: Reply[Any] = Reply()
         if self.died is not None:
             raise self.died.again()
+        if on_output is not None and not isinstance(operation, Command):
+            raise TypeError(f"only a Command streams its output, not {type(operation).__name__}")
+        call = Call(slot=slot, operation=operation, reply=reply, output=on_output)
         try:
-            self._send.send_nowait(Call(slot=slot, operation=operation, reply=reply))
+            self._send.send_nowait(call)
         except trio.WouldBlock:
-            await self._send.send(Call(slot=slot, operation=operation, reply=reply))
+            await self._send.send(call)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise (self.died or SandboxLost(self.sandbox_id, "sandbox stopped")).again() from None
         if on_submitted is not None:
@@ -211,7 +219,7 @@ class SandboxActor:
         if not isinstance(operation, ResetSlot):  # a reset must not wait behind the slot's queue
             args["serial"] = True
         try:
-            request = self.client.submit(operation.op, args)
+            request = self.client.submit(operation.op, args, on_output=call.output)
         except SandboxLost as exc:
             call.reply.fail(exc.again())
             if isinstance(operation, Command):
