@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import trio
 
+from cli_support import Terminal, clean_environment
 from hermes_actors import Progress
 from hermes_actors._logging import LAYER_LOGGERS, configure_logging, warn_once_filter
+from hermes_actors._progress import show_warmup
+from hermes_actors._status import PoolStatus, SandboxStatus
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "hermes_actors"
 
@@ -108,3 +116,130 @@ def test_progress_on_a_terminal_draws_live_and_leaves_one_line() -> None:
         progress.finish()
         progress.finish(ok=False)
     assert stream.getvalue().splitlines()[-1].startswith("batch: done 2/2  failed 1  in flight 0")
+
+
+# -- pool start-up ---------------------------------------------------------------------------------
+
+
+def _pool(profile: str, states: list[str], failures: int = 0) -> PoolStatus:
+    sandboxes = tuple(
+        SandboxStatus(
+            sandbox_id=f"{profile}-{index}",
+            image="img",
+            state=state,
+            slots_free=1,
+            slots_held=0,
+            age_s=0.0,
+            commands_run=0,
+        )
+        for index, state in enumerate(states)
+    )
+    return PoolStatus(
+        profile=profile,
+        backend="local",
+        sandboxes=sandboxes,
+        slots_free=len(sandboxes),
+        slots_held=0,
+        waiters=0,
+        starting=states.count("starting"),
+        commands_run=0,
+        command_failures=0,
+        infra_failures=failures,
+        sandboxes_started=0,
+        sandboxes_stopped=0,
+        sandboxes_lost=0,
+    )
+
+
+async def test_warmup_off_a_terminal_only_logs_until_every_pool_is_warm(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Off a terminal the warm-up writes nothing to its stream and logs each pool's start and
+    the virtual time it took to warm; pools with nothing to warm are not mentioned."""
+    stream = io.StringIO()
+    timeline = [
+        [_pool("cpu", ["starting", "starting"])],
+        [_pool("cpu", ["ready", "starting"]), _pool("gpu", ["starting"])],
+        [_pool("cpu", ["ready", "ready"]), _pool("gpu", ["starting"])],
+        [_pool("cpu", ["ready", "ready"]), _pool("gpu", ["ready"])],
+    ]
+    calls = 0
+
+    def snapshot() -> list[PoolStatus]:
+        nonlocal calls
+        calls += 1
+        return timeline[min(calls, len(timeline)) - 1]
+
+    caplog.set_level(logging.INFO, logger="hermes_actors.backend")
+    await show_warmup(snapshot, {"cpu": 2, "gpu": 1, "none": 0}, stream=stream, live=False)
+    assert stream.getvalue() == ""
+    assert [record.getMessage() for record in caplog.records] == [
+        "profile cpu: warming 2 sandbox(es)",
+        "profile gpu: warming 1 sandbox(es)",
+        "profile cpu: 2 sandbox(es) warm in 0.2 s",
+        "profile gpu: 1 sandbox(es) warm in 0.3 s",
+    ]
+    assert trio.current_time() == pytest.approx(0.3)
+
+
+async def test_warmup_ends_when_the_runtime_stops(autojump_clock: trio.abc.Clock) -> None:
+    """A snapshot of None (the runtime stopped) ends the display although nothing is warm."""
+    snapshots = iter([[_pool("cpu", ["starting"])], None])
+    await show_warmup(lambda: next(snapshots), {"cpu": 1}, stream=io.StringIO(), live=True)
+    assert trio.current_time() == pytest.approx(0.1)
+
+
+async def test_warmup_shows_nothing_when_quiet_and_not_logging() -> None:
+    """Off a terminal with INFO not logged, the warm-up does not even poll."""
+
+    def snapshot() -> list[PoolStatus]:
+        raise AssertionError("polled although nothing would show")
+
+    logging.getLogger("hermes_actors.backend").setLevel(logging.WARNING)
+    try:
+        await show_warmup(snapshot, {"cpu": 1}, stream=io.StringIO(), live=False)
+    finally:
+        logging.getLogger("hermes_actors.backend").setLevel(logging.NOTSET)
+
+
+WARM_PROGRAM = """
+import sys, trio
+from hermes_actors import SandboxConfig, ToolBackend
+
+async def main():
+    config = SandboxConfig(name="warmed", isolation="none", min_sandboxes=2, max_sandboxes=2)
+    async with ToolBackend(config) as backend:
+        while sum(s.state == "ready" for p in backend.status().pools for s in p.sandboxes) < 2:
+            await trio.sleep(0.05)
+        print("all warm", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_backend_start_on_a_terminal_shows_sandboxes_warming() -> None:
+    """Under a pseudo-terminal, starting a backend draws its pools warming, then clears it."""
+    terminal = Terminal([sys.executable, "-c", WARM_PROGRAM], clean_environment())
+    try:
+        before = terminal.expect("all warm")
+        assert "warming warmed" in before
+        assert "ready" in before
+        assert terminal.wait() == 0
+    finally:
+        if terminal.fd >= 0:
+            os.kill(terminal.pid, signal.SIGKILL)
+            os.waitpid(terminal.pid, 0)
+            os.close(terminal.fd)
+
+
+def test_backend_start_off_a_terminal_writes_nothing() -> None:
+    """Piped, a starting backend writes nothing of its own to stdout or stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_PROGRAM],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("all warm\n", "")

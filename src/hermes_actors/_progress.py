@@ -2,22 +2,32 @@
 
 On a terminal, a live display drawn by rich (redrawn in place, removed when done); elsewhere (a
 log, a pipe, CI) plain lines, at most one per `interval_s` plus a last one, so logs stay short.
-The examples' batches, `hermes-actors run` on a long command and a pool's start-up use it.
+The examples' batches and `hermes-actors run` use `Progress`; a backend's pool start-up uses
+`show_warmup` (live on a terminal, log records otherwise: a library never writes into a
+program's output).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
+import trio
 from rich.console import Console
 from rich.progress import BarColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-__all__ = ["Progress"]
+from hermes_actors._status import PoolStatus
+
+__all__ = ["ENV_PROGRESS", "Progress", "show_warmup"]
+
+logger = logging.getLogger("hermes_actors.backend")
 
 
 class Progress:
@@ -194,3 +204,92 @@ class Progress:
                 self._stream.flush()
             return
         self._show(final=True)
+
+
+# -- pool start-up -------------------------------------------------------------------------------
+
+#: Set to 0 to keep `ToolBackend` from drawing its warm-up display on a terminal.
+ENV_PROGRESS = "HERMES_ACTORS_PROGRESS"
+
+
+def _ready(pool: PoolStatus) -> int:
+    return sum(1 for sandbox in pool.sandboxes if sandbox.state in ("ready", "draining"))
+
+
+async def show_warmup(
+    snapshot: Callable[[], Sequence[PoolStatus] | None],
+    targets: Mapping[str, int],
+    *,
+    stream: TextIO | None = None,
+    live: bool | None = None,
+    interval_s: float = 0.1,
+) -> None:
+    """Show sandboxes warming per profile until each pool has its `targets[profile]` ready.
+
+    On a terminal (`stream`, default stderr; `live` forces the mode) a live display, one row
+    per profile, which vanishes once every pool is warm; `$HERMES_ACTORS_PROGRESS=0` turns it
+    off. Elsewhere only `hermes_actors.backend` log records (INFO): a library must not write
+    into a program's output. `snapshot()` gives the pools' status, or None once the runtime
+    stopped (the display ends). Polls every `interval_s`; cancellation ends it cleanly.
+    """
+    targets = {profile: count for profile, count in targets.items() if count > 0}
+    if not targets:
+        return
+    out = stream if stream is not None else sys.stderr
+    if live is None:
+        live = os.environ.get(ENV_PROGRESS, "1") != "0" and out.isatty()
+    if not live and not logger.isEnabledFor(logging.INFO):
+        return  # nothing would show
+    for profile, count in targets.items():
+        logger.info("profile %s: warming %d sandbox(es)", profile, count)
+    started = trio.current_time()
+    display: RichProgress | None = None
+    rows: dict[str, TaskID] = {}
+    if live:
+        display = RichProgress(
+            SpinnerColumn(),
+            TextColumn("[bold]warming {task.description}"),
+            BarColumn(),
+            TextColumn("ready {task.completed}/{task.total}"),
+            TextColumn("starting {task.fields[starting]}"),
+            TextColumn("failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=Console(file=out),
+            transient=True,
+            # The program's own prints go where they go: never through this display.
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        for profile, count in targets.items():
+            rows[profile] = display.add_task(profile, total=count, starting=0, failed=0)
+        display.start()
+    warm: set[str] = set()
+    try:
+        while len(warm) < len(targets):
+            pools = snapshot()
+            if pools is None:
+                return
+            for pool in pools:
+                if pool.profile not in targets:
+                    continue
+                ready = _ready(pool)
+                if display is not None:
+                    display.update(
+                        rows[pool.profile],
+                        completed=min(ready, targets[pool.profile]),
+                        starting=pool.starting,
+                        failed=pool.infra_failures,
+                    )
+                if ready >= targets[pool.profile] and pool.profile not in warm:
+                    warm.add(pool.profile)
+                    logger.info(
+                        "profile %s: %d sandbox(es) warm in %.1f s",
+                        pool.profile,
+                        ready,
+                        trio.current_time() - started,
+                    )
+            if len(warm) < len(targets):
+                await trio.sleep(interval_s)
+    finally:
+        if display is not None:
+            display.stop()

@@ -62,6 +62,7 @@ from hermes_actors._errors import (
     SandboxLost,
 )
 from hermes_actors._output import OutputChunk, OutputSink
+from hermes_actors._progress import show_warmup
 from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import Portal, collapse_exception_groups
 from hermes_actors._values import (
@@ -395,6 +396,10 @@ class ToolBackend:
         start on first use. Returns once the runtime runs. Raises `ConfigError` (an unknown
         profile, before anything starts), `IsolationUnavailable`, `BackendUnavailable` when
         the pools cannot start. Cancellation stops what was started.
+
+        While sandboxes warm, a live display on stderr shows them per profile when stderr is a
+        terminal (`$HERMES_ACTORS_PROGRESS=0` turns it off); otherwise only INFO records of
+        the `hermes_actors.backend` logger say so. Nothing is written to stdout.
         """
         names = list(profiles_to_start or ())
         for name in names:
@@ -447,6 +452,12 @@ class ToolBackend:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 raise
             self._runtime, self._runtime_scope, self._runtime_done = runtime, scope, done
+            self._nursery.start_soon(
+                show_warmup,
+                lambda: runtime.status().pools if self._runtime is runtime else None,
+                {name: config.min_sandboxes for name, config in self.profiles.profiles.items()},
+                name="hermes-actors-warmup",
+            )
             return runtime
 
     async def stop(self, purge: bool = False) -> None:
