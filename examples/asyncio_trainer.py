@@ -5,7 +5,8 @@
 asyncio code awaits the same methods as trio code; the runtime runs on a portal thread with its
 own trio loop. Each episode acquires a slot, takes a few "policy" steps (tool calls), is scored,
 and releases its slot; episodes run concurrently with `asyncio.gather`, and one episode is
-cancelled midway to show that cancellation kills its command and frees its slot.
+cancelled midway to show that cancellation kills its command and frees its slot. Progress of the
+episodes (done, failed: reward 0, in flight, rate) is live on a terminal, plain lines in a log.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ import asyncio
 import sys
 import time
 
-from hermes_actors import SandboxConfig, ToolBackend, format_status
+from hermes_actors import Progress, SandboxConfig, ToolBackend, format_status
 
 
-async def episode(backend: ToolBackend, index: int) -> float:
+async def episode(backend: ToolBackend, index: int, progress: Progress) -> float:
     """One trajectory: returns its reward (1.0 when the program it wrote prints the answer)."""
+    progress.start()
+    reward = float("nan")
+    try:
+        reward = await scored_episode(backend, index)
+        return reward
+    finally:
+        progress.finish(ok=reward == 1.0)
+
+
+async def scored_episode(backend: ToolBackend, index: int) -> float:
     slot = await backend.acquire(trajectory_id=f"episode-{index}")
     try:
         steps = [
@@ -60,10 +71,11 @@ async def train(episodes: int, isolation: str) -> int:
     )
     started = time.monotonic()
     async with ToolBackend(config) as backend:
-        rewards, note = await asyncio.gather(
-            asyncio.gather(*(episode(backend, index) for index in range(episodes))),
-            cancelled_episode(backend),
-        )
+        with Progress("episodes", total=episodes) as progress:
+            rewards, note = await asyncio.gather(
+                asyncio.gather(*(episode(backend, index, progress) for index in range(episodes))),
+                cancelled_episode(backend),
+            )
         status = backend.status()
     elapsed = time.monotonic() - started
     scored = [reward for reward in rewards if reward == reward]

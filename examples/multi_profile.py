@@ -4,7 +4,8 @@
 
 Two profiles, `small` (many slots per sandbox) and `big` (one slot per sandbox, its own
 environment), served by one `ToolBackend.with_profiles(...)`. Profiles can also come from YAML
-(`load_profiles("config/local.yaml")`); here they are given in code. One batch spans both.
+(`load_profiles("config/local.yaml")`); here they are given in code. One batch spans both,
+its output streamed while it runs (`on_output`) into the progress display.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import trio
 
-from hermes_actors import ToolBackend, format_status
+from hermes_actors import OutputChunk, Progress, ToolBackend, format_status
 
 
 async def run(isolation: str) -> int:
@@ -46,9 +47,20 @@ async def run(isolation: str) -> int:
         small = [await backend.acquire(f"small-{index}") for index in range(3)]
         big = [await backend.acquire(f"big-{index}", profile="big") for index in range(2)]
         slots = small + big
-        results = await backend.execute_batch(
-            [(slot, "bash", {"command": "echo $SANDBOX_SIZE"}) for slot in slots]
-        )
+        with Progress("tool calls", total=len(slots)) as progress:
+            progress.start(len(slots))
+
+            def on_output(index: int, chunk: OutputChunk) -> None:
+                # Each call's output as it comes, before the batch ends.
+                progress.set(description=f"{slots[index].profile}: {chunk.data.decode().strip()}")
+
+            results = await backend.execute_batch(
+                [(slot, "bash", {"command": "echo $SANDBOX_SIZE"}) for slot in slots],
+                on_output=on_output,
+            )
+            for result in results:
+                progress.finish(ok=result.success)
+            progress.set(description="tool calls")
         for slot, result in zip(slots, results, strict=True):
             print(
                 f"{slot.trajectory_id:8} profile={slot.profile:5} sandbox={slot.sandbox_id:28} "

@@ -151,6 +151,15 @@ def test_run_json_reports_the_whole_output_once(tmp_path: Path) -> None:
     assert (report["output"], report["exit_code"]) == ("out\nerr\n", 5)
 
 
+def test_verbosity_flags_work_before_and_after_the_subcommand() -> None:
+    """Quiet by default; -v before or after the subcommand shows info records on stderr."""
+    assert hermes("run", "--", "true").stderr == ""
+    for arguments in (["-v", "run", "--", "true"], ["run", "-v", "--", "true"]):
+        loud = hermes(*arguments)
+        assert loud.returncode == 0, loud.stderr
+        assert "hermes-actors: INFO hermes_actors.config:" in loud.stderr
+
+
 def test_run_quotes_several_arguments_as_one_command() -> None:
     """Several arguments after -- are one command and its arguments, not a shell line."""
     done = hermes("run", "--", "printf", "%s|", "a b", "$HOME")

@@ -28,7 +28,8 @@ def run_example(name: str, *arguments: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_quickstart_shows_the_terminal_tool() -> None:
-    """quickstart.py runs commands, keeps a task's files, times out, and cleans up."""
+    """quickstart.py runs commands, keeps a task's files, times out, and cleans up; its
+    progress (plain lines off a terminal) goes to stderr."""
     done = run_example("quickstart.py")
     assert done.returncode == 0, done.stderr
     blocks = [block for block in done.stdout.split("--- ") if block]
@@ -39,6 +40,7 @@ def test_quickstart_shows_the_terminal_tool() -> None:
     assert replies["a failing command"]["exit_code"] == 2
     assert replies["a command that times out"]["exit_code"] == 124
     assert replies["after cleanup_vm the files are gone"]["exit_code"] == 2
+    assert "terminal_tool calls: done 6/6  failed 3  in flight 0" in done.stderr
 
 
 def test_rl_batch_runs_trajectories_through_execute_batch() -> None:
@@ -57,18 +59,22 @@ def test_rl_batch_runs_trajectories_through_execute_batch() -> None:
 
 
 def test_asyncio_trainer_uses_the_same_api_from_asyncio() -> None:
-    """asyncio_trainer.py runs episodes from asyncio; the cancelled one frees its slot."""
+    """asyncio_trainer.py runs episodes from asyncio, counted by the progress display; the
+    cancelled one frees its slot."""
     done = run_example("asyncio_trainer.py", "--episodes", "6")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "episodes: done 6/6  failed 0  in flight 0" in done.stderr
     assert re.search(r"^episodes: 6 in [0-9.]+s; mean reward", done.stdout, re.MULTILINE)
     assert "abandoned episode: cancelled: the command was killed" in done.stdout
     assert "slots still held after all episodes: 0" in done.stdout
 
 
 def test_multi_profile_serves_two_profiles_from_one_backend() -> None:
-    """multi_profile.py places trajectories in the profile they ask for."""
+    """multi_profile.py places trajectories in the profile they ask for; its batch streams
+    into the progress display."""
     done = run_example("multi_profile.py", "--isolation", "none")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "tool calls: done 5/5  failed 0  in flight 0" in done.stderr
     says = re.findall(r"profile=(\w+) .* says (\w+)", done.stdout)
     assert says == [("small", "small")] * 3 + [("big", "big")] * 2
     assert re.search(r"^big +local +2 +0 +2 ", done.stdout, re.MULTILINE)
