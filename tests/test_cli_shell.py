@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -9,11 +10,29 @@ from pathlib import Path
 
 from cli_support import HERMES, Terminal, clean_environment, host_sandbox_pids
 
+#: Marks a command's `sleep` so that the test can find it from the host and end it.
+TAG = "hermes-cli-shell-tag"
+
+
+def _wait_for_tagged() -> list[int]:
+    deadline = time.monotonic() + 30
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (entry / "cmdline").read_bytes().startswith(TAG.encode()):
+                        found.append(int(entry.name))
+        if found:
+            return found
+        assert time.monotonic() < deadline, "the tagged sleep never started"
+        time.sleep(0.02)
+
 
 def test_shell_runs_commands_ctrl_c_cancels_one_and_ctrl_d_leaves(tmp_path: Path) -> None:
-    """In `shell`, a command's output shows and cd/export persist; Ctrl-C kills only the running
-    command and the prompt returns; up-arrow recalls history; Ctrl-D leaves with 0 and releases
-    the sandbox."""
+    """In `shell`, a command's output shows as it is written and cd/export persist; Ctrl-C
+    kills only the running command and the prompt returns; up-arrow recalls history; Ctrl-D
+    leaves with 0 and releases the sandbox."""
     # Even a profile whose bash calls are `fresh` gets a persistent shell at the prompt.
     profiles = tmp_path / "profiles.yaml"
     profiles.write_text("profiles:\n  default:\n    shell: fresh\n")
@@ -29,6 +48,14 @@ def test_shell_runs_commands_ctrl_c_cancels_one_and_ctrl_d_leaves(tmp_path: Path
         terminal.expect("$ ")
         terminal.send('echo "$GREETING from $(basename $PWD)"\r')
         terminal.expect("hey from sub\r\n")
+        terminal.expect("$ ")
+        # Output shows as it is written: the first line is on the screen while the command
+        # waits for the test to end its tagged sleep.
+        terminal.send(f"echo first; (exec -a {TAG} sleep 600); echo second\r")
+        terminal.expect("first\r\n")
+        for pid in _wait_for_tagged():
+            os.kill(pid, signal.SIGTERM)
+        terminal.expect("second\r\n")
         terminal.expect("$ ")
         # A slow command: Ctrl-C cancels it, the shell stays.
         started = time.monotonic()

@@ -13,6 +13,7 @@ import os
 import runpy
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import trio
 
 from hermes_actors._config import ENV_PROFILES_FILE, Profiles, load_profiles
 from hermes_actors._errors import InfrastructureError
-from hermes_actors._output import OutputBuffer
+from hermes_actors._output import OutputBuffer, OutputChunk
 from hermes_actors._progress import Progress
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors.cli._main import EXIT_INFRASTRUCTURE, EXIT_OK, UsageError
@@ -208,6 +209,35 @@ async def _write_output(output: OutputBuffer) -> None:
 # -- shell -----------------------------------------------------------------------------------------
 
 
+class _TerminalEcho:
+    """Writes a `shell` command's output as it comes (called in the runtime's thread), and
+    ends its last line, so the next prompt starts on a line of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._line_open = False
+
+    def __call__(self, _index: int, chunk: OutputChunk) -> None:
+        with self._lock:
+            target = sys.stdout.buffer if chunk.stream == "stdout" else sys.stderr.buffer
+            if chunk.skipped:
+                sys.stderr.buffer.write(
+                    f"\n[{chunk.skipped} bytes of {chunk.stream} not shown]\n".encode()
+                )
+                self._line_open = False
+            if chunk.data:
+                target.write(chunk.data)
+                target.flush()
+                self._line_open = not chunk.data.endswith(b"\n")
+
+    def end_line(self) -> None:
+        with self._lock:
+            if self._line_open:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                self._line_open = False
+
+
 def _history_file() -> Path:
     from hermes_actors.runtime._publish import state_dir
 
@@ -246,18 +276,18 @@ def shell_command(arguments: argparse.Namespace) -> int:
                 continue
             if line.strip() in ("exit", "logout"):
                 break
+            echo = _TerminalEcho()
             try:
                 [result] = backend.call_blocking(
                     backend.execute_batch,
                     [(slot, "bash", {"command": line, "shell": "persistent"})],
+                    on_output=echo,
                 )
             except KeyboardInterrupt:
+                echo.end_line()
                 print("^C (command cancelled)", file=sys.stderr)
                 continue
-            sys.stdout.write(result.output)
-            if result.output and not result.output.endswith("\n"):
-                sys.stdout.write("\n")
-            sys.stdout.flush()
+            echo.end_line()
             if "infra_error" in result.metadata:
                 print(f"hermes-actors: {result.error}", file=sys.stderr)
                 with contextlib.suppress(InfrastructureError):
