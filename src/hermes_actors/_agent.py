@@ -2534,14 +2534,7 @@ class TreeOps:
         cwd = "."
         if shell.cwd.startswith(workspace + os.sep):
             cwd = os.path.relpath(shell.cwd, workspace)
-        exported = shell.exported
-        shells = self.agent.shells
-        if shells.directory is not None:
-            # The shell saves its ``export -p`` there after every call.
-            env_file = os.path.join(shells.directory, "slot-%d" % slot, "env")
-            with contextlib.suppress(OSError), open(env_file, "rb") as handle:
-                exported = handle.read()
-        return {"cwd": cwd, "exported": exported, "workspace": workspace}
+        return {"cwd": cwd, "exported": shell.exported, "workspace": workspace}
 
     def set_shell_state(self, slot: int, state: Optional[Dict[str, Any]]) -> None:
         """Replace the slot's shell by one that starts (lazily, at the next call) from `state`.
@@ -2898,6 +2891,9 @@ class _Shell:
         self.pid = 0
         self.control_fd = -1
         self.status_fd = -1
+        #: A memfd the shell writes ``export -p`` into (its fd 4) after every call, read when
+        #: the record arrives; -1 where there is no memfd (the text then comes on fd 3).
+        self.env_fd = -1
         self.unsent = b""
         self.records = bytearray()
         #: The output FIFOs no writer holds any more, by kind ("o", "e"): the next call's.
@@ -2997,7 +2993,6 @@ class _Shells:
         for attempt in (1, 2):
             try:
                 paths = self._open_fifos(shell, ex, merge_stderr)
-                script = self._write_command(ex.slot, command)
                 break
             except OSError as exc:
                 for fd in list(ex.fds):
@@ -3015,29 +3010,48 @@ class _Shells:
         if cwd is not None:
             parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
-        directory = self.slot_directory(ex.slot)
-        parts.append(
-            "\\command . %s </dev/null >|%s %s 3>&-"
-            % (_shell_quote(script), _shell_quote(paths[0]), redirect)
-        )
+        body = command.encode("utf-8", "surrogateescape")
+        if not body.endswith(b"\n"):
+            body += b"\n"
+        outputs = ">|%s %s 3>&- 4>&-" % (_shell_quote(paths[0]), redirect)
+        if self.is_bash:
+            # bash reads a sourced file whole before running it, so the command can come as
+            # a quoted here-document on the shell's own stdin (a pipe: no file is written per
+            # call), and the command's stdin is at EOF, as from /dev/null.
+            delimiter = _heredoc_delimiter(body, "HERMES_%s_%d" % (agent.nonce, ex.exec_id))
+            parts.append("\\command . /dev/stdin <<'%s' %s" % (delimiter, outputs))
+            body += delimiter.encode("ascii") + b"\n"
+        else:
+            # Other shells read a sourced file as they run it: it must be a file, and the
+            # command's stdin /dev/null.
+            try:
+                script = self._write_command(ex.slot, body)
+            except OSError as exc:
+                for fd in list(ex.fds):
+                    agent._close_output(ex, fd)
+                agent.reply_not_started(ex, "the shell's command file", exc)
+                return
+            parts.append(". %s </dev/null %s" % (_shell_quote(script), outputs))
+            body = b""
         # The record is its own line (an interrupt, see `kill_call`, ends the call's line
-        # only), written in one write. Before it, the exported environment goes to a file read
-        # only when a replacement shell needs it: saved first, so a shell killed after its call
-        # has ended never leaves it half-written. The status waits in $1 meanwhile (a variable
-        # would show up in `set`); `shift` gives the positional parameters back.
-        record = (
-            '\\command set -- "$?" "$@"; \\command export -p >|%s 2>/dev/null; '
-            '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD" >&3 2>/dev/null; '
-            "\\command shift\n" % (_shell_quote(os.path.join(directory, "env")), ex.exec_id)
-        )
-        line = "; ".join(parts) + "\n" + record
+        # only). Before it, the exported environment goes to the shell's memfd (or first on
+        # the status channel: ``export -p`` never prints NUL), for a replacement shell or a
+        # checkpoint; the record ends it. The status waits in $1 meanwhile (a variable would
+        # show up in `set`); `shift` gives the positional parameters back.
+        report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
+        if shell.env_fd >= 0:
+            report = "\\command export -p >&4 2>/dev/null; %s >&3 2>/dev/null" % report
+        else:
+            report = "{ \\command export -p; %s; } >&3 2>/dev/null" % report
+        record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
+        line = ("; ".join(parts) + "\n").encode("utf-8", "surrogateescape") + body + record.encode()
         ex.pid = shell.pid
         ex.started = time.monotonic()
         ex.start_tick = self.now_tick()
         shell.current = ex
         self.execs[ex.exec_id] = ex
         agent.by_request[ex.request_id] = ex
-        self.send_script(shell, line.encode("utf-8", "surrogateescape"))
+        self.send_script(shell, line)
 
     def spawn(self, slot: int, previous: Optional[_Shell]) -> _Shell:
         """Start the slot's shell; a `previous` one that died hands over its cwd and exports."""
@@ -3058,9 +3072,6 @@ class _Shells:
         if previous is not None:
             shell.cwd = previous.cwd
             shell.exported = previous.exported
-            env_file = os.path.join(self.slot_directory(slot), "env")
-            with contextlib.suppress(OSError), open(env_file, "rb") as handle:
-                shell.exported = previous.exported = handle.read()
             if os.path.isdir(previous.cwd):
                 cwd = previous.cwd
             if previous.exported:
@@ -3077,6 +3088,11 @@ class _Shells:
         control_read, control_write = os.pipe()
         status_read, status_write = os.pipe()
         fds = [control_read, agent.devnull, agent.devnull, status_write]
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is not None:
+            with contextlib.suppress(OSError):
+                shell.env_fd = memfd_create("hermes-shell-env", os.MFD_CLOEXEC)
+                fds.append(shell.env_fd)
         if self.is_bash:
             argv = [self.program, "--noediting", "--noprofile", "--norc", "-i"]
         else:
@@ -3088,6 +3104,8 @@ class _Shells:
         except OSError:
             for fd in (control_read, control_write, status_read):
                 os.close(fd)
+            if shell.env_fd >= 0:
+                os.close(shell.env_fd)
             raise
         finally:
             os.close(status_write)
@@ -3106,19 +3124,11 @@ class _Shells:
         self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
         return shell
 
-    def _write_command(self, slot: int, command: str) -> str:
-        """Put the command in the slot's command file; its path.
-
-        The command reaches the shell as a file it sources: no quoting, and sourced code runs
-        with bash's "interactive" messages off (no "[1] PID" for a background job, no "exit"
-        on exit), so the output is what ``bash -c`` prints.
-        """
+    def _write_command(self, slot: int, data: bytes) -> str:
+        """Put the command in the slot's command file (shells other than bash); its path."""
         script = os.path.join(self.slot_directory(slot), "command")
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            data = command.encode("utf-8", "surrogateescape")
-            if not data.endswith(b"\n"):
-                data += b"\n"
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -3245,13 +3255,16 @@ class _Shells:
             end = shell.records.find(b"\0\3")
             if end < 0:
                 break
-            # A record is ``NUL status NUL cwd NUL E<exec id> NUL ETX``, one write.
+            # A record is ``export -p text NUL status NUL cwd NUL E<exec id> NUL ETX``.
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
             if len(fields) < 4 or not fields[-1].startswith(b"E"):
                 continue
-            status, cwd, name = fields[-3:]
+            exported, status, cwd, name = fields[-4:]
             shell.cwd = os.fsdecode(cwd) or shell.cwd
+            if shell.env_fd >= 0:
+                exported = self._take_exported(shell)
+            shell.exported = exported
             ex = shell.current
             if ex is None or name != b"E%d" % ex.exec_id:
                 continue
@@ -3262,6 +3275,17 @@ class _Shells:
             self.finish(shell, ex, exit_code, None, restarted=shell.report_restart)
             shell.report_restart = False
             shell.interrupted = False
+
+    def _take_exported(self, shell: _Shell) -> bytes:
+        """What the shell wrote into its memfd since the last record; the memfd is emptied."""
+        fd = shell.env_fd
+        try:
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # the shell shares this offset: it writes from 0
+        except OSError:
+            return shell.exported or b""
+        return data
 
     # -- ends of calls --------------------------------------------------------------------------
 
@@ -3374,7 +3398,9 @@ class _Shells:
                 with contextlib.suppress(KeyError):
                     selector.unregister(fd)
                 os.close(fd)
-        shell.control_fd = shell.status_fd = -1
+        if shell.env_fd >= 0:
+            os.close(shell.env_fd)
+        shell.control_fd = shell.status_fd = shell.env_fd = -1
         shell.unsent = b""
 
     # -- timeouts, cancel, reset ----------------------------------------------------------------
@@ -3514,10 +3540,6 @@ class _Shells:
         if shell.pid:
             with contextlib.suppress(OSError):
                 os.kill(shell.pid, signal.SIGKILL)
-        if self.directory is not None:
-            for name in ("command", "env"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.directory, "slot-%d" % slot, name))
         return True
 
     def closing(self, slot: Optional[int], reason: str) -> Set[int]:
@@ -3569,6 +3591,14 @@ class _Shells:
 def _shell_quote(text: str) -> str:
     """`text` as one single-quoted shell word (every byte literal, NUL excluded)."""
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _heredoc_delimiter(body: bytes, delimiter: str) -> str:
+    """`delimiter`, made longer until no line of `body` (ending in a newline) equals it."""
+    lines = b"\n" + body
+    while ("\n%s\n" % delimiter).encode("ascii") in lines:
+        delimiter += "_" + os.urandom(4).hex()
+    return delimiter
 
 
 def _is_shell_name(name: str) -> bool:
