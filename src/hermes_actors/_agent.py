@@ -84,54 +84,54 @@ class FrameError(Exception):
     """A frame that cannot be decoded."""
 
 
-def _extract_blobs(value: Any, blobs: List[bytes]) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        blobs.append(data)
-        return {"$b": len(data)}
-    if isinstance(value, dict):
-        return {key: _extract_blobs(item, blobs) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_extract_blobs(item, blobs) for item in value]
-    return value
+_ENCODER_SEPARATORS = (",", ":")
 
 
 def encode_frame(message: Dict[str, Any]) -> bytes:
-    """Encode one message (a JSON-able dict whose leaves may be bytes) as a frame."""
+    """Encode one message (a JSON-able dict whose leaves may be bytes) as a frame.
+
+    Each bytes-like leaf becomes a ``{"$b": size}`` placeholder in the JSON text, in the order
+    the text holds them, and its bytes follow the text in that order.
+    """
     blobs: List[bytes] = []
-    text = json.dumps(_extract_blobs(message, blobs), separators=(",", ":")).encode()
+
+    def blob(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            blobs.append(data)
+            return {"$b": len(data)}
+        raise TypeError("%s is not JSON serializable" % type(value).__name__)
+
+    text = json.dumps(message, separators=_ENCODER_SEPARATORS, default=blob).encode()
     blob_bytes = b"".join(blobs)
     return _HEADER.pack(len(text), len(blob_bytes)) + text + blob_bytes
 
 
-def _restore_blobs(value: Any, blobs: bytes, offset: List[int]) -> Any:
-    if isinstance(value, dict):
-        if len(value) == 1 and "$b" in value:
-            size = value["$b"]
-            if not isinstance(size, int) or size < 0 or offset[0] + size > len(blobs):
-                raise FrameError("blob placeholder out of range")
-            start = offset[0]
-            offset[0] = start + size
-            return blobs[start : start + size]
-        return {key: _restore_blobs(item, blobs, offset) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_restore_blobs(item, blobs, offset) for item in value]
-    return value
-
-
 def decode_body(text: bytes, blobs: bytes) -> Dict[str, Any]:
     """Decode the JSON part and the blobs of one frame into a message."""
+    offset = 0
+
+    def restore(value: Dict[str, Any]) -> Any:
+        # Called for each object as it is completed: placeholders (leaves) in text order.
+        nonlocal offset
+        if len(value) != 1 or "$b" not in value:
+            return value
+        size = value["$b"]
+        if not isinstance(size, int) or size < 0 or offset + size > len(blobs):
+            raise FrameError("blob placeholder out of range")
+        start = offset
+        offset = start + size
+        return blobs[start:offset]
+
     try:
-        raw = json.loads(text.decode("utf-8"))
+        raw = json.loads(text.decode("utf-8"), object_hook=restore)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError("frame is not valid JSON: %s" % exc) from None
     if not isinstance(raw, dict):
         raise FrameError("frame is not a JSON object")
-    offset = [0]
-    message = _restore_blobs(raw, blobs, offset)
-    if offset[0] != len(blobs):
-        raise FrameError("frame has %d unreferenced blob bytes" % (len(blobs) - offset[0]))
-    return message  # type: ignore[no-any-return]
+    if offset != len(blobs):
+        raise FrameError("frame has %d unreferenced blob bytes" % (len(blobs) - offset))
+    return raw
 
 
 class FrameDecoder:

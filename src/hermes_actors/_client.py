@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import outcome
@@ -55,7 +56,7 @@ CANCEL_GRACE_S = 5.0
 class Request:
     """One submitted request: resolved once by the reader with the agent's answer."""
 
-    __slots__ = ("cancellable", "event", "on_output", "request_id", "result")
+    __slots__ = ("cancellable", "event", "on_output", "on_resolved", "request_id", "result")
 
     def __init__(
         self, request_id: int, cancellable: bool, on_output: OutputSink | None = None
@@ -67,11 +68,15 @@ class Request:
         self.on_output = None if on_output is None else OutputTally(on_output)
         self.event = trio.Event()
         self.result: outcome.Outcome[dict[str, Any]] | None = None
+        #: Called (sync, once) with the answer as it arrives, instead of a task awaiting it.
+        self.on_resolved: Callable[[outcome.Outcome[dict[str, Any]]], None] | None = None
 
     def resolve(self, result: outcome.Outcome[dict[str, Any]]) -> None:
         if self.result is None:
             self.result = result
             self.event.set()
+            if self.on_resolved is not None:
+                self.on_resolved(result)
 
     async def wait(self) -> dict[str, Any]:
         await self.event.wait()
@@ -101,6 +106,12 @@ class SandboxClient:
         self._pending: dict[int, Request] = {}
         self._outbox: list[bytes] = []
         self._outbox_ready = trio.Event()
+        #: The agent's stdin when it is a pipe (local sandboxes): a request goes straight into
+        #: it while nothing is queued or being written, saving a wake-up of the writer task.
+        #: Other streams (Modal: one provider call per write) always go through the writer,
+        #: which sends everything queued in one write.
+        self._direct_fd = -1
+        self._writing = False
         self._lost: SandboxLost | None = None
         self._closed = trio.Event()
         self.agent_info: dict[str, Any] = {}
@@ -141,6 +152,10 @@ class SandboxClient:
                     raise SandboxLost(self.sandbox_id, "agent did not start in time")
                 self.agent_info = ready
                 nursery.start_soon(self._writer, name=f"client-writer:{self.sandbox_id}")
+                fd_stream = getattr(trio.lowlevel, "FdStream", None)
+                send_stream = getattr(stream, "send_stream", stream)
+                if fd_stream is not None and isinstance(send_stream, fd_stream):
+                    self._direct_fd = send_stream.fileno()
                 nursery.start_soon(self._heartbeat, name=f"client-heartbeat:{self.sandbox_id}")
                 task_status.started(self)
                 await self._reader(decoder)
@@ -153,7 +168,8 @@ class SandboxClient:
             self._fail_all(lost)
             raise lost from exc
         finally:
-            self._fail_all(SandboxLost(self.sandbox_id, "client closed"))
+            self._direct_fd = -1
+            self._fail_all(SandboxLost(self.sandbox_id, "sandbox stopped"))
             self._closed.set()
 
     async def _read_ready(self, decoder: FrameDecoder) -> dict[str, Any]:
@@ -235,12 +251,15 @@ class SandboxClient:
             self._outbox_ready = trio.Event()
             data = b"".join(self._outbox)
             self._outbox.clear()
+            self._writing = True
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._lost = SandboxLost(self.sandbox_id, f"cannot write to agent: {exc!r}")
                 self._fail_all(self._lost)
                 return
+            finally:
+                self._writing = False
             self.writes += 1
 
     async def _heartbeat(self) -> None:
@@ -267,7 +286,18 @@ class SandboxClient:
             cell.resolve(outcome.Error(self._lost))
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
-        self._outbox.append(encode_frame(message))
+        frame = encode_frame(message)
+        if self._direct_fd >= 0 and not self._writing and not self._outbox and self._lost is None:
+            try:
+                written = os.write(self._direct_fd, frame)
+            except OSError:
+                written = 0  # full, or broken: the writer finds out and reports it
+            if written:
+                self.writes += 1
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self._outbox.append(frame)
         self._outbox_ready.set()
 
     # -- requests --------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
+import outcome
 import trio
 
-from hermes_actors._client import CANCEL_GRACE_S, Request, SandboxClient
+from hermes_actors._client import CANCEL_GRACE_S, SandboxClient
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import AgentError, SandboxLost
 from hermes_actors._output import OutputSink
@@ -189,7 +190,7 @@ class SandboxActor:
             if self._on_ready is not None:
                 self._on_ready(self)
             async for call in self._receive:
-                self._dispatch(nursery, call)
+                self._dispatch(call)
 
     async def _run_client(
         self, actor_scope: trio.CancelScope, *, task_status: trio.TaskStatus[SandboxClient]
@@ -205,7 +206,7 @@ class SandboxActor:
             # Whatever ended the client ends the actor: a sandbox without its agent is dead.
             actor_scope.cancel(reason="sandbox agent gone")
 
-    def _dispatch(self, nursery: trio.Nursery, call: Call) -> None:
+    def _dispatch(self, call: Call) -> None:
         if call.reply.abandoned:
             call.reply.close()
             return
@@ -227,32 +228,35 @@ class SandboxActor:
             return
         client = self.client
         call.reply.on_abandon(lambda: client.cancel(request))
-        name = f"{operation.op}:{self.sandbox_id}/{slot}"
-        nursery.start_soon(self._await_answer, request, call, name=name)
+        # The client resolves every request it took exactly once (the agent's answer, or
+        # `SandboxLost` when it stops with the actor), so the answer is handed over as it
+        # arrives: no task per request.
+        request.on_resolved = lambda answer: self._answer(call, answer)
+        if request.result is not None:  # pragma: no cover - answers arrive in a later task
+            self._answer(call, request.result)
 
-    async def _await_answer(self, request: Request, call: Call) -> None:
-        """Await the agent's answer to one request and resolve the call's reply."""
-        assert self.client is not None
+    def _answer(self, call: Call, answer: outcome.Outcome[dict[str, Any]]) -> None:
+        """Resolve the call's reply with the agent's answer to it."""
         reply = call.reply
         try:
-            try:
-                answer = await self.client.wait(request)
-            except (AgentError, SandboxLost) as exc:
-                if isinstance(call.operation, Command) and isinstance(exc, SandboxLost):
+            if not isinstance(answer, outcome.Value):
+                assert isinstance(answer, outcome.Error)
+                error = answer.error
+                if isinstance(call.operation, Command) and isinstance(error, SandboxLost):
                     self.command_failures += 1
-                reply.fail(exc)
-                return
-            result = call.operation.result_from_wire(answer)
+                if isinstance(error, AgentError | SandboxLost):
+                    reply.fail(error)
+                    return
+                raise error
+            result = call.operation.result_from_wire(answer.value)
             if isinstance(result, CommandResult):
                 self.commands_run += 1
                 if result.exit_code != 0:
                     self.command_failures += 1
             reply.set(result)
+        except Exception as exc:  # a malformed answer fails its call, not the client
+            reply.fail(exc)
         finally:
-            # Cancelled because the sandbox died while this request was pending: the caller
-            # must still hear why (a no-op when it was answered or abandoned).
-            if not reply.done:
-                reply.fail((self.died or SandboxLost(self.sandbox_id, "sandbox stopped")).again())
             reply.close()
 
     # -- inspection -----------------------------------------------------------------------------
