@@ -2891,7 +2891,7 @@ class _Shell:
         self.pid = 0
         self.control_fd = -1
         self.status_fd = -1
-        #: A memfd the shell writes ``export -p`` into (its fd 4) after every call, read when
+        #: A memfd the shell writes ``export -p`` into (its stdout) after every call, read when
         #: the record arrives; -1 where there is no memfd (the text then comes on fd 3).
         self.env_fd = -1
         self.unsent = b""
@@ -2920,20 +2920,23 @@ class _Shells:
     Protocol between the agent and a shell (an interactive bash, or ``sh -i`` without bash):
 
     * The shell reads its script from its stdin, a pipe only the agent writes to. A call is two
-      lines. The first exports the call's env, then sources (``.``) a file holding the
-      command, with ``</dev/null`` (every command's stdin is empty: ``read`` gets EOF), its
-      stdout and stderr redirected to FIFOs of the slot (one FIFO for both when merged, so the
-      order of writes is kept), and fd 3 closed. Sourcing runs the command at the top level
-      (not in a function): ``declare``, aliases, ``cd``, functions and options persist, as
-      typed in a terminal; and sourced code runs with bash's interactive messages off, so the
-      output is what ``bash -c`` prints (no ``[1] PID``, no ``exit``). The shell is interactive
-      for one reason: an interrupt ends the running line (a loop, a list) and the shell goes on
-      reading, where a non-interactive shell would exit.
-    * The second line writes ``export -p`` to a file that is read only when a replacement
-      shell needs the last exported environment, then the status record ``NUL status NUL cwd
-      NUL E<exec id> NUL ETX`` to fd 3 in one write. No command holds fd 3 (the ``3>&-``):
-      nothing a command prints can end a call early or forge a status. Framing is never
-      in-band in the output streams.
+      lines. The first exports the call's env, then sources (``.``) the command, which follows
+      as a quoted here-document (bash reads a sourced file whole before running it, so the
+      command's stdin is then at EOF: ``read`` gets EOF; other shells source a file of the
+      slot, with ``</dev/null``), its stdout and stderr redirected to FIFOs of the slot (one
+      FIFO for both when merged, so the order of writes is kept), and fd 3 closed. Sourcing
+      runs the command at the top level (not in a function): ``declare``, aliases, ``cd``,
+      functions and options persist, as typed in a terminal; and sourced code runs with bash's
+      interactive messages off, so the output is what ``bash -c`` prints (no ``[1] PID``, no
+      ``exit``). The shell is interactive for one reason: an interrupt ends the running line
+      (a loop, a list) and the shell goes on reading, where a non-interactive shell would exit.
+      No file is written per call.
+    * The second line writes ``export -p`` to the shell's own stdout, a memfd the agent reads
+      when the record arrives (kept for a replacement shell or a checkpoint; without memfd the
+      text goes first on fd 3), then the status record ``NUL status NUL cwd NUL E<exec id> NUL
+      ETX`` to fd 3. No command holds fd 3 (the ``3>&-``) or the shell's stdout: nothing a
+      command prints can end a call early or forge a status. Framing is never in-band in the
+      output streams.
     * Output per call: a FIFO is reused only while no writer holds it. When a call ends, the
       agent takes what is buffered; if a background job of the call still holds the FIFO, the
       agent keeps draining and discarding it until its last writer is gone (a background
@@ -3013,7 +3016,7 @@ class _Shells:
         body = command.encode("utf-8", "surrogateescape")
         if not body.endswith(b"\n"):
             body += b"\n"
-        outputs = ">|%s %s 3>&- 4>&-" % (_shell_quote(paths[0]), redirect)
+        outputs = ">|%s %s 3>&-" % (_shell_quote(paths[0]), redirect)
         if self.is_bash:
             # bash reads a sourced file whole before running it, so the command can come as
             # a quoted here-document on the shell's own stdin (a pipe: no file is written per
@@ -3034,15 +3037,17 @@ class _Shells:
             parts.append(". %s </dev/null %s" % (_shell_quote(script), outputs))
             body = b""
         # The record is its own line (an interrupt, see `kill_call`, ends the call's line
-        # only). Before it, the exported environment goes to the shell's memfd (or first on
-        # the status channel: ``export -p`` never prints NUL), for a replacement shell or a
-        # checkpoint; the record ends it. The status waits in $1 meanwhile (a variable would
-        # show up in `set`); `shift` gives the positional parameters back.
+        # only). Before it, the exported environment goes to the shell's own stdout, its memfd
+        # (or first on the status channel: ``export -p`` never prints NUL), for a replacement
+        # shell or a checkpoint; the record ends it. The status waits in $1 meanwhile (a
+        # variable would show up in `set`); `shift` gives the positional parameters back. The
+        # shell's own stderr is /dev/null, and every redirection costs several syscalls: the
+        # record line has one.
         report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
         if shell.env_fd >= 0:
-            report = "\\command export -p >&4 2>/dev/null; %s >&3 2>/dev/null" % report
+            report = "\\command export -p; %s >&3" % report
         else:
-            report = "{ \\command export -p; %s; } >&3 2>/dev/null" % report
+            report = "{ \\command export -p; %s; } >&3" % report
         record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
         line = ("; ".join(parts) + "\n").encode("utf-8", "surrogateescape") + body + record.encode()
         ex.pid = shell.pid
@@ -3087,12 +3092,14 @@ class _Shells:
                 )
         control_read, control_write = os.pipe()
         status_read, status_write = os.pipe()
-        fds = [control_read, agent.devnull, agent.devnull, status_write]
+        # The shell's own stdout is its memfd (see `start`): every call's command has its
+        # own stdout, so only the shell's top level writes there.
         memfd_create = getattr(os, "memfd_create", None)
         if memfd_create is not None:
             with contextlib.suppress(OSError):
                 shell.env_fd = memfd_create("hermes-shell-env", os.MFD_CLOEXEC)
-                fds.append(shell.env_fd)
+        stdout = shell.env_fd if shell.env_fd >= 0 else agent.devnull
+        fds = [control_read, stdout, agent.devnull, status_write]
         if self.is_bash:
             argv = [self.program, "--noediting", "--noprofile", "--norc", "-i"]
         else:
