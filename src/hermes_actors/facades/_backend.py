@@ -680,6 +680,13 @@ class ToolBackend:
                 for index in indexes:
                     await calls.start(run_one, index)
 
+        if len(queues) == 1 and len(only := next(iter(queues.values()))) == 1:
+            # One call (terminal_tool's case): it runs in this task, no nursery or task of its
+            # own (they cost about as much as the rest of the host's path).
+            slot, tool, args = batch[only[0]]
+            sink = None if on_output is None else functools.partial(on_output, only[0])
+            results[only[0]] = await self._run_tool(slot, tool, args, timeout_s, None, sink)
+            return results  # type: ignore[return-value]
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
                 for slot_id, indexes in queues.items():
