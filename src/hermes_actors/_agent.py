@@ -3659,11 +3659,41 @@ def _wait_dead(pids: Set[int], limit_s: float = 0.05) -> None:
     """Wait (bounded) until SIGKILLed `pids` are dead (zombies or gone).
 
     A process takes a moment to die after SIGKILL: a sweep that scans /proc before that sees
-    it alive, kills it again, sleeps and scans once more. Watching a few known pids is much
-    cheaper than a second scan of every process.
+    it alive, kills it again, sleeps and scans once more. Waiting for a few known pids is much
+    cheaper than a second scan of every process: on their pidfds where there are pidfds
+    (readable once the process has exited), else by watching their state in /proc.
     """
+    import select
+
     deadline = time.monotonic() + limit_s
+    pidfd_open = getattr(os, "pidfd_open", None)
     waiting = set(pids)
+    if pidfd_open is not None:
+        poller = select.poll()
+        opened = []
+        try:
+            for pid in list(waiting):
+                try:
+                    fd = pidfd_open(pid)
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH:
+                        waiting.discard(pid)  # gone already
+                    continue  # no pidfds here: the state check below
+                waiting.discard(pid)
+                opened.append(fd)
+                poller.register(fd, select.POLLIN)
+            left = len(opened)
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(InterruptedError):
+                    for fd, _ in poller.poll(remaining * 1000):
+                        poller.unregister(fd)
+                        left -= 1
+        finally:
+            for fd in opened:
+                os.close(fd)
     while waiting:
         for pid in list(waiting):
             try:
