@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_processes_with_env
+from hermes_actors._agent import _heredoc_delimiter
 from hermes_actors._client import SandboxClient
 from sandbox_support import ContractSandbox
 
@@ -170,6 +171,26 @@ async def test_fake_markers_and_random_bytes_are_just_output(
     assert result.stderr.startswith(noise)
     assert result.exit_code == 0
     assert (await sh(client, "echo next")).stdout == b"next\n"
+
+
+async def test_commands_of_any_text_run_as_written(contract_sandbox: ContractSandbox) -> None:
+    """Delimiter-like lines, a here-document, 200 KiB of text: run as written, stdin at EOF."""
+    client = contract_sandbox.client
+    nested = "cat <<'HERMES_END'\nHERMES_1\nEOF\nHERMES_END\nread line || echo eof"
+    result = await sh(client, nested, timeout_s=10)
+    assert (result.stdout, result.exit_code) == (b"HERMES_1\nEOF\neof\n", 0)
+    big = "x='%s'\necho ${#x}" % ("a" * 200 * 1024)
+    assert (await sh(client, big, timeout_s=30)).stdout == b"204800\n"
+    assert (await sh(client, "echo next \\")).stdout == b"next\n"
+
+
+def test_the_here_document_delimiter_is_no_line_of_the_command() -> None:
+    """A command holding the delimiter as a line gets a longer one that none of its lines is."""
+    body = b"echo a\nHERMES_n_7\nHERMES_n_7_x\n"
+    delimiter = _heredoc_delimiter(body, "HERMES_n_7")
+    assert delimiter.startswith("HERMES_n_7_")
+    assert delimiter.encode() not in body.split(b"\n")
+    assert _heredoc_delimiter(b"echo a\n", "HERMES_n_8") == "HERMES_n_8"
 
 
 async def test_output_caps_keep_head_and_tail(contract_sandbox: ContractSandbox) -> None:
