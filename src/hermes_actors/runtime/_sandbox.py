@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 from collections.abc import Callable, Mapping
@@ -79,6 +80,10 @@ class SandboxActor:
         self.died: SandboxLost | None = None
         self.commands_run = 0
         self.command_failures = 0
+        #: Calls sent to the agent and not answered yet, by request id: the ones the sandbox's
+        #: loss leaves unanswered fail as the actor stops (see `run`).
+        self._in_flight: dict[int, Call] = {}
+        self._nursery: trio.Nursery | None = None
 
     def workspace_dir(self, slot: int) -> str:
         """Slot `slot`'s workspace directory inside the sandbox (as its agent reported it)."""
@@ -170,6 +175,12 @@ class SandboxActor:
                     self.died = SandboxLost(self.sandbox_id, "sandbox stopped")
             # A fresh error per reply: one exception object raised in many tasks would get
             # their tracebacks mixed up.
+            in_flight, self._in_flight = self._in_flight, {}
+            for call in in_flight.values():
+                if isinstance(call.operation, Command):
+                    self.command_failures += 1
+                call.reply.fail(self.died.again())
+                call.reply.close()
             close_mailbox(self._receive, lambda call: [call.reply], self.died.again)
             if self.handle is not None:
                 await bounded_cleanup(TERMINATE_LIMIT_S, self.handle.terminate)
@@ -179,6 +190,7 @@ class SandboxActor:
         self.sandbox_id = self.handle.sandbox_id
         self.started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             self.client = SandboxClient(
                 self.handle,
                 ttl_s=self.config.agent_ttl_s,
@@ -231,20 +243,31 @@ class SandboxActor:
         # The client resolves every request it took exactly once (the agent's answer, or
         # `SandboxLost` when it stops with the actor), so the answer is handed over as it
         # arrives: no task per request.
-        request.on_resolved = lambda answer: self._answer(call, answer)
+        self._in_flight[request.request_id] = call
+        request.on_resolved = lambda answer: self._answer(request.request_id, call, answer)
         if request.result is not None:  # pragma: no cover - answers arrive in a later task
-            self._answer(call, request.result)
+            self._answer(request.request_id, call, request.result)
 
-    def _answer(self, call: Call, answer: outcome.Outcome[dict[str, Any]]) -> None:
-        """Resolve the call's reply with the agent's answer to it."""
+    def _answer(self, request_id: int, call: Call, answer: outcome.Outcome[dict[str, Any]]) -> None:
+        """Resolve the call's reply with the agent's answer to it.
+
+        `SandboxLost` (the client stopped: the actor is stopping too) is left to `run`, which
+        fails what is in flight once the actor knows why it died, before the pool hears of it.
+        """
         reply = call.reply
+        if isinstance(answer, outcome.Error) and isinstance(answer.error, SandboxLost):
+            # As a task: when the actor is stopping, its callers hear of the loss as it stops,
+            # not before (when the client is lost without the actor stopping, still promptly).
+            if self._nursery is not None:
+                with contextlib.suppress(RuntimeError):  # the nursery is closed: `run` fails it
+                    self._nursery.start_soon(self._fail_lost, request_id, answer.error)
+            return
+        del self._in_flight[request_id]
         try:
             if not isinstance(answer, outcome.Value):
                 assert isinstance(answer, outcome.Error)
                 error = answer.error
-                if isinstance(call.operation, Command) and isinstance(error, SandboxLost):
-                    self.command_failures += 1
-                if isinstance(error, AgentError | SandboxLost):
+                if isinstance(error, AgentError):
                     reply.fail(error)
                     return
                 raise error
@@ -258,6 +281,15 @@ class SandboxActor:
             reply.fail(exc)
         finally:
             reply.close()
+
+    async def _fail_lost(self, request_id: int, error: SandboxLost) -> None:
+        call = self._in_flight.pop(request_id, None)
+        if call is None:
+            return
+        if isinstance(call.operation, Command):
+            self.command_failures += 1
+        call.reply.fail(error.again())
+        call.reply.close()
 
     # -- inspection -----------------------------------------------------------------------------
 
