@@ -133,7 +133,7 @@ async def test_checkpoints_are_bounded_by_count_and_bytes() -> None:
         await backend.release_checkpoint(second)
         third = await backend.checkpoint(slot)
         assert third.size_bytes == 60000
-        pools = backend._runtime.status().pools  # type: ignore[union-attr]
+        pools = backend.status().pools
         assert pools[0].sandboxes  # still up
 
 

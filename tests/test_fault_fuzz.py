@@ -264,11 +264,6 @@ def test_execute_batch_answers_every_fuzzed_request(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect 7 (execute_batch side): an unhashable tool name raises TypeError "
-    "instead of an error result",
-)
 @pytest.mark.parametrize("tool", [[], {}, ["bash"]])
 def test_execute_batch_answers_unhashable_tool_names(
     fuzz_backend: tuple[ToolBackend, Slot, Slot], tool: Any

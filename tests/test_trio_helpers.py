@@ -1,8 +1,12 @@
-"""Tests for the general trio helpers: reply cells, calls, cleanup, group collapsing."""
+"""Tests for the general trio helpers: replies, calls, cleanup, group collapsing, portal hosts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import threading
+import time
 import traceback
 from functools import partial
 
@@ -14,6 +18,7 @@ import trio.testing
 
 from hermes_actors._errors import HermesError, RuntimeStopped, SandboxLost
 from hermes_actors._trio import (
+    PortalHost,
     Reply,
     bounded_cleanup,
     call,
@@ -658,3 +663,99 @@ async def test_on_abandon_registered_after_the_caller_left_runs_at_once() -> Non
     ran: list[bool] = []
     reply.on_abandon(lambda: ran.append(True))
     assert ran == [True]
+
+
+# -- PortalHost -------------------------------------------------------------------------------
+
+
+class Service:
+    """An async context manager with a nursery, like the backend's core: a journal of its life."""
+
+    def __init__(self, fail_enter: int = 0) -> None:
+        self.journal: list[str] = []
+        self.fail_enter = fail_enter
+        self.thread: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Service:
+        if self.fail_enter:
+            self.fail_enter -= 1
+            raise HermesError("cannot start")
+        self._stack = contextlib.AsyncExitStack()
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self.thread = threading.current_thread().name
+        self.journal.append("enter")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.journal.append("exit")
+        assert self._nursery is not None
+        assert self._stack is not None
+        self._nursery.cancel_scope.cancel()
+        await self._stack.__aexit__(*exc_info)  # type: ignore[arg-type]
+
+    async def echo(self, value: str) -> str:
+        await trio.lowlevel.checkpoint()
+        self.journal.append(value)
+        return value
+
+    async def crash(self) -> None:
+        async def boom() -> None:
+            raise HermesError("the service crashed")
+
+        assert self._nursery is not None
+        self._nursery.start_soon(boom)
+
+
+def test_portal_host_enters_on_first_call_and_leaves_on_close() -> None:
+    """The context is entered once, on the portal thread, at the first call; close leaves it."""
+    service = Service()
+    host = PortalHost(service, name="test-portal-host")
+    host.start()
+    assert service.journal == []
+    assert host.call_blocking(service.echo, "a") == "a"
+    assert asyncio.run(host.call(service.echo, "b")) == "b"
+    assert service.thread == "test-portal-host"
+    assert host.is_open
+    host.close()
+    assert service.journal == ["enter", "a", "b", "exit"]
+    assert not host.running
+    assert "test-portal-host" not in [thread.name for thread in threading.enumerate()]
+    with pytest.raises(RuntimeStopped):
+        host.call_blocking(service.echo, "late")
+
+
+def test_portal_host_reports_a_failed_enter_and_tries_again_next_call() -> None:
+    """A context that fails to enter raises to that call; the next call enters it afresh."""
+    service = Service(fail_enter=1)
+    host = PortalHost(service, name="test-portal-host-retry")
+    host.start()
+    try:
+        with pytest.raises(HermesError, match="cannot start"):
+            host.call_blocking(service.echo, "never")
+        assert host.call_blocking(service.echo, "then") == "then"
+    finally:
+        host.close()
+    assert service.journal == ["enter", "then", "exit"]
+
+
+def test_portal_host_logs_a_crashed_context_and_enters_it_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A context that ends by crashing is logged; the next call enters it again."""
+    service = Service()
+    host = PortalHost(service, name="test-portal-host-crash")
+    host.start()
+    try:
+        host.call_blocking(service.crash)
+        for _ in range(200):
+            if not host.is_open:
+                break
+            time.sleep(0.01)
+        assert not host.is_open
+        assert "ended by itself" in caplog.text
+        assert host.call_blocking(service.echo, "again") == "again"
+    finally:
+        host.close()
+    assert service.journal == ["enter", "exit", "enter", "again", "exit"]

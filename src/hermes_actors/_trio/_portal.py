@@ -21,6 +21,9 @@ that did not open the runtime in its own nursery) reach it through a `Portal`: o
   runs while the thread can still be stopped): a script that ends, or dies of Ctrl-C, leaves
   nothing running.
 
+`PortalHost` keeps one async context manager (a trio-native service with its own nursery)
+open on a portal: entered by one keeper task at the first call, left by `aclose()`/`close()`.
+
 Invariants: every call gets exactly one outcome (its value, its error, or `RuntimeStopped` when
 the portal is gone); no caller ever waits for a portal that has stopped.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -42,11 +46,12 @@ import trio
 
 from hermes_actors._errors import RuntimeStopped
 
-__all__ = ["CANCEL_WAIT_S", "Portal", "main_thread_interrupted"]
+__all__ = ["CANCEL_WAIT_S", "Portal", "PortalHost", "main_thread_interrupted"]
 
 logger = logging.getLogger("hermes_actors.portal")
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 #: How long a cancelled caller waits for its work in the portal to finish being cancelled.
 CANCEL_WAIT_S = 10.0
@@ -151,6 +156,11 @@ class Portal:
     def running(self) -> bool:
         """True while the portal thread runs and accepts calls."""
         return self._token is not None and not self._stopped
+
+    @property
+    def stopped(self) -> bool:
+        """True once the portal has stopped (or is stopping) and takes no more calls."""
+        return self._stopped
 
     @property
     def token(self) -> trio.lowlevel.TrioToken | None:
@@ -498,3 +508,122 @@ def _register_exit_hook(hook: Callable[[], object]) -> None:
             register(hook)
             return
     atexit.register(hook)
+
+
+class PortalHost(Generic[T]):
+    """One async context manager kept open on a portal thread of its own, for callers outside it.
+
+    A trio-native object (an async context manager whose `__aenter__` opens a nursery) can only
+    be used from the trio run it was entered in. The host enters it in a task of its own
+    `Portal` on first use and keeps it open; calls from any thread or event loop run in the
+    portal as tasks, next to it. `aclose()`/`close()` leave the context, the one way it stops
+    (its `__aexit__`), then stop the portal thread.
+
+    If the context ends by itself (its body's task crashed), the crash is logged and the next
+    call enters it again: a long-lived program keeps working after a transient failure.
+
+    Invariants: the context is entered and left by one task (the keeper), never twice at once;
+    every call gets exactly one outcome.
+    """
+
+    def __init__(self, context: contextlib.AbstractAsyncContextManager[T], *, name: str) -> None:
+        self.portal = Portal(name=name)
+        self._context = context
+        self._enter_lock = trio.Lock()
+        self._value: T | None = None
+        self._open = False
+        self._closing = trio.Event()
+        self._closed = trio.Event()
+
+    @property
+    def running(self) -> bool:
+        """True until the host is closed (the portal thread runs, or is about to)."""
+        return not self.portal.stopped
+
+    @property
+    def is_open(self) -> bool:
+        """True while the context is entered."""
+        return self._open
+
+    def start(self) -> None:
+        """Start the portal thread (the context is entered on the first call). Idempotent."""
+        self.portal.start()
+
+    async def _enter(self) -> T:
+        """The entered context (in the portal): entered now unless it is open already."""
+        if self._open:
+            assert self._value is not None
+            return self._value
+        async with self._enter_lock:
+            if not self._open:
+                self._closing, self._closed = trio.Event(), trio.Event()
+                self._value = await self.portal.nursery.start(self._keep_open)
+            assert self._value is not None
+            return self._value
+
+    async def _keep_open(self, *, task_status: trio.TaskStatus[T]) -> None:
+        started = False
+        try:
+            async with self._context as value:
+                self._open = True
+                started = True
+                task_status.started(value)
+                await self._closing.wait()
+        except Exception:
+            if not started:
+                raise  # to the call that entered it
+            logger.exception("%s ended by itself; the next call enters it again", self._context)
+        finally:
+            self._open = False
+            self._value = None
+            self._closed.set()
+
+    async def _run(self, function: Callable[..., Awaitable[U]], args: tuple[Any, ...]) -> U:
+        await self._enter()
+        return await function(*args)
+
+    async def call(
+        self,
+        function: Callable[..., Awaitable[U]],
+        *args: Any,
+        on_abandoned: Callable[[U], Awaitable[object]] | None = None,
+    ) -> U:
+        """`await function(*args)` in the portal, the context entered first; from asyncio or
+        trio. Cancelling the caller cancels the work there (see `Portal.call`)."""
+        return await self.portal.call(
+            functools.partial(self._run, function, args), on_abandoned=on_abandoned
+        )
+
+    def call_blocking(
+        self,
+        function: Callable[..., Awaitable[U]],
+        *args: Any,
+        on_abandoned: Callable[[U], Awaitable[object]] | None = None,
+    ) -> U:
+        """`call` for sync code: blocks this thread (see `Portal.call_blocking`)."""
+        return self.portal.call_blocking(
+            functools.partial(self._run, function, args), on_abandoned=on_abandoned
+        )
+
+    async def _leave(self, limit_s: float) -> None:
+        """Leave the context (in the portal) and wait, at most `limit_s`, until it is left."""
+        if not self._open:
+            return
+        self._closing.set()
+        with trio.move_on_after(limit_s):
+            await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Leave the context, then stop the portal thread. Idempotent."""
+        if self.portal.running:
+            with contextlib.suppress(RuntimeStopped):
+                await self.portal.call(functools.partial(self._leave, STOP_WAIT_S))
+        self.portal.stop()
+
+    def close(self, limit_s: float = STOP_WAIT_S, stop_wait_s: float = STOP_WAIT_S) -> None:
+        """`aclose` for sync code: leaving may take `limit_s`, stopping the portal (which
+        cancels what is still running there) `stop_wait_s` more."""
+        if self.portal.running:
+            with contextlib.suppress(RuntimeStopped):
+                self.portal.call_blocking(functools.partial(self._leave, limit_s))
+        self.portal.stop(stop_wait_s)

@@ -367,7 +367,7 @@ def error_messages() -> dict[str, list[str]]:
 def agent_codes() -> list[str]:
     """Every error code the agent (or the facade, for artifacts) can answer with."""
     codes: set[str] = set()
-    for path in (PACKAGE / "_agent.py", PACKAGE / "facades" / "_backend.py"):
+    for path in (PACKAGE / "_agent.py", PACKAGE / "facades" / "_core.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and node.args:

@@ -1,4 +1,8 @@
-"""Facades: the APIs users call (`ToolBackend` for trainers, `terminal_tool` for agents)."""
+"""Facades: the APIs users call (`ToolBackend` for trainers, `terminal_tool` for agents).
+
+`BackendCore` is `ToolBackend`'s trio-native core (an async context manager), for code that
+lives in one trio run; `ToolBackend` carries calls to it from asyncio, sync code and other runs.
+"""
 
 from hermes_actors._trio import Portal
 from hermes_actors.facades._backend import (
@@ -10,10 +14,12 @@ from hermes_actors.facades._backend import (
     ToolBackend,
     ToolResult,
 )
+from hermes_actors.facades._core import BackendCore
 from hermes_actors.facades._terminal import cleanup_vm, shutdown_terminal_backend, terminal_tool
 
 __all__ = [
     "ArtifactTooLarge",
+    "BackendCore",
     "ExecutionResult",
     "ModalToolBackend",
     "Portal",

@@ -1,51 +1,32 @@
-"""ToolBackend (alias ModalToolBackend): the trainer-facing facade over the runtime.
+"""ToolBackend (alias ModalToolBackend): the trainer-facing facade, usable from any caller.
 
-A trainer acquires a `Slot` per trajectory, sends tool calls for many slots at once with
-`execute_batch`, and releases the slots when the trajectories end. The tools are the rows of
-`facades._tools.TOOLS` (`bash`, `read_file`, `write_file`); artifacts can be read, listed and
-archived. SIGTERM and SIGHUP stop every sandbox as Ctrl-C does, then end the program as the
-signal would (`facades._signals`).
+The work is done by a `BackendCore` (`facades._core`), a trio-native async context manager.
+`ToolBackend` puts it where the caller can reach it; there are two places, and each call goes
+to the one the core is in:
 
-Three ways to drive the same object:
-
-* trio, structured: `async with backend:` runs the runtime in a nursery of the caller's task;
-  calls made from that trio run go straight to the runtime.
+* trio, structured: `async with backend:` enters the core in the caller's task (a nursery of
+  that trio run); calls made from that run go straight to the core.
 * anything else (asyncio programs, trio code that did not use `async with`, sync code through
-  `call_blocking`): the runtime runs on a `Portal` thread with its own trio loop, and the same
-  awaits work; the caller's cancellation cancels the work in the portal.
-* lazily: `acquire` and `execute_batch` start the backend when `start()` was not called.
+  `call_blocking`): a `PortalHost` enters the core on a portal thread with its own trio loop,
+  on the first call (`start()` or lazily `acquire`/`execute_batch`); the same awaits work, and
+  the caller's cancellation cancels the work in the portal.
 
-Invariants kept here: a slot handed to a caller is released exactly once (by the caller, by
-`stop`, or given back when the caller was cancelled before taking it); `execute_batch` returns
-one result per request, in request order, and never raises for a bad request or a failed
-sandbox (those are error results; infrastructure failures carry `infra_error` and `retryable`);
-no internal exception group reaches a caller.
+Either way the core stops one way, its `aclose()` (which its `async with` exit calls): `stop()`,
+`stop_sync()`, leaving `async with`, SIGTERM/SIGHUP (`facades._signals`) and interpreter exit
+all end there.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import enum
 import functools
-import hashlib
-import io
 import logging
-import math
-import mimetypes
 import os
-import stat
-import tarfile
 import threading
-import time
-import zipfile
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
 
-import attrs
 import sniffio
-import trio
 
 from hermes_actors._config import (
     Backend,
@@ -54,33 +35,15 @@ from hermes_actors._config import (
     load_profiles,
     profiles_from_mapping,
 )
-from hermes_actors._errors import (
-    AgentError,
-    HermesError,
-    InfrastructureError,
-    RuntimeStopped,
-    SandboxLost,
-)
-from hermes_actors._output import OutputChunk, OutputSink
-from hermes_actors._progress import show_warmup
+from hermes_actors._errors import RuntimeStopped
+from hermes_actors._output import OutputChunk
 from hermes_actors._status import BackendStatus, PoolStatus
-from hermes_actors._trio import Portal, collapse_exception_groups
-from hermes_actors._values import (
-    Command,
-    CommandResult,
-)
+from hermes_actors._trio import PortalHost
 from hermes_actors.drivers._base import SandboxDriver
-from hermes_actors.facades._signals import install_signal_handlers, register_host, serve_signals
-from hermes_actors.facades._tools import (
-    TOOLS,
-    BadRequest,
-    ExecutionResult,
-    ToolContext,
-    ToolResult,
-    error_result,
-    parse_arguments,
-)
-from hermes_actors.runtime._runtime import Checkpoint, Lease, Runtime
+from hermes_actors.facades._core import ArtifactTooLarge, BackendCore, Slot, SlotState
+from hermes_actors.facades._signals import install_signal_handlers, register_host
+from hermes_actors.facades._tools import ExecutionResult, ToolResult
+from hermes_actors.runtime._runtime import Checkpoint
 from hermes_actors.runtime._trees import DownloadTarget, UploadSource
 
 __all__ = [
@@ -97,85 +60,14 @@ logger = logging.getLogger("hermes_actors.backend")
 
 T = TypeVar("T")
 
-#: Default bound of `archive_artifacts`, in bytes of compressed archive.
-DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
-#: How long a release cut short by the caller's cancellation may take to finish on its own.
-RELEASE_GRACE_S = 30.0
-#: Archive formats `archive_artifacts` writes (the names the original's executor accepts).
-ARCHIVE_FORMATS = ("tar.gz", "tgz", "tar", "zip")
-
-
-class ArtifactTooLarge(HermesError, ValueError):
-    """An artifact (or archive) is larger than the bound the caller set or the agent allows."""
-
-    def __init__(self, path: str, max_bytes: int, *, what: str = "archive") -> None:
-        if what == "archive":
-            message = (
-                f"the archive of {path!r} is larger than {max_bytes} bytes; archive a smaller "
-                "directory or raise max_bytes"
-            )
-        else:
-            message = (
-                f"the file {path!r} is larger than the {max_bytes} bytes one read returns; "
-                "read it in parts (max_bytes) or archive it with archive_artifacts"
-            )
-        super().__init__(message)
-        self.path = path
-        self.max_bytes = max_bytes
-
-
-class SlotState(enum.Enum):
-    """Where a slot is in its life, as the original Hermes `Slot.state` reported it."""
-
-    AVAILABLE = "available"
-    ACQUIRED = "acquired"
-    EXECUTING = "executing"
-    RELEASING = "releasing"
-    ERROR = "error"
-
-
-@attrs.frozen
-class Slot:
-    """One trajectory's place in a sandbox: its own workspace, one command at a time.
-
-    Returned by `ToolBackend.acquire`; valid until it is released. `slot_id` is unique across
-    profiles and sandboxes. Besides ours, it has the fields the original Hermes executor
-    reads: `alloc_id` (the sandbox), `container_addr` (`<backend>://<sandbox_id>`),
-    `workspace_dir` (the workspace's path inside the sandbox), `state` and `metadata` (a dict
-    the caller may use). `isolated` and `network` say what the slot's sandbox enforces.
-    """
-
-    slot_id: str
-    profile: str
-    sandbox_id: str
-    trajectory_id: str | None
-    lease: Lease = attrs.field(repr=False, eq=False)
-    workspace_dir: str = ""
-    container_addr: str = ""
-    isolated: bool = False
-    network: bool = True
-    metadata: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
-    # The holding backend's table of held slots: `state` reads it, so it is never stale.
-    _held_by: Mapping[str, Slot] = attrs.field(factory=dict, eq=False, repr=False, alias="held_by")
-
-    @property
-    def alloc_id(self) -> str:
-        """The original's name for the sandbox hosting the slot."""
-        return self.sandbox_id
-
-    @property
-    def state(self) -> SlotState:
-        """`ACQUIRED` while the backend holds it for a caller, `AVAILABLE` once released."""
-        held = self._held_by.get(self.slot_id) is self
-        return SlotState.ACQUIRED if held else SlotState.AVAILABLE
-
 
 class ToolBackend:
     """Pools of sandboxes for many trajectories, behind a small tool-calling API.
 
-    See the module docstring for the three ways to drive it. Every `async` method may be
-    awaited from trio or asyncio; cancelling the caller cancels the work (a command is killed,
-    an acquire that was cancelled holds no slot).
+    Every `async` method may be awaited from trio or asyncio (see the module docstring for
+    where the work runs); sync code uses `call_blocking`. Cancelling the caller cancels the
+    work (a command is killed, an acquire that was cancelled holds no slot). The methods'
+    semantics are `BackendCore`'s.
     """
 
     #: The backend of profiles that name none, when `$TERMINAL_ENV` is unset.
@@ -199,23 +91,12 @@ class ToolBackend:
         # One profile given as a config: `get_status()` answers for that pool alone, as the
         # original's single-config backend did.
         self._single_profile = not isinstance(config, Profiles)
-        self._drivers = drivers
-        self._run_id = run_id
-        self._default_timeout_s = default_timeout_s
-        self._lock = threading.Lock()
-        self._start_lock = trio.Lock()
-        # Where the runtime lives: the caller's trio run (`async with`) or the portal thread.
-        self._mode: str | None = None
-        self._home_token: trio.lowlevel.TrioToken | None = None
-        self._portal: Portal | None = None
-        self._nursery: trio.Nursery | None = None
-        self._exit_stack: contextlib.AsyncExitStack | None = None
-        self._runtime: Runtime | None = None
-        self._runtime_scope: trio.CancelScope | None = None
-        self._runtime_done: trio.Event | None = None
-        self._held: dict[str, Slot] = {}
-        # Held slots whose sandbox was seen lost: there is nothing to give back for them.
-        self._lost: set[str] = set()
+        self._core = BackendCore(
+            profiles, drivers=drivers, run_id=run_id, default_timeout_s=default_timeout_s
+        )
+        # The portal host while the core runs (or may run) on a portal thread.
+        self._host: PortalHost[BackendCore] | None = None
+        self._host_lock = threading.Lock()
 
     @classmethod
     def with_profiles(
@@ -256,7 +137,7 @@ class ToolBackend:
         return cls(resolved, drivers=drivers, run_id=run_id)
 
     def __repr__(self) -> str:
-        state = "running" if self._runtime is not None else "stopped"
+        state = "running" if self.running else "stopped"
         return f"<ToolBackend {state} profiles={list(self.profiles.names)}>"
 
     @property
@@ -265,55 +146,48 @@ class ToolBackend:
 
         Defaults to the default profile's `execution_timeout_s`; settable.
         """
-        if self._default_timeout_s is not None:
-            return self._default_timeout_s
-        return self.profiles.get_profile().execution_timeout_s
+        return self._core.default_timeout_s
 
     @default_timeout_s.setter
     def default_timeout_s(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"default_timeout_s must be a number > 0: {value!r}")
-        self._default_timeout_s = float(value)
+        self._core.default_timeout_s = value
 
     @property
     def running(self) -> bool:
         """True while the runtime runs (started explicitly or lazily)."""
-        return self._runtime is not None
+        return self._core.running
 
     # -- where calls run -------------------------------------------------------------------
 
-    async def _route(
+    async def _call(
         self,
-        work: Callable[[], Awaitable[T]],
+        method: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
         give_back: Callable[[T], Awaitable[object]] | None = None,
     ) -> T:
-        """Run `work()` where the runtime lives: right here, or in the portal."""
-        library = sniffio.current_async_library()
-        if library == "trio" and trio.lowlevel.current_trio_token() is self._home_token:
-            return await work()
-        if self._mode == "direct":
-            raise RuntimeError(
-                "this ToolBackend runs inside another trio run (`async with backend:`); call it "
-                "from that run"
-            )
-        portal = self._ensure_portal()
-        return await portal.call(work, on_abandoned=give_back)
+        """`await method(*args)` (a method of the core) where the core is."""
+        if self._core.in_home_run():
+            return await method(*args)
+        return await self._portal_host().call(method, *args, on_abandoned=give_back)
 
-    def _ensure_portal(self) -> Portal:
-        with self._lock:
-            if self._mode == "direct":
-                raise RuntimeError("this ToolBackend is running in a trio nursery, not a portal")
-            if self._portal is not None and self._portal.running:
-                return self._portal
-            portal = Portal(name=f"hermes-actors-portal-{id(self):x}")
-            portal.start()
+    def _portal_host(self) -> PortalHost[BackendCore]:
+        """The host of the core, started now if there is none (the core is entered on use)."""
+        with self._host_lock:
+            host = self._host
+            if host is not None and host.running:
+                return host
+            if self._core.entered:
+                raise RuntimeError(
+                    "this ToolBackend runs inside a trio run (`async with backend:`); call it "
+                    "from that run"
+                )
+            host = PortalHost(self._core, name=f"hermes-actors-portal-{id(self):x}")
+            host.start()
             register_host(self)
             install_signal_handlers()
-            self._portal = portal
-            self._mode = "portal"
-            self._home_token = portal.token
-            self._nursery = portal._nursery
-            return portal
+            self._host = host
+            return host
 
     def call_blocking(self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
         """Run one of this backend's async methods from sync code and wait for its result.
@@ -322,72 +196,34 @@ class ToolBackend:
         thread (started on first use). Ctrl-C while waiting cancels the call (the command is
         killed, an acquired slot is given back) before `KeyboardInterrupt` propagates.
         """
-        portal = self._ensure_portal()
-        return portal.call_blocking(lambda: method(*args, **kwargs), on_abandoned=self._give_back)
 
-    async def _give_back(self, value: object) -> None:
-        """A result the caller never took: release what it holds."""
-        if isinstance(value, Slot):
-            await self._release(value, reset=True)
-        elif isinstance(value, list):  # a fork's slots
-            for item in value:
-                if isinstance(item, Slot):
-                    await self._release(item, reset=True)
+        async def run() -> T:
+            return await method(*args, **kwargs)
+
+        return self._portal_host().call_blocking(run, on_abandoned=self._core.give_back)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if sniffio.current_async_library() != "trio":
+        """From trio: enter the core in this task. Otherwise: `start()` it on a portal thread."""
+        if not _in_trio():
             await self.start()
             return self
-        with self._lock:
-            if self._mode is not None:
+        with self._host_lock:
+            if self._host is not None and self._host.running:
                 raise RuntimeError(
                     "this ToolBackend is already running (on its portal thread); stop() it "
                     "before `async with`"
                 )
-            self._mode = "direct"
-            self._home_token = trio.lowlevel.current_trio_token()
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._nursery = await stack.enter_async_context(trio.open_nursery())
-            with collapse_exception_groups():
-                await self._ensure_started()
-            self._nursery.start_soon(
-                serve_signals, self._stop_runtime, name="hermes-actors-stop-signals"
-            )
-        except BaseException:
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
-            with collapse_exception_groups():
-                await stack.aclose()
-            self._forget_home()
-            raise
-        self._exit_stack = stack
+            self._host = None
+        await self._core.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._mode != "direct":
+        if self._core.in_home_run():
+            await self._core.__aexit__(*exc_info)
+        else:
             await self.stop()
-            return
-        stack, self._exit_stack = self._exit_stack, None
-        assert stack is not None
-        try:
-            with collapse_exception_groups():
-                try:
-                    await self._stop_runtime()
-                finally:
-                    if self._nursery is not None:
-                        self._nursery.cancel_scope.cancel()
-                    await stack.__aexit__(*exc_info)  # type: ignore[arg-type]
-        finally:
-            self._forget_home()
-
-    def _forget_home(self) -> None:
-        with self._lock:
-            self._mode = None
-            self._home_token = None
-            self._nursery = None
 
     async def start(self, profiles_to_start: Sequence[str] | None = None) -> None:
         """Start the pools (pre-warming `min_sandboxes` of each profile). Idempotent.
@@ -396,69 +232,10 @@ class ToolBackend:
         start on first use. Returns once the runtime runs. Raises `ConfigError` (an unknown
         profile, before anything starts), `IsolationUnavailable`, `BackendUnavailable` when
         the pools cannot start. Cancellation stops what was started.
-
-        While sandboxes warm, a live display on stderr shows them per profile when stderr is a
-        terminal (`$HERMES_ACTORS_PROGRESS=0` turns it off); otherwise only INFO records of
-        the `hermes_actors.backend` logger say so. Nothing is written to stdout.
         """
-        names = list(profiles_to_start or ())
-        for name in names:
+        for name in profiles_to_start or ():
             self.profiles.get_profile(name)
-
-        async def start() -> None:
-            runtime = await self._ensure_started()
-            for name in names:
-                with collapse_exception_groups():
-                    await runtime.start_pool(name)
-
-        await self._route(start)
-
-    async def _ensure_started(self) -> Runtime:
-        if self._runtime is not None:
-            return self._runtime
-        async with self._start_lock:
-            if self._runtime is not None:
-                return self._runtime
-            assert self._nursery is not None
-            runtime = Runtime(self.profiles, drivers=self._drivers, run_id=self._run_id)
-            scope = trio.CancelScope()
-            done = trio.Event()
-            keep_errors = self._mode == "direct"
-
-            async def serve(
-                *, task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED
-            ) -> None:
-                try:
-                    with scope:
-                        await runtime.run(task_status=task_status)
-                except Exception:
-                    # In a portal nobody is there to receive a crash of the running runtime:
-                    # log it, and the next call starts a fresh one.
-                    if keep_errors or self._runtime is not runtime:
-                        raise
-                    logger.exception("the hermes-actors runtime crashed; it restarts on next use")
-                finally:
-                    if self._runtime is runtime:
-                        self._runtime = None
-                        self._held.clear()
-                    done.set()
-
-            try:
-                with collapse_exception_groups():
-                    await self._nursery.start(serve, name="hermes-actors-runtime")
-            except RuntimeStopped:
-                # A start cut short by the caller's cancellation can surface as "stopped":
-                # report it as the cancellation it is.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                raise
-            self._runtime, self._runtime_scope, self._runtime_done = runtime, scope, done
-            self._nursery.start_soon(
-                show_warmup,
-                lambda: runtime.status().pools if self._runtime is runtime else None,
-                {name: config.min_sandboxes for name, config in self.profiles.profiles.items()},
-                name="hermes-actors-warmup",
-            )
-            return runtime
+        await self._call(self._core.start, profiles_to_start)
 
     async def stop(self, purge: bool = False) -> None:
         """Terminate every sandbox and stop the runtime (and the portal thread). Idempotent.
@@ -467,62 +244,36 @@ class ToolBackend:
         either way; `purge` also terminates what other (crashed) runs left in the modal profiles'
         apps (local sandboxes never outlive their run). A later call starts the backend again.
         """
-        stop_runtime = functools.partial(self._stop_runtime, purge=purge)
-        if self._mode == "portal":
-            portal = self._portal
-            assert portal is not None
-            if portal.running:
-                with contextlib.suppress(RuntimeStopped):
-                    await self._route(stop_runtime)
-            if not portal.in_portal_thread():
-                portal.stop()
-            with self._lock:
-                if self._portal is portal:
-                    self._portal = None
-            self._forget_home()
-        elif self._mode == "direct":
-            await self._route(stop_runtime)
-
-    async def _stop_runtime(self, *, purge: bool = False) -> None:
-        scope, done = self._runtime_scope, self._runtime_done
-        if scope is None or done is None:
+        host = self._take_host()
+        if host is None:
+            if self._core.entered:
+                await self._call(functools.partial(self._core.aclose, purge=purge))
             return
-        if purge and self._runtime is not None:
-            await self._runtime.reap_orphans()
-        scope.cancel(reason="backend stopped")
-        await done.wait()
-        self._runtime_scope = self._runtime_done = None
-        self._runtime = None
-        self._held.clear()
-        self._lost.clear()
-
-    def stop_on_signal(self, limit_s: float) -> None:
-        """A stop signal arrived: terminate every sandbox, blocking at most about `limit_s`."""
-        portal = self._portal
-        if self._mode != "portal" or portal is None or not portal.running:
-            return
-
-        async def bounded() -> None:
-            with trio.move_on_after(limit_s):
-                await self._stop_runtime()
-
-        with contextlib.suppress(RuntimeStopped):
-            portal.call_blocking(bounded)
-        portal.stop(1.0)
+        if purge and host.is_open:
+            with contextlib.suppress(RuntimeStopped):
+                await host.portal.call(functools.partial(self._core.aclose, purge=True))
+        await host.aclose()
 
     def stop_sync(self, purge: bool = False) -> None:
         """`stop()` for sync code: blocks until every sandbox is terminated."""
-        portal = self._portal
-        if self._mode != "portal" or portal is None:
+        host = self._take_host()
+        if host is None:
             return
-        if portal.running:
+        if purge and host.is_open:
             with contextlib.suppress(RuntimeStopped):
-                portal.call_blocking(functools.partial(self._stop_runtime, purge=purge))
-        portal.stop()
-        with self._lock:
-            if self._portal is portal:
-                self._portal = None
-        self._forget_home()
+                host.portal.call_blocking(functools.partial(self._core.aclose, purge=True))
+        host.close()
+
+    def stop_on_signal(self, limit_s: float) -> None:
+        """A stop signal arrived: terminate every sandbox, blocking at most about `limit_s`."""
+        host = self._take_host()
+        if host is not None:
+            host.close(limit_s, stop_wait_s=1.0)
+
+    def _take_host(self) -> PortalHost[BackendCore] | None:
+        with self._host_lock:
+            host, self._host = self._host, None
+            return host
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -541,36 +292,9 @@ class ToolBackend:
         `IsolationUnavailable`, `RuntimeStopped`. Cancellation leaves no slot held.
         """
         self.profiles.get_profile(profile)  # unknown profile: fail before starting anything
-        return await self._route(
-            lambda: self._acquire(trajectory_id, profile, image), self._give_back
+        return await self._call(
+            self._core.acquire, trajectory_id, profile, image, give_back=self._core.give_back
         )
-
-    async def _acquire(
-        self, trajectory_id: str | None, profile: str | None, image: str | None = None
-    ) -> Slot:
-        runtime = await self._ensure_started()
-        with collapse_exception_groups():
-            lease = await runtime.acquire(profile, trajectory_id, image=image)
-        return self._hold(lease)
-
-    def _hold(self, lease: Lease) -> Slot:
-        handle = lease.sandbox.handle
-        backend = self.profiles.get_profile(lease.profile).backend
-        slot = Slot(
-            slot_id=lease.slot_id,
-            profile=lease.profile,
-            sandbox_id=lease.sandbox_id,
-            trajectory_id=lease.trajectory_id,
-            lease=lease,
-            workspace_dir=lease.sandbox.workspace_dir(lease.index),
-            container_addr=f"{backend}://{lease.sandbox_id}",
-            # A sandbox that is not running yet cannot be trusted to isolate anything.
-            isolated=handle is not None and handle.isolated,
-            network=handle is None or handle.network,
-            held_by=self._held,
-        )
-        self._held[slot.slot_id] = slot
-        return slot
 
     async def release(self, slot: Slot, reset_workspace: bool = False) -> None:
         """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
@@ -581,34 +305,7 @@ class ToolBackend:
         Idempotent. Returns once the slot is free again. If the caller is cancelled, the
         release still completes in the background.
         """
-        await self._route(lambda: self._release(slot, reset=reset_workspace))
-
-    async def _release(self, slot: Slot, *, reset: bool) -> None:
-        if self._held.get(slot.slot_id) is not slot:
-            return
-        del self._held[slot.slot_id]
-        runtime = self._runtime
-        if slot.slot_id in self._lost:
-            # Its sandbox is gone and the pool drops it with its slots; releasing it could only
-            # race the pool's noticing and hand the dead slot out again.
-            self._lost.discard(slot.slot_id)
-            return
-        if runtime is None:
-            return
-        try:
-            with collapse_exception_groups():
-                await runtime.release(slot.lease, reset=reset)
-        except InfrastructureError as exc:  # the sandbox is gone: so is the slot
-            logger.info("release of %s: %s", slot.slot_id, exc)
-        except BaseException:
-            # Cut short by the caller: finish the (idempotent) release on our own.
-            if self._nursery is not None:
-                self._nursery.start_soon(self._finish_release, runtime, slot.lease, reset)
-            raise
-
-    async def _finish_release(self, runtime: Runtime, lease: Lease, reset: bool) -> None:
-        with trio.move_on_after(RELEASE_GRACE_S), contextlib.suppress(HermesError):
-            await runtime.release(lease, reset=reset)
+        await self._call(self._core.release, slot, reset_workspace)
 
     # -- tools -----------------------------------------------------------------------------
 
@@ -626,157 +323,14 @@ class ToolBackend:
         (default: `default_timeout_s`). Never raises for a request: an unknown tool, bad
         arguments, a slot that is not held or a lost sandbox give an error result.
         Cancellation kills the commands still running.
-
-        `on_output(index, chunk)` streams each `bash` call's output while it runs (`index` is
-        the request's position): called in the runtime's trio thread (the caller's, under
-        `async with`; else the portal thread), it must return quickly and never block. Chunks
-        the runtime could not deliver in time are counted, never buffered without bound (see
-        `OutputChunk.skipped`); the results are the same as without it.
         """
-        batch = list(requests)
-        return await self._route(lambda: self._execute_batch(batch, timeout_s, on_output))
-
-    async def _execute_batch(
-        self,
-        batch: list[tuple[Slot, str, Mapping[str, Any]]],
-        timeout_s: float | None,
-        on_output: Callable[[int, OutputChunk], None] | None = None,
-    ) -> list[ExecutionResult]:
-        await self._ensure_started()
-        results: list[ExecutionResult | None] = [None] * len(batch)
-        queues: dict[str, list[int]] = {}
-        for index, request in enumerate(batch):
-            try:
-                slot = self._check_request(request, timeout_s)
-            except BadRequest as exc:
-                slot_id = _slot_id_of(request)
-                results[index] = error_result(slot_id, str(exc), _tool_of(request), 0.0)
-                continue
-            queues.setdefault(slot.slot_id, []).append(index)
-
-        async def run_one(index: int, *, task_status: trio.TaskStatus[None]) -> None:
-            slot, tool, args = batch[index]
-            submitted = False
-
-            def on_submitted() -> None:
-                nonlocal submitted
-                submitted = True
-                task_status.started()
-
-            sink = None if on_output is None else functools.partial(on_output, index)
-            try:
-                results[index] = await self._run_tool(
-                    slot, tool, args, timeout_s, on_submitted, sink
-                )
-            finally:
-                if not submitted:
-                    task_status.started()
-
-        async def run_queue(indexes: list[int]) -> None:
-            # A slot's calls are submitted one after the other, each as soon as the previous
-            # one is queued (not finished): the agent runs them in that order, and the whole
-            # batch reaches each sandbox in one write.
-            async with trio.open_nursery() as calls:
-                for index in indexes:
-                    await calls.start(run_one, index)
-
-        if len(queues) == 1 and len(only := next(iter(queues.values()))) == 1:
-            # One call (terminal_tool's case): it runs in this task, no nursery or task of its
-            # own (they cost about as much as the rest of the host's path).
-            slot, tool, args = batch[only[0]]
-            sink = None if on_output is None else functools.partial(on_output, only[0])
-            results[only[0]] = await self._run_tool(slot, tool, args, timeout_s, None, sink)
-            return results  # type: ignore[return-value]
-        with collapse_exception_groups():
-            async with trio.open_nursery() as nursery:
-                for slot_id, indexes in queues.items():
-                    nursery.start_soon(run_queue, indexes, name=f"batch:{slot_id}")
-        assert all(result is not None for result in results)
-        return results  # type: ignore[return-value]
-
-    def _check_request(self, request: object, timeout_s: float | None) -> Slot:
-        if not isinstance(request, tuple | list) or len(request) != 3:
-            raise BadRequest(f"a request is a (slot, tool, args) triple, got {request!r}")
-        slot, tool, _ = request
-        if not isinstance(slot, Slot):
-            raise BadRequest(f"expected a Slot from acquire(), got {type(slot).__name__}")
-        if self._held.get(slot.slot_id) is not slot:
-            raise BadRequest(
-                f"slot {slot.slot_id} is not held by this backend (released, lost, or from "
-                "another backend); acquire a new one"
-            )
-        if tool not in TOOLS:
-            raise BadRequest(f"unknown tool {tool!r}; available tools: {', '.join(TOOLS)}")
-        if timeout_s is not None and not _is_positive_number(timeout_s):
-            raise BadRequest(f"{tool}: 'timeout_s' must be a number > 0, got {timeout_s!r}")
-        return slot
-
-    async def _run_tool(
-        self,
-        slot: Slot,
-        name: str,
-        args: Mapping[str, Any],
-        timeout_s: float | None,
-        on_submitted: Callable[[], None] | None = None,
-        on_output: OutputSink | None = None,
-    ) -> ExecutionResult:
-        """One call through its row of `TOOLS`: arguments, refusal, operation, rendering."""
-        runtime = self._runtime
-        started = time.monotonic()
-        if runtime is None or self._held.get(slot.slot_id) is not slot:
-            return error_result(
-                slot.slot_id, f"slot {slot.slot_id} was released while the batch ran", name, 0.0
-            )
-        tool = TOOLS[name]
-        try:
-            arguments = parse_arguments(name, tool.arguments, args)
-        except BadRequest as exc:
-            return error_result(slot.slot_id, str(exc), name, 0.0)
-        config = self.profiles.get_profile(slot.profile)
-        context = ToolContext(
-            slot_id=slot.slot_id,
-            config=config,
-            timeout_s=timeout_s or self._timeout_for(config),
-            isolated=slot.isolated,
-            network=slot.network,
-            started=started,
+        return await self._call(
+            functools.partial(self._core.execute_batch, on_output=on_output),
+            list(requests),
+            timeout_s,
         )
-        refused = tool.refusal(name, arguments, context)
-        if refused is not None:
-            return refused
-        operation = tool.operation(arguments, context)
-        try:
-            with collapse_exception_groups():
-                result = await runtime.call(
-                    slot.lease,
-                    operation,
-                    on_submitted=on_submitted,
-                    on_output=on_output if isinstance(operation, Command) else None,
-                )
-        except InfrastructureError as exc:
-            if isinstance(exc, SandboxLost):
-                self._lost.add(slot.slot_id)
-            return error_result(
-                slot.slot_id,
-                str(exc),
-                name,
-                time.monotonic() - started,
-                infra_error=exc.kind,
-                retryable=exc.retryable,
-            )
-        except (AgentError, HermesError) as exc:
-            return error_result(slot.slot_id, str(exc), name, time.monotonic() - started)
-        return tool.render(arguments, result, context)
 
-    def _timeout_for(self, config: SandboxConfig) -> float:
-        if self._default_timeout_s is not None:
-            return self._default_timeout_s
-        return config.execution_timeout_s
-
-    # -- artifacts -------------------------------------------------------------------------
-
-    # The original Hermes executor parses these payloads; every field is always present, and a
-    # failure is `success: False` with the reason in `error`, never an exception.
+    # -- artifacts (payloads in the original Hermes executor's shape; see `BackendCore`) -----
 
     async def read_artifact(
         self,
@@ -789,66 +343,18 @@ class ToolBackend:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """A file of the slot's workspace: `{success, content, error, encoding, truncated,
-        bytes, file_size, path, mime, sha256}`.
-
-        `encoding` is `text` (UTF-8, undecodable bytes replaced) or `base64`; `max_bytes`
-        reads only the start (`truncated` says whether there was more; `file_size` is the
-        whole size); `include_sha256` adds the whole file's SHA-256.
-        """
-        payload: dict[str, Any] = {
-            "success": False,
-            "content": "",
-            "error": "",
-            "encoding": encoding,
-            "truncated": False,
-            "bytes": 0,
-            "file_size": None,
-            "path": path,
-            "mime": mimetypes.guess_type(path)[0] if isinstance(path, str) else None,
-            "sha256": None,
-        }
-
-        async def read() -> dict[str, Any]:
-            if encoding not in ("text", "base64"):
-                raise ValueError(f"encoding must be 'text' or 'base64', got {encoding!r}")
-            _check_bound("max_bytes", max_bytes, minimum=0)
-            runtime = self._held_runtime(slot)
-            args: dict[str, Any] = {"path": path}
-            if max_bytes is not None:
-                args["max_bytes"] = max_bytes
-            answer = await slot.lease.sandbox.file_op(slot.lease.index, "read_file", args)
-            data: bytes = answer["data"]
-            if answer["truncated"] and max_bytes is None:
-                # The caller asked for the whole file: a cut one is not an answer.
-                payload.update(truncated=True, bytes=len(data), file_size=int(answer["size"]))
-                raise ArtifactTooLarge(path, len(data), what="file")
-            if include_sha256:
-                payload["sha256"] = (
-                    await self._sha256(runtime, slot, path)
-                    if answer["truncated"]
-                    else hashlib.sha256(data).hexdigest()
-                )
-            payload.update(
-                success=True,
-                content=(
-                    data.decode("utf-8", errors="replace")
-                    if encoding == "text"
-                    else base64.b64encode(data).decode("ascii")
-                ),
-                truncated=bool(answer["truncated"]),
-                bytes=len(data),
-                file_size=int(answer["size"]),
-            )
-            return payload
-
-        return await self._route(lambda: _artifact_payload(read, payload, timeout_s))
-
-    async def _sha256(self, runtime: Runtime, slot: Slot, path: str) -> str | None:
-        result: CommandResult = await runtime.call(
-            slot.lease, Command(argv=("sha256sum", "--", path), timeout_s=self.default_timeout_s)
+        bytes, file_size, path, mime, sha256}`; see `BackendCore.read_artifact`."""
+        return await self._call(
+            functools.partial(
+                self._core.read_artifact,
+                encoding=encoding,
+                max_bytes=max_bytes,
+                include_sha256=include_sha256,
+                timeout_s=timeout_s,
+            ),
+            slot,
+            path,
         )
-        digest = result.stdout.split(b" ", 1)[0].decode("ascii", errors="replace")
-        return digest if result.exit_code == 0 and len(digest) == 64 else None
 
     async def list_artifacts(
         self,
@@ -859,38 +365,18 @@ class ToolBackend:
         max_entries: int | None = None,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Entries under `path` of the slot's workspace: `{success, entries, truncated, error}`,
-        each entry `{path, is_dir, size, mtime}`, sorted, depth first when `recursive`.
-
-        `truncated` says `max_entries` (or the agent's own bound) cut the listing short.
-        """
-        payload: dict[str, Any] = {"success": False, "entries": [], "truncated": False, "error": ""}
-
-        async def listing() -> dict[str, Any]:
-            if not isinstance(recursive, bool):
-                raise ValueError(f"recursive must be a bool, got {recursive!r}")
-            _check_bound("max_entries", max_entries, minimum=0)
-            self._held_runtime(slot)
-            args: dict[str, Any] = {"path": path, "recursive": recursive}
-            if max_entries is not None:
-                args["max_entries"] = max_entries
-            answer = await slot.lease.sandbox.file_op(slot.lease.index, "list_files", args)
-            payload.update(
-                success=True,
-                truncated=bool(answer["truncated"]),
-                entries=[
-                    {
-                        "path": entry["path"],
-                        "is_dir": entry["type"] == "dir",
-                        "size": int(entry["size"]),
-                        "mtime": float(entry.get("mtime", 0.0)),
-                    }
-                    for entry in answer["entries"]
-                ],
-            )
-            return payload
-
-        return await self._route(lambda: _artifact_payload(listing, payload, timeout_s))
+        """Entries under `path` of the slot's workspace: `{success, entries, truncated, error}`;
+        see `BackendCore.list_artifacts`."""
+        return await self._call(
+            functools.partial(
+                self._core.list_artifacts,
+                recursive=recursive,
+                max_entries=max_entries,
+                timeout_s=timeout_s,
+            ),
+            slot,
+            path,
+        )
 
     async def archive_artifacts(
         self,
@@ -903,162 +389,45 @@ class ToolBackend:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """An archive of `path` (relative to the slot's workspace): `{success, content
-        (base64), error, encoding, format, bytes, entry_count}`.
-
-        `archive_format` is `tar.gz` (or `tgz`), `tar` or `zip`, as in the original backend; a
-        zip is made on the host from the sandbox's tar, so the image needs no `zip` program. An
-        archive longer than `max_bytes` (default `DEFAULT_ARCHIVE_MAX_BYTES`; for a zip, the tar
-        it is made from too) or holding more than `max_entries` entries is an error.
-        """
-        payload: dict[str, Any] = {
-            "success": False,
-            "content": "",
-            "error": "",
-            "encoding": "base64",
-            "format": archive_format,
-            "bytes": 0,
-            "entry_count": 0,
-        }
-
-        async def archive() -> dict[str, Any]:
-            if archive_format not in ARCHIVE_FORMATS:
-                raise ValueError(
-                    f"archive_format must be one of {', '.join(ARCHIVE_FORMATS)}, got "
-                    f"{archive_format!r}"
-                )
-            _check_bound("max_bytes", max_bytes, minimum=1)
-            _check_bound("max_entries", max_entries, minimum=0)
-            if not isinstance(path, str):
-                raise ValueError(f"path must be a str, got {type(path).__name__}")
-            parts = PurePosixPath(path).parts
-            if PurePosixPath(path).is_absolute() or ".." in parts:
-                raise AgentError("path_escape", f"{path!r} is not a path inside the workspace")
-            limit = DEFAULT_ARCHIVE_MAX_BYTES if max_bytes is None else max_bytes
-            gzipped = archive_format in ("tar.gz", "tgz")
-            runtime = self._held_runtime(slot)
-            result: CommandResult = await runtime.call(
-                slot.lease,
-                Command(
-                    argv=("tar", "-czf" if gzipped else "-cf", "-", "--", path),
-                    timeout_s=self.default_timeout_s if timeout_s is None else timeout_s,
-                    max_output_bytes=limit,
-                ),
-            )
-            if result.stdout_dropped:
-                raise ArtifactTooLarge(path, limit)
-            if result.exit_code != 0 or result.timed_out:
-                detail = result.stderr.decode("utf-8", errors="replace").strip()
-                raise AgentError(
-                    "archive_failed",
-                    f"could not archive {path!r}: {detail or f'tar exited {result.exit_code}'}",
-                )
-            entry_count = await trio.to_thread.run_sync(_tar_member_count, result.stdout)
-            if max_entries is not None and entry_count > max_entries:
-                raise ValueError(
-                    f"{path!r} holds {entry_count} entries, more than max_entries={max_entries}"
-                )
-            archived = result.stdout
-            if archive_format == "zip":
-                archived = await trio.to_thread.run_sync(_zip_from_tar, archived)
-                if len(archived) > limit:
-                    raise ArtifactTooLarge(path, limit)
-            payload.update(
-                success=True,
-                content=base64.b64encode(archived).decode("ascii"),
-                bytes=len(archived),
-                entry_count=entry_count,
-            )
-            return payload
-
-        return await self._route(lambda: _artifact_payload(archive, payload, timeout_s))
+        (base64), error, encoding, format, bytes, entry_count}`; see
+        `BackendCore.archive_artifacts`."""
+        return await self._call(
+            functools.partial(
+                self._core.archive_artifacts,
+                archive_format=archive_format,
+                max_bytes=max_bytes,
+                max_entries=max_entries,
+                timeout_s=timeout_s,
+            ),
+            slot,
+            path,
+        )
 
     # -- workspace trees: checkpoints, forks, directory transfer ------------------------------
 
     async def checkpoint(self, slot: Slot) -> Checkpoint:
-        """Store the slot's workspace as it is now; restore it later with `restore`.
-
-        Running processes are not captured. The checkpoint lives in the slot's sandbox and
-        counts against its pool's `max_checkpoints` and checkpoint bytes (`CheckpointLimit
-        Exceeded` past them) until `release_checkpoint` or the backend stops.
-        """
-
-        async def take() -> Checkpoint:
-            with collapse_exception_groups():
-                return await self._held_runtime(slot).checkpoint(slot.lease)
-
-        return await self._route(take)
+        """Store the slot's workspace as it is now; see `BackendCore.checkpoint`."""
+        return await self._call(self._core.checkpoint, slot)
 
     async def release_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Free a checkpoint's storage. Idempotent."""
-
-        async def drop() -> None:
-            if self._runtime is not None:
-                await self._runtime.release_checkpoint(checkpoint)
-
-        await self._route(drop)
+        await self._call(self._core.release_checkpoint, checkpoint)
 
     async def restore(self, slot: Slot, checkpoint: Checkpoint) -> None:
-        """Make the slot's workspace the checkpoint's again; its running processes are killed.
-
-        Works for any slot of the checkpoint's profile (another sandbox's slot gets a copy
-        streamed through the host). Raises `CheckpointLost` once the checkpoint was released
-        or its sandbox stopped.
-        """
-
-        async def put_back() -> None:
-            with collapse_exception_groups():
-                await self._held_runtime(slot).restore(slot.lease, checkpoint)
-
-        await self._route(put_back)
+        """Make the slot's workspace the checkpoint's again; see `BackendCore.restore`."""
+        await self._call(self._core.restore, slot, checkpoint)
 
     async def fork(self, slot: Slot, n: int) -> list[Slot]:
-        """`n` new held slots whose workspaces equal this slot's now; this one goes on unchanged.
-
-        Forks land in the slot's own sandbox while it has free slots (a copy inside the
-        sandbox, no provider call), else in other sandboxes of the profile. Release each like
-        any slot. On failure or cancellation no new slot stays held.
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0: {n!r}")
-
-        async def fork() -> list[Slot]:
-            with collapse_exception_groups():
-                leases = await self._held_runtime(slot).fork(slot.lease, n)
-            return [self._hold(lease) for lease in leases]
-
-        return await self._route(fork, self._give_back)
+        """`n` new held slots whose workspaces equal this slot's now; see `BackendCore.fork`."""
+        return await self._call(self._core.fork, slot, n, give_back=self._core.give_back)
 
     async def upload(self, slot: Slot, source: UploadSource, dest: str = ".") -> None:
-        """Put a directory tree into the slot at `dest` (relative to its workspace).
-
-        `source`: a local directory, a tar as bytes, or a binary file-like object with a tar
-        stream. Streamed in bounded chunks. Raises `TransferFailed`, `AgentError`.
-        """
-
-        async def put() -> None:
-            with collapse_exception_groups():
-                await self._held_runtime(slot).upload(slot.lease, source, dest)
-
-        await self._route(put)
+        """Put a directory tree into the slot at `dest`; see `BackendCore.upload`."""
+        await self._call(self._core.upload, slot, source, dest)
 
     async def download(self, slot: Slot, path: str, dest: DownloadTarget) -> None:
-        """Copy the slot's directory `path` out: into a local directory, or as a tar stream
-        written to a binary file-like object. Streamed in bounded chunks."""
-
-        async def get() -> None:
-            with collapse_exception_groups():
-                await self._held_runtime(slot).download(slot.lease, path, dest)
-
-        await self._route(get)
-
-    def _held_runtime(self, slot: Slot) -> Runtime:
-        runtime = self._runtime
-        if runtime is None or self._held.get(slot.slot_id) is not slot:
-            raise RuntimeStopped(
-                f"slot {slot.slot_id} is not held by this backend (released, lost, or the backend "
-                "stopped); acquire a new one"
-            )
-        return runtime
+        """Copy the slot's directory `path` out; see `BackendCore.download`."""
+        await self._call(self._core.download, slot, path, dest)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -1067,23 +436,11 @@ class ToolBackend:
 
         See `BackendStatus` for what each figure means. Never blocks for long.
         """
-        portal = self._portal
-        if self._mode == "portal" and portal is not None and portal.running:
-            try:
-                return portal.call_sync(self._status_now)
-            except RuntimeStopped:
-                pass
-        return self._status_now()
-
-    def _status_now(self) -> BackendStatus:
-        runtime = self._runtime
-        return BackendStatus(
-            running=runtime is not None,
-            profiles=self.profiles.names,
-            default_profile=self.profiles.default_profile,
-            slots_held_by_caller=len(self._held),
-            pools=runtime.status().pools if runtime is not None else (),
-        )
+        host = self._host
+        if host is not None and host.portal.running:
+            with contextlib.suppress(RuntimeStopped):
+                return host.portal.call_sync(self._core.status)
+        return self._core.status()
 
     def get_status(self) -> dict[str, Any]:
         """The status in the original Hermes backend's shape.
@@ -1153,76 +510,8 @@ def _original_pool_status(config: SandboxConfig, pool: PoolStatus | None) -> dic
     }
 
 
-def _is_positive_number(value: object) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and value > 0
-    )
-
-
-def _slot_id_of(request: object) -> str:
-    if isinstance(request, tuple | list) and request and isinstance(request[0], Slot):
-        return request[0].slot_id
-    return ""
-
-
-def _tool_of(request: object) -> str | None:
-    if isinstance(request, tuple | list) and len(request) > 1 and isinstance(request[1], str):
-        return request[1]
-    return None
-
-
-def _check_bound(name: str, value: object, *, minimum: int) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < minimum
-    ):
-        raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
-
-
-async def _artifact_payload(
-    work: Callable[[], Awaitable[dict[str, Any]]],
-    payload: dict[str, Any],
-    timeout_s: float | None,
-) -> dict[str, Any]:
-    """`work()`'s payload; a failure or a timeout is the payload with `error` set instead."""
+def _in_trio() -> bool:
     try:
-        if timeout_s is not None and not _is_positive_number(timeout_s):
-            raise ValueError(f"timeout_s must be a number > 0 or None, got {timeout_s!r}")
-        with collapse_exception_groups(), trio.fail_after(timeout_s or math.inf):
-            return await work()
-    except trio.TooSlowError:
-        error = f"timed out after {timeout_s:g} s"
-    except (HermesError, ValueError) as exc:
-        error = str(exc)
-    return {**payload, "success": False, "error": error}
-
-
-def _tar_member_count(archive: bytes) -> int:
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-        return len(tar.getmembers())
-
-
-def _zip_from_tar(archive: bytes) -> bytes:
-    """The same entries as a zip: directories, files (with their modes) and symlinks."""
-    out = io.BytesIO()
-    with (
-        tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar,
-        zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zipped,
-    ):
-        for member in tar:
-            name = member.name + "/" if member.isdir() else member.name
-            info = zipfile.ZipInfo(name, date_time=time.gmtime(max(member.mtime, 315532800))[:6])
-            if member.isdir():
-                info.external_attr = (stat.S_IFDIR | member.mode) << 16 | 0x10
-                zipped.writestr(info, b"")
-            elif member.issym():
-                info.external_attr = (stat.S_IFLNK | 0o777) << 16
-                zipped.writestr(info, member.linkname)
-            elif member.isfile():
-                info.external_attr = (stat.S_IFREG | member.mode) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
-                source = tar.extractfile(member)
-                zipped.writestr(info, source.read() if source is not None else b"")
-    return out.getvalue()
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
