@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
 import sniffio
+import trio
 
 from hermes_actors._config import (
     Backend,
@@ -165,10 +166,13 @@ class ToolBackend:
         /,
         *args: Any,
         give_back: Callable[[T], Awaitable[object]] | None = None,
+        **kwargs: Any,
     ) -> T:
-        """`await method(*args)` (a method of the core) where the core is."""
+        """`await method(*args, **kwargs)` (a method of the core) where the core is."""
         if self._core.in_home_run():
-            return await method(*args)
+            return await method(*args, **kwargs)
+        if kwargs:
+            method = functools.partial(method, **kwargs)
         return await self._portal_host().call(method, *args, on_abandoned=give_back)
 
     def _portal_host(self) -> PortalHost[BackendCore]:
@@ -195,12 +199,27 @@ class ToolBackend:
         `backend.call_blocking(backend.acquire, "traj-1")`. The runtime runs on the portal
         thread (started on first use). Ctrl-C while waiting cancels the call (the command is
         killed, an acquired slot is given back) before `KeyboardInterrupt` propagates.
+
+        In a trio program that entered the backend with `async with`, its worker threads
+        (`trio.to_thread.run_sync`) may call this too: the call runs in that trio run.
         """
 
         async def run() -> T:
             return await method(*args, **kwargs)
 
-        return self._portal_host().call_blocking(run, on_abandoned=self._core.give_back)
+        token = self._core.token
+        if token is not None and self._host is None:
+            try:
+                return trio.from_thread.run(run, trio_token=token)
+            except trio.RunFinishedError:
+                raise RuntimeStopped(
+                    "the trio run that entered this backend (`async with`) has ended; start "
+                    "the backend again"
+                ) from None
+        # `method` routes itself once in the portal (the core is entered there on first use,
+        # after the method's own checks: an unknown profile starts nothing).
+        portal = self._portal_host().portal
+        return portal.call_blocking(run, on_abandoned=self._core.give_back)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -228,10 +247,8 @@ class ToolBackend:
     async def start(self, profiles_to_start: Sequence[str] | None = None) -> None:
         """Start the pools (pre-warming `min_sandboxes` of each profile). Idempotent.
 
-        `profiles_to_start` names profiles whose pools start (and warm) now as well; the others
-        start on first use. Returns once the runtime runs. Raises `ConfigError` (an unknown
-        profile, before anything starts), `IsolationUnavailable`, `BackendUnavailable` when
-        the pools cannot start. Cancellation stops what was started.
+        Returns once the runtime runs; `profiles_to_start` start (and warm) now as well. See
+        `BackendCore.start` for the errors. Cancellation stops what was started.
         """
         for name in profiles_to_start or ():
             self.profiles.get_profile(name)
@@ -247,7 +264,7 @@ class ToolBackend:
         host = self._take_host()
         if host is None:
             if self._core.entered:
-                await self._call(functools.partial(self._core.aclose, purge=purge))
+                await self._call(self._core.aclose, purge=purge)
             return
         if purge and host.is_open:
             with contextlib.suppress(RuntimeStopped):
@@ -282,14 +299,8 @@ class ToolBackend:
     ) -> Slot:
         """Wait for a free slot of `profile` (default profile when None) and hold it.
 
-        `image` runs the slot in a sandbox of that image instead of the profile's (a task's
-        own repository and toolchain): Modal, a registry image; local, a root filesystem
-        directory used as `/` under bubblewrap. Each image has its own sandboxes, all within
-        the profile's `max_sandboxes`.
-
-        Starts the backend if needed. Raises `ConfigError` (unknown profile), `AcquireTimeout`
-        (no slot within the profile's `acquire_timeout_s`), `SandboxStartFailed`,
-        `IsolationUnavailable`, `RuntimeStopped`. Cancellation leaves no slot held.
+        Starts the backend if needed. See `BackendCore.acquire` for `image`, the errors, and
+        cancellation (which leaves no slot held).
         """
         self.profiles.get_profile(profile)  # unknown profile: fail before starting anything
         return await self._call(
@@ -299,11 +310,7 @@ class ToolBackend:
     async def release(self, slot: Slot, reset_workspace: bool = False) -> None:
         """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
 
-        Without it (the default, as in the original Hermes backend) the next trajectory given
-        this slot finds its files, and anything it left running.
-
-        Idempotent. Returns once the slot is free again. If the caller is cancelled, the
-        release still completes in the background.
+        Idempotent; see `BackendCore.release`.
         """
         await self._call(self._core.release, slot, reset_workspace)
 
@@ -316,18 +323,11 @@ class ToolBackend:
         *,
         on_output: Callable[[int, OutputChunk], None] | None = None,
     ) -> list[ExecutionResult]:
-        """Run tool calls and return their results in request order.
-
-        Calls for different slots run concurrently; calls for the same slot run one after the
-        other, in request order. `timeout_s` bounds each `bash` call that gives no `timeout`
-        (default: `default_timeout_s`). Never raises for a request: an unknown tool, bad
-        arguments, a slot that is not held or a lost sandbox give an error result.
-        Cancellation kills the commands still running.
-        """
+        """Run tool calls and return their results in request order (one per request, never
+        raising for a request), streaming `bash` output to `on_output` as it comes; see
+        `BackendCore.execute_batch`."""
         return await self._call(
-            functools.partial(self._core.execute_batch, on_output=on_output),
-            list(requests),
-            timeout_s,
+            self._core.execute_batch, list(requests), timeout_s, on_output=on_output
         )
 
     # -- artifacts (payloads in the original Hermes executor's shape; see `BackendCore`) -----
@@ -345,15 +345,13 @@ class ToolBackend:
         """A file of the slot's workspace: `{success, content, error, encoding, truncated,
         bytes, file_size, path, mime, sha256}`; see `BackendCore.read_artifact`."""
         return await self._call(
-            functools.partial(
-                self._core.read_artifact,
-                encoding=encoding,
-                max_bytes=max_bytes,
-                include_sha256=include_sha256,
-                timeout_s=timeout_s,
-            ),
+            self._core.read_artifact,
             slot,
             path,
+            encoding=encoding,
+            max_bytes=max_bytes,
+            include_sha256=include_sha256,
+            timeout_s=timeout_s,
         )
 
     async def list_artifacts(
@@ -368,14 +366,12 @@ class ToolBackend:
         """Entries under `path` of the slot's workspace: `{success, entries, truncated, error}`;
         see `BackendCore.list_artifacts`."""
         return await self._call(
-            functools.partial(
-                self._core.list_artifacts,
-                recursive=recursive,
-                max_entries=max_entries,
-                timeout_s=timeout_s,
-            ),
+            self._core.list_artifacts,
             slot,
             path,
+            recursive=recursive,
+            max_entries=max_entries,
+            timeout_s=timeout_s,
         )
 
     async def archive_artifacts(
@@ -392,15 +388,13 @@ class ToolBackend:
         (base64), error, encoding, format, bytes, entry_count}`; see
         `BackendCore.archive_artifacts`."""
         return await self._call(
-            functools.partial(
-                self._core.archive_artifacts,
-                archive_format=archive_format,
-                max_bytes=max_bytes,
-                max_entries=max_entries,
-                timeout_s=timeout_s,
-            ),
+            self._core.archive_artifacts,
             slot,
             path,
+            archive_format=archive_format,
+            max_bytes=max_bytes,
+            max_entries=max_entries,
+            timeout_s=timeout_s,
         )
 
     # -- workspace trees: checkpoints, forks, directory transfer ------------------------------

@@ -217,6 +217,11 @@ class BackendCore:
         """True inside `async with` (the runtime may have been stopped with `aclose`)."""
         return self._token is not None
 
+    @property
+    def token(self) -> trio.lowlevel.TrioToken | None:
+        """The token of the trio run the core is entered in (None when it is not entered)."""
+        return self._token
+
     def in_home_run(self) -> bool:
         """True when called from the trio run (and thread) the core is entered in."""
         token = self._token

@@ -12,12 +12,14 @@ are exercised for real, with exact virtual times.
 
 Knobs: `create_latency_s`, `reset_latency_s`, `fail_next_creates` (errors raised by the next
 creates), `kill(id)` (the sandbox dies as if the provider killed it). Counters: `created`,
-`terminated`, `alive`, `execs`, `resets`, `max_alive`.
+`terminated`, `alive`, `execs`, `resets`, `max_alive`; per sandbox `pings` and the
+`agent_settings` the host started its agent with.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import shlex
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -50,6 +52,10 @@ class FakeSandbox:
         self._send_lock = trio.Lock()
         self.serial_queues: dict[int, list[dict[str, Any]]] = {}
         self.cancelled_early: set[int] = set()
+        #: The settings the host started the agent with (its bootstrap config: `ttl_s`, ...).
+        self.agent_settings: dict[str, Any] = {}
+        #: Heartbeat pings received from the host.
+        self.pings = 0
 
     @property
     def sandbox_id(self) -> str:
@@ -94,7 +100,7 @@ class FakeSandbox:
         with self._cancel_scope:
             async with trio.open_nursery() as nursery:
                 bootstrap = b""
-                # The real bootstrap payload: u32 + source, u32 + config. Skip it.
+                # The real bootstrap payload: u32 + source, u32 + config (kept), then frames.
                 while True:
                     data = await stream.receive_some()
                     if not data:
@@ -105,6 +111,7 @@ class FakeSandbox:
                         rest = bootstrap[4 + source_len :]
                         if len(rest) >= 4 and len(rest) >= 4 + int.from_bytes(rest[:4], "big"):
                             config_len = int.from_bytes(rest[:4], "big")
+                            self.agent_settings = json.loads(rest[4 : 4 + config_len])
                             decoder.feed(rest[4 + config_len :])
                             break
                 await self._send(
@@ -209,7 +216,10 @@ class FakeSandbox:
                 "entries": [{"path": n, "type": "file", "size": 0} for n in names],
                 "truncated": False,
             }
-        if op in ("ping", "shutdown"):
+        if op == "ping":
+            self.pings += 1
+            return {}
+        if op == "shutdown":
             return {}
         if op == "end_shell":  # this fake runs every command fresh: there is no shell to end
             return {"ended": False}
