@@ -1,4 +1,4 @@
-"""ToolBackend's ordering, timeouts, cancellation and tool results, on the public fake driver.
+"""ToolBackend's ordering, timeouts, cancellation, lifecycle and tool results, on the fake driver.
 
 Everything here runs in virtual time (trio's autojump clock) against the real client, actors,
 pools and facade, with fake sandboxes (`hermes_actors.testing.fake_driver`): exact times, no
@@ -7,6 +7,8 @@ processes. Real processes are exercised by the contract and end-to-end tests.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +18,16 @@ import pytest
 import trio
 import trio.testing
 
-from hermes_actors import ModalToolBackend, SandboxConfig, Slot, ToolBackend, profiles_from_mapping
+import hermes_actors._config as config_module
+from hermes_actors import (
+    ConfigError,
+    ModalToolBackend,
+    SandboxConfig,
+    Slot,
+    ToolBackend,
+    format_status,
+    profiles_from_mapping,
+)
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -177,6 +188,160 @@ async def test_every_profile_with_a_minimum_is_warm_at_start(
         assert trio.current_time() == started
 
 
+async def test_bad_tools_or_arguments_give_error_results(autojump_clock: trio.abc.Clock) -> None:
+    """Unknown or unhashable tools, bad arguments and foreign slots give error results."""
+    async with fake_backend() as (backend, _):
+        slot = await backend.acquire("t")
+        released = await backend.acquire("gone")
+        await backend.release(released)
+        requests: list[Any] = [
+            (slot, "python", {"code": "1"}),
+            (slot, "bash", {}),
+            (slot, "bash", {"command": "true", "cwd": "/"}),
+            (slot, "bash", {"command": ["ls"]}),
+            (slot, "bash", {"command": "true", "timeout": -1}),
+            (slot, "write_file", {"path": "x", "content": 3}),
+            (slot, "read_file", "x"),
+            ("not-a-slot", "bash", {"command": "true"}),
+            (released, "bash", {"command": "true"}),
+            (slot, ["bash"], {"command": "true"}),
+            (slot, {}, {"command": "true"}),
+            (slot, "bash", {"command": "echo fine"}),
+        ]
+        results = await backend.execute_batch(requests)
+        errors = [result.error for result in results]
+        available = "available tools: bash, terminal, read_file, write_file"
+        assert errors[0] == f"unknown tool 'python'; {available}"
+        expected = "{command, allow_network?, background?, require_sandbox?, shell?, timeout?}"
+        assert errors[1] == f"bash: missing 'command' argument(s); expected {expected}"
+        assert errors[2] == f"bash: unknown 'cwd' argument(s); expected {expected}"
+        assert errors[3] == "bash: 'command' must be a str, got list"
+        assert errors[4] == "bash: 'timeout' must be a number > 0, got -1"
+        assert errors[5] == "write_file: 'content' must be str or bytes, got int"
+        assert errors[6] == "read_file: args must be a mapping, got str"
+        assert errors[7] == "expected a Slot from acquire(), got str"
+        assert errors[8] is not None
+        assert errors[8].startswith(f"slot {released.slot_id} is not held by this backend")
+        assert errors[9] == f"unknown tool ['bash']; {available}"
+        assert errors[10] == f"unknown tool {{}}; {available}"
+        assert [result.success for result in results] == [False] * 11 + [True]
+        assert results[11].output == "fine\n"
+        assert all("infra_error" not in result.metadata for result in results)
+
+
+async def test_default_timeout_applies_when_the_call_gives_none(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """default_timeout_s bounds a bash call that gives no timeout, in a batch that gives none."""
+    driver_config = fake_config(execution_timeout_s=42.0)
+    async with fake_backend(driver_config) as (backend, _):
+        assert backend.default_timeout_s == 42.0
+        backend.default_timeout_s = 4
+        with pytest.raises(ValueError, match="default_timeout_s must be a number > 0"):
+            backend.default_timeout_s = 0
+        slot = await backend.acquire("t")
+        started = trio.current_time()
+        [result] = await backend.execute_batch([(slot, "bash", {"command": "sleep 30"})])
+        assert trio.current_time() - started == 4
+        assert result.metadata["timed_out"] is True
+
+
+async def test_unknown_profile_is_a_config_error(autojump_clock: trio.abc.Clock) -> None:
+    """acquire with an unknown profile raises ConfigError naming the known profiles."""
+    async with fake_backend() as (backend, _):
+        with pytest.raises(ConfigError, match=r"no profile named 'gpu'; known profiles: 'default'"):
+            await backend.acquire("t", profile="gpu")
+        assert held(backend) == 0
+
+
+async def test_a_lost_sandbox_gives_retryable_infra_results_and_a_new_acquire_works(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A sandbox lost mid-batch gives infra_error/retryable results at once, not a hang."""
+    async with fake_backend(fake_config(slots_per_sandbox=1, max_sandboxes=3)) as (
+        backend,
+        driver,
+    ):
+        doomed, healthy = await backend.acquire("doomed"), await backend.acquire("healthy")
+        assert doomed.sandbox_id != healthy.sandbox_id
+
+        async def kill_at_one_second() -> None:
+            await trio.sleep(1)
+            driver.kill(doomed.sandbox_id)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_at_one_second)
+            lost, after, fine = await backend.execute_batch(
+                [
+                    (doomed, "bash", {"command": "sleep 30"}),
+                    (doomed, "bash", {"command": "echo never"}),
+                    (healthy, "bash", {"command": "sleep 2"}),
+                ]
+            )
+        assert trio.current_time() - started == 2
+        for result in (lost, after):
+            assert result.success is False
+            assert result.metadata["infra_error"] == "sandbox_lost"
+            assert result.metadata["retryable"] is True
+            assert result.error is not None
+            assert doomed.sandbox_id in result.error
+        assert fine.success
+        await backend.release(doomed)
+        fresh = await backend.acquire("retry")
+        assert fresh.sandbox_id != doomed.sandbox_id
+        [result] = await backend.execute_batch([(fresh, "bash", {"command": "echo again"})])
+        assert result.output == "again\n"
+
+
+async def test_async_with_runs_the_runtime_in_the_callers_trio_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Inside `async with`, the runtime runs in the caller's nursery: no portal thread."""
+    async with trio.open_nursery() as nursery:
+        driver = FakeDriver(nursery)
+        backend = ModalToolBackend.with_profiles(
+            profiles={
+                "default": fake_config(),
+                "other": fake_config(min_sandboxes=0),
+            },
+            app_name="facade-test",
+            drivers={"modal": driver, "local": driver},
+        )
+        assert backend.profiles.get_profile("other").app_name == "facade-test-other"
+        async with backend:
+            assert backend.running
+            assert not [t for t in threading.enumerate() if t.name.startswith("hermes-actors")]
+            slot = await backend.acquire("t", profile="other")
+            assert slot.profile == "other"
+            status = backend.status()
+            assert {pool.profile for pool in status.pools} == {"default", "other"}
+            assert "other" in format_status(status)
+        assert not backend.running
+        assert backend.status().pools == ()
+        assert not driver.alive
+        nursery.cancel_scope.cancel()
+
+
+async def test_worker_threads_of_a_trio_program_use_call_blocking(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Sync code in worker threads reaches a backend entered with `async with` in that run."""
+    async with fake_backend() as (backend, _):
+
+        def sync_agent() -> str:
+            slot = backend.call_blocking(backend.acquire, "threaded")
+            [result] = backend.call_blocking(
+                backend.execute_batch, [(slot, "bash", {"command": "echo from a thread"})]
+            )
+            backend.call_blocking(backend.release, slot)
+            return result.output
+
+        assert await trio.to_thread.run_sync(sync_agent) == "from a thread\n"
+        assert held(backend) == 0
+        assert not [t for t in threading.enumerate() if t.name.startswith("hermes-actors")]
+
+
 class _CancelAfterSteps(trio.abc.Instrument):
     """Cancels `scope` after `steps` task steps of the run (every task's, not only the caller's)."""
 
@@ -281,6 +446,27 @@ async def test_cancelling_execute_batch_at_every_await_kills_its_commands(
         assert [result.output for result in results] == ["ok\n", "ok\n"]
 
 
+async def test_cancelling_start_and_stop_at_every_await_leaves_nothing_running(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Entering or leaving `async with`, cancelled at any await, leaves no sandbox running."""
+    async with trio.open_nursery() as nursery:
+        driver = FakeDriver(nursery)
+        driver.create_latency_s = 1.0
+
+        async def start_and_stop() -> None:
+            async with ToolBackend(fake_config(min_sandboxes=2), drivers={"local": driver}):
+                await trio.sleep(2)  # the warm sandboxes are up: leaving has them to stop
+
+        async def nothing_left() -> None:
+            assert not driver.alive
+            assert driver.terminated == driver.created
+
+        assert await cancel_at_every_await(start_and_stop, nothing_left) >= 2
+        assert driver.created >= 2
+        nursery.cancel_scope.cancel()
+
+
 def test_modal_names_run_on_modal_and_tool_backend_follows_terminal_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,3 +481,36 @@ def test_modal_names_run_on_modal_and_tool_backend_follows_terminal_env(
     assert ToolBackend.with_profiles(profiles={"cpu": {}}).profiles.get_profile().backend == "local"
     monkeypatch.setenv("TERMINAL_ENV", "local")
     assert ModalToolBackend().profiles.get_profile().backend == "local"
+
+
+def test_an_implicit_backend_pick_is_logged_once_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each backend picked implicitly is logged once per process, saying why."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TERMINAL_ENV", raising=False)
+    monkeypatch.delenv("TERMINAL_MODAL_PROFILES_FILE", raising=False)
+    monkeypatch.setattr(config_module, "_announced", set())
+    caplog.set_level(logging.INFO, logger="hermes_actors.config")
+    for _ in range(3):
+        ModalToolBackend()
+        ToolBackend()
+    picks = [record.getMessage() for record in caplog.records if "backend (" in record.getMessage()]
+    reason = "no profile sets a backend and TERMINAL_ENV is unset"
+    assert picks == [
+        f"hermes-actors: using the modal backend ({reason})",
+        f"hermes-actors: using the local backend ({reason})",
+    ]
+
+
+async def test_a_profiles_agent_ttl_is_the_dead_man_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A profile's agent_ttl_s is the agent's dead-man timeout; the host pings at a third of it."""
+    async with fake_backend(fake_config(agent_ttl_s=30.0)) as (_, driver):
+        await trio.sleep(2)  # the warm sandbox is up
+        [sandbox] = driver.alive
+        assert sandbox.agent_settings["ttl_s"] == 30.0
+        pings = sandbox.pings
+        await trio.sleep(35)
+        assert sandbox.pings - pings == 3
