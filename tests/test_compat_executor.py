@@ -353,7 +353,7 @@ def test_results_have_the_original_shape_and_convert_to_tool_results() -> None:
                     (slot, "bash", {"command": "echo oops >&2; exit 3"}),
                     (slot, "bash", {"command": "sleep 5"}),
                 ],
-                timeout_s=1,
+                timeout_s=0.3,
             )
             assert (ok.success, ok.output, ok.error) == (True, "hi\n", "")
             assert ok.metadata["returncode"] == ok.metadata["exit_code"] == 0

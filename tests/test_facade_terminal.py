@@ -288,7 +288,9 @@ async def test_timeouts_come_from_the_call_the_environment_or_the_profile(
         monkeypatch.setenv("TERMINAL_TIMEOUT", "7")
         from_environment = await call("sleep 100", task_id="slow")
         assert from_environment["error"] == f"command timed out after 7 {killed}"
-        assert (await call("sleep 100", task_id="slow", timeout=3))["exit_code"] == 124
+        # The original's positional form: (command, background, timeout, task_id).
+        positional = await trio.to_thread.run_sync(terminal_tool, "sleep 100", False, 3, "slow")
+        assert json.loads(positional)["error"] == f"command timed out after 3 {killed}"
         monkeypatch.setenv("TERMINAL_TIMEOUT", "soon")
         assert (await call("echo hi"))["error"] == (
             "environment: TERMINAL_TIMEOUT: expected a number of seconds > 0, got 'soon'; fix or "
