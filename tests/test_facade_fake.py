@@ -28,6 +28,8 @@ from hermes_actors import (
     format_status,
     profiles_from_mapping,
 )
+from hermes_actors.drivers._modal import ModalDriver
+from hermes_actors.drivers._registry import DRIVERS
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -514,3 +516,16 @@ async def test_a_profiles_agent_ttl_is_the_dead_man_timeout(
         pings = sandbox.pings
         await trio.sleep(35)
         assert sandbox.pings - pings == 3
+
+
+def test_modal_profiles_reap_orphans_at_start_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ModalToolBackend's profiles reap a crashed run's sandboxes older than a safe age at start."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TERMINAL_ENV", raising=False)
+    monkeypatch.delenv("TERMINAL_MODAL_PROFILES_FILE", raising=False)
+    profiles = ModalToolBackend().profiles
+    driver = DRIVERS["modal"].make(list(profiles.profiles.values()), "run-1")
+    assert isinstance(driver, ModalDriver)
+    assert (driver.reap_on_start, driver.reap_min_age_s) == (True, 900.0)
