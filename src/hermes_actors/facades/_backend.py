@@ -248,7 +248,8 @@ class ToolBackend:
         """Start the pools (pre-warming `min_sandboxes` of each profile). Idempotent.
 
         Returns once the runtime runs; `profiles_to_start` start (and warm) now as well. See
-        `BackendCore.start` for the errors. Cancellation stops what was started.
+        `BackendCore.start` for the errors and the warm-up display on a terminal. Cancellation
+        stops what was started.
         """
         for name in profiles_to_start or ():
             self.profiles.get_profile(name)
