@@ -743,8 +743,20 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     """Run `scenario` in a fresh trio run on a virtual clock; same seed, same figures."""
     # trio shuffles each scheduling batch with a module-level generator; seeding it makes the
     # order in which simultaneous tasks run (and so every figure) repeatable.
-    scheduler_rng = getattr(trio._core._run, "_r", None)
+    scheduler = trio._core._run
+    scheduler_rng = getattr(scheduler, "_r", None)
     if isinstance(scheduler_rng, random.Random):
         scheduler_rng.seed(f"scheduler-{scenario.seed}")
+    # trio wakes the waiters of an event, and of a cancelled scope, in the order of a set of
+    # tasks (by their address); its deterministic mode (made for Hypothesis) orders each batch
+    # of runnable tasks by creation before shuffling it, so one seed gives one run whatever
+    # the process.
+    deterministic = getattr(scheduler, "_ALLOW_DETERMINISTIC_SCHEDULING", None)
+    if deterministic is not None:
+        scheduler._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     clock = trio.testing.MockClock(autojump_threshold=0)
-    return trio.run(simulate, scenario, clock=clock)
+    try:
+        return trio.run(simulate, scenario, clock=clock)
+    finally:
+        if deterministic is not None:
+            scheduler._ALLOW_DETERMINISTIC_SCHEDULING = deterministic  # type: ignore[misc]
