@@ -3,7 +3,11 @@
 Runs the real runtime (supervisor, pools, sandbox actors, agent client) on trio's virtual clock
 over `hermes_actors.testing.simulator`'s provider model (Modal's published figures), and writes
 `bench/results/scale.md` and `scale.png`. Options: `--smoke` (tiny sizes, for the tests),
-`--only a,b` (scenario groups), `--output DIR`.
+`--only a,b` (scenario groups), `--scenario NAME` (one scenario, repeatable), `--output DIR`,
+`--save FILE` and `--render-from FILE,...` (a report from saved runs, the rows of later runs
+replacing those of earlier ones, and of this run last: re-run only what a change affects),
+`--label TEXT` (this run's rows are named `NAME [TEXT]`, e.g. the code before a fix).
+Every row says which run measured it.
 
 Every figure is virtual time except "host CPU", which is what simulating cost this machine.
 """
@@ -16,12 +20,15 @@ import logging
 import math
 import os
 import pickle
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 
+import hermes_actors
 from hermes_actors.testing.simulator import (
     LossStorm,
     ProviderModel,
@@ -31,6 +38,8 @@ from hermes_actors.testing.simulator import (
     run_scenario,
 )
 
+#: The label of the rows measured before lost trajectories went first (see `findings`).
+BEFORE_REACQUIRE = "before: FIFO re-acquire"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GROUPS = ("slots", "slots10k", "warm", "pause", "storm", "ratelimit", "defaults", "fairness")
 
@@ -86,11 +95,21 @@ def scenarios(group: str, sizes: Sizes) -> list[Scenario]:
             for idle in (30.0, 120.0, 300.0)
         ]
     if group == "storm":
+        # 10% of the sandboxes die within a minute, 2 minutes in: at one slot per sandbox most
+        # trajectories are still waiting for their first slot then; at ten, a few are.
         storm = LossStorm(at_s=120.0, fraction=0.1, over_s=60.0)
         return [
             tuned(
-                f"{small} x 10, loss storm", small, steps, 10, loss_storm=storm, sample_every_s=1.0
+                f"{n} x {slots}, loss storm",
+                n,
+                steps,
+                slots,
+                loss_storm=storm,
+                # The chart draws the first storm's slots and waiters.
+                sample_every_s=1.0 if (n, slots) == (small, 10) else None,
             )
+            for n in (small, large)
+            for slots in (10, 1)
         ]
     if group == "ratelimit":
         # The client paces at 10/s, the account allows 5/s: refusals must slow it, not fail.
@@ -174,12 +193,35 @@ COLUMNS: Sequence[tuple[str, Callable[[ScenarioResult], str]]] = (
 )
 
 
-def table(results: Sequence[ScenarioResult]) -> list[str]:
+def run_letters(rows: Sequence[Row]) -> dict[Run, str]:
+    """A letter per run, in the order the runs were measured."""
+    runs = sorted({row.run for row in rows}, key=lambda run: run.date)
+    return {run: chr(ord("A") + number) for number, run in enumerate(runs)}
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    letters = run_letters(rows)
     lines = [
-        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " | run |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|---|",
     ]
-    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in results]
+    lines += [
+        "| " + " | ".join(cell(row.result) for _, cell in COLUMNS) + f" | {letters[row.run]} |"
+        for row in rows
+    ]
+    return lines
+
+
+def runs_described(rows: Sequence[Row]) -> list[str]:
+    lines = []
+    for run, letter in run_letters(rows).items():
+        count = sum(1 for row in rows if row.run == run)
+        lines.append(
+            f"* {letter}: code {run.commit}, {run.date}, load average {run.load} at the start, "
+            f"{run.jobs} job{'s' if run.jobs > 1 else ''}, {run.elapsed_s / 60:.1f} min of real "
+            f"time for its scenarios ({count} of them in this report)"
+            + (f"; its rows are marked [{run.label}]." if run.label else ".")
+        )
     return lines
 
 
@@ -202,6 +244,8 @@ def storm_recovery(result: ScenarioResult) -> tuple[int, int, int]:
 
 
 def targets(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
+    # Labelled rows measured other code (before a fix): the targets are the current code's.
+    results = [r for r in results if " [" not in r.scenario.name]
     lines = []
     for n in (sizes.small, sizes.large):
         one, ten = find(results, f"{n} x 1 slots"), find(results, f"{n} x 10 slots")
@@ -288,16 +332,14 @@ def pair(results: Sequence[ScenarioResult], before: str, after: str) -> str | No
         f"{old.acquire_wait_p99_s:.1f} -> {new.acquire_wait_p99_s:.1f} s, sandbox-seconds "
         f"{old.sandbox_seconds:,.0f} -> {new.sandbox_seconds:,.0f}, refused creates "
         f"{old.creates_rate_limited:,} -> {new.creates_rate_limited:,}, failed acquires "
-        f"{old.acquire_failures:,} -> {new.acquire_failures:,}."
-    )
-
-
-def lost_wait(results: Sequence[ScenarioResult], n: int) -> str:
-    row = find(results, f"{n} x 1 slots")
-    if row is None:
-        return "(not run)"
-    return (
-        f"{row.lost_wait_p50_s:.0f} s (at most {row.lost_wait_max_s:.0f} s, {row.steps_lost} steps)"
+        f"{old.acquire_failures:,} -> {new.acquire_failures:,}"
+        + (
+            f", steps lost {old.steps_lost} -> {new.steps_lost} and their trajectories' wait "
+            f"for a new slot p50 {old.lost_wait_p50_s:.1f} -> {new.lost_wait_p50_s:.1f} s, max "
+            f"{old.lost_wait_max_s:.1f} -> {new.lost_wait_max_s:.1f} s."
+            if old.steps_lost or new.steps_lost
+            else "."
+        )
     )
 
 
@@ -346,12 +388,24 @@ def findings(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
         "apart the pool stays warm only when `idle_timeout` covers the training step plus the "
         "spread of trajectory lengths (sandboxes go idle as their trajectories end):",
         pair(results, f"{n} x 10, 2 batches, idle 30 s", f"{n} x 10, 2 batches, idle 300 s"),
-        "* **A trajectory that lost its sandbox queues behind the whole batch (not fixed).** "
-        "Its new acquire goes to the back of the FIFO: in 10,240 x 1, with thousands waiting "
-        "for their first slot, such trajectories waited a median of "
-        f"{lost_wait(results, sizes.large)} for a new one. A priority for re-acquires after a "
-        "loss (or a spare sandbox kept for replacements) would fix it; at 10 slots a loss "
-        "is served by the free slots of the replacement within seconds.",
+        "* **A trajectory that lost its sandbox queued behind the whole batch (fixed).** Its "
+        "new acquire went to the back of the FIFO, so while a batch was still being created "
+        "it waited for every trajectory still waiting for its first slot. Now a trajectory "
+        "that lost its slot with its sandbox (known by its `trajectory_id`, for 15 minutes "
+        "after the loss, also when it asks again before the pool has heard of the exit) goes "
+        "ahead of every first-time acquire and takes the next slot that comes free or up: "
+        "lost capacity is made good before new growth. Rows marked "
+        f"[{BEFORE_REACQUIRE}] ran the code before this change:",
+        *(
+            pair(results, f"{name} [{BEFORE_REACQUIRE}]", name)
+            for name in (
+                f"{sizes.large} x 1 slots",
+                f"{sizes.large} x 1, loss storm",
+                f"{sizes.large} x 10, loss storm",
+                f"{n} x 1, loss storm",
+                f"{n} x 10, loss storm",
+            )
+        ),
         "* **Fairness between profiles (no change needed).** Profiles on one account share "
         "one create throttle, served in arrival order; each pool has at most `max_starting` "
         "creates queued, so a second profile's first sandboxes wait behind at most that many "
@@ -360,9 +414,8 @@ def findings(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
     return [line for line in lines if line is not None]
 
 
-def render(
-    results: Sequence[ScenarioResult], sizes: Sizes, elapsed_s: float, chart: str | None
-) -> str:
+def render(rows: Sequence[Row], sizes: Sizes, chart: str | None) -> str:
+    results = [row.result for row in rows]
     model = ProviderModel()
     lines = [
         "# Scale by simulation (issue 14)",
@@ -396,12 +449,18 @@ def render(
         "",
         "## Figures",
         "",
-        *table(results),
+        *table(rows),
         "",
     ]
     if chart:
         lines += [f"![scale]({chart})", ""]
-    lines += [f"Simulated in {elapsed_s / 60:.1f} min of real time.", ""]
+    lines += [
+        "The runs (the `run` column; the machine has 2 cores shared with other work, so real "
+        "time depends on its load, host CPU much less):",
+        "",
+        *runs_described(rows),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -413,8 +472,10 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    figure, axes = plt.subplots(2, 3, figsize=(19, 9))
     bars, walls, timeline, storm_axes = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
+    lost_axes = axes[0][2]
+    axes[1][2].axis("off")
     for offset, n in ((-0.2, sizes.small), (0.2, sizes.large)):
         rows = [find(results, f"{n} x {s} slots") for s in (1, 4, 10, 32)]
         present = [(i, r) for i, r in enumerate(rows) if r is not None]
@@ -442,7 +503,7 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
     timeline.set_xlabel("virtual seconds")
     timeline.set_yscale("log")
     timeline.legend()
-    storm = next((r for r in results if r.scenario.loss_storm is not None), None)
+    storm = find(results, f"{sizes.small} x 10, loss storm")
     if storm is not None:
         xs, ys = zip(*storm.timeline, strict=True)
         storm_axes.step(xs, ys, where="post", label="sandboxes alive")
@@ -460,10 +521,36 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
         storm_axes.set_title(storm.scenario.name)
         storm_axes.set_xlabel("virtual seconds")
         storm_axes.legend()
+    draw_lost_waits(lost_axes, results, sizes)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return True
+
+
+def draw_lost_waits(ax: Any, results: Sequence[ScenarioResult], sizes: Sizes) -> None:
+    """How long a trajectory that lost its sandbox waited for a new slot, before and after
+    lost trajectories went first."""
+    names = [
+        f"{sizes.large} x 1 slots",
+        *(f"{n} x {s}, loss storm" for n in (sizes.small, sizes.large) for s in (1, 10)),
+    ]
+    shown: list[tuple[str, ScenarioResult, ScenarioResult]] = []
+    for name in names:
+        old, new = find(results, f"{name} [{BEFORE_REACQUIRE}]"), find(results, name)
+        if old is not None and new is not None:
+            shown.append((name, old, new))
+    if not shown:
+        ax.axis("off")
+        return
+    xs = range(len(shown))
+    for offset, label, when in ((-0.2, "before (FIFO)", 0), (0.2, "after (lost go first)", 1)):
+        waits = [(old, new)[when].lost_wait_p50_s for _, old, new in shown]
+        ax.bar([x + offset for x in xs], [max(0.1, w) for w in waits], width=0.4, label=label)
+    ax.set_xticks(list(xs), [name.replace(", ", "\n") for name, _, _ in shown], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("wait for a new slot after a loss, median (s)")
+    ax.legend()
 
 
 def _quiet() -> int:
@@ -483,61 +570,160 @@ def _progress(result: ScenarioResult) -> None:
     )
 
 
+@attrs.frozen(kw_only=True)
+class Run:
+    """Where and when a set of rows was measured."""
+
+    commit: str  # the code measured (`+changes`: with uncommitted changes)
+    date: str  # UTC, at the start
+    load: str  # the machine's load averages (1, 5, 15 min) at the start
+    jobs: int
+    elapsed_s: float
+    label: str | None  # appended to this run's scenario names
+
+
+@attrs.frozen(kw_only=True)
+class Row:
+    result: ScenarioResult
+    run: Run
+
+
+def _describe_code() -> str:
+    """The commit of the runtime measured (the checkout `hermes_actors` was imported from)."""
+    package = os.path.dirname(os.path.abspath(hermes_actors.__file__))
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=package, capture_output=True, check=True)
+        return done.stdout.decode().strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changes = git("status", "--porcelain", "--", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+changes" if changes else commit
+
+
+def labelled(result: ScenarioResult, label: str | None) -> ScenarioResult:
+    if label is None:
+        return result
+    scenario = attrs.evolve(result.scenario, name=f"{result.scenario.name} [{label}]")
+    return attrs.evolve(result, scenario=scenario)
+
+
+def merge(runs: Sequence[Sequence[Row]], sizes: Sizes) -> list[Row]:
+    """One row per scenario name, the latest run's, in the order of the groups; a labelled
+    row (`NAME [label]`) stands just before the row it is labelled from."""
+    latest: dict[str, Row] = {}
+    for rows in runs:
+        for row in rows:
+            latest[row.result.scenario.name] = row
+    order = {
+        scenario.name: position
+        for position, scenario in enumerate(s for g in GROUPS for s in scenarios(g, sizes))
+    }
+
+    def key(name: str) -> tuple[int, int, str]:
+        base, _, label = name.partition(" [")
+        return (order.get(base, len(order)), 0 if label else 1, name)
+
+    return [latest[name] for name in sorted(latest, key=key)]
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (as in the tests)")
     parser.add_argument(
         "--only", default=None, help=f"comma-separated groups of {','.join(GROUPS)}"
     )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        help="run this scenario (its name as in the report); repeatable, adds to --only",
+    )
     parser.add_argument("--output", default=RESULTS, help="directory for scale.md and scale.png")
     parser.add_argument("--jobs", type=int, default=1, help="scenarios run at once (processes)")
-    parser.add_argument("--save", default=None, help="also pickle the results to this file")
+    parser.add_argument("--save", default=None, help="also pickle this run's rows to this file")
     parser.add_argument(
-        "--render-from", default=None, help="write the report from results saved with --save"
+        "--render-from",
+        default=None,
+        help="comma-separated files saved with --save: their rows (later files and this run "
+        "replacing earlier rows of the same name) make the report",
     )
+    parser.add_argument("--label", default=None, help="name this run's rows `NAME [LABEL]`")
     options = parser.parse_args(argv)
     sizes = SMOKE if options.smoke else FULL
-    groups = options.only.split(",") if options.only else list(GROUPS)
+    groups = options.only.split(",") if options.only else []
+    if not groups and not options.scenario and not options.render_from:
+        groups = list(GROUPS)
     if unknown := [g for g in groups if g not in GROUPS]:
         parser.error(f"unknown groups {unknown}; groups are {list(GROUPS)}")
+    every = {s.name: s for g in GROUPS for s in scenarios(g, sizes)}
+    if unknown := [name for name in options.scenario if name not in every]:
+        parser.error(f"unknown scenarios {unknown}; scenarios are {list(every)}")
+    planned = [scenario for group in groups for scenario in scenarios(group, sizes)]
+    planned += [every[name] for name in options.scenario if every[name] not in planned]
     level = _quiet()
     try:
-        return _run(options, sizes, groups)
+        return _run(options, sizes, planned)
     finally:
         logging.getLogger("hermes_actors").setLevel(level)
 
 
-def _run(options: argparse.Namespace, sizes: Sizes, groups: Sequence[str]) -> int:
-    started = time.monotonic()
-    planned = [scenario for group in groups for scenario in scenarios(group, sizes)]
-    results: list[ScenarioResult] = []
-    if options.render_from:
-        with open(options.render_from, "rb") as file:
-            results, elapsed_s = pickle.load(file)
-    elif options.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(options.jobs, initializer=_quiet) as pool:
-            # The longest runs (most sandboxes) first, so that the processes finish together.
-            by_cost = sorted(
-                planned, key=lambda s: -s.trajectories * s.batches / s.slots_per_sandbox
-            )
-            futures = {id(scenario): pool.submit(run_scenario, scenario) for scenario in by_cost}
-            for scenario in planned:
-                result = futures[id(scenario)].result()
-                _progress(result)
-                results.append(result)
-    else:
+def _measure(planned: Sequence[Scenario], jobs: int) -> list[ScenarioResult]:
+    if jobs <= 1:
+        results = []
         for scenario in planned:
             result = run_scenario(scenario)
             _progress(result)
             results.append(result)
-    if not options.render_from:
-        elapsed_s = time.monotonic() - started
-    if options.save:
-        with open(options.save, "wb") as file:
-            pickle.dump((results, elapsed_s), file)
+        return results
+    with concurrent.futures.ProcessPoolExecutor(jobs, initializer=_quiet) as pool:
+        # The longest runs (most sandboxes) first, so that the processes finish together.
+        by_cost = sorted(planned, key=lambda s: -s.trajectories * s.batches / s.slots_per_sandbox)
+        futures = {id(scenario): pool.submit(run_scenario, scenario) for scenario in by_cost}
+        results = []
+        for scenario in planned:
+            result = futures[id(scenario)].result()
+            _progress(result)
+            results.append(result)
+        return results
+
+
+def _run(options: argparse.Namespace, sizes: Sizes, planned: Sequence[Scenario]) -> int:
+    runs: list[list[Row]] = []
+    for path in options.render_from.split(",") if options.render_from else []:
+        with open(path, "rb") as file:
+            # Plain values only (this module may run as `__main__`): the run's fields and
+            # the simulator's results.
+            saved = pickle.load(file)
+        run = Run(**saved["run"])
+        runs.append([Row(result=result, run=run) for result in saved["results"]])
+    if planned:
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+        started = time.monotonic()
+        results = _measure(planned, options.jobs)
+        run = Run(
+            commit=_describe_code(),
+            date=date,
+            load=load,
+            jobs=max(1, options.jobs),
+            elapsed_s=time.monotonic() - started,
+            label=options.label,
+        )
+        rows = [Row(result=labelled(result, options.label), run=run) for result in results]
+        if options.save:
+            with open(options.save, "wb") as file:
+                saved = {"run": attrs.asdict(run), "results": [row.result for row in rows]}
+                pickle.dump(saved, file)
+        runs.append(rows)
+    merged = merge(runs, sizes)
     os.makedirs(options.output, exist_ok=True)
+    results = [row.result for row in merged]
     chart = "scale.png" if draw(results, sizes, os.path.join(options.output, "scale.png")) else None
-    report = render(results, sizes, elapsed_s, chart)
+    report = render(merged, sizes, chart)
     with open(os.path.join(options.output, "scale.md"), "w") as file:
         file.write(report)
     print(f"wrote {os.path.join(options.output, 'scale.md')}")
