@@ -22,7 +22,7 @@ from hermes_actors._errors import (
 )
 from hermes_actors._trio import Reply
 from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
-from hermes_actors.runtime._pool import Lease, ProfilePool, Release
+from hermes_actors.runtime._pool import LOST_PRIORITY_S, Lease, ProfilePool, Release
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -257,6 +257,80 @@ async def test_sandbox_death_fails_held_slots_and_is_replaced(
 async def _kill_later(driver: FakeDriver, sandbox_id: str) -> None:
     await trio.sleep(5)
     driver.kill(sandbox_id)
+
+
+async def _queue_first_time_acquires(h: Harness, nursery: trio.Nursery, order: list[str]) -> None:
+    """Two trajectories that ask for their first slot now, and note when they get it."""
+
+    async def first_time(name: str) -> None:
+        lease = await h.pool.acquire(name)
+        order.append(name)
+        await trio.sleep(10)
+        await h.pool.release(lease)
+
+    for name in ("first-1", "first-2"):
+        nursery.start_soon(first_time, name)
+        await trio.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("asks_after_s", "expected"),
+    [
+        (30.0, ["lost", "first-1", "first-2"]),
+        # Past LOST_PRIORITY_S the loss is forgotten: the trajectory queues like any other.
+        (LOST_PRIORITY_S + 1, ["first-1", "first-2", "lost"]),
+    ],
+)
+async def test_a_trajectory_that_lost_its_slot_goes_before_first_time_acquires(
+    autojump_clock: trio.abc.Clock, asks_after_s: float, expected: list[str]
+) -> None:
+    """After its sandbox is lost, a trajectory's next acquire is served before earlier ones."""
+    async with running_pool(max_sandboxes=2, slots_per_sandbox=1) as h:
+        lost = await h.pool.acquire("lost")
+        await h.pool.acquire("kept")
+        order: list[str] = []
+        async with trio.open_nursery() as nursery:
+            h.driver.kill(lost.sandbox_id)  # while its trajectory thinks
+            await trio.sleep(asks_after_s)
+            await _queue_first_time_acquires(h, nursery, order)
+            asked = trio.current_time()
+            again = await h.pool.acquire("lost")
+            order.append("lost")
+            if expected[0] == "lost":
+                # The sandbox started for the first waiter goes to the lost trajectory.
+                assert trio.current_time() == asked + 0.8
+            assert again.sandbox_id != lost.sandbox_id
+            await trio.sleep(10)
+            await h.pool.release(again)
+        assert order == expected
+
+
+@pytest.mark.parametrize("releases", [True, False])
+async def test_a_trajectory_that_saw_its_sandbox_die_goes_first(
+    autojump_clock: trio.abc.Clock, releases: bool
+) -> None:
+    """A trajectory asking again before the pool hears of its sandbox's exit goes first,
+    whether it released its dead slot (as the simulator's trainer) or not (as the facades)."""
+    async with running_pool(max_sandboxes=2, slots_per_sandbox=1) as h:
+        h.driver.terminate_latency_s = 5.0  # the exit reaches the pool 5 s after the death
+        lost = await h.pool.acquire("lost")
+        await h.pool.acquire("kept")
+        order: list[str] = []
+        async with trio.open_nursery() as nursery:
+            await _queue_first_time_acquires(h, nursery, order)
+            nursery.start_soon(_kill_later, h.driver, lost.sandbox_id)
+            with pytest.raises(SandboxLost):
+                await lost.exec(Command(command="sleep 100"))
+            if releases:
+                await h.pool.release(lost)
+            assert h.pool.statistics().sandboxes_lost == 0  # not heard of yet
+            again = await h.pool.acquire("lost")
+            order.append("lost")
+            await trio.sleep(10)
+            await h.pool.release(again)
+        assert order == ["lost", "first-1", "first-2"]
+        stats = h.pool.statistics()
+        assert (stats.sandboxes_lost, stats.infra_failures) == (1, 1)
 
 
 async def test_rotates_before_max_lifetime(autojump_clock: trio.abc.Clock) -> None:

@@ -142,6 +142,28 @@ def test_loss_storm_costs_steps_not_trajectories() -> None:
     assert result.sandboxes_created == 20 + 10
 
 
+def test_a_lost_trajectory_does_not_wait_for_the_batch_being_created() -> None:
+    """A trajectory that loses its sandbox while most of the batch still waits for its first
+    slot gets the next sandbox that comes up, not one after the whole batch's."""
+    result = run_scenario(
+        small(
+            trajectories=100,
+            steps=3,
+            slots_per_sandbox=1,
+            think=Constant(1.0),
+            command=Constant(10.0),
+            provider=STEADY,
+            loss_storm=LossStorm(at_s=5.0, fraction=0.5, over_s=1.0),
+        )
+    )
+    assert (result.sandboxes_lost, result.steps_lost) == (8, 8)
+    # 85 trajectories still wait for their first slot, 17 s of creates at 5/s; a lost one
+    # waits for the next sandbox to come up (one every 0.2 s).
+    assert result.acquire_wait_p99_s > 20.0
+    assert result.lost_wait_max_s < 1.0
+    assert result.trajectories_done == 100
+
+
 def test_a_second_profile_is_served_while_the_first_scales_up() -> None:
     """A late small batch of another profile does not wait for the big batch's creates."""
     result = run_scenario(

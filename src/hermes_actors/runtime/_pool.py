@@ -9,6 +9,10 @@ own tasks, so a report can never block):
 
 * `acquire` is served FIFO: a free slot goes to the oldest waiter still waiting. A caller that
   gives up after a slot was handed over gives it back (`Reply.on_abandoned`), so no slot leaks.
+  One exception: a trajectory whose slot was lost with its sandbox, asking again within
+  `LOST_PRIORITY_S` under the same `trajectory_id`, goes ahead of every first-time acquire
+  (FIFO among such), so lost capacity is made good before new growth: while a batch is still
+  being created, it would otherwise wait for the whole batch's creates.
 * Scale up: when waiters outnumber free and starting slots, sandboxes are started, never more
   than `max_sandboxes` in all and `max_starting` at once; `min_sandboxes` are kept warm.
 * Scale down: a sandbox whose slots have all been free for `idle_timeout` is stopped while more
@@ -72,6 +76,9 @@ START_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: last attempt itself, the agent's start, and callers that began waiting while a create was
 #: already retrying, so a create that keeps failing reaches them as its cause, in time.
 CREATE_RETRY_SHARE = 0.5
+#: How long after a loss a trajectory's next acquire goes ahead of first-time acquires: time
+#: enough to notice the loss at its next command after thinking.
+LOST_PRIORITY_S = 900.0
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +107,8 @@ class Acquire:
     image: str
     #: Prefer a slot of this sandbox (a fork's source) when it has one free.
     near: SandboxActor | None = None
+    #: Set by the pool: the trajectory lost its slot with a sandbox, so it goes first.
+    after_loss: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -185,7 +194,14 @@ class ProfilePool:
         self._with_free: dict[_Member, None] = {}  # READY members with a free slot
         self._idle: dict[_Member, None] = {}  # idle READY members, oldest idle_since first
         self._by_ready_at: dict[_Member, None] = {}  # READY members, oldest ready_at first
+        # Waiters after a loss (`after_loss`) form the head of the queue, the others follow.
         self._waiters: collections.deque[Acquire] = collections.deque()
+        #: Trajectories whose slots were lost with their sandbox: (when, how many slots), the
+        #: oldest loss first.
+        self._lost_slots: dict[str, tuple[float, int]] = {}
+        #: Leases held, by trajectory: a trajectory may hear of its sandbox's death and ask
+        #: again before the pool hears of the exit.
+        self._held_by_trajectory: dict[str, list[Lease]] = {}
         self._nursery: trio.Nursery | None = None
         self._housekeeping: trio.CancelScope | None = None
         #: Per image: a broken image must not hold back the profile's own.
@@ -288,7 +304,7 @@ class ProfilePool:
                 if self._failing_fast(message.image):
                     message.reply.fail(clone_exception(self._start_error(message.image)))
                     return
-                self._waiters.append(message)
+                self._enqueue(message)
                 self._serve_waiters()
                 self._scale()
             case Release():
@@ -297,6 +313,70 @@ class ProfilePool:
                 assert_never(message)
 
     # -- slots ----------------------------------------------------------------------------------
+
+    def _enqueue(self, waiter: Acquire) -> None:
+        """Queue a waiter: last, or after the other waiters after a loss if it is one."""
+        if not self._had_loss(waiter.trajectory_id):
+            self._waiters.append(waiter)
+            return
+        position = 0
+        for queued in self._waiters:
+            if not queued.after_loss:
+                break
+            position += 1
+        self._waiters.insert(position, attrs.evolve(waiter, after_loss=True))
+
+    def _had_loss(self, trajectory_id: str | None) -> bool:
+        """Whether `trajectory_id` lost a slot with its sandbox lately (and count that slot
+        as asked for again)."""
+        if trajectory_id is None:
+            return False
+        for lease in list(self._held_by_trajectory.get(trajectory_id, ())):
+            member = self._member_of(lease)
+            if member is not None and self._died_unheard(member):
+                self._drop_dead_lease(member, lease)
+        self._forget_old_losses()
+        lost = self._lost_slots.get(trajectory_id)
+        if lost is None:
+            return False
+        lost_at, slots = lost
+        if slots > 1:
+            self._lost_slots[trajectory_id] = (lost_at, slots - 1)  # keeps its place in time
+        else:
+            del self._lost_slots[trajectory_id]
+        return True
+
+    @staticmethod
+    def _died_unheard(member: _Member) -> bool:
+        """Whether `member`'s sandbox died (not stopped by the pool) and the pool has not
+        heard of its exit yet: its holders may already know and ask again."""
+        return (
+            member.stop_reason is None
+            and member.state is not _State.STARTING
+            and (not member.actor.alive)
+        )
+
+    def _drop_dead_lease(self, member: _Member, lease: Lease) -> None:
+        """A slot of a sandbox that died: nothing is left to reset; its holder goes first."""
+        self._unhold(member, lease)
+        self.infra_failures += 1
+        self._note_lost_slot(lease)
+
+    def _note_lost_slot(self, lease: Lease) -> None:
+        self._forget_old_losses()
+        if lease.trajectory_id is None:
+            return
+        now = trio.current_time()
+        _, slots = self._lost_slots.pop(lease.trajectory_id, (now, 0))
+        self._lost_slots[lease.trajectory_id] = (now, slots + 1)  # the newest loss goes last
+
+    def _forget_old_losses(self) -> None:
+        horizon = trio.current_time() - LOST_PRIORITY_S
+        while self._lost_slots:
+            oldest = next(iter(self._lost_slots))
+            if self._lost_slots[oldest][0] >= horizon:
+                break
+            del self._lost_slots[oldest]
 
     def _serve_waiters(self) -> None:
         """Hand free slots to waiters, oldest first within each image: one image's waiters
@@ -323,7 +403,7 @@ class ProfilePool:
                 image=member.image,
                 sandbox=actor,
             )
-            member.held[index] = lease
+            self._hold(member, lease)
             self._set_busy(member)
             if not waiter.reply.set(lease):
                 self._take_back(lease)
@@ -371,6 +451,8 @@ class ProfilePool:
         self._image_states[member.image, member.state] += 1
 
     def _remove_member(self, key: int, member: _Member) -> None:
+        for lease in member.held.values():
+            self._forget_holder(lease)
         self._clear_free(member)
         self._idle.pop(member, None)
         self._by_ready_at.pop(member, None)
@@ -378,6 +460,23 @@ class ProfilePool:
         self._image_states[member.image, member.state] -= 1
         del self._members[key]
         del self._by_actor[member.actor]
+
+    def _hold(self, member: _Member, lease: Lease) -> None:
+        member.held[lease.index] = lease
+        if lease.trajectory_id is not None:
+            self._held_by_trajectory.setdefault(lease.trajectory_id, []).append(lease)
+
+    def _unhold(self, member: _Member, lease: Lease) -> None:
+        del member.held[lease.index]
+        self._forget_holder(lease)
+
+    def _forget_holder(self, lease: Lease) -> None:
+        if lease.trajectory_id is None:
+            return
+        leases = self._held_by_trajectory[lease.trajectory_id]
+        leases.remove(lease)
+        if not leases:
+            del self._held_by_trajectory[lease.trajectory_id]
 
     def _take_free(self, member: _Member) -> int:
         index = member.free.pop(0)
@@ -415,7 +514,7 @@ class ProfilePool:
         member = self._member_of(lease)
         if member is None or member.held.get(lease.index) is not lease:
             return
-        del member.held[lease.index]
+        self._unhold(member, lease)
         self._slot_freed(member, lease.index)
 
     def _release(self, message: Release) -> None:
@@ -424,7 +523,11 @@ class ProfilePool:
         if member is None or member.held.get(lease.index) is not lease:
             message.reply.set(None)
             return
-        del member.held[lease.index]
+        if self._died_unheard(member):
+            self._drop_dead_lease(member, lease)
+            message.reply.set(None)
+            return
+        self._unhold(member, lease)
         member.resetting.add(lease.index)
         assert self._nursery is not None
         self._nursery.start_soon(
@@ -576,6 +679,8 @@ class ProfilePool:
         else:
             self.sandboxes_lost += 1
             self.infra_failures += len(member.held) + len(member.resetting)
+            for lease in member.held.values():
+                self._note_lost_slot(lease)
             logger.warning(
                 "sandbox %s of profile %r was lost (%s); replacing it",
                 member.actor.sandbox_id,

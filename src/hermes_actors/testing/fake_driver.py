@@ -10,8 +10,9 @@ are interpreted, not run: `sleep N` sleeps N virtual seconds, `echo X` prints, `
 anything else runs the driver's `script` hook. So the client, sandbox actors, pools and runtime
 are exercised for real, with exact virtual times.
 
-Knobs: `create_latency_s`, `reset_latency_s`, `fail_next_creates` (errors raised by the next
-creates), `kill(id)` (the sandbox dies as if the provider killed it). Counters: `created`,
+Knobs: `create_latency_s`, `reset_latency_s`, `terminate_latency_s` (how long `terminate`
+takes, e.g. a provider's round trip), `fail_next_creates` (errors raised by the next creates),
+`kill(id)` (the sandbox dies as if the provider killed it). Counters: `created`,
 `terminated`, `alive`, `execs`, `resets`, `max_alive`; per sandbox `pings` and the
 `agent_settings` the host started its agent with.
 """
@@ -80,6 +81,8 @@ class FakeSandbox:
         if self.is_alive():
             self.driver.terminated += 1
         self._die(137)
+        if self.driver.terminate_latency_s:
+            await trio.sleep(self.driver.terminate_latency_s)
 
     def _die(self, status: int) -> None:
         if self._exited.is_set():
@@ -275,6 +278,7 @@ class FakeDriver:
         self._ids = itertools.count(1)
         self.create_latency_s = 0.0
         self.reset_latency_s = 0.0
+        self.terminate_latency_s = 0.0
         self.fail_next_creates: list[BaseException] = []
         self.created = 0
         self.terminated = 0
