@@ -15,12 +15,14 @@ seeded: the same faults are injected every run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import signal
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,26 +113,54 @@ CANCEL_SHARE = 0.08
 RELEASE_SHARE = 0.05
 
 
-async def trio_trajectory(backend: ToolBackend, index: int, tally: Tally) -> None:
-    rng = random.Random(f"{SEED}-trio-{index}")
-    slot = await _acquire_trio(backend, f"trio-{index}", tally)
+@attrs.frozen
+class Loop:
+    """What differs between a trio and an asyncio trainer: names, sleeping, giving up."""
+
+    name: str  # in the trajectories' seeds
+    prefix: str  # of their trajectory ids and tags
+    sleep: Callable[[float], Awaitable[object]]
+    #: Await the call, or give up on it after the seconds given; True when it finished.
+    within: Callable[[Callable[[], Awaitable[object]], float], Awaitable[bool]]
+
+
+async def _trio_within(call: Callable[[], Awaitable[object]], seconds: float) -> bool:
+    with trio.move_on_after(seconds) as scope:
+        await call()
+    return not scope.cancelled_caught
+
+
+async def _asyncio_within(call: Callable[[], Awaitable[object]], seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(call(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+TRIO = Loop(name="trio", prefix="trio", sleep=trio.sleep, within=_trio_within)
+ASYNCIO = Loop(name="asyncio", prefix="aio", sleep=asyncio.sleep, within=_asyncio_within)
+
+
+async def trajectory(loop: Loop, backend: ToolBackend, index: int, tally: Tally) -> None:
+    rng = random.Random(f"{SEED}-{loop.name}-{index}")
+    name = f"{loop.prefix}-{index}"
+    slot = await _acquire(loop, backend, name, tally)
     for step in range(COMMANDS_PER_TRAJECTORY):
-        tag = f"trio{index}x{step}"
+        tag = f"{loop.prefix}{index}x{step}"
         if rng.random() < RELEASE_SHARE:
             tally.injected["release"] += 1
             await backend.release(slot)
-            slot = await _acquire_trio(backend, f"trio-{index}-{step}", tally)
+            slot = await _acquire(loop, backend, f"{name}-{step}", tally)
         if rng.random() < CANCEL_SHARE:
             tally.injected["cancel"] += 1
             tally.requests += 1
-            with trio.move_on_after(rng.uniform(0.01, 0.2)) as scope:
-                await backend.execute_batch(
-                    [(slot, "bash", {"command": f"sleep 2; echo {tag}"})], timeout_s=10
-                )
-            if scope.cancelled_caught:
-                tally.cancelled += 1
-            else:
+            request = [(slot, "bash", {"command": f"sleep 2; echo {tag}"})]
+            call = functools.partial(backend.execute_batch, request, timeout_s=10)
+            if await loop.within(call, rng.uniform(0.01, 0.2)):
                 tally.answered += 1
+            else:
+                tally.cancelled += 1
             continue
         batch = _request(slot, rng, tag, tally)
         tally.requests += len(batch)
@@ -138,60 +168,17 @@ async def trio_trajectory(backend: ToolBackend, index: int, tally: Tally) -> Non
         tally.take(batch, results)
         if any("infra_error" in result.metadata for result in results):
             await backend.release(slot, reset_workspace=False)
-            slot = await _acquire_trio(backend, f"trio-{index}-{step}-again", tally)
+            slot = await _acquire(loop, backend, f"{name}-{step}-again", tally)
     await backend.release(slot)
 
 
-async def _acquire_trio(backend: ToolBackend, trajectory: str, tally: Tally) -> Slot:
+async def _acquire(loop: Loop, backend: ToolBackend, trajectory: str, tally: Tally) -> Slot:
     while True:
         try:
             return await backend.acquire(trajectory)
         except InfrastructureError as exc:
             tally.infra_errors[f"acquire: {exc.kind}"] += 1
-            await trio.sleep(0.1)
-
-
-async def asyncio_trajectory(backend: ToolBackend, index: int, tally: Tally) -> None:
-    rng = random.Random(f"{SEED}-asyncio-{index}")
-    slot = await _acquire_asyncio(backend, f"aio-{index}", tally)
-    for step in range(COMMANDS_PER_TRAJECTORY):
-        tag = f"aio{index}x{step}"
-        if rng.random() < RELEASE_SHARE:
-            tally.injected["release"] += 1
-            await backend.release(slot)
-            slot = await _acquire_asyncio(backend, f"aio-{index}-{step}", tally)
-        if rng.random() < CANCEL_SHARE:
-            tally.injected["cancel"] += 1
-            tally.requests += 1
-            try:
-                await asyncio.wait_for(
-                    backend.execute_batch(
-                        [(slot, "bash", {"command": f"sleep 2; echo {tag}"})], timeout_s=10
-                    ),
-                    rng.uniform(0.01, 0.2),
-                )
-            except TimeoutError:
-                tally.cancelled += 1
-            else:
-                tally.answered += 1
-            continue
-        batch = _request(slot, rng, tag, tally)
-        tally.requests += len(batch)
-        results = await backend.execute_batch(_strip(batch), timeout_s=30)
-        tally.take(batch, results)
-        if any("infra_error" in result.metadata for result in results):
-            await backend.release(slot, reset_workspace=False)
-            slot = await _acquire_asyncio(backend, f"aio-{index}-{step}-again", tally)
-    await backend.release(slot)
-
-
-async def _acquire_asyncio(backend: ToolBackend, trajectory: str, tally: Tally) -> Slot:
-    while True:
-        try:
-            return await backend.acquire(trajectory)
-        except InfrastructureError as exc:
-            tally.infra_errors[f"acquire: {exc.kind}"] += 1
-            await asyncio.sleep(0.1)
+            await loop.sleep(0.1)
 
 
 def run_asyncio_loop(profiles: Any, tally: Tally) -> None:
@@ -199,7 +186,7 @@ def run_asyncio_loop(profiles: Any, tally: Tally) -> None:
         backend = ToolBackend(profiles)
         try:
             await asyncio.gather(
-                *(asyncio_trajectory(backend, n, tally) for n in range(TRAJECTORIES_PER_LOOP))
+                *(trajectory(ASYNCIO, backend, n, tally) for n in range(TRAJECTORIES_PER_LOOP))
             )
         finally:
             await backend.stop()
@@ -262,7 +249,7 @@ async def test_soak_under_random_faults(
             async def trio_side() -> None:
                 async with trio.open_nursery() as trajectories:
                     for n in range(TRAJECTORIES_PER_LOOP):
-                        trajectories.start_soon(trio_trajectory, backend, n, tally)
+                        trajectories.start_soon(trajectory, TRIO, backend, n, tally)
 
             async def asyncio_side() -> None:
                 await trio.to_thread.run_sync(run_asyncio_loop, profiles, tally)

@@ -15,16 +15,14 @@ from __future__ import annotations
 import collections
 import math
 import shlex
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
-from hermes_actors._agent import PROTOCOL_VERSION, FrameDecoder, encode_frame
+from hermes_actors._agent import FrameDecoder, encode_frame
 from hermes_actors._config import SandboxConfig
-
-_U32 = struct.Struct(">I")
+from hermes_actors.testing._in_process import READY, InProcessHandle, split_bootstrap
 
 
 class _HostStream(trio.abc.HalfCloseableStream):
@@ -81,7 +79,7 @@ class _HostStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-class SimulatedSandbox:
+class SimulatedSandbox(InProcessHandle):
     """A `SandboxHandle` whose agent is simulated; created by `SimulatedProvider.create`."""
 
     def __init__(
@@ -93,15 +91,13 @@ class SimulatedSandbox:
         contention: bool,
         on_exit: Callable[[SimulatedSandbox], None],
     ) -> None:
-        self._sandbox_id = sandbox_id
-        self.spec = spec
-        self.isolated = True
-        self.network = spec.network
+        super().__init__(sandbox_id, spec)
         self.created_at = trio.current_time()
         self._reset_s = reset_s
         self._contention = contention
         self._on_exit = on_exit
-        self._stream = _HostStream(self)
+        self._host = _HostStream(self)
+        self._stream = self._host
         self._decoder = FrameDecoder()
         self._bootstrap = bytearray()
         self._bootstrapped = False
@@ -109,8 +105,6 @@ class SimulatedSandbox:
         self._running: dict[int, trio.CancelScope] = {}
         self._files: dict[int, dict[str, bytes]] = {}
         self._nursery: trio.Nursery | None = None
-        self._exited = trio.Event()
-        self.exit_status: int | None = None
         self.exit_reason: str | None = None
         self.commands = 0
         self.busy = 0  # commands running right now
@@ -118,27 +112,8 @@ class SimulatedSandbox:
     # -- SandboxHandle --------------------------------------------------------------------------
 
     @property
-    def sandbox_id(self) -> str:
-        return self._sandbox_id
-
-    @property
-    def stream(self) -> trio.abc.HalfCloseableStream:
-        return self._stream
-
-    @property
-    def agent_config(self) -> Mapping[str, object]:
-        return {"workspace_root": ".", "slot_uid_base": None}
-
-    @property
     def alive(self) -> bool:
-        return not self._exited.is_set()
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    async def wait_exited(self) -> int | None:
-        await self._exited.wait()
-        return self.exit_status
+        return self.is_alive()
 
     async def terminate(self) -> None:
         self.die(137, "terminated")
@@ -159,12 +134,10 @@ class SimulatedSandbox:
             self.die(137, "stopped with the provider")
 
     def die(self, status: int, reason: str = "exited") -> None:
-        if self._exited.is_set():
+        if not self._mark_exited(status):
             return
-        self.exit_status = status
         self.exit_reason = reason
-        self._exited.set()
-        self._stream.end()
+        self._host.end()
         self._on_exit(self)
 
     # -- the agent ------------------------------------------------------------------------------
@@ -172,14 +145,13 @@ class SimulatedSandbox:
     def from_host(self, data: bytes) -> None:
         if not self._bootstrapped:
             self._bootstrap += data
-            rest = self._skip_bootstrap()
-            if rest is None:
+            parts = split_bootstrap(self._bootstrap)
+            if parts is None:
                 return
+            _, rest = parts
             self._bootstrapped = True
             self._bootstrap = bytearray()
-            self._send(
-                {"id": 0, "ok": True, "result": {"ready": True, "protocol": PROTOCOL_VERSION}}
-            )
+            self._send(READY)
             data = rest
         self._decoder.feed(data)
         while True:
@@ -188,24 +160,9 @@ class SimulatedSandbox:
                 return
             self._receive(message)
 
-    def _skip_bootstrap(self) -> bytes | None:
-        """What follows the bootstrap payload (u32 + source, u32 + config), once it is whole."""
-        buffer = self._bootstrap
-        if len(buffer) < 4:
-            return None
-        (source_len,) = _U32.unpack_from(buffer)
-        config_at = 4 + source_len
-        if len(buffer) < config_at + 4:
-            return None
-        (config_len,) = _U32.unpack_from(buffer, config_at)
-        end = config_at + 4 + config_len
-        if len(buffer) < end:
-            return None
-        return bytes(buffer[end:])
-
     def _send(self, message: dict[str, Any]) -> None:
         if self.alive:
-            self._stream.deliver(encode_frame(message))
+            self._host.deliver(encode_frame(message))
 
     def _receive(self, message: dict[str, Any]) -> None:
         request_id, op = message["id"], message["op"]

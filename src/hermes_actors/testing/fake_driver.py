@@ -22,30 +22,28 @@ from __future__ import annotations
 import itertools
 import json
 import shlex
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 import trio.testing
 
-from hermes_actors._agent import PROTOCOL_VERSION, FrameDecoder, encode_frame
+from hermes_actors._agent import FrameDecoder, encode_frame
 from hermes_actors._config import SandboxConfig
+from hermes_actors.testing._in_process import READY, InProcessHandle, split_bootstrap
 
 Script = Callable[[str], Awaitable[tuple[int, bytes]]]
 
 
-class FakeSandbox:
+class FakeSandbox(InProcessHandle):
+    workspace_root = "/fake"
+
     def __init__(self, driver: FakeDriver, sandbox_id: str, spec: SandboxConfig) -> None:
+        super().__init__(sandbox_id, spec)
         self.driver = driver
-        self._sandbox_id = sandbox_id
-        self.spec = spec
-        self.isolated = True
-        self.network = spec.network
         host_side, agent_side = trio.testing.memory_stream_pair()
         self._stream = host_side
         self._agent_stream = agent_side
-        self._exited = trio.Event()
-        self.exit_status: int | None = None
         self.files: dict[int, dict[str, bytes]] = {}
         self.running: dict[int, trio.CancelScope] = {}
         self.slot_of: dict[int, int] = {}
@@ -58,25 +56,6 @@ class FakeSandbox:
         #: Heartbeat pings received from the host.
         self.pings = 0
 
-    @property
-    def sandbox_id(self) -> str:
-        return self._sandbox_id
-
-    @property
-    def stream(self) -> trio.abc.HalfCloseableStream:
-        return self._stream
-
-    @property
-    def agent_config(self) -> Mapping[str, object]:
-        return {"workspace_root": "/fake", "slot_uid_base": None}
-
-    def is_alive(self) -> bool:
-        return not self._exited.is_set()
-
-    async def wait_exited(self) -> int | None:
-        await self._exited.wait()
-        return self.exit_status
-
     async def terminate(self) -> None:
         if self.is_alive():
             self.driver.terminated += 1
@@ -85,10 +64,8 @@ class FakeSandbox:
             await trio.sleep(self.driver.terminate_latency_s)
 
     def _die(self, status: int) -> None:
-        if self._exited.is_set():
+        if not self._mark_exited(status):
             return
-        self.exit_status = status
-        self._exited.set()
         self._cancel_scope.cancel()
         # The host sees the stream end, as it would when a real sandbox vanishes.
         self._agent_stream.send_stream.close()
@@ -104,22 +81,15 @@ class FakeSandbox:
             async with trio.open_nursery() as nursery:
                 bootstrap = b""
                 # The real bootstrap payload: u32 + source, u32 + config (kept), then frames.
-                while True:
+                while (parts := split_bootstrap(bootstrap)) is None:
                     data = await stream.receive_some()
                     if not data:
                         return
                     bootstrap += data
-                    if len(bootstrap) >= 4:
-                        source_len = int.from_bytes(bootstrap[:4], "big")
-                        rest = bootstrap[4 + source_len :]
-                        if len(rest) >= 4 and len(rest) >= 4 + int.from_bytes(rest[:4], "big"):
-                            config_len = int.from_bytes(rest[:4], "big")
-                            self.agent_settings = json.loads(rest[4 : 4 + config_len])
-                            decoder.feed(rest[4 + config_len :])
-                            break
-                await self._send(
-                    {"id": 0, "ok": True, "result": {"ready": True, "protocol": PROTOCOL_VERSION}}
-                )
+                config, rest = parts
+                self.agent_settings = json.loads(config)
+                decoder.feed(rest)
+                await self._send(READY)
                 while True:
                     while True:
                         complete, message = decoder.next_frame()
