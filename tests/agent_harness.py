@@ -13,7 +13,7 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from hermes_actors._agent import BOOTSTRAP, FrameDecoder, bootstrap_payload, encode_frame
@@ -170,33 +170,42 @@ class AgentProcess:
         self.close()
 
 
-def processes_with_env(tag: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose environment contains `tag` (``NAME=value``)."""
-    needle = b"\0" + tag.encode() + b"\0"
+def _live_processes_whose(part: str, needle: bytes, *, lead: bytes = b"") -> list[int]:
+    """Pids of live (non-zombie) processes whose /proc/PID/`part`, after `lead`, contains
+    `needle`."""
     found = []
     for pid in _pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-            if state in (b"Z", b"X"):
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                environ = b"\0" + handle.read()
-        except (OSError, IndexError):
+        if not pid_alive(pid):
             continue
-        if needle in environ:
+        try:
+            with open(f"/proc/{pid}/{part}", "rb") as handle:
+                content = lead + handle.read()
+        except OSError:
+            continue
+        if needle in content:
             found.append(pid)
     return found
 
 
-def wait_no_processes_with_env(tag: str, timeout: float = 2.0) -> list[int]:
-    """Poll until no process carries `tag` or `timeout` passes; return the survivors."""
+def _wait_none(find: Callable[[], list[int]], timeout: float) -> list[int]:
+    """Poll until `find` finds nothing or `timeout` passes; return what it found last."""
     deadline = time.monotonic() + timeout
-    survivors = processes_with_env(tag)
+    survivors = find()
     while survivors and time.monotonic() < deadline:
         time.sleep(0.02)
-        survivors = processes_with_env(tag)
+        survivors = find()
     return survivors
+
+
+def processes_with_env(tag: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose environment contains `tag` (``NAME=value``)."""
+    # Entries end with NUL: a NUL before the first one makes every entry whole.
+    return _live_processes_whose("environ", b"\0" + tag.encode() + b"\0", lead=b"\0")
+
+
+def wait_no_processes_with_env(tag: str, timeout: float = 2.0) -> list[int]:
+    """Poll until no process carries `tag` or `timeout` passes; return the survivors."""
+    return _wait_none(lambda: processes_with_env(tag), timeout)
 
 
 def pid_alive(pid: int) -> bool:
@@ -204,7 +213,7 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             state = handle.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
+    except (OSError, IndexError):
         return False
     return state not in (b"Z", b"X")
 
@@ -217,21 +226,7 @@ def _pids() -> Iterator[int]:
 
 def processes_with_argv(token: str) -> list[int]:
     """Pids of live (non-zombie) processes with `token` in their command line."""
-    needle = token.encode()
-    found = []
-    for pid in _pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-            if state in (b"Z", b"X"):
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except (OSError, IndexError):
-            continue
-        if needle in cmdline:
-            found.append(pid)
-    return found
+    return _live_processes_whose("cmdline", token.encode())
 
 
 def wait_processes_with_argv(token: str, count: int, timeout: float = 10.0) -> list[int]:
@@ -248,12 +243,7 @@ def wait_processes_with_argv(token: str, count: int, timeout: float = 10.0) -> l
 
 def wait_no_processes_with_argv(token: str, timeout: float = 2.0) -> list[int]:
     """Poll until no process carries `token` or `timeout` passes; return the survivors."""
-    deadline = time.monotonic() + timeout
-    survivors = processes_with_argv(token)
-    while survivors and time.monotonic() < deadline:
-        time.sleep(0.02)
-        survivors = processes_with_argv(token)
-    return survivors
+    return _wait_none(lambda: processes_with_argv(token), timeout)
 
 
 def escapee(token: str) -> str:
