@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -130,6 +131,23 @@ async def run_recording(
         raise group
 
 
+@asynccontextmanager
+async def supervising(
+    supervisor: Supervisor, outcome: Outcome | None = None, *, until_it_ends: bool = False
+) -> AsyncIterator[None]:
+    """Run `supervisor` while the block runs (recording how `run` ended in `outcome`, when
+    given), then cancel it and wait for its teardown; `until_it_ends`: wait for `run` to end
+    by itself (an escalation) instead."""
+    async with trio.open_nursery() as nursery:
+        if outcome is None:
+            await nursery.start(supervisor.run)
+        else:
+            await nursery.start(run_recording, supervisor, outcome)
+        yield
+        if not until_it_ends:
+            nursery.cancel_scope.cancel()
+
+
 # Starting and looking up -----------------------------------------------------------------------
 
 
@@ -139,8 +157,7 @@ async def test_start_child_returns_handle_and_lists_children(
     """start_child returns the started handle; lookups and the snapshot reflect the children."""
     journal = Journal()
     supervisor = Supervisor("root")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         assert await supervisor.start_child(spec(journal, "a", forever)) == "a#0"
         assert await supervisor.start_child(spec(journal, "b", forever, Restart.TRANSIENT)) == "b#0"
         assert supervisor.child_handle("b") == "b#0"
@@ -152,7 +169,6 @@ async def test_start_child_returns_handle_and_lists_children(
             await supervisor.start_child(spec(journal, "a", forever))
         with pytest.raises(NoSuchChild):
             supervisor.child_handle("nope")
-        nursery.cancel_scope.cancel()
     assert journal.of("started") == [(0, "a"), (0, "b")]
 
 
@@ -164,9 +180,8 @@ async def test_start_child_requires_a_running_supervisor(
     supervisor = Supervisor("root")
     with pytest.raises(RuntimeStopped, match="not running"):
         await supervisor.start_child(spec(journal, "a", forever))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
-        nursery.cancel_scope.cancel()
+    async with supervising(supervisor):
+        pass
     with pytest.raises(RuntimeStopped):
         await supervisor.start_child(spec(journal, "a", forever))
     with pytest.raises(RuntimeError, match="already run"):
@@ -186,8 +201,7 @@ async def test_child_failing_before_started_raises_to_caller_and_is_forgotten(
         await trio.sleep(1)
         raise Boom("cannot start")
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         with pytest.raises(Boom, match="cannot start"):
             await supervisor.start_child(ChildSpec(name="x", start=broken))
         assert supervisor.which_children() == []
@@ -195,7 +209,6 @@ async def test_child_failing_before_started_raises_to_caller_and_is_forgotten(
         await trio.sleep(5)
         journal = Journal()
         assert await supervisor.start_child(spec(journal, "x", forever)) == "x#0"
-        nursery.cancel_scope.cancel()
     assert attempts == [0]
 
 
@@ -214,13 +227,11 @@ async def test_cancelled_start_child_leaves_nothing_running(
         finally:
             ended.append(trio.current_time())
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         with trio.move_on_after(3):
             await supervisor.start_child(ChildSpec(name="slow", start=slow_starter))
         assert ended == [3]
         assert supervisor.which_children() == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_child_started_after_start_child_was_cancelled_dies_with_it(
@@ -241,14 +252,12 @@ async def test_child_started_after_start_child_was_cancelled_dies_with_it(
 
     # A child wrongly shielded would never end: the virtual clock then jumps to this limit.
     with trio.fail_after(1000):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(supervisor.run)
+        async with supervising(supervisor):
             with trio.move_on_after(2):
                 await supervisor.start_child(ChildSpec(name="late", start=shielded_starter))
             assert trio.current_time() == 5
             assert ended == [5]
             assert supervisor.which_children() == []
-            nursery.cancel_scope.cancel()
 
 
 async def test_shutdown_cancels_a_child_still_starting(
@@ -308,15 +317,13 @@ async def test_crashed_child_is_restarted_with_a_new_handle(
     async def crash_once(incarnation: int) -> None:
         await next(behaviours)(incarnation)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         assert await supervisor.start_child(spec(journal, "w", crash_once)) == "w#0"
         await trio.sleep(5)
         assert supervisor.child_handle("w") == "w#1"
         assert supervisor.which_children() == [
             ChildInfo(name="w", restart=Restart.PERMANENT, restarts=1, alive=True)
         ]
-        nursery.cancel_scope.cancel()
     assert restarted == [(2, "w", "w#1")]
     assert journal.of("started") == [(0, "w"), (2, "w")]
 
@@ -332,8 +339,7 @@ async def test_transient_child_is_restarted_only_after_a_crash(
     async def crash_then_return(incarnation: int) -> None:
         await next(behaviours)(incarnation)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         await supervisor.start_child(spec(journal, "t", crash_then_return, Restart.TRANSIENT))
         await trio.sleep(10)
         assert supervisor.which_children() == [
@@ -343,7 +349,6 @@ async def test_transient_child_is_restarted_only_after_a_crash(
             supervisor.child_handle("t")
         # A stopped child's name can be started again.
         assert await supervisor.start_child(spec(journal, "t", forever)) == "t#2"
-        nursery.cancel_scope.cancel()
     assert journal.of("started") == [(0, "t"), (1, "t"), (10, "t")]
     assert journal.of("ended")[:2] == [(1, "t"), (3, "t")]
 
@@ -354,12 +359,10 @@ async def test_permanent_child_is_restarted_after_returning(
     """A permanent child that returns normally is restarted too."""
     journal = Journal()
     supervisor = Supervisor("root", max_restarts=10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         await supervisor.start_child(spec(journal, "p", return_after(3)))
         await trio.sleep(7)
         assert supervisor.child_handle("p") == "p#2"
-        nursery.cancel_scope.cancel()
     assert journal.of("started") == [(0, "p"), (3, "p"), (6, "p")]
 
 
@@ -370,12 +373,10 @@ async def test_temporary_child_is_never_restarted_and_is_forgotten(
     """A temporary child is not restarted however it ends, and leaves no record."""
     journal = Journal()
     supervisor = Supervisor("root")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         await supervisor.start_child(spec(journal, "tmp", behaviour, Restart.TEMPORARY))
         await trio.sleep(10)
         assert supervisor.which_children() == []
-        nursery.cancel_scope.cancel()
     assert journal.of("started") == [(0, "tmp")]
     assert journal.of("ended") == [(1, "tmp")]
 
@@ -399,13 +400,11 @@ async def test_crash_while_restarting_counts_and_is_retried(
         task_status.started(len(calls))
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         assert await supervisor.start_child(ChildSpec(name="f", start=flaky)) == 1
         await trio.sleep(5)
         assert supervisor.child_handle("f") == 3
         assert supervisor.which_children()[0].restarts == 2
-        nursery.cancel_scope.cancel()
     assert calls == [0, 1, 2]
 
 
@@ -419,8 +418,7 @@ async def test_restart_intensity_exceeded_escalates_after_stopping_all_children(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=3, period_s=5)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome, until_it_ends=True):
         await supervisor.start_child(spec(journal, "steady", forever))
         await supervisor.start_child(spec(journal, "flaky", crash_after(1)))
         await supervisor.start_child(spec(journal, "late", forever))
@@ -449,8 +447,7 @@ async def test_zero_restarts_escalates_on_first_crash(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome, until_it_ends=True):
         await supervisor.start_child(spec(journal, "once", crash_after(2.5)))
     assert outcome.at == 2.5
     assert isinstance(outcome.error, SupervisorEscalation)
@@ -463,8 +460,7 @@ async def test_escalation_with_normal_returns_has_no_cause(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=2, period_s=10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome, until_it_ends=True):
         await supervisor.start_child(spec(journal, "ret", return_after(1)))
     assert outcome.at == 3
     assert isinstance(outcome.error, SupervisorEscalation)
@@ -499,11 +495,9 @@ async def test_restart_window_slides(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=3, period_s=period_s)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome):
         await supervisor.start_child(spec(journal, "every2", crash_after(2)))
         await trio.sleep(29)
-        nursery.cancel_scope.cancel()
     assert outcome.at == (escalated_at if escalated_at is not None else 29)
     if escalated_at is None:
         assert outcome.error is None
@@ -523,8 +517,7 @@ async def test_terminated_child_is_not_restarted_nor_counted(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=1, period_s=100)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome, until_it_ends=True):
         await supervisor.start_child(spec(journal, "victim", forever))
         await supervisor.start_child(spec(journal, "other", crash_after(3)))
         await trio.sleep(1)
@@ -557,14 +550,12 @@ async def test_child_swallowing_cancellation_is_not_restarted(
                 # Pretend nothing happened: end normally instead of propagating.
                 inner.cancel()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         await supervisor.start_child(spec(journal, "s", swallow))
         await trio.sleep(1)
         assert await supervisor.terminate_child("s") is True
         await trio.sleep(1)
         assert supervisor.which_children()[0].alive is False
-        nursery.cancel_scope.cancel()
     assert journal.of("started") == [(0, "s")]
 
 
@@ -575,12 +566,10 @@ async def test_shutdown_stops_children_in_reverse_start_order(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=0)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome):
         for name in ("first", "second", "third"):
             await supervisor.start_child(spec(journal, name, slow_to_stop(1)))
         await trio.sleep(10)
-        nursery.cancel_scope.cancel()
     assert journal.of("ended") == [(11, "third"), (12, "second"), (13, "first")]
     assert outcome.at == 13
     assert outcome.error is None
@@ -593,12 +582,10 @@ async def test_shutdown_moves_on_from_a_child_that_ignores_cancellation(
     journal = Journal()
     outcome = Outcome()
     supervisor = Supervisor("root")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome):
         await supervisor.start_child(spec(journal, "polite", forever))
         await supervisor.start_child(spec(journal, "stubborn", slow_to_stop(100), shutdown_s=2))
         await trio.sleep(10)
-        nursery.cancel_scope.cancel()
     assert journal.of("ended") == [(12, "polite"), (110, "stubborn")]
     # trio cannot abandon a task: run returns once the stubborn child has exited.
     assert outcome.at == 110
@@ -610,15 +597,13 @@ async def test_terminate_child_waits_at_most_shutdown_s(
     """terminate_child gives up waiting after shutdown_s; the child stays alive until it exits."""
     journal = Journal()
     supervisor = Supervisor("root")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run)
+    async with supervising(supervisor):
         await supervisor.start_child(spec(journal, "slow", slow_to_stop(10), shutdown_s=3))
         assert await supervisor.terminate_child("slow") is False
         assert trio.current_time() == 3
         assert supervisor.which_children()[0].alive is True
         await trio.sleep(8)
         assert supervisor.which_children()[0].alive is False
-        nursery.cancel_scope.cancel()
     assert journal.of("ended") == [(10, "slow")]
 
 
@@ -636,12 +621,10 @@ async def test_child_failing_while_stopping_does_not_break_shutdown(
         finally:
             raise Boom("cleanup failed")
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_recording, supervisor, outcome)
+    async with supervising(supervisor, outcome):
         await supervisor.start_child(spec(journal, "a", forever))
         await supervisor.start_child(spec(journal, "b", fail_on_stop))
         await trio.sleep(1)
-        nursery.cancel_scope.cancel()
     assert journal.of("ended") == [(1, "b"), (1, "a")]
     assert outcome.error is None
     assert [at for at, name in journal.of("started")] == [0, 0]
