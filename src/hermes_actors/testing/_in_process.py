@@ -42,6 +42,26 @@ def split_bootstrap(buffer: bytes | bytearray) -> tuple[bytes, bytes] | None:
     return bytes(buffer[config_at + 4 : end]), bytes(buffer[end:])
 
 
+def command_result(
+    scope: trio.CancelScope, started: float, exit_code: int, stdout: bytes
+) -> dict[str, Any]:
+    """The agent's answer to an `exec` that ran in `scope` from `started`: its deadline passed
+    (timed out, 124), it was cancelled (-9), or it ended with `exit_code`."""
+    timed_out = scope.cancelled_caught and trio.current_time() >= scope.deadline
+    cancelled = scope.cancelled_caught and not timed_out
+    return {
+        "exit_code": 124 if timed_out else (-9 if cancelled else exit_code),
+        "signal": 9 if scope.cancelled_caught else None,
+        "timed_out": timed_out,
+        "cancelled": cancelled,
+        "duration_s": trio.current_time() - started,
+        "stdout": stdout,
+        "stderr": b"",
+        "stdout_dropped": 0,
+        "stderr_dropped": 0,
+    }
+
+
 class InProcessHandle:
     """A `SandboxHandle` whose sandbox lives in this process: the subclass provides the host's
     end of the agent stream (`_stream`) and ends the sandbox with `_mark_exited`."""

@@ -30,7 +30,12 @@ import trio.testing
 
 from hermes_actors._agent import FrameDecoder, encode_frame
 from hermes_actors._config import SandboxConfig
-from hermes_actors.testing._in_process import READY, InProcessHandle, split_bootstrap
+from hermes_actors.testing._in_process import (
+    READY,
+    InProcessHandle,
+    command_result,
+    split_bootstrap,
+)
 
 Script = Callable[[str], Awaitable[tuple[int, bytes]]]
 
@@ -218,19 +223,7 @@ class FakeSandbox(InProcessHandle):
         with scope:
             exit_code, output = await self.driver.run_command(command)
         del self.running[request_id]
-        timed_out = scope.cancelled_caught and trio.current_time() >= scope.deadline
-        cancelled = scope.cancelled_caught and not timed_out
-        return {
-            "exit_code": 124 if timed_out else (-9 if cancelled else exit_code),
-            "signal": 9 if scope.cancelled_caught else None,
-            "timed_out": timed_out,
-            "cancelled": cancelled,
-            "duration_s": trio.current_time() - started,
-            "stdout": output,
-            "stderr": b"",
-            "stdout_dropped": 0,
-            "stderr_dropped": 0,
-        }
+        return command_result(scope, started, exit_code, output)
 
 
 class FakeDriver:
