@@ -350,11 +350,8 @@ class ProfilePool:
     def _died_unheard(member: _Member) -> bool:
         """Whether `member`'s sandbox died (not stopped by the pool) and the pool has not
         heard of its exit yet: its holders may already know and ask again."""
-        return (
-            member.stop_reason is None
-            and member.state is not _State.STARTING
-            and (not member.actor.alive)
-        )
+        started = member.state is not _State.STARTING
+        return started and member.stop_reason is None and not member.actor.alive
 
     def _drop_dead_lease(self, member: _Member, lease: Lease) -> None:
         """A slot of a sandbox that died: nothing is left to reset; its holder goes first."""
