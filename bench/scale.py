@@ -199,16 +199,36 @@ def run_letters(rows: Sequence[Row]) -> dict[Run, str]:
     return {run: chr(ord("A") + number) for number, run in enumerate(runs)}
 
 
-def table(rows: Sequence[Row]) -> list[str]:
+#: The run column of rows kept from an earlier report (`--keep-rows-from`).
+EARLIER = "earlier"
+
+
+def kept_rows(path: str, measured: Sequence[Row]) -> dict[str, list[str]]:
+    """The cells of an earlier report's figures whose scenarios were not measured again."""
+    names = {row.result.scenario.name for row in measured}
+    kept = {}
+    with open(path) as file:
+        for line in file:
+            if not line.startswith("| ") or line.startswith("| scenario |"):
+                continue
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if cells[0] not in names:
+                kept[cells[0]] = cells[: len(COLUMNS)]
+    return kept
+
+
+def table(rows: Sequence[Row], kept: dict[str, list[str]], sizes: Sizes) -> list[str]:
     letters = run_letters(rows)
+    cells = {
+        row.result.scenario.name: [cell(row.result) for _, cell in COLUMNS] + [letters[row.run]]
+        for row in rows
+    }
+    cells.update({name: [*values, EARLIER] for name, values in kept.items()})
     lines = [
         "| " + " | ".join(name for name, _ in COLUMNS) + " | run |",
         "|" + "|".join("---" for _ in COLUMNS) + "|---|",
     ]
-    lines += [
-        "| " + " | ".join(cell(row.result) for _, cell in COLUMNS) + f" | {letters[row.run]} |"
-        for row in rows
-    ]
+    lines += ["| " + " | ".join(cells[name]) + " |" for name in sorted(cells, key=order(sizes))]
     return lines
 
 
@@ -414,8 +434,11 @@ def findings(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
     return [line for line in lines if line is not None]
 
 
-def render(rows: Sequence[Row], sizes: Sizes, chart: str | None) -> str:
+def render(
+    rows: Sequence[Row], sizes: Sizes, chart: str | None, kept: dict[str, list[str]] | None = None
+) -> str:
     results = [row.result for row in rows]
+    kept = kept or {}
     model = ProviderModel()
     lines = [
         "# Scale by simulation (issue 14)",
@@ -449,7 +472,7 @@ def render(rows: Sequence[Row], sizes: Sizes, chart: str | None) -> str:
         "",
         "## Figures",
         "",
-        *table(rows),
+        *table(rows, kept, sizes),
         "",
     ]
     if chart:
@@ -459,6 +482,15 @@ def render(rows: Sequence[Row], sizes: Sizes, chart: str | None) -> str:
         "time depends on its load, host CPU much less):",
         "",
         *runs_described(rows),
+        *(
+            [
+                f"* {EARLIER}: {len(kept)} rows kept as they were from the report this one "
+                "replaces (`--keep-rows-from`): their figures are not in the targets and "
+                "findings above."
+            ]
+            if kept
+            else []
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -611,23 +643,27 @@ def labelled(result: ScenarioResult, label: str | None) -> ScenarioResult:
     return attrs.evolve(result, scenario=scenario)
 
 
-def merge(runs: Sequence[Sequence[Row]], sizes: Sizes) -> list[Row]:
-    """One row per scenario name, the latest run's, in the order of the groups; a labelled
-    row (`NAME [label]`) stands just before the row it is labelled from."""
-    latest: dict[str, Row] = {}
-    for rows in runs:
-        for row in rows:
-            latest[row.result.scenario.name] = row
-    order = {
-        scenario.name: position
-        for position, scenario in enumerate(s for g in GROUPS for s in scenarios(g, sizes))
+def order(sizes: Sizes) -> Callable[[str], tuple[int, int, str]]:
+    """Rows in the order of the groups; a labelled row (`NAME [label]`) just before `NAME`."""
+    position = {
+        scenario.name: at
+        for at, scenario in enumerate(s for g in GROUPS for s in scenarios(g, sizes))
     }
 
     def key(name: str) -> tuple[int, int, str]:
         base, _, label = name.partition(" [")
-        return (order.get(base, len(order)), 0 if label else 1, name)
+        return (position.get(base, len(position)), 0 if label else 1, name)
 
-    return [latest[name] for name in sorted(latest, key=key)]
+    return key
+
+
+def merge(runs: Sequence[Sequence[Row]], sizes: Sizes) -> list[Row]:
+    """One row per scenario name, the latest run's, in `order`."""
+    latest: dict[str, Row] = {}
+    for rows in runs:
+        for row in rows:
+            latest[row.result.scenario.name] = row
+    return [latest[name] for name in sorted(latest, key=order(sizes))]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -652,6 +688,11 @@ def main(argv: Sequence[str]) -> int:
         "replacing earlier rows of the same name) make the report",
     )
     parser.add_argument("--label", default=None, help="name this run's rows `NAME [LABEL]`")
+    parser.add_argument(
+        "--keep-rows-from",
+        default=None,
+        help="an earlier scale.md: its rows of scenarios not measured here stay in the table",
+    )
     options = parser.parse_args(argv)
     sizes = SMOKE if options.smoke else FULL
     groups = options.only.split(",") if options.only else []
@@ -723,7 +764,8 @@ def _run(options: argparse.Namespace, sizes: Sizes, planned: Sequence[Scenario])
     os.makedirs(options.output, exist_ok=True)
     results = [row.result for row in merged]
     chart = "scale.png" if draw(results, sizes, os.path.join(options.output, "scale.png")) else None
-    report = render(merged, sizes, chart)
+    kept = kept_rows(options.keep_rows_from, merged) if options.keep_rows_from else {}
+    report = render(merged, sizes, chart, kept)
     with open(os.path.join(options.output, "scale.md"), "w") as file:
         file.write(report)
     print(f"wrote {os.path.join(options.output, 'scale.md')}")
