@@ -416,8 +416,7 @@ def findings(results: Sequence[ScenarioResult], sizes: Sizes) -> list[str]:
         "after the loss, also when it asks again before the pool has heard of the exit) goes "
         "ahead of every first-time acquire and takes the next slot that comes free or up: "
         "lost capacity is made good before new growth. Rows marked "
-        f"[{BEFORE_REACQUIRE}] ran the code before this change (the pool of d6e5a00 with "
-        "the simulator of 9d6bc08, committed as 93c84f0 in a scratch clone):",
+        f"[{BEFORE_REACQUIRE}] ran the code before this change (see run A below):",
         *(
             pair(results, f"{name} [{BEFORE_REACQUIRE}]", name)
             for name in (
