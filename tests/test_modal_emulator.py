@@ -167,6 +167,48 @@ def test_terminate_kills_the_whole_process_tree(
         sandbox.wait()
 
 
+_WATCHER = """
+import os, select, sys
+poller = select.poll()
+for pid in sys.argv[2:]:
+    poller.register(os.pidfd_open(int(pid)), select.POLLIN)
+open(sys.argv[1] + ".ready", "w").close()
+poller.poll()
+os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY))
+"""
+_SLEEPS = 300
+_WATCHERS = 3
+
+
+def test_no_process_of_a_killed_sandbox_sees_another_die(
+    modal_emulator: ModalEmulator, sandbox: modal.Sandbox, tmp_path: Path
+) -> None:
+    """A provider kill freezes the sandbox first: no process of it runs while its siblings die."""
+    sandbox.exec("sh", "-c", f"for i in $(seq {_SLEEPS}); do sleep 300 & done; wait")
+    deadline = time.monotonic() + 10
+    while len(sleeps := modal_emulator.live_pids()) <= _SLEEPS and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(sleeps) > _SLEEPS
+    # The watchers start last, so the killer (in pid order) reaches them last; each wakes up as
+    # soon as any process it watches dies, and leaves a file behind.
+    witnesses = [tmp_path / f"witness-{n}" for n in range(_WATCHERS)]
+    for witness in witnesses:
+        sandbox.exec("python3", "-c", _WATCHER, str(witness), *map(str, sleeps))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(
+        Path(f"{witness}.ready").exists() for witness in witnesses
+    ):
+        time.sleep(0.02)
+    assert all(Path(f"{witness}.ready").exists() for witness in witnesses)
+
+    modal_emulator.kill_sandbox(sandbox.object_id)
+    sandbox.wait(raise_on_termination=False)
+
+    assert sandbox.returncode == 137
+    assert [witness.name for witness in witnesses if witness.exists()] == []
+    assert not [pid for pid in sleeps if _alive(pid)]
+
+
 def test_named_secret_and_env_reach_execs(modal_emulator: ModalEmulator, app: modal.App) -> None:
     """A secret defined on the emulator and the create's env are in the sandbox's environment."""
     secret_id = modal_emulator.define_secret("api-keys", {"API_KEY": "s3cret"})

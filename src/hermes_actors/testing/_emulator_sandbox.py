@@ -222,9 +222,24 @@ async def _drain(source: asyncio.StreamReader | None, sink: OutputBuffer) -> Non
 def kill_process_tree(marker: bytes, sessions: Mapping[int, int | None]) -> None:
     """SIGKILL every process of a sandbox (see `sandbox_pids`), sweeping until none is left.
 
-    Found first, then killed together, so no parent dies (reparenting its children out of
-    reach) before its descendants were found.
+    Frozen first (SIGSTOP, until a sweep finds no process not yet stopped), then killed: as a
+    container runtime ends a container (freeze, then kill), no process of the sandbox runs
+    while another of it dies. So the agent never sees a command die of this SIGKILL and reports
+    it as the command's own fate before dying itself. Found first, then signalled together, so
+    no parent dies (reparenting its children out of reach) before its descendants were found.
     """
+    stopped: set[int] = set()
+    for _ in range(_KILL_SWEEPS):
+        fresh = [pid for pid in sandbox_pids(marker, sessions) if pid not in stopped]
+        if not fresh:
+            break
+        for pid in fresh:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped.update(fresh)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     for _ in range(_KILL_SWEEPS):
         survivors = sandbox_pids(marker, sessions)
         if not survivors:
