@@ -33,6 +33,8 @@ from hermes_actors.testing.modal_emulator import ModalEmulator
 _GRACE_SECS = 5.0
 # modal runs its blocking API on one asyncio loop in a thread it keeps for the whole process.
 _PERSISTENT_THREAD_SUFFIX = "(thread_inner)"
+# The local driver starts sandboxes from one thread that lives as long as the process.
+_LOCAL_SPAWNER_THREAD = "hermes-sandbox-spawner"
 # trio keeps idle `to_thread` workers cached (and ends them itself after a while).
 _IDLE_TRIO_WORKER_PREFIX = "Trio thread "
 
@@ -90,13 +92,14 @@ def child_pids() -> list[int]:
 
 
 def new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
-    """Live threads started since `before`, except modal's loop thread and idle trio workers."""
+    """Live threads started since `before`, except lifelong ones and idle trio workers."""
     return [
         thread
         for thread in threading.enumerate()
         if thread not in before
         and thread.is_alive()
         and not thread.name.endswith(_PERSISTENT_THREAD_SUFFIX)
+        and thread.name != _LOCAL_SPAWNER_THREAD
         and not thread.name.startswith(_IDLE_TRIO_WORKER_PREFIX)
     ]
 

@@ -10,6 +10,7 @@ short real deadlines instead of using trio's virtual clock.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,8 +20,8 @@ import trio
 
 from hermes_actors import SandboxConfig, ToolBackend
 from hermes_actors._config import profiles_from_mapping
-from hermes_actors._errors import AcquireTimeout, SandboxLost
-from hermes_actors._values import Command, ListFiles, WriteFile
+from hermes_actors._errors import AcquireTimeout, AgentError, SandboxLost
+from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._runtime import Runtime
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
@@ -289,3 +290,46 @@ async def test_stop_with_purge_terminates_other_runs_leftovers(
         assert orphan.sandbox_id not in running_ids(modal_emulator)
     finally:
         await crashed.aclose()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="slot uids need the agent to be root")
+async def test_slots_of_one_sandbox_run_as_their_own_named_users(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """Slots of one Modal sandbox run as their own named uids and keep out of each other's files."""
+    lookup = (
+        "import getpass, os, pwd; entry = pwd.getpwuid(os.getuid()); "
+        "print(getpass.getuser(), entry.pw_dir == os.environ['HOME'], os.getcwd() == entry.pw_dir)"
+    )
+    async with running_runtime(min_sandboxes=1, max_sandboxes=1, slots_per_sandbox=2) as runtime:
+        first = await runtime.acquire(trajectory_id="first")
+        second = await runtime.acquire(trajectory_id="second")
+        assert first.sandbox_id == second.sandbox_id
+        await runtime.call(first, WriteFile(path="secret.txt", data=b"mine"))
+        where = await runtime.call(first, Command(command="pwd"))
+        workspace = where.stdout.decode().strip()
+        for lease, shell in ((first, "fresh"), (second, "persistent")):
+            named = await runtime.call(
+                lease, Command(command=f'whoami; id -gn; python3 -c "{lookup}"', shell=shell)
+            )
+            assert named.exit_code == 0, named
+            user = f"slot{lease.index}"
+            assert named.stdout == f"{user}\n{user}\n{user} True True\n".encode()
+        for shell in ("fresh", "persistent"):
+            peek = await runtime.call(
+                second,
+                Command(
+                    command=f"cat {workspace}/secret.txt; ls {workspace}; "
+                    f"echo x > {workspace}/planted; echo done",
+                    shell=shell,
+                ),
+            )
+            assert b"mine" not in peek.stdout, peek
+            assert b"Permission denied" in peek.stderr, peek
+            assert peek.stdout.endswith(b"done\n")
+        listing = await runtime.call(first, ListFiles(recursive=True))
+        assert [entry["path"] for entry in listing.entries] == ["secret.txt"]
+        with pytest.raises(AgentError):
+            await runtime.call(second, ReadFile(path=f"{workspace}/secret.txt"))
+        await runtime.release(first)
+        await runtime.release(second)

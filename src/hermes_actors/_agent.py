@@ -842,6 +842,52 @@ class _Capture:
         return bytes(self.head) + bytes(self.tail), self.dropped
 
 
+#: Slot N's commands run as this uid + N when the agent runs as root (bwrap, Modal containers).
+SLOT_UID_BASE = 200000
+
+
+def slot_account_lines(
+    passwd: str, group: str, uid_base: int, slots: int, workspace_root: str, shell: str
+) -> Tuple[str, str]:
+    """The passwd and group lines naming each slot uid (user and group ``slotN``, HOME its
+    workspace), for the uids and gids `passwd` and `group` (those files' texts) lack.
+
+    Tools look the running user up (``whoami``, ``getpass.getuser()``, git, ssh, pip).
+    """
+    taken_uids = {line.split(":")[2] for line in passwd.splitlines() if line.count(":") >= 3}
+    taken_gids = {line.split(":")[2] for line in group.splitlines() if line.count(":") >= 3}
+    users: List[str] = []
+    groups: List[str] = []
+    for slot in range(slots):
+        uid = uid_base + slot
+        if str(uid) not in taken_uids:
+            home = os.path.join(workspace_root, "slot-%d" % slot)
+            entry = (slot, uid, uid, slot, home, shell)
+            users.append("slot%d:x:%d:%d:hermes slot %d:%s:%s\n" % entry)
+        if str(uid) not in taken_gids:
+            groups.append("slot%d:x:%d:\n" % (slot, uid))
+    return "".join(users), "".join(groups)
+
+
+def _add_slot_accounts(uid_base: int, slots: int, workspace_root: str) -> None:
+    """Append the slot users and groups to this system's /etc/passwd and /etc/group (the agent
+    is root in a container of its own); a failure only leaves the slot uids unnamed."""
+    try:
+        texts = []
+        for path in ("/etc/passwd", "/etc/group"):
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                texts.append(handle.read())
+        shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+        additions = slot_account_lines(texts[0], texts[1], uid_base, slots, workspace_root, shell)
+        for index, path in enumerate(("/etc/passwd", "/etc/group")):
+            text, added = texts[index], additions[index]
+            if added:
+                with open(path, "a", encoding="utf-8", errors="surrogateescape") as handle:
+                    handle.write(added if text.endswith("\n") or not text else "\n" + added)
+    except OSError as exc:
+        _log("could not name the slot users in /etc/passwd: %s" % exc)
+
+
 class _SlotIdentity:
     """File work done for a slot runs with the slot's uid (when slots have uids), so what it
     creates is owned by the slot and the kernel's permission checks confine it like a command."""
@@ -914,6 +960,8 @@ class Agent:
         self.slot_uid_base: Optional[int] = (
             int(uid_base) if uid_base is not None and os.getuid() == 0 else None
         )
+        #: How many slot users to add to /etc/passwd (0: the driver named them already).
+        self.slot_accounts = int(config.get("slot_accounts") or 0)
         self.nonce = os.urandom(6).hex()
         self.shell = _find_shell()
         self.selector = selectors.DefaultSelector()
@@ -980,6 +1028,8 @@ class Agent:
         if self.slot_uid_base is not None:
             # Commands inherit the agent's supplementary groups through posix_spawn: none.
             os.setgroups([])
+            if self.slot_accounts:
+                _add_slot_accounts(self.slot_uid_base, self.slot_accounts, self.workspace_root)
         _close_on_exec_all()
         os.chdir("/")
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -3869,6 +3919,9 @@ def _parse_config(config_text: str) -> Dict[str, Any]:
         not isinstance(uid_base, int) or isinstance(uid_base, bool) or uid_base <= 0
     ):
         raise OpError("bad_config", "'slot_uid_base' must be an int > 0 or null")
+    accounts = config.get("slot_accounts", 0)
+    if not isinstance(accounts, int) or isinstance(accounts, bool) or accounts < 0:
+        raise OpError("bad_config", "'slot_accounts' must be an int >= 0")
     cap = config.get("max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
         raise OpError("bad_config", "'max_output_bytes' must be an int >= 0")

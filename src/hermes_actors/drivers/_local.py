@@ -41,7 +41,7 @@ from typing import Any
 import attrs
 import trio
 
-from hermes_actors._agent import BOOTSTRAP
+from hermes_actors._agent import BOOTSTRAP, SLOT_UID_BASE, slot_account_lines
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
 
@@ -65,8 +65,6 @@ class EnforcedLimits:
     cpu: float | None = None
 
 
-#: Slot N's commands run as this uid + N under bwrap when the host side is root.
-SLOT_UID_BASE = 200_000
 #: The environment variable (and value prefix) that marks every process of a sandbox.
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
 #: The environment variable naming the host process that started a sandbox's top process.
@@ -188,18 +186,13 @@ def _write_accounts(
         passwd = handle.read()
     with open(sources[1], encoding="utf-8", errors="surrogateescape") as handle:
         group = handle.read()
-    taken_uids = {line.split(":")[2] for line in passwd.splitlines() if line.count(":") >= 3}
-    taken_gids = {line.split(":")[2] for line in group.splitlines() if line.count(":") >= 3}
     shell = "/bin/bash" if os.path.exists(os.path.join(etc, "..", "bin", "bash")) else "/bin/sh"
     passwd = passwd if passwd.endswith("\n") or not passwd else passwd + "\n"
     group = group if group.endswith("\n") or not group else group + "\n"
-    for slot in range(slots):
-        uid = SLOT_UID_BASE + slot
-        if str(uid) not in taken_uids:
-            home = f"{workspace_base.rstrip('/')}/slot-{slot}"
-            passwd += f"slot{slot}:x:{uid}:{uid}:hermes slot {slot}:{home}:{shell}\n"
-        if str(uid) not in taken_gids:
-            group += f"slot{slot}:x:{uid}:\n"
+    users, groups = slot_account_lines(
+        passwd, group, SLOT_UID_BASE, slots, workspace_base.rstrip("/") or "/", shell
+    )
+    passwd, group = passwd + users, group + groups
     paths = (os.path.join(directory, "passwd"), os.path.join(directory, "group"))
     for path, text in zip(paths, (passwd, group), strict=True):
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:

@@ -44,7 +44,7 @@ from typing import Any
 
 import trio
 
-from hermes_actors._agent import BOOTSTRAP
+from hermes_actors._agent import BOOTSTRAP, SLOT_UID_BASE
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import BackendUnavailable, HermesError, SandboxStartFailed
 from hermes_actors.drivers._modal_stream import (
@@ -320,7 +320,10 @@ class ModalSandbox:
             # sandbox (the exec's workdir): the same directory, and it keeps an emulated sandbox
             # (local processes) inside its own directory.
             "workspace_root": ".",
-            "slot_uid_base": None,
+            # The agent is root in the container: each slot's commands, shell and file work
+            # run as its own unprivileged uid in a 0700 workspace, named in /etc/passwd.
+            "slot_uid_base": SLOT_UID_BASE,
+            "slot_accounts": spec.slots_per_sandbox,
             "env": {SANDBOX_MARKER_VAR: self._sandbox_id},
         }
         self._exited = trio.Event()

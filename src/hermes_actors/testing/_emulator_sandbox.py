@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -329,6 +330,42 @@ def _has_environ_entry(pid: int, entry: bytes) -> bool:
     return entry in environ.split(b"\0")
 
 
+def _private_accounts(root: Path) -> tuple[Path, Path] | None:
+    """`<root>/etc/passwd` and `group`, copies of the host's, when the emulator runs as root.
+
+    A container has its own /etc: an agent that is root in it may add users there. Emulated
+    sandboxes are host processes, so as root each of their processes gets these copies bound
+    over /etc/passwd and /etc/group in a mount namespace of its own (`_with_private_accounts`);
+    the host's files are never written. Not as root, nothing can add users anyway.
+    """
+    if os.geteuid() != 0:
+        return None
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        raise RuntimeError(
+            "the Modal emulator runs as root: it needs unshare(1) and mount(1) (util-linux) to "
+            "give each sandbox its own /etc/passwd and /etc/group"
+        )
+    etc = root / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    copies = (etc / "passwd", etc / "group")
+    for copy in copies:
+        shutil.copyfile(Path("/etc", copy.name), copy)
+        copy.chmod(0o644)
+    return copies
+
+
+_BIND_ACCOUNTS = (
+    'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && shift 2 && exec "$@"'
+)
+
+
+def _with_private_accounts(argv: Sequence[str], accounts: tuple[Path, Path]) -> list[str]:
+    """`argv` run in a mount namespace of its own with `accounts` bound over the host's."""
+    unshare = shutil.which("unshare") or "unshare"
+    script = ["sh", "-c", _BIND_ACCOUNTS, "modal-emulator", str(accounts[0]), str(accounts[1])]
+    return [unshare, "--mount", "--propagation", "private", "--", *script, *argv]
+
+
 def map_workdir(root: Path, workdir: str | None) -> Path:
     """Map a sandbox path such as `/data` to `<root>/data` (created if missing)."""
     if not workdir:
@@ -392,6 +429,7 @@ class LocalSandbox:
         self._activity = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._processes: list[LocalProcess] = []
+        self._accounts = _private_accounts(root)
 
     # -- lifecycle --
 
@@ -500,6 +538,8 @@ class LocalSandbox:
         pipe_stderr: bool = True,
         on_exit: Callable[[LocalProcess], None] | None = None,
     ) -> LocalProcess:
+        if self._accounts is not None and shutil.which(argv[0], path=env.get("PATH")):
+            argv = _with_private_accounts(argv, self._accounts)
         process = await LocalProcess.spawn(
             argv,
             cwd=cwd,

@@ -136,6 +136,8 @@ class ModalEmulator:
         if self._thread is not None:
             raise RuntimeError("ModalEmulator is already started")
         self._tmp = Path(tempfile.mkdtemp(prefix="modal-emulator-"))
+        # Traversable, as a container's / is: slot users reach their own 0700 workspaces.
+        self._tmp.chmod(0o711)
         self._service = EmulatorService(
             root=self._tmp,
             secrets=self._initial_secrets,
