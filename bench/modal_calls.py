@@ -28,15 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import statistics
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
+
+from bench._emulator import call_delta, emulator_environment
 
 if TYPE_CHECKING:
     from hermes_actors.testing.modal_emulator import ModalEmulator
@@ -132,14 +133,6 @@ class Result:
     def bound_speedup(self) -> float:
         """The best speedup this machine allows: the CPU floor plus one stdin-write round trip."""
         return self.baseline.wall_s / (self.floor.wall_s + self.sizes.latency_s)
-
-
-def _delta(after: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
-    return {
-        method: count - before.get(method, 0)
-        for method, count in sorted(after.items())
-        if count != before.get(method, 0)
-    }
 
 
 def _command(repetition: int, index: int) -> str:
@@ -291,7 +284,7 @@ async def measure(emulator: ModalEmulator, sizes: Sizes) -> Result:
         for runner in (hermes, baseline):
             before = emulator.call_counts()
             await runner.start()
-            _add(one_off[runner.name], _delta(emulator.call_counts(), before))
+            _add(one_off[runner.name], call_delta(emulator.call_counts(), before))
         for repetition in range(sizes.repetitions):
             for name, runner, latency in rows:
                 emulator.set_latency(latency)
@@ -299,14 +292,14 @@ async def measure(emulator: ModalEmulator, sizes: Sizes) -> Result:
                 started = time.perf_counter()
                 failures = await runner.batch(repetition)
                 wall = time.perf_counter() - started
-                calls = _delta(emulator.call_counts(), before)
+                calls = call_delta(emulator.call_counts(), before)
                 runs[name].append(Run(wall_s=wall, calls=calls, failures=failures))
     finally:
         emulator.set_latency(sizes.latency_s)
         for runner in (hermes, baseline):
             before = emulator.call_counts()
             await runner.stop()
-            _add(one_off[runner.name], _delta(emulator.call_counts(), before))
+            _add(one_off[runner.name], call_delta(emulator.call_counts(), before))
         emulator.set_latency(0.0)
 
     def system(name: str, one_off_calls: Mapping[str, int]) -> SystemResult:
@@ -396,17 +389,6 @@ def render(result: Result) -> str:
         "time by that.",
     ]
     return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def emulator_environment() -> Iterator[ModalEmulator]:
-    """A fresh emulator with this process's modal client pointed at it (before modal loads)."""
-    os.environ.setdefault("MODAL_CONFIG_PATH", "/nonexistent")
-    from hermes_actors.testing.modal_emulator import ModalEmulator
-
-    with ModalEmulator() as emulator:
-        os.environ.update(emulator.env)
-        yield emulator
 
 
 def main(argv: list[str] | None = None) -> None:

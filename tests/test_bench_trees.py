@@ -21,6 +21,10 @@ async def test_smoke_run_measures_forks_calls_and_acquires(modal_emulator: Modal
     assert set(modal.in_sandbox_calls) == {"TaskExecStdinWrite"}
     assert modal.cross_sandboxes == SMOKE.cross_targets
     assert modal.cross_calls_per_target <= 3
+    # Across sandboxes: one directory snapshot at the source, one mount and unmount per target.
+    assert modal.cross_source_calls["TaskSnapshotDirectory"] == 1
+    for calls in modal.cross_target_calls:
+        assert calls["TaskMountDirectory"] == calls["TaskUnmountDirectory"] == 1
     local = await measure_local(SMOKE, "none")
     assert local.same_sandbox == SMOKE.branches
     assert len(local.fork_ms) == len(local.cp_ms) == len(local.cross_ms) == SMOKE.repetitions

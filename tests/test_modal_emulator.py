@@ -732,3 +732,53 @@ def test_exec_timeout_kills_only_its_direct_process(
     sandbox.terminate()
     sandbox.wait(raise_on_termination=False)
     assert not _alive(child)
+
+
+def test_directory_snapshot_mounts_into_another_sandbox(
+    modal_emulator: ModalEmulator, app: modal.App, sandbox: modal.Sandbox
+) -> None:
+    """snapshot_directory makes an image of a directory; mount_image shows it in another
+    sandbox in place of what was there, and unmount_image puts that back."""
+    # Relative paths: an emulated sandbox's processes see the host's absolute paths.
+    sandbox.exec("sh", "-c", "mkdir -p work/d && echo hi > work/d/f", workdir="/").wait()
+    image = sandbox.snapshot_directory("/work/d", ttl=120)
+    other = modal.Sandbox.create(app=app, image=modal.Image.from_registry(IMAGE_TAG), timeout=60)
+    try:
+        other.exec("sh", "-c", "mkdir -p data/m && echo old > data/m/g", workdir="/").wait()
+        other.mount_image("/data/m", image)
+        listing = other.exec("sh", "-c", "cat data/m/f; ls data/m", workdir="/")
+        assert listing.stdout.read() == "hi\nf\n"
+        (state,) = [s for s in modal_emulator.sandboxes() if s.sandbox_id == other.object_id]
+        assert state.mounts == ("data/m",)
+        other.unmount_image("/data/m")
+        assert other.exec("cat", "data/m/g", workdir="/").stdout.read() == "old\n"
+    finally:
+        other.terminate()
+    assert modal_emulator.snapshot_images() == [image.object_id]
+    [call] = modal_emulator.calls("TaskSnapshotDirectory")
+    assert (call.fields["path"], call.fields["ttl_seconds"]) == ("/work/d", 120)
+
+
+def test_filesystem_snapshot_seeds_a_new_sandbox(app: modal.App, sandbox: modal.Sandbox) -> None:
+    """A sandbox created from snapshot_filesystem's image starts with the snapshot's files."""
+    sandbox.exec("sh", "-c", "mkdir -p opt2 && echo kept > opt2/f", workdir="/").wait()
+    image = sandbox.snapshot_filesystem()
+    copy = modal.Sandbox.create(app=app, image=image, timeout=60)
+    try:
+        assert copy.exec("cat", "opt2/f", workdir="/").stdout.read() == "kept\n"
+    finally:
+        copy.terminate()
+
+
+def test_injected_call_failures_reach_the_client(
+    modal_emulator: ModalEmulator, sandbox: modal.Sandbox
+) -> None:
+    """fail_next_calls makes the next calls of one RPC fail with the given status, logged."""
+    modal_emulator.fail_next_calls("TaskSnapshotDirectory", 1, Status.NOT_FOUND, "no such dir")
+    with pytest.raises(modal.exception.NotFoundError, match="no such dir"):
+        sandbox.snapshot_directory("/tmp")
+    assert modal_emulator.snapshot_images() == []
+    sandbox.exec("mkdir", "-p", "again", workdir="/").wait()
+    assert sandbox.snapshot_directory("/again").object_id in modal_emulator.snapshot_images()
+    faults = [c.fields.get("injected_fault") for c in modal_emulator.calls("TaskSnapshotDirectory")]
+    assert faults == ["NOT_FOUND", None]

@@ -2138,8 +2138,11 @@ TREE_OPS = (
     "stream_close",
     "get_shell_state",
     "set_shell_state",
+    "fork_in",
 )
-SLOT_TREE_OPS = ("checkpoint", "restore", "fork")
+SLOT_TREE_OPS = ("checkpoint", "restore", "fork", "fork_in")
+#: Where the provider mounts a snapshot of another sandbox's slot for `fork_in`.
+MOUNTS_DIR = ".hermes-mounts"
 #: Largest chunk one `stream_read` returns or one `stream_write` takes.
 MAX_STREAM_CHUNK = 8 * 1024 * 1024
 _MAX_CHECKPOINT_ID = 64
@@ -2250,6 +2253,7 @@ class TreeOps:
             "stream_close": self.op_stream_close,
             "get_shell_state": self.op_get_shell_state,
             "set_shell_state": self.op_set_shell_state,
+            "fork_in": self.op_fork_in,
         }
 
     # -- helper processes ---------------------------------------------------------------------
@@ -2551,6 +2555,50 @@ class TreeOps:
             self._finish(request_id, error=(exc.code, exc.message))
         except OSError as exc:
             self._finish(request_id, error=_os_error_pair("fork", exc))
+        return None
+
+    def op_fork_in(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The target side of a fork across sandboxes: copy the tree the provider mounted at
+        ``MOUNTS_DIR/<mount>`` into 'slot' and each slot of 'targets', whose shells then start
+        from 'shell' (the source slot's state)."""
+        slot = _slot_arg(args)
+        name = args.get("mount")
+        if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
+            raise OpError("bad_request", "'mount' must be an ASCII name of letters, digits, '_'")
+        targets = args.get("targets", [])
+        if (
+            not isinstance(targets, list)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)
+            or not all(0 <= t <= MAX_SLOT for t in targets)
+            or len(set(targets)) != len(targets)
+            or slot in targets
+        ):
+            raise OpError("bad_request", "'targets' must be distinct slots other than 'slot'")
+        shell = args.get("shell")
+        if shell is not None and not isinstance(shell, dict):
+            raise OpError("bad_request", "'shell' must be a state get_shell_state gave, or null")
+        source = os.path.join(self.agent.workspace_root, MOUNTS_DIR, name)
+        if not os.path.isdir(source):
+            raise OpError("not_found", "nothing is mounted at %s/%s" % (MOUNTS_DIR, name))
+        everyone = [slot, *targets]
+        self._start(request_id, slot)
+        left = [len(everyone)]
+
+        def one_done(target: int) -> None:
+            self.set_shell_state(target, shell)
+            left[0] -= 1
+            if left[0] == 0:
+                self._finish(request_id, {})
+
+        try:
+            for target in everyone:
+                self._copy_into_slot(
+                    request_id, source, None, target, functools.partial(one_done, target)
+                )
+        except OpError as exc:
+            self._finish(request_id, error=(exc.code, exc.message))
+        except OSError as exc:
+            self._finish(request_id, error=_os_error_pair("fork_in", exc))
         return None
 
     def op_drop_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:

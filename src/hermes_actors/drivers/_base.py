@@ -9,7 +9,7 @@ above speak the agent protocol over that stream and never learn how the sandbox 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -52,6 +52,29 @@ class SandboxHandle(Protocol):
 
         Bounded in time; escalates from graceful to forceful internally.
         """
+        ...
+
+
+@runtime_checkable
+class DirectorySnapshots(Protocol):
+    """A sandbox handle that can snapshot a directory into a provider image and mount such an
+    image into another sandbox of the same provider (Modal). Optional: the runtime moves trees
+    between sandboxes through their agents when a handle lacks it.
+
+    Paths are relative to the agent's workspace root (`agent_config["workspace_root"]`). Each
+    method is one provider call; failures raise `TransferFailed` saying what failed.
+    """
+
+    async def snapshot_directory(self, path: str) -> object:
+        """An image of the directory `path` as it is now (it expires by itself later)."""
+        ...
+
+    async def mount_snapshot(self, path: str, snapshot: object) -> None:
+        """Show the contents of `snapshot` (from `snapshot_directory`) at `path`."""
+        ...
+
+    async def unmount_snapshot(self, path: str) -> None:
+        """Remove what `mount_snapshot` showed at `path`."""
         ...
 
 

@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import posixpath
 import secrets
 import threading
 import time
@@ -46,7 +47,12 @@ import trio
 
 from hermes_actors._agent import BOOTSTRAP, SLOT_UID_BASE
 from hermes_actors._config import SandboxConfig
-from hermes_actors._errors import BackendUnavailable, HermesError, SandboxStartFailed
+from hermes_actors._errors import (
+    BackendUnavailable,
+    HermesError,
+    SandboxStartFailed,
+    TransferFailed,
+)
 from hermes_actors.drivers._modal_stream import (
     FUTURES_SUPPORTED,
     StdinStream,
@@ -88,6 +94,11 @@ TERMINATE_RPC_S = 15.0
 PUMP_STOP_S = 5.0
 #: Bound on sweeping (listing and terminating) what a failed or cancelled create left behind.
 SWEEP_S = 30.0
+#: How long Modal keeps a directory snapshot made to move a tree between sandboxes (it is
+#: mounted within seconds; after this it expires by itself, so none outlives a crash for long).
+SNAPSHOT_TTL_S = 3600
+#: Bound on one snapshot or mount call (Modal's own default for snapshots is 55 s).
+SNAPSHOT_TIMEOUT_S = 120
 
 
 def import_modal() -> Any:
@@ -362,6 +373,54 @@ class ModalSandbox:
 
     def is_alive(self) -> bool:
         return not self._exited.is_set() and not self._terminated
+
+    # -- DirectorySnapshots: trees between sandboxes without streaming them through the host --
+
+    def _container_path(self, path: str) -> str:
+        # The agent's workspace root is the exec's workdir, `workspace_base` in the container.
+        return posixpath.normpath(posixpath.join(self.spec.workspace_base, path))
+
+    async def snapshot_directory(self, path: str) -> object:
+        """`Sandbox.snapshot_directory` of `path` (one call), kept `SNAPSHOT_TTL_S` seconds."""
+        return await self._snapshot_call(
+            "snapshotting",
+            path,
+            self._sandbox.snapshot_directory,
+            self._container_path(path),
+            timeout=SNAPSHOT_TIMEOUT_S,
+            ttl=SNAPSHOT_TTL_S,
+        )
+
+    async def mount_snapshot(self, path: str, snapshot: object) -> None:
+        """`Sandbox.mount_image` of `snapshot` at `path` (one call)."""
+        await self._snapshot_call(
+            "mounting a snapshot at",
+            path,
+            self._sandbox.mount_image,
+            self._container_path(path),
+            snapshot,
+        )
+
+    async def unmount_snapshot(self, path: str) -> None:
+        """`Sandbox.unmount_image` at `path` (one call)."""
+        await self._snapshot_call(
+            "unmounting the snapshot at",
+            path,
+            self._sandbox.unmount_image,
+            self._container_path(path),
+        )
+
+    async def _snapshot_call(
+        self, doing: str, path: str, function: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        try:
+            return await call_modal(function, *args, **kwargs)
+        except Exception as exc:
+            raise TransferFailed(
+                f"{doing} {path!r} in Modal sandbox {self._sandbox_id} failed: {exc!r}; the "
+                "tree was not moved, retry the fork (if it persists, check "
+                "https://status.modal.com)"
+            ) from exc
 
     async def wait_exited(self) -> int | None:
         """Wait until the agent's exec or the sandbox ended; its exit status when known.

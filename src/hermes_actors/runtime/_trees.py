@@ -5,8 +5,10 @@ decides where it happens and keeps the books:
 
 * A fork into slots of the source's own sandbox is one `fork` op there: a copy inside the
   sandbox (reflinks where the filesystem has them, hard links kept), no provider call.
-* A fork or restore into another sandbox streams a tar from the source's agent through the host
-  into the target's: one chunk in flight, so memory stays bounded whatever the tree's size.
+* A fork into another sandbox goes through a provider directory snapshot where the drivers
+  offer one (Modal, `_tree_snapshots`: three provider calls per target sandbox). Otherwise,
+  and for a restore into another sandbox, a tar streams from the source's agent through the
+  host into the target's: one chunk in flight, so memory stays bounded whatever its size.
 * Checkpoints are stored in the sandbox they were taken in and counted per pool by a
   `CheckpointLedger` (count and bytes bounded, a clear error past either). They are released
   explicitly (`drop_checkpoint`) or go with their sandbox; a sandbox holding checkpoints is
@@ -20,7 +22,6 @@ A checkpoint holds files only: processes running in the slot are not captured.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import secrets
@@ -41,6 +42,7 @@ from hermes_actors._errors import (
 )
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors.runtime._sandbox import SandboxActor
+from hermes_actors.runtime._tree_snapshots import fork_by_snapshot
 
 logger = logging.getLogger("hermes_actors.trees")
 
@@ -248,16 +250,15 @@ async def fork_into(source: _Leased, targets: list[_Leased]) -> None:
         if local:
             nursery.start_soon(_op, source.sandbox, source.index, "fork", {"targets": local})
         if remote:
-            nursery.start_soon(
-                functools.partial(
-                    stream_between,
-                    source.sandbox,
-                    source.index,
-                    {"path": "."},
-                    remote,
-                    shell_of_source=True,
-                )
-            )
+            nursery.start_soon(_fork_across, source, remote)
+
+
+async def _fork_across(source: _Leased, remote: list[_Leased]) -> None:
+    """Targets in other sandboxes: through one provider directory snapshot where the drivers
+    offer it (`_tree_snapshots`), else one tar streamed through the host to all of them."""
+    if await fork_by_snapshot(source, remote):
+        return
+    await stream_between(source.sandbox, source.index, {"path": "."}, remote, shell_of_source=True)
 
 
 class _Target(Protocol):

@@ -39,6 +39,8 @@ from typing import TypeAlias
 import attrs
 from modal_proto import api_pb2
 
+from ._emulator_snapshots import Mounts
+
 _READ_CHUNK = 64 * 1024
 _DEFAULT_LIFETIME_SECS = 300
 _KILL_SWEEPS = 8
@@ -349,8 +351,9 @@ def _private_accounts(root: Path) -> tuple[Path, Path] | None:
     etc.mkdir(parents=True, exist_ok=True)
     copies = (etc / "passwd", etc / "group")
     for copy in copies:
-        shutil.copyfile(Path("/etc", copy.name), copy)
-        copy.chmod(0o644)
+        if not copy.exists():  # a sandbox made from a filesystem snapshot keeps its own
+            shutil.copyfile(Path("/etc", copy.name), copy)
+            copy.chmod(0o644)
     return copies
 
 
@@ -430,6 +433,8 @@ class LocalSandbox:
         self._tasks: list[asyncio.Task[None]] = []
         self._processes: list[LocalProcess] = []
         self._accounts = _private_accounts(root)
+        #: Images mounted into the sandbox (`Sandbox.mount_image`).
+        self.mounts = Mounts(root)
 
     # -- lifecycle --
 

@@ -42,6 +42,7 @@ from modal_proto.api_grpc import ModalClientBase
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
 from ._emulator_sandbox import LocalProcess, LocalSandbox, OutputBuffer, StdinGapError
+from ._emulator_snapshots import SnapshotStore, container_path, copy_tree, is_directory
 
 logger = logging.getLogger("hermes_actors.testing.modal_emulator")
 
@@ -94,6 +95,8 @@ class SandboxState:
     started: bool
     returncode: int | None
     live_pids: tuple[int, ...]
+    #: Sandbox paths with an image mounted (`Sandbox.mount_image`), relative to its root.
+    mounts: tuple[str, ...] = ()
 
 
 def _new_id(prefix: str, length: int = 22) -> str:
@@ -118,6 +121,9 @@ class _Image:
     image_id: str
     tag: str | None
     commands: tuple[str, ...]
+    #: What made it when it is a snapshot ("directory" or "filesystem"); its tree is in the
+    #: service's `SnapshotStore`.
+    snapshot: str | None = None
 
 
 @attrs.define(kw_only=True)
@@ -159,7 +165,10 @@ class EmulatorService:
         self._create_failures: collections.deque[tuple[Status, str]] = collections.deque()
         self._create_rate_limit: float | None = None
         self._create_times: collections.deque[float] = collections.deque()
+        # Per RPC name: failures the next calls of that name answer with.
+        self._call_failures: dict[str, collections.deque[tuple[Status, str]]] = {}
         # Owned by the loop.
+        self.snapshots = SnapshotStore(root / ".snapshots")
         self._apps: dict[str, str] = {}
         self._images: dict[str, _Image] = {}
         self._image_keys: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
@@ -214,6 +223,11 @@ class EmulatorService:
         with self._lock:
             self._create_failures.extend([(status, message)] * count)
 
+    def fail_next_calls(self, method: str, count: int, status: Status, message: str) -> None:
+        with self._lock:
+            queue = self._call_failures.setdefault(method, collections.deque())
+            queue.extend([(status, message)] * count)
+
     def set_create_rate_limit(self, per_second: float | None) -> None:
         with self._lock:
             self._create_rate_limit = per_second
@@ -224,6 +238,7 @@ class EmulatorService:
             self._latency = 0.0
             self._slow_start = 0.0
             self._create_failures.clear()
+            self._call_failures.clear()
             self._create_rate_limit = None
             self._create_times.clear()
             self._images_without_python.clear()
@@ -284,6 +299,9 @@ class EmulatorService:
                 started=sandbox.started,
                 returncode=_returncode(sandbox.result) if sandbox.finished.is_set() else None,
                 live_pids=tuple(sandbox.live_pids()),
+                mounts=tuple(
+                    str(point.relative_to(sandbox.root)) for point in sandbox.mounts.mounted()
+                ),
             )
             for sandbox in self.sandboxes.values()
         ]
@@ -317,8 +335,13 @@ class EmulatorService:
         with self._lock:
             self._counts[name] += 1
             latency = self._latency
+            failures = self._call_failures.get(name)
+            failure = failures.popleft() if failures else None
         if latency > 0:
             await asyncio.sleep(latency)
+        if failure is not None:
+            self.record(name, {"injected_fault": failure[0].name})
+            raise GRPCError(*failure)
         if implementation is None:
             self.record(name, {"unimplemented": True})
             raise GRPCError(
@@ -667,7 +690,11 @@ class EmulatorService:
             # Not 22 characters after "sb-": the client routes such ids to its V2 implementation.
             sandbox_id, task_id = _new_id("sb", 24), _new_id("ta", 20) + "V"
         root = self.root / sandbox_id
-        root.mkdir(parents=True)
+        tree = self.snapshots.tree(definition.image_id)
+        if tree is not None and self._images[definition.image_id].snapshot == "filesystem":
+            await copy_tree(tree, root)  # the image's files are the sandbox's
+        else:
+            root.mkdir(parents=True)
         self._last_created_at = max(time.time(), self._last_created_at + 1e-6)
         sandbox = LocalSandbox(
             sandbox_id=sandbox_id,
@@ -991,6 +1018,7 @@ class EmulatorService:
         self.record(
             "TaskExecStdinWrite",
             {
+                "task_id": request.task_id,
                 "exec_id": request.exec_id,
                 "offset": request.offset,
                 "length": len(request.data),
@@ -1031,6 +1059,78 @@ class EmulatorService:
         self.record("TaskExecPoll", {"exec_id": request.exec_id})
         process = self._exec(self._task(request.task_id), request.exec_id)
         await stream.send_message(_exit_status(sr_pb2.TaskExecPollResponse(), process))
+
+    async def _snapshot(self, sandbox: LocalSandbox, source: Path, kind: str, ttl: int) -> str:
+        if not is_directory(source):
+            raise GRPCError(Status.NOT_FOUND, f"{source.name!r} is not a directory in the sandbox")
+        image_id = _new_id("im")
+        await self.snapshots.add(image_id, source, ttl)
+        self._images[image_id] = _Image(image_id=image_id, tag=None, commands=(), snapshot=kind)
+        return image_id
+
+    async def tcr_TaskSnapshotDirectory(self, stream: AnyStream) -> None:
+        request = await _receive(stream, sr_pb2.TaskSnapshotDirectoryRequest)
+        self._authorize(stream)
+        self.record(
+            "TaskSnapshotDirectory",
+            {
+                "task_id": request.task_id,
+                "path": request.path.decode(errors="replace"),
+                "ttl_seconds": request.ttl_seconds,
+            },
+        )
+        sandbox = self._running_task(request.task_id)
+        source = container_path(sandbox.root, request.path, "snapshot")
+        image_id = await self._snapshot(sandbox, source, "directory", request.ttl_seconds)
+        await stream.send_message(sr_pb2.TaskSnapshotDirectoryResponse(image_id=image_id))
+
+    async def tcr_TaskSnapshotFilesystem(self, stream: AnyStream) -> None:
+        request = await _receive(stream, sr_pb2.TaskSnapshotFilesystemRequest)
+        self._authorize(stream)
+        self.record(
+            "TaskSnapshotFilesystem",
+            {"task_id": request.task_id, "ttl_seconds": request.ttl_seconds},
+        )
+        sandbox = self._running_task(request.task_id)
+        image_id = await self._snapshot(sandbox, sandbox.root, "filesystem", request.ttl_seconds)
+        await stream.send_message(sr_pb2.TaskSnapshotFilesystemResponse(image_id=image_id))
+
+    async def tcr_TaskMountDirectory(self, stream: AnyStream) -> None:
+        request = await _receive(stream, sr_pb2.TaskMountDirectoryRequest)
+        self._authorize(stream)
+        self.record(
+            "TaskMountDirectory",
+            {
+                "task_id": request.task_id,
+                "path": request.path.decode(errors="replace"),
+                "image_id": request.image_id,
+            },
+        )
+        sandbox = self._running_task(request.task_id)
+        point = container_path(sandbox.root, request.path, "mount")
+        if request.image_id not in self._images:
+            raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
+        tree = self.snapshots.tree(request.image_id)
+        if tree is None:
+            if self._images[request.image_id].snapshot is not None:
+                raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} has expired")
+            raise GRPCError(
+                Status.UNIMPLEMENTED,
+                "The Modal emulator mounts snapshot images only (it has no registry images' files)",
+            )
+        await sandbox.mounts.mount(point, tree)
+        await stream.send_message(empty_pb2.Empty())
+
+    async def tcr_TaskUnmountDirectory(self, stream: AnyStream) -> None:
+        request = await _receive(stream, sr_pb2.TaskUnmountDirectoryRequest)
+        self._authorize(stream)
+        self.record(
+            "TaskUnmountDirectory",
+            {"task_id": request.task_id, "path": request.path.decode(errors="replace")},
+        )
+        sandbox = self._running_task(request.task_id)
+        await sandbox.mounts.unmount(container_path(sandbox.root, request.path, "unmount"))
+        await stream.send_message(empty_pb2.Empty())
 
     async def tcr_SandboxStdioReadV2(self, stream: AnyStream) -> None:
         request = await _receive(stream, sr_pb2.SandboxStdioReadV2Request)

@@ -267,6 +267,14 @@ class ModalEmulator:
         text = message or f"Emulated sandbox create failure ({status.name})"
         self._require_service().fail_next_creates(count, status, text)
 
+    def fail_next_calls(
+        self, method: str, count: int, status: Status, message: str | None = None
+    ) -> None:
+        """Make the next `count` calls of RPC `method` (either service, e.g.
+        "TaskSnapshotDirectory") fail with `status`, logged with the field `injected_fault`."""
+        text = message or f"Emulated {method} failure ({status.name})"
+        self._require_service().fail_next_calls(method, count, status, text)
+
     def set_create_rate_limit(self, per_second: float | None) -> None:
         """Reject creates beyond `per_second` in any one-second window with RESOURCE_EXHAUSTED."""
         self._require_service().set_create_rate_limit(per_second)
@@ -276,7 +284,7 @@ class ModalEmulator:
         self._require_service().set_slow_start(seconds)
 
     def clear_faults(self) -> None:
-        """Remove latency, pending create failures, the rate limit and slow start."""
+        """Remove latency, pending create and call failures, the rate limit and slow start."""
         self._require_service().clear_faults()
 
     def kill_sandbox(self, sandbox_id: str, reason: KillReason = "terminated") -> None:
@@ -287,10 +295,12 @@ class ModalEmulator:
         self._call(service.kill_sandbox(sandbox_id, reason))
 
     def reset(self) -> None:
-        """Terminate and forget every sandbox, clear faults, the call log and counters."""
+        """Terminate and forget every sandbox and snapshot image; clear faults, the call log
+        and counters."""
         service = self._require_service()
         self._call(service.finish_all())
         self._call(_forget(service))
+        self._call(service.snapshots.clear())
         service.clear_faults()
         service.clear_log()
 
@@ -312,6 +322,11 @@ class ModalEmulator:
         """A snapshot of every sandbox created since the last reset."""
         service = self._require_service()
         return self._call(_states(service))
+
+    def snapshot_images(self) -> list[str]:
+        """Ids of the snapshot images (directory or filesystem) not yet expired."""
+        service = self._require_service()
+        return self._call(_snapshot_ids(service))
 
     def live_pids(self) -> list[int]:
         """Pids of every process of every sandbox that is still alive."""
@@ -340,3 +355,7 @@ async def _forget(service: EmulatorService) -> None:
 
 async def _states(service: EmulatorService) -> list[SandboxState]:
     return service.sandbox_states()
+
+
+async def _snapshot_ids(service: EmulatorService) -> list[str]:
+    return service.snapshots.image_ids()

@@ -1,0 +1,103 @@
+"""Forks across sandboxes through provider directory snapshots (Modal), where drivers offer them.
+
+The tree code (`_trees.fork_into`) calls `fork_by_snapshot` for the targets outside the source's
+sandbox; when every sandbox involved has a handle with `DirectorySnapshots`, the fork is:
+
+* at the source, once per fork: the slot's shell state (one agent request) and a snapshot of
+  its workspace directory (one provider call);
+* in each target sandbox, whatever the tree's size and however many of its slots are targets:
+  the snapshot mounted (one provider call), copied into every target slot there by one agent
+  request (`fork_in`: the same copy, ownership change and shell state as an in-sandbox fork),
+  and unmounted (one provider call).
+
+So three provider calls per target sandbox, and the tree never passes through the host. The
+snapshot expires by itself at the provider (`SNAPSHOT_TTL_S` of the modal driver). Otherwise
+(a driver without snapshots, such as the local one) `fork_by_snapshot` does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import secrets
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+
+from hermes_actors._agent import MOUNTS_DIR
+from hermes_actors._errors import HermesError
+from hermes_actors._trio import collapse_exception_groups
+from hermes_actors.drivers._base import DirectorySnapshots
+from hermes_actors.runtime._sandbox import SandboxActor
+
+logger = logging.getLogger("hermes_actors.trees")
+
+#: Bound on unmounting a snapshot on the way out (also when the fork was cancelled).
+UNMOUNT_LIMIT_S = 30.0
+
+
+class _Slot(Protocol):
+    @property
+    def sandbox(self) -> SandboxActor: ...
+    @property
+    def index(self) -> int: ...
+
+
+def _snapshots(sandbox: SandboxActor) -> DirectorySnapshots | None:
+    handle = sandbox.handle
+    return handle if isinstance(handle, DirectorySnapshots) else None
+
+
+async def fork_by_snapshot(source: _Slot, targets: Sequence[_Slot]) -> bool:
+    """Copy the source slot's workspace and shell state into `targets` (slots of other
+    sandboxes) through one directory snapshot; False, doing nothing, when a sandbox involved
+    cannot snapshot or mount directories.
+
+    Raises `TransferFailed` when a snapshot, mount or copy fails (targets may then hold partial
+    copies: the caller releases them with reset). Cancellation unmounts what was mounted.
+    """
+    source_snapshots = _snapshots(source.sandbox)
+    if source_snapshots is None or any(_snapshots(t.sandbox) is None for t in targets):
+        return False
+    answer = await source.sandbox.file_op(source.index, "get_shell_state", {})
+    shell = answer.get("shell")
+    directory = posixpath.basename(source.sandbox.workspace_dir(source.index))
+    snapshot = await source_snapshots.snapshot_directory(directory)
+    by_sandbox: dict[SandboxActor, list[int]] = {}
+    for target in targets:
+        by_sandbox.setdefault(target.sandbox, []).append(target.index)
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            for sandbox, slots in by_sandbox.items():
+                nursery.start_soon(_fork_into, sandbox, slots, snapshot, shell)
+    return True
+
+
+async def _fork_into(
+    sandbox: SandboxActor, slots: list[int], snapshot: object, shell: dict[str, Any] | None
+) -> None:
+    snapshots = _snapshots(sandbox)
+    assert snapshots is not None  # checked by fork_by_snapshot
+    name = "fork_" + secrets.token_hex(8)
+    path = posixpath.join(MOUNTS_DIR, name)
+    await snapshots.mount_snapshot(path, snapshot)
+    try:
+        args = {"mount": name, "targets": slots[1:], "shell": shell}
+        await sandbox.file_op(slots[0], "fork_in", args)
+    finally:
+        with trio.move_on_after(UNMOUNT_LIMIT_S, shield=True):
+            await _unmount(snapshots, path)
+
+
+async def _unmount(snapshots: DirectorySnapshots, path: str) -> None:
+    """Unmount, retried once: a mount left behind stays until its sandbox stops."""
+    for attempt in (1, 2):
+        try:
+            await snapshots.unmount_snapshot(path)
+            return
+        except HermesError as exc:
+            if attempt == 2:
+                logger.warning("%s; the snapshot stays mounted until its sandbox stops", exc)
+            else:
+                logger.info("%s; retrying once", exc)

@@ -1,0 +1,171 @@
+"""Forks across Modal sandboxes through directory snapshots, driven through the emulator.
+
+The real `modal` client talks to `ModalEmulator`; its call log shows which provider calls a
+fork made, and into which sandbox (by task id).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import pytest
+from grpclib import Status
+
+from hermes_actors import SandboxConfig, Slot, ToolBackend, TransferFailed
+from hermes_actors.drivers._modal import SNAPSHOT_TTL_S
+from hermes_actors.testing.modal_emulator import ModalEmulator
+
+APP = "hermes-tree-tests"
+#: Provider calls a fork makes (stdout reads and the liveness long poll are not the fork's).
+FORK_CALLS = (
+    "TaskSnapshotDirectory",
+    "TaskMountDirectory",
+    "TaskUnmountDirectory",
+    "TaskExecStdinWrite",
+    "SandboxCreateV2",
+    "TaskExecStart",
+)
+TREE = (
+    "mkdir -p repo/src empty && printf 'def f(): return 1\\n' > repo/src/m.py "
+    "&& ln -s src/m.py repo/link && head -c 20000 /dev/urandom > repo/blob && printf x > .env "
+    "&& mkdir -p deep/a && cd deep/a && export ANSWER=42"
+)
+#: In a subshell: the slot's shell keeps its working directory.
+SNAPSHOT = (
+    "(cd ~ && find . -printf '%y %m %p %l\\n' | sort; md5sum repo/blob repo/src/m.py; cat .env)"
+)
+
+
+def backend(**changes: Any) -> ToolBackend:
+    settings: dict[str, Any] = {
+        "name": "trees",
+        "backend": "modal",
+        "app_name": APP,
+        "cpu": 0.5,
+        "memory": 256,
+        "min_sandboxes": 1,
+        "max_sandboxes": 4,
+        "slots_per_sandbox": 1,
+        "acquire_timeout_s": 20.0,
+        **changes,
+    }
+    return ToolBackend(SandboxConfig(**settings))
+
+
+async def sh(tools: ToolBackend, slot: Slot, command: str) -> str:
+    [result] = await tools.execute_batch([(slot, "bash", {"command": command})])
+    assert result.success, result
+    return result.output
+
+
+def fork_calls(emulator: ModalEmulator, since: int) -> list[Any]:
+    return [call for call in emulator.calls()[since:] if call.method in FORK_CALLS]
+
+
+def held(tools: ToolBackend) -> int:
+    return sum(pool.slots_held for pool in tools.status().pools)
+
+
+@pytest.mark.parametrize("slots_per_sandbox", [1, 2])
+async def test_cross_sandbox_forks_are_independent_and_cost_three_calls_per_target(
+    modal_emulator: ModalEmulator, slots_per_sandbox: int
+) -> None:
+    """Forks into other sandboxes get the source's files and shell state through one snapshot,
+    with at most three provider calls per target sandbox, then diverge independently."""
+    async with backend(slots_per_sandbox=slots_per_sandbox) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        before = await sh(tools, source, SNAPSHOT)
+        # The source's sandbox is full: the forks need new sandboxes (made before counting).
+        fillers = [await tools.acquire(f"fill{n}") for n in range(slots_per_sandbox - 1)]
+        warm = [await tools.acquire(f"warm{n}") for n in range(2 * slots_per_sandbox)]
+        for slot in warm:
+            await tools.release(slot)
+        since = len(modal_emulator.calls())
+        forks = await tools.fork(source, 2 * slots_per_sandbox)
+        calls = fork_calls(modal_emulator, since)
+        targets = {fork.sandbox_id for fork in forks}
+        assert source.sandbox_id not in targets
+        assert len(targets) == 2
+        methods = Counter(call.method for call in calls)
+        assert methods["TaskSnapshotDirectory"] == 1
+        assert methods["TaskMountDirectory"] == methods["TaskUnmountDirectory"] == 2
+        assert methods["SandboxCreateV2"] == 0
+        task_of = {state.sandbox_id: state.task_id for state in modal_emulator.sandboxes()}
+        for target in targets:
+            per_target = [c for c in calls if c.fields.get("task_id") == task_of[target]]
+            assert len(per_target) <= 3, per_target
+        for fork in forks:
+            assert await sh(tools, fork, SNAPSHOT) == before
+            state = await sh(tools, fork, 'basename "$PWD"; echo "$ANSWER"; whoami')
+            assert state == f"a\n42\nslot{fork.lease.index}\n"
+        await sh(tools, forks[0], "(cd ~ && printf 'def f(): return 2\\n' > repo/src/m.py)")
+        await sh(tools, forks[1], "(cd ~ && rm -rf ./* .env)")
+        assert await sh(tools, source, SNAPSHOT) == before
+        for fork in forks[2:]:
+            assert await sh(tools, fork, SNAPSHOT) == before
+        assert await sh(tools, forks[1], "(cd ~ && ls -A | wc -l)") == "0\n"
+        assert all(state.mounts == () for state in modal_emulator.sandboxes())
+        for slot in [source, *fillers, *forks]:
+            await tools.release(slot)
+        assert held(tools) == 0
+    [snapshot] = modal_emulator.calls("TaskSnapshotDirectory")
+    assert snapshot.fields["ttl_seconds"] == SNAPSHOT_TTL_S
+
+
+async def test_a_fork_within_the_sandbox_makes_no_control_plane_call(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A fork into free slots of the source's own sandbox makes no call but to its agent."""
+    async with backend(slots_per_sandbox=4, max_sandboxes=1) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        before = await sh(tools, source, SNAPSHOT)
+        since = len(modal_emulator.calls())
+        forks = await tools.fork(source, 3)
+        # The fork's request; the client's heartbeat (every 20 s) may write in the window too.
+        methods = {call.method for call in fork_calls(modal_emulator, since)}
+        assert methods == {"TaskExecStdinWrite"}
+        for fork in forks:
+            assert fork.sandbox_id == source.sandbox_id
+            assert await sh(tools, fork, SNAPSHOT) == before
+
+
+@pytest.mark.parametrize(
+    "failing", ["TaskSnapshotDirectory", "TaskMountDirectory", "TaskUnmountDirectory"]
+)
+async def test_snapshot_faults_give_a_clear_error_and_leave_nothing(
+    modal_emulator: ModalEmulator, failing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failing snapshot or mount fails the fork with TransferFailed naming the step and holds
+    no slot; an unmount failing once is retried. No mount stays in any sandbox either way."""
+    async with backend(min_sandboxes=3) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        modal_emulator.fail_next_calls(failing, 1, Status.FAILED_PRECONDITION, "emulated outage")
+        if failing == "TaskUnmountDirectory":
+            with caplog.at_level(logging.INFO, logger="hermes_actors.trees"):
+                forks = await tools.fork(source, 2)
+            assert "unmounting the snapshot" in caplog.text
+            assert len(modal_emulator.calls("TaskUnmountDirectory")) == 3
+            assert len(forks) == 2
+            for fork in forks:
+                await tools.release(fork)
+        else:
+            with pytest.raises(TransferFailed) as caught:
+                await tools.fork(source, 2)
+            step = "snapshotting" if failing == "TaskSnapshotDirectory" else "mounting"
+            assert step in str(caught.value)
+            assert "emulated outage" in str(caught.value)
+            assert "retry the fork" in str(caught.value)
+        assert held(tools) == 1
+        assert [state.mounts for state in modal_emulator.sandboxes() if state.mounts] == []
+        # The fork works again once the provider does.
+        forks = await tools.fork(source, 2)
+        for fork in forks:
+            assert await sh(tools, fork, "cat ~/.env") == "x"
+            await tools.release(fork)
+        await tools.release(source)
+        assert held(tools) == 0
