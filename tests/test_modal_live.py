@@ -8,7 +8,8 @@ script) given the real `MODAL_*` settings and none of the emulator's.
 
 The checks: the `default` profile of `config/modal_profiles.yaml` on the modal backend starts a
 sandbox, commands run through the agent, a file makes a round trip, the slot is released and
-the backend stopped, and then no sandbox of this run is left running in the app.
+the backend stopped; a fork lands in a second sandbox through a directory snapshot and runs as
+its slot's own user; then no sandbox of this run is left running in the app.
 
 Running them against the emulator too keeps the script from rotting when no account is at hand.
 """
@@ -97,7 +98,28 @@ def live_checks() -> None:
             assert read.output == payload
             await backend.release(slot)
 
+    # One slot per sandbox: a fork lands in another sandbox, through a directory snapshot.
+    spread = attrs.evolve(config, slots_per_sandbox=1, min_sandboxes=1, max_sandboxes=2)
+
+    async def fork_across_sandboxes() -> None:
+        async with ToolBackend(spread, run_id=run_id) as backend:
+            source = await backend.acquire("live-source")
+            [made] = await backend.execute_batch(
+                [(source, "bash", {"command": "mkdir -p a/b && echo kept > a/b/f && cd a/b"})]
+            )
+            assert made.success, made
+            [fork] = await backend.fork(source, 1)
+            assert fork.sandbox_id != source.sandbox_id
+            [seen] = await backend.execute_batch(
+                [(fork, "bash", {"command": "cat f; whoami; ls -ld ~ | cut -c1-10"})]
+            )
+            assert seen.success, seen
+            assert seen.output == "kept\nslot0\ndrwx------\n", seen.output
+            for slot in (source, fork):
+                await backend.release(slot)
+
     trio.run(use_the_backend)
+    trio.run(fork_across_sandboxes)
     app = modal.App.lookup(LIVE_APP, create_if_missing=True)
     left = [
         sandbox.object_id
@@ -133,8 +155,9 @@ if __name__ != "__main__":
         assert completed.returncode == 0, completed.stdout + completed.stderr
         assert PASSED in completed.stdout
         creates = modal_emulator.calls("SandboxCreateV2")
-        assert len(creates) == 1
-        assert creates[0].fields["tags"]["hermes-app"] == LIVE_APP  # type: ignore[index]
+        assert len(creates) == 3  # the round trip's sandbox, then the fork's source and target
+        assert all(c.fields["tags"]["hermes-app"] == LIVE_APP for c in creates)  # type: ignore[index]
+        assert len(modal_emulator.calls("TaskSnapshotDirectory")) == 1
         assert all(state.returncode is not None for state in modal_emulator.sandboxes())
 
     def test_credentials_come_from_the_captured_environment() -> None:

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import trio
 from grpclib import Status
 
 from hermes_actors import SandboxConfig, Slot, ToolBackend, TransferFailed
@@ -169,3 +170,29 @@ async def test_snapshot_faults_give_a_clear_error_and_leave_nothing(
             await tools.release(fork)
         await tools.release(source)
         assert held(tools) == 0
+
+
+async def test_cancelled_cross_sandbox_fork_leaves_no_slot_or_mount(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A fork across sandboxes cancelled at any stage holds no slot and leaves no mount."""
+    async with backend(min_sandboxes=3) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, "head -c 20000000 /dev/urandom > big")
+        cancelled = 0
+        # How far a fork gets before a deadline depends on the machine: sweep the deadline
+        # from before the first acquire to past the copy, and check every cancelled case.
+        for deadline in (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
+            with trio.move_on_after(deadline) as scope:
+                forks = await tools.fork(source, 2)
+            if scope.cancelled_caught:
+                cancelled += 1
+                assert held(tools) == 1, f"cancelled after {deadline} s"
+            else:
+                assert held(tools) == 3
+                for fork in forks:
+                    await tools.release(fork, reset_workspace=True)
+            mounts = [state.mounts for state in modal_emulator.sandboxes() if state.mounts]
+            assert mounts == [], f"after {deadline} s"
+        assert cancelled >= 2
+        await tools.release(source)

@@ -81,22 +81,34 @@ async def _fork_into(
     assert snapshots is not None  # checked by fork_by_snapshot
     name = "fork_" + secrets.token_hex(8)
     path = posixpath.join(MOUNTS_DIR, name)
-    await snapshots.mount_snapshot(path, snapshot)
+    mounted: bool | None = False  # None: perhaps (the mount call was cut short)
     try:
+        try:
+            await snapshots.mount_snapshot(path, snapshot)
+        except HermesError:
+            raise  # the provider refused it: nothing is mounted
+        except BaseException:
+            mounted = None  # cancelled: the provider may have mounted it all the same
+            raise
+        mounted = True
         args = {"mount": name, "targets": slots[1:], "shell": shell}
         await sandbox.file_op(slots[0], "fork_in", args)
     finally:
-        with trio.move_on_after(UNMOUNT_LIMIT_S, shield=True):
-            await _unmount(snapshots, path)
+        if mounted is not False:
+            with trio.move_on_after(UNMOUNT_LIMIT_S, shield=True):
+                await _unmount(snapshots, path, surely_mounted=mounted is True)
 
 
-async def _unmount(snapshots: DirectorySnapshots, path: str) -> None:
+async def _unmount(snapshots: DirectorySnapshots, path: str, *, surely_mounted: bool) -> None:
     """Unmount, retried once: a mount left behind stays until its sandbox stops."""
     for attempt in (1, 2):
         try:
             await snapshots.unmount_snapshot(path)
             return
         except HermesError as exc:
+            if not surely_mounted:
+                logger.debug("%s (the cancelled mount had not happened)", exc)
+                return
             if attempt == 2:
                 logger.warning("%s; the snapshot stays mounted until its sandbox stops", exc)
             else:
