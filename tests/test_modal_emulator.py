@@ -782,3 +782,36 @@ def test_injected_call_failures_reach_the_client(
     assert sandbox.snapshot_directory("/again").object_id in modal_emulator.snapshot_images()
     faults = [c.fields.get("injected_fault") for c in modal_emulator.calls("TaskSnapshotDirectory")]
     assert faults == ["NOT_FOUND", None]
+
+
+_ADD_USER = """
+import pwd, sys
+mounts = [line.split()[4] for line in open("/proc/self/mountinfo")]
+if "/etc/passwd" not in mounts:
+    sys.exit("/etc/passwd is the host's")  # never write the host's file
+with open("/etc/passwd", "a") as passwd:
+    passwd.write("emulated:x:4242:4242::/:/bin/sh\\n")
+print(pwd.getpwuid(4242).pw_name)
+"""
+_LOOK_UP = """
+import pwd
+try:
+    print(pwd.getpwuid(4242).pw_name)
+except KeyError:
+    print("unknown")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can add users")
+def test_each_sandbox_has_its_own_passwd_file(app: modal.App, sandbox: modal.Sandbox) -> None:
+    """A user a sandbox's root adds to /etc/passwd exists there only, never on the host."""
+    host_passwd = Path("/etc/passwd").read_bytes()
+    added = sandbox.exec("python3", "-c", _ADD_USER)
+    assert added.stdout.read() == "emulated\n", added.stderr.read()
+    assert sandbox.exec("python3", "-c", _LOOK_UP).stdout.read() == "emulated\n"
+    other = modal.Sandbox.create(app=app, image=modal.Image.from_registry(IMAGE_TAG), timeout=60)
+    try:
+        assert other.exec("python3", "-c", _LOOK_UP).stdout.read() == "unknown\n"
+    finally:
+        other.terminate()
+    assert Path("/etc/passwd").read_bytes() == host_passwd

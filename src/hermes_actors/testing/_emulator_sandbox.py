@@ -336,9 +336,12 @@ def _private_accounts(root: Path) -> tuple[Path, Path] | None:
     """`<root>/etc/passwd` and `group`, copies of the host's, when the emulator runs as root.
 
     A container has its own /etc: an agent that is root in it may add users there. Emulated
-    sandboxes are host processes, so as root each of their processes gets these copies bound
-    over /etc/passwd and /etc/group in a mount namespace of its own (`_with_private_accounts`);
-    the host's files are never written. Not as root, nothing can add users anyway.
+    sandboxes are host processes, so as root their Python programs (the hermes agent among
+    them) get these copies bound over /etc/passwd and /etc/group in a mount namespace of their
+    own (`_with_private_accounts`), and whatever they start inherits it; the host's files are
+    never written. Other execs (`bash -c ...`) see the host's files: wrapping every exec would
+    cost each one 10-20 ms here (two extra processes and two mounts), which would skew the
+    benchmarks of one exec per command. Not as root, nothing can add users anyway.
     """
     if os.geteuid() != 0:
         return None
@@ -543,7 +546,11 @@ class LocalSandbox:
         pipe_stderr: bool = True,
         on_exit: Callable[[LocalProcess], None] | None = None,
     ) -> LocalProcess:
-        if self._accounts is not None and shutil.which(argv[0], path=env.get("PATH")):
+        if (
+            self._accounts is not None
+            and os.path.basename(argv[0]).startswith("python")
+            and shutil.which(argv[0], path=env.get("PATH"))
+        ):
             argv = _with_private_accounts(argv, self._accounts)
         process = await LocalProcess.spawn(
             argv,
