@@ -394,6 +394,50 @@ async def test_start_failure_after_driver_retries_fails_waiters_at_once(
         assert h.driver.created == 0
 
 
+async def test_one_create_out_of_retries_fails_no_waiter_while_others_start(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A create that spent its retries while another create of the image succeeds fails nobody."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=2, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [SandboxStartFailed("unlucky create", attempts=3)]
+        leases: list[Lease] = []
+
+        async def acquire() -> None:
+            leases.append(await h.pool.acquire(timeout_s=60))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(acquire)
+            nursery.start_soon(acquire)
+        assert len(leases) == 2
+        assert h.driver.created == 2
+        assert trio.current_time() <= 3.0  # a replacement create, not the 60 s deadline
+        outputs = [(await lease.exec(Command(command="echo ok"))).stdout for lease in leases]
+        assert outputs == [b"ok\n", b"ok\n"]
+
+
+async def test_creates_out_of_retries_fail_waiters_once_none_is_left(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """When every create in flight spends its retries, the waiters get the provider's cause."""
+    async with running_pool(min_sandboxes=0, max_sandboxes=2, slots_per_sandbox=1) as h:
+        h.driver.fail_next_creates = [
+            SandboxStartFailed(f"quota exceeded {n}", attempts=3) for n in range(2)
+        ]
+        failures: list[BaseException] = []
+
+        async def acquire() -> None:
+            try:
+                await h.pool.acquire(timeout_s=60)
+            except SandboxStartFailed as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(acquire)
+            nursery.start_soon(acquire)
+        assert [str(exc).startswith("quota exceeded") for exc in failures] == [True, True]
+        assert trio.current_time() == pytest.approx(1.0)
+
+
 async def test_driver_retry_budget_fits_inside_the_acquire_deadline(
     autojump_clock: trio.abc.Clock,
 ) -> None:

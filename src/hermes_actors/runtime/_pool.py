@@ -31,7 +31,9 @@ own tasks, so a report can never block):
   with `SandboxLost` through the sandbox actor, and `_scale` replaces it. Start failures back off.
   The waiters fail with the start error (the provider's cause, never an `AcquireTimeout`) when
   it cannot heal (no bubblewrap, modal missing, a bad image...), when the driver's own retries
-  are spent (their budget is `CREATE_RETRY_SHARE` of the acquire deadline), after
+  are spent (their budget is `CREATE_RETRY_SHARE` of the acquire deadline) and no other start of
+  that image is under way or has come up since (at scale one create in thousands runs out of
+  retries by bad luck), after
   `MAX_START_FAILURES` in a row, or when their deadline passes after a failed start. While the
   backoff that follows runs, new callers get that error at once; after it, a caller's acquire
   tries again.
@@ -140,6 +142,9 @@ class _Member:
     resetting: set[int] = attrs.field(factory=set)
     idle_since: float | None = None
     ready_at: float = 0.0
+    #: When its start began: a sandbox of its image that came up after that shows that starts
+    #: of this image work, so this one failing is bad luck, not a reason to fail the waiters.
+    started_at: float = attrs.field(factory=trio.current_time)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stop_reason: str | None = None
 
@@ -155,6 +160,8 @@ class _Starts:
     failures: int = 0
     blocked_until: float = -math.inf
     last_error: BaseException | None = None
+    #: The last failure left no hope for the waiters: they were failed, new callers fail fast.
+    gave_up: bool = False
 
 
 def _rotate_after_s(config: SandboxConfig) -> float:
@@ -206,6 +213,8 @@ class ProfilePool:
         self._housekeeping: trio.CancelScope | None = None
         #: Per image: a broken image must not hold back the profile's own.
         self._starts: dict[str, _Starts] = collections.defaultdict(_Starts)
+        #: When a sandbox of each image last came up (starts of that image work).
+        self._ready_at: dict[str, float] = {}
         # Per image: members by state, and free slots (the global counts are above).
         self._image_states: collections.Counter[tuple[str, _State]] = collections.Counter()
         self._image_free: collections.Counter[str] = collections.Counter()
@@ -659,6 +668,7 @@ class ProfilePool:
         self._set_idle(member)
         self.sandboxes_started += 1
         self._starts.pop(member.image, None)
+        self._ready_at[member.image] = member.ready_at
         self._serve_waiters()
         self._scale()
 
@@ -669,7 +679,7 @@ class ProfilePool:
         self._finished_failures += member.actor.command_failures
         if member.state is _State.STARTING and member.stop_reason is None:
             self._start_failed(
-                member.image, error or SandboxStartFailed("the sandbox stopped while starting")
+                member, error or SandboxStartFailed("the sandbox stopped while starting")
             )
         elif member.stop_reason is not None:
             self.sandboxes_stopped += 1
@@ -688,7 +698,8 @@ class ProfilePool:
         self._serve_waiters()
         self._scale()
 
-    def _start_failed(self, image: str, error: BaseException) -> None:
+    def _start_failed(self, member: _Member, error: BaseException) -> None:
+        image = member.image
         starts = self._starts[image]
         starts.failures += 1
         starts.last_error = error
@@ -696,28 +707,34 @@ class ProfilePool:
         logger.warning(
             "could not start a sandbox of profile %r (image %r): %s", self.config.name, image, error
         )
-        if self._gave_up(image, error):
+        starts.gave_up = self._gave_up(member, error)
+        if starts.gave_up:
             self._fail_waiters(self._start_error(image), image)
         backoff = START_BACKOFF_S[min(starts.failures, len(START_BACKOFF_S)) - 1]
         starts.blocked_until = trio.current_time() + backoff
 
-    def _gave_up(self, image: str, error: BaseException) -> bool:
-        """Whether waiting longer cannot help: no retry left for this start error."""
-        return (
-            _is_permanent(error)
-            or (isinstance(error, SandboxStartFailed) and error.attempts > 1)
-            or self._starts[image].failures >= MAX_START_FAILURES
-        )
+    def _gave_up(self, member: _Member, error: BaseException) -> bool:
+        """Whether waiting longer cannot help the waiters of `member`'s image.
+
+        A start error the user must fix, or too many failures in a row, always ends the wait. A
+        create whose driver spent its retries ends it only when nothing else says starts of this
+        image work: at scale (a 2% failure rate, thousands of creates) one create in a long run
+        runs out of retries by bad luck, and failing every waiter for it would be wrong while
+        other creates of the image are under way or have just succeeded.
+        """
+        image = member.image
+        if _is_permanent(error) or self._starts[image].failures >= MAX_START_FAILURES:
+            return True
+        if not (isinstance(error, SandboxStartFailed) and error.attempts > 1):
+            return False
+        others_starting = self._image_states[image, _State.STARTING] > 0
+        came_up_since = self._ready_at.get(image, -math.inf) >= member.started_at
+        return not (others_starting or came_up_since)
 
     def _failing_fast(self, image: str) -> bool:
         """Whether a new caller gets the start error at once: the pool gave up and backs off."""
         starts = self._starts.get(image)
-        return (
-            starts is not None
-            and starts.last_error is not None
-            and self._gave_up(image, starts.last_error)
-            and trio.current_time() < starts.blocked_until
-        )
+        return starts is not None and starts.gave_up and trio.current_time() < starts.blocked_until
 
     def _start_error(self, image: str) -> BaseException:
         error = self._starts[image].last_error
