@@ -364,20 +364,29 @@ def pair(results: Sequence[ScenarioResult], before: str, after: str) -> str | No
     )
 
 
+#: The label of the rows measured before a spent create stopped failing every waiter.
+SPENT_CREATE_LABEL = "before: a spent create fails every waiter"
+
+
 def failed_starts(results: Sequence[ScenarioResult], sizes: Sizes) -> str | None:
-    row = find(results, f"{sizes.large} x 1, loss storm")
-    if row is None or not row.acquire_failures:
+    name = f"{sizes.large} x 1, loss storm"
+    old, new = find(results, f"{name} [{SPENT_CREATE_LABEL}]"), find(results, name)
+    if old is None or new is None:
         return None
     return (
-        "* **One create whose retries run out fails every waiter (not fixed).** In "
-        f"{row.scenario.name}, {row.acquire_failures} acquires failed at once, 18 minutes in, "
-        'with `SandboxStartFailed` ("gave up after 2 attempts in 30.4 s"): one create failed '
-        "twice within the driver's retry budget, and the pool gives up on an error whose "
-        "retries are spent, failing every waiter of the image and backing off, although the "
-        "other creates in flight were succeeding. The storm only moved the draws onto that "
-        "luck (2% failed creates, twice in a row for one create); any long batch can meet it. "
-        "A fix: fail the waiters on a spent create only when no other create of the image is "
-        "in flight or came up since."
+        "* **One create whose retries ran out failed every waiter (fixed).** In "
+        f"{name}, {old.acquire_failures} acquires failed at once, 18 minutes in, with "
+        '`SandboxStartFailed` ("gave up after 2 attempts in 30.4 s"): one create failed twice '
+        "within the driver's retry budget (2% of creates fail), and the pool gave up on an "
+        "error whose retries were spent, failing every waiter of the image, although the other "
+        "creates in flight were succeeding. Now a spent create fails the waiters only when no "
+        "other create of the image is under way or has come up since it began (an error the "
+        "user must fix, or 3 failures in a row, still fail them at once). Rows marked "
+        f"[{SPENT_CREATE_LABEL}] ran the code before this change:\n"
+        f"  {old.scenario.name} -> {new.scenario.name}: failed acquires "
+        f"{old.acquire_failures} -> {new.acquire_failures}, acquire timeouts "
+        f"{old.acquire_timeouts} -> {new.acquire_timeouts}, wall {old.wall_s:,.0f} -> "
+        f"{new.wall_s:,.0f} s, creates issued {old.creates_issued:,} -> {new.creates_issued:,}."
     )
 
 
