@@ -5,8 +5,9 @@ Each host is a small script (a trio program, an asyncio program, or a sync progr
 subreaper (`fault_support.HostRun`), so whatever it started stays countable after it dies, and
 with its own `TMPDIR`, where the local driver makes the sandboxes' directories. Within 5 s of
 the signal: the host has exited with the status for the signal, said so in at most one line
-(no traceback), and no process it started and no sandbox directory is left. After SIGKILL the
-host can do nothing: the agents' dead-man switch must end everything.
+(no traceback), and no process it started (the local driver's watchdog included) and no sandbox
+directory is left. After SIGKILL the host can do nothing: the agents' dead-man switch ends the
+processes and the watchdog removes the directories.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import secrets
 import signal
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ import outcome
 import pytest
 
 from fault_support import HostRun, Reliability, processes, tree_entries, wait_for
+from hermes_actors.facades import _signals
 
 pytestmark = pytest.mark.faults
 
@@ -97,34 +100,9 @@ SIGNALS = {
     "SIGKILL": signal.SIGKILL,
 }
 
-_SIGINT_TRACEBACK = (
-    "issue 8 fault suite (signals): Ctrl-C of the {host} host cleans up in time but ends with a "
-    "KeyboardInterrupt traceback wall instead of one line"
-)
-_SIGKILL_DIRS = (
-    "issue 8 fault suite (dead-man switch): after a host SIGKILL every process ends but nothing "
-    "removes the sandbox directories"
-)
-#: Known defects of issue 8 each case still runs into on main, by (host, signal).
-DEFECTS: dict[tuple[str, str], str] = {
-    **{(host, "SIGINT"): _SIGINT_TRACEBACK.format(host=host) for host in HOSTS},
-    **{
-        ("sync threads", name): (
-            f"issue 8 defect 3 (terminal_tool host): on {name} the sandbox processes end but "
-            "their directories (workspaces, logs) stay behind"
-        )
-        for name in ("SIGTERM", "SIGHUP")
-    },
-    **{(host, "SIGKILL"): _SIGKILL_DIRS for host in HOSTS},
-}
-
 
 def _case(host: str, name: str, isolation: str) -> Any:
-    marks = []
-    reason = DEFECTS.get((host, name))
-    if reason is not None:
-        marks.append(pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(host, name, isolation, id=f"{host}-{name}-{isolation}", marks=marks)
+    return pytest.param(host, name, isolation, id=f"{host}-{name}-{isolation}")
 
 
 def _isolation(host_index: int, signal_index: int) -> str:
@@ -250,3 +228,82 @@ def test_hosts_are_found_in_proc_while_running(tmp_path: Path) -> None:
         run.close()
     # And `close()` ends what the count found.
     assert wait_for(lambda: not any(token in p.argv for p in processes().values() if p.alive), 5)
+
+
+def test_an_uncaught_interrupt_stops_the_backends_and_says_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hook stops every registered backend on an uncaught Ctrl-C and prints one line."""
+    stopped: list[float] = []
+
+    class Host:
+        def stop_on_signal(self, limit_s: float) -> None:
+            stopped.append(limit_s)
+
+    host = Host()
+    _signals.register_host(host)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    _signals.install_interrupt_hook()
+    assert sys.excepthook is _signals._excepthook
+    group = BaseExceptionGroup("in a nursery", [KeyboardInterrupt(), KeyboardInterrupt()])
+    for interrupt in (KeyboardInterrupt(), group):
+        sys.excepthook(type(interrupt), interrupt, None)
+    assert stopped == [_signals.SIGNAL_STOP_S] * 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["KeyboardInterrupt: interrupted; hermes-actors stopped every sandbox"] * 2
+
+
+def test_other_errors_and_a_program_s_own_hook_are_left_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any other uncaught error keeps its traceback; a program's own excepthook is kept."""
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    _signals.install_interrupt_hook()
+    try:
+        raise ValueError("boom")
+    except ValueError as error:
+        sys.excepthook(ValueError, error, error.__traceback__)
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "ValueError: boom" in err
+
+    def own(*args: object) -> None:
+        """A program's own hook."""
+
+    monkeypatch.setattr(sys, "excepthook", own)
+    _signals.install_interrupt_hook()
+    assert sys.excepthook is own
+
+
+def test_a_program_that_catches_ctrl_c_still_does(tmp_path: Path) -> None:
+    """The runtime never takes SIGINT from a program: its own `except KeyboardInterrupt` runs."""
+    token = f"600.{secrets.randbelow(10**6):06d}"
+    script = textwrap.dedent(
+        f"""
+        import sys, trio
+        from hermes_actors import ToolBackend
+
+        async def main():
+            async with ToolBackend.with_profiles() as backend:
+                slot = await backend.acquire("t")
+                await backend.execute_batch([(slot, "bash", {{"command": "sleep {token}"}})])
+
+        try:
+            trio.run(main)
+        except KeyboardInterrupt:
+            print("saved my work", flush=True)
+            sys.exit(3)
+        """
+    )
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(PROFILES.format(isolation="none"))
+    run = HostRun(script, tmp_path, {"TERMINAL_MODAL_PROFILES_FILE": str(profiles)})
+    try:
+        assert wait_for(lambda: any(token in proc.argv for proc in run.procs()), 60)
+        run.signal(signal.SIGINT)
+        assert run.wait_exit(CLEANUP_S) == 3
+        assert run.stdout() == "saved my work\n"
+        assert run.stderr() == ""
+        assert wait_for(lambda: not run.procs() and not tree_entries(run.temp_dir), CLEANUP_S)
+    finally:
+        run.close()

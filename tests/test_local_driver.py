@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,10 @@ import trio
 import trio._core._thread_cache
 
 from agent_harness import escapee, processes_with_argv, wait_processes_with_argv
+from hermes_actors._client import SandboxClient
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxStartFailed
-from hermes_actors.drivers import _local
+from hermes_actors.drivers import _local, _local_procs
 from hermes_actors.drivers._local import LocalDriver
 from sandbox_support import open_local_sandbox
 
@@ -56,13 +60,13 @@ def test_removing_a_sandbox_directory_never_touches_its_parent(tmp_path: Path) -
     """Removing a directory twice, or a read-only one, leaves the parent's mode as it was."""
     tmp_path.chmod(0o1777)
     gone = tmp_path / "hermes-gone"
-    _local._remove_tree(str(gone))
+    _local_procs.remove_tree(str(gone))
     locked = tmp_path / "hermes-locked"
     (locked / "ro").mkdir(parents=True)
     (locked / "ro" / "f").write_text("x")
     (locked / "ro").chmod(0o500)
-    _local._remove_tree(str(locked))
-    _local._remove_tree(str(locked))
+    _local_procs.remove_tree(str(locked))
+    _local_procs.remove_tree(str(locked))
     assert not locked.exists()
     assert tmp_path.stat().st_mode & 0o7777 == 0o1777
 
@@ -152,3 +156,95 @@ async def test_slot_users_have_a_name_and_their_workspace_as_home_under_bwrap() 
             )
             assert result.exit_code == 0, result
             assert result.stdout == f"slot{slot}\nslot{slot}\nslot{slot} True True\n".encode()
+
+
+# -- the watchdog (the dead-man switch for directories) -------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    info = _local_procs.proc_info(pid)
+    return info is not None and info.alive
+
+
+async def test_the_watchdog_runs_while_the_driver_has_sandboxes(tmp_path: Path) -> None:
+    """One watchdog per driver, in its own session, while it has sandboxes; none after."""
+    driver = LocalDriver(root_dir=str(tmp_path))
+    assert driver.watchdog_pid is None
+    first = await driver.create(SandboxConfig(name="p", isolation="none"))
+    second = await driver.create(SandboxConfig(name="p", isolation="none"))
+    watchdog = driver.watchdog_pid
+    try:
+        assert watchdog is not None
+        assert _alive(watchdog)
+        assert os.getsid(watchdog) == watchdog  # Ctrl-C at a terminal does not reach it
+        await first.terminate()
+        assert driver.watchdog_pid == watchdog
+    finally:
+        await second.terminate()
+        await driver.aclose()
+    assert driver.watchdog_pid is None
+    assert not _alive(watchdog)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+async def test_the_watchdog_ends_what_its_host_left_when_the_host_goes(
+    isolation: str, tmp_path: Path
+) -> None:
+    """A driver closed with a sandbox still running: the watchdog kills it and removes its dir."""
+    mark = "hermes-test-" + uuid.uuid4().hex
+    driver = LocalDriver(root_dir=str(tmp_path))
+    handle = await driver.create(SandboxConfig(name="p", isolation=isolation))
+    try:
+        async with trio.open_nursery() as nursery:
+            client = SandboxClient(handle)
+            await nursery.start(client.run)
+            await client.exec(0, command=f"setsid env -i {escapee(mark)} &")
+            await trio.to_thread.run_sync(wait_processes_with_argv, mark, 1)
+            # The host's side goes as if it died: the watchdog reads EOF with the sandbox
+            # still watched (its stream stays open, so its own dead-man switch does not fire).
+            await driver.aclose()
+            assert processes_with_argv(mark) == []
+            assert os.listdir(tmp_path) == []
+            nursery.cancel_scope.cancel()
+    finally:
+        await handle.terminate()
+
+
+def test_the_watchdog_kills_only_writers_of_the_pipe_and_what_is_below_them(
+    tmp_path: Path,
+) -> None:
+    """Readers of a sandbox's liveness pipe (host, watchdog) are never counted as its processes."""
+    read_end, write_end = os.pipe()
+    writer = subprocess.Popen(
+        ["bash", "-c", "sleep 600 & wait"], pass_fds=(write_end,), start_new_session=True
+    )
+    os.close(write_end)  # as the host does once the agent has it
+    reader = subprocess.Popen(["sleep", "600"], pass_fds=(read_end,))
+    try:
+        pipe = _local_procs.pipe_name(read_end)
+        assert wait_until(lambda: len(_local_procs.sandbox_processes(pipe)) == 2)
+        found = _local_procs.sandbox_processes(pipe)
+        assert writer.pid in found
+        assert reader.pid not in found
+        directory = tmp_path / "hermes-left"
+        (directory / "ws").mkdir(parents=True)
+        _local_procs.watchdog_clean_up({"s": (str(directory), os.dup(read_end))}, 0.2)
+        assert _local_procs.sandbox_processes(pipe) == set()
+        assert writer.wait(5) == -signal.SIGKILL
+        assert reader.poll() is None
+        assert not directory.exists()
+    finally:
+        for process in (writer, reader):
+            process.kill()
+            process.wait()
+        os.close(read_end)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

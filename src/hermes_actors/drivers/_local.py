@@ -22,18 +22,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import queue
 import secrets
 import shutil
 import signal
-import stat
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,14 @@ import trio
 from hermes_actors._agent import BOOTSTRAP, SLOT_UID_BASE, slot_account_lines
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
+from hermes_actors.drivers._local_procs import (
+    WATCHDOG_GRACE_S,
+    kill_all,
+    kill_sandbox_processes,
+    pids_with_environ_entry,
+    remove_tree,
+    watchdog_argv,
+)
 
 logger = logging.getLogger("hermes_actors.drivers.local")
 
@@ -319,126 +327,14 @@ async def bwrap_problem() -> str | None:
 
 
 def marked_pids(marker: bytes) -> list[int]:
-    """Pids of the processes whose environment carries `marker` (`NAME=value` bytes)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                environ = handle.read()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+    """Pids whose environment carries `marker` (``NAME=value``). For tests and diagnostics
+    only: a command can drop its marker, so ownership is never decided by it."""
+    return pids_with_environ_entry(marker)
 
 
 def kill_marked(marker: bytes) -> int:
-    """SIGKILL every process whose environment carries `marker`, until a scan finds none.
-
-    Used when the agent itself died without cleaning up under `isolation: none`.
-    """
-    killed = 0
-    for _ in range(20):
-        pids = marked_pids(marker)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        killed += len(pids)
-        if not pids:
-            break
-    return killed
-
-
-def kill_holders_and_descendants(pipe: str) -> int:
-    """SIGKILL every process holding `pipe` (``pipe:[inode]``) and all below them.
-
-    The last resort of `LocalSandbox.terminate`: the sandbox's own processes (agent, keepers)
-    hold its liveness pipe and a slot's processes are below its keeper, so this finds them from
-    facts no command can change. They are all stopped first (a stopped process neither forks
-    nor lets its children be reparented away), then killed together. Returns how many.
-    """
-    stopped: set[int] = set()
-    for _ in range(100):
-        targets = _holders_and_descendants(pipe)
-        targets.discard(os.getpid())
-        new = targets - stopped
-        if not new:
-            break
-        for pid in new:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGSTOP)
-        stopped |= new
-    for pid in stopped:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    # SIGKILL takes effect asynchronously: return once none of them is alive.
-    deadline = time.monotonic() + GRACEFUL_EXIT_S
-    while any(_alive(pid) for pid in stopped) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return len(stopped)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
-
-
-def _holders_and_descendants(pipe: str) -> set[int]:
-    holders: set[int] = set()
-    parents: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            if fields[0] in (b"Z", b"X"):
-                continue
-            parents[pid] = int(fields[1])
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == pipe:
-                        holders.add(pid)
-                        break
-        except (OSError, ValueError, IndexError):
-            continue
-    targets = set(holders)
-    while True:
-        below = {pid for pid, parent in parents.items() if parent in targets} - targets
-        if not below:
-            return targets
-        targets |= below
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a sandbox directory even where its commands made parts read-only.
-
-    Only what is inside `path` is ever made writable: never its parent (the shared temp dir).
-    """
-    if not os.path.lexists(path):
-        return
-
-    def make_writable(function: object, failed: str, exc_info: tuple[Any, ...]) -> None:
-        if isinstance(exc_info[1], FileNotFoundError):
-            return  # already gone (removed twice, or by its own commands)
-        with contextlib.suppress(OSError):
-            # Never the parent of `path` itself: that is not ours (it is /tmp, usually).
-            if failed != path:
-                os.chmod(os.path.dirname(failed), stat.S_IRWXU)
-            os.chmod(failed, stat.S_IRWXU)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                shutil.rmtree(failed, ignore_errors=True)
-            else:
-                os.unlink(failed)
-
-    shutil.rmtree(path, onerror=make_writable)
+    """SIGKILL every process whose environment carries `marker` (tests); returns how many."""
+    return kill_all(lambda: set(pids_with_environ_entry(marker)))
 
 
 class _SpawnThread:
@@ -530,13 +426,13 @@ class _AgentProcess:
 
 
 def _spawn_agent(
-    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int
-) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    """Start the agent (runs on the `_SpawnThread`); return it and the host's pipe ends."""
+    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int, alive_write: int
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start the agent (runs on the `_SpawnThread`) holding `alive_write`, the write end of
+    its liveness pipe; return it and the host's ends of its stdin and stdout."""
     stdin_read, stdin_write = os.pipe()
     stdout_read, stdout_write = os.pipe()
-    alive_read, alive_write = os.pipe()
-    ours = [stdin_write, stdout_read, alive_read]
+    ours = [stdin_write, stdout_read]
     try:
         popen = subprocess.Popen(
             argv,
@@ -553,20 +449,29 @@ def _spawn_agent(
             os.close(fd)
         raise
     finally:
-        for fd in (stdin_read, stdout_write, alive_write):
+        for fd in (stdin_read, stdout_write):
             os.close(fd)
-    return popen, stdin_write, stdout_read, alive_read
+    return popen, stdin_write, stdout_read
 
 
 async def open_agent_process(
-    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int
+    argv: list[str], env: Mapping[str, str], cwd: str, log_fd: int, alive: tuple[int, int]
 ) -> _AgentProcess:
-    """Start the agent from the `_SpawnThread`. Not cancellable while it forks (milliseconds);
-    a caller cancelled meanwhile gets the process killed and reaped, then the cancellation."""
-    future = _SpawnThread.submit(lambda: _spawn_agent(argv, env, cwd, log_fd))
-    with trio.CancelScope(shield=True):  # the spawn happens anyway: never drop its result
-        popen, stdin_fd, stdout_fd, alive_fd = await trio.to_thread.run_sync(future.result)
-    process = _AgentProcess(popen, stdin_fd, stdout_fd, alive_fd)
+    """Start the agent from the `_SpawnThread`, with `alive` (read end, write end) as its
+    liveness pipe: this takes over the read end (closed here on failure); the caller closes the
+    write end once this returns or raises.
+
+    Not cancellable while it forks (milliseconds); a caller cancelled meanwhile gets the
+    process killed and reaped, then the cancellation."""
+    alive_read, alive_write = alive
+    future = _SpawnThread.submit(lambda: _spawn_agent(argv, env, cwd, log_fd, alive_write))
+    try:
+        with trio.CancelScope(shield=True):  # the spawn happens anyway: never drop its result
+            popen, stdin_fd, stdout_fd = await trio.to_thread.run_sync(future.result)
+    except BaseException:
+        os.close(alive_read)
+        raise
+    process = _AgentProcess(popen, stdin_fd, stdout_fd, alive_read)
     try:
         await trio.lowlevel.checkpoint_if_cancelled()
     except BaseException:
@@ -579,6 +484,117 @@ async def open_agent_process(
                 await stream.aclose()
         raise
     return process
+
+
+class _Watchdog:
+    """The host's side of a local driver's watchdog process (`_local_procs.watchdog_main`).
+
+    The process runs while the driver has sandboxes: it starts with the first one watched and
+    is told to exit (its control socket closed) when the last one is forgotten, or at
+    `aclose`. If the host dies first, the watchdog ends the sandboxes still watched and
+    removes their directories.
+    """
+
+    def __init__(self) -> None:
+        self._control: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._retired: list[subprocess.Popen[bytes]] = []
+        self._watched: set[str] = set()
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The running watchdog's pid (None while the driver has no sandbox)."""
+        return self._process.pid if self._control is not None and self._process else None
+
+    async def watch(self, sandbox_id: str, directory: str, alive_read: int) -> None:
+        """Have the watchdog end `sandbox_id` if the host dies: its processes are the
+        writers of the pipe `alive_read` reads (and all below them); then `directory` goes."""
+        async with self._lock:
+            if self._control is None:
+                with trio.CancelScope(shield=True):  # a started process is never dropped
+                    await self._reap_retired()
+                    self._control, self._process = await trio.to_thread.run_sync(_start_watchdog)
+            self._watched.add(sandbox_id)
+            self._send({"watch": sandbox_id, "directory": directory}, (alive_read,))
+
+    async def forget(self, sandbox_id: str) -> None:
+        """The host ended `sandbox_id` itself; the last one forgotten stops the watchdog.
+
+        Safe in a cancelled scope (the wait for the watchdog's exit is shielded, bounded)."""
+        if sandbox_id not in self._watched:
+            return
+        self._watched.discard(sandbox_id)
+        self._send({"forget": sandbox_id})
+        if not self._watched:
+            self._retire()
+            with trio.CancelScope(shield=True):
+                await self._reap_retired()
+
+    async def aclose(self) -> None:
+        """Stop the watchdog; it ends whatever is still watched (normally nothing)."""
+        self._watched.clear()
+        self._retire()
+        with trio.CancelScope(shield=True):
+            await self._reap_retired(WATCHDOG_GRACE_S + GRACEFUL_EXIT_S + 1.0)
+
+    def _send(self, message: Mapping[str, object], fds: tuple[int, ...] = ()) -> None:
+        if self._control is None:
+            return
+        try:
+            socket.send_fds(self._control, [json.dumps(message).encode()], list(fds))
+        except OSError as exc:
+            logger.warning(
+                "the local sandboxes' watchdog is gone (%s): a crash of this process would leave "
+                "their directories behind until `hermes-actors reap`",
+                exc,
+            )
+            self._retire()
+
+    def _retire(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()  # the watchdog reads EOF, ends what it still watches, and exits
+        if self._process is not None:
+            self._retired.append(self._process)
+            self._process = None
+
+    async def _reap_retired(self, limit_s: float = GRACEFUL_EXIT_S) -> None:
+        for process in self._retired:
+            if process.poll() is None:
+                pidfd = os.pidfd_open(process.pid)
+                try:
+                    with trio.move_on_after(limit_s):
+                        await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    os.close(pidfd)
+            if process.poll() is None:
+                logger.warning("the local sandboxes' watchdog did not exit: killing it")
+                process.kill()
+            process.wait()
+        self._retired.clear()
+
+
+def _start_watchdog() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """Start a watchdog process; return the host's end of its control socket and it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        process = subprocess.Popen(
+            watchdog_argv(sys.executable, theirs.fileno()),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
+            # Its own session: Ctrl-C at a terminal (the foreground process group) must not
+            # reach it, nor anything that kills the host's process group.
+            start_new_session=True,
+            cwd="/",
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours, process
 
 
 class LocalSandbox:
@@ -594,8 +610,10 @@ class LocalSandbox:
         isolation: str,
         network: bool,
         enforced_limits: EnforcedLimits | None = None,
+        watchdog: _Watchdog | None = None,
     ) -> None:
         self._sandbox_id = sandbox_id
+        self._watchdog = watchdog
         self._process = process
         self._directory = directory
         self._agent_config = agent_config
@@ -653,8 +671,9 @@ class LocalSandbox:
 
         Graceful first (bounded by `GRACEFUL_EXIT_S`), then SIGKILL to the agent's session; then
         waits (bounded) until no process of the sandbox holds its liveness pipe, killing what
-        still does and everything below it; finally the directory is deleted. Idempotent, and
-        safe to call from a cancelled scope (it shields itself, bounded).
+        still does and everything below it; finally the directory is deleted and the
+        driver's watchdog forgets the sandbox. Idempotent, and safe to call from a cancelled
+        scope (it shields itself, bounded).
         """
         if self._terminated:
             return
@@ -676,11 +695,13 @@ class LocalSandbox:
                 await self._process.wait_all_gone()
             if waiting.cancelled_caught:
                 pipe = self._process.alive_pipe
-                await trio.to_thread.run_sync(kill_holders_and_descendants, pipe)
+                await trio.to_thread.run_sync(kill_sandbox_processes, pipe)
             self._process.close_fds()
             with contextlib.suppress(trio.ClosedResourceError):
                 await self._stream.receive_stream.aclose()
-            await trio.to_thread.run_sync(_remove_tree, self._directory)
+            await trio.to_thread.run_sync(remove_tree, self._directory)
+            if self._watchdog is not None:
+                await self._watchdog.forget(self._sandbox_id)
 
 
 class LocalDriver:
@@ -691,6 +712,12 @@ class LocalDriver:
     def __init__(self, *, root_dir: str | None = None) -> None:
         self._root_dir = root_dir
         self.sandboxes_started = 0
+        self._watchdog = _Watchdog()
+
+    @property
+    def watchdog_pid(self) -> int | None:
+        """The pid of this driver's watchdog process, while it has sandboxes."""
+        return self._watchdog.pid
 
     async def resolve_isolation(self, requested: str) -> str:
         """`bwrap` or `none` for a requested isolation; raises if `bwrap` cannot work here."""
@@ -777,16 +804,28 @@ class LocalDriver:
             processes_per_slot=PROCESSES_PER_SLOT if agent_config["slot_uid_base"] else None,
         )
         log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+        alive_read, alive_write = os.pipe()
         try:
-            process = await open_agent_process(argv, env, directory, log_fd)
+            # Watched before the agent exists: from here on a crash of this process leaves
+            # nothing behind.
+            try:
+                await self._watchdog.watch(sandbox_id, directory, alive_read)
+            except BaseException:
+                os.close(alive_read)
+                raise
+            process = await open_agent_process(
+                argv, env, directory, log_fd, (alive_read, alive_write)
+            )
         except BaseException as exc:
-            # Synchronously: an await here would not run when the caller is being cancelled,
-            # and the directory holds nothing yet but an empty log and workspace.
-            _remove_tree(directory)
+            with trio.CancelScope(shield=True):
+                # The directory holds nothing yet but an empty log and workspace.
+                remove_tree(directory)
+                await self._watchdog.forget(sandbox_id)
             if isinstance(exc, OSError):
                 raise SandboxStartFailed(f"could not start a local sandbox: {exc}") from exc
             raise
         finally:
+            os.close(alive_write)
             os.close(log_fd)
         self.sandboxes_started += 1
         return LocalSandbox(
@@ -797,7 +836,10 @@ class LocalDriver:
             isolation=isolation,
             network=spec.network,
             enforced_limits=limits,
+            watchdog=self._watchdog,
         )
 
     async def aclose(self) -> None:
-        """Nothing driver-wide to release: each sandbox is terminated by its owner."""
+        """Stop the watchdog. Each sandbox is terminated by its owner before; one that was
+        not is ended by the watchdog as it exits."""
+        await self._watchdog.aclose()

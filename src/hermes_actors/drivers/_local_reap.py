@@ -25,9 +25,9 @@ import attrs
 from hermes_actors.drivers._local import (
     HOST_PID_VAR,
     SANDBOX_MARKER_VAR,
-    _remove_tree,
     kill_marked,
 )
+from hermes_actors.drivers._local_procs import remove_tree
 
 __all__ = ["LocalLeftovers", "find_local_leftovers", "reap_local"]
 
@@ -153,5 +153,5 @@ def reap_local(leftovers: LocalLeftovers) -> int:
         killed += kill_marked(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode())
     for directory in leftovers.directories:
         with contextlib.suppress(FileNotFoundError):
-            _remove_tree(directory)
+            remove_tree(directory)
     return killed

@@ -1,8 +1,10 @@
-"""SIGTERM and SIGHUP stop the runtime like Ctrl-C does, then end the process as the signal would.
+"""How a program using hermes-actors ends on a signal: sandboxes stopped, one line, the signal's
+exit status.
 
+SIGTERM and SIGHUP stop the runtime like Ctrl-C does, then end the process as the signal would.
 Two cases, one behaviour: every running backend is closed (its sandboxes terminated and their
-directories removed, bounded by `SIGNAL_STOP_S`), then the signal's default action runs, so the
-exit status is the signal's.
+directories removed, bounded by `SIGNAL_STOP_S`), one line goes to stderr, then the signal's
+default action runs, so the exit status is the signal's.
 
 * Backends on portal threads (asyncio and sync programs): `install_signal_handlers` (main thread
   only) takes SIGTERM and SIGHUP when they are at their default action; the handler stops every
@@ -10,23 +12,35 @@ exit status is the signal's.
 * A backend in the main thread's trio run (`async with backend:`) runs `serve_signals`, which
   receives the signals through trio while the backend is open.
 
-Signals a program handles itself are left alone.
+Signals a program handles itself are left alone. A backend started outside the main thread
+cannot install handlers (Python allows that only there): the signal then takes its default
+action at once, and the local driver's watchdog removes the sandboxes
+(`drivers._local_procs`).
+
+Ctrl-C (SIGINT) is left to Python, so a program's own ``except KeyboardInterrupt`` and
+``finally`` blocks run as usual and Python exits with SIGINT's status. Only an interrupt that no
+code caught changes: while `sys.excepthook` is Python's own, `install_interrupt_hook` replaces
+it so that, instead of a traceback wall, every backend still running is stopped and one line is
+printed (any other exception is printed as before). A program that wants the traceback sets
+its own hook (or `sys.excepthook = sys.__excepthook__`) after starting a backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Protocol
 
 import trio
 
-__all__ = ["install_signal_handlers", "register_host", "serve_signals"]
+__all__ = ["install_interrupt_hook", "install_signal_handlers", "register_host", "serve_signals"]
 
 logger = logging.getLogger("hermes_actors.signals")
 
@@ -53,8 +67,10 @@ def install_signal_handlers() -> None:
     """In the main thread: make SIGTERM and SIGHUP stop every backend like Ctrl-C does.
 
     Only signals still at their default action are taken (a program's own handlers are left
-    alone). With no backend running the handler just takes the default action.
+    alone). With no backend running the handler just takes the default action. Also installs
+    `install_interrupt_hook` (from any thread).
     """
+    install_interrupt_hook()
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in STOP_SIGNALS:
@@ -62,17 +78,51 @@ def install_signal_handlers() -> None:
             signal.signal(signum, _on_stop_signal)
 
 
-def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
-    hosts = list(_hosts)
-    if hosts:
-        logger.warning(
-            "hermes-actors: %s: stopping every sandbox, then exiting", signal.Signals(signum).name
-        )
-    for host in hosts:
+def install_interrupt_hook() -> None:
+    """End an uncaught Ctrl-C with the backends stopped and one line, not a traceback wall.
+
+    Any thread. Only while `sys.excepthook` is Python's own (see the module docstring).
+    """
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
+
+
+def _excepthook(
+    kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+) -> None:
+    if not _is_interrupt(value):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    _stop_hosts("Ctrl-C")
+    _say("KeyboardInterrupt: interrupted; hermes-actors stopped every sandbox")
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    """A KeyboardInterrupt, or a group of nothing but KeyboardInterrupts."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_is_interrupt(inner) for inner in error.exceptions)
+    return isinstance(error, KeyboardInterrupt)
+
+
+def _say(line: str) -> None:
+    with contextlib.suppress(Exception):  # stderr closed or broken: nothing to tell
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _stop_hosts(why: str) -> None:
+    for host in list(_hosts):
         try:
             host.stop_on_signal(SIGNAL_STOP_S)
         except Exception:
-            logger.exception("stopping a backend on %s failed", signal.Signals(signum).name)
+            logger.exception("stopping a backend on %s failed", why)
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    if _hosts:
+        _stop_hosts(name)
+        _say(f"hermes-actors: {name}: stopped every sandbox, exiting")
     _die_of(signum)
 
 
@@ -86,20 +136,18 @@ async def serve_signals(close: Callable[[], Awaitable[object]]) -> None:
     """For a core in the main thread's trio run: on SIGTERM/SIGHUP `close()`, then die of it.
 
     Runs until cancelled; does nothing outside the main thread or when the program handles
-    those signals itself.
+    those signals itself. Also installs `install_interrupt_hook`.
     """
+    install_interrupt_hook()
     if threading.current_thread() is not threading.main_thread() or not all(
         signal.getsignal(signum) in (signal.SIG_DFL, _on_stop_signal) for signum in STOP_SIGNALS
     ):
         await trio.sleep_forever()
     with trio.open_signal_receiver(*STOP_SIGNALS) as received:
         async for signum in received:
-            logger.warning(
-                "hermes-actors: %s: stopping every sandbox, then exiting",
-                signal.Signals(signum).name,
-            )
+            name = signal.Signals(signum).name
             with trio.move_on_after(SIGNAL_STOP_S, shield=True):
                 await close()
-            for host in list(_hosts):
-                host.stop_on_signal(SIGNAL_STOP_S)
+            _stop_hosts(name)
+            _say(f"hermes-actors: {name}: stopped every sandbox, exiting")
             _die_of(signum)
