@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_support import HERMES, clean_environment, hermes, host_sandbox_pids
+from sandbox_support import processes_with
 
 SUBCOMMANDS = [
     ["run"],
@@ -412,13 +413,26 @@ def test_status_watch_refreshes_until_interrupted(live_backend: subprocess.Popen
 
 CRASHER = textwrap.dedent(
     """
-    import os, signal
+    import os, signal, sys
     from hermes_actors import SandboxConfig, ToolBackend
 
     backend = ToolBackend(SandboxConfig(isolation="none", min_sandboxes=1))
     backend.call_blocking(backend.start)
     slot = backend.call_blocking(backend.acquire, "doomed")
-    backend.call_blocking(backend.execute_batch, [(slot, "bash", {"command": "echo x > f"})])
+    escapee = f"setsid env -i bash -c 'exec -a {sys.argv[1]} sleep 600' & echo x > f"
+    backend.call_blocking(backend.execute_batch, [(slot, "bash", {"command": escapee})])
+    # The worst crash: the watchdog dies with this process, and the agent is stuck (stopped),
+    # so its dead-man switch cannot fire either.
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as stat, open(f"/proc/{name}/cmdline") as argv:
+                    parent, command = int(stat.read().rsplit(")", 1)[1].split()[1]), argv.read()
+            except OSError:
+                continue
+            if parent == os.getpid():
+                watchdog = command.split("\\0")[1:3] == ["-I", "-S"]
+                os.kill(int(name), signal.SIGKILL if watchdog else signal.SIGSTOP)
     os.kill(os.getpid(), signal.SIGKILL)
     """
 )
@@ -432,15 +446,16 @@ def _wait_for(condition: object, what: str, timeout_s: float = 20.0) -> None:
 
 
 def test_reap_stops_what_a_killed_local_run_left(tmp_path: Path) -> None:
-    """A run killed with SIGKILL leaves its sandbox directory (and maybe processes); `reap
-    --dry-run` lists them without touching them, `reap` removes them, a second reap finds none."""
+    """A run SIGKILLed with its watchdog and a stuck agent leaves its sandbox; `reap --dry-run`
+    lists it (an escapee that cleared its environment included) without touching it, `reap`
+    stops it and removes its directory, a second reap finds none."""
     env = clean_environment(TMPDIR=str(tmp_path))
-    crashed = subprocess.Popen([sys.executable, "-c", CRASHER], env=env)
+    tag = f"hermes-reap-{os.getpid()}-{time.monotonic_ns()}"
+    crashed = subprocess.Popen([sys.executable, "-c", CRASHER, tag], env=env)
     assert crashed.wait(timeout=60) == -signal.SIGKILL
-    # Its agent notices the host is gone and stops everything it started.
-    _wait_for(lambda: not host_sandbox_pids(crashed.pid), "the dead-man switch")
-    # A sandbox process whose host is gone (as a stuck agent would be): the dead run's pid.
-    stuck = subprocess.Popen(
+    [escapee] = processes_with(tag)
+    # Carrying a sandbox's markers in its environment makes nothing a sandbox's process.
+    forged = subprocess.Popen(
         ["sleep", "600"],
         env={**env, "HERMES_SANDBOX_ID": "local-default-deadbeef", "HERMES_HOST_PID": "1999999"},
         start_new_session=True,
@@ -450,23 +465,25 @@ def test_reap_stops_what_a_killed_local_run_left(tmp_path: Path) -> None:
         dry = hermes("reap", "--dry-run", "--min-age", "0", env=env)
         assert dry.returncode == 0, dry.stderr
         assert f"would remove local directory {directory}" in dry.stdout
-        assert f"would stop local sandbox local-default-deadbeef (processes {stuck.pid})" in (
-            dry.stdout
-        )
+        [listed] = [line for line in dry.stdout.splitlines() if "would stop local sandbox" in line]
+        assert str(escapee) in listed
+        assert str(forged.pid) not in dry.stdout
         assert "no Modal app to check" in dry.stdout
         assert directory.exists()
-        assert stuck.poll() is None
+        assert processes_with(tag) == [escapee]
         done = hermes("reap", "--min-age", "0", env=env)
         assert done.returncode == 0, done.stderr
         assert f"removed local directory {directory}" in done.stdout
-        assert stuck.wait(timeout=10) == -signal.SIGKILL
+        _wait_for(lambda: not processes_with(tag), "the escapee killed")
         assert not directory.exists()
+        assert forged.poll() is None
         again = hermes("reap", "--min-age", "0", env=env)
         assert again.stdout.startswith("0 leftover(s) cleaned up"), again.stdout
     finally:
-        if stuck.poll() is None:
-            stuck.kill()
-        stuck.wait()
+        forged.kill()
+        forged.wait()
+        for pid in processes_with(tag):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_reap_spares_live_runs_and_young_directories(

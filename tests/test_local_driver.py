@@ -3,6 +3,7 @@ nothing, sandboxes live as long as promised, and a stuck sandbox is still cleane
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxStartFailed
 from hermes_actors.drivers import _local, _local_procs
 from hermes_actors.drivers._local import LocalDriver
+from hermes_actors.drivers._local_reap import find_local_leftovers, reap_local
 from sandbox_support import open_local_sandbox
 
 
@@ -248,3 +250,57 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# -- reap: ownership from the owner record --------------------------------------------------------
+
+
+def _leftover_directory(root: Path, host_start_ticks: int | None) -> Path:
+    directory = root / "hermes-p-left"
+    (directory / "ws").mkdir(parents=True)
+    read_end, write_end = os.pipe()
+    try:
+        record = {
+            "sandbox_id": "local-p-left",
+            "host_pid": os.getpid(),
+            "host_start_ticks": host_start_ticks,
+            "pipe": _local_procs.pipe_name(read_end),
+            "created_ticks": _local_procs.now_ticks(),
+        }
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    (directory / _local.OWNER_FILE).write_text(json.dumps(record))
+    return directory
+
+
+def test_reap_spares_a_directory_whose_host_lives_and_takes_one_whose_pid_was_reused(
+    tmp_path: Path,
+) -> None:
+    """A live host (pid and start time) keeps its directory; the same pid started later does not."""
+    info = _local_procs.proc_info(os.getpid())
+    assert info is not None
+    directory = _leftover_directory(tmp_path, info.start_ticks)
+    assert find_local_leftovers(str(tmp_path), min_age_s=0).empty
+    _local_procs.remove_tree(str(directory))
+    reused = _leftover_directory(tmp_path, info.start_ticks - 1)
+    leftovers = find_local_leftovers(str(tmp_path), min_age_s=0)
+    assert leftovers.directories == (str(reused),)
+    assert leftovers.sandboxes == {}  # nothing holds its pipe any more
+    assert reap_local(leftovers) == 0
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_sandbox_directory_records_its_owner_outside_the_workspaces(tmp_path: Path) -> None:
+    """The owner record names the host and the liveness pipe, and no slot can see it."""
+    driver = LocalDriver(root_dir=str(tmp_path))
+    handle = await driver.create(SandboxConfig(name="p", isolation="none"))
+    try:
+        record = json.loads((Path(handle.directory) / _local.OWNER_FILE).read_text())
+        assert record["host_pid"] == os.getpid()
+        assert record["sandbox_id"] == handle.sandbox_id
+        assert _local_procs.sandbox_processes(record["pipe"]) >= {handle.pid}
+        assert find_local_leftovers(str(tmp_path), min_age_s=0).empty
+    finally:
+        await handle.terminate()
+        await driver.aclose()

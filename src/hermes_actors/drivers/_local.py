@@ -48,7 +48,10 @@ from hermes_actors.drivers._local_procs import (
     WATCHDOG_GRACE_S,
     kill_all,
     kill_sandbox_processes,
+    now_ticks,
     pids_with_environ_entry,
+    pipe_name,
+    proc_info,
     remove_tree,
     watchdog_argv,
 )
@@ -75,8 +78,11 @@ class EnforcedLimits:
 
 #: The environment variable (and value prefix) that marks every process of a sandbox.
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
-#: The environment variable naming the host process that started a sandbox's top process.
+#: The environment variable naming the host process that started a sandbox's top process
+#: (diagnostics only: `reap` reads the owner record, which commands cannot change).
 HOST_PID_VAR = "HERMES_HOST_PID"
+#: A sandbox directory's owner record: who made it and how to find its processes (`reap`).
+OWNER_FILE = "owner.json"
 #: How long a sandbox may take to exit after its stream is closed before it is killed.
 GRACEFUL_EXIT_S = 2.0
 _AGENT_CAPABILITIES = (
@@ -704,6 +710,22 @@ class LocalSandbox:
                 await self._watchdog.forget(self._sandbox_id)
 
 
+def _write_owner(directory: str, sandbox_id: str, alive_read: int) -> None:
+    """Record who owns `directory` (see `_local_reap`): outside every workspace, so no command
+    under bwrap can reach it."""
+    host = proc_info(os.getpid())
+    record = {
+        "sandbox_id": sandbox_id,
+        "host_pid": os.getpid(),
+        "host_start_ticks": host.start_ticks if host is not None else None,
+        "pipe": pipe_name(alive_read),
+        # Before the agent starts: every process of the sandbox started after this.
+        "created_ticks": now_ticks() - 1,
+    }
+    with open(os.path.join(directory, OWNER_FILE), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
 class LocalDriver:
     """Starts sandboxes as local processes. `root_dir` holds their directories (default: tmp)."""
 
@@ -765,7 +787,6 @@ class LocalDriver:
             "PATH": os.environ.get("PATH", _SANDBOX_PATH),
             "LANG": "C.UTF-8",
             SANDBOX_MARKER_VAR: sandbox_id,
-            # Who started it: `hermes-actors reap` stops sandboxes whose host is gone.
             HOST_PID_VAR: f"{os.getpid()}",
         }
         if isolation == "bwrap":
@@ -809,6 +830,7 @@ class LocalDriver:
             # Watched before the agent exists: from here on a crash of this process leaves
             # nothing behind.
             try:
+                _write_owner(directory, sandbox_id, alive_read)
                 await self._watchdog.watch(sandbox_id, directory, alive_read)
             except BaseException:
                 os.close(alive_read)

@@ -91,6 +91,12 @@ def process_table(include_dead: bool = False) -> dict[int, ProcInfo]:
     return table
 
 
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None when it is gone."""
+    info = proc_info(pid)
+    return info.start_ticks if info is not None else None
+
+
 def is_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether `pid` runs (not a zombie) and, given `start_ticks`, is still that process."""
     info = proc_info(pid)
@@ -158,10 +164,25 @@ def pipe_writers(pipe: str, table: dict[int, ProcInfo]) -> set[int]:
     return writers
 
 
-def sandbox_processes(pipe: str, table: dict[int, ProcInfo] | None = None) -> set[int]:
-    """A sandbox's live processes: the writers of its liveness pipe and everything below them."""
+def now_ticks() -> int:
+    """The time since boot in clock ticks, the unit of `ProcInfo.start_ticks`."""
+    with open("/proc/uptime") as handle:
+        return int(float(handle.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def sandbox_processes(
+    pipe: str, table: dict[int, ProcInfo] | None = None, *, started_after: int | None = None
+) -> set[int]:
+    """A sandbox's live processes: the writers of its liveness pipe and everything below them.
+
+    `started_after` (ticks since boot, when the pipe was made) leaves out writers older than the
+    pipe: after a reboot or a wrap of inode numbers an unrelated pipe may have the same name.
+    """
     table = process_table() if table is None else table
-    found = with_descendants(pipe_writers(pipe, table), table)
+    writers = pipe_writers(pipe, table)
+    if started_after is not None:
+        writers = {pid for pid in writers if table[pid].start_ticks >= started_after}
+    found = with_descendants(writers, table)
     found.discard(os.getpid())
     return found
 

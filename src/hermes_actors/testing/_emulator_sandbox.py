@@ -36,8 +36,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TypeAlias
 
-import attrs
 from modal_proto import api_pb2
+
+from hermes_actors.drivers._local_procs import (
+    pids_with_environ_entry,
+    process_table,
+    start_ticks,
+    with_descendants,
+)
 
 from ._emulator_snapshots import Mounts
 
@@ -252,42 +258,6 @@ def kill_process_tree(marker: bytes, sessions: Mapping[int, int | None]) -> None
                 os.kill(pid, signal.SIGKILL)
 
 
-@attrs.frozen
-class _ProcessInfo:
-    ppid: int
-    session: int
-    start_ticks: int
-
-
-def _process_table() -> dict[int, _ProcessInfo]:
-    """Every live process (zombies left out: they are already dead) with its parent and session."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path("/proc", name, "stat").read_text()
-        except OSError:
-            continue
-        # The command name is in parentheses and may contain anything: split after it.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if fields[0] in ("Z", "X"):
-            continue
-        table[int(name)] = _ProcessInfo(
-            ppid=int(fields[1]), session=int(fields[3]), start_ticks=int(fields[19])
-        )
-    return table
-
-
-def start_ticks(pid: int) -> int | None:
-    """When `pid` started (clock ticks since boot), or None when it is gone."""
-    try:
-        stat = Path("/proc", str(pid), "stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[-1].split()[19])
-
-
 def sandbox_pids(marker: bytes, sessions: Mapping[int, int | None]) -> list[int]:
     """Live processes of a sandbox: its sessions' members, the processes carrying its marker in
     their environment, and every descendant of those.
@@ -297,39 +267,22 @@ def sandbox_pids(marker: bytes, sessions: Mapping[int, int | None]) -> list[int]
     commands that cleared or changed their environment; the sessions alone miss `setsid`
     escapees; the descendants catch both while their parent lives. A session counts only while
     its leader is the process recorded (or is gone: then the id cannot be reused while any member
-    remains), so a reused pid never makes an unrelated process ours.
+    remains), so a reused pid never makes an unrelated process ours. (A provider's own view:
+    the local driver decides ownership from facts no command can change, see `_local_procs`.)
     """
     own_pid = os.getpid()
-    table = _process_table()
+    table = process_table()
     ours = {
         sid
         for sid, started in sessions.items()
         if sid not in table or started is None or table[sid].start_ticks == started
     }
-    found = set()
-    for pid, info in table.items():
-        if pid == own_pid:
-            continue
-        if info.session in ours or _has_environ_entry(pid, marker):
-            found.add(pid)
-    children: dict[int, list[int]] = {}
-    for pid, info in table.items():
-        children.setdefault(info.ppid, []).append(pid)
-    pending = list(found)
-    while pending:
-        for child in children.get(pending.pop(), ()):
-            if child not in found and child != own_pid:
-                found.add(child)
-                pending.append(child)
+    roots = {pid for pid, info in table.items() if info.session in ours}
+    roots.update(pids_with_environ_entry(marker, table))
+    roots.discard(own_pid)
+    found = with_descendants(roots, table)
+    found.discard(own_pid)
     return sorted(found)
-
-
-def _has_environ_entry(pid: int, entry: bytes) -> bool:
-    try:
-        environ = Path("/proc", str(pid), "environ").read_bytes()
-    except OSError:
-        return False
-    return entry in environ.split(b"\0")
 
 
 def _private_accounts(root: Path) -> tuple[Path, Path] | None:
