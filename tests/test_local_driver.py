@@ -231,7 +231,9 @@ def test_the_watchdog_kills_only_writers_of_the_pipe_and_what_is_below_them(
         assert reader.pid not in found
         directory = tmp_path / "hermes-left"
         (directory / "ws").mkdir(parents=True)
-        _local_procs.watchdog_clean_up({"s": (str(directory), os.dup(read_end))}, 0.2)
+        _local_procs.watchdog_clean_up(
+            {"s": _local_procs.Watched(str(directory), os.dup(read_end))}, 0.2
+        )
         assert _local_procs.sandbox_processes(pipe) == set()
         assert writer.wait(5) == -signal.SIGKILL
         assert reader.poll() is None

@@ -33,6 +33,9 @@ class SandboxStatus:
     age_s: float
     #: Commands this sandbox has finished.
     commands_run: int
+    #: Which of the profile's limits it enforces, and how (local sandboxes: rlimits or a
+    #: cgroup, see docs/isolation.md); empty when its driver does not say.
+    limits: str = ""
 
 
 @attrs.frozen(kw_only=True)

@@ -44,6 +44,14 @@ import trio
 from hermes_actors._agent import BOOTSTRAP, SLOT_UID_BASE, slot_account_lines
 from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import IsolationUnavailable, SandboxStartFailed
+from hermes_actors.drivers._local_cgroups import (
+    CgroupParent,
+    SandboxCgroup,
+    create_sandbox_cgroup,
+    find_delegated_cgroup,
+    join_argv,
+    remove_sandbox_cgroup,
+)
 from hermes_actors.drivers._local_procs import (
     WATCHDOG_GRACE_S,
     kill_all,
@@ -64,7 +72,11 @@ PROCESSES_PER_SLOT = 1024
 
 @attrs.frozen(kw_only=True)
 class EnforcedLimits:
-    """Which of a profile's limits a local sandbox enforces, and how (None: not enforced)."""
+    """Which of a profile's limits a local sandbox enforces, and how (None: not enforced).
+
+    Two mechanisms: the agent's rlimits (always) and, where the host delegated a cgroup v2
+    subtree to the runtime, one cgroup per sandbox (`drivers._local_cgroups`).
+    """
 
     #: Each process's data (heap, private writable mappings) is capped at the profile's
     #: `memory` (RLIMIT_DATA): a memory hog fails its allocation instead of the host OOMing.
@@ -72,10 +84,37 @@ class EnforcedLimits:
     #: The processes one slot may have at once (RLIMIT_NPROC of its own uid): a fork bomb
     #: stops there. Only with slot uids (bwrap started by root).
     processes_per_slot: int | None
-    #: The profile's `cpu` is not enforced locally (no delegated cgroup to set cpu.max in).
+    #: The profile's `cpu`, as the sandbox cgroup's `cpu.max` (only with a delegated cgroup).
     cpu: float | None = None
+    #: The profile's `memory` for the whole sandbox (its cgroup's `memory.max`).
+    memory_bytes_per_sandbox: int | None = None
+    #: The processes the whole sandbox may have (its cgroup's `pids.max`).
+    processes_per_sandbox: int | None = None
+    #: The sandbox's cgroup v2 directory, when it has one.
+    cgroup: str | None = None
+
+    def describe(self) -> str:
+        """One line: each limit, and how it is enforced."""
+        parts = []
+        if self.memory_bytes_per_sandbox is not None:
+            parts.append(f"memory {self.memory_bytes_per_sandbox // MIB} MiB per sandbox (cgroup)")
+        if self.memory_bytes_per_process is not None:
+            parts.append(
+                f"memory {self.memory_bytes_per_process // MIB} MiB per process (RLIMIT_DATA)"
+            )
+        if self.memory_bytes_per_sandbox is None and self.memory_bytes_per_process is None:
+            parts.append("memory not enforced")
+        parts.append(f"cpu {self.cpu:g} (cgroup cpu.max)" if self.cpu else "cpu not enforced")
+        if self.processes_per_sandbox is not None:
+            parts.append(f"{self.processes_per_sandbox} processes per sandbox (cgroup)")
+        if self.processes_per_slot is not None:
+            parts.append(f"{self.processes_per_slot} processes per slot (RLIMIT_NPROC)")
+        if self.processes_per_sandbox is None and self.processes_per_slot is None:
+            parts.append("process count not enforced")
+        return ", ".join(parts)
 
 
+MIB = 1024 * 1024
 #: The environment variable (and value prefix) that marks every process of a sandbox.
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
 #: The environment variable naming the host process that started a sandbox's top process
@@ -513,16 +552,20 @@ class _Watchdog:
         """The running watchdog's pid (None while the driver has no sandbox)."""
         return self._process.pid if self._control is not None and self._process else None
 
-    async def watch(self, sandbox_id: str, directory: str, alive_read: int) -> None:
+    async def watch(
+        self, sandbox_id: str, directory: str, alive_read: int, cgroup: str | None = None
+    ) -> None:
         """Have the watchdog end `sandbox_id` if the host dies: its processes are the
-        writers of the pipe `alive_read` reads (and all below them); then `directory` goes."""
+        writers of the pipe `alive_read` reads (and all below them); then `directory` (and
+        the sandbox's `cgroup`) go."""
         async with self._lock:
             if self._control is None:
                 with trio.CancelScope(shield=True):  # a started process is never dropped
                     await self._reap_retired()
                     self._control, self._process = await trio.to_thread.run_sync(_start_watchdog)
             self._watched.add(sandbox_id)
-            self._send({"watch": sandbox_id, "directory": directory}, (alive_read,))
+            message = {"watch": sandbox_id, "directory": directory, "cgroup": cgroup}
+            self._send(message, (alive_read,))
 
     async def forget(self, sandbox_id: str) -> None:
         """The host ended `sandbox_id` itself; the last one forgotten stops the watchdog.
@@ -617,9 +660,11 @@ class LocalSandbox:
         network: bool,
         enforced_limits: EnforcedLimits | None = None,
         watchdog: _Watchdog | None = None,
+        cgroup: SandboxCgroup | None = None,
     ) -> None:
         self._sandbox_id = sandbox_id
         self._watchdog = watchdog
+        self._cgroup = cgroup
         self._process = process
         self._directory = directory
         self._agent_config = agent_config
@@ -705,6 +750,10 @@ class LocalSandbox:
             self._process.close_fds()
             with contextlib.suppress(trio.ClosedResourceError):
                 await self._stream.receive_stream.aclose()
+            if self._cgroup is not None and not await trio.to_thread.run_sync(
+                remove_sandbox_cgroup, self._cgroup
+            ):
+                logger.warning("could not remove the sandbox's cgroup %s", self._cgroup.path)
             await trio.to_thread.run_sync(remove_tree, self._directory)
             if self._watchdog is not None:
                 await self._watchdog.forget(self._sandbox_id)
@@ -731,10 +780,25 @@ class LocalDriver:
 
     name = "local"
 
-    def __init__(self, *, root_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        root_dir: str | None = None,
+        cgroup_parent: CgroupParent | None = None,
+        detect_cgroups: bool = True,
+    ) -> None:
+        """`cgroup_parent`: where sandboxes' cgroups go; by default (`detect_cgroups`) the
+        cgroup v2 subtree the host delegated to this process, if any (`_local_cgroups`)."""
         self._root_dir = root_dir
         self.sandboxes_started = 0
         self._watchdog = _Watchdog()
+        #: Why sandboxes get no cgroup ("" when they do).
+        self.cgroup_problem = ""
+        if cgroup_parent is None and detect_cgroups:
+            cgroup_parent, self.cgroup_problem = find_delegated_cgroup()
+        elif cgroup_parent is None:
+            self.cgroup_problem = "cgroups turned off for this driver"
+        self.cgroup_parent = cgroup_parent
 
     @property
     def watchdog_pid(self) -> int | None:
@@ -820,9 +884,16 @@ class LocalDriver:
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
         memory_bytes = spec.memory * 1024 * 1024
         agent_config["limits"] = {"memory_bytes": memory_bytes, "processes": PROCESSES_PER_SLOT}
+        cgroup = self._make_cgroup(sandbox_id, spec)
+        if cgroup is not None:
+            argv = join_argv(cgroup, argv)
         limits = EnforcedLimits(
             memory_bytes_per_process=memory_bytes,
             processes_per_slot=PROCESSES_PER_SLOT if agent_config["slot_uid_base"] else None,
+            cpu=cgroup.cpu if cgroup is not None else None,
+            memory_bytes_per_sandbox=cgroup.memory_bytes if cgroup is not None else None,
+            processes_per_sandbox=cgroup.processes if cgroup is not None else None,
+            cgroup=cgroup.path if cgroup is not None else None,
         )
         log_fd = os.open(os.path.join(directory, "agent.log"), os.O_WRONLY | os.O_CREAT, 0o600)
         alive_read, alive_write = os.pipe()
@@ -831,7 +902,9 @@ class LocalDriver:
             # nothing behind.
             try:
                 _write_owner(directory, sandbox_id, alive_read)
-                await self._watchdog.watch(sandbox_id, directory, alive_read)
+                await self._watchdog.watch(
+                    sandbox_id, directory, alive_read, cgroup.path if cgroup else None
+                )
             except BaseException:
                 os.close(alive_read)
                 raise
@@ -842,6 +915,8 @@ class LocalDriver:
             with trio.CancelScope(shield=True):
                 # The directory holds nothing yet but an empty log and workspace.
                 remove_tree(directory)
+                if cgroup is not None:
+                    remove_sandbox_cgroup(cgroup)
                 await self._watchdog.forget(sandbox_id)
             if isinstance(exc, OSError):
                 raise SandboxStartFailed(f"could not start a local sandbox: {exc}") from exc
@@ -859,7 +934,30 @@ class LocalDriver:
             network=spec.network,
             enforced_limits=limits,
             watchdog=self._watchdog,
+            cgroup=cgroup,
         )
+
+    def _make_cgroup(self, sandbox_id: str, spec: SandboxConfig) -> SandboxCgroup | None:
+        """The sandbox's own cgroup with the profile's limits, when the host delegated a
+        subtree; None (the agent's rlimits alone) otherwise or when the kernel refuses."""
+        if self.cgroup_parent is None:
+            return None
+        try:
+            return create_sandbox_cgroup(
+                self.cgroup_parent,
+                f"hermes-{sandbox_id}",
+                memory_bytes=spec.memory * MIB,
+                cpu=spec.cpu,
+                processes=spec.slots_per_sandbox * PROCESSES_PER_SLOT,
+            )
+        except OSError as exc:
+            logger.warning(
+                "could not make a cgroup for a sandbox below %s (%s): its limits are the "
+                "agent's rlimits only",
+                self.cgroup_parent.path,
+                exc,
+            )
+            return None
 
     async def aclose(self) -> None:
         """Stop the watchdog. Each sandbox is terminated by its owner before; one that was

@@ -24,13 +24,15 @@ first (`forget`), so a clean stop leaves it nothing to do; the host closes the s
 watches no sandbox, and the watchdog exits.
 
 Control messages (one JSON object per `SOCK_SEQPACKET` datagram):
-``{"watch": id, "directory": path}`` with the pipe's read end attached (SCM_RIGHTS), and
+``{"watch": id, "directory": path, "cgroup": path or null}`` with the pipe's read end attached
+(SCM_RIGHTS), and
 ``{"forget": id}``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -243,13 +245,44 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=make_writable)
 
 
+def remove_cgroup(path: str, wait_s: float = KILL_WAIT_S) -> bool:
+    """Kill whatever is left in a cgroup v2 directory (``cgroup.kill``) and remove it; whether
+    it is gone."""
+    kill = os.path.join(path, "cgroup.kill")
+    if os.path.exists(kill):
+        with contextlib.suppress(OSError), open(kill, "w") as handle:
+            handle.write("1\n")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            # EBUSY while processes are still inside (cgroup.kill takes effect asynchronously).
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return False
+        time.sleep(0.01)
+
+
 # -- the watchdog ---------------------------------------------------------------------------------
 
 
-def watchdog_clean_up(watched: dict[str, tuple[str, int]], grace_s: float) -> None:
+class Watched(NamedTuple):
+    """A sandbox the watchdog watches."""
+
+    directory: str
+    #: The read end of its liveness pipe (-1 if none came).
+    fd: int
+    #: Its cgroup v2 directory, if it has one.
+    cgroup: str | None = None
+
+
+def watchdog_clean_up(watched: dict[str, Watched], grace_s: float) -> None:
     """End every watched sandbox: wait up to `grace_s` for its liveness pipe to read EOF (all
-    its processes gone), kill what still holds it, then remove its directory."""
-    pending = {fd: sandbox_id for sandbox_id, (_, fd) in watched.items() if fd >= 0}
+    its processes gone), kill what still holds it, then remove its cgroup and directory."""
+    pending = {entry.fd: sandbox_id for sandbox_id, entry in watched.items() if entry.fd >= 0}
     pipes = {}
     for fd in pending:
         with contextlib.suppress(OSError):
@@ -273,11 +306,13 @@ def watchdog_clean_up(watched: dict[str, tuple[str, int]], grace_s: float) -> No
     for fd in pending:
         if fd in pipes:
             kill_sandbox_processes(pipes[fd])
-    for directory, fd in watched.values():
-        remove_tree(directory)
-        if fd >= 0:
+    for entry in watched.values():
+        if entry.cgroup:
+            remove_cgroup(entry.cgroup)
+        remove_tree(entry.directory)
+        if entry.fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(entry.fd)
 
 
 def watchdog_main(control_fd: int, grace_s: float = WATCHDOG_GRACE_S) -> None:
@@ -285,7 +320,7 @@ def watchdog_main(control_fd: int, grace_s: float = WATCHDOG_GRACE_S) -> None:
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(signum, signal.SIG_IGN)
     control = socket.socket(fileno=control_fd)
-    watched: dict[str, tuple[str, int]] = {}
+    watched: dict[str, Watched] = {}
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(control, 1 << 16, 4)
@@ -297,11 +332,12 @@ def watchdog_main(control_fd: int, grace_s: float = WATCHDOG_GRACE_S) -> None:
             break
         message = json.loads(data)
         if "watch" in message:
-            watched[message["watch"]] = (message["directory"], fds.pop(0) if fds else -1)
+            fd = fds.pop(0) if fds else -1
+            watched[message["watch"]] = Watched(message["directory"], fd, message.get("cgroup"))
         elif "forget" in message:
-            _, fd = watched.pop(message["forget"], ("", -1))
-            if fd >= 0:
-                os.close(fd)
+            entry = watched.pop(message["forget"], None)
+            if entry is not None and entry.fd >= 0:
+                os.close(entry.fd)
         for extra in fds:
             os.close(extra)
     control.close()

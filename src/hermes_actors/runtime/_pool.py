@@ -164,6 +164,12 @@ class _Starts:
     gave_up: bool = False
 
 
+def _describe_limits(handle: object) -> str:
+    """The limits a sandbox's driver says it enforces (`enforced_limits`; local sandboxes)."""
+    describe = getattr(getattr(handle, "enforced_limits", None), "describe", None)
+    return str(describe()) if callable(describe) else ""
+
+
 def _rotate_after_s(config: SandboxConfig) -> float:
     """Age at which a sandbox stops taking slots: a margin before the provider's limit."""
     return config.max_lifetime - min(60.0, config.max_lifetime * 0.1)
@@ -837,6 +843,7 @@ class ProfilePool:
                 slots_held=len(m.held),
                 age_s=now - m.ready_at if m.state is not _State.STARTING else 0.0,
                 commands_run=m.actor.commands_run,
+                limits=_describe_limits(m.actor.handle),
             )
             for m in self._members.values()
         )
