@@ -13,9 +13,15 @@ Isolation (`SandboxConfig.isolation`):
   (``SLOT_UID_BASE + slot``) in a 0700 workspace, so slots cannot see each other; started by
   another user, bwrap runs unprivileged in a user namespace (slots then share that one uid).
   Killing bwrap tears down the pid namespace, so nothing started inside survives it.
-* ``none``: plain processes. Tree kill relies on the agent (sessions plus a /proc marker scan)
-  and, when the agent itself is killed, on the same marker scan done here.
+* ``none``: plain processes. Tree kill relies on the agent (a subreaper keeper per slot) and,
+  when the agent itself is killed, on the writers of the sandbox's liveness pipe and everything
+  below them (`_local_procs`), found from here.
 * ``auto``: ``bwrap`` when it works here, else ``none`` with a logged warning.
+
+Whatever ends the host, nothing is left: each sandbox directory records its owner
+(`OWNER_FILE`, for `reap`), the driver's watchdog process (`_Watchdog`) removes the sandboxes a
+dead host left, and where the host delegated a cgroup v2 subtree each sandbox runs in its own
+cgroup with the profile's limits (`_local_cgroups`; `EnforcedLimits` says what holds).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ logger = logging.getLogger("hermes_actors.drivers.local")
 
 #: How many processes one slot's uid may have at once (RLIMIT_NPROC; only with slot uids).
 PROCESSES_PER_SLOT = 1024
+MIB = 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -114,7 +121,6 @@ class EnforcedLimits:
         return ", ".join(parts)
 
 
-MIB = 1024 * 1024
 #: The environment variable (and value prefix) that marks every process of a sandbox.
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
 #: The environment variable naming the host process that started a sandbox's top process
@@ -882,7 +888,7 @@ class LocalDriver:
             argv = [_agent_python()[0], "-c", BOOTSTRAP]
             agent_config = {"workspace_root": workspace, "slot_uid_base": None}
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
-        memory_bytes = spec.memory * 1024 * 1024
+        memory_bytes = spec.memory * MIB
         agent_config["limits"] = {"memory_bytes": memory_bytes, "processes": PROCESSES_PER_SLOT}
         cgroup = self._make_cgroup(sandbox_id, spec)
         if cgroup is not None:
