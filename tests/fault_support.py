@@ -156,11 +156,14 @@ class Resources:
 
 _REAPER = textwrap.dedent(
     """
-    import ctypes, os, subprocess, sys, time
+    import ctypes, os, signal, subprocess, sys, time
     PR_SET_CHILD_SUBREAPER = 36
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
     out, err = open(sys.argv[1] + ".stdout", "wb"), open(sys.argv[1] + ".stderr", "wb")
+    # As from a terminal, whatever this suite was started from (a background job of a
+    # non-interactive shell ignores SIGINT, and its children would inherit that).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     host = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=out, stderr=err)
     print(host.pid, flush=True)
     print(host.wait(), flush=True)

@@ -453,6 +453,8 @@ def test_reap_stops_what_a_killed_local_run_left(tmp_path: Path) -> None:
     tag = f"hermes-reap-{os.getpid()}-{time.monotonic_ns()}"
     crashed = subprocess.Popen([sys.executable, "-c", CRASHER, tag], env=env)
     assert crashed.wait(timeout=60) == -signal.SIGKILL
+    # `setsid` may not have exec'd its sleep yet when the command returned.
+    _wait_for(lambda: processes_with(tag), "the escapee")
     [escapee] = processes_with(tag)
     # Carrying a sandbox's markers in its environment makes nothing a sandbox's process.
     forged = subprocess.Popen(
