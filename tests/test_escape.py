@@ -88,6 +88,21 @@ async def assert_ready(sandbox: ContractSandbox) -> None:
         assert await sandbox.client.read_file(slot, ".ready") == b""
 
 
+async def wait_ready(sandbox: ContractSandbox) -> None:
+    """Wait until every slot's command has started all its escapees (its ready file exists).
+
+    Counting tagged processes is not enough on its own: an intermediate shell whose command
+    line holds the tag counts too before it has started what it runs.
+    """
+    with trio.fail_after(30):
+        for slot in range(len(PATTERNS)):
+            while True:
+                entries = await sandbox.client.list_files(slot)
+                if any(entry["path"].endswith(".ready") for entry in entries):
+                    break
+                await trio.sleep(0.02)
+
+
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_env_u_unsets_every_variable_the_runtime_sets(isolation: str) -> None:
     """The env -u pattern unsets every variable a command starts with (bash's own aside)."""
@@ -131,6 +146,7 @@ async def test_cancel_leaves_no_escapee(isolation: str) -> None:
             for slot, name in enumerate(PATTERNS)
         ]
         await trio.to_thread.run_sync(wait_started, tag_of, True)
+        await wait_ready(sandbox)
         for request in requests:
             client.cancel(request)
         replies = [await client.wait(request) for request in requests]
