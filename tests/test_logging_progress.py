@@ -17,7 +17,7 @@ import trio
 from cli_support import Terminal, clean_environment
 from hermes_actors import Progress
 from hermes_actors._logging import LAYER_LOGGERS, configure_logging, warn_once_filter
-from hermes_actors._progress import show_warmup
+from hermes_actors._progress import _board, show_warmup
 from hermes_actors._status import PoolStatus, SandboxStatus
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "hermes_actors"
@@ -116,6 +116,27 @@ def test_progress_on_a_terminal_draws_live_and_leaves_one_line() -> None:
         progress.finish()
         progress.finish(ok=False)
     assert stream.getvalue().splitlines()[-1].startswith("batch: done 2/2  failed 1  in flight 0")
+
+
+def test_live_displays_at_once_are_rows_of_one_display() -> None:
+    """Two live displays at once share one display (never drawn over each other); the first to
+    end leaves its summary line, and the display stops with the last."""
+    stream = io.StringIO()
+    with Progress("outer", total=1, stream=stream, live=True) as outer:
+        shared = _board._rich
+        assert shared is not None
+        with Progress("inner", total=1, stream=stream, live=True) as inner:
+            assert _board._rich is shared
+            assert [task.description for task in shared.tasks] == ["outer", "inner"]
+            inner.start()
+            inner.finish()
+        assert [task.description for task in shared.tasks] == ["outer"]
+        outer.start()
+        outer.finish()
+    assert _board._rich is None
+    lines = stream.getvalue().splitlines()
+    assert any(line.startswith("inner: done 1/1  failed 0") for line in lines)
+    assert lines[-1].startswith("outer: done 1/1  failed 0")
 
 
 # -- pool start-up ---------------------------------------------------------------------------------

@@ -30,6 +30,75 @@ __all__ = ["ENV_PROGRESS", "Progress", "show_warmup"]
 logger = logging.getLogger("hermes_actors.backend")
 
 
+class _Board:
+    """The one live display of this process: every live `Progress` and warm-up is a row of it.
+
+    Two rich displays at once would draw over each other's lines (a trainer's batch progress
+    while its backend warms, say), so rows share one display, started by the first row on the
+    first row's stream and stopped when the last row leaves. While it shows, the program's
+    prints to `sys.stdout` / `sys.stderr` go above the rows when that stream is a terminal too
+    (else rows would be drawn over them); a stream that is not a terminal is never touched, so
+    output meant for a file or a pipe goes there. Thread-safe (rows come from the program's
+    thread and the portal's).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rich: RichProgress | None = None
+        self._rows = 0
+
+    def add(self, stream: TextIO, description: str, total: int | None, counts: str) -> TaskID:
+        with self._lock:
+            if self._rich is None:
+                self._rich = RichProgress(
+                    SpinnerColumn(),
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.fields[counts]}"),
+                    TimeElapsedColumn(),
+                    console=Console(file=stream, stderr=stream is sys.stderr),
+                    transient=True,
+                    redirect_stdout=_is_terminal(sys.stdout),
+                    redirect_stderr=_is_terminal(sys.stderr),
+                )
+                self._rich.start()
+            self._rows += 1
+            return self._rich.add_task(description, total=total, counts=counts)
+
+    def update(self, row: TaskID, **changes: Any) -> None:
+        with self._lock:
+            if self._rich is not None and row in self._rich.task_ids:  # not removed meanwhile
+                self._rich.update(row, **changes)
+
+    def remove(self, row: TaskID, stream: TextIO, last_line: str | None) -> None:
+        """Take a row away; `last_line` stays as its record (printed above the rows left)."""
+        with self._lock:
+            rich = self._rich
+            if rich is None:
+                return
+            rich.remove_task(row)
+            self._rows -= 1
+            if self._rows == 0:
+                rich.stop()
+                self._rich = None
+            elif last_line is not None:
+                rich.console.print(last_line, markup=False, highlight=False, soft_wrap=True)
+                return
+        if last_line is not None:
+            stream.write(last_line + "\n")
+            stream.flush()
+
+
+_board = _Board()
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 class Progress:
     """Counters of a batch of work shown live while it runs.
 
@@ -65,8 +134,7 @@ class Progress:
         self._summary = summary
         self._last_line = float("-inf")
         self._lines = 0
-        self._rich: RichProgress | None = None
-        self._task: TaskID | None = None
+        self._row: TaskID | None = None
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -126,28 +194,25 @@ class Progress:
     def close_live(self) -> None:
         """End the live display now (it vanishes; no summary line): what follows is shown by
         other means, such as a command's streamed output. Plain lines go on as before."""
-        if self._rich is not None:
-            self._rich.stop()
-            self._rich = None
-            self._task = None
+        if self._row is not None:
+            _board.remove(self._row, self._stream, None)
+            self._row = None
             self._summary = False
 
     # -- display -------------------------------------------------------------------------------
 
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "rate": f"{self.rate:.1f}/s",
-        }
+    def _counts(self) -> str:
+        total = f"/{self.total}" if self.total is not None else ""
+        return (
+            f"done {self.done}{total}  failed {self.failed}  in flight {self.in_flight}  "
+            f"{self.rate:.1f}/s"
+        )
 
     def _show(self, *, final: bool = False) -> None:
-        if self._rich is not None and self._task is not None:
-            self._rich.update(
-                self._task,
-                completed=self.done,
-                description=self.description,
-                **self._fields(),
+        row = self._row
+        if row is not None:
+            _board.update(
+                row, completed=self.done, description=self.description, counts=self._counts()
             )
             return
         if self._live:
@@ -169,23 +234,7 @@ class Progress:
     def __enter__(self) -> Progress:
         self._started = time.monotonic()
         if self._live:
-            console = Console(file=self._stream, stderr=self._stream is sys.stderr)
-            self._rich = RichProgress(
-                SpinnerColumn(),
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn(
-                    "done {task.completed}/{task.total}" if self.total else "done {task.completed}"
-                ),
-                TextColumn("failed {task.fields[failed]}"),
-                TextColumn("in flight {task.fields[in_flight]}"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            )
-            self._rich.start()
-            self._task = self._rich.add_task(self.description, total=self.total, **self._fields())
+            self._row = _board.add(self._stream, self.description, self.total, self._counts())
         return self
 
     def __exit__(
@@ -194,22 +243,23 @@ class Progress:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-            self._rich = None
-            self._task = None
-            if self._summary:
-                # The live display vanishes; one line stays as the record of what happened.
-                self._stream.write(self.line() + "\n")
-                self._stream.flush()
+        if self._row is not None:
+            # The live row vanishes; one line stays as the record of what happened.
+            _board.remove(self._row, self._stream, self.line() if self._summary else None)
+            self._row = None
             return
-        self._show(final=True)
+        if not self._live:
+            self._show(final=True)
 
 
 # -- pool start-up -------------------------------------------------------------------------------
 
 #: Set to 0 to keep `ToolBackend` from drawing its warm-up display on a terminal.
 ENV_PROGRESS = "HERMES_ACTORS_PROGRESS"
+
+
+def _warm_counts(ready: int, target: int, starting: int, failed: int) -> str:
+    return f"ready {ready}/{target}  starting {starting}  failed {failed}"
 
 
 def _ready(pool: PoolStatus) -> int:
@@ -243,26 +293,12 @@ async def show_warmup(
     for profile, count in targets.items():
         logger.info("profile %s: warming %d sandbox(es)", profile, count)
     started = trio.current_time()
-    display: RichProgress | None = None
     rows: dict[str, TaskID] = {}
     if live:
-        display = RichProgress(
-            SpinnerColumn(),
-            TextColumn("[bold]warming {task.description}"),
-            BarColumn(),
-            TextColumn("ready {task.completed}/{task.total}"),
-            TextColumn("starting {task.fields[starting]}"),
-            TextColumn("failed {task.fields[failed]}"),
-            TimeElapsedColumn(),
-            console=Console(file=out),
-            transient=True,
-            # The program's own prints go where they go: never through this display.
-            redirect_stdout=False,
-            redirect_stderr=False,
-        )
         for profile, count in targets.items():
-            rows[profile] = display.add_task(profile, total=count, starting=0, failed=0)
-        display.start()
+            rows[profile] = _board.add(
+                out, f"warming {profile}", count, _warm_counts(0, count, 0, 0)
+            )
     warm: set[str] = set()
     try:
         while len(warm) < len(targets):
@@ -273,12 +309,12 @@ async def show_warmup(
                 if pool.profile not in targets:
                     continue
                 ready = _ready(pool)
-                if display is not None:
-                    display.update(
+                target = targets[pool.profile]
+                if rows:
+                    _board.update(
                         rows[pool.profile],
-                        completed=min(ready, targets[pool.profile]),
-                        starting=pool.starting,
-                        failed=pool.infra_failures,
+                        completed=min(ready, target),
+                        counts=_warm_counts(ready, target, pool.starting, pool.infra_failures),
                     )
                 if ready >= targets[pool.profile] and pool.profile not in warm:
                     warm.add(pool.profile)
@@ -291,5 +327,5 @@ async def show_warmup(
             if len(warm) < len(targets):
                 await trio.sleep(interval_s)
     finally:
-        if display is not None:
-            display.stop()
+        for row in rows.values():
+            _board.remove(row, out, None)
