@@ -100,10 +100,17 @@ def test_checkpoints_are_unreachable_from_slots_and_dropped_completely(
 
 
 def test_tree_ops_refuse_bad_arguments(agent: AgentProcess) -> None:
-    """Bad checkpoint names, duplicate or self targets and unknown streams are refused."""
+    """Bad names, targets, shell states, data and sizes, and unknown streams are refused."""
     assert agent.error("checkpoint", slot=0, checkpoint="../x")["code"] == "bad_request"
     assert agent.error("fork", slot=0, targets=[0])["code"] == "bad_request"
     assert agent.error("fork", slot=0, targets=[1, 1])["code"] == "bad_request"
+    assert agent.error("fork", slot=-1, targets=[1])["code"] == "bad_request"
+    assert agent.error("restore", slot=0, checkpoint="ck", shell="x")["code"] == "bad_request"
+    assert agent.error("tar_out", slot=0, checkpoint="")["code"] == "bad_request"
+    assert agent.error("tar_in", slot=0, data="text")["code"] == "bad_request"
+    assert agent.error("tar_in", slot=0, last=1)["code"] == "bad_request"
+    assert agent.error("stream_read", stream=1, max_bytes=0)["code"] == "bad_request"
+    assert agent.error("stream_write", stream="1", data=b"")["code"] == "bad_request"
     assert agent.error("stream_read", stream=99)["code"] == "not_found"
     agent.call("checkpoint", slot=0, checkpoint="twice")
     assert agent.error("checkpoint", slot=0, checkpoint="twice")["code"] == "exists"
@@ -230,10 +237,10 @@ def test_forks_get_the_shell_state_moved_to_their_own_slot(
     assert shell(agent, 1, STATE + '; echo "$WHERE"') == (
         f"{slot_1}/a/b\nbar\n{slot_1}\n{slot_1}/a/b\n"
     )
-    # Through the host (another sandbox): the state read from one slot, set on another.
-    state = agent.call("get_shell_state", slot=0)["shell"]
-    agent.call("fork", slot=0, targets=[2])  # the files; then the state as a transfer sets it
-    agent.call("set_shell_state", slot=2, shell=state)
+    # Through the host (another sandbox): tar_out gives the tree and the state, tar_in takes both.
+    opened = agent.call("tar_out", slot=0, path=".")
+    tree = read_stream(agent, opened["stream"])
+    agent.call("tar_in", slot=2, path=".", data=tree, last=True, shell=opened["shell"])
     slot_2 = open_root / "slots" / "slot-2"
     assert shell(agent, 2, STATE) == f"{slot_2}/a/b\nbar\n{slot_2}\n"
     assert shell(agent, 0, "pwd") == f"{open_root / 'slots' / 'slot-0'}/a/b\n"  # unchanged

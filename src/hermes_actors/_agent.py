@@ -2125,21 +2125,7 @@ class Agent:
 
 CHECKPOINTS_DIR = ".hermes-checkpoints"
 STAGING_PREFIX = ".hermes-stage-"
-#: Ops of this section; the first three occupy their slot until done, like a command.
-TREE_OPS = (
-    "checkpoint",
-    "restore",
-    "fork",
-    "drop_checkpoint",
-    "tar_out",
-    "tar_in",
-    "stream_read",
-    "stream_write",
-    "stream_close",
-    "get_shell_state",
-    "set_shell_state",
-    "fork_in",
-)
+#: Tree ops that occupy their slot until done, like a command (all: `TREE_OPS`).
 SLOT_TREE_OPS = ("checkpoint", "restore", "fork", "fork_in")
 #: Where the provider mounts a snapshot of another sandbox's slot for `fork_in`.
 MOUNTS_DIR = ".hermes-mounts"
@@ -2149,8 +2135,23 @@ _MAX_CHECKPOINT_ID = 64
 _HELPER_ERRORS_BYTES = 8192
 
 
+def _slot_arg(args: Dict[str, Any]) -> int:
+    slot = args.get("slot")
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_SLOT:
+        raise OpError("bad_request", "'slot' must be an int in [0, %d]" % MAX_SLOT)
+    return slot
+
+
 def _checkpoint_id(args: Dict[str, Any]) -> str:
+    return _checked_checkpoint_id(args.get("checkpoint"))
+
+
+def _optional_checkpoint_id(args: Dict[str, Any]) -> Optional[str]:
     name = args.get("checkpoint")
+    return None if name is None else _checked_checkpoint_id(name)
+
+
+def _checked_checkpoint_id(name: Any) -> str:
     if (
         not isinstance(name, str)
         or not 0 < len(name) <= _MAX_CHECKPOINT_ID
@@ -2166,6 +2167,102 @@ def _stream_id(args: Dict[str, Any]) -> int:
     if not isinstance(stream, int) or isinstance(stream, bool):
         raise OpError("bad_request", "'stream' must be the id a tar_out/tar_in reply gave")
     return stream
+
+
+def _shell_state_arg(args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    shell = args.get("shell")
+    if shell is not None and not isinstance(shell, dict):
+        raise OpError(
+            "bad_request", "'shell' must be a state a checkpoint or tar_out gave, or null"
+        )
+    return shell
+
+
+def _targets_arg(args: Dict[str, Any]) -> List[int]:
+    targets = args.get("targets")
+    if (
+        not isinstance(targets, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)
+        or not all(0 <= t <= MAX_SLOT for t in targets)
+        or len(set(targets)) != len(targets)
+        or args.get("slot") in targets
+    ):
+        raise OpError("bad_request", "'targets' must be distinct slots other than 'slot'")
+    return targets
+
+
+def _data_arg(args: Dict[str, Any]) -> bytes:
+    data = args.get("data", b"")
+    if not isinstance(data, bytes):
+        raise OpError("bad_request", "'data' must be bytes")
+    return data
+
+
+def _last_arg(args: Dict[str, Any]) -> bool:
+    last = args.get("last", False)
+    if not isinstance(last, bool):
+        raise OpError("bad_request", "'last' must be a bool")
+    return last
+
+
+def _max_bytes_arg(args: Dict[str, Any]) -> int:
+    max_bytes = args.get("max_bytes", 1 << 20)
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+        raise OpError("bad_request", "'max_bytes' must be an int > 0")
+    return max_bytes
+
+
+def _mount_arg(args: Dict[str, Any]) -> str:
+    name = args.get("mount")
+    if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
+        raise OpError("bad_request", "'mount' must be an ASCII name of letters, digits, '_'")
+    return name
+
+
+def _path_arg(args: Dict[str, Any]) -> Any:
+    return args.get("path", ".")  # checked where it is resolved (`Agent.resolve`)
+
+
+_ArgReaders = Tuple[Tuple[str, Callable[[Dict[str, Any]], Any]], ...]
+#: The arguments of each tree op, as the host's values (`hermes_actors._values`) send them,
+#: each with its one check; a handler gets them checked, defaults filled in, nothing else.
+TREE_OP_ARGS: Dict[str, _ArgReaders] = {
+    "checkpoint": (("slot", _slot_arg), ("checkpoint", _checkpoint_id)),
+    "restore": (("slot", _slot_arg), ("checkpoint", _checkpoint_id), ("shell", _shell_state_arg)),
+    "fork": (("slot", _slot_arg), ("targets", _targets_arg)),
+    "drop_checkpoint": (("checkpoint", _checkpoint_id),),
+    "tar_out": (("slot", _slot_arg), ("path", _path_arg), ("checkpoint", _optional_checkpoint_id)),
+    "tar_in": (
+        ("slot", _slot_arg),
+        ("path", _path_arg),
+        ("data", _data_arg),
+        ("last", _last_arg),
+        ("shell", _shell_state_arg),
+    ),
+    "stream_read": (("stream", _stream_id), ("max_bytes", _max_bytes_arg)),
+    "stream_write": (("stream", _stream_id), ("data", _data_arg), ("last", _last_arg)),
+    "stream_close": (("stream", _stream_id),),
+    "get_shell_state": (("slot", _slot_arg),),
+    "fork_in": (
+        ("slot", _slot_arg),
+        ("mount", _mount_arg),
+        ("targets", _targets_arg),
+        ("shell", _shell_state_arg),
+    ),
+}
+#: The ops of this section.
+TREE_OPS = tuple(TREE_OP_ARGS)
+
+
+def _with_checked_args(
+    op: str, handler: Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]
+) -> Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]:
+    readers = TREE_OP_ARGS[op]
+
+    def run(request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        return handler(request_id, {name: read(args) for name, read in readers})
+
+    return run
 
 
 def _tree_size(path: str) -> Tuple[int, int]:
@@ -2241,20 +2338,8 @@ class TreeOps:
         self._gnu_cp: Optional[bool] = None
 
     def handlers(self) -> Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]]:
-        return {
-            "checkpoint": self.op_checkpoint,
-            "restore": self.op_restore,
-            "fork": self.op_fork,
-            "drop_checkpoint": self.op_drop_checkpoint,
-            "tar_out": self.op_tar_out,
-            "tar_in": self.op_tar_in,
-            "stream_read": self.op_stream_read,
-            "stream_write": self.op_stream_write,
-            "stream_close": self.op_stream_close,
-            "get_shell_state": self.op_get_shell_state,
-            "set_shell_state": self.op_set_shell_state,
-            "fork_in": self.op_fork_in,
-        }
+        """Each tree op's handler (``op_<name>``), given its arguments checked (`TREE_OP_ARGS`)."""
+        return {op: _with_checked_args(op, getattr(self, "op_" + op)) for op in TREE_OPS}
 
     # -- helper processes ---------------------------------------------------------------------
 
@@ -2452,8 +2537,7 @@ class TreeOps:
         return os.path.join(self.agent.workspace_root, CHECKPOINTS_DIR, name)
 
     def op_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        slot = _slot_arg(args)
-        name = _checkpoint_id(args)
+        slot, name = args["slot"], args["checkpoint"]
         agent = self.agent
         source = agent.workspace(slot)
         uid = agent.slot_uid(slot)
@@ -2492,14 +2576,10 @@ class TreeOps:
         return None
 
     def op_restore(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        slot = _slot_arg(args)
-        name = _checkpoint_id(args)
+        slot, name, shell = args["slot"], args["checkpoint"], args["shell"]
         tree = os.path.join(self.checkpoint_path(name), "w", "tree")
         if not os.path.isdir(tree):
             raise OpError("not_found", "checkpoint %r does not exist in this sandbox" % name)
-        shell = args.get("shell")
-        if shell is not None and not isinstance(shell, dict):
-            raise OpError("bad_request", "'shell' must be a state a checkpoint gave, or null")
         agent = self.agent
         # Like a reset: nothing the slot started (its shell included) may write into the
         # restored tree.
@@ -2521,16 +2601,7 @@ class TreeOps:
         return None
 
     def op_fork(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        slot = _slot_arg(args)
-        targets = args.get("targets")
-        if (
-            not isinstance(targets, list)
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)
-            or not all(0 <= t <= MAX_SLOT for t in targets)
-            or len(set(targets)) != len(targets)
-            or slot in targets
-        ):
-            raise OpError("bad_request", "'targets' must be distinct slots other than 'slot'")
+        slot, targets = args["slot"], args["targets"]
         if not targets:
             return {}
         agent = self.agent
@@ -2557,26 +2628,15 @@ class TreeOps:
             self._finish(request_id, error=_os_error_pair("fork", exc))
         return None
 
+    def op_get_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+        """The slot's shell state (cwd and exported environment), for a fork across sandboxes."""
+        return {"shell": self.shell_state(args["slot"])}
+
     def op_fork_in(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The target side of a fork across sandboxes: copy the tree the provider mounted at
         ``MOUNTS_DIR/<mount>`` into 'slot' and each slot of 'targets', whose shells then start
         from 'shell' (the source slot's state)."""
-        slot = _slot_arg(args)
-        name = args.get("mount")
-        if not isinstance(name, str) or not name.isascii() or not name.isidentifier():
-            raise OpError("bad_request", "'mount' must be an ASCII name of letters, digits, '_'")
-        targets = args.get("targets", [])
-        if (
-            not isinstance(targets, list)
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets)
-            or not all(0 <= t <= MAX_SLOT for t in targets)
-            or len(set(targets)) != len(targets)
-            or slot in targets
-        ):
-            raise OpError("bad_request", "'targets' must be distinct slots other than 'slot'")
-        shell = args.get("shell")
-        if shell is not None and not isinstance(shell, dict):
-            raise OpError("bad_request", "'shell' must be a state get_shell_state gave, or null")
+        slot, name, targets, shell = args["slot"], args["mount"], args["targets"], args["shell"]
         source = os.path.join(self.agent.workspace_root, MOUNTS_DIR, name)
         if not os.path.isdir(source):
             raise OpError("not_found", "nothing is mounted at %s/%s" % (MOUNTS_DIR, name))
@@ -2602,7 +2662,7 @@ class TreeOps:
         return None
 
     def op_drop_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        name = _checkpoint_id(args)
+        name = args["checkpoint"]
         path = self.checkpoint_path(name)
         if not os.path.isdir(path):
             return {"dropped": False}
@@ -2661,39 +2721,26 @@ class TreeOps:
             placeholder.exported = _retarget_exports(exported, origin, workspace)
         shells.by_slot[slot] = placeholder
 
-    def op_get_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
-        return {"shell": self.shell_state(_slot_arg(args))}
-
-    def op_set_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
-        slot = _slot_arg(args)
-        state = args.get("shell")
-        if state is not None and not isinstance(state, dict):
-            raise OpError("bad_request", "'shell' must be a state get_shell_state gave, or null")
-        self.set_shell_state(slot, state)
-        return {}
-
     # -- tar streams ------------------------------------------------------------------------
 
     def op_tar_out(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         """Start ``tar c`` of a slot directory (or of a checkpoint); the host pulls it with
         `stream_read`. The reply carries the slot's shell state, for a fork through the host."""
         agent = self.agent
-        slot = _slot_arg(args)
+        slot, path, checkpoint = args["slot"], args["path"], args["checkpoint"]
         uid: Optional[int]
-        if args.get("checkpoint") is not None:
-            directory = os.path.join(self.checkpoint_path(_checkpoint_id(args)), "w", "tree")
+        if checkpoint is not None:
+            directory = os.path.join(self.checkpoint_path(checkpoint), "w", "tree")
             if not os.path.isdir(directory):
-                raise OpError("not_found", "checkpoint %r does not exist here" % args["checkpoint"])
+                raise OpError("not_found", "checkpoint %r does not exist here" % checkpoint)
             uid = None
         else:
             with agent.as_slot(slot):
-                directory, _ = agent.resolve(slot, args.get("path", "."), "tar_out")
+                directory, _ = agent.resolve(slot, path, "tar_out")
                 if not os.path.isdir(directory):
                     if os.path.exists(directory):
-                        raise OpError(
-                            "not_a_directory", "tar_out: %r is not a directory" % args.get("path")
-                        )
-                    raise OpError("not_found", "tar_out: %r does not exist" % args.get("path"))
+                        raise OpError("not_a_directory", "tar_out: %r is not a directory" % path)
+                    raise OpError("not_found", "tar_out: %r does not exist" % path)
             uid = agent.slot_uid(slot)
         read_fd, write_fd = os.pipe()
         try:
@@ -2722,9 +2769,7 @@ class TreeOps:
         the slot once tar succeeded). So a small tree costs one request.
         """
         agent = self.agent
-        slot = _slot_arg(args)
-        path = args.get("path", ".")
-        data, last, shell = self._write_args(args)
+        slot, path, data, last = args["slot"], args["path"], args["data"], args["last"]
         with agent.as_slot(slot):
             directory, _ = agent.resolve(slot, path, "tar_in")
             try:
@@ -2747,22 +2792,10 @@ class TreeOps:
             os.close(read_fd)
         os.set_blocking(write_fd, False)
         stream = self._add_stream(slot, helper, write_fd, out=False)
-        stream.shell = shell
+        stream.shell = args["shell"]
         stream.opened = True
         self._start_write(stream, request_id, data, last)
         return None
-
-    def _write_args(self, args: Dict[str, Any]) -> Tuple[bytes, bool, Optional[Dict[str, Any]]]:
-        data = args.get("data", b"")
-        if not isinstance(data, bytes):
-            raise OpError("bad_request", "'data' must be bytes")
-        last = args.get("last", False)
-        if not isinstance(last, bool):
-            raise OpError("bad_request", "'last' must be a bool")
-        shell = args.get("shell")
-        if shell is not None and not isinstance(shell, dict):
-            raise OpError("bad_request", "'shell' must be a shell state, or null")
-        return data, last, shell
 
     def _add_stream(self, slot: int, helper: _Helper, fd: int, out: bool) -> _Stream:
         stream = _Stream(self.next_stream, slot, helper, fd, out)
@@ -2771,10 +2804,10 @@ class TreeOps:
         helper.on_exit = lambda code, errors: self._stream_exited(stream, code, errors)
         return stream
 
-    def _get_stream(self, args: Dict[str, Any], out: Optional[bool]) -> _Stream:
-        stream = self.streams.get(_stream_id(args))
+    def _get_stream(self, stream_id: int, out: Optional[bool]) -> _Stream:
+        stream = self.streams.get(stream_id)
         if stream is None:
-            raise OpError("not_found", "no open stream %r" % args.get("stream"))
+            raise OpError("not_found", "no open stream %r" % stream_id)
         if out is not None and stream.out != out:
             raise OpError("bad_request", "stream %d does not go that way" % stream.stream_id)
         if stream.pending is not None or stream.closing is not None:
@@ -2783,11 +2816,8 @@ class TreeOps:
 
     def op_stream_read(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The next `max_bytes` of tar's output (fewer only at its end, with ``eof``)."""
-        stream = self._get_stream(args, out=True)
-        max_bytes = args.get("max_bytes", 1 << 20)
-        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
-            raise OpError("bad_request", "'max_bytes' must be an int > 0")
-        stream.max_bytes = min(max_bytes, MAX_STREAM_CHUNK)
+        stream = self._get_stream(args["stream"], out=True)
+        stream.max_bytes = min(args["max_bytes"], MAX_STREAM_CHUNK)
         stream.pending = request_id
         self._try_read(stream)
         if stream.pending is not None and not stream.eof:
@@ -2864,14 +2894,11 @@ class TreeOps:
 
     def op_stream_write(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """Feed tar x; with ``last``, the stream closes after this data (reply at tar's end)."""
-        stream = self._get_stream(args, out=False)
-        data, last, shell = self._write_args(args)
-        if shell is not None:
-            stream.shell = shell
+        stream = self._get_stream(args["stream"], out=False)
         if stream.helper.status is not None:
             errors = stream.helper.errors_text.strip()
             raise OpError("tar_failed", "tar stopped reading: %s" % (errors or "it exited"))
-        self._start_write(stream, request_id, data, last)
+        self._start_write(stream, request_id, args["data"], args["last"])
         return None
 
     def _start_write(self, stream: _Stream, request_id: int, data: bytes, last: bool) -> None:
@@ -2919,7 +2946,7 @@ class TreeOps:
             self._reply_end(stream)
 
     def op_stream_close(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        stream = self.streams.get(_stream_id(args))
+        stream = self.streams.get(args["stream"])
         if stream is None:
             return {"closed": False}
         for waiting in (stream.pending, stream.closing):
@@ -3917,13 +3944,6 @@ def _exec_result(
 
 def _error_reply(request_id: int, code: str, message: str) -> Dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
-
-
-def _slot_arg(args: Dict[str, Any]) -> int:
-    slot = args.get("slot")
-    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_SLOT:
-        raise OpError("bad_request", "'slot' must be an int in [0, %d]" % MAX_SLOT)
-    return slot
 
 
 def _check_env(env: Any, what: str) -> None:

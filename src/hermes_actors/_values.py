@@ -1,36 +1,55 @@
 """The values that travel unchanged from the facades to the wire: operations and their results.
 
 An *operation* is one thing a slot's agent does: run a `Command`, `ReadFile`, `WriteFile`,
-`ListFiles`, `ResetSlot`. Each is a frozen value that knows its agent op name (`op`), its wire
+`ListFiles`, `ResetSlot`, `EndShell`, or work on a whole tree (`TreeOperation`: checkpoints,
+forks, tar streams). Each is a frozen value that knows its agent op name (`op`), its wire
 arguments (`to_wire(slot)`, the field names are the protocol's), and how to read the agent's
 answer back (`result_from_wire`). The facades build them, the runtime carries them to the sandbox
 actor, the client writes them as one frame. A new per-command option is one field on `Command`
 (its name is its wire name; `None` means "the agent's default", and is not sent).
 
 Results are frozen values too (`CommandResult`, `FileContent`, `FileWritten`, `Listing`,
-`SlotReset`): what came back, nothing added.
+`SlotReset`, `CheckpointTaken`, `TarOpened`, `TarChunk`), or a plain `bool`/`None` where the
+answer is a yes/no or an acknowledgement: what came back, nothing added. A new operation is one
+value class here plus its handler in the agent.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import attrs
 
 __all__ = [
+    "CheckpointTaken",
     "Command",
     "CommandResult",
+    "DropCheckpoint",
+    "EndShell",
     "FileContent",
     "FileWritten",
+    "ForkIn",
+    "ForkSlot",
+    "GetShellState",
     "ListFiles",
     "Listing",
     "Operation",
     "ReadFile",
     "ResetSlot",
-    "SlotOp",
+    "RestoreCheckpoint",
+    "ShellState",
     "SlotReset",
+    "StreamClose",
+    "StreamRead",
+    "StreamWrite",
+    "TakeCheckpoint",
+    "TarChunk",
+    "TarIn",
+    "TarOpened",
+    "TarOut",
+    "TreeOperation",
     "WriteFile",
 ]
 
@@ -244,22 +263,269 @@ class SlotReset:
     killed: int
 
 
-@attrs.frozen(kw_only=True)
-class SlotOp:
-    """An agent operation of a slot that has no value of its own here (checkpoints, tar
-    streams: `runtime._trees` speaks them); `args` are its wire arguments, the answer is the
-    agent's mapping as it came."""
+# -- workspace trees: checkpoints, forks, tar streams (`runtime._trees` decides where) ------------
 
-    op: str
-    args: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+#: A persistent shell's state as its agent reports it (working directory and exported
+#: environment): opaque to the host, which hands it back to an agent as it came.
+ShellState = Mapping[str, Any]
+
+
+def _slot_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class TakeCheckpoint:
+    """Copy the slot's workspace into a new checkpoint `checkpoint`, stored in the sandbox."""
+
+    op: ClassVar[str] = "checkpoint"
+
+    checkpoint: str
 
     def to_wire(self, slot: int) -> dict[str, Any]:
-        return {**self.args, "slot": slot}
+        return _wire_fields(self, slot)
 
     @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(answer)
+    def result_from_wire(answer: Mapping[str, Any]) -> CheckpointTaken:
+        return CheckpointTaken(
+            size_bytes=int(answer["bytes"]),
+            entries=int(answer["entries"]),
+            shell=answer.get("shell"),
+        )
 
+
+@attrs.frozen(kw_only=True)
+class CheckpointTaken:
+    """A checkpoint stored: its files' bytes and entries, and the slot's shell state then."""
+
+    size_bytes: int
+    entries: int
+    shell: ShellState | None = attrs.field(repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class RestoreCheckpoint:
+    """Make the slot's workspace checkpoint `checkpoint`'s (the slot's processes are killed);
+    its shell starts from `shell`."""
+
+    op: ClassVar[str] = "restore"
+
+    checkpoint: str
+    shell: ShellState | None = attrs.field(default=None, repr=False)
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class DropCheckpoint:
+    """Free a checkpoint's storage (any slot may ask). The result: whether it existed."""
+
+    op: ClassVar[str] = "drop_checkpoint"
+
+    checkpoint: str
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> bool:
+        return bool(answer.get("dropped", False))
+
+
+@attrs.frozen(kw_only=True)
+class ForkSlot:
+    """Copy the slot's workspace and shell state into each of `targets`, slots of the same
+    sandbox (a copy inside the sandbox)."""
+
+    op: ClassVar[str] = "fork"
+
+    targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class GetShellState:
+    """The slot's shell state (cwd and exported environment), or None without a shell."""
+
+    op: ClassVar[str] = "get_shell_state"
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> ShellState | None:
+        shell: ShellState | None = answer.get("shell")
+        return shell
+
+
+@attrs.frozen(kw_only=True)
+class ForkIn:
+    """Copy the tree the provider mounted at the agent's mounts directory under `mount` into
+    the slot and each of `targets` (slots of the same sandbox), whose shells then start from
+    `shell`: the target side of a fork across sandboxes."""
+
+    op: ClassVar[str] = "fork_in"
+
+    mount: str
+    targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
+    shell: ShellState | None = attrs.field(default=None, repr=False)
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class TarOut:
+    """Start `tar c` of the slot's directory `path`, or of checkpoint `checkpoint` when given;
+    the host pulls it with `StreamRead`."""
+
+    op: ClassVar[str] = "tar_out"
+
+    path: str = "."
+    checkpoint: str | None = None
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> TarOpened:
+        return TarOpened(stream=int(answer["stream"]), shell=answer.get("shell"))
+
+
+@attrs.frozen(kw_only=True)
+class TarOpened:
+    """A `tar c` stream opened: its id, and the slot's shell state (for a fork via the host)."""
+
+    stream: int
+    shell: ShellState | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class TarIn:
+    """Start `tar x` into the slot's directory `path` (created) with its first bytes `data`;
+    `last` says no more data follows (the answer then comes when tar is done), and `shell` is
+    given to the slot once tar succeeded. The result: the stream's id to feed with
+    `StreamWrite`, or None after `last`."""
+
+    op: ClassVar[str] = "tar_in"
+
+    path: str = "."
+    data: bytes = attrs.field(default=b"", repr=False)
+    last: bool = False
+    shell: ShellState | None = attrs.field(default=None, repr=False)
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> int | None:
+        stream = answer.get("stream")
+        return None if stream is None else int(stream)
+
+
+@attrs.frozen(kw_only=True)
+class StreamRead:
+    """The next `max_bytes` of a `tar c` stream (fewer only at its end)."""
+
+    op: ClassVar[str] = "stream_read"
+
+    stream: int
+    max_bytes: int
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> TarChunk:
+        return TarChunk(data=answer.get("data", b""), eof=bool(answer.get("eof", False)))
+
+
+@attrs.frozen(kw_only=True)
+class TarChunk:
+    """Bytes of a tar stream; `eof` once tar finished (successfully: a failure is an error)."""
+
+    data: bytes = attrs.field(repr=False)
+    eof: bool
+
+
+@attrs.frozen(kw_only=True)
+class StreamWrite:
+    """Feed `data` to a `tar x` stream; with `last`, the answer comes when tar is done."""
+
+    op: ClassVar[str] = "stream_write"
+
+    stream: int
+    data: bytes = attrs.field(repr=False)
+    last: bool = False
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class StreamClose:
+    """Close a tar stream the host gives up on (a `tar c` is stopped)."""
+
+    op: ClassVar[str] = "stream_close"
+
+    stream: int
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return _wire_fields(self, slot)
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
+@attrs.frozen(kw_only=True)
+class EndShell:
+    """End the slot's persistent shell (files and processes stay); the next call starts a
+    clean one. The result: whether there was one."""
+
+    op: ClassVar[str] = "end_shell"
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        return {"slot": slot}
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> bool:
+        return bool(answer.get("ended", False))
+
+
+#: What a slot's agent does to whole workspace trees.
+TreeOperation = (
+    TakeCheckpoint
+    | RestoreCheckpoint
+    | DropCheckpoint
+    | ForkSlot
+    | GetShellState
+    | ForkIn
+    | TarOut
+    | TarIn
+    | StreamRead
+    | StreamWrite
+    | StreamClose
+)
 
 #: Everything a slot's agent can be asked to do.
-Operation = Command | ReadFile | WriteFile | ListFiles | ResetSlot | SlotOp
+Operation = Command | ReadFile | WriteFile | ListFiles | ResetSlot | EndShell | TreeOperation

@@ -53,7 +53,14 @@ from hermes_actors._output import OutputChunk, OutputSink
 from hermes_actors._progress import show_warmup
 from hermes_actors._status import BackendStatus
 from hermes_actors._trio import collapse_exception_groups
-from hermes_actors._values import Command, CommandResult
+from hermes_actors._values import (
+    Command,
+    CommandResult,
+    FileContent,
+    ListFiles,
+    Listing,
+    ReadFile,
+)
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.facades._signals import serve_signals
 from hermes_actors.facades._tools import (
@@ -635,19 +642,18 @@ class BackendCore:
                 raise ValueError(f"encoding must be 'text' or 'base64', got {encoding!r}")
             _check_bound("max_bytes", max_bytes, minimum=0)
             runtime = self._held_runtime(slot)
-            args: dict[str, Any] = {"path": path}
-            if max_bytes is not None:
-                args["max_bytes"] = max_bytes
-            answer = await slot.lease.sandbox.file_op(slot.lease.index, "read_file", args)
-            data: bytes = answer["data"]
-            if answer["truncated"] and max_bytes is None:
+            content: FileContent = await runtime.call(
+                slot.lease, ReadFile(path=path, max_bytes=max_bytes)
+            )
+            data = content.data
+            if content.truncated and max_bytes is None:
                 # The caller asked for the whole file: a cut one is not an answer.
-                payload.update(truncated=True, bytes=len(data), file_size=int(answer["size"]))
+                payload.update(truncated=True, bytes=len(data), file_size=content.size)
                 raise ArtifactTooLarge(path, len(data), what="file")
             if include_sha256:
                 payload["sha256"] = (
                     await self._sha256(runtime, slot, path)
-                    if answer["truncated"]
+                    if content.truncated
                     else hashlib.sha256(data).hexdigest()
                 )
             payload.update(
@@ -657,9 +663,9 @@ class BackendCore:
                     if encoding == "text"
                     else base64.b64encode(data).decode("ascii")
                 ),
-                truncated=bool(answer["truncated"]),
+                truncated=content.truncated,
                 bytes=len(data),
-                file_size=int(answer["size"]),
+                file_size=content.size,
             )
             return payload
 
@@ -692,14 +698,13 @@ class BackendCore:
             if not isinstance(recursive, bool):
                 raise ValueError(f"recursive must be a bool, got {recursive!r}")
             _check_bound("max_entries", max_entries, minimum=0)
-            self._held_runtime(slot)
-            args: dict[str, Any] = {"path": path, "recursive": recursive}
-            if max_entries is not None:
-                args["max_entries"] = max_entries
-            answer = await slot.lease.sandbox.file_op(slot.lease.index, "list_files", args)
+            runtime = self._held_runtime(slot)
+            found: Listing = await runtime.call(
+                slot.lease, ListFiles(path=path, recursive=recursive, max_entries=max_entries)
+            )
             payload.update(
                 success=True,
-                truncated=bool(answer["truncated"]),
+                truncated=found.truncated,
                 entries=[
                     {
                         "path": entry["path"],
@@ -707,7 +712,7 @@ class BackendCore:
                         "size": int(entry["size"]),
                         "mtime": float(entry.get("mtime", 0.0)),
                     }
-                    for entry in answer["entries"]
+                    for entry in found.entries
                 ],
             )
             return payload

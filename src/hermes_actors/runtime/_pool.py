@@ -63,7 +63,7 @@ from hermes_actors._errors import (
 )
 from hermes_actors._status import PoolStatus, SandboxStatus
 from hermes_actors._trio import Reply, call, clone_exception, close_mailbox
-from hermes_actors._values import Command, CommandResult
+from hermes_actors._values import Command, CommandResult, EndShell
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.runtime._trees import CheckpointLedger
@@ -555,7 +555,7 @@ class ProfilePool:
             else:
                 # Files and processes stay for the next holder; the slot's persistent shell
                 # (its cwd, variables, functions) does not: the next lease starts a clean one.
-                await member.actor.file_op(index, "end_shell", {})
+                await member.actor.call(index, EndShell())
         except (HermesError, RuntimeStopped) as exc:
             # The sandbox is dying; its exit report drops it. The caller's release still holds.
             logger.warning("reset of %s slot %d failed: %s", member.actor.sandbox_id, index, exc)

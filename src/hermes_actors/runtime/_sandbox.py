@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -37,7 +37,7 @@ from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import AgentError, SandboxLost
 from hermes_actors._output import OutputSink
 from hermes_actors._trio import Reply, bounded_cleanup, close_mailbox, collapse_exception_groups
-from hermes_actors._values import Command, CommandResult, Operation, ResetSlot, SlotOp
+from hermes_actors._values import Command, CommandResult, Operation, ResetSlot
 from hermes_actors.drivers._base import SandboxDriver, SandboxHandle
 
 logger = logging.getLogger("hermes_actors.sandbox")
@@ -139,11 +139,6 @@ class SandboxActor:
         """Run `command` in `slot` (see `call`)."""
         result: CommandResult = await self.call(slot, command)
         return result
-
-    async def file_op(self, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """An agent operation `_values` does not model (checkpoints, tar streams): its answer."""
-        answer: dict[str, Any] = await self.call(slot, SlotOp(op=op, args=args))
-        return answer
 
     async def reset_slot(self, slot: int) -> int:
         """Kill the slot's processes and wipe its workspace; returns how many were killed."""

@@ -21,13 +21,14 @@ import logging
 import posixpath
 import secrets
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from hermes_actors._agent import MOUNTS_DIR
 from hermes_actors._errors import HermesError
 from hermes_actors._trio import collapse_exception_groups
+from hermes_actors._values import ForkIn, GetShellState, ShellState
 from hermes_actors.drivers._base import DirectorySnapshots
 from hermes_actors.runtime._sandbox import SandboxActor
 
@@ -60,8 +61,7 @@ async def fork_by_snapshot(source: _Slot, targets: Sequence[_Slot]) -> bool:
     source_snapshots = _snapshots(source.sandbox)
     if source_snapshots is None or any(_snapshots(t.sandbox) is None for t in targets):
         return False
-    answer = await source.sandbox.file_op(source.index, "get_shell_state", {})
-    shell = answer.get("shell")
+    shell = await source.sandbox.call(source.index, GetShellState())
     directory = posixpath.basename(source.sandbox.workspace_dir(source.index))
     snapshot = await source_snapshots.snapshot_directory(directory)
     by_sandbox: dict[SandboxActor, list[int]] = {}
@@ -75,7 +75,7 @@ async def fork_by_snapshot(source: _Slot, targets: Sequence[_Slot]) -> bool:
 
 
 async def _fork_into(
-    sandbox: SandboxActor, slots: list[int], snapshot: object, shell: dict[str, Any] | None
+    sandbox: SandboxActor, slots: list[int], snapshot: object, shell: ShellState | None
 ) -> None:
     snapshots = _snapshots(sandbox)
     assert snapshots is not None  # checked by fork_by_snapshot
@@ -91,8 +91,7 @@ async def _fork_into(
             mounted = None  # cancelled: the provider may have mounted it all the same
             raise
         mounted = True
-        args = {"mount": name, "targets": slots[1:], "shell": shell}
-        await sandbox.file_op(slots[0], "fork_in", args)
+        await sandbox.call(slots[0], ForkIn(mount=name, targets=slots[1:], shell=shell))
     finally:
         if mounted is not False:
             with trio.move_on_after(UNMOUNT_LIMIT_S, shield=True):

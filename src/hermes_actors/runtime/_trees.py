@@ -26,7 +26,7 @@ import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -41,6 +41,21 @@ from hermes_actors._errors import (
     TransferFailed,
 )
 from hermes_actors._trio import collapse_exception_groups
+from hermes_actors._values import (
+    CheckpointTaken,
+    DropCheckpoint,
+    ForkSlot,
+    RestoreCheckpoint,
+    ShellState,
+    StreamClose,
+    StreamRead,
+    StreamWrite,
+    TakeCheckpoint,
+    TarChunk,
+    TarIn,
+    TarOpened,
+    TarOut,
+)
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.runtime._tree_snapshots import fork_by_snapshot
 
@@ -86,7 +101,7 @@ class Checkpoint:
     sandbox_id: str
     size_bytes: int
     entries: int
-    shell: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    shell: ShellState | None = attrs.field(default=None, repr=False)
     sandbox: SandboxActor = attrs.field(repr=False, eq=False)
 
 
@@ -154,10 +169,6 @@ class CheckpointLedger:
         return CheckpointStats(count=len(self._held), size_bytes=self.size_bytes())
 
 
-async def _op(sandbox: SandboxActor, slot: int, op: str, args: Mapping[str, Any]) -> dict[str, Any]:
-    return await sandbox.file_op(slot, op, args)
-
-
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -172,14 +183,16 @@ async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoin
     reserved = True
     held = False
     try:
-        answer = await _op(lease.sandbox, lease.index, "checkpoint", {"checkpoint": checkpoint_id})
+        taken: CheckpointTaken = await lease.sandbox.call(
+            lease.index, TakeCheckpoint(checkpoint=checkpoint_id)
+        )
         checkpoint = Checkpoint(
             checkpoint_id=checkpoint_id,
             profile=lease.profile,
             sandbox_id=lease.sandbox_id,
-            size_bytes=int(answer["bytes"]),
-            entries=int(answer["entries"]),
-            shell=answer.get("shell"),
+            size_bytes=taken.size_bytes,
+            entries=taken.entries,
+            shell=taken.shell,
             sandbox=lease.sandbox,
         )
         reserved = False
@@ -198,7 +211,7 @@ async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoin
 
 async def _drop_stored(sandbox: SandboxActor, checkpoint_id: str) -> None:
     with contextlib.suppress(HermesError):
-        await _op(sandbox, 0, "drop_checkpoint", {"checkpoint": checkpoint_id})
+        await sandbox.call(0, DropCheckpoint(checkpoint=checkpoint_id))
 
 
 async def drop_checkpoint(ledger: CheckpointLedger, checkpoint: Checkpoint) -> None:
@@ -220,14 +233,14 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
     if not checkpoint.sandbox.alive:
         raise CheckpointLost(checkpoint.checkpoint_id, "its sandbox stopped")
     if checkpoint.sandbox is lease.sandbox:
-        args = {"checkpoint": checkpoint.checkpoint_id, "shell": checkpoint.shell}
-        await _op(lease.sandbox, lease.index, "restore", args)
+        restore = RestoreCheckpoint(checkpoint=checkpoint.checkpoint_id, shell=checkpoint.shell)
+        await lease.sandbox.call(lease.index, restore)
         return
     await lease.sandbox.reset_slot(lease.index)
     await stream_between(
         checkpoint.sandbox,
         0,
-        {"checkpoint": checkpoint.checkpoint_id},
+        TarOut(checkpoint=checkpoint.checkpoint_id),
         [lease],
         shell=checkpoint.shell,
     )
@@ -248,7 +261,7 @@ async def fork_into(source: _Leased, targets: list[_Leased]) -> None:
     remote = [t for t in targets if t.sandbox is not source.sandbox]
     async with trio.open_nursery() as nursery:  # the caller collapses the group
         if local:
-            nursery.start_soon(_op, source.sandbox, source.index, "fork", {"targets": local})
+            nursery.start_soon(source.sandbox.call, source.index, ForkSlot(targets=local))
         if remote:
             nursery.start_soon(_fork_across, source, remote)
 
@@ -258,7 +271,9 @@ async def _fork_across(source: _Leased, remote: list[_Leased]) -> None:
     offer it (`_tree_snapshots`), else one tar streamed through the host to all of them."""
     if await fork_by_snapshot(source, remote):
         return
-    await stream_between(source.sandbox, source.index, {"path": "."}, remote, shell_of_source=True)
+    await stream_between(
+        source.sandbox, source.index, TarOut(path="."), remote, shell_of_source=True
+    )
 
 
 class _Target(Protocol):
@@ -271,19 +286,20 @@ class _Target(Protocol):
 async def stream_between(
     source: SandboxActor,
     source_slot: int,
-    tar_args: Mapping[str, Any],
+    tar: TarOut,
     targets: Sequence[_Target],
     *,
-    shell: Mapping[str, Any] | None = None,
+    shell: ShellState | None = None,
     shell_of_source: bool = False,
 ) -> int:
-    """Stream one tar made in `source` into every target slot's workspace; returns its bytes.
+    """Stream the tree `tar` names in `source` into every target slot's workspace; returns its
+    bytes.
 
     Each chunk is written to all targets before the next is read (memory: one chunk). The
     targets' shells get `shell` (or the source slot's state, with `shell_of_source`).
     """
     moved = 0
-    async with _tar_out(source, source_slot, tar_args) as (read, source_shell):
+    async with _tar_out(source, source_slot, tar) as (read, source_shell):
         state = source_shell if shell_of_source else shell
         sinks = [_TarSink(target.sandbox, target.index, ".", state) for target in targets]
         try:
@@ -305,11 +321,11 @@ async def stream_between(
 
 
 @contextlib.asynccontextmanager
-async def _tar_out(sandbox: SandboxActor, slot: int, args: Mapping[str, Any]) -> Any:
+async def _tar_out(sandbox: SandboxActor, slot: int, tar: TarOut) -> Any:
     """`(read, shell)`: `read()` gives `(chunk, eof)` of a tar made in the sandbox; `shell` is
     the slot's shell state. The stream is closed on the way out if not read to its end."""
-    opened = await _op(sandbox, slot, "tar_out", args)
-    stream = int(opened["stream"])
+    opened: TarOpened = await sandbox.call(slot, tar)
+    stream = opened.stream
     done = False
 
     async def read() -> tuple[bytes, bool]:
@@ -317,27 +333,26 @@ async def _tar_out(sandbox: SandboxActor, slot: int, args: Mapping[str, Any]) ->
         if done:
             return b"", True
         try:
-            answer = await _op(
-                sandbox, slot, "stream_read", {"stream": stream, "max_bytes": CHUNK_BYTES}
+            chunk: TarChunk = await sandbox.call(
+                slot, StreamRead(stream=stream, max_bytes=CHUNK_BYTES)
             )
         except AgentError as exc:
             done = True
             raise TransferFailed(
                 f"reading the tree from {sandbox.sandbox_id} failed: {exc.detail}"
             ) from exc
-        done = bool(answer.get("eof"))
-        data: bytes = answer.get("data", b"")
-        return data, done
+        done = chunk.eof
+        return chunk.data, done
 
     try:
-        yield read, opened.get("shell")
+        yield read, opened.shell
     finally:
         if not done:
             with (
                 trio.move_on_after(CLEANUP_LIMIT_S, shield=True),
                 contextlib.suppress(HermesError),
             ):
-                await _op(sandbox, slot, "stream_close", {"stream": stream})
+                await sandbox.call(slot, StreamClose(stream=stream))
 
 
 class _TarSink:
@@ -345,7 +360,7 @@ class _TarSink:
     one (`last`) finishes it and gets tar's outcome; a tree of one chunk is one request."""
 
     def __init__(
-        self, sandbox: SandboxActor, slot: int, dest: str, shell: Mapping[str, Any] | None
+        self, sandbox: SandboxActor, slot: int, dest: str, shell: ShellState | None
     ) -> None:
         self.sandbox = sandbox
         self.slot = slot
@@ -357,13 +372,11 @@ class _TarSink:
     async def send(self, data: bytes, last: bool) -> None:
         try:
             if self.stream is None:
-                args = {"path": self.dest, "data": data, "last": last, "shell": self.shell}
-                answer = await _op(self.sandbox, self.slot, "tar_in", args)
-                if not last:
-                    self.stream = int(answer["stream"])
+                tar_in = TarIn(path=self.dest, data=data, last=last, shell=self.shell)
+                self.stream = await self.sandbox.call(self.slot, tar_in)
             else:
-                args = {"stream": self.stream, "data": data, "last": last}
-                await _op(self.sandbox, self.slot, "stream_write", args)
+                write = StreamWrite(stream=self.stream, data=data, last=last)
+                await self.sandbox.call(self.slot, write)
         except AgentError as exc:
             self.done = True  # the agent closed the stream with its error
             raise TransferFailed(
@@ -379,7 +392,7 @@ class _TarSink:
                 trio.move_on_after(CLEANUP_LIMIT_S, shield=True),
                 contextlib.suppress(HermesError),
             ):
-                await _op(self.sandbox, self.slot, "stream_close", {"stream": self.stream})
+                await self.sandbox.call(self.slot, StreamClose(stream=self.stream))
 
 
 class _LookAhead:
@@ -519,7 +532,7 @@ async def download(lease: _Leased, path: str, dest: DownloadTarget) -> None:
     would land outside it) or a binary file-like object (the tar stream is written to it).
     Memory stays bounded by `CHUNK_BYTES`. Raises `TransferFailed` when tar fails on a side.
     """
-    async with _tar_out(lease.sandbox, lease.index, {"path": path}) as (read_chunk, _):
+    async with _tar_out(lease.sandbox, lease.index, TarOut(path=path)) as (read_chunk, _):
 
         async def read() -> bytes:
             data: bytes = (await read_chunk())[0]  # b"" only at the end
