@@ -655,6 +655,33 @@ def test_value_checks_skip_fields_that_failed_their_type(write_yaml: WriteYaml) 
     ]
 
 
+def test_each_value_is_checked_once(write_yaml: WriteYaml, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a profile checks each value's type once, also when other values are wrong."""
+    seen: list[object] = []
+    check_int = config_module._CHECKERS[int]
+
+    def counting(value: object) -> None:
+        seen.append(value)
+        check_int(value)
+
+    monkeypatch.setitem(config_module._CHECKERS, int, counting)  # type: ignore[index]
+    load_profiles(write_yaml(one_profile("memory: 4099\n")), env={})
+    assert seen.count(4099) == 1
+    seen.clear()
+    load_error(write_yaml(one_profile("memory: 4099\nmax_starting: '1'\ncpu: 0\nzzz: 1\n")))
+    assert (seen.count(4099), seen.count("1")) == (1, 1)
+
+
+def test_checking_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configs built, rejected or failing on $TERMINAL_ENV leave no pending problems behind."""
+    SandboxConfig(memory=1)
+    config_error(lambda: SandboxConfig(memory=0, cpu="x"))  # type: ignore[arg-type]
+    config_error(lambda: Profiles(profiles={}, default_profile="a"))
+    monkeypatch.setenv("TERMINAL_ENV", "docker")
+    config_error(lambda: SandboxConfig(memory=0))
+    assert config_module._being_built == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors in the other layers
 # ---------------------------------------------------------------------------------------------

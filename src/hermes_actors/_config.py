@@ -29,10 +29,11 @@ Field problems name the field's path; problems of a whole profile (range and cro
 name the profile, in the layer that set the offending value. The terminal tool's older
 spellings `min_pool` and `max_pool` are accepted for `min_sandboxes` and `max_sandboxes`.
 
-Where the rules live: a field's type is its annotation (checked strictly by the converter and on
-construction); its value rules are attrs validators (`ge`, `gt`, or functions like them) in the
-field's `metadata` (`_rules(...)`), run for every field so that one error lists every problem;
-rules relating fields are `_RELATIONS`. A new field is one line plus its rule.
+Where the rules live: a field's type is its annotation, checked strictly on construction (the
+cattrs converter that structures plain data never coerces, so nothing is checked twice); its
+own rules are its attrs `validator` (`ge`, `gt`, or functions like them); rules relating fields
+are the class's `relations`. Construction runs them all and raises one `ConfigError` listing
+every problem (see `_SelfChecking`). A new field is one line plus its rule.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, Generic, Literal, Self, TypeVar, cast, get_args, get_origin
+from typing import Any, ClassVar, Final, Generic, Literal, Self, TypeVar, cast, get_args, get_origin
 
 import attrs
 import cattrs
 import yaml
 from attrs.validators import ge, gt
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.errors import ClassValidationError
 
 from hermes_actors._errors import ConfigError
 
@@ -153,12 +154,17 @@ def _freeze_sequence(value: Sequence[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Strict checks of single values, shared by the converter and by direct construction.
+# How a config checks itself. Every field's validator (`_FieldCheck`, given to each field by
+# `_checked_fields`) checks the value's type strictly, from the field's annotation, then the
+# field's own rules (the attrs validators it was declared with: `ge`, `gt`, or functions like
+# them). Then the class's relations (rules between fields) run, skipping fields already found
+# wrong. Every problem is collected while the instance is built and raised at the end, in one
+# `ConfigError`, so each value is checked once and every problem is reported at once.
 # ---------------------------------------------------------------------------------------------
 
 
 class _Invalid(Exception):
-    """One or more problems inside one value: `(path suffix, message)` pairs."""
+    """A value of the wrong type: `(path suffix, message)` pairs (a list may hold several)."""
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{suffix or '$'}: {message}" for suffix, message in items))
@@ -180,51 +186,45 @@ def _child(path: str, key: object) -> str:
     return f"{path}[{key!r}]"
 
 
-def _check_int(value: Any) -> int:
+def _check_int(value: Any) -> None:
     if type(value) is not int:  # bool is an int subclass and is rejected on purpose
         raise _Invalid([("", f"expected int, got {_describe(value)}")])
-    return value
 
 
-def _check_float(value: Any) -> float:
+def _check_float(value: Any) -> None:
     if type(value) is not float and type(value) is not int:
         raise _Invalid([("", f"expected float, got {_describe(value)}")])
     if not math.isfinite(value):
         raise _Invalid([("", f"expected a finite float, got {_describe(value)}")])
-    return float(value)
 
 
-def _check_bool(value: Any) -> bool:
+def _check_bool(value: Any) -> None:
     if type(value) is not bool:
         raise _Invalid([("", f"expected bool, got {_describe(value)}")])
-    return value
 
 
-def _check_str(value: Any) -> str:
+def _check_str(value: Any) -> None:
     if not isinstance(value, str):
         raise _Invalid([("", f"expected str, got {_describe(value)}")])
-    return value
 
 
-def _check_optional_str(value: Any) -> str | None:
+def _check_optional_str(value: Any) -> None:
     if value is not None and not isinstance(value, str):
         raise _Invalid([("", f"expected str or null, got {_describe(value)}")])
-    return value
 
 
-def _literal_checker(type_: Any) -> Callable[[Any], Any]:
+def _literal_checker(type_: Any) -> Callable[[Any], None]:
     choices = get_args(type_)
     expected = ", ".join(repr(choice) for choice in choices)
 
-    def check(value: Any) -> Any:
+    def check(value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
             raise _Invalid([("", f"expected one of {expected}, got {_describe(value)}")])
-        return value
 
     return check
 
 
-def _check_str_tuple(value: Any) -> tuple[str, ...]:
+def _check_str_tuple(value: Any) -> None:
     if not isinstance(value, list | tuple):
         raise _Invalid([("", f"expected a list of str, got {_describe(value)}")])
     items = [
@@ -234,10 +234,9 @@ def _check_str_tuple(value: Any) -> tuple[str, ...]:
     ]
     if items:
         raise _Invalid(items)
-    return tuple(value)
 
 
-def _check_str_mapping(value: Any) -> Mapping[str, str]:
+def _check_str_mapping(value: Any) -> None:
     if not isinstance(value, Mapping):
         # Type names only: these mappings hold environment values, which may be secrets.
         raise _Invalid([("", f"expected a mapping of str to str, got {type(value).__name__}")])
@@ -249,10 +248,9 @@ def _check_str_mapping(value: Any) -> Mapping[str, str]:
             items.append((_child("", key), f"expected str, got {type(item).__name__}"))
     if items:
         raise _Invalid(items)
-    return _FrozenMap(value)
 
 
-_CHECKERS: Final[Mapping[Any, Callable[[Any], Any]]] = {
+_CHECKERS: Final[Mapping[Any, Callable[[Any], None]]] = {
     int: _check_int,
     float: _check_float,
     bool: _check_bool,
@@ -263,7 +261,7 @@ _CHECKERS: Final[Mapping[Any, Callable[[Any], Any]]] = {
 }
 
 
-def _checker_for(type_: Any) -> Callable[[Any], Any] | None:
+def _checker_for(type_: Any) -> Callable[[Any], None] | None:
     """The strict check for one of the field types configs use, or None for other types."""
     if get_origin(type_) is Literal:
         return _literal_checker(type_)
@@ -273,26 +271,105 @@ def _checker_for(type_: Any) -> Callable[[Any], Any] | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------
-# The configuration classes.
-# ---------------------------------------------------------------------------------------------
-
-
 @attrs.frozen
 class _Problem:
-    """A value check that failed on a whole config: the fields involved and the message."""
+    """One problem of a config: the fields involved and the message.
+
+    A wrong type has a `suffix`, the path inside the field's value (`""`: the value itself,
+    `"[1]"`: an item), and is reported at the value; a broken rule (`suffix` None) is reported
+    at the profile, in the layer that set the values involved.
+    """
 
     fields: tuple[str, ...]
     message: str
+    suffix: str | None = None
+
+    def text(self) -> str:
+        if self.suffix is None:
+            return self.message
+        return f"{self.fields[0] + self.suffix!r}: {self.message}"
 
 
 class _InvalidConfig(ConfigError):
-    """A config failed its value checks; `problems` holds each one."""
+    """A config failed its checks; `problems` holds each one."""
 
     def __init__(self, what: str, problems: Sequence[_Problem]) -> None:
-        lines = "\n".join(f"  {problem.message}" for problem in problems)
+        lines = "\n".join(f"  {problem.text()}" for problem in problems)
         super().__init__(f"invalid {what}:\n{lines}")
         self.problems = tuple(problems)
+
+
+#: The problems found in configs being built, by the instance's id: its fields' validators add
+#: to them and its `__attrs_post_init__`, which attrs runs right after them, raises them all
+#: (see `_SelfChecking`). A config without problems has no entry.
+_being_built: dict[int, list[_Problem]] = {}
+
+
+@attrs.frozen
+class _FieldCheck:
+    """A config field's validator: its type (strictly, from its annotation), then `rules`.
+
+    It never raises: what it finds goes to `_being_built`, so that every field is checked.
+    """
+
+    rules: Callable[[Any, attrs.Attribute[Any], Any], Any] | None
+
+    def __call__(self, instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        found: list[_Problem] = []
+        checker = _checker_for(attribute.type)
+        try:
+            if checker is not None:
+                checker(value)
+        except _Invalid as invalid:
+            field = (attribute.name,)
+            found.extend(_Problem(field, message, suffix) for suffix, message in invalid.items)
+        else:
+            if self.rules is not None:
+                try:
+                    self.rules(instance, attribute, value)
+                except ValueError as error:
+                    found.append(_Problem((attribute.name,), str(error)))
+        if found:
+            _being_built.setdefault(id(instance), []).extend(found)
+
+
+def _checked_fields(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
+    """attrs' field transformer of the config classes: every field gets `_FieldCheck`."""
+    return [
+        field
+        if isinstance(field.validator, _FieldCheck)
+        else field.evolve(validator=_FieldCheck(field.validator))
+        for field in fields
+    ]
+
+
+_Relation = tuple[tuple[str, ...], Callable[[Any], "str | None"]]
+
+
+class _SelfChecking:
+    """Base of the config classes: building one checks every field (`_FieldCheck`), then the
+    class's `relations` (the fields involved, and a function giving a problem or None), and
+    raises one `ConfigError` listing every problem: wrong types first, then broken rules."""
+
+    __slots__ = ()
+    relations: ClassVar[tuple[_Relation, ...]] = ()
+
+    def __attrs_pre_init__(self) -> None:
+        # A fresh start: an `attrs.validate` of a dead object with this id may have left some.
+        _being_built.pop(id(self), None)
+
+    def __attrs_post_init__(self) -> None:
+        problems = _being_built.pop(id(self), [])
+        wrong = {field for problem in problems for field in problem.fields}
+        for involved, relation in self.relations:
+            if wrong.isdisjoint(involved) and (message := relation(self)) is not None:
+                problems.append(_Problem(involved, message))
+        if problems:
+            problems.sort(key=lambda problem: problem.suffix is None)
+            raise _InvalidConfig(self._checked_as(), problems)
+
+    def _checked_as(self) -> str:
+        return type(self).__name__
 
 
 def _names_only(variables: Mapping[str, str]) -> str:
@@ -302,15 +379,6 @@ def _names_only(variables: Mapping[str, str]) -> str:
     except TypeError:  # not a mapping: validation reports it (without the value)
         return "<invalid>"
     return "{" + ", ".join(f"{name!r}: '***'" for name in names) + "}"
-
-
-def _rules(*validators: Callable[[Any, attrs.Attribute[Any], Any], None]) -> dict[str, Any]:
-    """A field's value rules: attrs validators (`ge`, `gt`, ...) or functions like them.
-
-    They run after the field's type check (see `_check_config`), all of them for all fields,
-    so one `ConfigError` lists every problem.
-    """
-    return {"rules": validators}
 
 
 def _object_name(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -361,6 +429,21 @@ def _absolute_path(instance: object, attribute: attrs.Attribute[Any], value: str
         raise ValueError(f"{attribute.name!r} must be an absolute path: {value!r}")
 
 
+def _max_at_least_min(c: SandboxConfig) -> str | None:
+    if c.max_sandboxes >= c.min_sandboxes:
+        return None
+    return f"'max_sandboxes' must be >= min_sandboxes ({c.min_sandboxes}): {c.max_sandboxes}"
+
+
+def _modal_lifetime(c: SandboxConfig) -> str | None:
+    if c.backend != "modal" or c.max_lifetime <= _MODAL_MAX_LIFETIME_S:
+        return None
+    return (
+        f"'max_lifetime' must be <= {_MODAL_MAX_LIFETIME_S} (Modal's 24 h limit) on "
+        f"backend 'modal': {c.max_lifetime!r}"
+    )
+
+
 _announced: set[tuple[str, str]] = set()
 _announced_lock = threading.Lock()
 
@@ -399,46 +482,49 @@ def _modal_backend_from_environment() -> Backend:
     )
 
 
-@attrs.frozen(kw_only=True)
-class SandboxConfig:
+@attrs.frozen(kw_only=True, field_transformer=_checked_fields)
+class SandboxConfig(_SelfChecking):
     """One profile: what each sandbox of a pool looks like and how the pool behaves.
 
     Immutable; derive variants with `attrs.evolve` or `with_app_name`. Construction checks every
     value (types included) and raises `ConfigError` listing all the problems found.
+
+    A field's type is its annotation (checked strictly); its own rules are its `validator`;
+    rules relating fields are `relations`. A new field is one line plus its rule.
     """
 
     #: The profile's name (its key in `Profiles`); it also ends up in app names and tags.
-    name: str = attrs.field(default="default", metadata=_rules(_object_name))
+    name: str = attrs.field(default="default", validator=_object_name)
     #: Where sandboxes run. Default: `$TERMINAL_ENV` when set (and not empty), else `local`.
     backend: Backend = attrs.field(factory=_backend_from_environment)
     #: Container image (modal: a registry reference; local: an absolute path names a root
     #: filesystem directory used as `/` under bwrap, anything else means the host's own).
     #: `acquire(..., image=)` runs a slot in another image of the same profile.
-    image: str = attrs.field(default="python:3.11", metadata=_rules(_not_empty))
+    image: str = attrs.field(default="python:3.11", validator=_not_empty)
     #: CPU cores reserved per sandbox.
-    cpu: float = attrs.field(default=1.0, metadata=_rules(gt(0)))
+    cpu: float = attrs.field(default=1.0, validator=gt(0))
     #: Memory per sandbox, in MiB.
-    memory: int = attrs.field(default=2048, metadata=_rules(gt(0)))
+    memory: int = attrs.field(default=2048, validator=gt(0))
     #: GPU request in the provider's syntax (`"A10G"`, `"H100:2"`); ignored by the local backend.
-    gpu: str | None = attrs.field(default=None, metadata=_rules(_gpu_not_empty))
+    gpu: str | None = attrs.field(default=None, validator=_gpu_not_empty)
     #: Trajectories served at once by one sandbox, each in its own workspace.
-    slots_per_sandbox: int = attrs.field(default=10, metadata=_rules(ge(1)))
+    slots_per_sandbox: int = attrs.field(default=10, validator=ge(1))
     #: Sandboxes kept running (pre-warmed) even when idle.
-    min_sandboxes: int = attrs.field(default=1, metadata=_rules(ge(0)))
+    min_sandboxes: int = attrs.field(default=1, validator=ge(0))
     #: Sandboxes the pool may run at once.
-    max_sandboxes: int = attrs.field(default=5, metadata=_rules(ge(1)))
+    max_sandboxes: int = attrs.field(default=5, validator=ge(1))
     #: Seconds a sandbox above `min_sandboxes` may stay idle before it is stopped (0: at once).
-    idle_timeout: float = attrs.field(default=120.0, metadata=_rules(ge(0)))
+    idle_timeout: float = attrs.field(default=120.0, validator=ge(0))
     #: Seconds a sandbox may live; the pool rotates it before then (modal: at most 24 h).
-    max_lifetime: float = attrs.field(default=3600.0, metadata=_rules(gt(0)))
+    max_lifetime: float = attrs.field(default=3600.0, validator=gt(0))
     #: Seconds `acquire` waits for a free slot before `AcquireTimeout`.
-    acquire_timeout_s: float = attrs.field(default=60.0, metadata=_rules(gt(0)))
+    acquire_timeout_s: float = attrs.field(default=60.0, validator=gt(0))
     #: Default per-command timeout, in seconds, when a call gives none. 30 s as in the original
     #: Hermes backend, whose executor groups and bounds its batches by it.
-    execution_timeout_s: float = attrs.field(default=30.0, metadata=_rules(gt(0)))
+    execution_timeout_s: float = attrs.field(default=30.0, validator=gt(0))
     #: Provider secret names whose variables are injected into every sandbox (modal).
     secrets: tuple[str, ...] = attrs.field(
-        default=(), converter=_freeze_sequence, metadata=_rules(_secret_names)
+        default=(), converter=_freeze_sequence, validator=_secret_names
     )
     #: Environment variables set for every command. Their values never appear in a repr, a log
     #: line, an error or a status (they often hold credentials).
@@ -446,14 +532,14 @@ class SandboxConfig:
         factory=dict,
         converter=_freeze_str_mapping,
         repr=_names_only,
-        metadata=_rules(_variable_names),
+        validator=_variable_names,
     )
     #: Extra provider tags on every sandbox, for finding them in dashboards and listings.
     tags: Mapping[str, str] = attrs.field(
-        factory=dict, converter=_freeze_str_mapping, metadata=_rules(_variable_names)
+        factory=dict, converter=_freeze_str_mapping, validator=_variable_names
     )
     #: Directory under which slot workspaces live inside the sandbox (absolute).
-    workspace_base: str = attrs.field(default="/data", metadata=_rules(_absolute_path))
+    workspace_base: str = attrs.field(default="/data", validator=_absolute_path)
     #: Local isolation: `bwrap`, `none`, or `auto` (bwrap when it works, else none with a warning).
     isolation: Isolation = "auto"
     #: How `bash` commands run: `persistent` (one long-lived shell per slot: cwd, variables,
@@ -465,41 +551,44 @@ class SandboxConfig:
     network: bool = False
     #: Cap on captured bytes per stream (stdout, stderr) per command; the rest is dropped and
     #: counted.
-    max_output_bytes: int = attrs.field(default=1_000_000, metadata=_rules(gt(0)))
+    max_output_bytes: int = attrs.field(default=1_000_000, validator=gt(0))
     #: Provider app the sandboxes belong to (modal).
-    app_name: str = attrs.field(default="hermes-actors", metadata=_rules(_object_name))
+    app_name: str = attrs.field(default="hermes-actors", validator=_object_name)
     #: Sandboxes of this profile being started at once; more requests wait their turn. Creation
     #: runs at `creates_per_second` only with about rate x slow-tail latency in flight (Modal:
     #: 4/s x 12 s p95); 4 held a simulated 1,024-trajectory batch to ~1 create/s (docs/sizing.md).
-    max_starting: int = attrs.field(default=32, metadata=_rules(ge(1)))
+    max_starting: int = attrs.field(default=32, validator=ge(1))
     #: Sandbox creations per second at most (provider rate limits).
-    creates_per_second: float = attrs.field(default=4.0, metadata=_rules(gt(0)))
+    creates_per_second: float = attrs.field(default=4.0, validator=gt(0))
     #: At start, terminate this app's sandboxes left running by other (dead) runs (modal).
     #: Runs sharing an app name at the same time must keep their sandboxes younger than
     #: `reap_min_age_s`, or use their own app name (`with_app_name`).
     reap_orphans: bool = True
     #: With `reap_orphans`, only sandboxes older than this many seconds are reaped.
-    reap_min_age_s: float = attrs.field(default=900.0, metadata=_rules(ge(0)))
+    reap_min_age_s: float = attrs.field(default=900.0, validator=ge(0))
     #: Checkpoints the profile's pool may hold at once, and the bytes they may store together.
-    max_checkpoints: int = attrs.field(default=64, metadata=_rules(ge(0)))
-    max_checkpoint_bytes: int = attrs.field(default=8 * 1024**3, metadata=_rules(ge(0)))
+    max_checkpoints: int = attrs.field(default=64, validator=ge(0))
+    max_checkpoint_bytes: int = attrs.field(default=8 * 1024**3, validator=ge(0))
     #: Modal: add this Python version ("3.11") to every image of the profile, the way Modal's
     #: `Image.from_registry(add_python=...)` does, for images without a python3 (the sandbox
     #: agent needs one). None: the image must have python3. The local backend ignores it.
-    add_python: str | None = attrs.field(default=None, metadata=_rules(_python_version))
+    add_python: str | None = attrs.field(default=None, validator=_python_version)
     #: Seconds a driver may keep retrying a failed sandbox create (its waits included) before
     #: it reports the failure. The pool keeps it inside the acquire deadline, so a create that
     #: keeps failing reaches the waiting callers as its cause, not as an acquire timeout.
-    create_retry_budget_s: float = attrs.field(default=30.0, metadata=_rules(ge(0)))
+    create_retry_budget_s: float = attrs.field(default=30.0, validator=ge(0))
     #: The agent's dead-man timeout: seconds without a frame from the host after which the
     #: agent in a sandbox kills everything it started and exits (the host pings at a third of
     #: it), so a crashed host leaves nothing running.
-    agent_ttl_s: float = attrs.field(default=60.0, metadata=_rules(gt(0)))
+    agent_ttl_s: float = attrs.field(default=60.0, validator=gt(0))
 
-    def __attrs_post_init__(self) -> None:
-        problems = _check_config(self)
-        if problems:
-            raise _InvalidConfig(f"SandboxConfig {self.name!r}", problems)
+    relations = (
+        (("max_sandboxes", "min_sandboxes"), _max_at_least_min),
+        (("max_lifetime", "backend"), _modal_lifetime),
+    )
+
+    def _checked_as(self) -> str:
+        return f"SandboxConfig {self.name!r}"
 
     def with_app_name(self, base: str) -> SandboxConfig:
         """Return a copy whose `app_name` is `f"{base}-{name}"`.
@@ -613,13 +702,7 @@ class SandboxConfig:
 
     @classmethod
     def _from_settings(cls, settings: Mapping[str, Any], *, source: str) -> Self:
-        config = structure_config(settings, source=source)
-        if type(config) is cls:
-            return config
-        values = {field.name: getattr(config, field.name) for field in attrs.fields(type(config))}
-        if "backend" not in settings:
-            del values["backend"]  # the class's own default (the Modal names: modal)
-        return cls(**values)
+        return _structure(settings, source, cls)
 
 
 #: The original's settings: field, `ATROPOS_MODAL_<KEY>` key, `AgentEnvConfig` attribute.
@@ -677,7 +760,7 @@ def _parse_atropos_text(field: str, text: str) -> Any:
     return text
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, field_transformer=_checked_fields)
 class ModalSandboxConfig(SandboxConfig):
     """The seed's name for `SandboxConfig`: the same profile, whose backend defaults to modal.
 
@@ -689,119 +772,44 @@ class ModalSandboxConfig(SandboxConfig):
 
 
 attrs.resolve_types(SandboxConfig)
-_FIELD_CHECKERS: Final[Mapping[str, Callable[[Any], Any]]] = {
-    field.name: checker
-    for field in attrs.fields(SandboxConfig)
-    if (checker := _checker_for(field.type)) is not None
-}
+attrs.resolve_types(ModalSandboxConfig)
 _FIELD_NAMES: Final[tuple[str, ...]] = tuple(field.name for field in attrs.fields(SandboxConfig))
-#: Valid values of every field, independent of the environment (the backend's default is not).
-_SAFE_DEFAULTS: Final[Mapping[str, Any]] = {
-    field.name: field.default
-    for field in attrs.fields(SandboxConfig)
-    if not isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
-} | {"backend": "local", "env_vars": {}, "tags": {}}
 
 
-def _check_config(config: SandboxConfig) -> list[_Problem]:
-    """Every problem of a config's values: the fields' types, then their rules, then relations."""
-    problems: list[_Problem] = []
-    # Fields already reported (wrong type, or out of their own range): rules relating them to
-    # other fields would only repeat the problem.
-    reported: set[str] = set()
-    fields = attrs.fields(type(config))
-    for field in fields:
-        checker = _FIELD_CHECKERS.get(field.name)
-        try:
-            if checker is not None:
-                checker(getattr(config, field.name))
-        except _Invalid as invalid:
-            reported.add(field.name)
-            for suffix, message in invalid.items:
-                problems.append(_Problem((field.name,), f"{field.name + suffix!r}: {message}"))
-    for field in fields:
-        if field.name in reported:
-            continue
-        for rule in field.metadata.get("rules", ()):
-            try:
-                rule(config, field, getattr(config, field.name))
-            except ValueError as error:
-                reported.add(field.name)
-                problems.append(_Problem((field.name,), str(error)))
-                break
-    for involved, relation in _RELATIONS:
-        if not reported.intersection(involved) and (problem := relation(config)) is not None:
-            problems.append(_Problem(involved, problem))
-    return problems
+def _named_configs(
+    instance: object, attribute: attrs.Attribute[Any], value: Mapping[str, SandboxConfig]
+) -> None:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError("'profiles' must be a non-empty mapping")
+    wrong = [
+        f"profile {key!r} must be a SandboxConfig, got {_describe(config)}"
+        if not isinstance(config, SandboxConfig)
+        else f"profile {key!r} holds a config named {config.name!r}"
+        for key, config in value.items()
+        if not isinstance(config, SandboxConfig) or config.name != key
+    ]
+    if wrong:
+        raise ValueError("; ".join(wrong))
 
 
-def _max_at_least_min(c: SandboxConfig) -> str | None:
-    if c.max_sandboxes >= c.min_sandboxes:
-        return None
-    return f"'max_sandboxes' must be >= min_sandboxes ({c.min_sandboxes}): {c.max_sandboxes}"
+def _one_of_the_profiles(instance: Profiles, attribute: attrs.Attribute[Any], value: str) -> None:
+    profiles = instance.profiles
+    if isinstance(profiles, Mapping) and profiles and value not in profiles:
+        raise ValueError(f"{attribute.name!r} must name a profile ({_known(profiles)}): {value!r}")
 
 
-def _modal_lifetime(c: SandboxConfig) -> str | None:
-    if c.backend != "modal" or c.max_lifetime <= _MODAL_MAX_LIFETIME_S:
-        return None
-    return (
-        f"'max_lifetime' must be <= {_MODAL_MAX_LIFETIME_S} (Modal's 24 h limit) on "
-        f"backend 'modal': {c.max_lifetime!r}"
-    )
-
-
-#: Rules relating fields to each other (each field's own rules are on the field).
-_RELATIONS: Final[tuple[tuple[tuple[str, ...], Callable[[SandboxConfig], str | None]], ...]] = (
-    (("max_sandboxes", "min_sandboxes"), _max_at_least_min),
-    (("max_lifetime", "backend"), _modal_lifetime),
-)
-
-
-def _check_profiles(profiles: Profiles) -> list[_Problem]:
-    problems: list[_Problem] = []
-    if not isinstance(profiles.profiles, Mapping) or not profiles.profiles:
-        return [_Problem(("profiles",), "'profiles' must be a non-empty mapping")]
-    for key, config in profiles.profiles.items():
-        if not isinstance(config, SandboxConfig):
-            problems.append(
-                _Problem(
-                    ("profiles",),
-                    f"profile {key!r} must be a SandboxConfig, got {_describe(config)}",
-                )
-            )
-        elif config.name != key:
-            problems.append(
-                _Problem(
-                    ("profiles",),
-                    f"profile {key!r} holds a config named {config.name!r}",
-                )
-            )
-    if profiles.default_profile not in profiles.profiles:
-        problems.append(
-            _Problem(
-                ("default_profile",),
-                f"'default_profile' must name a profile ({_known(profiles.profiles)}): "
-                f"{profiles.default_profile!r}",
-            )
-        )
-    return problems
-
-
-@attrs.frozen(kw_only=True)
-class Profiles:
+@attrs.frozen(kw_only=True, field_transformer=_checked_fields)
+class Profiles(_SelfChecking):
     """A named set of profiles and the one used when a caller names none."""
 
     #: Profile name to config; each config's `name` equals its key. Read-only, in file order.
-    profiles: Mapping[str, SandboxConfig] = attrs.field(converter=_freeze_profiles)
+    profiles: Mapping[str, SandboxConfig] = attrs.field(
+        converter=_freeze_profiles, validator=_named_configs
+    )
     #: The profile used when none is named; one of `profiles`.
-    default_profile: str
+    default_profile: str = attrs.field(validator=_one_of_the_profiles)
     #: The file the profiles were read from, if any.
     source: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        problems = _check_profiles(self)
-        if problems:
-            raise _InvalidConfig("Profiles", problems)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -851,20 +859,23 @@ def _did_you_mean(key: object, choices: Iterable[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _as_given(value: Any, type_: Any) -> Any:
+    return value
+
+
+def _int_as_float(value: Any, type_: Any) -> Any:
+    return float(value) if type(value) is int else value
+
+
 def _make_converter() -> cattrs.Converter:
+    """The converter of the config classes: it never coerces a value (the classes check their
+    values' types themselves, once); an int where a float is expected becomes that float."""
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
-
-    def structure_strict(value: Any, type_: Any) -> Any:
-        checker = _checker_for(type_)
-        assert checker is not None
-        return checker(value)
-
     # Plain classes go through cattrs' single dispatch, which outranks predicate hooks.
-    for plain in (int, float, bool, str):
-        converter.register_structure_hook(plain, structure_strict)
-    converter.register_structure_hook_func(
-        lambda type_: _checker_for(type_) is not None, structure_strict
-    )
+    for plain in (int, bool, str):
+        converter.register_structure_hook(plain, _as_given)
+    converter.register_structure_hook(float, _int_as_float)
+    converter.register_structure_hook_func(lambda type_: _checker_for(type_) is not None, _as_given)
     # Plain data out: lists and dicts, so the result dumps to YAML and loads back unchanged.
     converter.register_unstructure_hook_func(
         lambda type_: type_ == tuple[str, ...], lambda value: list(value)
@@ -889,10 +900,17 @@ def structure_config(data: Mapping[str, Any], *, source: str = "config") -> Sand
     Fields left out take their defaults (the backend's default reads `TERMINAL_ENV`). Raises
     `ConfigError` listing every problem, each as `{source}: $.field: ...`.
     """
+    return _structure(data, source, SandboxConfig)
+
+
+_C = TypeVar("_C", bound=SandboxConfig)
+
+
+def _structure(data: Mapping[str, Any], source: str, cls: type[_C]) -> _C:
     problems: list[str] = []
     layer = _Layer(_RANK_FILE, source, "$")
     settings = _settings_from_mapping(data, layer, problems)
-    config = None if problems else _build_config(settings, layer, problems)
+    config = None if problems else _build_config(settings, layer, problems, cls=cls)
     _raise_problems(problems)
     assert config is not None
     return config
@@ -984,8 +1002,10 @@ def _build_config(
     *,
     name: str | None = None,
     default_backend: Backend = "local",
-) -> SandboxConfig | None:
-    """Structure one config from its merged settings, reporting problems where they came from.
+    cls: type[_C],
+) -> _C | None:
+    """Structure one config from its merged settings, reporting problems where they came from:
+    wrong types first, then unknown keys, then broken rules.
 
     With `name` (a profile's key), a `name` setting must equal it, and the backend defaults to
     `default_backend`: the environment's `TERMINAL_ENV` is one of the layers already merged.
@@ -1000,86 +1020,50 @@ def _build_config(
             )
         elif backend.layer.rank == _RANK_ENVIRONMENT:
             announce_backend(str(backend.value), f"{ENV_BACKEND}={backend.value}")
+    unknown: list[str] = []
     for field, setting in settings.items():
-        if field == "name" and name is not None:
+        if field not in _FIELD_NAMES:
+            unknown.append(f"{setting.location}: unknown key{_unknown_key_hint(field)}")
+        elif field == "name" and name is not None:
             if setting.value != name:
                 problems.append(
                     f"{setting.location}: must equal the profile's key {name!r}, got "
                     f"{_describe(setting.value)}"
                 )
-            continue
-        data[field] = setting.value
-    try:
-        return _converter.structure(data, SandboxConfig)
-    except ClassValidationError as group:
-        rejected = _report(group, settings, base, problems, ignore=frozenset())
-    if rejected:
-        # Check the values that did structure too, so that one pass reports everything: put
-        # valid defaults in place of the rejected values, and keep only the problems that do
-        # not involve those stand-ins.
-        retry = {key: value for key, value in data.items() if key not in rejected}
-        retry.update((key, _SAFE_DEFAULTS[key]) for key in rejected if key in _SAFE_DEFAULTS)
-        try:
-            _converter.structure(retry, SandboxConfig)
-        except ClassValidationError as group:
-            _report(group, settings, base, problems, ignore=rejected)
-    return None
-
-
-def _report(
-    group: ClassValidationError,
-    settings: Mapping[str, _Setting],
-    base: _Layer,
-    problems: list[str],
-    *,
-    ignore: frozenset[str],
-) -> frozenset[str]:
-    """Append the problems of a failed structuring; return the keys whose values were rejected.
-
-    Value-check problems involving a field in `ignore` are left out.
-    """
-    rejected: set[str] = set()
-    with_notes, without_notes = group.group_exceptions()
-    for error, note in with_notes:
-        rejected.add(note.name)
-        given = settings.get(note.name)
-        location = given.location if given else base.at(_child(base.path, note.name))
-        if isinstance(error, _Invalid):
-            problems.extend(f"{location}{suffix}: {message}" for suffix, message in error.items)
         else:
-            problems.append(f"{location}: {error}")
-    for error in without_notes:
-        if isinstance(error, ForbiddenExtraKeysError):
-            rejected.update(error.extra_fields)
-        problems.extend(_describe_class_error(error, settings, base, ignore=ignore))
-    return frozenset(rejected)
+            data[field] = setting.value
+    try:
+        config = _converter.structure(data, cls)
+    except ClassValidationError as group:
+        wrong_types, broken_rules = _locate_problems(group.exceptions, settings, base)
+        problems.extend([*wrong_types, *unknown, *broken_rules])
+        return None
+    problems.extend(unknown)
+    return None if unknown else config
 
 
-def _describe_class_error(
-    error: BaseException,
-    settings: Mapping[str, _Setting],
-    base: _Layer,
-    *,
-    ignore: frozenset[str] = frozenset(),
-) -> list[str]:
-    if isinstance(error, ForbiddenExtraKeysError):
-        lines = []
-        for key in sorted(error.extra_fields):
-            setting = settings.get(key)
-            location = setting.location if setting else base.at(_child(base.path, key))
-            lines.append(f"{location}: unknown key{_unknown_key_hint(key)}")
-        return lines
-    if isinstance(error, _InvalidConfig):
-        lines = []
+def _locate_problems(
+    errors: Iterable[BaseException], settings: Mapping[str, _Setting], base: _Layer
+) -> tuple[list[str], list[str]]:
+    """Problem lines of a config's errors, each where its value came from: `(wrong types,
+    broken rules)`. A wrong type is reported at the value; a broken rule at the profile, in
+    the highest layer that set one of the values involved."""
+    wrong_types: list[str] = []
+    broken_rules: list[str] = []
+    for error in errors:
+        if not isinstance(error, _InvalidConfig):  # the backend's default: a bad TERMINAL_ENV
+            broken_rules.append(f"{base.at()}: {error}")
+            continue
         for problem in error.problems:
-            if ignore.intersection(problem.fields):
-                continue
-            # Blame the highest layer that set one of the values involved.
-            layers = [settings[field].layer for field in problem.fields if field in settings]
-            layer = max(layers, key=lambda each: each.rank, default=base)
-            lines.append(f"{layer.at()}: {problem.message}")
-        return lines
-    return [f"{base.at()}: {error}"]
+            if problem.suffix is not None:
+                given = settings.get(problem.fields[0])
+                where = given.location if given else base.at(_child(base.path, problem.fields[0]))
+                wrong_types.append(f"{where}{problem.suffix}: {problem.message}")
+            else:
+                layers = [settings[field].layer for field in problem.fields if field in settings]
+                layer = max(layers, key=lambda each: each.rank, default=base)
+                broken_rules.append(f"{layer.at()}: {problem.message}")
+    return wrong_types, broken_rules
 
 
 def _unknown_key_hint(key: str) -> str:
@@ -1307,7 +1291,12 @@ def load_profiles(
             )
         settings.update(own)
         config = _build_config(
-            settings, file_layer, problems, name=name, default_backend=default_backend
+            settings,
+            file_layer,
+            problems,
+            name=name,
+            default_backend=default_backend,
+            cls=SandboxConfig,
         )
         if config is not None:
             configs[name] = config
@@ -1360,7 +1349,8 @@ def profiles_from_mapping(
                 try:
                     configs[name] = attrs.evolve(value, name=name)
                 except _InvalidConfig as invalid:
-                    problems.extend(_describe_class_error(invalid, {}, layer))
+                    wrong_types, broken_rules = _locate_problems([invalid], {}, layer)
+                    problems.extend([*wrong_types, *broken_rules])
             else:
                 problems.append(
                     f"{layer.at()}: the config is named {value.name!r}; name it {name!r} or "
@@ -1370,7 +1360,12 @@ def profiles_from_mapping(
             settings = _settings_from_mapping(value, layer, problems)
             settings.update(_environment_settings(environment, settings, from_arguments=True))
             config = _build_config(
-                settings, layer, problems, name=name, default_backend=default_backend
+                settings,
+                layer,
+                problems,
+                name=name,
+                default_backend=default_backend,
+                cls=SandboxConfig,
             )
             if config is not None:
                 configs[name] = config
