@@ -22,6 +22,7 @@ from hermes_actors._config import (
     Profiles,
     SandboxConfig,
     load_profiles,
+    load_profiles_with_origins,
     profiles_from_mapping,
     structure_config,
     unstructure_config,
@@ -833,6 +834,41 @@ def test_unknown_default_profile_argument() -> None:
     """A default_profile argument naming no profile is an error naming the argument."""
     assert config_error(lambda: load_profiles(env={}, default_profile="gpu")) == (
         "default_profile: no profile named 'gpu'; known profiles: 'default'"
+    )
+
+
+def test_origins_name_the_layer_that_set_each_value(write_yaml: WriteYaml) -> None:
+    """Each value not left to its default is traced to the layer that set it last."""
+    path = write_yaml(
+        """
+        profiles:
+          default: {max_pool: 3, image: "node:22"}
+          gpu: {backend: local}
+        """
+    )
+    profiles, origins = load_profiles_with_origins(
+        path,
+        env={"TERMINAL_ENV": "modal", "TERMINAL_MODAL_IMAGE": "img:2"},
+        overrides={"cpu": 2},
+        profile_overrides={"gpu": {"memory": 512}},
+    )
+    assert origins["default"] == {
+        "max_sandboxes": "file",
+        "image": "environment",
+        "backend": "environment",
+        "cpu": "overrides",
+    }
+    assert origins["gpu"] == {
+        "backend": "file",
+        "image": "environment",
+        "cpu": "overrides",
+        "memory": "profile_overrides",
+    }
+    assert profiles == load_profiles(
+        path,
+        env={"TERMINAL_ENV": "modal", "TERMINAL_MODAL_IMAGE": "img:2"},
+        overrides={"cpu": 2},
+        profile_overrides={"gpu": {"memory": 512}},
     )
 
 

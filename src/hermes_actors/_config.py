@@ -925,6 +925,15 @@ _RANK_ENVIRONMENT: Final = 2
 _RANK_OVERRIDES: Final = 3
 _RANK_PROFILE_OVERRIDES: Final = 4
 
+#: Where a profile's value came from, when not from the defaults.
+Origin = Literal["file", "environment", "overrides", "profile_overrides"]
+_ORIGINS: Final[Mapping[int, Origin]] = {
+    _RANK_FILE: "file",
+    _RANK_ENVIRONMENT: "environment",
+    _RANK_OVERRIDES: "overrides",
+    _RANK_PROFILE_OVERRIDES: "profile_overrides",
+}
+
 
 @attrs.frozen
 class _Layer:
@@ -1236,6 +1245,27 @@ def load_profiles(
     Raises `ConfigError` listing every problem found, one per line, each naming its source
     (the file, `environment`, `overrides`, `profile_overrides`) and the path of the value.
     """
+    return load_profiles_with_origins(
+        path,
+        env=env,
+        overrides=overrides,
+        profile_overrides=profile_overrides,
+        default_profile=default_profile,
+        default_backend=default_backend,
+    )[0]
+
+
+def load_profiles_with_origins(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    profile_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    default_profile: str | None = None,
+    default_backend: Backend = "local",
+) -> tuple[Profiles, Mapping[str, Mapping[str, Origin]]]:
+    """`load_profiles`, and where each profile's values came from: profile name -> field ->
+    origin, for the fields not left to their defaults."""
     environment = os.environ if env is None else env
     problems: list[str] = []
     source: str | None
@@ -1275,6 +1305,7 @@ def load_profiles(
             )
 
     configs: dict[str, SandboxConfig] = {}
+    origins: dict[str, dict[str, Origin]] = {}
     for name, data in raw_profiles.items():
         file_layer = _Layer(_RANK_FILE, file_label, _child("$.profiles", name))
         settings = _settings_from_mapping(data, file_layer, problems)
@@ -1290,6 +1321,11 @@ def load_profiles(
                 f"{own.pop('name').location}: a profile's name is its key; it cannot be overridden"
             )
         settings.update(own)
+        origins[name] = {
+            field: _ORIGINS[setting.layer.rank]
+            for field, setting in settings.items()
+            if field in _FIELD_NAMES
+        }
         config = _build_config(
             settings,
             file_layer,
@@ -1312,7 +1348,7 @@ def load_profiles(
         )
     _raise_problems(problems)
     assert chosen is not None
-    return Profiles(profiles=configs, default_profile=chosen, source=source)
+    return Profiles(profiles=configs, default_profile=chosen, source=source), origins
 
 
 def profiles_from_mapping(
