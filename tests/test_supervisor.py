@@ -18,7 +18,6 @@ from hermes_actors.runtime._supervisor import (
     ChildInfo,
     ChildSpec,
     NoSuchChild,
-    Restart,
     Supervisor,
     SupervisorEscalation,
 )
@@ -96,14 +95,10 @@ def spec(
     journal: Journal,
     name: str,
     behaviour: Behaviour,
-    restart: Restart = Restart.PERMANENT,
     shutdown_s: float = 5.0,
 ) -> ChildSpec:
     return ChildSpec(
-        name=name,
-        start=partial(worker, journal, name, behaviour),
-        restart=restart,
-        shutdown_s=shutdown_s,
+        name=name, start=partial(worker, journal, name, behaviour), shutdown_s=shutdown_s
     )
 
 
@@ -159,11 +154,11 @@ async def test_start_child_returns_handle_and_lists_children(
     supervisor = Supervisor("root")
     async with supervising(supervisor):
         assert await supervisor.start_child(spec(journal, "a", forever)) == "a#0"
-        assert await supervisor.start_child(spec(journal, "b", forever, Restart.TRANSIENT)) == "b#0"
+        assert await supervisor.start_child(spec(journal, "b", forever)) == "b#0"
         assert supervisor.child_handle("b") == "b#0"
         assert supervisor.which_children() == [
-            ChildInfo(name="a", restart=Restart.PERMANENT, restarts=0, alive=True),
-            ChildInfo(name="b", restart=Restart.TRANSIENT, restarts=0, alive=True),
+            ChildInfo(name="a", restarts=0, alive=True),
+            ChildInfo(name="b", restarts=0, alive=True),
         ]
         with pytest.raises(ChildAlreadyStarted, match="'a'"):
             await supervisor.start_child(spec(journal, "a", forever))
@@ -321,36 +316,9 @@ async def test_crashed_child_is_restarted_with_a_new_handle(
         assert await supervisor.start_child(spec(journal, "w", crash_once)) == "w#0"
         await trio.sleep(5)
         assert supervisor.child_handle("w") == "w#1"
-        assert supervisor.which_children() == [
-            ChildInfo(name="w", restart=Restart.PERMANENT, restarts=1, alive=True)
-        ]
+        assert supervisor.which_children() == [ChildInfo(name="w", restarts=1, alive=True)]
     assert restarted == [(2, "w", "w#1")]
     assert journal.of("started") == [(0, "w"), (2, "w")]
-
-
-async def test_transient_child_is_restarted_only_after_a_crash(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A transient child restarts after a crash but not after returning normally."""
-    journal = Journal()
-    supervisor = Supervisor("root")
-    behaviours = iter([crash_after(1), return_after(2)])
-
-    async def crash_then_return(incarnation: int) -> None:
-        await next(behaviours)(incarnation)
-
-    async with supervising(supervisor):
-        await supervisor.start_child(spec(journal, "t", crash_then_return, Restart.TRANSIENT))
-        await trio.sleep(10)
-        assert supervisor.which_children() == [
-            ChildInfo(name="t", restart=Restart.TRANSIENT, restarts=1, alive=False)
-        ]
-        with pytest.raises(NoSuchChild):
-            supervisor.child_handle("t")
-        # A stopped child's name can be started again.
-        assert await supervisor.start_child(spec(journal, "t", forever)) == "t#2"
-    assert journal.of("started") == [(0, "t"), (1, "t"), (10, "t")]
-    assert journal.of("ended")[:2] == [(1, "t"), (3, "t")]
 
 
 async def test_permanent_child_is_restarted_after_returning(
@@ -364,21 +332,6 @@ async def test_permanent_child_is_restarted_after_returning(
         await trio.sleep(7)
         assert supervisor.child_handle("p") == "p#2"
     assert journal.of("started") == [(0, "p"), (3, "p"), (6, "p")]
-
-
-@pytest.mark.parametrize("behaviour", [crash_after(1), return_after(1)], ids=["crash", "return"])
-async def test_temporary_child_is_never_restarted_and_is_forgotten(
-    autojump_clock: trio.testing.MockClock, behaviour: Behaviour
-) -> None:
-    """A temporary child is not restarted however it ends, and leaves no record."""
-    journal = Journal()
-    supervisor = Supervisor("root")
-    async with supervising(supervisor):
-        await supervisor.start_child(spec(journal, "tmp", behaviour, Restart.TEMPORARY))
-        await trio.sleep(10)
-        assert supervisor.which_children() == []
-    assert journal.of("started") == [(0, "tmp")]
-    assert journal.of("ended") == [(1, "tmp")]
 
 
 async def test_crash_while_restarting_counts_and_is_retried(
@@ -510,36 +463,13 @@ async def test_restart_window_slides(
 # Termination and cancellation ---------------------------------------------------------------------
 
 
-async def test_terminated_child_is_not_restarted_nor_counted(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """terminate_child stops a permanent child for good without using the restart budget."""
-    journal = Journal()
-    outcome = Outcome()
-    supervisor = Supervisor("root", max_restarts=1, period_s=100)
-    async with supervising(supervisor, outcome, until_it_ends=True):
-        await supervisor.start_child(spec(journal, "victim", forever))
-        await supervisor.start_child(spec(journal, "other", crash_after(3)))
-        await trio.sleep(1)
-        assert await supervisor.terminate_child("victim") is True
-        assert trio.current_time() == 1
-        with pytest.raises(NoSuchChild):
-            await supervisor.terminate_child("victim")
-        # The one restart allowed goes to "other"; its second crash (t=6) escalates.
-        await trio.sleep(4)
-        assert supervisor.child_handle("other") == "other#1"
-    assert outcome.at == 6
-    assert journal.of("ended")[0] == (1, "victim")
-    assert [at for at, name in journal.of("started") if name == "victim"] == [0]
-    victim = next(info for info in supervisor.which_children() if info.name == "victim")
-    assert victim == ChildInfo(name="victim", restart=Restart.PERMANENT, restarts=0, alive=False)
-
-
 async def test_child_swallowing_cancellation_is_not_restarted(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A permanent child that catches its cancellation and returns is still not restarted."""
+    """A child that catches its shutdown's cancellation and returns is neither restarted nor a
+    crash."""
     journal = Journal()
+    outcome = Outcome()
     supervisor = Supervisor("root", max_restarts=0)
 
     async def swallow(incarnation: int) -> None:
@@ -550,12 +480,11 @@ async def test_child_swallowing_cancellation_is_not_restarted(
                 # Pretend nothing happened: end normally instead of propagating.
                 inner.cancel()
 
-    async with supervising(supervisor):
+    async with supervising(supervisor, outcome):
         await supervisor.start_child(spec(journal, "s", swallow))
         await trio.sleep(1)
-        assert await supervisor.terminate_child("s") is True
-        await trio.sleep(1)
-        assert supervisor.which_children()[0].alive is False
+    assert supervisor.which_children() == [ChildInfo(name="s", restarts=0, alive=False)]
+    assert (outcome.error, outcome.at) == (None, 1)
     assert journal.of("started") == [(0, "s")]
 
 
@@ -589,22 +518,6 @@ async def test_shutdown_moves_on_from_a_child_that_ignores_cancellation(
     assert journal.of("ended") == [(12, "polite"), (110, "stubborn")]
     # trio cannot abandon a task: run returns once the stubborn child has exited.
     assert outcome.at == 110
-
-
-async def test_terminate_child_waits_at_most_shutdown_s(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """terminate_child gives up waiting after shutdown_s; the child stays alive until it exits."""
-    journal = Journal()
-    supervisor = Supervisor("root")
-    async with supervising(supervisor):
-        await supervisor.start_child(spec(journal, "slow", slow_to_stop(10), shutdown_s=3))
-        assert await supervisor.terminate_child("slow") is False
-        assert trio.current_time() == 3
-        assert supervisor.which_children()[0].alive is True
-        await trio.sleep(8)
-        assert supervisor.which_children()[0].alive is False
-    assert journal.of("ended") == [(10, "slow")]
 
 
 async def test_child_failing_while_stopping_does_not_break_shutdown(

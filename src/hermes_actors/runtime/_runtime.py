@@ -28,7 +28,7 @@ from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.drivers._registry import DRIVERS, make_driver
 from hermes_actors.runtime._pool import Lease, ProfilePool
 from hermes_actors.runtime._publish import publish_status
-from hermes_actors.runtime._supervisor import ChildSpec, Restart, Supervisor
+from hermes_actors.runtime._supervisor import ChildSpec, Supervisor
 from hermes_actors.runtime._trees import (
     Checkpoint,
     DownloadTarget,
@@ -160,7 +160,6 @@ class Runtime:
                     ChildSpec(
                         name=name,
                         start=functools.partial(self._run_pool, config),
-                        restart=Restart.PERMANENT,
                         shutdown_s=POOL_SHUTDOWN_S,
                     )
                 )

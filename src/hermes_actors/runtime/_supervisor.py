@@ -6,11 +6,11 @@ Roles: a `Supervisor` owns one nursery (inside `run`) and the children started i
 others address it. The supervisor knows nothing about what its children do.
 
 Invariants:
-* A child whose task crashes with an `Exception` is restarted if it is PERMANENT or TRANSIENT;
-  one that returns normally is restarted only if it is PERMANENT; TEMPORARY children are never
-  restarted. A restart gets a new handle (`child_handle`, `on_restarted`).
-* Cancellation is never a crash: a child cancelled by `terminate_child` or by shutdown is not
-  restarted and does not count towards the restart intensity.
+* Every child is permanent (OTP's only restart type the runtime needs): a child whose task
+  crashes with an `Exception` or returns is restarted, with a new handle (`child_handle`,
+  `on_restarted`).
+* Cancellation is never a crash: a child cancelled by shutdown is not restarted and does not
+  count towards the restart intensity.
 * Restart intensity: more than `max_restarts` restarts (of all children together) within
   `period_s` seconds of `trio.current_time()` make the supervisor give up: it stops every
   child and `run` raises `SupervisorEscalation`, whose `__cause__` is the last failure.
@@ -29,7 +29,7 @@ import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, assert_never
+from typing import Any, NoReturn
 
 import attrs
 import trio
@@ -42,23 +42,11 @@ __all__ = [
     "ChildInfo",
     "ChildSpec",
     "NoSuchChild",
-    "Restart",
     "Supervisor",
     "SupervisorEscalation",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class Restart(enum.Enum):
-    """When a child is restarted after its task ends (cancellation never restarts it)."""
-
-    PERMANENT = "permanent"
-    """Always restarted, whether it crashed or returned."""
-    TRANSIENT = "transient"
-    """Restarted only if it crashed with an exception."""
-    TEMPORARY = "temporary"
-    """Never restarted; forgotten once it ends."""
 
 
 def _check_shutdown_s(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -78,7 +66,6 @@ class ChildSpec:
 
     name: str
     start: Callable[..., Awaitable[object]]
-    restart: Restart = Restart.PERMANENT
     shutdown_s: float = attrs.field(default=5.0, validator=_check_shutdown_s)
 
 
@@ -87,7 +74,6 @@ class ChildInfo:
     """A snapshot of one child: `alive` is False once it has stopped for good."""
 
     name: str
-    restart: Restart
     restarts: int
     alive: bool
 
@@ -275,31 +261,10 @@ class Supervisor:
             raise NoSuchChild(self.name, name)
         return child.handle
 
-    async def terminate_child(self, name: str) -> bool:
-        """Stop a child: cancel it and wait for it at most its `shutdown_s`.
-
-        A terminated child is not restarted and its stop is not counted as a crash. Returns
-        True if it stopped within `shutdown_s`; otherwise it keeps being cancelled (and stays
-        alive in `which_children`) until it exits on its own. Cancelling the caller stops only
-        the waiting, not the termination. Raises `NoSuchChild` if no live child has that name.
-        """
-        child = self._children.get(name)
-        if child is None or not child.alive:
-            raise NoSuchChild(self.name, name)
-        child.scope.cancel(reason=f"terminated by supervisor {self.name!r}")
-        with trio.move_on_after(child.spec.shutdown_s):
-            await child.stopped.wait()
-        return child.stopped.is_set()
-
     def which_children(self) -> list[ChildInfo]:
         """A snapshot of the known children, in start order."""
         return [
-            ChildInfo(
-                name=child.spec.name,
-                restart=child.spec.restart,
-                restarts=child.restarts,
-                alive=child.alive,
-            )
+            ChildInfo(name=child.spec.name, restarts=child.restarts, alive=child.alive)
             for child in self._children.values()
         ]
 
@@ -324,8 +289,7 @@ class Supervisor:
         finally:
             child.alive = False
             child.stopped.set()
-            forget = not child.adopted or child.spec.restart is Restart.TEMPORARY
-            if forget and self._children.get(child.spec.name) is child:
+            if not child.adopted and self._children.get(child.spec.name) is child:
                 del self._children[child.spec.name]
 
     async def _keep_running(self, child: _Child, status: _ChildTaskStatus) -> None:
@@ -349,8 +313,6 @@ class Supervisor:
                 logger.warning(
                     "child %r of supervisor %r crashed", name, self.name, exc_info=failure
                 )
-            if not _wants_restart(child.spec.restart, failure):
-                return
             if not self._admit_restart():
                 logger.error(
                     "supervisor %r: restart intensity exceeded by child %r; escalating",
@@ -426,15 +388,3 @@ class Supervisor:
             )
 
         await bounded_cleanup(child.spec.shutdown_s, child.stopped.wait, give_up)
-
-
-def _wants_restart(restart: Restart, failure: Exception | None) -> bool:
-    match restart:
-        case Restart.PERMANENT:
-            return True
-        case Restart.TRANSIENT:
-            return failure is not None
-        case Restart.TEMPORARY:
-            return False
-        case _:
-            assert_never(restart)
