@@ -3031,8 +3031,6 @@ class _Shell:
         #: replacement shell starts from these.
         self.cwd = cwd
         self.exported: Optional[bytes] = None
-        #: The environment the process was started with (a replacement unsets it first).
-        self.spawn_env: Dict[str, str] = {}
         #: Set when the shell died between calls: the next call's result says it was replaced.
         self.report_restart = False
         #: Why it is being killed on purpose ("reset", "shutdown"); None while it serves.
@@ -3244,7 +3242,6 @@ class _Shells:
         os.close(control_read)
         shell.control_fd = control_write
         shell.status_fd = status_read
-        shell.spawn_env = env
         if previous is not None:
             shell.report_restart = previous.report_restart
         os.set_blocking(control_write, False)

@@ -115,7 +115,6 @@ class SandboxClient:
         self._lost: SandboxLost | None = None
         self._closed = trio.Event()
         self.agent_info: dict[str, Any] = {}
-        self.requests_sent = 0
         self.writes = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -325,7 +324,6 @@ class SandboxClient:
         )
         self._pending[request.request_id] = request
         self._send_nowait({"id": request.request_id, "op": op, "args": wire})
-        self.requests_sent += 1
         return request
 
     def cancel(self, request: Request) -> None:

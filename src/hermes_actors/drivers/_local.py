@@ -713,16 +713,6 @@ class LocalSandbox:
     async def wait_exited(self) -> int | None:
         return await self._process.wait()
 
-    def agent_log(self) -> str:
-        """The tail of what the agent wrote to stderr (diagnostics for a failed sandbox)."""
-        try:
-            with open(os.path.join(self._directory, "agent.log"), "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                handle.seek(max(0, handle.tell() - 4000))
-                return handle.read().decode(errors="replace")
-        except OSError:
-            return ""
-
     async def terminate(self) -> None:
         """Close the agent's stream (its dead-man switch kills its commands), then make sure.
 

@@ -13,7 +13,6 @@ kills a container) on `terminate`, on a provider loss, or at its maximum lifetim
 from __future__ import annotations
 
 import collections
-import math
 import shlex
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -290,8 +289,3 @@ class SimulatedSandbox(InProcessHandle):
             del self._running[request_id]
         self.commands += 1
         return command_result(scope, started, exit_code, b"")
-
-
-def lifetime_end(spec: SandboxConfig, now: float) -> float:
-    """When the provider kills a sandbox for reaching its maximum lifetime."""
-    return now + spec.max_lifetime if math.isfinite(spec.max_lifetime) else math.inf
