@@ -894,7 +894,7 @@ def test_get_profile_unknown_name() -> None:
 
 
 def test_profiles_checks_its_invariants() -> None:
-    """Profiles rejects a missing default, mismatched names and an empty set."""
+    """Profiles rejects a missing default, mismatched names, an empty set and wrong types."""
     assert config_error(
         lambda: Profiles(profiles={"a": SandboxConfig(name="b")}, default_profile="c")
     ) == (
@@ -905,6 +905,9 @@ def test_profiles_checks_its_invariants() -> None:
     assert config_error(lambda: Profiles(profiles={}, default_profile="a")) == (
         "invalid Profiles:\n  'profiles' must be a non-empty mapping"
     )
+    assert config_error(
+        lambda: Profiles(profiles={"a": SandboxConfig(name="a")}, default_profile=1)  # type: ignore[arg-type]
+    ) == ("invalid Profiles:\n  'default_profile': expected str, got int (1)")
 
 
 def test_profiles_mapping_is_read_only() -> None:

@@ -334,7 +334,11 @@ class _FieldCheck:
 
 
 def _checked_fields(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
-    """attrs' field transformer of the config classes: every field gets `_FieldCheck`."""
+    """attrs' field transformer of the config classes: every field gets `_FieldCheck`.
+
+    The class must then go through `attrs.resolve_types`: its annotations are strings until
+    then, and a string names no type to check.
+    """
     return [
         field
         if isinstance(field.validator, _FieldCheck)
@@ -836,6 +840,9 @@ class Profiles(_SelfChecking):
             self,
             profiles={key: config.with_app_name(base) for key, config in self.profiles.items()},
         )
+
+
+attrs.resolve_types(Profiles)
 
 
 def _known(names: Iterable[str]) -> str:
