@@ -69,23 +69,29 @@ def _finite_positive(instance: object, attribute: attrs.Attribute[Any], value: A
         raise ValueError(f"{attribute.name!r} must be a number > 0, got {value!r}")
 
 
-def _wire_fields(value: attrs.AttrsInstance, slot: int) -> dict[str, Any]:
-    """The value's fields as wire arguments: `None` fields left out (the agent's default)."""
-    args: dict[str, Any] = {"slot": slot}
-    for field in attrs.fields(type(value)):
-        item = getattr(value, field.name)
-        if item is None:
-            continue
-        if isinstance(item, tuple):
-            item = list(item)
-        elif isinstance(item, Mapping):
-            item = dict(item)
-        args[field.name] = item
-    return args
+class _Operation:
+    """Base of the operation values: their fields are their wire arguments."""
+
+    __slots__ = ()
+
+    def to_wire(self, slot: int) -> dict[str, Any]:
+        """The agent's arguments for doing this in `slot`: the fields under their own names,
+        `None` ones left out (the agent's default)."""
+        args: dict[str, Any] = {"slot": slot}
+        for field in attrs.fields(type(self)):  # type: ignore[arg-type]
+            item = getattr(self, field.name)
+            if item is None:
+                continue
+            if isinstance(item, tuple):
+                item = list(item)
+            elif isinstance(item, Mapping):
+                item = dict(item)
+            args[field.name] = item
+        return args
 
 
 @attrs.frozen(kw_only=True)
-class Command:
+class Command(_Operation):
     """One command for a slot: a shell `command` (run by bash) or an `argv`, never both.
 
     `cwd` is relative to the slot's workspace; `env` adds variables; `stdin` is fed to the
@@ -113,7 +119,7 @@ class Command:
             raise ValueError("a Command needs exactly one of command= or argv=")
 
     def to_wire(self, slot: int) -> dict[str, Any]:
-        args = _wire_fields(self, slot)
+        args = super().to_wire(slot)
         if self.timeout_s is not None and not math.isfinite(self.timeout_s):
             del args["timeout_s"]
         return args
@@ -158,16 +164,13 @@ class CommandResult:
 
 
 @attrs.frozen(kw_only=True)
-class ReadFile:
+class ReadFile(_Operation):
     """Read a file of the slot's workspace; at most `max_bytes` (None: the agent's bound)."""
 
     op: ClassVar[str] = "read_file"
 
     path: str
     max_bytes: int | None = None
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> FileContent:
@@ -189,7 +192,7 @@ class FileContent:
 
 
 @attrs.frozen(kw_only=True)
-class WriteFile:
+class WriteFile(_Operation):
     """Write `data` to a file of the slot's workspace, atomically."""
 
     op: ClassVar[str] = "write_file"
@@ -197,9 +200,6 @@ class WriteFile:
     path: str
     data: bytes = attrs.field(repr=False)
     mode: int | None = None
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> FileWritten:
@@ -214,7 +214,7 @@ class FileWritten:
 
 
 @attrs.frozen(kw_only=True)
-class ListFiles:
+class ListFiles(_Operation):
     """The entries under `path` of the slot's workspace."""
 
     op: ClassVar[str] = "list_files"
@@ -222,9 +222,6 @@ class ListFiles:
     path: str = "."
     recursive: bool = False
     max_entries: int | None = None
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> Listing:
@@ -243,13 +240,10 @@ class Listing:
 
 
 @attrs.frozen(kw_only=True)
-class ResetSlot:
+class ResetSlot(_Operation):
     """Kill everything the slot started and wipe its workspace."""
 
     op: ClassVar[str] = "reset_slot"
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return {"slot": slot}
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> SlotReset:
@@ -275,15 +269,12 @@ def _slot_tuple(value: Iterable[int]) -> tuple[int, ...]:
 
 
 @attrs.frozen(kw_only=True)
-class TakeCheckpoint:
+class TakeCheckpoint(_Operation):
     """Copy the slot's workspace into a new checkpoint `checkpoint`, stored in the sandbox."""
 
     op: ClassVar[str] = "checkpoint"
 
     checkpoint: str
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> CheckpointTaken:
@@ -304,7 +295,7 @@ class CheckpointTaken:
 
 
 @attrs.frozen(kw_only=True)
-class RestoreCheckpoint:
+class RestoreCheckpoint(_Operation):
     """Make the slot's workspace checkpoint `checkpoint`'s (the slot's processes are killed);
     its shell starts from `shell`."""
 
@@ -313,24 +304,18 @@ class RestoreCheckpoint:
     checkpoint: str
     shell: ShellState | None = attrs.field(default=None, repr=False)
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> None:
         return None
 
 
 @attrs.frozen(kw_only=True)
-class DropCheckpoint:
+class DropCheckpoint(_Operation):
     """Free a checkpoint's storage (any slot may ask). The result: whether it existed."""
 
     op: ClassVar[str] = "drop_checkpoint"
 
     checkpoint: str
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> bool:
@@ -338,7 +323,7 @@ class DropCheckpoint:
 
 
 @attrs.frozen(kw_only=True)
-class ForkSlot:
+class ForkSlot(_Operation):
     """Copy the slot's workspace and shell state into each of `targets`, slots of the same
     sandbox (a copy inside the sandbox)."""
 
@@ -346,22 +331,16 @@ class ForkSlot:
 
     targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> None:
         return None
 
 
 @attrs.frozen(kw_only=True)
-class GetShellState:
+class GetShellState(_Operation):
     """The slot's shell state (cwd and exported environment), or None without a shell."""
 
     op: ClassVar[str] = "get_shell_state"
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> ShellState | None:
@@ -370,7 +349,7 @@ class GetShellState:
 
 
 @attrs.frozen(kw_only=True)
-class ForkIn:
+class ForkIn(_Operation):
     """Copy the tree the provider mounted at the agent's mounts directory under `mount` into
     the slot and each of `targets` (slots of the same sandbox), whose shells then start from
     `shell`: the target side of a fork across sandboxes."""
@@ -381,16 +360,13 @@ class ForkIn:
     targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
     shell: ShellState | None = attrs.field(default=None, repr=False)
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> None:
         return None
 
 
 @attrs.frozen(kw_only=True)
-class TarOut:
+class TarOut(_Operation):
     """Start `tar c` of the slot's directory `path`, or of checkpoint `checkpoint` when given;
     the host pulls it with `StreamRead`."""
 
@@ -398,9 +374,6 @@ class TarOut:
 
     path: str = "."
     checkpoint: str | None = None
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> TarOpened:
@@ -416,7 +389,7 @@ class TarOpened:
 
 
 @attrs.frozen(kw_only=True)
-class TarIn:
+class TarIn(_Operation):
     """Start `tar x` into the slot's directory `path` (created) with its first bytes `data`;
     `last` says no more data follows (the answer then comes when tar is done), and `shell` is
     given to the slot once tar succeeded. The result: the stream's id to feed with
@@ -429,9 +402,6 @@ class TarIn:
     last: bool = False
     shell: ShellState | None = attrs.field(default=None, repr=False)
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> int | None:
         stream = answer.get("stream")
@@ -439,16 +409,13 @@ class TarIn:
 
 
 @attrs.frozen(kw_only=True)
-class StreamRead:
+class StreamRead(_Operation):
     """The next `max_bytes` of a `tar c` stream (fewer only at its end)."""
 
     op: ClassVar[str] = "stream_read"
 
     stream: int
     max_bytes: int
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> TarChunk:
@@ -464,7 +431,7 @@ class TarChunk:
 
 
 @attrs.frozen(kw_only=True)
-class StreamWrite:
+class StreamWrite(_Operation):
     """Feed `data` to a `tar x` stream; with `last`, the answer comes when tar is done."""
 
     op: ClassVar[str] = "stream_write"
@@ -473,39 +440,30 @@ class StreamWrite:
     data: bytes = attrs.field(repr=False)
     last: bool = False
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> None:
         return None
 
 
 @attrs.frozen(kw_only=True)
-class StreamClose:
+class StreamClose(_Operation):
     """Close a tar stream the host gives up on (a `tar c` is stopped)."""
 
     op: ClassVar[str] = "stream_close"
 
     stream: int
 
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return _wire_fields(self, slot)
-
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> None:
         return None
 
 
 @attrs.frozen(kw_only=True)
-class EndShell:
+class EndShell(_Operation):
     """End the slot's persistent shell (files and processes stay); the next call starts a
     clean one. The result: whether there was one."""
 
     op: ClassVar[str] = "end_shell"
-
-    def to_wire(self, slot: int) -> dict[str, Any]:
-        return {"slot": slot}
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> bool:
