@@ -9,11 +9,15 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from tests.agent_harness import AgentProcess, pid_alive
+
+from hermes_actors import _agent, _values
 
 IS_ROOT = os.getuid() == 0
 
@@ -244,3 +248,14 @@ def test_forks_get_the_shell_state_moved_to_their_own_slot(
     slot_2 = open_root / "slots" / "slot-2"
     assert shell(agent, 2, STATE) == f"{slot_2}/a/b\nbar\n{slot_2}\n"
     assert shell(agent, 0, "pwd") == f"{open_root / 'slots' / 'slot-0'}/a/b\n"  # unchanged
+
+
+def test_host_tree_values_send_exactly_what_the_agent_reads() -> None:
+    """Every tree op value of the host sends the arguments its agent op checks, and no other."""
+    values = {cls.op: cls for cls in typing.get_args(_values.TreeOperation)}
+    assert sorted(values) == sorted(_agent.TREE_OPS)
+    for op, cls in values.items():
+        read = {name for name, _ in _agent.TREE_OP_ARGS[op]}
+        sent = {field.name for field in attrs.fields(cls)}
+        # The slot travels beside the fields; ops on streams or checkpoints ignore it.
+        assert sent | {"slot"} == read | {"slot"}, op
