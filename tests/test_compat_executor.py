@@ -44,10 +44,6 @@ from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
-TODO_XFAIL = pytest.mark.xfail(
-    strict=True, reason="issue 10: the original's contract is not implemented yet"
-)
-
 #: Trajectories and tool calls per trajectory of the drop-in workload.
 TRAJECTORIES = 32
 CALLS_PER_TRAJECTORY = 5
