@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 
@@ -23,6 +24,24 @@ from sandbox_support import (
 REAL_MODAL_ENVIRONMENT = {
     name: value for name, value in os.environ.items() if name.startswith("MODAL_")
 }
+
+
+def _signals_as_from_a_terminal() -> None:
+    """Undo what a launcher ignored: the tests send SIGINT, SIGTERM and SIGHUP to programs they
+    start, as a terminal or a supervisor would, and ignored signals are inherited across exec.
+
+    A suite started as a background job of a non-interactive shell runs with SIGINT (and
+    SIGQUIT) ignored, and under `nohup` with SIGHUP ignored; its child programs would then
+    ignore the very signals their tests send.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+_signals_as_from_a_terminal()
 
 # The Modal API emulator's fixtures (one emulator per test session), and the fault suite's
 # figures (`docs/reliability.md`).
