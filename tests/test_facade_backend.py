@@ -291,3 +291,29 @@ def test_sync_callers_use_call_blocking() -> None:
         backend.stop_sync()
     assert sandbox_processes(ids) == []
     assert not backend.running
+
+
+async def test_queued_fresh_commands_start_when_the_one_before_ends() -> None:
+    """A slot's next queued command starts as soon as the one before it ends, not at the next
+    frame from the host: with a heartbeat 200 s apart, rounds of 40 slots never stall."""
+    config = SandboxConfig(
+        name="wake",
+        backend="local",
+        isolation="none",
+        shell="fresh",
+        slots_per_sandbox=10,
+        min_sandboxes=4,
+        max_sandboxes=4,
+        max_starting=4,
+        agent_ttl_s=600.0,
+    )
+    async with ToolBackend(config) as backend:
+        slots = [await backend.acquire(f"wake-{n}") for n in range(40)]
+        batch = [(slot, "bash", {"command": "echo hi"}) for _ in range(10) for slot in slots]
+        for _ in range(5):
+            # A hang guard, not a speed target: a lost wakeup waits for the 200 s heartbeat.
+            with trio.fail_after(100):
+                results = await backend.execute_batch(batch)
+            assert [result.output for result in results] == ["hi\n"] * len(batch)
+        for slot in slots:
+            await backend.release(slot)

@@ -1080,11 +1080,18 @@ class Agent:
 
     def _loop_once(self) -> None:
         self._handle_keeper_notices()
+        # Notices handled just now may have finished a slot's command and freed its serial
+        # queue: start the next request before sleeping, or it would wait for the next frame
+        # from the host (a heartbeat, up to ttl_s/3 later).
+        self._pump_serial_queues()
         now = time.monotonic()
         wake_at = self.host_deadline
         if self.timers:
             wake_at = min(wake_at, self.timers[0][0])
-        for key, mask in self.selector.select(max(0.0, wake_at - now)):
+        timeout = max(0.0, wake_at - now)
+        if self.keeper_notices or self.slots_to_pump:
+            timeout = 0.0  # work queued meanwhile: look at events without sleeping
+        for key, mask in self.selector.select(timeout):
             # An earlier callback of this batch may have closed this fd, and a new command
             # may even have reused its number: such an event is stale, skip it.
             try:
