@@ -161,7 +161,12 @@ async def test_reset_kills_processes_and_wipes_dotfiles(
         command="touch .hidden visible; mkdir -p ro/sub; chmod 500 ro; "
         "(setsid sleep 1000 &); nohup sleep 1000 >/dev/null 2>&1 &",
     )
-    assert contract_sandbox.process_count() >= before + 2
+    # The command returns once both are forked; each counts once it has exec'd its program.
+    with trio.fail_after(10):
+        while True:
+            if contract_sandbox.process_count() >= before + 2:
+                break
+            await trio.sleep(0.01)
     await client.reset_slot(0)
     assert contract_sandbox.process_count() == before
     assert await client.list_files(0, ".") == []
