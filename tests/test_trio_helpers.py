@@ -759,3 +759,42 @@ def test_portal_host_logs_a_crashed_context_and_enters_it_again(
     finally:
         host.close()
     assert service.journal == ["enter", "exit", "enter", "again", "exit"]
+
+
+class EagerService(Service):
+    """A service with a task of its own that calls through the host the moment it is open."""
+
+    host: PortalHost[Service] | None = None
+    early: str | None = None
+
+    async def __aenter__(self) -> Service:
+        entered = await super().__aenter__()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._call_when_open)
+        return entered
+
+    async def _call_when_open(self) -> None:
+        assert self.host is not None
+        while not self.host.is_open:
+            await trio.lowlevel.checkpoint()
+        self.early = await self.host.call(self.echo, "early")
+
+
+def test_portal_host_serves_a_call_that_arrives_while_it_enters() -> None:
+    """A call in the turn between the context's entry and the entering call's resumption gets
+    the entered context. Trio orders that turn's tasks at random: many rounds catch both."""
+    for _ in range(30):
+        service = EagerService()
+        host: PortalHost[Service] = PortalHost(service, name="test-portal-host-eager")
+        service.host = host
+        host.start()
+        try:
+            assert host.call_blocking(service.echo, "first") == "first"
+            for _ in range(200):
+                if service.early is not None:
+                    break
+                time.sleep(0.005)
+            assert service.early == "early"
+        finally:
+            host.close()
+        assert service.journal.count("enter") == 1

@@ -557,7 +557,8 @@ class PortalHost(Generic[T]):
         async with self._enter_lock:
             if not self._open:
                 self._closing, self._closed = trio.Event(), trio.Event()
-                self._value = await self.portal.nursery.start(self._keep_open)
+                value: T = await self.portal.nursery.start(self._keep_open)
+                return value
             assert self._value is not None
             return self._value
 
@@ -565,7 +566,9 @@ class PortalHost(Generic[T]):
         started = False
         try:
             async with self._context as value:
-                self._open = True
+                # Both before `started`: a call arriving before the entering task resumes sees
+                # the context open and takes its value from here.
+                self._value, self._open = value, True
                 started = True
                 task_status.started(value)
                 await self._closing.wait()
