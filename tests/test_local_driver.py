@@ -98,6 +98,29 @@ async def test_an_idle_sandbox_outlives_the_thread_that_started_it(
         assert (result.exit_code, result.stdout) == (0, b"still here")
 
 
+def _spawn_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "hermes-sandbox-spawner"]
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+async def test_the_spawn_thread_lasts_as_long_as_the_sandboxes_it_started(isolation: str) -> None:
+    """The thread that starts sandboxes outlives each of them (one ending leaves the other
+    alive) and is gone once the last one has ended."""
+    async with open_local_sandbox(isolation) as first:
+        async with open_local_sandbox(isolation) as second:
+            assert _spawn_threads()
+        await trio.sleep(0.3)  # had the thread ended, the signal would be on its way
+        assert first.handle.is_alive()
+        result = await first.client.exec(0, command="echo alive")
+        assert (result.exit_code, result.stdout) == (0, b"alive\n")
+        assert second.handle.is_alive() is False
+    for _ in range(100):
+        if not _spawn_threads():
+            break
+        await trio.sleep(0.05)
+    assert _spawn_threads() == []
+
+
 @pytest.mark.parametrize("isolation", ["bwrap", "none"])
 async def test_terminate_kills_a_sandbox_whose_keepers_cannot_clean_up(isolation: str) -> None:
     """With the agent killed and its keepers frozen, terminate still leaves no process behind."""

@@ -388,41 +388,64 @@ def kill_marked(marker: bytes) -> int:
     return kill_all(lambda: set(pids_with_environ_entry(marker)))
 
 
+#: A spawn thread's queue: (job, its future) pairs, then None to end the thread.
+_SpawnJobs = queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None]
+
+
 class _SpawnThread:
-    """The one thread that starts every sandbox process; it lives as long as this process.
+    """The thread that starts every sandbox process; it lives while one of them runs.
 
     bwrap's ``--die-with-parent`` (PR_SET_PDEATHSIG) fires when the *thread* that forked it
     exits, not the process. trio's `open_process` forks from a worker thread that trio retires
     after ten idle seconds, which killed every bwrap sandbox about ten seconds after its start.
-    Forking from a thread that never exits ties the signal to this process's death instead.
+    Forking from a thread that outlives every process it started ties the signal to this
+    process's death instead. The thread ends once the last of them is reaped (`release`), so a
+    program that has stopped its backends holds no thread of ours; the next start makes a new one.
     """
 
     _lock = threading.Lock()
-    _jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] | None = None
+    _jobs: _SpawnJobs | None = None
+    #: Jobs not yet done plus processes started and not yet released.
+    _holders = 0
 
     @classmethod
     def submit(cls, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run `job` (a spawn) on the thread. A job that raises releases its hold itself; one
+        that returns a process holds the thread until `release` is called for it."""
         with cls._lock:
             if cls._jobs is None:
                 cls._jobs = queue.SimpleQueue()
                 threading.Thread(
                     target=cls._serve, args=(cls._jobs,), name="hermes-sandbox-spawner", daemon=True
                 ).start()
+            cls._holders += 1
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()
             cls._jobs.put((job, future))
         return future
 
-    @staticmethod
+    @classmethod
+    def release(cls) -> None:
+        """One process started by a job is reaped (or a job did not start one)."""
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and cls._jobs is not None:
+                cls._jobs.put(None)  # after every job of this thread: it ends once they are run
+                cls._jobs = None
+
+    @classmethod
     def _serve(
-        jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]],
+        cls,
+        jobs: _SpawnJobs,
     ) -> None:
-        while True:
-            job, future = jobs.get()
+        while (item := jobs.get()) is not None:
+            job, future = item
             if not future.set_running_or_notify_cancel():
+                cls.release()
                 continue
             try:
                 future.set_result(job())
             except BaseException as exc:
+                cls.release()
                 future.set_exception(exc)
 
 
@@ -469,11 +492,15 @@ class _AgentProcess:
                 await trio.lowlevel.wait_readable(self._alive_fd)
 
     def close_fds(self) -> None:
+        """Let go of the process (reaped, or past saving): its fds and its spawn thread hold."""
+        if self._pidfd < 0:
+            return
         for fd in (self._pidfd, self._alive_fd):
             if fd >= 0:
                 trio.lowlevel.notify_closing(fd)
                 os.close(fd)
         self._pidfd = self._alive_fd = -1
+        _SpawnThread.release()
 
 
 def _spawn_agent(
