@@ -259,3 +259,138 @@ def test_host_tree_values_send_exactly_what_the_agent_reads() -> None:
         sent = {field.name for field in attrs.fields(cls)}
         # The slot travels beside the fields; ops on streams or checkpoints ignore it.
         assert sent | {"slot"} == read | {"slot"}, op
+
+
+def overlay_mounts(pid: int) -> list[str]:
+    """Mount points of the overlays in the mount namespace of process `pid`."""
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    return sorted(line.split()[4] for line in lines if " - overlay " in line)
+
+
+def leftovers(root: Path) -> list[str]:
+    """What the tree ops keep under the workspace root, once the agent's removals are done."""
+    layers = root / ".hermes-layers"
+    checkpoints = root / ".hermes-checkpoints"
+    found: list[str] = []
+    for directory in (layers, checkpoints):
+        if directory.is_dir():
+            found += sorted(p.name for p in directory.iterdir())
+    return found
+
+
+def wait_for_no_leftovers(agent: AgentProcess, root: Path) -> list[str]:
+    deadline = time.monotonic() + 5.0
+    while leftovers(root) and time.monotonic() < deadline:
+        agent.call("ping")  # removal helpers are reaped on the agent's loop turns
+        time.sleep(0.01)
+    return leftovers(root)
+
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="overlay mounts need root")
+
+
+@needs_root
+def test_fork_targets_are_overlays_seen_only_inside_and_gone_after_reset(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """Fork targets are overlay mounts in the agent's own namespace; resets remove every trace."""
+    slots = open_root / "slots"
+    sh(agent, 0, SETUP)
+    agent.call("fork", slot=0, targets=[1, 2])
+    pid = agent.process.pid
+    # The source's tree became the shared layer; the source goes on in an overlay on it too.
+    assert overlay_mounts(pid) == [str(slots / f"slot-{n}") for n in (0, 1, 2)]
+    assert not [m for m in overlay_mounts(os.getpid()) if m.startswith(str(open_root))]
+    # A target owns what it sees (the source's files are shown as its own) and writes there.
+    uid = sh(agent, 1, "stat -c %u src/pkg/b.txt; printf mine > src/pkg/b.txt; id -u").split()
+    assert uid[0] == uid[1]
+    assert sh(agent, 2, "cat src/pkg/b.txt") == "v1"
+    sh(agent, 0, "printf source > src/a.txt")
+    assert sh(agent, 1, "cat src/a.txt") == "one"
+    for slot in (1, 2):
+        agent.call("reset_slot", slot=slot)
+    assert overlay_mounts(pid) == [str(slots / "slot-0")]
+    assert sh(agent, 1, "ls -A") == ""
+    assert sh(agent, 0, "cat src/pkg/b.txt src/a.txt") == "v1source"
+    agent.call("reset_slot", slot=0)
+    assert overlay_mounts(pid) == []
+    assert wait_for_no_leftovers(agent, slots) == []
+
+
+@needs_root
+def test_a_forked_source_shell_goes_on_where_it_was_and_writes_only_its_own_files(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """After a fork in place, the source's shell keeps its directory, OLDPWD and variables."""
+    shell(agent, 0, "mkdir -p a/b c && cd c && cd ../a/b && unexported=kept && export FOO=bar")
+    agent.call("fork", slot=0, targets=[1])
+    assert shell(agent, 0, 'printf new > here; echo "$OLDPWD $unexported"') == (
+        f"{open_root / 'slots' / 'slot-0'}/c kept\n"
+    )
+    assert shell(agent, 0, "cat here") == "new"
+    assert sh(agent, 1, "ls a/b") == ""  # the source's new file is its own
+
+
+@needs_root
+def test_a_source_with_a_running_process_is_copied_not_moved(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A source slot with a background process gets its tree copied; nothing of it moves."""
+    slots = open_root / "slots"
+    sh(agent, 0, SETUP)
+    shell(agent, 0, "sleep 60 >/dev/null 2>&1 &")
+    agent.call("fork", slot=0, targets=[1])
+    assert overlay_mounts(agent.process.pid) == [str(slots / "slot-1")]
+    assert sh(agent, 1, LISTING) == sh(agent, 0, LISTING)
+    for slot in (0, 1):
+        agent.call("reset_slot", slot=slot)
+    assert overlay_mounts(agent.process.pid) == []
+    assert wait_for_no_leftovers(agent, slots) == []
+
+
+@needs_root
+def test_a_dropped_checkpoint_stays_under_its_restored_slot_until_that_slot_resets(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """Dropping a checkpoint a slot was restored from keeps that slot's files, then frees all."""
+    slots = open_root / "slots"
+    sh(agent, 0, SETUP)
+    before = sh(agent, 0, LISTING)
+    agent.call("checkpoint", slot=0, checkpoint="ck")
+    agent.call("restore", slot=3, checkpoint="ck")
+    agent.call("restore", slot=3, checkpoint="ck")  # again: the first overlay goes
+    # The checkpoint froze slot 0's tree in place: slot 0 goes on in an overlay on it.
+    assert overlay_mounts(agent.process.pid) == [str(slots / "slot-0"), str(slots / "slot-3")]
+    assert agent.call("drop_checkpoint", checkpoint="ck") == {"dropped": True}
+    assert agent.error("restore", slot=4, checkpoint="ck")["code"] == "not_found"
+    assert sh(agent, 3, LISTING) == before
+    assert sh(agent, 0, LISTING) == before
+    agent.call("reset_slot", slot=3)
+    agent.call("reset_slot", slot=0)
+    assert overlay_mounts(agent.process.pid) == []
+    assert wait_for_no_leftovers(agent, slots) == []
+
+
+@needs_root
+def test_forks_of_forks_stack_layers_and_stay_independent(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """Forking a fork, and the source again, keeps every workspace its own; resets free all."""
+    slots = open_root / "slots"
+    sh(agent, 0, SETUP)
+    agent.call("fork", slot=0, targets=[1])
+    sh(agent, 1, "printf one-1 > src/a.txt && rm blob")
+    agent.call("fork", slot=1, targets=[2])  # slot 1 is an overlay: its upper becomes a layer
+    sh(agent, 0, "printf zero > src/a.txt")
+    agent.call("fork", slot=0, targets=[3])
+    sh(agent, 2, "printf two > new")
+    probe = "cat src/a.txt; for f in blob new; do [ -e $f ] && printf ' %s' $f; done; true"
+    contents = {n: sh(agent, n, probe) for n in range(4)}
+    assert contents == {0: "zero blob", 1: "one-1", 2: "one-1 new", 3: "zero blob"}
+    if "slot_uids" in agent.ready["result"]["features"]:
+        assert sh(agent, 2, "stat -c %u src/pkg/b.txt").strip() == str(43000 + 2)
+    for slot in (1, 0, 3, 2):
+        agent.call("reset_slot", slot=slot)
+    assert overlay_mounts(agent.process.pid) == []
+    assert wait_for_no_leftovers(agent, slots) == []

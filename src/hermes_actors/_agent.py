@@ -1020,6 +1020,8 @@ class Agent:
         # Without a cleared ambient set, uid switches must take the fork()+setuid() path,
         # which clears every capability.
         self.fast_uid_spawn = _drop_inheritable_privileges()
+        if os.getuid() == 0:
+            self.trees.mounter = _Mounter.in_private_namespace()
         os.makedirs(self.workspace_root, exist_ok=True)
         if self.slot_uid_base is not None:
             # Slot users must be able to traverse the root to reach their own 0700 workspace.
@@ -1991,6 +1993,7 @@ class Agent:
         _wait_dead(self.shells.closing(slot, "reset"))
         killed = self.kill_slot(slot, "reset")
         self.shells.close(slot)
+        self.trees.discard_overlay(slot)
         uid = self.slot_uid(slot)
         workspace = self.workspace(slot)
         try:
@@ -2332,6 +2335,221 @@ class _Stream:
         self.shell: Optional[Dict[str, Any]] = None  # given to the slot once tar x succeeded
 
 
+# -- copy-on-write workspaces: overlay mounts over a frozen tree ---------------------------------
+#
+# A fork or restore needs one frozen copy of the tree (a *layer*); each target slot's workspace
+# then becomes an overlay mount (lower: the layer, upper: the slot's own directory), which costs
+# a mount instead of a copy. Where the layer's files belong to another slot uid, the lower is an
+# idmapped bind of the layer (the layer's owner shown as the target's uid), so the target owns
+# what it sees. The agent mounts in its own mount namespace (made at start, slave to its
+# parent's): the mounts are invisible outside the sandbox and vanish with its last process,
+# whatever way the agent ends. Without the privilege to mount (not root, gVisor, no overlayfs),
+# trees are copied instead.
+
+LAYERS_DIR = ".hermes-layers"
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_MS_REC = 0x4000
+_MS_SLAVE = 1 << 19
+_MNT_DETACH = 2
+# Numbers of the new mount API: the same on every architecture (they came after 424).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_MOUNT_ATTR_IDMAP = 0x00100000
+
+
+class _Mounter:
+    """The kernel calls behind copy-on-write workspaces (through ctypes)."""
+
+    def __init__(self, libc: Any) -> None:
+        self.libc = libc
+        #: User namespaces mapping one uid onto another, by (from, to): an idmapped mount
+        #: needs one, and making one costs a fork.
+        self.userns: Dict[Tuple[int, int], int] = {}
+
+    @classmethod
+    def in_private_namespace(cls) -> "Optional[_Mounter]":
+        """Move the agent into a mount namespace of its own; None where it may not mount."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mount.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.c_ulong,
+                ctypes.c_char_p,
+            ]
+            libc.syscall.restype = ctypes.c_long
+            if libc.unshare(_CLONE_NEWNS) != 0:
+                return None
+            # Slave: mounts made here never propagate back to the host's namespace.
+            if libc.mount(None, b"/", None, _MS_REC | _MS_SLAVE, None) != 0:
+                return None
+        except Exception:  # no ctypes, not Linux
+            return None
+        return cls(libc)
+
+    def _check(self, result: int, what: str, path: str) -> int:
+        if result < 0:
+            import ctypes
+
+            number = ctypes.get_errno()
+            raise OSError(number, "%s: %s" % (what, os.strerror(number)), path)
+        return result
+
+    def overlay(self, lowers: List[str], upper: str, work: str, target: str) -> None:
+        """Mount an overlay at `target`: `lowers` (top first) under `upper`."""
+        for path in [*lowers, upper, work]:
+            if any(c in path for c in ",:\\"):
+                raise OSError(errno.EINVAL, "path unfit for overlay options", path)
+        options = "lowerdir=%s,upperdir=%s,workdir=%s" % (":".join(lowers), upper, work)
+        result = self.libc.mount(b"overlay", target.encode(), b"overlay", 0, options.encode())
+        self._check(result, "mounting an overlay", target)
+
+    def detach(self, target: str) -> None:
+        self._check(self.libc.umount2(target.encode(), _MNT_DETACH), "unmounting", target)
+
+    def idmapped_bind(self, source: str, target: str, owner: int, uid: int) -> None:
+        """Bind `source` at `target` showing files of `owner` as `uid`'s."""
+        import ctypes
+
+        class MountAttr(ctypes.Structure):
+            _fields_ = [
+                ("attr_set", ctypes.c_uint64),
+                ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64),
+            ]
+
+        syscall = self.libc.syscall
+        flags = _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC
+        fd = self._check(
+            syscall(_SYS_OPEN_TREE, _AT_FDCWD, source.encode(), flags), "open_tree", source
+        )
+        try:
+            attr = MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, self._userns(owner, uid))
+            size = ctypes.c_size_t(ctypes.sizeof(attr))
+            result = syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), size)
+            self._check(result, "idmapping a mount", source)
+            flags = _MOVE_MOUNT_F_EMPTY_PATH
+            result = syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, target.encode(), flags)
+            self._check(result, "move_mount", target)
+        finally:
+            os.close(fd)
+
+    def _userns(self, owner: int, uid: int) -> int:
+        """A user namespace in which `owner` is `uid` (made once per pair, by a child)."""
+        key = (owner, uid)
+        if key in self.userns:
+            return self.userns[key]
+        ready_read, ready_write = os.pipe()
+        done_read, done_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child only unshares and waits
+            try:
+                os.close(ready_read)
+                os.close(done_write)
+                ok = self.libc.unshare(_CLONE_NEWUSER) == 0
+                os.write(ready_write, b"y" if ok else b"n")
+                os.read(done_read, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_write)
+        os.close(done_read)
+        try:
+            if os.read(ready_read, 1) != b"y":
+                raise OSError(errno.EPERM, "no user namespace for an idmapped mount")
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (pid, name), "w") as handle:
+                    handle.write("%d %d 1\n" % (owner, uid))
+            fd = os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(ready_read)
+            os.close(done_write)  # the child exits
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.userns[key] = fd
+        return fd
+
+    def probe(self, directory: str, uids: Optional[Tuple[int, int]]) -> Optional[str]:
+        """Why overlays (idmapped ones with `uids`) do not work in `directory`, or None."""
+        parts = ["lower", "upper", "work", "merged", "mapped"]
+        paths = [os.path.join(directory, part) for part in parts]
+        mounted: List[str] = []
+        try:
+            os.mkdir(directory, 0o700)
+            for path in paths:
+                os.mkdir(path, 0o700)
+            lower = paths[0]
+            if uids is not None:
+                os.chown(lower, uids[0], uids[0])
+                os.chown(paths[1], uids[1], uids[1])
+                self.idmapped_bind(lower, paths[4], uids[0], uids[1])
+                mounted.append(paths[4])
+                lower = paths[4]
+            self.overlay([lower], paths[1], paths[2], paths[3])
+            mounted.append(paths[3])
+            return None
+        except OSError as exc:
+            return str(exc)
+        finally:
+            for path in reversed(mounted):
+                with contextlib.suppress(OSError):
+                    self.detach(path)
+            _remove_stage(directory)
+
+    def close(self) -> None:
+        for fd in self.userns.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.userns.clear()
+
+
+#: Layers one overlay may stack (a fork of a fork of ... adds one); deeper, a fork copies.
+_MAX_LAYERS = 8
+
+
+class _Layer:
+    """A frozen tree that overlay workspaces use as their lower layer.
+
+    A layer may lie on another (`below`): the upper directory of a workspace that was itself an
+    overlay, frozen when that workspace was forked or checkpointed.
+    """
+
+    def __init__(
+        self, path: str, owner: Optional[int], held: bool, below: "Optional[_Layer]" = None
+    ) -> None:
+        self.path = path  # removed with the layer: the tree is `path`/w/tree
+        self.owner = owner  # the uid owning the files (None: no slot uids)
+        self.held = held  # a checkpoint keeps it
+        self.below = below
+        #: Slots whose workspace is an overlay on it, and layers lying on it.
+        self.users: Set[object] = set()
+        if below is not None:
+            below.users.add(self)
+
+    @property
+    def tree(self) -> str:
+        return os.path.join(self.path, "w", "tree")
+
+    def chain(self) -> "List[_Layer]":
+        """This layer and those below it, top first (the order of overlay's lowerdir)."""
+        layers: List[_Layer] = []
+        layer: Optional[_Layer] = self
+        while layer is not None:
+            layers.append(layer)
+            layer = layer.below
+        return layers
+
+
 class TreeOps:
     """The tree ops of one agent (see the section comment). Holds helper processes by pid."""
 
@@ -2343,6 +2561,15 @@ class TreeOps:
         #: Requests of `SLOT_TREE_OPS` still running: request id -> (slot, helper pids).
         self.busy: Dict[int, Tuple[int, Set[int]]] = {}
         self._gnu_cp: Optional[bool] = None
+        #: Set by the agent at start where it may mount (see the copy-on-write section).
+        self.mounter: Optional[_Mounter] = None
+        #: Why copy-on-write workspaces do not work here ("" when they do; None: not probed).
+        self.cow_problem: Optional[str] = None
+        #: Slots whose workspace is an overlay: slot -> (its layer, its private directory).
+        self.overlays: Dict[int, Tuple[_Layer, str]] = {}
+        #: Checkpoints that are layers (frozen in place, or restored from once), by name; a
+        #: layer stays while held or lain on.
+        self.checkpoint_layers: Dict[str, _Layer] = {}
 
     def handlers(self) -> Dict[str, Callable[[int, Dict[str, Any]], Optional[Dict[str, Any]]]]:
         """Each tree op's handler (``op_<name>``), given its arguments checked (`TREE_OP_ARGS`)."""
@@ -2485,6 +2712,7 @@ class TreeOps:
 
     def _install(self, tree: str, slot: int) -> None:
         """Make `tree` (already owned by the slot's uid) the slot's workspace."""
+        self.discard_overlay(slot)
         workspace = self.agent.workspace(slot)
         _wipe_contents(workspace)
         os.rename(tree, workspace)  # replaces the now empty directory
@@ -2538,6 +2766,203 @@ class TreeOps:
 
         self._spawn(request_id, slot, [*self._cp(), source, tree], reader_uid, copied)
 
+    # -- copy-on-write workspaces ----------------------------------------------------------
+
+    def cow(self) -> bool:
+        """Whether workspaces can be overlays here (probed once, on first use)."""
+        if self.mounter is None:
+            return False
+        if self.cow_problem is None:
+            base = self.agent.slot_uid_base
+            uids = (base, base + 1) if base is not None else None
+            probe = os.path.join(self._layers_root(), "probe-" + os.urandom(6).hex())
+            self.cow_problem = self.mounter.probe(probe, uids) or ""
+            if self.cow_problem:
+                _log("no copy-on-write workspaces, trees are copied: %s" % self.cow_problem)
+        return self.cow_problem == ""
+
+    def _layers_root(self) -> str:
+        root = os.path.join(self.agent.workspace_root, LAYERS_DIR)
+        with contextlib.suppress(FileExistsError):
+            # Traversable: a fork's copy is made by the source slot's uid (see `_new_layer`).
+            os.mkdir(root, 0o711)
+        return root
+
+    def _new_layer(self, owner: Optional[int]) -> _Layer:
+        """An empty layer whose tree `owner` (a slot uid, or None) may write, once."""
+        path = os.path.join(self._layers_root(), "fork-" + os.urandom(8).hex())
+        os.mkdir(path, 0o711)
+        inner = os.path.join(path, "w")
+        os.mkdir(inner, 0o700)
+        if owner is not None:
+            os.chown(inner, owner, owner)
+        return _Layer(path, owner, held=False)
+
+    def _overlay_into(self, layer: _Layer, slot: int) -> None:
+        """Make the slot's workspace an overlay on `layer` (what it had before is gone)."""
+        mounter = self.mounter
+        assert mounter is not None
+        agent = self.agent
+        self.discard_overlay(slot)
+        workspace = agent.workspace(slot)
+        _wipe_contents(workspace)
+        uid = agent.slot_uid(slot)
+        private = os.path.join(self._layers_root(), "slot-%d-%s" % (slot, os.urandom(6).hex()))
+        os.mkdir(private, 0o700)
+        upper, work = os.path.join(private, "u"), os.path.join(private, "w")
+        mapped: List[str] = []
+        try:
+            os.mkdir(upper, 0o700)
+            os.mkdir(work, 0o700)
+            if uid is not None:
+                os.chown(upper, uid, uid)
+            lowers: List[str] = []
+            for below in layer.chain():
+                lower = below.tree
+                if uid is not None and below.owner is not None and below.owner != uid:
+                    bind = os.path.join(private, "l%d" % len(lowers))
+                    os.mkdir(bind, 0o700)
+                    mounter.idmapped_bind(lower, bind, below.owner, uid)
+                    mapped.append(bind)
+                    lower = bind
+                lowers.append(lower)
+            mounter.overlay(lowers, upper, work, workspace)
+        except BaseException:
+            for bind in mapped:
+                with contextlib.suppress(OSError):
+                    mounter.detach(bind)
+            _remove_stage(private)
+            raise
+        for bind in mapped:  # the overlay holds its own references to its lowers
+            with contextlib.suppress(OSError):
+                mounter.detach(bind)
+                os.rmdir(bind)
+        self.overlays[slot] = (layer, private)
+        layer.users.add(slot)
+
+    def _freeze_in_place(self, slot: int, path: str, held: bool) -> Optional[_Layer]:
+        """Move the slot's workspace into a new layer at `path`, and put an overlay on that layer
+        in its place: a snapshot without copying. None (nothing changed) where that is not safe:
+        the workspace is an overlay already, or something of the slot besides its idle shell
+        could still write into the moved tree."""
+        agent = self.agent
+        if not self._quiet(slot):
+            return None
+        if slot in self.overlays:
+            return self._freeze_upper(slot, path, held)
+        workspace = agent.workspace(slot)
+        layer = _Layer(path, agent.slot_uid(slot), held)
+        os.mkdir(path, 0o711)
+        os.mkdir(os.path.dirname(layer.tree), 0o700)  # root's: sealed from the start
+        os.rename(workspace, layer.tree)
+        try:
+            self._overlay_into(layer, slot)
+        except OSError as exc:
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(workspace)
+                os.rename(layer.tree, workspace)
+            except OSError as back:  # never remove the slot's files: keep them in the layer
+                _log("slot %d's workspace stays in %s: %r, then %r" % (slot, path, exc, back))
+                return None
+            _remove_stage(path)
+            return None
+        shell = agent.shells.by_slot.get(slot)
+        if shell is not None:
+            shell.recenter = True
+        return layer
+
+    def _freeze_upper(self, slot: int, path: str, held: bool) -> Optional[_Layer]:
+        """`_freeze_in_place` of a workspace that is an overlay: its upper becomes a layer on
+        the one below it, and a new overlay goes on that."""
+        mounter = self.mounter
+        assert mounter is not None
+        below, private = self.overlays[slot]
+        if len(below.chain()) >= _MAX_LAYERS:
+            return None  # a copy flattens the stack
+        workspace = self.agent.workspace_path(slot)
+        os.mkdir(path, 0o711)
+        os.mkdir(os.path.join(path, "w"), 0o700)
+        try:
+            mounter.detach(workspace)
+        except OSError:
+            _remove_stage(path)
+            return None
+        # From here the slot's files are in `private`'s upper: they must end in a layer.
+        del self.overlays[slot]
+        below.users.discard(slot)
+        layer = _Layer(path, self.agent.slot_uid(slot), held, below)
+        os.rename(os.path.join(private, "u"), layer.tree)
+        self._remove_later(private)
+        self._overlay_into(layer, slot)
+        shell = self.agent.shells.by_slot.get(slot)
+        if shell is not None:
+            shell.recenter = True
+        return layer
+
+    def _quiet(self, slot: int) -> bool:
+        """Whether nothing of the slot can write into its workspace now, its idle persistent
+        shell aside (its working directory is all it holds there: see `_Shell.recenter`)."""
+        agent = self.agent
+        if any(stream.slot == slot for stream in self.streams.values()):
+            return False
+        keeper = agent.keepers.get(slot)
+        if keeper is None:
+            return True
+        shell = agent.shells.by_slot.get(slot)
+        shell_pid = 0
+        if shell is not None:
+            if shell.current is not None:
+                return False
+            shell_pid = shell.pid
+        table = _process_table()
+        below = _descendants(_children_of(table), [keeper.pid])
+        if {pid for pid in below if not table[pid][2]} - {shell_pid}:
+            return False
+        if shell_pid:
+            inside = agent.workspace_path(slot) + os.sep
+            try:
+                names = os.listdir("/proc/%d/fd" % shell_pid)
+            except OSError:
+                return False
+            for name in names:
+                with contextlib.suppress(OSError):
+                    if os.readlink("/proc/%d/fd/%s" % (shell_pid, name)).startswith(inside):
+                        return False
+        return True
+
+    def discard_overlay(self, slot: int) -> None:
+        """Unmount the slot's overlay and free its files (its processes are gone already)."""
+        entry = self.overlays.pop(slot, None)
+        if entry is None:
+            return
+        layer, private = entry
+        if self.mounter is not None:
+            with contextlib.suppress(OSError):
+                self.mounter.detach(self.agent.workspace_path(slot))
+        self._remove_later(private)
+        layer.users.discard(slot)
+        self._release_layer(layer)
+
+    def _release_layer(self, layer: _Layer) -> None:
+        """Free a layer no overlay uses and no checkpoint holds (and what it alone held up)."""
+        if layer.users or layer.held:
+            return
+        self._remove_later(layer.path)
+        if layer.below is not None:
+            layer.below.users.discard(layer)
+            self._release_layer(layer.below)
+
+    def _remove_later(self, path: str) -> None:
+        """Remove a tree by a helper (a big one never stalls the loop); its name is free now."""
+        doomed = os.path.join(self._layers_root(), ".gone-" + os.urandom(8).hex())
+        try:
+            os.rename(path, doomed)
+            self._spawn(-1, 0, ["rm", "-rf", doomed], None, lambda code, _: _remove_stage(doomed))
+        except (OSError, OpError):
+            _remove_stage(path)
+            _remove_stage(doomed)
+
     # -- checkpoint, restore, fork ---------------------------------------------------------
 
     def checkpoint_path(self, name: str) -> str:
@@ -2552,6 +2977,16 @@ class TreeOps:
         with contextlib.suppress(FileExistsError):
             os.mkdir(root, 0o711)
         path = self.checkpoint_path(name)
+        if os.path.lexists(path):
+            raise OpError("exists", "checkpoint %r exists already" % name)
+        if self.cow():
+            layer = self._freeze_in_place(slot, path, held=True)
+            if layer is not None:
+                self.checkpoint_layers[name] = layer
+                # What the checkpoint holds, as a copy would (its layer may hold only what
+                # changed since the layer below it).
+                size, entries = _tree_size(source)
+                return {"bytes": size, "entries": entries, "shell": self.shell_state(slot)}
         try:
             os.mkdir(path, 0o711)
         except FileExistsError:
@@ -2599,6 +3034,21 @@ class TreeOps:
             self.set_shell_state(slot, shell)
             self._finish(request_id, {})
 
+        if self.cow():
+            # The checkpoint's tree becomes the lower layer: no copy.
+            layer = self.checkpoint_layers.get(name)
+            if layer is None:  # a checkpoint that was copied: its tree becomes a layer
+                owner = os.stat(tree).st_uid if agent.slot_uid_base is not None else None
+                layer = self.checkpoint_layers[name] = _Layer(
+                    self.checkpoint_path(name), owner, held=True
+                )
+            try:
+                self._overlay_into(layer, slot)
+            except OSError as exc:
+                self._finish(request_id, error=_os_error_pair("restore", exc))
+                return None
+            restored()
+            return None
         try:
             self._copy_into_slot(request_id, tree, None, slot, restored)
         except OpError as exc:
@@ -2624,6 +3074,12 @@ class TreeOps:
             if left[0] == 0:
                 self._finish(request_id, {})
 
+        if self.cow():
+            try:
+                self._fork_by_overlays(request_id, source, uid, targets, shell)
+            except OSError as exc:
+                self._finish(request_id, error=_os_error_pair("fork", exc))
+            return None
         try:
             for target in targets:
                 self._copy_into_slot(
@@ -2668,11 +3124,73 @@ class TreeOps:
             self._finish(request_id, error=_os_error_pair("fork_in", exc))
         return None
 
+    def _fork_by_overlays(
+        self,
+        request_id: int,
+        source: str,
+        uid: Optional[int],
+        targets: List[int],
+        shell: Optional[Dict[str, Any]],
+    ) -> None:
+        """The source's tree frozen in place (or, where it cannot be, one copy of it read as
+        its uid), then an overlay on it per target."""
+        slot = self.busy[request_id][0]
+        path = os.path.join(self._layers_root(), "fork-" + os.urandom(8).hex())
+        frozen = self._freeze_in_place(slot, path, held=False)
+        if frozen is not None:
+            self._overlays_onto(request_id, frozen, targets, shell)
+            return
+        layer = self._new_layer(uid)
+
+        def copied(exit_code: int, errors: str) -> None:
+            if exit_code != 0 or request_id not in self.busy:
+                self._release_layer(layer)
+                message = "copying the workspace failed: %s" % (errors.strip() or "killed")
+                self._finish(request_id, error=(_error_code_of(errors), message))
+                return
+            self._seal(os.path.dirname(layer.tree))
+            self._overlays_onto(request_id, layer, targets, shell)
+
+        try:
+            self._spawn(request_id, 0, [*self._cp(), source, layer.tree], uid, copied)
+        except OpError:
+            self._release_layer(layer)
+            raise
+
+    def _overlays_onto(
+        self, request_id: int, layer: _Layer, targets: List[int], shell: Optional[Dict[str, Any]]
+    ) -> None:
+        """Each target's workspace an overlay on `layer`, with `shell`; then the reply."""
+        done: List[int] = []
+        try:
+            for target in targets:
+                self._overlay_into(layer, target)
+                done.append(target)
+        except OSError as exc:
+            for target in done:
+                self.discard_overlay(target)
+            self._release_layer(layer)
+            self._finish(request_id, error=_os_error_pair("fork", exc))
+            return
+        for target in targets:
+            self.set_shell_state(target, shell)
+        self._finish(request_id, {})
+
     def op_drop_checkpoint(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         name = args["checkpoint"]
         path = self.checkpoint_path(name)
         if not os.path.isdir(path):
             return {"dropped": False}
+        layer = self.checkpoint_layers.pop(name, None)
+        if layer is not None:
+            layer.held = False
+            if layer.users:
+                # Workspaces still lie on its tree: it goes when the last of them does.
+                layer.path = os.path.join(self._layers_root(), "dropped-" + os.urandom(8).hex())
+                os.rename(path, layer.path)
+            else:
+                self._release_layer(layer)
+            return {"dropped": True}
         # Renamed first, so the name is free at once and a crash leaves no half-deleted
         # checkpoint behind; the rm runs as a helper so a big tree does not stall the loop.
         doomed = os.path.join(os.path.dirname(path), ".drop-" + os.urandom(8).hex())
@@ -2981,9 +3499,13 @@ class TreeOps:
             stream.fd = -1
 
     def close_all(self) -> None:
-        """On exit: every stream closed (their helpers die with the agent's kill sweep)."""
+        """On exit: every stream closed (their helpers die with the agent's kill sweep).
+
+        Overlay mounts need no unmounting: they end with the agent's mount namespace."""
         for stream in list(self.streams.values()):
             self._close_stream(stream)
+        if self.mounter is not None:
+            self.mounter.close()
 
 
 def _retarget_exports(exported: bytes, origin: str, workspace: str) -> bytes:
@@ -3042,6 +3564,9 @@ class _Shell:
         self.report_restart = False
         #: Why it is being killed on purpose ("reset", "shutdown"); None while it serves.
         self.closing: Optional[str] = None
+        #: Its workspace was moved into a layer under it (a fork or checkpoint in place): its
+        #: next call first re-enters its directory by path, into the overlay now there.
+        self.recenter = False
 
 
 class _Shells:
@@ -3142,6 +3667,15 @@ class _Shells:
             parts.append("\\command export %s=%s" % (key, _shell_quote(extra_env[key])))
         if cwd is not None:
             parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
+        elif shell.recenter:
+            # OLDPWD (set or not) stays what it was: `cd -` still goes where it went.
+            parts.append(
+                '\\command set -- "${OLDPWD-}" "${OLDPWD+x}" "$@"; '
+                '\\command cd -- "$PWD" >/dev/null 2>&1; '
+                'if \\command [ -n "$2" ]; then OLDPWD=$1; else \\command unset OLDPWD; fi; '
+                "\\command shift 2"
+            )
+        shell.recenter = False
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
         body = command.encode("utf-8", "surrogateescape")
         if not body.endswith(b"\n"):

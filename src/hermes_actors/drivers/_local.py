@@ -140,6 +140,9 @@ _AGENT_CAPABILITIES = (
     "CAP_KILL",
     # Reading where a slot's shell has its stdout (/proc/<pid>/fd/1, see the agent's shells).
     "CAP_SYS_PTRACE",
+    # Overlay and idmapped mounts in the sandbox's own mount namespace: a fork is a mount, not
+    # a copy (the agent's tree section). Commands never have it: they run as slot uids.
+    "CAP_SYS_ADMIN",
 )
 _SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
