@@ -364,11 +364,14 @@ def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
         ]
     lines += [
         "",
-        "The in-sandbox fork is one request to the sandbox's agent, which copies the tree with "
-        "`cp -a --reflink=auto` per branch (hard links kept; copy-on-write where the filesystem "
-        "has reflinks) and hands each copy to its slot's uid. Provider calls are every RPC the "
-        "modal client made in the window, stdin writes to the agent included; the agent's "
-        "stdout stream and the driver's liveness long poll run all along and are listed apart. "
+        "The in-sandbox fork is one request to the sandbox's agent. Where it may mount (root, "
+        "locally), the agent freezes the source's tree in place as a layer and makes each "
+        "workspace an overlay on it (idmapped for the other slot uids): no tree is copied. "
+        "Elsewhere it copies the tree with `cp -a --reflink=auto` per branch (hard links kept; "
+        "copy-on-write where the filesystem has reflinks) and hands each copy to its slot's uid. "
+        "Provider calls are every RPC the modal client made in the window, stdin writes to the "
+        "agent included; the agent's stdout stream and the driver's liveness long poll run all "
+        "along and are listed apart. "
         "A fork into other sandboxes snapshots the source slot's directory once "
         "(`Sandbox.snapshot_directory`) and reads its shell state; each target sandbox mounts "
         "the snapshot (`mount_image`), copies it into its target slots with one request to its "

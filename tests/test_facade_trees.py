@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from agent_harness import processes_with_env
 from hermes_actors import (
     CheckpointLimitExceeded,
     CheckpointLost,
@@ -247,3 +248,145 @@ async def test_forks_and_restores_carry_the_shell_cwd_and_exports() -> None:
         await sh(backend, source, "cd / && export FOO=changed")
         await backend.restore(source, checkpoint)
         assert await sh(backend, source, 'basename "$PWD"; echo "$FOO"') == "b\nbar\n"
+
+
+class StepCanceller:
+    """Wraps the tree ops' one way to the agent (`_trees._op`): when armed with step k, cancels
+    the caller's scope at the k-th step, a step being the moment before a request is sent or
+    the moment its answer is back; cleanups after that run (shielded) unhindered."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.step = 0
+        self.cancel_at = 0
+        self.scope: trio.CancelScope | None = None
+
+    def arm(self, cancel_at: int, scope: trio.CancelScope) -> None:
+        self.step, self.cancel_at, self.scope = 0, cancel_at, scope
+
+    def _tick(self) -> None:
+        self.step += 1
+        if self.step == self.cancel_at and self.scope is not None:
+            self.scope.cancel(reason="cancellation sweep")
+
+    async def __call__(self, sandbox: Any, slot: int, op: str, args: Any) -> Any:
+        self._tick()
+        answer = await self.original(sandbox, slot, op, args)
+        self._tick()
+        return answer
+
+
+def tree_helpers(sandbox_ids: set[str]) -> list[int]:
+    """Live helper processes (cp, tar, rm, chown) of these sandboxes."""
+    found = []
+    for sandbox_id in sandbox_ids:
+        for pid in processes_with_env(f"HERMES_SANDBOX_ID={sandbox_id}"):
+            try:
+                with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+                    if handle.read().strip() in ("cp", "tar", "rm", "chown"):
+                        found.append(pid)
+            except OSError:
+                continue
+    return found
+
+
+async def settle(done: Any, seconds: float = 5.0) -> None:
+    """Wait until `done()` (what the agent removes or reaps in the background), at most
+    `seconds`."""
+    for _ in range(int(seconds / 0.02)):
+        if done():
+            return
+        await trio.sleep(0.02)
+
+
+def stored(root: Path, prefix: str = "") -> list[str]:
+    directory = root / prefix if prefix else root
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+SWEPT = ["checkpoint", "fork", "restore", "restore_across", "upload", "download", "drop"]
+
+
+@pytest.mark.parametrize("operation", SWEPT)
+async def test_a_tree_op_cancelled_at_any_step_leaves_nothing_behind(
+    operation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled before any agent request or after any answer, a tree op leaves no slot held,
+    no checkpoint half-registered, no helper process and no stored tree behind."""
+    from hermes_actors.runtime import _trees
+
+    steps = StepCanceller(_trees._op)
+    monkeypatch.setattr(_trees, "_op", steps)
+    big = 9 * 1024 * 1024  # three tar chunks: transfers take several steps
+    async with ToolBackend(config(slots_per_sandbox=2, max_sandboxes=2)) as backend:
+        source = await backend.acquire("t")
+        near = await backend.acquire("u")  # the source's sandbox is full now
+        far = await backend.acquire("v")
+        assert far.sandbox_id != source.sandbox_id == near.sandbox_id
+        await sh(backend, source, TREE + f" && head -c {big} /dev/urandom > big")
+        roots = {
+            slot.sandbox_id: Path((await sh(backend, slot, "cd .. && pwd")).strip())
+            for slot in (source, far)
+        }
+        kept = await backend.checkpoint(source)
+        ledger = (await backend._runtime._pool(source.profile)).checkpoints  # type: ignore[union-attr]
+        upload_tar = io.BytesIO()
+        with tarfile.open(fileobj=upload_tar, mode="w") as archive:
+            info = tarfile.TarInfo("up/data.bin")
+            info.size = big
+            archive.addfile(info, io.BytesIO(os.urandom(big)))
+
+        async def run() -> Any:
+            if operation == "checkpoint":
+                return await backend.checkpoint(source)
+            if operation == "fork":
+                return await backend.fork(source, 1)
+            if operation == "restore":
+                return await backend.restore(near, kept)
+            if operation == "restore_across":
+                return await backend.restore(far, kept)
+            if operation == "upload":
+                return await backend.upload(source, upload_tar.getvalue(), "in")
+            if operation == "download":
+                return await backend.download(source, ".", io.BytesIO())
+            assert operation == "drop"
+            return await backend.release_checkpoint(victim)
+
+        cancelled = 0
+        for cancel_at in range(1, 60):
+            victim = await backend.checkpoint(source) if operation == "drop" else None
+            if operation == "fork":
+                await backend.release(near, reset_workspace=True)  # a free slot to fork into
+            with trio.CancelScope() as scope:
+                steps.arm(cancel_at, scope)
+                result = await run()
+            reached = steps.step >= cancel_at
+            steps.arm(0, scope)
+            cancelled += scope.cancelled_caught
+            if operation == "fork":
+                near = result[0] if not scope.cancelled_caught else await backend.acquire("u")
+            if operation == "checkpoint" and not scope.cancelled_caught:
+                await backend.release_checkpoint(result)
+            where = f"{operation} cancelled at step {cancel_at}"
+            assert held(backend) == 3, where
+            expected = {kept.checkpoint_id}
+            assert {c.checkpoint_id for c in ledger._held.values()} == expected, where
+            assert ledger._reserved == 0, where
+            for root in roots.values():
+                assert not [n for n in stored(root) if n.startswith(".hermes-stage-")], where
+            local = stored(roots[source.sandbox_id], ".hermes-checkpoints")
+            assert local == sorted(expected), where
+            await settle(lambda: not tree_helpers(set(roots)))
+            assert tree_helpers(set(roots)) == [], where
+            if not reached:  # it ran to its end before the step: every step was swept
+                break
+        assert cancel_at > 1  # at least one step was swept
+        if operation != "drop":  # (a drop is shielded: it completes whenever it is cancelled)
+            assert cancelled >= 1
+        await backend.release_checkpoint(kept)
+        for slot in (source, near, far):
+            await backend.release(slot, reset_workspace=True)
+        for root in roots.values():
+            assert stored(root, ".hermes-checkpoints") == []
+            await settle(lambda: not stored(root, ".hermes-layers"))  # noqa: B023
+            assert stored(root, ".hermes-layers") == []

@@ -2179,6 +2179,17 @@ def _stream_id(args: Dict[str, Any]) -> int:
     return stream
 
 
+def _optional_stream_id(args: Dict[str, Any]) -> Optional[int]:
+    return None if args.get("stream") is None else _stream_id(args)
+
+
+def _tag_arg(args: Dict[str, Any]) -> Optional[str]:
+    tag = args.get("tag")
+    if tag is not None and (not isinstance(tag, str) or not 0 < len(tag) <= 64):
+        raise OpError("bad_request", "'tag' must be a string of 1-64 characters, or null")
+    return tag
+
+
 def _shell_state_arg(args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     shell = args.get("shell")
     if shell is not None and not isinstance(shell, dict):
@@ -2241,17 +2252,23 @@ TREE_OP_ARGS: Dict[str, _ArgReaders] = {
     "restore": (("slot", _slot_arg), ("checkpoint", _checkpoint_id), ("shell", _shell_state_arg)),
     "fork": (("slot", _slot_arg), ("targets", _targets_arg)),
     "drop_checkpoint": (("checkpoint", _checkpoint_id),),
-    "tar_out": (("slot", _slot_arg), ("path", _path_arg), ("checkpoint", _optional_checkpoint_id)),
+    "tar_out": (
+        ("slot", _slot_arg),
+        ("path", _path_arg),
+        ("checkpoint", _optional_checkpoint_id),
+        ("tag", _tag_arg),
+    ),
     "tar_in": (
         ("slot", _slot_arg),
         ("path", _path_arg),
         ("data", _data_arg),
         ("last", _last_arg),
         ("shell", _shell_state_arg),
+        ("tag", _tag_arg),
     ),
     "stream_read": (("stream", _stream_id), ("max_bytes", _max_bytes_arg)),
     "stream_write": (("stream", _stream_id), ("data", _data_arg), ("last", _last_arg)),
-    "stream_close": (("stream", _stream_id),),
+    "stream_close": (("stream", _optional_stream_id), ("tag", _tag_arg)),
     "get_shell_state": (("slot", _slot_arg),),
     "fork_in": (
         ("slot", _slot_arg),
@@ -2333,6 +2350,7 @@ class _Stream:
         self.last = False  # the pending write is the last one
         self.opened = False  # the pending write came with tar_in: reply with the stream id
         self.shell: Optional[Dict[str, Any]] = None  # given to the slot once tar x succeeded
+        self.tag: Optional[str] = None  # the host's name for it (see `TreeOps._add_stream`)
 
 
 # -- copy-on-write workspaces: overlay mounts over a frozen tree ---------------------------------
@@ -2557,6 +2575,7 @@ class TreeOps:
         self.agent = agent
         self.helpers: Dict[int, _Helper] = {}
         self.streams: Dict[int, _Stream] = {}
+        self.stream_tags: Dict[str, int] = {}
         self.next_stream = 1
         #: Requests of `SLOT_TREE_OPS` still running: request id -> (slot, helper pids).
         self.busy: Dict[int, Tuple[int, Set[int]]] = {}
@@ -3283,7 +3302,7 @@ class TreeOps:
         finally:
             os.close(write_fd)
         os.set_blocking(read_fd, False)
-        stream = self._add_stream(slot, helper, read_fd, out=True)
+        stream = self._add_stream(slot, helper, read_fd, out=True, tag=args["tag"])
         return {"stream": stream.stream_id, "shell": self.shell_state(slot)}
 
     def op_tar_in(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -3316,16 +3335,23 @@ class TreeOps:
         finally:
             os.close(read_fd)
         os.set_blocking(write_fd, False)
-        stream = self._add_stream(slot, helper, write_fd, out=False)
+        stream = self._add_stream(slot, helper, write_fd, out=False, tag=args["tag"])
         stream.shell = args["shell"]
         stream.opened = True
         self._start_write(stream, request_id, data, last)
         return None
 
-    def _add_stream(self, slot: int, helper: _Helper, fd: int, out: bool) -> _Stream:
+    def _add_stream(
+        self, slot: int, helper: _Helper, fd: int, out: bool, tag: Optional[str] = None
+    ) -> _Stream:
+        """Register a stream; `tag` (a string the host chose) lets the host close it without
+        knowing its id, as when it gave up on the request that opened it."""
         stream = _Stream(self.next_stream, slot, helper, fd, out)
         self.next_stream += 1
         self.streams[stream.stream_id] = stream
+        if tag is not None:
+            stream.tag = tag
+            self.stream_tags[tag] = stream.stream_id
         helper.on_exit = lambda code, errors: self._stream_exited(stream, code, errors)
         return stream
 
@@ -3471,6 +3497,20 @@ class TreeOps:
             self._reply_end(stream)
 
     def op_stream_close(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Close a stream (`stream`: input ends, tar x's outcome is the reply), or abort the one
+        opened with `tag` (its tar is killed, whichever way it goes)."""
+        if args["stream"] is None:
+            stream = self.streams.get(self.stream_tags.get(args["tag"] or "", -1))
+            if stream is None:
+                return {"closed": False}
+            for waiting in (stream.pending, stream.closing):
+                if waiting is not None:
+                    self.agent.send(_error_reply(waiting, "cancelled", "stream closed"))
+            stream.pending = stream.closing = None
+            with contextlib.suppress(OSError):
+                os.kill(stream.helper.pid, signal.SIGKILL)
+            self._close_stream(stream)
+            return {"closed": True}
         stream = self.streams.get(args["stream"])
         if stream is None:
             return {"closed": False}
@@ -3492,6 +3532,8 @@ class TreeOps:
 
     def _close_stream(self, stream: _Stream) -> None:
         self.streams.pop(stream.stream_id, None)
+        if stream.tag is not None:
+            self.stream_tags.pop(stream.tag, None)
         if stream.fd >= 0:
             with contextlib.suppress(KeyError, ValueError):
                 self.agent.selector.unregister(stream.fd)

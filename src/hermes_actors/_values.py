@@ -374,6 +374,8 @@ class TarOut(_Operation):
 
     path: str = "."
     checkpoint: str | None = None
+    #: The host's name for the stream, to close it by (`StreamClose`) if the answer is lost.
+    tag: str | None = None
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> TarOpened:
@@ -401,6 +403,8 @@ class TarIn(_Operation):
     data: bytes = attrs.field(default=b"", repr=False)
     last: bool = False
     shell: ShellState | None = attrs.field(default=None, repr=False)
+    #: The host's name for the stream, to close it by (`StreamClose`) if the answer is lost.
+    tag: str | None = None
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> int | None:
@@ -447,15 +451,22 @@ class StreamWrite(_Operation):
 
 @attrs.frozen(kw_only=True)
 class StreamClose(_Operation):
-    """Close a tar stream the host gives up on (a `tar c` is stopped)."""
+    """Close a tar stream the host gives up on (a `tar c` is stopped), named by its id
+    `stream`, or by the `tag` it was opened with when the host never heard its id (its tar is
+    then killed, whichever way it goes). The result: whether there was such a stream."""
 
     op: ClassVar[str] = "stream_close"
 
-    stream: int
+    stream: int | None = None
+    tag: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.stream is None) == (self.tag is None):
+            raise ValueError("StreamClose takes a 'stream' or a 'tag', exactly one")
 
     @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> None:
-        return None
+    def result_from_wire(answer: Mapping[str, Any]) -> bool:
+        return bool(answer.get("closed", False))
 
 
 @attrs.frozen(kw_only=True)

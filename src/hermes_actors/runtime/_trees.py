@@ -3,8 +3,9 @@
 The agent does the work on trees (the tree section of `hermes_actors._agent`); this module
 decides where it happens and keeps the books:
 
-* A fork into slots of the source's own sandbox is one `fork` op there: a copy inside the
-  sandbox (reflinks where the filesystem has them, hard links kept), no provider call.
+* A fork into slots of the source's own sandbox is one `fork` op there, no provider call: the
+  agent freezes the source's tree as a layer and mounts an overlay on it per workspace where it
+  may mount, and copies otherwise (reflinks where the filesystem has them, hard links kept).
 * A fork into another sandbox goes through a provider directory snapshot where the drivers
   offer one (Modal, `_tree_snapshots`: three provider calls per target sandbox). Otherwise,
   and for a restore into another sandbox, a tar streams from the source's agent through the
@@ -324,7 +325,13 @@ async def stream_between(
 async def _tar_out(sandbox: SandboxActor, slot: int, tar: TarOut) -> Any:
     """`(read, shell)`: `read()` gives `(chunk, eof)` of a tar made in the sandbox; `shell` is
     the slot's shell state. The stream is closed on the way out if not read to its end."""
-    opened: TarOpened = await sandbox.call(slot, tar)
+    tag = secrets.token_hex(8)
+    try:
+        opened: TarOpened = await sandbox.call(slot, attrs.evolve(tar, tag=tag))
+    except BaseException:
+        # The agent may have opened it without our hearing its id: close it by our tag.
+        await _abort_stream(sandbox, slot, tag)
+        raise
     stream = opened.stream
     done = False
 
@@ -355,6 +362,15 @@ async def _tar_out(sandbox: SandboxActor, slot: int, tar: TarOut) -> Any:
                 await sandbox.call(slot, StreamClose(stream=stream))
 
 
+async def _abort_stream(sandbox: SandboxActor, slot: int, tag: str) -> None:
+    """Close the stream opened with `tag`, if it was (bounded, shielded; errors ignored)."""
+    with (
+        trio.move_on_after(CLEANUP_LIMIT_S, shield=True),
+        contextlib.suppress(HermesError),
+    ):
+        await sandbox.call(slot, StreamClose(tag=tag))
+
+
 class _TarSink:
     """`tar x` into one slot, fed chunk by chunk: the first chunk opens it (`tar_in`), the last
     one (`last`) finishes it and gets tar's outcome; a tree of one chunk is one request."""
@@ -368,17 +384,22 @@ class _TarSink:
         self.shell = shell
         self.stream: int | None = None
         self.done = False
+        #: Set while the agent may hold a stream whose id we never heard (see `abort`).
+        self.tag: str | None = None
 
     async def send(self, data: bytes, last: bool) -> None:
         try:
             if self.stream is None:
-                tar_in = TarIn(path=self.dest, data=data, last=last, shell=self.shell)
+                self.tag = secrets.token_hex(8)
+                tar_in = TarIn(path=self.dest, data=data, last=last, shell=self.shell, tag=self.tag)
                 self.stream = await self.sandbox.call(self.slot, tar_in)
+                self.tag = None
             else:
                 write = StreamWrite(stream=self.stream, data=data, last=last)
                 await self.sandbox.call(self.slot, write)
         except AgentError as exc:
             self.done = True  # the agent closed the stream with its error
+            self.tag = None
             raise TransferFailed(
                 f"unpacking the tree in {self.sandbox.sandbox_id} failed: {exc.detail}"
             ) from exc
@@ -386,6 +407,10 @@ class _TarSink:
 
     async def abort(self) -> None:
         """Close a stream left unfinished (bounded, shielded)."""
+        if self.tag is not None:  # the opening request was given up: its stream goes by tag
+            tag, self.tag = self.tag, None
+            await _abort_stream(self.sandbox, self.slot, tag)
+            return
         if self.stream is not None and not self.done:
             self.done = True
             with (
