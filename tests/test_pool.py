@@ -23,6 +23,7 @@ from hermes_actors._errors import (
 from hermes_actors._trio import Reply
 from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._pool import LOST_PRIORITY_S, Lease, ProfilePool, Release
+from hermes_actors.runtime._trees import Checkpoint
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -350,6 +351,41 @@ async def test_rotates_before_max_lifetime(autojump_clock: trio.abc.Clock) -> No
         ids = [s.sandbox_id for s in h.pool.statistics().sandboxes]
         assert first_id not in ids
         assert len(ids) == 1
+
+
+async def test_a_rotated_sandbox_stays_up_while_it_stores_a_checkpoint(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Past its rotation point a sandbox holding a checkpoint takes no slot but stays up until
+    the checkpoint is released, then stops."""
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=1, max_lifetime=100.0
+    ) as h:
+        lease = await h.pool.acquire()
+        first_id = lease.sandbox_id
+        checkpoint = Checkpoint(
+            checkpoint_id="ck-1",
+            profile="test",
+            sandbox_id=first_id,
+            size_bytes=1,
+            entries=1,
+            sandbox=lease.sandbox,
+        )
+        h.pool.checkpoints.reserve()
+        assert h.pool.checkpoints.commit(checkpoint)
+        h.pool.checkpoints_changed()
+        await h.pool.release(lease)
+        await trio.sleep(500.0)  # far past the rotation point (90 s after ready)
+        states = {s.sandbox_id: s.state for s in h.pool.statistics().sandboxes}
+        assert states[first_id] == "draining"
+        other = await h.pool.acquire(timeout_s=10)
+        assert other.sandbox_id != first_id
+        h.pool.checkpoints.remove(checkpoint)
+        h.pool.checkpoints_changed()
+        await trio.sleep(2.0)
+        ids = [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        assert first_id not in ids
+        await h.pool.release(other)
 
 
 async def test_permanent_start_failure_fails_waiters(autojump_clock: trio.abc.Clock) -> None:

@@ -573,7 +573,7 @@ class ProfilePool:
             self._add_free(member, index)
         if not member.busy:
             self._set_idle(member)
-            if member.state is _State.DRAINING:
+            if member.state is _State.DRAINING and not self._pinned(member):
                 self._stop_member(member, "rotated before its maximum lifetime")
         self._serve_waiters()
         self._scale()
@@ -784,7 +784,17 @@ class ProfilePool:
 
     def checkpoints_changed(self) -> None:
         """A checkpoint was taken or released: a sandbox may have become (un)stoppable."""
+        for member in list(self._members.values()):
+            if member.state is _State.DRAINING and not member.busy and not self._pinned(member):
+                self._stop_member(member, "rotated before its maximum lifetime")
         self._reschedule()
+
+    def _pinned(self, member: _Member) -> bool:
+        """Whether a rotated sandbox stays up for the checkpoints it stores (until released).
+
+        Locally nothing else ends a sandbox, so a checkpoint a user holds stays restorable; a
+        Modal sandbox ends at its provider timeout whatever we do (`CheckpointLost` then)."""
+        return self.config.backend == "local" and self.checkpoints.in_sandbox(member.actor)
 
     def _reschedule(self) -> None:
         if self._housekeeping is not None:
@@ -816,7 +826,7 @@ class ProfilePool:
             if now < member.ready_at + _rotate_after_s(config):
                 break
             self._set_state(member, _State.DRAINING)
-            if not member.busy:
+            if not member.busy and not self._pinned(member):
                 self._stop_member(member, "rotated before its maximum lifetime")
         due = []
         for member in self._stoppable_idle():

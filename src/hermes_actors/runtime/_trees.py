@@ -13,7 +13,8 @@ decides where it happens and keeps the books:
 * Checkpoints are stored in the sandbox they were taken in and counted per pool by a
   `CheckpointLedger` (count and bytes bounded, a clear error past either). They are released
   explicitly (`drop_checkpoint`) or go with their sandbox; a sandbox holding checkpoints is
-  not stopped for idleness. A checkpoint whose sandbox died raises `CheckpointLost`.
+  not stopped for idleness, nor (locally) when rotated: it takes no new slot but stays up until
+  its checkpoints are released. A checkpoint whose sandbox died raises `CheckpointLost`.
 * Upload and download move directory trees as tar streams, to and from a local directory or a
   file-like object, in chunks of `CHUNK_BYTES`.
 
@@ -94,7 +95,8 @@ class Checkpoint:
     The files are stored in the sandbox the checkpoint was taken in; `size_bytes` and `entries`
     describe them. `shell` is the shell's last known working directory and exported
     environment (None when the slot had no shell yet). Running processes are not captured.
-    Valid until released (`release_checkpoint`) or until its sandbox stops.
+    Valid until released (`release_checkpoint`) or until its sandbox ends (locally only with
+    the backend or a crash: a rotated sandbox stays up for its checkpoints).
     """
 
     checkpoint_id: str
