@@ -390,3 +390,33 @@ async def test_a_tree_op_cancelled_at_any_step_leaves_nothing_behind(
             assert stored(root, ".hermes-checkpoints") == []
             await settle(lambda: not stored(root, ".hermes-layers"))  # noqa: B023
             assert stored(root, ".hermes-layers") == []
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_released_forks_leave_no_mount_and_no_layer(isolation: str) -> None:
+    """Forks are copy-on-write mounts owned by their slot; resets leave no mount or layer."""
+    async with ToolBackend(config(isolation=isolation, max_sandboxes=1)) as backend:
+        source = await backend.acquire("t")
+        await sh(backend, source, TREE)
+        forks = await backend.fork(source, 3)
+        count_mounts = "grep -c ' - overlay ' /proc/self/mountinfo || true"
+        assert await sh(backend, source, count_mounts) == "4\n"
+        for index, fork in enumerate(forks):
+            await sh(backend, fork, f"printf {index} > repo/blob && touch mine")
+        if isolation == "bwrap":  # each fork owns its files; no other slot reaches them
+            mine = await sh(backend, forks[0], "stat -c %u repo/src/m.py; id -u")
+            assert len(set(mine.split())) == 1
+            others = " ".join(f"../slot-{slot.lease.index}/repo" for slot in (source, *forks[1:]))
+            [peek] = await backend.execute_batch(
+                [(forks[0], "bash", {"command": f"ls {others} 2>&1 | grep -c denied"})]
+            )
+            assert peek.output.strip() == "3"
+        assert await sh(backend, source, "md5sum repo/blob; ls mine 2>&1 | wc -l") != ""
+        directory = Path(source.lease.sandbox.handle._directory)  # type: ignore[union-attr]
+        for slot in [*forks, source]:
+            await backend.release(slot, reset_workspace=True)
+        probe = await backend.acquire("probe")
+        assert await sh(backend, probe, count_mounts) == "0\n"
+        await settle(lambda: not stored(directory / "ws", ".hermes-layers"))
+        assert stored(directory / "ws", ".hermes-layers") == []
+        await backend.release(probe, reset_workspace=True)
