@@ -394,3 +394,29 @@ def test_forks_of_forks_stack_layers_and_stay_independent(
         agent.call("reset_slot", slot=slot)
     assert overlay_mounts(agent.process.pid) == []
     assert wait_for_no_leftovers(agent, slots) == []
+
+
+@needs_root
+def test_tar_of_a_stacked_checkpoint_holds_the_whole_tree(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A checkpoint whose layer lies on another streams the merged tree, deletions applied."""
+    sh(agent, 0, SETUP)
+    agent.call("fork", slot=0, targets=[1])  # slot 0's tree becomes a layer
+    sh(agent, 0, "rm blob && printf two > src/a.txt")
+    agent.call("checkpoint", slot=0, checkpoint="ck")  # its changes: a layer on that one
+    stream = agent.call("tar_out", slot=0, checkpoint="ck")["stream"]
+    with tarfile.open(fileobj=io.BytesIO(read_stream(agent, stream))) as archive:
+        names = sorted(archive.getnames())
+        text = archive.extractfile("./src/a.txt")
+        assert text is not None
+        assert text.read() == b"two"
+    assert "./blob" not in names
+    assert {"./src/pkg/b.txt", "./hard", "./.hidden"} <= set(names)
+    assert overlay_mounts(agent.process.pid) == [
+        str(open_root / "slots" / f"slot-{n}") for n in (0, 1)
+    ]
+    agent.call("drop_checkpoint", checkpoint="ck")
+    for slot in (0, 1):
+        agent.call("reset_slot", slot=slot)
+    assert wait_for_no_leftovers(agent, open_root / "slots") == []

@@ -2432,6 +2432,15 @@ class _Mounter:
         result = self.libc.mount(b"overlay", target.encode(), b"overlay", 0, options.encode())
         self._check(result, "mounting an overlay", target)
 
+    def overlay_read_only(self, lowers: List[str], target: str) -> None:
+        """Mount the read-only union of `lowers` (top first) at `target`."""
+        for path in lowers:
+            if any(c in path for c in ",:\\"):
+                raise OSError(errno.EINVAL, "path unfit for overlay options", path)
+        options = "lowerdir=%s" % ":".join(lowers)
+        result = self.libc.mount(b"overlay", target.encode(), b"overlay", 0, options.encode())
+        self._check(result, "mounting an overlay", target)
+
     def detach(self, target: str) -> None:
         self._check(self.libc.umount2(target.encode(), _MNT_DETACH), "unmounting", target)
 
@@ -3273,10 +3282,16 @@ class TreeOps:
         agent = self.agent
         slot, path, checkpoint = args["slot"], args["path"], args["checkpoint"]
         uid: Optional[int]
+        view: Optional[Tuple[_Layer, str]] = None
         if checkpoint is not None:
             directory = os.path.join(self.checkpoint_path(checkpoint), "w", "tree")
             if not os.path.isdir(directory):
                 raise OpError("not_found", "checkpoint %r does not exist here" % checkpoint)
+            layer = self.checkpoint_layers.get(checkpoint)
+            if layer is not None and layer.below is not None:
+                # Its tree holds only what changed since the layer below: tar the merged view.
+                view = self._read_only_view(layer)
+                directory = view[1]
             uid = None
         else:
             with agent.as_slot(slot):
@@ -3298,12 +3313,47 @@ class TreeOps:
             )
         except OpError:
             os.close(read_fd)
+            if view is not None:
+                self._close_view(*view)
             raise
         finally:
             os.close(write_fd)
         os.set_blocking(read_fd, False)
         stream = self._add_stream(slot, helper, read_fd, out=True, tag=args["tag"])
+        if view is not None:
+            exited = helper.on_exit
+            assert exited is not None
+            layers_view = view
+
+            def exited_then_close(code: int, errors: str) -> None:
+                self._close_view(*layers_view)
+                exited(code, errors)
+
+            helper.on_exit = exited_then_close
         return {"stream": stream.stream_id, "shell": self.shell_state(slot)}
+
+    def _read_only_view(self, layer: _Layer) -> Tuple[_Layer, str]:
+        """A read-only overlay of `layer` and those below it (the layer kept meanwhile)."""
+        mounter = self.mounter
+        assert mounter is not None
+        path = os.path.join(self._layers_root(), "view-" + os.urandom(6).hex())
+        os.mkdir(path, 0o700)
+        try:
+            mounter.overlay_read_only([below.tree for below in layer.chain()], path)
+        except OSError as exc:
+            os.rmdir(path)
+            raise OpError(*_os_error_pair("tar_out of a checkpoint", exc)) from None
+        layer.users.add(path)
+        return layer, path
+
+    def _close_view(self, layer: _Layer, path: str) -> None:
+        if self.mounter is not None:
+            with contextlib.suppress(OSError):
+                self.mounter.detach(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        layer.users.discard(path)
+        self._release_layer(layer)
 
     def op_tar_in(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """Start ``tar x`` into a slot directory; the host feeds it with `stream_write`.
