@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import tarfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from hermes_actors import (
     ToolBackend,
     TransferFailed,
 )
+from hermes_actors._values import TreeOperation
+from hermes_actors.runtime._sandbox import SandboxActor
 
 BWRAP = shutil.which("bwrap") is not None and os.getuid() == 0
 
@@ -251,9 +254,10 @@ async def test_forks_and_restores_carry_the_shell_cwd_and_exports() -> None:
 
 
 class StepCanceller:
-    """Wraps the tree ops' one way to the agent (`_trees._op`): when armed with step k, cancels
-    the caller's scope at the k-th step, a step being the moment before a request is sent or
-    the moment its answer is back; cleanups after that run (shielded) unhindered."""
+    """Wraps the one way to an agent (`SandboxActor.call`) for tree operations: when armed
+    with step k, cancels the caller's scope at the k-th step, a step being the moment before a
+    tree request is sent or the moment its answer is back; cleanups after that run (shielded)
+    unhindered."""
 
     def __init__(self, original: Any) -> None:
         self.original = original
@@ -269,9 +273,11 @@ class StepCanceller:
         if self.step == self.cancel_at and self.scope is not None:
             self.scope.cancel(reason="cancellation sweep")
 
-    async def __call__(self, sandbox: Any, slot: int, op: str, args: Any) -> Any:
+    async def __call__(self, sandbox: Any, slot: int, operation: Any, **options: Any) -> Any:
+        if not isinstance(operation, typing.get_args(TreeOperation)):
+            return await self.original(sandbox, slot, operation, **options)
         self._tick()
-        answer = await self.original(sandbox, slot, op, args)
+        answer = await self.original(sandbox, slot, operation, **options)
         self._tick()
         return answer
 
@@ -313,10 +319,12 @@ async def test_a_tree_op_cancelled_at_any_step_leaves_nothing_behind(
 ) -> None:
     """Cancelled before any agent request or after any answer, a tree op leaves no slot held,
     no checkpoint half-registered, no helper process and no stored tree behind."""
-    from hermes_actors.runtime import _trees
+    steps = StepCanceller(SandboxActor.call)
 
-    steps = StepCanceller(_trees._op)
-    monkeypatch.setattr(_trees, "_op", steps)
+    async def call(self: SandboxActor, slot: int, operation: Any, **options: Any) -> Any:
+        return await steps(self, slot, operation, **options)
+
+    monkeypatch.setattr(SandboxActor, "call", call)
     big = 9 * 1024 * 1024  # three tar chunks: transfers take several steps
     async with ToolBackend(config(slots_per_sandbox=2, max_sandboxes=2)) as backend:
         source = await backend.acquire("t")
@@ -329,7 +337,7 @@ async def test_a_tree_op_cancelled_at_any_step_leaves_nothing_behind(
             for slot in (source, far)
         }
         kept = await backend.checkpoint(source)
-        ledger = (await backend._runtime._pool(source.profile)).checkpoints  # type: ignore[union-attr]
+        ledger = (await backend._core._runtime._pool(source.profile)).checkpoints  # type: ignore[union-attr]
         upload_tar = io.BytesIO()
         with tarfile.open(fileobj=upload_tar, mode="w") as archive:
             info = tarfile.TarInfo("up/data.bin")
