@@ -38,6 +38,7 @@ from agent_harness import (
 from hermes_actors._agent import (
     BOOTSTRAP,
     PROTOCOL_VERSION,
+    SPARE_KEEPERS,
     FrameDecoder,
     FrameError,
     agent_source,
@@ -535,6 +536,77 @@ def test_a_killed_keeper_takes_its_slots_processes_along(agent: AgentProcess) ->
     assert result["cancelled"] is True
     assert wait_no_processes_with_argv(mark) == []
     assert run(agent, "echo again")["stdout"] == b"again\n"
+
+
+def keepers_of(agent: AgentProcess) -> list[int]:
+    """The agent's keepers: its children that are forks of it (same command line)."""
+    pid = agent.process.pid
+    own = _cmdline(pid)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != b"Z" and _cmdline(int(name)) == own:
+            found.append(int(name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def wait_keepers_at_most(agent: AgentProcess, count: int, timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(found := keepers_of(agent)) > count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
+def test_slots_with_nothing_alive_keep_no_keeper_each(agent: AgentProcess) -> None:
+    """A keeper stays with its slot while the slot has a process; idle slots share a few spares."""
+    mark = token()
+    slots = range(SPARE_KEEPERS + 4)
+    for slot in slots:
+        run(agent, f"setsid {escapee(mark)} &", slot=slot)
+    wait_processes_with_argv(mark, len(slots))
+    assert len(keepers_of(agent)) == len(slots)
+    for slot in slots:
+        assert agent.call("reset_slot", slot=slot)["killed"] == 1
+    assert processes_with_argv(mark) == []
+    assert len(wait_keepers_at_most(agent, SPARE_KEEPERS)) <= SPARE_KEEPERS
+    for slot in slots:
+        assert run(agent, "echo fine", slot=slot)["stdout"] == b"fine\n"
+    assert len(wait_keepers_at_most(agent, SPARE_KEEPERS)) <= SPARE_KEEPERS
+
+
+def test_a_keeper_with_a_slots_process_is_never_lent_to_another_slot(agent: AgentProcess) -> None:
+    """Slots with live processes have distinct keepers; an idle slot's keeper serves the next."""
+    busy, sleeper = map(int, run(agent, "sleep 1000 & echo $PPID $!", slot=0)["stdout"].split())
+    other = int(run(agent, "echo $PPID", slot=1)["stdout"])
+    assert other != busy
+    assert int(run(agent, "echo $PPID", slot=2)["stdout"]) == other  # slot 1's, now spare
+    assert int(run(agent, "echo $PPID", slot=0)["stdout"]) == busy
+    assert agent.call("reset_slot", slot=0)["killed"] == 1
+    assert not pid_alive(sleeper)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")
+def test_a_spare_keeper_runs_each_slots_commands_as_that_slots_uid(open_root: Path) -> None:
+    """A keeper passed from slot to slot starts every command as its current slot's uid."""
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=43000) as agent:
+        first = run(agent, "echo $PPID; id -u", slot=0)["stdout"].split()
+        second = run(agent, "echo $PPID; id -u", slot=1)["stdout"].split()
+        assert first[0] == second[0]
+        assert (first[1], second[1]) == (b"43000", b"43001")
 
 
 @pytest.mark.parametrize("size", [200 * 1024, 3 * 1024 * 1024])

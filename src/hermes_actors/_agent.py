@@ -40,9 +40,11 @@ Invariants:
   allows (`_MAX_ARGV_COMMAND`) reaches its shell through a pipe on fd 3 instead.
 * Every command is started by its slot's keeper (`_keeper_main`), a child subreaper, so the
   slot's processes are exactly the keeper's descendants: ownership is read from the process
-  tree, which no command can rewrite (environment and session are not consulted). A timeout,
-  cancel, reset or exit kills whole trees, ``setsid``/double-fork escapees included, and
-  repeats until a /proc scan finds none alive. Exit codes: 124 and ``timed_out`` after a
+  tree, which no command can rewrite (environment and session are not consulted). A keeper
+  is only lent to another slot once it has no child left (a few such spares are kept, the
+  rest exit): idle slots cost no process. A timeout, cancel, reset or exit kills whole
+  trees, ``setsid``/double-fork escapees included, and repeats until a /proc scan finds
+  none alive. Exit codes: 124 and ``timed_out`` after a
   timeout, ``cancelled`` after cancel/reset/shutdown (or the loss of the slot's keeper),
   ``-N`` and ``signal: N`` for a command killed by signal N.
 * Once a command's own process has exited, its reply goes out with what its pipes hold at that
@@ -452,6 +454,9 @@ _KEEPER_IGNORED = tuple(
 )
 #: How long the agent waits for its keeper to answer a spawn before giving the keeper up.
 _KEEPER_REPLY_S = 10.0
+#: How many keepers with nothing to keep an agent holds for the next command of any slot;
+#: more are let go (each is a process of a few MB: a sandbox's idle slots keep none).
+SPARE_KEEPERS = 4
 
 
 def _keeper_frame(message: Dict[str, Any]) -> bytes:
@@ -666,14 +671,17 @@ def _apply_limits(limits: Dict[str, Any], uid: Optional[int]) -> None:
 
 def _keeper_main(
     sock_fd: int,
-    uid: Optional[int],
+    slot_uids: bool,
     fast_uid_spawn: bool,
     keep_fds: Set[int],
     limits: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Serve one slot as its keeper until the agent closes the socket; then kill and exit.
+    """Serve as a slot's keeper until the agent closes the socket; then kill and exit.
 
-    Runs in a process forked from the agent (never returns: the caller `_exit`s).
+    Runs in a process forked from the agent (never returns: the caller `_exit`s). Each spawn
+    request names the uid its command runs as (the slot's): a keeper with no child left may
+    serve another slot next (see `Agent._keeper`). `slot_uids`: whether commands run as slot
+    uids (the process-count limit needs them).
     """
     import select
     import socket
@@ -702,19 +710,31 @@ def _keeper_main(
     sock.setblocking(True)
     leaders: Set[int] = set()
     if limits:
-        _apply_limits(limits, uid)
+        _apply_limits(limits, 1 if slot_uids else None)
 
     def reap() -> None:
+        notices: List[Dict[str, Any]] = []
+        reaped = idle = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                idle = True  # no child left: nothing of the slot is alive
+                break
             if pid == 0:
-                return
+                break
+            reaped = True
             if pid in leaders:
                 leaders.discard(pid)
-                _send_to_keeper_peer(sock, {"exited": pid, "status": status})
+                notices.append({"exited": pid, "status": status})
+        if idle and reaped:
+            # The agent may let this keeper go (see `Agent._retire_if_idle`): with no child it
+            # has no descendant, and only a spawn request can give it one again.
+            if not notices:
+                notices.append({})
+            notices[-1]["idle"] = True
+        for notice in notices:
+            _send_to_keeper_peer(sock, notice)
 
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -741,7 +761,7 @@ def _keeper_main(
                     request["env"],
                     request["cwd"],
                     fds,
-                    uid,
+                    request.get("uid"),
                     fast_uid_spawn,
                 )
                 reply: Dict[str, Any] = {"pid": pid, "start": _start_time(pid)}
@@ -770,7 +790,8 @@ class _Keeper:
     """The agent's side of one slot's keeper: its pid, socket and unread notices."""
 
     def __init__(self, slot: int, pid: int, sock: Any) -> None:
-        self.slot = slot
+        #: The slot it keeps; None while it is a spare (see `Agent._retire_if_idle`).
+        self.slot: Optional[int] = slot
         self.pid = pid
         self.sock = sock
         self.fd: int = sock.fileno()
@@ -987,6 +1008,8 @@ class Agent:
         self.subreaper = False
         self.fast_uid_spawn = False
         self.keepers: Dict[int, _Keeper] = {}  # by slot
+        #: Keepers with nothing to keep, for any slot's next command (see `_retire_if_idle`).
+        self.spare_keepers: List[_Keeper] = []
         #: Resource limits each slot's processes get (see `_apply_limits`).
         self.limits: Dict[str, Any] = dict(config.get("limits") or {})
         self.keeper_notices: Deque[Tuple[_Keeper, Dict[str, Any]]] = collections.deque()
@@ -1596,13 +1619,29 @@ class Agent:
                 raise FileNotFoundError(errno.ENOENT, "command not found", path)
             path = found
         keeper = self._keeper(slot)
-        request = {"path": path, "argv": argv, "env": env, "cwd": cwd}
+        request = {"path": path, "argv": argv, "env": env, "cwd": cwd, "uid": self.slot_uid(slot)}
         return self._keeper_spawn(keeper, request, fds)
 
     def _keeper(self, slot: int) -> _Keeper:
-        """The slot's keeper, started (forked from this agent) on the slot's first command."""
+        """The slot's keeper: its own, else a spare one, else a new one (forked from here).
+
+        A keeper serves one slot at a time. It is only handed to another slot as a spare, once
+        it has said it has no child (so nothing of its last slot is alive; see
+        `_retire_if_idle`).
+        """
         keeper = self.keepers.get(slot)
         if keeper is not None:
+            return keeper
+        if not self.spare_keepers:
+            self._collect_idle_keepers()
+        while self.spare_keepers:
+            keeper = self.spare_keepers.pop()
+            keeper.read_available()
+            if keeper.eof or keeper.buffer:  # it died (or says something it must not): gone
+                self._retire(keeper)
+                continue
+            keeper.slot = slot
+            self.keepers[slot] = keeper
             return keeper
         import socket
 
@@ -1615,14 +1654,14 @@ class Agent:
                 ours.close()
                 _keeper_main(
                     theirs.detach(),
-                    self.slot_uid(slot),
+                    self.slot_uid_base is not None,
                     self.fast_uid_spawn,
                     self.inherited_fds,
                     self.limits,
                 )
             except BaseException as exc:
                 code = 1
-                _log("keeper of slot %d failed: %r" % (slot, exc))
+                _log("keeper failed: %r" % (exc,))
             finally:
                 os._exit(code)
         theirs.close()
@@ -1647,7 +1686,7 @@ class Agent:
             message = keeper.next_message()
             if message is None:
                 break
-            if "exited" in message:
+            if "exited" in message or "idle" in message:
                 self.keeper_notices.append((keeper, message))
             else:
                 reply = message
@@ -1688,12 +1727,66 @@ class Agent:
             if notice.get("lost"):
                 self._keeper_lost(keeper)
                 continue
-            pid, status = int(notice["exited"]), int(notice["status"])
-            ex = self.execs.get(pid)
-            if ex is not None:
-                self._finish(ex, status)
-            else:
-                self.shells.on_reaped(pid, status)
+            if "exited" in notice:
+                pid, status = int(notice["exited"]), int(notice["status"])
+                ex = self.execs.get(pid)
+                if ex is not None:
+                    self._finish(ex, status)
+                else:
+                    self.shells.on_reaped(pid, status)
+            if notice.get("idle"):
+                self._retire_if_idle(keeper)
+
+    def _retire_if_idle(self, keeper: _Keeper) -> None:
+        """Take a keeper from its slot once nothing of the slot is alive: a spare, or gone.
+
+        A keeper is a process (megabytes of copied pages): a sandbox holding a hundred slots
+        whose commands have ended keeps at most `SPARE_KEEPERS` of them, for the next command
+        of any slot. The keeper said it has no child (so no descendant); a spawn sent after
+        that notice is an exec or shell of the slot that is still known here (its end comes
+        later on the same socket), so none known means none alive.
+        """
+        slot = keeper.slot
+        if slot is None or self.keepers.get(slot) is not keeper or keeper.buffer:
+            return
+        shell = self.shells.by_slot.get(slot)
+        if shell is not None and shell.pid:
+            return
+        if any(ex.slot == slot for ex in self.execs.values()):
+            return
+        del self.keepers[slot]
+        keeper.slot = None
+        self.spare_keepers.append(keeper)
+        if len(self.spare_keepers) > SPARE_KEEPERS:
+            self._retire(self.spare_keepers.pop(0))
+
+    def _retire(self, keeper: _Keeper) -> None:
+        """Let a spare keeper go: closing its socket is its cue to exit (it is reaped here)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(keeper.fd)
+        keeper.sock.close()
+
+    def _collect_idle_keepers(self) -> None:
+        """Take the notices busy keepers have sent meanwhile, without waiting: a keeper whose
+        command has ended may be a spare now, which costs no fork."""
+        import select
+
+        poller = select.poll()
+        by_fd = {}
+        for keeper in self.keepers.values():
+            poller.register(keeper.fd, select.POLLIN)
+            by_fd[keeper.fd] = keeper
+        if not by_fd:
+            return
+        for fd, _ in poller.poll(0):
+            self._read_keeper(by_fd[fd])
+        self._handle_keeper_notices()
+
+    def _keeper_pids(self) -> Set[int]:
+        """Every keeper's pid: the slots' and the spare ones."""
+        pids = {keeper.pid for keeper in self.keepers.values()}
+        pids.update(keeper.pid for keeper in self.spare_keepers)
+        return pids
 
     def _keeper_lost(self, keeper: _Keeper) -> None:
         """A keeper died (or stopped answering): its slot's processes die with it.
@@ -1702,7 +1795,11 @@ class Agent:
         that is not under a living keeper is what it kept, so all of that is killed. Commands
         whose leader dies that way reply as cancelled.
         """
-        if self.keepers.get(keeper.slot) is not keeper:
+        if keeper in self.spare_keepers:
+            self.spare_keepers.remove(keeper)  # it had nothing to keep
+            self._retire(keeper)
+            return
+        if keeper.slot is None or self.keepers.get(keeper.slot) is not keeper:
             return
         del self.keepers[keeper.slot]
         with contextlib.suppress(KeyError, ValueError):
@@ -1719,7 +1816,7 @@ class Agent:
     def _kill_unkept(self) -> int:
         """Kill every process below the agent that no living keeper holds."""
         own = os.getpid()
-        keeper_pids = {keeper.pid for keeper in self.keepers.values()}
+        keeper_pids = self._keeper_pids()
 
         def select(table: Dict[int, Tuple[int, int, bool]]) -> Set[int]:
             children = _children_of(table)
@@ -1936,7 +2033,7 @@ class Agent:
                 ex.kill_reason = "shutdown"
         self.shells.closing(None, "shutdown")
         own = os.getpid()
-        keeper_pids = {keeper.pid for keeper in self.keepers.values()}
+        keeper_pids = self._keeper_pids()
         try:
             _kill_until_gone(
                 lambda table: _descendants(_children_of(table), [own]) - keeper_pids, self._reap
@@ -1944,7 +2041,7 @@ class Agent:
             self._wait_finished(list(self.execs.values()), 1.0)
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
-        for keeper in list(self.keepers.values()):
+        for keeper in [*self.keepers.values(), *self.spare_keepers]:
             keeper.sock.close()  # the keeper finds nothing left to kill and exits
         deadline = time.monotonic() + 1.0
         pending = set(keeper_pids)
@@ -1960,6 +2057,7 @@ class Agent:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         self.keepers.clear()
+        self.spare_keepers.clear()
         for ex in list(self.execs.values()):
             self._finish(ex, None)
         self.trees.close_all()
