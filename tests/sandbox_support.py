@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -77,7 +78,9 @@ class ModalContractSandbox:
         await trio.sleep(delay_s)
         for pid in self._marked():
             if _is_sandbox_plumbing(pid):
-                os.kill(pid, signal.SIGKILL)
+                # Killing the agent first makes its keepers exit on their own: one may be gone.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _marked(self) -> list[int]:
         return marked_pids(f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}".encode())
