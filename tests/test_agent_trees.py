@@ -15,7 +15,14 @@ from pathlib import Path
 
 import attrs
 import pytest
-from tests.agent_harness import AgentProcess, pid_alive
+from tests.agent_harness import (
+    AgentProcess,
+    escapee,
+    pid_alive,
+    processes_with_argv,
+    wait_no_processes_with_argv,
+    wait_processes_with_argv,
+)
 
 from hermes_actors import _agent, _values
 
@@ -419,4 +426,68 @@ def test_tar_of_a_stacked_checkpoint_holds_the_whole_tree(
     agent.call("drop_checkpoint", checkpoint="ck")
     for slot in (0, 1):
         agent.call("reset_slot", slot=slot)
+    assert wait_for_no_leftovers(agent, open_root / "slots") == []
+
+
+def on_unmounted_filesystems(agent_pid: int) -> list[int]:
+    """Processes in the agent's mount namespace whose working directory is on a filesystem
+    no longer mounted there: a detached overlay they keep alive."""
+    namespace = os.readlink(f"/proc/{agent_pid}/ns/mnt")
+    with open(f"/proc/{agent_pid}/mountinfo", encoding="utf-8") as handle:
+        mounted = {line.split()[2] for line in handle}
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or not pid_alive(int(name)):
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/mnt") != namespace:
+                continue
+            device = os.stat(f"/proc/{name}/cwd").st_dev
+        except OSError:
+            continue
+        if f"{os.major(device)}:{os.minor(device)}" not in mounted:
+            found.append(int(name))
+    return found
+
+
+@needs_root
+def test_forking_an_overlay_unmounts_it_and_the_idle_shell_comes_back_as_it_was(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """A fork of a forked slot unmounts its old overlay: no process keeps it; the source's
+    shell steps out meanwhile and its next call is where it was, OLDPWD and variables kept."""
+    slot_0 = open_root / "slots" / "slot-0"
+    shell(agent, 0, "mkdir -p a/b c && cd c && cd ../a/b && kept=1")
+    agent.call("fork", slot=0, targets=[1])  # frozen in place: slot 0 is an overlay now
+    shell(agent, 0, "printf one > f")  # its shell re-enters by path, into the overlay
+    agent.call("fork", slot=0, targets=[2])  # that overlay's upper becomes a layer
+    assert on_unmounted_filesystems(agent.process.pid) == []
+    assert shell(agent, 0, 'pwd; echo "$OLDPWD $kept $#"; cat f; printf two > f') == (
+        f"{slot_0}/a/b\n{slot_0}/c 1 0\none"
+    )
+    assert sh(agent, 2, "cat a/b/f") == "one"
+    assert sh(agent, 1, "ls a/b") == ""
+    agent.call("checkpoint", slot=0, checkpoint="ck")  # the same for a checkpoint in place
+    assert on_unmounted_filesystems(agent.process.pid) == []
+    assert shell(agent, 0, "cd - >/dev/null; pwd; cat ../a/b/f") == f"{slot_0}/c\ntwo"
+
+
+@needs_root
+def test_a_fork_ends_what_still_runs_in_its_targets_before_replacing_their_trees(
+    agent: AgentProcess, open_root: Path
+) -> None:
+    """Processes a target slot still runs (its last holder released it without reset) are
+    killed before the fork replaces its workspace: none keeps or writes the old tree."""
+    token = f"hermes-fork-target-{os.getpid()}"
+    sh(agent, 0, SETUP)
+    agent.call("fork", slot=0, targets=[1])
+    agent.call("exec", slot=1, command=f"cd src && ({escapee(token)} &)")
+    wait_processes_with_argv(token, 1)
+    agent.call("fork", slot=0, targets=[1])
+    assert processes_with_argv(token) == []
+    assert on_unmounted_filesystems(agent.process.pid) == []
+    assert sh(agent, 1, LISTING) == sh(agent, 0, LISTING)
+    for slot in (0, 1):
+        agent.call("reset_slot", slot=slot)
+    assert wait_no_processes_with_argv(token) == []
     assert wait_for_no_leftovers(agent, open_root / "slots") == []

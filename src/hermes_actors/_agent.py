@@ -2540,7 +2540,13 @@ class _Mounter:
         self._check(result, "mounting an overlay", target)
 
     def detach(self, target: str) -> None:
+        """Unmount `target` now; whatever still uses the mount keeps it, detached (lazy)."""
         self._check(self.libc.umount2(target.encode(), _MNT_DETACH), "unmounting", target)
+
+    def unmount(self, target: str) -> None:
+        """Unmount `target`, or raise (EBUSY) if a process still has a file or its working
+        directory on it: then the mount stays, and its directories must not be reused."""
+        self._check(self.libc.umount2(target.encode(), 0), "unmounting", target)
 
     def idmapped_bind(self, source: str, target: str, owner: int, uid: int) -> None:
         """Bind `source` at `target` showing files of `owner` as `uid`'s."""
@@ -2640,6 +2646,12 @@ class _Mounter:
 
 #: Layers one overlay may stack (a fork of a fork of ... adds one); deeper, a fork copies.
 _MAX_LAYERS = 8
+#: What an idle shell is sent to step out of its workspace (see `TreeOps._shell_left`): its
+#: ``PWD`` and ``OLDPWD`` wait in its positional parameters, which no call sees between calls,
+#: until its next call puts them back (`_Shells.start`).
+_LEAVE_WORKSPACE = (
+    b'\\command set -- "$PWD" "${OLDPWD-}" "${OLDPWD+x}" "$@"; \\command cd / >/dev/null 2>&1\n'
+)
 
 
 class _Layer:
@@ -3007,11 +3019,17 @@ class TreeOps:
         if len(below.chain()) >= _MAX_LAYERS:
             return None  # a copy flattens the stack
         workspace = self.agent.workspace_path(slot)
+        # The old mount must be gone, not detached: its upper becomes a lower, and its work
+        # directory is removed; an overlay still in use by a process would write into both
+        # (the kernel: "lowerdir is in-use as upperdir/workdir of another mount").
+        if not self._shell_left(slot):
+            return None  # a copy of the workspace instead
         os.mkdir(path, 0o711)
         os.mkdir(os.path.join(path, "w"), 0o700)
         try:
-            mounter.detach(workspace)
-        except OSError:
+            mounter.unmount(workspace)
+        except OSError as exc:
+            _log("slot %d's overlay stays (%s): its tree is copied instead" % (slot, exc))
             _remove_stage(path)
             return None
         # From here the slot's files are in `private`'s upper: they must end in a layer.
@@ -3025,6 +3043,36 @@ class TreeOps:
         if shell is not None:
             shell.recenter = True
         return layer
+
+    def _shell_left(self, slot: int, limit_s: float = 2.0) -> bool:
+        """Whether the slot's idle shell has no working directory in the workspace's mount:
+        if it has, it is asked to step out to ``/`` (keeping its ``PWD`` and ``OLDPWD`` for its
+        next call, see `_Shell.left`), and this waits (bounded) until it did."""
+        shell = self.agent.shells.by_slot.get(slot)
+        if shell is None or shell.pid == 0:
+            return True
+        workspace = self.agent.workspace_path(slot)
+
+        def inside() -> bool:
+            try:
+                cwd = os.readlink("/proc/%d/cwd" % shell.pid)
+            except OSError:  # gone: it holds nothing
+                return False
+            return cwd == workspace or cwd.startswith(workspace + os.sep)
+
+        if not inside():
+            return True
+        if not shell.left:
+            shell.left = True
+            self.agent.shells.send_script(shell, _LEAVE_WORKSPACE)
+        deadline = time.monotonic() + limit_s
+        pause = 0.0002
+        while inside():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        return True
 
     def _quiet(self, slot: int) -> bool:
         """Whether nothing of the slot can write into its workspace now, its idle persistent
@@ -3064,8 +3112,15 @@ class TreeOps:
             return
         layer, private = entry
         if self.mounter is not None:
-            with contextlib.suppress(OSError):
-                self.mounter.detach(self.agent.workspace_path(slot))
+            workspace = self.agent.workspace_path(slot)
+            try:
+                self.mounter.unmount(workspace)
+            except OSError as exc:
+                # Something of the slot outlived its kill: it keeps a detached mount whose
+                # files go now (it sees them vanish); the next tree never shows them.
+                _log("slot %d's overlay was still in use (%s): detached" % (slot, exc))
+                with contextlib.suppress(OSError):
+                    self.mounter.detach(workspace)
         self._remove_later(private)
         layer.users.discard(slot)
         self._release_layer(layer)
@@ -3149,11 +3204,7 @@ class TreeOps:
         if not os.path.isdir(tree):
             raise OpError("not_found", "checkpoint %r does not exist in this sandbox" % name)
         agent = self.agent
-        # Like a reset: nothing the slot started (its shell included) may write into the
-        # restored tree.
-        agent.shells.closing(slot, "reset")
-        agent.kill_slot(slot, "reset")
-        agent.shells.close(slot)
+        self._evict([slot])
         self._start(request_id, slot)
 
         def restored() -> None:
@@ -3183,16 +3234,56 @@ class TreeOps:
             self._finish(request_id, error=_os_error_pair("restore", exc))
         return None
 
+    def _evict(self, slots: List[int]) -> None:
+        """Like a reset, without the wipe: nothing these slots started (shells included) stays
+        in, or writes into, the workspace a new tree is about to replace; nor does it keep an
+        overlay there in use (see `discard_overlay`). A fork target was released without reset
+        by its last holder, say. One scan of the processes when none of them runs anything."""
+        agent = self.agent
+        keepers = {slot: agent.keepers[slot].pid for slot in slots if slot in agent.keepers}
+        if keepers:
+            table = _process_table()
+            children = _children_of(table)
+        for slot in slots:
+            agent.shells.closing(slot, "reset")
+            pid = keepers.get(slot)
+            running = pid is not None and any(
+                not table[below][2] for below in _descendants(children, [pid])
+            )
+            if running or agent._slot_helpers(slot):
+                agent.kill_slot(slot, "reset")
+            agent.shells.close(slot)
+
     def op_fork(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         slot, targets = args["slot"], args["targets"]
         if not targets:
             return {}
         agent = self.agent
         source = agent.workspace(slot)
-        uid = agent.slot_uid(slot)
         shell = self.shell_state(slot)
+        self._evict(targets)
         self._start(request_id, slot)
-        left = [len(targets)]
+        if self.cow():
+            try:
+                self._fork_by_overlays(request_id, source, agent.slot_uid(slot), targets, shell)
+            except OSError as exc:
+                self._finish(request_id, error=_os_error_pair("fork", exc))
+            return None
+        self._copy_into_slots(request_id, "fork", source, agent.slot_uid(slot), targets, shell)
+        return None
+
+    def _copy_into_slots(
+        self,
+        request_id: int,
+        op: str,
+        source: str,
+        reader_uid: Optional[int],
+        slots: List[int],
+        shell: Optional[Dict[str, Any]],
+    ) -> None:
+        """Copy `source` (read as `reader_uid`) into every slot of `slots`, each of whose
+        shells then starts from `shell`; reply once all are done, or with the first failure."""
+        left = [len(slots)]
 
         def one_done(target: int) -> None:
             self.set_shell_state(target, shell)
@@ -3200,22 +3291,15 @@ class TreeOps:
             if left[0] == 0:
                 self._finish(request_id, {})
 
-        if self.cow():
-            try:
-                self._fork_by_overlays(request_id, source, uid, targets, shell)
-            except OSError as exc:
-                self._finish(request_id, error=_os_error_pair("fork", exc))
-            return None
         try:
-            for target in targets:
+            for target in slots:
                 self._copy_into_slot(
-                    request_id, source, uid, target, functools.partial(one_done, target)
+                    request_id, source, reader_uid, target, functools.partial(one_done, target)
                 )
         except OpError as exc:
             self._finish(request_id, error=(exc.code, exc.message))
         except OSError as exc:
-            self._finish(request_id, error=_os_error_pair("fork", exc))
-        return None
+            self._finish(request_id, error=_os_error_pair(op, exc))
 
     def op_get_shell_state(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         """The slot's shell state (cwd and exported environment), for a fork across sandboxes."""
@@ -3230,24 +3314,9 @@ class TreeOps:
         if not os.path.isdir(source):
             raise OpError("not_found", "nothing is mounted at %s/%s" % (MOUNTS_DIR, name))
         everyone = [slot, *targets]
+        self._evict(everyone)
         self._start(request_id, slot)
-        left = [len(everyone)]
-
-        def one_done(target: int) -> None:
-            self.set_shell_state(target, shell)
-            left[0] -= 1
-            if left[0] == 0:
-                self._finish(request_id, {})
-
-        try:
-            for target in everyone:
-                self._copy_into_slot(
-                    request_id, source, None, target, functools.partial(one_done, target)
-                )
-        except OpError as exc:
-            self._finish(request_id, error=(exc.code, exc.message))
-        except OSError as exc:
-            self._finish(request_id, error=_os_error_pair("fork_in", exc))
+        self._copy_into_slots(request_id, "fork_in", source, None, everyone, shell)
         return None
 
     def _fork_by_overlays(
@@ -3757,6 +3826,9 @@ class _Shell:
         #: Its workspace was moved into a layer under it (a fork or checkpoint in place): its
         #: next call first re-enters its directory by path, into the overlay now there.
         self.recenter = False
+        #: It stepped out to ``/`` so that an overlay could be unmounted (`_LEAVE_WORKSPACE`):
+        #: its next call first goes back to its ``PWD`` and restores ``OLDPWD``.
+        self.left = False
 
 
 class _Shells:
@@ -3855,6 +3927,15 @@ class _Shells:
         parts: List[str] = []
         for key in sorted(extra_env):
             parts.append("\\command export %s=%s" % (key, _shell_quote(extra_env[key])))
+        if shell.left:
+            # Back where it was (by path: into the overlay now there), OLDPWD as it was.
+            parts.append(
+                '\\command cd -- "$1" >/dev/null 2>&1; '
+                'if \\command [ -n "$3" ]; then OLDPWD=$2; else \\command unset OLDPWD; fi; '
+                "\\command shift 3"
+            )
+            shell.left = False
+            shell.recenter = False
         if cwd is not None:
             parts.append("\\command cd -- %s >/dev/null 2>&1" % _shell_quote(cwd))
         elif shell.recenter:
