@@ -24,6 +24,7 @@ from hermes_actors import (
     ModalToolBackend,
     SandboxConfig,
     Slot,
+    SlotState,
     ToolBackend,
     format_status,
     profiles_from_mapping,
@@ -294,6 +295,40 @@ async def test_a_lost_sandbox_gives_retryable_infra_results_and_a_new_acquire_wo
         assert fresh.sandbox_id != doomed.sandbox_id
         [result] = await backend.execute_batch([(fresh, "bash", {"command": "echo again"})])
         assert result.output == "again\n"
+
+
+async def test_slot_state_follows_acquire_calls_release_and_loss(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A slot's state is ACQUIRED, EXECUTING during a call, RELEASING, AVAILABLE, ERROR if lost."""
+    async with fake_backend(fake_config(slots_per_sandbox=1)) as (backend, driver):
+        driver.reset_latency_s = 2.0
+        slot = await backend.acquire("a")
+        assert slot.state is SlotState.ACQUIRED
+        seen: list[SlotState] = []
+
+        async def look_at_one_second() -> None:
+            await trio.sleep(1)
+            seen.append(slot.state)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_at_one_second)
+            await backend.execute_batch([(slot, "bash", {"command": "sleep 3"})])
+        assert seen == [SlotState.EXECUTING]
+        assert slot.state is SlotState.ACQUIRED
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_at_one_second)
+            await backend.release(slot, reset_workspace=True)
+        assert seen[1] is SlotState.RELEASING
+        assert slot.state is SlotState.AVAILABLE
+
+        doomed = await backend.acquire("b")
+        driver.kill(doomed.sandbox_id)
+        [lost] = await backend.execute_batch([(doomed, "bash", {"command": "echo never"})])
+        assert lost.metadata["infra_error"] == "sandbox_lost"
+        assert doomed.state is SlotState.ERROR
+        await backend.release(doomed)
+        assert doomed.state is SlotState.AVAILABLE
 
 
 async def test_async_with_runs_the_runtime_in_the_callers_trio_run(

@@ -34,14 +34,15 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
 import posixpath
 import secrets
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import trio
 
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("hermes_actors.drivers.modal")
+
+_Created = TypeVar("_Created")
 
 #: The environment variable that marks every process of a sandbox (as the local driver does).
 SANDBOX_MARKER_VAR = "HERMES_SANDBOX_ID"
@@ -284,6 +287,56 @@ class CreateThrottle:
         self._in_flight.release()
 
 
+#: Why a failed create is retried: a refusal for the rate (which also pushes the throttle back
+#: for every create) or a transient failure. None: it is not retried.
+RetryReason = Literal["rate limit", "transient"]
+
+
+async def create_with_retries(
+    create_once: Callable[[], Awaitable[_Created]],
+    *,
+    throttle: CreateThrottle,
+    retry_delays_s: Sequence[float],
+    budget_s: float,
+    retry_reason: Callable[[Exception], RetryReason | None],
+    on_retry: Callable[[Exception, float], None],
+    give_up: Callable[[Exception, int, float], Exception],
+) -> _Created:
+    """The create loop both the modal and the simulated drivers follow: `create_once` in a slot
+    of `throttle`, retried after each of `retry_delays_s` in turn while `retry_reason` gives a
+    reason and the retry's wait ends within `budget_s` seconds of the first attempt.
+
+    `on_retry(error, delay)` is told of each retry before its wait. When the retries are over,
+    raises `give_up(error, attempts, seconds spent)` from the last error (or that error itself,
+    when `give_up` returns it). Cancellation ends the loop at once.
+    """
+    delays = iter(retry_delays_s)
+    started = trio.current_time()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            async with throttle.slot():
+                created = await create_once()
+            throttle.accepted()
+            return created
+        except Exception as exc:
+            reason = retry_reason(exc)
+            delay = next(delays, None) if reason is not None else None
+            spent = trio.current_time() - started
+            if delay is not None and spent + delay > budget_s:
+                delay = None
+            if delay is None:
+                failure = give_up(exc, attempts, spent)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            on_retry(exc, delay)
+            if reason == "rate limit":
+                throttle.penalize(delay)
+            await trio.sleep(delay)
+
+
 class _ThrottleSlot:
     def __init__(self, throttle: CreateThrottle) -> None:
         self._throttle = throttle
@@ -341,7 +394,6 @@ class ModalSandbox:
         self._pump_ended = trio.Event()
         self._sandbox_wait_finished = trio.Event()
         self._exit_status: int | None = None
-        self.agent_exit_code: int | None = None
         self._terminated = False
         self._wait_future: Any = None
         self._token = trio.lowlevel.current_trio_token()
@@ -365,11 +417,6 @@ class ModalSandbox:
     @property
     def agent_config(self) -> Mapping[str, object]:
         return self._agent_config
-
-    @property
-    def modal_sandbox(self) -> Any:
-        """The `modal.Sandbox` object (for inspection; do not terminate it behind our back)."""
-        return self._sandbox
 
     def is_alive(self) -> bool:
         return not self._exited.is_set() and not self._terminated
@@ -493,7 +540,6 @@ class ModalSandbox:
             self._exited.set()
 
     def _agent_ended(self, exit_code: int | None) -> None:
-        self.agent_exit_code = exit_code
         self._pump_ended.set()
         sandbox_code = self._sandbox_returncode()
         self._mark_exited(sandbox_code if sandbox_code is not None else exit_code)
@@ -582,7 +628,6 @@ class ModalDriver:
         self._reaped_apps: set[str] = set()
         self._live: dict[str, ModalSandbox] = {}
         self.sandboxes_started = 0
-        self.create_attempts = 0
         self.create_retries = 0
         self.swept: list[str] = []
         self._closed = False
@@ -689,43 +734,38 @@ class ModalDriver:
             await self.reap(spec.app_name, min_age_s=self.reap_min_age_s)
         secret_objects = [await self._secret(modal, name, spec) for name in spec.secrets]
         image = self._image(modal, spec.app_name, spec.image, spec.add_python)
-        delays = iter(self.retry_delays_s)
-        started = trio.current_time()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                async with self.throttle.slot():
-                    handle = await self._create_once(modal, app, image, secret_objects, spec)
-                self.throttle.accepted()
-                return handle
-            except Exception as exc:
-                retry = _is_rate_limit(modal, exc) or _is_transient(modal, exc)
-                delay = next(delays, None) if retry else None
-                spent = trio.current_time() - started
-                if delay is not None and spent + delay > spec.create_retry_budget_s:
-                    delay = None
-                if delay is None:
-                    raise map_create_error(
-                        modal, exc, spec, attempts=attempts, spent_s=spent
-                    ) from exc
-                self.create_retries += 1
-                logger.info(
-                    "creating a Modal sandbox of profile %r failed (%r); retrying in %g s",
-                    spec.name,
-                    exc,
-                    delay,
-                )
-                if _is_rate_limit(modal, exc):
-                    self.throttle.penalize(delay)
-                await trio.sleep(delay)
+
+        def retry_reason(exc: Exception) -> RetryReason | None:
+            if _is_rate_limit(modal, exc):
+                return "rate limit"
+            return "transient" if _is_transient(modal, exc) else None
+
+        def on_retry(exc: Exception, delay: float) -> None:
+            self.create_retries += 1
+            logger.info(
+                "creating a Modal sandbox of profile %r failed (%r); retrying in %g s",
+                spec.name,
+                exc,
+                delay,
+            )
+
+        return await create_with_retries(
+            functools.partial(self._create_once, modal, app, image, secret_objects, spec),
+            throttle=self.throttle,
+            retry_delays_s=self.retry_delays_s,
+            budget_s=spec.create_retry_budget_s,
+            retry_reason=retry_reason,
+            on_retry=on_retry,
+            give_up=lambda exc, attempts, spent: map_create_error(
+                modal, exc, spec, attempts=attempts, spent_s=spent
+            ),
+        )
 
     async def _create_once(
         self, modal: Any, app: Any, image: Any, secret_objects: list[Any], spec: SandboxConfig
     ) -> ModalSandbox:
         create_id = secrets.token_hex(8)
         arguments = self.create_arguments(spec, create_id=create_id)
-        self.create_attempts += 1
         try:
             sandbox = await call_modal(
                 modal.Sandbox.create, app=app, image=image, secrets=secret_objects, **arguments

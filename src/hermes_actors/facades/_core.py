@@ -22,6 +22,7 @@ failed sandbox (those are error results; infrastructure failures carry `infra_er
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import enum
 import functools
@@ -143,8 +144,10 @@ class Slot:
     isolated: bool = False
     network: bool = True
     metadata: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
-    # The holding backend's table of held slots: `state` reads it, so it is never stale.
-    _held_by: Mapping[str, Slot] = attrs.field(factory=dict, eq=False, repr=False, alias="held_by")
+    # The holding backend's view of its slots: `state` asks it, so it is never stale.
+    _state_in: Callable[[Slot], SlotState] = attrs.field(
+        eq=False, repr=False, kw_only=True, alias="state_in"
+    )
 
     @property
     def alloc_id(self) -> str:
@@ -153,9 +156,10 @@ class Slot:
 
     @property
     def state(self) -> SlotState:
-        """`ACQUIRED` while the backend holds it for a caller, `AVAILABLE` once released."""
-        held = self._held_by.get(self.slot_id) is self
-        return SlotState.ACQUIRED if held else SlotState.AVAILABLE
+        """`ACQUIRED` while the backend holds it for a caller, `EXECUTING` while a tool call on
+        it runs, `ERROR` once its sandbox was seen lost (release it, acquire another),
+        `RELEASING` while it is being given back, `AVAILABLE` once it is."""
+        return self._state_in(self)
 
 
 class BackendCore:
@@ -193,6 +197,9 @@ class BackendCore:
         self._held: dict[str, Slot] = {}
         # Held slots whose sandbox was seen lost: there is nothing to give back for them.
         self._lost: set[str] = set()
+        # Tool calls in progress per held slot, and the slots being given back (`Slot.state`).
+        self._calls_running: collections.Counter[str] = collections.Counter()
+        self._releasing: set[str] = set()
 
     def __repr__(self) -> str:
         state = "running" if self._runtime is not None else "stopped"
@@ -408,10 +415,18 @@ class BackendCore:
             # A sandbox that is not running yet cannot be trusted to isolate anything.
             isolated=handle is not None and handle.isolated,
             network=handle is None or handle.network,
-            held_by=self._held,
+            state_in=self._state_of,
         )
         self._held[slot.slot_id] = slot
         return slot
+
+    def _state_of(self, slot: Slot) -> SlotState:
+        if self._held.get(slot.slot_id) is not slot:
+            releasing = slot.slot_id in self._releasing
+            return SlotState.RELEASING if releasing else SlotState.AVAILABLE
+        if slot.slot_id in self._lost:
+            return SlotState.ERROR
+        return SlotState.EXECUTING if self._calls_running[slot.slot_id] else SlotState.ACQUIRED
 
     async def release(self, slot: Slot, reset_workspace: bool = False) -> None:
         """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
@@ -433,20 +448,27 @@ class BackendCore:
             return
         if runtime is None:
             return
+        self._releasing.add(slot.slot_id)
         try:
             with collapse_exception_groups():
                 await runtime.release(slot.lease, reset=reset_workspace)
         except InfrastructureError as exc:  # the sandbox is gone: so is the slot
             logger.info("release of %s: %s", slot.slot_id, exc)
         except BaseException:
-            # Cut short by the caller: finish the (idempotent) release on our own.
             if self._nursery is not None:
+                # Cut short by the caller: finish the (idempotent) release on our own.
                 self._nursery.start_soon(self._finish_release, runtime, slot.lease, reset_workspace)
+            else:
+                self._releasing.discard(slot.slot_id)
             raise
+        self._releasing.discard(slot.slot_id)
 
     async def _finish_release(self, runtime: Runtime, lease: Lease, reset: bool) -> None:
-        with trio.move_on_after(RELEASE_GRACE_S), contextlib.suppress(HermesError):
-            await runtime.release(lease, reset=reset)
+        try:
+            with trio.move_on_after(RELEASE_GRACE_S), contextlib.suppress(HermesError):
+                await runtime.release(lease, reset=reset)
+        finally:
+            self._releasing.discard(lease.slot_id)
 
     # -- tools -----------------------------------------------------------------------------
 
@@ -574,6 +596,7 @@ class BackendCore:
         if refused is not None:
             return refused
         operation = tool.operation(arguments, context)
+        self._calls_running[slot.slot_id] += 1
         try:
             with collapse_exception_groups():
                 result = await runtime.call(
@@ -595,6 +618,10 @@ class BackendCore:
             )
         except (AgentError, HermesError) as exc:
             return error_result(slot.slot_id, str(exc), name, time.monotonic() - started)
+        finally:
+            self._calls_running[slot.slot_id] -= 1
+            if self._calls_running[slot.slot_id] <= 0:
+                del self._calls_running[slot.slot_id]
         return tool.render(arguments, result, context)
 
     def _timeout_for(self, config: SandboxConfig) -> float:

@@ -34,6 +34,7 @@ import cattrs
 import trio
 
 from hermes_actors._status import BackendStatus
+from hermes_actors.drivers import _local_procs
 
 __all__ = [
     "ENV_PUBLISH",
@@ -69,18 +70,6 @@ def runs_dir(env: Mapping[str, str] | None = None) -> Path:
     return state_dir(env) / "runs"
 
 
-def _process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (guards against pid reuse)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[19])
-
-
 def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether process `pid` exists (and, given `start_ticks`, is the same process)."""
     try:
@@ -91,7 +80,7 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
         pass
     if start_ticks is None:
         return True
-    return _process_start_ticks(pid) in (start_ticks, None)
+    return _local_procs.start_ticks(pid) in (start_ticks, None)
 
 
 async def publish_status(
@@ -160,7 +149,7 @@ async def _listen(
     listener_socket.listen(16)
     record = {
         "pid": os.getpid(),
-        "start_ticks": _process_start_ticks(os.getpid()),
+        "start_ticks": _local_procs.start_ticks(os.getpid()),
         "run_id": run_id,
         "started_at": time.time(),
         "profiles": list(profiles),

@@ -26,6 +26,7 @@ trio's scheduler, so one seed gives the same figures every time.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -39,7 +40,12 @@ import trio.testing
 from hermes_actors._config import Profiles, SandboxConfig
 from hermes_actors._errors import AcquireTimeout, InfrastructureError, SandboxStartFailed
 from hermes_actors._values import Command
-from hermes_actors.drivers._modal import DEFAULT_RETRY_DELAYS_S, CreateThrottle
+from hermes_actors.drivers._modal import (
+    DEFAULT_RETRY_DELAYS_S,
+    CreateThrottle,
+    RetryReason,
+    create_with_retries,
+)
 from hermes_actors.runtime._pool import Lease
 from hermes_actors.runtime._runtime import Runtime
 from hermes_actors.testing._sim_sandbox import SimulatedSandbox
@@ -102,10 +108,6 @@ class LogUniform:
 
     def sample(self, rng: random.Random) -> float:
         return math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-
-    @property
-    def mean(self) -> float:
-        return (self.high - self.low) / math.log(self.high / self.low)
 
 
 @attrs.frozen
@@ -183,7 +185,6 @@ class SimulatedProvider:
         self.creates_failed = 0
         self.sandboxes_created = 0
         self.sandboxes_lost = 0
-        self.sandboxes_expired = 0
         self.peak_live = 0
         #: (virtual time, sandboxes alive) at every change.
         self.timeline: list[tuple[float, int]] = [(trio.current_time(), 0)]
@@ -260,8 +261,7 @@ class SimulatedProvider:
         sandbox = self.live.get(sandbox_id)
         if sandbox is None:
             return
-        if reason == "maximum lifetime":
-            self.sandboxes_expired += 1
+        if reason == "maximum lifetime":  # not a loss: the sandbox lived its whole life
             sandbox.die(124, reason)
         else:
             self.sandboxes_lost += 1
@@ -318,6 +318,12 @@ class SimulatedProvider:
         return peak
 
 
+def _retry_reason(exc: Exception) -> RetryReason | None:
+    if isinstance(exc, RateLimited):
+        return "rate limit"
+    return "transient" if isinstance(exc, CreateFailed) else None
+
+
 class SimulatedDriver:
     """A `SandboxDriver` over a `SimulatedProvider`, paced and retried like the modal driver.
 
@@ -347,33 +353,29 @@ class SimulatedDriver:
         self.create_retries = 0
 
     async def create(self, spec: SandboxConfig) -> SimulatedSandbox:
-        delays = iter(self.retry_delays_s)
-        started = trio.current_time()
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                async with self.throttle.slot():
-                    sandbox = await self.provider.create(spec)
-                self.throttle.accepted()
-                return sandbox
-            except (RateLimited, CreateFailed) as exc:
-                delay = next(delays, None)
-                spent = trio.current_time() - started
-                if delay is not None and spent + delay > spec.create_retry_budget_s:
-                    delay = None
-                if delay is None:
-                    tried = f" (gave up after {attempts} attempts in {spent:.1f} s)"
-                    raise SandboxStartFailed(
-                        f"the simulated provider refused a sandbox of profile {spec.name!r}: "
-                        f"{exc}{tried if attempts > 1 else ''}",
-                        retryable=True,
-                        attempts=attempts,
-                    ) from exc
-                self.create_retries += 1
-                if isinstance(exc, RateLimited):
-                    self.throttle.penalize(delay)
-                await trio.sleep(delay)
+        def give_up(exc: Exception, attempts: int, spent: float) -> Exception:
+            if not isinstance(exc, RateLimited | CreateFailed):
+                return exc  # not the provider's refusal: a defect, raised as it is
+            tried = f" (gave up after {attempts} attempts in {spent:.1f} s)"
+            return SandboxStartFailed(
+                f"the simulated provider refused a sandbox of profile {spec.name!r}: "
+                f"{exc}{tried if attempts > 1 else ''}",
+                retryable=True,
+                attempts=attempts,
+            )
+
+        def on_retry(exc: Exception, delay: float) -> None:
+            self.create_retries += 1
+
+        return await create_with_retries(
+            functools.partial(self.provider.create, spec),
+            throttle=self.throttle,
+            retry_delays_s=self.retry_delays_s,
+            budget_s=spec.create_retry_budget_s,
+            retry_reason=_retry_reason,
+            on_retry=on_retry,
+            give_up=give_up,
+        )
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
