@@ -90,6 +90,16 @@ class _Operation:
         return args
 
 
+class _Acknowledged(_Operation):
+    """Base of the operations whose answer carries nothing: their result is None."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def result_from_wire(answer: Mapping[str, Any]) -> None:
+        return None
+
+
 @attrs.frozen(kw_only=True)
 class Command(_Operation):
     """One command for a slot: a shell `command` (run by bash) or an `argv`, never both.
@@ -295,7 +305,7 @@ class CheckpointTaken:
 
 
 @attrs.frozen(kw_only=True)
-class RestoreCheckpoint(_Operation):
+class RestoreCheckpoint(_Acknowledged):
     """Make the slot's workspace checkpoint `checkpoint`'s (the slot's processes are killed);
     its shell starts from `shell`."""
 
@@ -303,10 +313,6 @@ class RestoreCheckpoint(_Operation):
 
     checkpoint: str
     shell: ShellState | None = attrs.field(default=None, repr=False)
-
-    @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> None:
-        return None
 
 
 @attrs.frozen(kw_only=True)
@@ -323,17 +329,13 @@ class DropCheckpoint(_Operation):
 
 
 @attrs.frozen(kw_only=True)
-class ForkSlot(_Operation):
+class ForkSlot(_Acknowledged):
     """Copy the slot's workspace and shell state into each of `targets`, slots of the same
     sandbox (a copy inside the sandbox)."""
 
     op: ClassVar[str] = "fork"
 
     targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
-
-    @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> None:
-        return None
 
 
 @attrs.frozen(kw_only=True)
@@ -349,7 +351,7 @@ class GetShellState(_Operation):
 
 
 @attrs.frozen(kw_only=True)
-class ForkIn(_Operation):
+class ForkIn(_Acknowledged):
     """Copy the tree the provider mounted at the agent's mounts directory under `mount` into
     the slot and each of `targets` (slots of the same sandbox), whose shells then start from
     `shell`: the target side of a fork across sandboxes."""
@@ -359,10 +361,6 @@ class ForkIn(_Operation):
     mount: str
     targets: tuple[int, ...] = attrs.field(converter=_slot_tuple)
     shell: ShellState | None = attrs.field(default=None, repr=False)
-
-    @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> None:
-        return None
 
 
 @attrs.frozen(kw_only=True)
@@ -435,7 +433,7 @@ class TarChunk:
 
 
 @attrs.frozen(kw_only=True)
-class StreamWrite(_Operation):
+class StreamWrite(_Acknowledged):
     """Feed `data` to a `tar x` stream; with `last`, the answer comes when tar is done."""
 
     op: ClassVar[str] = "stream_write"
@@ -443,10 +441,6 @@ class StreamWrite(_Operation):
     stream: int
     data: bytes = attrs.field(repr=False)
     last: bool = False
-
-    @staticmethod
-    def result_from_wire(answer: Mapping[str, Any]) -> None:
-        return None
 
 
 @attrs.frozen(kw_only=True)

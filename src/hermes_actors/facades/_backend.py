@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, Self, TypeVar
 
 import sniffio
 import trio
@@ -37,7 +37,6 @@ from hermes_actors._config import (
     profiles_from_mapping,
 )
 from hermes_actors._errors import RuntimeStopped
-from hermes_actors._output import OutputChunk
 from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import PortalHost
 from hermes_actors.drivers._base import SandboxDriver
@@ -60,6 +59,21 @@ __all__ = [
 logger = logging.getLogger("hermes_actors.backend")
 
 T = TypeVar("T")
+_P = ParamSpec("_P")
+
+
+def _hosted(
+    method: Callable[Concatenate[BackendCore, _P], Awaitable[T]],
+) -> Callable[Concatenate[ToolBackend, _P], Awaitable[T]]:
+    """The `ToolBackend` method that runs the core's `method` where the core is (`_call`): the
+    same arguments, result and semantics (its docstring is the core's)."""
+
+    async def hosted(self: ToolBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> T:
+        return await self._call(functools.partial(method, self._core, *args, **kwargs))
+
+    functools.update_wrapper(hosted, method)  # name, docstring, and signature for help()
+    hosted.__qualname__ = f"ToolBackend.{method.__name__}"
+    return hosted
 
 
 class ToolBackend:
@@ -308,95 +322,17 @@ class ToolBackend:
             self._core.acquire, trajectory_id, profile, image, give_back=self._core.give_back
         )
 
-    async def release(self, slot: Slot, reset_workspace: bool = False) -> None:
-        """Give a slot back; with `reset_workspace` its processes are killed and files wiped.
-
-        Idempotent; see `BackendCore.release`.
-        """
-        await self._call(self._core.release, slot, reset_workspace)
+    release = _hosted(BackendCore.release)
 
     # -- tools -----------------------------------------------------------------------------
 
-    async def execute_batch(
-        self,
-        requests: Sequence[tuple[Slot, str, Mapping[str, Any]]],
-        timeout_s: float | None = None,
-        *,
-        on_output: Callable[[int, OutputChunk], None] | None = None,
-    ) -> list[ExecutionResult]:
-        """Run tool calls and return their results in request order (one per request, never
-        raising for a request), streaming `bash` output to `on_output` as it comes; see
-        `BackendCore.execute_batch`."""
-        return await self._call(
-            self._core.execute_batch, list(requests), timeout_s, on_output=on_output
-        )
+    execute_batch = _hosted(BackendCore.execute_batch)
 
-    # -- artifacts (payloads in the original Hermes executor's shape; see `BackendCore`) -----
+    # -- artifacts (payloads in the original Hermes executor's shape) ------------------------
 
-    async def read_artifact(
-        self,
-        slot: Slot,
-        path: str,
-        *,
-        encoding: str = "text",
-        max_bytes: int | None = None,
-        include_sha256: bool = False,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """A file of the slot's workspace: `{success, content, error, encoding, truncated,
-        bytes, file_size, path, mime, sha256}`; see `BackendCore.read_artifact`."""
-        return await self._call(
-            self._core.read_artifact,
-            slot,
-            path,
-            encoding=encoding,
-            max_bytes=max_bytes,
-            include_sha256=include_sha256,
-            timeout_s=timeout_s,
-        )
-
-    async def list_artifacts(
-        self,
-        slot: Slot,
-        path: str = ".",
-        *,
-        recursive: bool = False,
-        max_entries: int | None = None,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """Entries under `path` of the slot's workspace: `{success, entries, truncated, error}`;
-        see `BackendCore.list_artifacts`."""
-        return await self._call(
-            self._core.list_artifacts,
-            slot,
-            path,
-            recursive=recursive,
-            max_entries=max_entries,
-            timeout_s=timeout_s,
-        )
-
-    async def archive_artifacts(
-        self,
-        slot: Slot,
-        path: str = ".",
-        *,
-        archive_format: str = "tar.gz",
-        max_bytes: int | None = None,
-        max_entries: int | None = None,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """An archive of `path` (relative to the slot's workspace): `{success, content
-        (base64), error, encoding, format, bytes, entry_count}`; see
-        `BackendCore.archive_artifacts`."""
-        return await self._call(
-            self._core.archive_artifacts,
-            slot,
-            path,
-            archive_format=archive_format,
-            max_bytes=max_bytes,
-            max_entries=max_entries,
-            timeout_s=timeout_s,
-        )
+    read_artifact = _hosted(BackendCore.read_artifact)
+    list_artifacts = _hosted(BackendCore.list_artifacts)
+    archive_artifacts = _hosted(BackendCore.archive_artifacts)
 
     # -- workspace trees: checkpoints, forks, directory transfer ------------------------------
 
