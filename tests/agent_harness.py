@@ -13,12 +13,29 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from hermes_actors._agent import BOOTSTRAP, FrameDecoder, bootstrap_payload, encode_frame
 
+# The /proc readers under the names this harness's users know them by (re-exported).
+from proc_support import is_alive as pid_alive
+from proc_support import pids_with_argv as processes_with_argv
+from proc_support import pids_with_env as processes_with_env
+
 REPLY_TIMEOUT_S = 20.0
+
+__all__ = [
+    "REPLY_TIMEOUT_S",
+    "AgentProcess",
+    "escapee",
+    "pid_alive",
+    "processes_with_argv",
+    "processes_with_env",
+    "wait_no_processes_with_argv",
+    "wait_no_processes_with_env",
+    "wait_processes_with_argv",
+]
 
 
 class AgentProcess:
@@ -170,23 +187,6 @@ class AgentProcess:
         self.close()
 
 
-def _live_processes_whose(part: str, needle: bytes, *, lead: bytes = b"") -> list[int]:
-    """Pids of live (non-zombie) processes whose /proc/PID/`part`, after `lead`, contains
-    `needle`."""
-    found = []
-    for pid in _pids():
-        if not pid_alive(pid):
-            continue
-        try:
-            with open(f"/proc/{pid}/{part}", "rb") as handle:
-                content = lead + handle.read()
-        except OSError:
-            continue
-        if needle in content:
-            found.append(pid)
-    return found
-
-
 def _wait_none(find: Callable[[], list[int]], timeout: float) -> list[int]:
     """Poll until `find` finds nothing or `timeout` passes; return what it found last."""
     deadline = time.monotonic() + timeout
@@ -197,36 +197,9 @@ def _wait_none(find: Callable[[], list[int]], timeout: float) -> list[int]:
     return survivors
 
 
-def processes_with_env(tag: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose environment contains `tag` (``NAME=value``)."""
-    # Entries end with NUL: a NUL before the first one makes every entry whole.
-    return _live_processes_whose("environ", b"\0" + tag.encode() + b"\0", lead=b"\0")
-
-
 def wait_no_processes_with_env(tag: str, timeout: float = 2.0) -> list[int]:
     """Poll until no process carries `tag` or `timeout` passes; return the survivors."""
     return _wait_none(lambda: processes_with_env(tag), timeout)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
-
-
-def _pids() -> Iterator[int]:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            yield int(name)
-
-
-def processes_with_argv(token: str) -> list[int]:
-    """Pids of live (non-zombie) processes with `token` in their command line."""
-    return _live_processes_whose("cmdline", token.encode())
 
 
 def wait_processes_with_argv(token: str, count: int, timeout: float = 10.0) -> list[int]:

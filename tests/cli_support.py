@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Mapping
 
+from proc_support import pids_with_env
+
 #: The command, as `python -m` (the console script may belong to another checkout's install).
 HERMES = [sys.executable, "-m", "hermes_actors.cli"]
 
@@ -42,18 +44,7 @@ def hermes(
 
 def host_sandbox_pids(host_pid: int) -> list[int]:
     """Pids of local sandbox processes whose host is `host_pid` (their top processes)."""
-    found = []
-    needle = f"HERMES_HOST_PID={host_pid}".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                if needle in handle.read().split(b"\0"):
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return pids_with_env(f"HERMES_HOST_PID={host_pid}")
 
 
 class Terminal:

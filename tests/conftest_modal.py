@@ -22,13 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MODAL_CONFIG_PATH", "/nonexistent")
 
 from hermes_actors.testing.modal_emulator import ModalEmulator
+from proc_support import children_of
 
 _GRACE_SECS = 5.0
 # modal runs its blocking API on one asyncio loop in a thread it keeps for the whole process.
@@ -75,20 +75,7 @@ def modal_emulator(modal_emulator_session: ModalEmulator) -> Iterator[ModalEmula
 
 def child_pids() -> list[int]:
     """Direct children of this process (zombies included: they are unreaped leftovers)."""
-    own = os.getpid()
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name is in parentheses and may contain spaces: split after it.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if int(fields[1]) == own:
-            children.append(int(entry.name))
-    return children
+    return children_of(os.getpid())
 
 
 def new_threads(before: set[threading.Thread]) -> list[threading.Thread]:

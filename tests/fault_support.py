@@ -26,6 +26,8 @@ from pathlib import Path
 
 import attrs
 
+from proc_support import argv, process_table
+
 #: Name prefix of trio's cached worker threads (they retire by themselves after ~10 s idle).
 TRIO_WORKER_PREFIX = "Trio thread "
 
@@ -46,22 +48,13 @@ class Proc:
 
 
 def processes() -> dict[int, Proc]:
-    """Every process of the machine, read once from /proc."""
-    found: dict[int, Proc] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read()
-            with open(f"/proc/{name}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(b")", 1)[-1].split()
-        argv = tuple(part.decode(errors="replace") for part in cmdline.split(b"\0") if part)
-        found[int(name)] = Proc(int(name), int(fields[1]), fields[0].decode(), argv)
-    return found
+    """Every process of the machine (zombies included), read once from /proc."""
+    return {
+        pid: Proc(
+            pid, info.ppid, info.state, tuple(word.decode(errors="replace") for word in argv(pid))
+        )
+        for pid, info in process_table(include_dead=True).items()
+    }
 
 
 def descendants(root: int, table: dict[int, Proc] | None = None) -> list[Proc]:

@@ -21,6 +21,7 @@ from hermes_actors.drivers._local import (
     kill_marked,
     marked_pids,
 )
+from proc_support import argv, pids_with_argv
 
 if TYPE_CHECKING:
     from hermes_actors.drivers._modal import ModalSandbox
@@ -88,14 +89,12 @@ class ModalContractSandbox:
 
 def _is_sandbox_plumbing(pid: int) -> bool:
     """bwrap and the agent itself carry the marker too; they are not the commands we count."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
+    words = argv(pid)
+    if not words:
         return True
-    program = os.path.basename(argv[0]) if argv else b""
+    program = os.path.basename(words[0])
     return program == b"bwrap" or (
-        len(argv) > 2 and argv[1] == b"-c" and b"hermes_agent" in argv[2]
+        len(words) > 2 and words[1] == b"-c" and b"hermes_agent" in words[2]
     )
 
 
@@ -143,27 +142,6 @@ async def open_modal_sandbox(
         kill_marked(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}".encode())
 
 
-def kill_agent(sandbox_id: str) -> None:
-    """SIGKILL the agent process of a local sandbox (the root of its marked processes)."""
-    pids = set(marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()))
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as handle:
-            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        if parent not in pids:
-            os.kill(pid, signal.SIGKILL)
-            return
-    raise AssertionError(f"no agent process found for {sandbox_id}")
-
-
 def processes_with(token: str) -> list[int]:
-    """Pids whose command line contains `token` (commands started as `exec -a TOKEN ...`)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if token.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
+    """Live pids whose command line contains `token` (commands started as `exec -a TOKEN ...`)."""
+    return pids_with_argv(token)

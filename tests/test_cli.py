@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli_support import HERMES, clean_environment, hermes, host_sandbox_pids
+from proc_support import pids_with_argv
 from sandbox_support import processes_with
 
 SUBCOMMANDS = [
@@ -80,15 +81,7 @@ def _run_waiting(*options: str) -> subprocess.Popen[bytes]:
 
 
 def _tagged_processes() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(RUN_TAG.encode()):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    return pids_with_argv(RUN_TAG, at_start=True)
 
 
 def _wait_for_tagged() -> list[int]:

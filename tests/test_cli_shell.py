@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
 from pathlib import Path
 
 from cli_support import HERMES, Terminal, clean_environment, host_sandbox_pids
+from proc_support import pids_with_argv
 
 #: Marks a command's `sleep` so that the test can find it from the host and end it.
 TAG = "hermes-cli-shell-tag"
@@ -17,12 +17,7 @@ TAG = "hermes-cli-shell-tag"
 def _wait_for_tagged() -> list[int]:
     deadline = time.monotonic() + 30
     while True:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if (entry / "cmdline").read_bytes().startswith(TAG.encode()):
-                        found.append(int(entry.name))
+        found = pids_with_argv(TAG, at_start=True)
         if found:
             return found
         assert time.monotonic() < deadline, "the tagged sleep never started"

@@ -43,6 +43,7 @@ import trio
 from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
 from hermes_actors.testing.modal_emulator import ModalEmulator
+from proc_support import cmdline
 
 #: Trajectories and tool calls per trajectory of the drop-in workload.
 TRAJECTORIES = 32
@@ -527,17 +528,9 @@ def test_background_bash_calls_run_detached_until_the_slot_is_reset() -> None:
             [alive] = await backend.execute_batch([(slot, "bash", {"command": f"kill -0 {pid}"})])
             assert alive.success
             await backend.release(slot, reset_workspace=True)
-            assert not any(b"sleep 60" in line for line in _cmdlines(pid))
+            assert b"sleep 60" not in cmdline(pid)
 
     asyncio.run(main())
-
-
-def _cmdlines(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [handle.read()]
-    except OSError:
-        return []
 
 
 # -- artifacts: the original's arguments and payloads ----------------------------------------------

@@ -26,6 +26,7 @@ from hermes_actors import (
     profiles_from_mapping,
 )
 from hermes_actors.testing.modal_emulator import ModalEmulator
+from proc_support import argv, cmdline
 
 pytestmark = pytest.mark.faults
 
@@ -128,15 +129,11 @@ def _agent_pids(emulator: ModalEmulator, sandbox_id: str) -> list[int]:
         if state.sandbox_id != sandbox_id:
             continue
         for pid in state.live_pids:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                    argv = handle.read().split(b"\0")
-            except OSError:
-                continue
+            words = argv(pid)
             if (
-                len(argv) > 2
-                and argv[1] == b"-c"
-                and os.path.basename(argv[0]).startswith(b"python")
+                len(words) > 2
+                and words[1] == b"-c"
+                and os.path.basename(words[0]).startswith(b"python")
             ):
                 found.append(pid)
     return found
@@ -201,11 +198,7 @@ async def test_agent_stream_dropping_mid_batch(
 
 
 def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    return cmdline(pid).replace(b"\0", b" ").decode(errors="replace")
 
 
 HOST = textwrap.dedent(

@@ -25,6 +25,7 @@ from hermes_actors._errors import SandboxStartFailed
 from hermes_actors.drivers import _local, _local_procs
 from hermes_actors.drivers._local import LocalDriver
 from hermes_actors.drivers._local_reap import find_local_leftovers, reap_local
+from proc_support import cmdline, descendants_of
 from sandbox_support import open_local_sandbox
 
 
@@ -131,40 +132,15 @@ async def test_terminate_kills_a_sandbox_whose_keepers_cannot_clean_up(isolation
         await trio.to_thread.run_sync(wait_processes_with_argv, mark, 2)
         keepers = [
             pid
-            for pid in _descendants_of(sandbox.handle.pid)
-            if _cmdline(pid) == _cmdline(sandbox.handle.pid)
-            or (isolation == "bwrap" and b"hermes_agent" in _cmdline(pid))
+            for pid in descendants_of(sandbox.handle.pid)
+            if cmdline(pid) == cmdline(sandbox.handle.pid)
+            or (isolation == "bwrap" and b"hermes_agent" in cmdline(pid))
         ]
         assert keepers
         for pid in keepers:
             os.kill(pid, signal.SIGSTOP)
         os.killpg(sandbox.handle.pid, signal.SIGKILL)
     assert processes_with_argv(mark) == []
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read()
-    except OSError:
-        return b""
-
-
-def _descendants_of(root: int) -> list[int]:
-    parents = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as handle:
-                    parents[int(name)] = int(handle.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-    found = {root}
-    while True:
-        below = {pid for pid, parent in parents.items() if parent in found} - found
-        if not below:
-            return sorted(found - {root})
-        found |= below
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="slot uids need the host side to be root")

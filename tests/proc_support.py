@@ -1,0 +1,70 @@
+"""The tests' reading of /proc: which processes live, below whom, with what argv or environment.
+
+The process table comes from the runtime's own reader (`hermes_actors.drivers._local_procs`), so
+the tests count survivors from /proc the way the local driver finds its processes; this module
+adds what only tests look at: command lines and environment entries (a command can forge or
+drop either, so the runtime never uses them for ownership; tests use them to find the
+processes they tagged).
+"""
+
+from __future__ import annotations
+
+from hermes_actors.drivers._local_procs import (
+    is_alive,
+    pids_with_environ_entry,
+    process_table,
+    with_descendants,
+)
+
+__all__ = [
+    "argv",
+    "children_of",
+    "cmdline",
+    "descendants_of",
+    "is_alive",
+    "pids_with_argv",
+    "pids_with_env",
+    "process_table",
+]
+
+
+def cmdline(pid: int) -> bytes:
+    """`pid`'s raw command line (NUL-separated), or b"" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def argv(pid: int) -> list[bytes]:
+    """`pid`'s command line as words, or [] when it is gone."""
+    return [word for word in cmdline(pid).split(b"\0") if word]
+
+
+def pids_with_argv(token: str, *, at_start: bool = False) -> list[int]:
+    """Live (non-zombie) pids whose command line contains `token` (or, with `at_start`,
+    begins with it: commands started as `exec -a TOKEN ...`)."""
+    needle = token.encode()
+    found = []
+    for pid in process_table():
+        line = cmdline(pid)
+        if line.startswith(needle) if at_start else needle in line:
+            found.append(pid)
+    return sorted(found)
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """Live (non-zombie) pids whose environment holds `entry` (``NAME=value``, whole)."""
+    return pids_with_environ_entry(entry.encode())
+
+
+def children_of(parent: int) -> list[int]:
+    """`parent`'s direct children, zombies included (they are unreaped leftovers)."""
+    table = process_table(include_dead=True)
+    return sorted(pid for pid, info in table.items() if info.ppid == parent)
+
+
+def descendants_of(root: int) -> list[int]:
+    """Live processes below `root`, `root` left out."""
+    return sorted(with_descendants([root], process_table()) - {root})
