@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trio
 
 from hermes_actors.drivers._local import bwrap_problem
 from sandbox_support import (
@@ -89,13 +91,39 @@ async def isolated_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Cont
         yield sandbox
 
 
+def _needs_bwrap(item: pytest.Item) -> bool:
+    """An isolation case: marked `bwrap`, or one of its parameters' ids is `bwrap`."""
+    if item.get_closest_marker("bwrap") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "bwrap" in re.split(r"[-\[\]]", callspec.id)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Where bubblewrap cannot run, the isolation cases are skipped with the reason (decided
+    before their fixtures run: a skip raised inside an async fixture loses its reason)."""
+    cases = [item for item in items if _needs_bwrap(item)]
+    if not cases:
+        return
+    problem = trio.run(bwrap_problem)
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=_bwrap_skip_reason(problem))
+    for item in cases:
+        item.add_marker(skip)
+
+
+def _bwrap_skip_reason(problem: str) -> str:
+    return (
+        f"isolation case skipped: {problem}; `make test` installs bubblewrap when it runs "
+        "as root with apt-get, else install it (`apt-get install bubblewrap`)"
+    )
+
+
 async def skip_without_bwrap(isolation: str) -> None:
     """Skip an isolation case, saying why, where bubblewrap cannot run (never fail it)."""
     if isolation != "bwrap":
         return
     problem = await bwrap_problem()
     if problem is not None:
-        pytest.skip(
-            f"isolation case skipped: {problem}; `make test` installs bubblewrap when it runs "
-            "as root with apt-get, else install it (`apt-get install bubblewrap`)"
-        )
+        pytest.skip(_bwrap_skip_reason(problem))

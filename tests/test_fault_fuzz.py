@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fault_support
 from agent_harness import AgentProcess, encode_frame
 from fault_support import RELIABILITY
 from hermes_actors import (
@@ -35,7 +36,6 @@ from hermes_actors import (
     ToolBackend,
     load_profiles,
     profiles_from_mapping,
-    shutdown_terminal_backend,
     terminal_tool,
 )
 
@@ -215,7 +215,8 @@ def fuzz_backend() -> Iterator[tuple[ToolBackend, Slot, Slot]]:
     """A backend (through its portal) with a held slot and a released one."""
     config = {
         "backend": "local",
-        "isolation": "bwrap",
+        # The request path is fuzzed, not isolation: bubblewrap where it runs, else none.
+        "isolation": "auto",
         "slots_per_sandbox": 4,
         "min_sandboxes": 0,
         "max_sandboxes": 1,
@@ -279,24 +280,14 @@ def test_execute_batch_answers_unhashable_tool_names(
 
 @pytest.fixture(scope="module")
 def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    path = tmp_path_factory.mktemp("fuzz-terminal") / "profiles.yaml"
-    path.write_text(
+    with fault_support.terminal_profiles(
+        tmp_path_factory.mktemp("fuzz-terminal") / "profiles.yaml",
         "default_profile: fuzz\n"
         "profiles:\n"
-        "  fuzz: {backend: local, isolation: bwrap, slots_per_sandbox: 4, min_sandboxes: 0,\n"
-        "         max_sandboxes: 1, execution_timeout_s: 10}\n"
-    )
-    saved = os.environ.get("TERMINAL_MODAL_PROFILES_FILE")
-    os.environ["TERMINAL_MODAL_PROFILES_FILE"] = str(path)
-    shutdown_terminal_backend()
-    try:
+        "  fuzz: {backend: local, isolation: auto, slots_per_sandbox: 4, min_sandboxes: 0,\n"
+        "         max_sandboxes: 1, execution_timeout_s: 10}\n",
+    ):
         yield
-    finally:
-        shutdown_terminal_backend()
-        if saved is None:
-            os.environ.pop("TERMINAL_MODAL_PROFILES_FILE", None)
-        else:
-            os.environ["TERMINAL_MODAL_PROFILES_FILE"] = saved
 
 
 commands = st.one_of(

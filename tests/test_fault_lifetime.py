@@ -9,7 +9,6 @@ that the same workspace, files intact, still answers.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -19,13 +18,13 @@ import outcome
 import pytest
 import trio
 
+import fault_support
 from fault_support import Reliability
 from hermes_actors import (
     SandboxConfig,
     ToolBackend,
     cleanup_vm,
     profiles_from_mapping,
-    shutdown_terminal_backend,
     terminal_tool,
 )
 
@@ -60,24 +59,14 @@ async def in_plain_thread(function: Callable[[], T]) -> T:
 @pytest.fixture(scope="module")
 def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Profiles of the process-wide terminal backend (one per isolation); shut down after."""
-    path = tmp_path_factory.mktemp("lifetime") / "profiles.yaml"
-    path.write_text(
+    with fault_support.terminal_profiles(
+        tmp_path_factory.mktemp("lifetime") / "profiles.yaml",
         "default_profile: none\n"
         "profiles:\n"
         "  none: {backend: local, isolation: none, slots_per_sandbox: 2, min_sandboxes: 0}\n"
-        "  bwrap: {backend: local, isolation: bwrap, slots_per_sandbox: 2, min_sandboxes: 0}\n"
-    )
-    saved = os.environ.get("TERMINAL_MODAL_PROFILES_FILE")
-    os.environ["TERMINAL_MODAL_PROFILES_FILE"] = str(path)
-    shutdown_terminal_backend()
-    try:
+        "  bwrap: {backend: local, isolation: bwrap, slots_per_sandbox: 2, min_sandboxes: 0}\n",
+    ):
         yield
-    finally:
-        shutdown_terminal_backend()
-        if saved is None:
-            os.environ.pop("TERMINAL_MODAL_PROFILES_FILE", None)
-        else:
-            os.environ["TERMINAL_MODAL_PROFILES_FILE"] = saved
 
 
 def _tool(command: str, **options: Any) -> dict[str, Any]:
@@ -165,6 +154,7 @@ def _judge(isolation: str, survival: Survival, reliability: Reliability) -> None
     assert after["output"].split() == ["tool-kept", survival.before[1]]
 
 
+@pytest.mark.bwrap
 def test_idle_bwrap_sandbox_outlives_trio_worker_threads(
     survivals: dict[str, outcome.Outcome[Survival]], reliability: Reliability
 ) -> None:

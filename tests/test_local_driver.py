@@ -143,6 +143,7 @@ async def test_terminate_kills_a_sandbox_whose_keepers_cannot_clean_up(isolation
     assert processes_with_argv(mark) == []
 
 
+@pytest.mark.bwrap
 @pytest.mark.skipif(os.geteuid() != 0, reason="slot uids need the host side to be root")
 async def test_slot_users_have_a_name_and_their_workspace_as_home_under_bwrap() -> None:
     """whoami, getpass and pwd know each slot's uid; its passwd HOME is its workspace."""
