@@ -539,29 +539,31 @@ def test_a_killed_keeper_takes_its_slots_processes_along(agent: AgentProcess) ->
 
 
 def keepers_of(agent: AgentProcess) -> list[int]:
-    """The agent's keepers: its children that are forks of it (same command line)."""
-    pid = agent.process.pid
-    own = _cmdline(pid)
+    """The agent's live keepers (they name themselves ``hermes-keeper``)."""
     found = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
         try:
+            with open(f"/proc/{name}/comm") as handle:
+                comm = handle.read().strip()
             with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != b"Z" and _cmdline(int(name)) == own:
+        if comm == "hermes-keeper" and state != b"Z" and agent.process.pid in _ancestors(name):
             found.append(int(name))
     return found
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read()
-    except OSError:
-        return b""
+def _ancestors(pid: str) -> list[int]:
+    found = []
+    while pid not in ("0", "1"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                pid = handle.read().rsplit(b")", 1)[1].split()[1].decode()
+        except (OSError, IndexError):
+            break
+        found.append(int(pid))
+    return found
 
 
 def wait_keepers_at_most(agent: AgentProcess, count: int, timeout: float = 5.0) -> list[int]:
@@ -597,6 +599,33 @@ def test_a_keeper_with_a_slots_process_is_never_lent_to_another_slot(agent: Agen
     assert int(run(agent, "echo $PPID", slot=0)["stdout"]) == busy
     assert agent.call("reset_slot", slot=0)["killed"] == 1
     assert not pid_alive(sleeper)
+
+
+def _parent_and_comm(pid: int) -> tuple[int, str]:
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
+    with open(f"/proc/{pid}/comm") as handle:
+        return parent, handle.read().strip()
+
+
+def test_keepers_are_forked_by_a_zygote_and_the_agent_serves_without_it(
+    agent: AgentProcess,
+) -> None:
+    """Keepers come from one small zygote child of the agent; without it, the agent forks them."""
+    run(agent, "sleep 1000 &", slot=0)
+    first = int(run(agent, "echo $PPID", slot=1)["stdout"])
+    zygote, comm = _parent_and_comm(first)
+    assert comm == "hermes-keeper"
+    assert _parent_and_comm(zygote) == (agent.process.pid, "hermes-zygote")
+    os.kill(zygote, signal.SIGKILL)
+    # Slot 1's keeper lives on; slot 2 needs a new one, forked by the agent itself.
+    assert int(run(agent, "echo $PPID", slot=1)["stdout"]) == first
+    run(agent, "sleep 1000 &", slot=1)
+    second = int(run(agent, "echo $PPID", slot=2)["stdout"])
+    assert _parent_and_comm(second) == (agent.process.pid, "hermes-keeper")
+    for slot in (0, 1, 2):
+        agent.call("reset_slot", slot=slot)
+    assert run(agent, "echo fine", slot=3)["stdout"] == b"fine\n"
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")

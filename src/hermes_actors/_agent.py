@@ -395,6 +395,21 @@ def _close_on_exec_all() -> None:
                 os.set_inheritable(fd, False)
 
 
+def _return_free_memory() -> None:
+    """Give the C heap's free pages back to the system, where the C library can (glibc).
+
+    Compiling this program leaves about 7 MB of freed compiler memory in the heap, which every
+    keeper forked from the agent would map again (counted in each one's RSS); nothing needs
+    it. Without ctypes or glibc this does nothing.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def _which(name: str, search_path: str) -> Optional[str]:
     """The first executable `name` on `search_path` (shutil.which, without importing shutil)."""
     for directory in search_path.split(os.pathsep):
@@ -688,6 +703,7 @@ def _keeper_main(
 
     os.setsid()  # a kill of the agent's process group must leave the cleanup to us
     _become_subreaper()
+    _name_process("hermes-keeper")
     signal.set_wakeup_fd(-1)
     for number in _KEEPER_IGNORED:
         signal.signal(number, signal.SIG_IGN)
@@ -784,6 +800,80 @@ def _keeper_main(
     own = os.getpid()
     _kill_until_gone(lambda table: _descendants(_children_of(table), [own]), reap_quietly)
     reap_quietly()
+
+
+def _name_process(name: str) -> None:
+    """Set this process's name as ps and /proc/PID/comm show it (best effort)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as handle:
+        handle.write(name)
+
+
+def _zygote_main(
+    control_fd: int,
+    slot_uids: bool,
+    fast_uid_spawn: bool,
+    keep_fds: Set[int],
+    limits: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Fork keepers on request until the agent closes the socket (see `Agent._fork_keeper`).
+
+    Forked from the agent before it serves anything, and never writing to its copy of the
+    agent's memory after that, so the keepers forked from it share those pages: a keeper owns
+    only what it writes itself. (A keeper forked from the serving agent would end up owning
+    every page the agent changed since, about 2.5 MB each.) Requests: ``{}`` with the keeper's
+    socket attached; replies ``{"pid": n}`` or ``{"errno", "message"}``. Keepers are reaped by
+    the kernel (SIGCHLD ignored): the agent learns of their end from their sockets.
+    """
+    import gc
+    import socket
+
+    _name_process("hermes-zygote")
+    signal.set_wakeup_fd(-1)
+    for number in _KEEPER_IGNORED:
+        signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    keep = set(keep_fds) | {0, 1, 2, control_fd}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    sock = socket.socket(fileno=control_fd)
+    sock.setblocking(True)
+    gc.freeze()  # a collection here or in a keeper must not write to every object's header
+    while True:
+        try:
+            request, fds = _keeper_receive(sock)
+        except OSError:
+            return
+        if request is None:
+            return
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            _send_to_keeper_peer(sock, {"errno": errno.EINVAL, "message": "one socket expected"})
+            continue
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(fds[0])
+            _send_to_keeper_peer(sock, {"errno": exc.errno or 0, "message": str(exc)})
+            continue
+        if pid == 0:  # pragma: no cover - runs in the keeper process (measured by its tests)
+            code = 0
+            try:
+                sock.close()
+                _keeper_main(fds[0], slot_uids, fast_uid_spawn, keep_fds, limits)
+            except BaseException as exc:
+                code = 1
+                _log("keeper failed: %r" % (exc,))
+            finally:
+                os._exit(code)
+        os.close(fds[0])
+        _send_to_keeper_peer(sock, {"pid": pid})
 
 
 class _Keeper:
@@ -1008,6 +1098,9 @@ class Agent:
         self.subreaper = False
         self.fast_uid_spawn = False
         self.keepers: Dict[int, _Keeper] = {}  # by slot
+        #: The process that forks keepers (see `_zygote_main`): its socket and pid.
+        self.zygote: Any = None
+        self.zygote_pid = 0
         #: Keepers with nothing to keep, for any slot's next command (see `_retire_if_idle`).
         self.spare_keepers: List[_Keeper] = []
         #: Resource limits each slot's processes get (see `_apply_limits`).
@@ -1037,6 +1130,7 @@ class Agent:
 
     def run(self) -> int:
         """Serve until shutdown, host loss, ttl expiry or a signal; return the exit status."""
+        _return_free_memory()
         with contextlib.suppress(OSError):
             self.inherited_fds = {int(name) for name in os.listdir("/proc/self/fd")}
         self.subreaper = _become_subreaper()
@@ -1057,6 +1151,7 @@ class Agent:
                 _add_slot_accounts(self.slot_uid_base, self.slot_accounts, self.workspace_root)
         _close_on_exec_all()
         os.chdir("/")
+        self._start_zygote()
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
@@ -1643,9 +1738,67 @@ class Agent:
             keeper.slot = slot
             self.keepers[slot] = keeper
             return keeper
+        pid, ours = self._fork_keeper()
+        ours.setblocking(True)
+        keeper = _Keeper(slot, pid, ours)
+        self.keepers[slot] = keeper
+        self.selector.register(keeper.fd, selectors.EVENT_READ, self._keeper_callback(keeper))
+        return keeper
+
+    def _start_zygote(self) -> None:
+        """Fork the process that forks keepers (see `_zygote_main`), while the heap is small."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            _log("no zygote (%s): keepers are forked from the agent" % exc)
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:  # pragma: no cover - runs in the zygote (measured by the keepers' tests)
+            code = 0
+            try:
+                ours.close()
+                _zygote_main(
+                    theirs.detach(),
+                    self.slot_uid_base is not None,
+                    self.fast_uid_spawn,
+                    self.inherited_fds,
+                    self.limits,
+                )
+            except BaseException as exc:
+                code = 1
+                _log("zygote failed: %r" % (exc,))
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.settimeout(_KEEPER_REPLY_S)
+        self.zygote = ours
+        self.zygote_pid = pid
+
+    def _fork_keeper(self) -> Tuple[int, Any]:
+        """A new keeper: its pid and the agent's end of its socket. Forked by the zygote; by
+        the agent itself when there is no zygote (any more)."""
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.zygote is not None:
+            try:
+                _send_to_keeper_peer(self.zygote, {}, (theirs.fileno(),))
+                reply, _ = _keeper_receive(self.zygote)
+            except OSError as exc:
+                reply = None
+                _log("zygote lost (%s): keepers are forked from the agent" % exc)
+            if reply is not None and "pid" in reply:
+                theirs.close()
+                return int(reply["pid"]), ours
+            if reply is None:
+                self._close_zygote()
+            else:
+                _log("zygote could not fork: %s" % reply.get("message"))
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the keeper process (measured by its tests)
@@ -1665,11 +1818,13 @@ class Agent:
             finally:
                 os._exit(code)
         theirs.close()
-        ours.setblocking(True)
-        keeper = _Keeper(slot, pid, ours)
-        self.keepers[slot] = keeper
-        self.selector.register(keeper.fd, selectors.EVENT_READ, self._keeper_callback(keeper))
-        return keeper
+        return pid, ours
+
+    def _close_zygote(self) -> None:
+        """Let the zygote go (it exits at EOF); keepers it forked live on."""
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
     def _keeper_callback(self, keeper: _Keeper) -> Callable[[int, int], None]:
         def on_readable(fd: int, mask: int) -> None:
@@ -1820,7 +1975,8 @@ class Agent:
 
         def select(table: Dict[int, Tuple[int, int, bool]]) -> Set[int]:
             children = _children_of(table)
-            kept = _descendants(children, keeper_pids) | keeper_pids
+            # The zygote is spared, not what is below it: a lost keeper is its child.
+            kept = _descendants(children, keeper_pids) | keeper_pids | {self.zygote_pid}
             return _descendants(children, [own]) - kept
 
         return len(_kill_until_gone(select, self._reap))
@@ -1894,8 +2050,9 @@ class Agent:
     def _reap(self) -> None:
         """Reap every exited child: keepers that died are handled, adopted orphans dropped.
 
-        The agent's children are its keepers and the tree ops' helpers, plus what a dead
-        keeper left (leaders and shells among them: those end their exec here).
+        The agent's children are the zygote (whose children are the keepers), the tree ops'
+        helpers, keepers forked without a zygote, and what a dead keeper left (leaders and
+        shells among them: those end their exec here).
         """
         while True:
             try:
@@ -1909,6 +2066,10 @@ class Agent:
                 self._finish(ex, status)
                 continue
             if self.trees.exited(pid, status):
+                continue
+            if pid == self.zygote_pid:
+                self.zygote_pid = 0
+                self._close_zygote()
                 continue
             for keeper in list(self.keepers.values()):
                 if keeper.pid == pid:
@@ -2034,28 +2195,24 @@ class Agent:
         self.shells.closing(None, "shutdown")
         own = os.getpid()
         keeper_pids = self._keeper_pids()
+        spared = keeper_pids | {self.zygote_pid}
         try:
             _kill_until_gone(
-                lambda table: _descendants(_children_of(table), [own]) - keeper_pids, self._reap
+                lambda table: _descendants(_children_of(table), [own]) - spared, self._reap
             )
             self._wait_finished(list(self.execs.values()), 1.0)
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
         for keeper in [*self.keepers.values(), *self.spare_keepers]:
             keeper.sock.close()  # the keeper finds nothing left to kill and exits
-        deadline = time.monotonic() + 1.0
-        pending = set(keeper_pids)
-        while pending and time.monotonic() < deadline:
-            for pid in list(pending):
-                with contextlib.suppress(ChildProcessError):
-                    if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                        continue
-                pending.discard(pid)
-            if pending:
-                time.sleep(0.002)
-        for pid in pending:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        # Keepers are the zygote's children (or ours, without a zygote): wait on their pidfds.
+        _wait_dead(keeper_pids, 1.0)
+        self._reap()
+        for pid in keeper_pids:
+            if _start_time(pid):  # still there: it could not clean up in time
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self._close_zygote()
         self.keepers.clear()
         self.spare_keepers.clear()
         for ex in list(self.execs.values()):
