@@ -20,6 +20,7 @@ __all__ = [
     "argv",
     "children_of",
     "cmdline",
+    "comm",
     "descendants_of",
     "is_alive",
     "pids_with_argv",
@@ -35,6 +36,15 @@ def cmdline(pid: int) -> bytes:
             return handle.read()
     except OSError:
         return b""
+
+
+def comm(pid: int) -> str:
+    """`pid`'s name (what a process may set for itself, as the agent's keepers do), or ""."""
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def argv(pid: int) -> list[bytes]:

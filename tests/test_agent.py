@@ -44,6 +44,8 @@ from hermes_actors._agent import (
     agent_source,
     encode_frame,
 )
+from hermes_actors.drivers._local_procs import proc_info
+from proc_support import comm, descendants_of
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 IS_ROOT = os.getuid() == 0
@@ -540,30 +542,7 @@ def test_a_killed_keeper_takes_its_slots_processes_along(agent: AgentProcess) ->
 
 def keepers_of(agent: AgentProcess) -> list[int]:
     """The agent's live keepers (they name themselves ``hermes-keeper``)."""
-    found = []
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/comm") as handle:
-                comm = handle.read().strip()
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if comm == "hermes-keeper" and state != b"Z" and agent.process.pid in _ancestors(name):
-            found.append(int(name))
-    return found
-
-
-def _ancestors(pid: str) -> list[int]:
-    found = []
-    while pid not in ("0", "1"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                pid = handle.read().rsplit(b")", 1)[1].split()[1].decode()
-        except (OSError, IndexError):
-            break
-        found.append(int(pid))
-    return found
+    return [pid for pid in descendants_of(agent.process.pid) if comm(pid) == "hermes-keeper"]
 
 
 def wait_keepers_at_most(agent: AgentProcess, count: int, timeout: float = 5.0) -> list[int]:
@@ -602,10 +581,9 @@ def test_a_keeper_with_a_slots_process_is_never_lent_to_another_slot(agent: Agen
 
 
 def _parent_and_comm(pid: int) -> tuple[int, str]:
-    with open(f"/proc/{pid}/stat", "rb") as handle:
-        parent = int(handle.read().rsplit(b")", 1)[1].split()[1])
-    with open(f"/proc/{pid}/comm") as handle:
-        return parent, handle.read().strip()
+    info = proc_info(pid)
+    assert info is not None
+    return info.ppid, comm(pid)
 
 
 def test_keepers_are_forked_by_a_zygote_and_the_agent_serves_without_it(
