@@ -14,7 +14,7 @@ import pytest
 import trio
 from grpclib import Status
 
-from hermes_actors import SandboxConfig, Slot, ToolBackend, TransferFailed
+from hermes_actors import CheckpointLost, SandboxConfig, Slot, ToolBackend, TransferFailed
 from hermes_actors.drivers._modal import SNAPSHOT_TTL_S
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
@@ -196,3 +196,41 @@ async def test_cancelled_cross_sandbox_fork_leaves_no_slot_or_mount(
             assert mounts == [], f"after {deadline} s"
         assert cancelled >= 2
         await tools.release(source)
+
+
+async def test_a_checkpoint_restores_in_any_sandbox_until_the_provider_ends_its_own(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A checkpoint restores into its own slot and into another sandbox's; once the provider
+    ends the sandbox storing it (its timeout), restore says so and what to do."""
+    async with backend(max_lifetime=600.0) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        before = await sh(tools, source, SNAPSHOT)
+        checkpoint = await tools.checkpoint(source)
+        await sh(tools, source, "(cd ~ && rm -rf ./* .env) && cd ~ && export ANSWER=0")
+        await tools.restore(source, checkpoint)
+        assert await sh(tools, source, SNAPSHOT) == before
+        other = await tools.acquire("u")  # one slot per sandbox: another sandbox
+        assert other.sandbox_id != source.sandbox_id
+        await sh(tools, other, "echo stale > stale")
+        await tools.restore(other, checkpoint)
+        assert await sh(tools, other, SNAPSHOT) == before
+        state = await sh(tools, other, 'basename "$PWD"; echo "$ANSWER"; whoami')
+        assert state == f"a\n42\nslot{other.lease.index}\n"
+        modal_emulator.kill_sandbox(source.sandbox_id, "timeout")
+        for _ in range(400):  # until the pool hears of the loss (20 s at most)
+            if held(tools) == 1:
+                break
+            await trio.sleep(0.05)
+        with pytest.raises(CheckpointLost) as lost:
+            await tools.restore(other, checkpoint)
+        message = str(lost.value)
+        assert f"stored in sandbox {source.sandbox_id}, which was lost" in message
+        assert "max_lifetime (600 s" in message
+        assert message.endswith("take a new checkpoint")
+        assert await sh(tools, other, SNAPSHOT) == before  # the failed restore changed nothing
+        await tools.release_checkpoint(checkpoint)  # idempotent for a lost one
+        with pytest.raises(CheckpointLost, match="released"):
+            await tools.restore(other, checkpoint)
+        await tools.release(other)

@@ -16,6 +16,7 @@ from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import (
     AcquireTimeout,
     AgentError,
+    CheckpointLost,
     IsolationUnavailable,
     SandboxLost,
     SandboxStartFailed,
@@ -23,7 +24,7 @@ from hermes_actors._errors import (
 from hermes_actors._trio import Reply
 from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._pool import LOST_PRIORITY_S, Lease, ProfilePool, Release
-from hermes_actors.runtime._trees import Checkpoint
+from hermes_actors.runtime._trees import Checkpoint, restore
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -36,7 +37,7 @@ class Harness:
 
 @asynccontextmanager
 async def running_pool(**config: object) -> AsyncIterator[Harness]:
-    settings = SandboxConfig(name="test", backend="local", **config)  # type: ignore[arg-type]
+    settings = SandboxConfig(**{"name": "test", "backend": "local", **config})  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         driver = FakeDriver(nursery)
         driver.create_latency_s = 1.0
@@ -385,6 +386,47 @@ async def test_a_rotated_sandbox_stays_up_while_it_stores_a_checkpoint(
         await trio.sleep(2.0)
         ids = [s.sandbox_id for s in h.pool.statistics().sandboxes]
         assert first_id not in ids
+        await h.pool.release(other)
+
+
+async def test_a_checkpoint_stopped_with_its_rotated_modal_sandbox_says_why(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """On Modal a rotated sandbox stops even while it stores a checkpoint (the provider ends it
+    at its timeout anyway); a restore of that checkpoint says why and what to do."""
+    async with running_pool(
+        backend="modal",
+        app_name="pool-tests",
+        min_sandboxes=1,
+        max_sandboxes=2,
+        slots_per_sandbox=1,
+        max_lifetime=100.0,
+    ) as h:
+        lease = await h.pool.acquire()
+        first_id = lease.sandbox_id
+        checkpoint = Checkpoint(
+            checkpoint_id="ck-1",
+            profile="test",
+            sandbox_id=first_id,
+            size_bytes=1,
+            entries=1,
+            sandbox=lease.sandbox,
+        )
+        h.pool.checkpoints.reserve()
+        assert h.pool.checkpoints.commit(checkpoint)
+        h.pool.checkpoints_changed()
+        await h.pool.release(lease)
+        await trio.sleep(95.0)  # past the rotation point (90 s after ready)
+        assert first_id not in [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        other = await h.pool.acquire(timeout_s=10)
+        with pytest.raises(CheckpointLost) as lost:
+            await restore(h.pool.checkpoints, other, checkpoint)
+        assert str(lost.value) == (
+            f"checkpoint ck-1 cannot be used: it was stored in sandbox {first_id}, which was "
+            "stopped (rotated before its maximum lifetime); a checkpoint on Modal lasts no "
+            "longer than its sandbox, which Modal ends at its max_lifetime (100 s; at most "
+            "24 h): raise it for searches that outlive it; take a new checkpoint"
+        )
         await h.pool.release(other)
 
 

@@ -680,7 +680,7 @@ class ProfilePool:
 
     def _on_exit(self, key: int, member: _Member, error: BaseException | None) -> None:
         self._remove_member(key, member)
-        self.checkpoints.forget_sandbox(member.actor)
+        self.checkpoints.forget_sandbox(member.actor, self._ended_because(member, error))
         self._finished_commands += member.actor.commands_run
         self._finished_failures += member.actor.command_failures
         if member.state is _State.STARTING and member.stop_reason is None:
@@ -703,6 +703,22 @@ class ProfilePool:
         member.state = _State.STOPPING  # no longer a member: the indexes do not count it
         self._serve_waiters()
         self._scale()
+
+    def _ended_because(self, member: _Member, error: BaseException | None) -> str:
+        """How a sandbox ended, for the checkpoints stored there (see `CheckpointLost`)."""
+        if member.stop_reason is not None:
+            why = f"was stopped ({member.stop_reason})"
+        else:
+            died = member.actor.died
+            why = f"was lost ({died.reason if died is not None else error!r})"
+        if self.config.backend == "modal":
+            # Rotation is the provider's timeout coming: nothing keeps such a sandbox longer.
+            why += (
+                "; a checkpoint on Modal lasts no longer than its sandbox, which Modal ends at "
+                f"its max_lifetime ({self.config.max_lifetime:g} s; at most 24 h): raise it "
+                "for searches that outlive it"
+            )
+        return why
 
     def _start_failed(self, member: _Member, error: BaseException) -> None:
         image = member.image

@@ -116,6 +116,10 @@ class CheckpointStats:
     size_bytes: int
 
 
+#: Lost checkpoints whose cause `CheckpointLedger` remembers until they are released.
+_LOST_KEPT = 4096
+
+
 class CheckpointLedger:
     """The checkpoints of one pool, bounded by count and by bytes. Sync: pool-owned state."""
 
@@ -125,6 +129,9 @@ class CheckpointLedger:
         self.max_bytes = max_bytes
         self._held: dict[str, Checkpoint] = {}
         self._reserved = 0
+        #: Why checkpoints went with their sandbox, by id, until their holder releases them
+        #: (at most `_LOST_KEPT`, oldest forgotten first): `restore` says so.
+        self._lost: dict[str, str] = {}
 
     def reserve(self) -> None:
         """Make room for one more checkpoint, or raise `CheckpointLimitExceeded`."""
@@ -151,6 +158,7 @@ class CheckpointLedger:
     def remove(self, checkpoint: Checkpoint) -> bool:
         """Forget a checkpoint; False if it was not held (released before, or lost)."""
         if not self.holds(checkpoint):
+            self._lost.pop(checkpoint.checkpoint_id, None)
             return False
         del self._held[checkpoint.checkpoint_id]
         return True
@@ -158,12 +166,23 @@ class CheckpointLedger:
     def in_sandbox(self, sandbox: SandboxActor) -> bool:
         return any(c.sandbox is sandbox for c in self._held.values())
 
-    def forget_sandbox(self, sandbox: SandboxActor) -> int:
-        """Its sandbox stopped: its checkpoints are gone with it. Returns how many."""
+    def forget_sandbox(self, sandbox: SandboxActor, why: str) -> int:
+        """Its sandbox ended (`why`, a sentence's end: "was lost (...)"): its checkpoints are
+        gone with it. Returns how many."""
         gone = [key for key, c in self._held.items() if c.sandbox is sandbox]
         for key in gone:
             del self._held[key]
+            self._lost[key] = f"it was stored in sandbox {sandbox.sandbox_id}, which {why}"
+        while len(self._lost) > _LOST_KEPT:
+            del self._lost[next(iter(self._lost))]
         return len(gone)
+
+    def why_unusable(self, checkpoint: Checkpoint) -> str:
+        """Why a checkpoint that is not held cannot be used (for `CheckpointLost`)."""
+        lost = self._lost.get(checkpoint.checkpoint_id)
+        if lost is not None:
+            return lost
+        return "it was released (release_checkpoint), or lost with its sandbox long ago"
 
     def size_bytes(self) -> int:
         return sum(c.size_bytes for c in self._held.values())
@@ -232,9 +251,14 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
     Raises `CheckpointLost` when the checkpoint was released or its sandbox stopped.
     """
     if not ledger.holds(checkpoint):
-        raise CheckpointLost(checkpoint.checkpoint_id, "it was released or its sandbox stopped")
+        raise CheckpointLost(checkpoint.checkpoint_id, ledger.why_unusable(checkpoint))
     if not checkpoint.sandbox.alive:
-        raise CheckpointLost(checkpoint.checkpoint_id, "its sandbox stopped")
+        died = checkpoint.sandbox.died
+        why = f"was lost ({died.reason})" if died is not None else "stopped"
+        raise CheckpointLost(
+            checkpoint.checkpoint_id,
+            f"it was stored in sandbox {checkpoint.sandbox_id}, which {why}",
+        )
     if checkpoint.sandbox is lease.sandbox:
         restore = RestoreCheckpoint(checkpoint=checkpoint.checkpoint_id, shell=checkpoint.shell)
         await lease.sandbox.call(lease.index, restore)
