@@ -9,6 +9,8 @@ processes they tagged).
 
 from __future__ import annotations
 
+import os
+
 from hermes_actors.drivers._local_procs import (
     is_alive,
     pids_with_environ_entry,
@@ -23,6 +25,7 @@ __all__ = [
     "comm",
     "descendants_of",
     "is_alive",
+    "pids_of_uid",
     "pids_with_argv",
     "pids_with_env",
     "process_table",
@@ -61,6 +64,18 @@ def pids_with_argv(token: str, *, at_start: bool = False) -> list[int]:
         line = cmdline(pid)
         if line.startswith(needle) if at_start else needle in line:
             found.append(pid)
+    return sorted(found)
+
+
+def pids_of_uid(uid: int) -> list[int]:
+    """Live (non-zombie) pids whose /proc entry belongs to `uid`."""
+    found = []
+    for pid in process_table():
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                found.append(pid)
+        except OSError:  # gone since the table was read
+            continue
     return sorted(found)
 
 

@@ -1,12 +1,15 @@
 """ToolBackend's ordering, timeouts, cancellation, lifecycle and tool results, on the fake driver.
 
-Everything here runs in virtual time (trio's autojump clock) against the real client, actors,
-pools and facade, with fake sandboxes (`hermes_actors.testing.fake_driver`): exact times, no
-processes. Real processes are exercised by the contract and end-to-end tests.
+Everything here runs against the real client, actors, pools and facade, with fake sandboxes
+(`hermes_actors.testing.fake_driver`): no processes. In virtual time (trio's autojump clock),
+with exact times, except where the backend runs on its portal thread for asyncio or other trio
+callers (its own trio run, in real time). Real processes are exercised by the contract and
+end-to-end tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -564,3 +567,76 @@ def test_modal_profiles_reap_orphans_at_start_by_default(
     driver = DRIVERS["modal"].make(list(profiles.profiles.values()), "run-1")
     assert isinstance(driver, ModalDriver)
     assert (driver.reap_on_start, driver.reap_min_age_s) == (True, 900.0)
+
+
+# -- callers of the portal thread (its own trio run: real time) ----------------------------------
+
+
+def running_commands(driver: FakeDriver) -> int:
+    return sum(len(sandbox.running) for sandbox in list(driver.alive))
+
+
+def test_cancelling_asyncio_callers_cancels_their_work_and_leaks_no_slot() -> None:
+    """A cancelled asyncio task cancels its work in the portal: no slot held, no command left."""
+    driver = FakeDriver()
+    driver.create_latency_s = 0.05  # the first cancels land while its sandbox starts
+
+    async def settled(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the portal did not settle within 5 s")
+
+    async def main() -> None:
+        backend = ToolBackend(fake_config(min_sandboxes=0), drivers={"local": driver})
+        await backend.start()
+        try:
+            for delay in (0.0, 0.001, 0.003, 0.01, 0.03, 0.1):
+                task = asyncio.create_task(backend.acquire("t"))
+                await asyncio.sleep(delay)
+                task.cancel()
+                try:
+                    slot = await task
+                except asyncio.CancelledError:
+                    pass
+                else:  # it finished before the cancel: a normal slot, released normally
+                    await backend.release(slot)
+                await settled(lambda: held(backend) == 0)
+
+            slot = await backend.acquire("t")
+            batch = asyncio.create_task(
+                backend.execute_batch([(slot, "bash", {"command": "sleep 600"})])
+            )
+            await settled(lambda: running_commands(driver) == 1)
+            batch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+            await settled(lambda: running_commands(driver) == 0)
+            [result] = await backend.execute_batch([(slot, "bash", {"command": "echo ok"})])
+            assert result.output == "ok\n"
+            assert held(backend) == 1
+        finally:
+            await backend.stop()
+
+    asyncio.run(main())
+    assert driver.alive == set()
+
+
+async def test_cancelling_a_trio_caller_of_the_portal_cancels_the_work() -> None:
+    """A trio caller outside the runtime's run, when cancelled, has its command cancelled."""
+    driver = FakeDriver()
+    backend = ToolBackend(fake_config(), drivers={"local": driver})
+    try:
+        slot = await backend.acquire("t")
+        with trio.move_on_after(0.3) as scope:
+            await backend.execute_batch([(slot, "bash", {"command": "sleep 600"})])
+        assert scope.cancelled_caught
+        with trio.fail_after(5):
+            while running_commands(driver):  # noqa: ASYNC110 - another run's state: no event
+                await trio.sleep(0.01)
+        [result] = await backend.execute_batch([(slot, "bash", {"command": "echo ok"})])
+        assert result.output == "ok\n"
+    finally:
+        await backend.stop()
+    assert driver.alive == set()

@@ -26,26 +26,14 @@ from hermes_actors.drivers._local_cgroups import (
     create_sandbox_cgroup,
     find_delegated_cgroup,
 )
+from proc_support import pids_of_uid
 from sandbox_support import open_local_sandbox
 
 MIB = 1024 * 1024
 
 
 def processes_of_uid(uid: int) -> int:
-    count = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                if handle.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
-                    continue
-        except (OSError, IndexError):
-            continue
-        count += 1
-    return count
+    return len(pids_of_uid(uid))
 
 
 @pytest.mark.parametrize("isolation", ["none", "bwrap"])

@@ -22,6 +22,7 @@ from conftest import skip_without_bwrap
 from hermes_actors import OutputBuffer, OutputChunk, SandboxConfig, ToolBackend
 from hermes_actors._output import OutputTally
 from hermes_actors.testing.modal_emulator import ModalEmulator
+from proc_support import pids_with_argv
 
 DEADLINE_S = 30.0
 
@@ -329,14 +330,4 @@ async def test_cancelling_a_streamed_command_kills_it(tmp_path: Any) -> None:
 
 
 def _processes_named(tag: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if handle.read().startswith(tag.encode()):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    return pids_with_argv(tag, at_start=True)

@@ -3,6 +3,9 @@
 Public test support (beside `hermes_actors.testing.modal_emulator`): pass it as a backend's
 driver, `ToolBackend(config, drivers={"local": FakeDriver(nursery)})`, and your code runs
 against the real client, actors and pools with no process or network, in virtual time.
+Without a nursery (`FakeDriver()`), the fake agents are system tasks of the trio run that
+creates the sandboxes: a backend that runs on its portal thread (called from asyncio, sync
+code, or trio without `async with`) can use it too, in real time.
 
 Each fake sandbox runs a fake agent: a trio task in this process that speaks the real agent
 protocol (the real codec, the real client on the other side) over an in-memory stream. Commands
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,6 +42,8 @@ from hermes_actors.testing._in_process import (
 )
 
 Script = Callable[[str], Awaitable[tuple[int, bytes]]]
+
+logger = logging.getLogger("hermes_actors.testing.fake_driver")
 
 
 class FakeSandbox(InProcessHandle):
@@ -226,8 +232,19 @@ class FakeSandbox(InProcessHandle):
         return command_result(scope, started, exit_code, output)
 
 
+async def _serve_as_system_task(sandbox: FakeSandbox) -> None:
+    # An error escaping a system task would crash the whole run: the sandbox dies instead, as
+    # a real one whose agent crashed (the host sees its stream end).
+    try:
+        await sandbox.serve()
+    except Exception:
+        logger.exception("fake agent of %s crashed", sandbox.sandbox_id)
+        sandbox._die(1)
+
+
 class FakeDriver:
-    """Starts fake sandboxes whose agents are tasks of `nursery` (see the module docstring).
+    """Starts fake sandboxes whose agents are tasks of `nursery`, or without one system tasks
+    of the run that creates them (see the module docstring).
 
     `script(command)` answers commands the fake does not interpret itself (`sleep`, `echo`,
     `exit`) with `(exit_code, stdout)`.
@@ -235,7 +252,9 @@ class FakeDriver:
 
     name = "fake"
 
-    def __init__(self, nursery: trio.Nursery, *, script: Script | None = None) -> None:
+    def __init__(
+        self, nursery: trio.Nursery | None = None, *, script: Script | None = None
+    ) -> None:
         self._nursery = nursery
         self._script = script
         self._ids = itertools.count(1)
@@ -262,7 +281,10 @@ class FakeDriver:
         self.alive.add(sandbox)
         self.max_alive = max(self.max_alive, len(self.alive))
         self.by_id[sandbox.sandbox_id] = sandbox
-        self._nursery.start_soon(sandbox.serve)
+        if self._nursery is not None:
+            self._nursery.start_soon(sandbox.serve)
+        else:
+            trio.lowlevel.spawn_system_task(_serve_as_system_task, sandbox)
         return sandbox
 
     def kill(self, sandbox_id: str) -> None:
