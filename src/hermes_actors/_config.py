@@ -160,6 +160,24 @@ def _freeze_sequence(value: Sequence[str]) -> tuple[str, ...]:
 # them). Then the class's relations (rules between fields) run, skipping fields already found
 # wrong. Every problem is collected while the instance is built and raised at the end, in one
 # `ConfigError`, so each value is checked once and every problem is reported at once.
+#
+# Why not cattrs' `transform_error` for the messages (it cannot keep their quality):
+# * It sees only what cattrs collected. cattrs collects one exception per field only for errors
+#   of its structure hooks; attrs runs the validators inside `__init__` and stops at the first
+#   that raises, and cattrs wraps that single construction error without a field. Every broken
+#   rule at once therefore needs the collecting validator above whatever formats the messages,
+#   and moving the type checks into structure hooks would leave `SandboxConfig(...)` built
+#   directly unchecked, or check each value twice.
+# * Its lines are `f"{description} @ {path}"`, the path built from the structured class's root
+#   (`$.memory`, `$.secrets[1]`) and glued into the string. A profile's fields are merged from
+#   several layers before it is structured, so the place to report is per field: a file and its
+#   YAML path, an environment variable (`environment: TERMINAL_MODAL_IMAGE`, no `$` path at
+#   all), or overrides; and broken rules go to the highest layer that set a value involved.
+#   That needs the field and the path inside its value apart (`_Problem.fields`, `.suffix`),
+#   which `transform_error` only hands back inside one formatted string; recovering them would
+#   mean parsing its output, which breaks on keys or values that contain " @ ".
+# So `_locate_problems` does, for these flat classes (fields, list items, mapping keys), the
+# walk `transform_error` does, keeping each problem's field, suffix and message apart.
 # ---------------------------------------------------------------------------------------------
 
 
