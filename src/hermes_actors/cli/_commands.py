@@ -42,6 +42,9 @@ EXIT_TIMED_OUT = 124
 #: How long `run` stays silent in a log before plain progress lines start, and their interval.
 RUN_QUIET_S = 10.0
 
+#: How long `run` waits for its slot's reset after the command, even when cancelled.
+RELEASE_RESET_LIMIT_S = 30.0
+
 
 def _profiles_path(explicit: str | None) -> str | None:
     """The profiles file: the option, else the variable, else ./modal_profiles.yaml if present."""
@@ -176,7 +179,12 @@ async def _run_in_slot(
                     finally:
                         output.close()
             finally:
-                with trio.CancelScope(shield=True), contextlib.suppress(InfrastructureError):
+                # Bounded, as every shielded cleanup: the backend's exit terminates the sandbox
+                # anyway if the reset does not finish in time.
+                with (
+                    trio.move_on_after(RELEASE_RESET_LIMIT_S, shield=True),
+                    contextlib.suppress(InfrastructureError),
+                ):
                     await backend.release(slot, reset_workspace=True)
             progress.finish(ok=result.success)
         ticker.cancel_scope.cancel()
