@@ -39,6 +39,7 @@ LAYER_LOGGERS: Final[tuple[str, ...]] = (
     "hermes_actors.trees",
     "hermes_actors.cli",
     "hermes_actors.testing.modal_emulator",
+    "hermes_actors.testing.fake_driver",
 )
 
 
