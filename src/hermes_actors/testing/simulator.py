@@ -487,9 +487,8 @@ class ScenarioResult:
     """The figures of one simulated run (times are virtual seconds from the first batch)."""
 
     scenario: Scenario
-    #: The first command result any trajectory got, and the first trajectory done.
+    #: The first command result any trajectory got.
     first_result_s: float
-    first_trajectory_s: float
     wall_s: float
     #: Seconds spent pre-warming before the first batch (not in `wall_s`).
     prewarm_s: float
@@ -540,7 +539,6 @@ class _Tally:
     acquire_waits: list[float] = attrs.field(factory=list)
     lost_waits: list[float] = attrs.field(factory=list)
     first_result: float = math.inf
-    first_done: float = math.inf
     acquire_timeouts: int = 0
     acquire_failures: int = 0
     done: int = 0
@@ -593,7 +591,6 @@ async def _trajectory(
             tally.commands += 1
             tally.first_result = min(tally.first_result, trio.current_time() - started)
         tally.done += 1
-        tally.first_done = min(tally.first_done, trio.current_time() - started)
     finally:
         if lease is not None:
             with trio.CancelScope(shield=True):
@@ -682,7 +679,6 @@ async def simulate(scenario: Scenario) -> ScenarioResult:
     return ScenarioResult(
         scenario=scenario,
         first_result_s=tally.first_result,
-        first_trajectory_s=tally.first_done,
         wall_s=wall_s,
         prewarm_s=prewarm_s,
         acquire_wait_p50_s=percentile(tally.acquire_waits, 0.50),
