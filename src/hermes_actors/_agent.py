@@ -548,6 +548,65 @@ def _kill_until_gone(
         pause = min(pause * 2, 0.02)
 
 
+def _kill_descendants(reap: Callable[[], None], limit_s: float = _KILL_LIMIT_S) -> List[int]:
+    """SIGKILL every process below this one (a subreaper) until it has no child; the pids killed.
+
+    A subreaper's descendants are its children and theirs, and an orphan becomes its child when
+    its parent dies: killing the children, again after each death, reaches every level without
+    a scan of every process on the machine (``/proc/self/task/*/children`` lists them). Where
+    that list is missing, it falls back to the scan. `limit_s` bounds it against a process the
+    kernel cannot kill (D state); zombies are reaped by `reap` and not counted.
+    """
+    own = os.getpid()
+    listing = "/proc/%d/task/%d/children" % (own, own)
+    killed: List[int] = []
+    limit = time.monotonic() + limit_s
+    pause = 0.0002
+    while True:
+        reap()
+        try:
+            with open(listing, "rb") as handle:
+                children = [int(pid) for pid in handle.read().split()]
+        except (OSError, ValueError):
+            table_kill = _kill_until_gone(
+                lambda table: _descendants(_children_of(table), [own]), reap, limit_s
+            )
+            return killed + sorted(table_kill - set(killed))
+        if not children:
+            try:
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return killed
+            if ended is None:  # a live child the listing missed: find it in the table
+                children = sorted(_descendants(_children_of(_process_table()), [own]))
+        for pid in children:
+            if _process_state(pid) in (b"Z", b"X", b""):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+            if pid not in killed:
+                killed.append(pid)
+        if time.monotonic() > limit:
+            return killed
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def _process_state(pid: int) -> bytes:
+    """A process's state letter from /proc (b"" when it is gone)."""
+    try:
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            line = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return line[line.rindex(b")") + 2 :][:1]
+    except (OSError, ValueError):
+        return b""
+
+
 def _start_time(pid: int) -> int:
     """A process's start time in clock ticks since boot (0 when it cannot be read)."""
     try:
@@ -728,7 +787,7 @@ def _keeper_main(
     if limits:
         _apply_limits(limits, 1 if slot_uids else None)
 
-    def reap() -> None:
+    def reap(report_idle: bool = True) -> None:
         notices: List[Dict[str, Any]] = []
         reaped = idle = False
         while True:
@@ -743,7 +802,7 @@ def _keeper_main(
             if pid in leaders:
                 leaders.discard(pid)
                 notices.append({"exited": pid, "status": status})
-        if idle and reaped:
+        if idle and reaped and report_idle:
             # The agent may let this keeper go (see `Agent._retire_if_idle`): with no child it
             # has no descendant, and only a spawn request can give it one again.
             if not notices:
@@ -770,6 +829,12 @@ def _keeper_main(
             request, fds = _keeper_receive(sock)
             if request is None:
                 break
+            if request.get("kill"):
+                for fd in fds:
+                    os.close(fd)
+                killed = _kill_descendants(lambda: reap(report_idle=False))
+                _send_to_keeper_peer(sock, {"killed": killed, "idle": True})
+                continue
             try:
                 pid = _spawn_as(
                     request["path"],
@@ -887,6 +952,9 @@ class _Keeper:
         self.fd: int = sock.fileno()
         self.buffer = bytearray()
         self.eof = False
+        #: Resets waiting for this keeper's kill (see `Agent.op_reset_slot`), in request order:
+        #: (request id, slot, processes killed already, the shell pids not to count).
+        self.pending_kills: Deque[Tuple[int, int, int, Set[int]]] = collections.deque()
 
     def read_available(self) -> None:
         """Take what the socket holds now (without blocking); sets `eof` when it closed."""
@@ -1841,7 +1909,7 @@ class Agent:
             message = keeper.next_message()
             if message is None:
                 break
-            if "exited" in message or "idle" in message:
+            if "exited" in message or "idle" in message or "killed" in message:
                 self.keeper_notices.append((keeper, message))
             else:
                 reply = message
@@ -1889,6 +1957,10 @@ class Agent:
                     self._finish(ex, status)
                 else:
                     self.shells.on_reaped(pid, status)
+            if "killed" in notice and keeper.pending_kills:
+                request_id, slot, killed, shell_pids = keeper.pending_kills.popleft()
+                killed += len(set(notice["killed"]) - shell_pids)
+                self._reply_reset(request_id, slot, killed)
             if notice.get("idle"):
                 self._retire_if_idle(keeper)
 
@@ -1903,6 +1975,8 @@ class Agent:
         """
         slot = keeper.slot
         if slot is None or self.keepers.get(slot) is not keeper or keeper.buffer:
+            return
+        if keeper.pending_kills:
             return
         shell = self.shells.by_slot.get(slot)
         if shell is not None and shell.pid:
@@ -1967,6 +2041,13 @@ class Agent:
             if ex.slot == keeper.slot and ex.kill_reason is None:
                 ex.kill_reason = "cancel"
         self._kill_unkept()
+        self._reply_pending_resets(keeper)
+
+    def _reply_pending_resets(self, keeper: _Keeper) -> None:
+        """Finish the resets that waited for a keeper that is gone (its processes are too)."""
+        while keeper.pending_kills:
+            request_id, slot, killed, _ = keeper.pending_kills.popleft()
+            self._reply_reset(request_id, slot, killed)
 
     def _kill_unkept(self) -> int:
         """Kill every process below the agent that no living keeper holds."""
@@ -2203,6 +2284,8 @@ class Agent:
             self._wait_finished(list(self.execs.values()), 1.0)
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
+        for keeper in list(self.keepers.values()):
+            self._reply_pending_resets(keeper)  # everything of theirs was killed just now
         for keeper in [*self.keepers.values(), *self.spare_keepers]:
             keeper.sock.close()  # the keeper finds nothing left to kill and exits
         # Keepers are the zygote's children (or ours, without a zygote): wait on their pidfds.
@@ -2241,12 +2324,44 @@ class Agent:
             self.kill_execs([ex], "cancel")
         return {"found": True}
 
-    def op_reset_slot(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+    def op_reset_slot(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Kill every process of the slot, then wipe its workspace; replies once both are done.
+
+        The slot's keeper kills its own descendants (see `_kill_descendants`: no scan of every
+        process) and reports; meanwhile the agent serves other slots. The slot's execs and
+        shell call reply (cancelled) before the reset does: the keeper reports their ends first.
+        """
         slot = _slot_arg(args)
         # Queued requests go first, or killing the running one would start the next.
         self._drop_queued(slot)
-        _wait_dead(self.shells.closing(slot, "reset"))
-        killed = self.kill_slot(slot, "reset")
+        shell_pids = self.shells.closing(slot, "reset")
+        for ex in self.execs.values():
+            if ex.slot == slot and ex.kill_reason is None:
+                ex.kill_reason = "reset"
+        helpers = self._slot_helpers(slot)
+        killed = self.kill_trees(helpers) if helpers else 0
+        keeper = self.keepers.get(slot)
+        if keeper is not None:
+            try:
+                _send_to_keeper_peer(keeper.sock, {"kill": True})
+            except OSError:
+                self._keeper_lost(keeper)  # it killed what it kept
+            else:
+                keeper.pending_kills.append((request_id, slot, killed, shell_pids))
+                return None
+        return self._reset_workspace(slot, killed)
+
+    def _reply_reset(self, request_id: int, slot: int, killed: int) -> None:
+        try:
+            result = self._reset_workspace(slot, killed)
+        except OpError as exc:
+            self.send(_error_reply(request_id, exc.code, exc.message))
+            return
+        self.send({"id": request_id, "ok": True, "result": result})
+
+    def _reset_workspace(self, slot: int, killed: int) -> Dict[str, Any]:
+        """The second half of a reset, once nothing of the slot is alive: forget its shell and
+        overlay, wipe its workspace."""
         self.shells.close(slot)
         self.trees.discard_overlay(slot)
         uid = self.slot_uid(slot)
