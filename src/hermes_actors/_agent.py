@@ -955,6 +955,9 @@ class _Keeper:
         #: Resets waiting for this keeper's kill (see `Agent.op_reset_slot`), in request order:
         #: (request id, slot, processes killed already, the shell pids not to count).
         self.pending_kills: Deque[Tuple[int, int, int, Set[int]]] = collections.deque()
+        #: One entry per spawn request sent and not answered yet, in order: the callback of a
+        #: spawn that does not wait (`Agent.spawn_in_slot_nowait`), or None for one that does.
+        self.spawns: Deque[Optional[Callable[[Dict[str, Any]], None]]] = collections.deque()
 
     def read_available(self) -> None:
         """Take what the socket holds now (without blocking); sets `eof` when it closed."""
@@ -1785,6 +1788,33 @@ class Agent:
         request = {"path": path, "argv": argv, "env": env, "cwd": cwd, "uid": self.slot_uid(slot)}
         return self._keeper_spawn(keeper, request, fds)
 
+    def spawn_in_slot_nowait(
+        self,
+        slot: int,
+        argv: List[str],
+        env: Dict[str, str],
+        cwd: str,
+        fds: List[int],
+        started: Callable[[Dict[str, Any]], None],
+    ) -> None:
+        """`spawn_in_slot` without waiting for the keeper: `started` gets its reply later,
+        ``{"pid", "start"}`` or ``{"errno", "message"}``, before any notice of the process's
+        end. Raises OSError when the request cannot be sent (nothing was started then)."""
+        path = argv[0]
+        if "/" not in path:
+            found = _which(path, env.get("PATH", os.defpath))
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "command not found", path)
+            path = found
+        keeper = self._keeper(slot)
+        request = {"path": path, "argv": argv, "env": env, "cwd": cwd, "uid": self.slot_uid(slot)}
+        try:
+            _send_to_keeper_peer(keeper.sock, request, tuple(fds))
+        except OSError:
+            self._keeper_lost(keeper)
+            raise
+        keeper.spawns.append(started)
+
     def _keeper(self, slot: int) -> _Keeper:
         """The slot's keeper: its own, else a spare one, else a new one (forked from here).
 
@@ -1911,8 +1941,12 @@ class Agent:
                 break
             if "exited" in message or "idle" in message or "killed" in message:
                 self.keeper_notices.append((keeper, message))
-            else:
+                continue
+            callback = keeper.spawns.popleft() if keeper.spawns else None
+            if callback is None:
                 reply = message
+            else:  # handled in order with the notices (the command's end comes after it)
+                self.keeper_notices.append((keeper, {"started": message, "callback": callback}))
         if keeper.eof:
             self.keeper_notices.append((keeper, {"lost": True}))
         return reply
@@ -1928,6 +1962,7 @@ class Agent:
         except OSError:
             self._keeper_lost(keeper)
             raise
+        keeper.spawns.append(None)
         deadline = time.monotonic() + _KEEPER_REPLY_S
         while True:
             reply = self._read_keeper(keeper)
@@ -1957,6 +1992,8 @@ class Agent:
                     self._finish(ex, status)
                 else:
                     self.shells.on_reaped(pid, status)
+            if "started" in notice:
+                notice["callback"](notice["started"])
             if "killed" in notice and keeper.pending_kills:
                 request_id, slot, killed, shell_pids = keeper.pending_kills.popleft()
                 killed += len(set(notice["killed"]) - shell_pids)
@@ -1976,10 +2013,10 @@ class Agent:
         slot = keeper.slot
         if slot is None or self.keepers.get(slot) is not keeper or keeper.buffer:
             return
-        if keeper.pending_kills:
+        if keeper.pending_kills or keeper.spawns:
             return
         shell = self.shells.by_slot.get(slot)
-        if shell is not None and shell.pid:
+        if shell is not None and (shell.pid or shell.starting):
             return
         if any(ex.slot == slot for ex in self.execs.values()):
             return
@@ -2041,7 +2078,16 @@ class Agent:
             if ex.slot == keeper.slot and ex.kill_reason is None:
                 ex.kill_reason = "cancel"
         self._kill_unkept()
+        self._fail_pending_spawns(keeper)
         self._reply_pending_resets(keeper)
+
+    def _fail_pending_spawns(self, keeper: _Keeper) -> None:
+        """Tell the spawns still waiting for a keeper that is gone that they did not start."""
+        gone = {"errno": errno.ECHILD, "message": "the slot's keeper process is gone"}
+        while keeper.spawns:
+            callback = keeper.spawns.popleft()
+            if callback is not None:
+                callback(gone)
 
     def _reply_pending_resets(self, keeper: _Keeper) -> None:
         """Finish the resets that waited for a keeper that is gone (its processes are too)."""
@@ -2285,6 +2331,7 @@ class Agent:
         except Exception as exc:  # exiting anyway: say why, never mask the exit
             _log("kill on exit failed: %r" % exc)
         for keeper in list(self.keepers.values()):
+            self._fail_pending_spawns(keeper)  # started or not, killed just now
             self._reply_pending_resets(keeper)  # everything of theirs was killed just now
         for keeper in [*self.keepers.values(), *self.spare_keepers]:
             keeper.sock.close()  # the keeper finds nothing left to kill and exits
@@ -4095,6 +4142,9 @@ class _Shell:
         self.report_restart = False
         #: Why it is being killed on purpose ("reset", "shutdown"); None while it serves.
         self.closing: Optional[str] = None
+        #: Its keeper has not said yet that it started (see `_Shells._started`); calls are
+        #: written to its stdin meanwhile, and it reads them once it runs.
+        self.starting = False
         #: Its workspace was moved into a layer under it (a fork or checkpoint in place): its
         #: next call first re-enters its directory by path, into the overlay now there.
         self.recenter = False
@@ -4173,7 +4223,7 @@ class _Shells:
         """Run `command` in the slot's shell (started first if needed); replies when it ends."""
         agent = self.agent
         shell = self.by_slot.get(ex.slot)
-        if shell is None or shell.pid == 0:
+        if shell is None or (shell.pid == 0 and not shell.starting):
             try:
                 shell = self.spawn(ex.slot, shell)
             except OSError as exc:
@@ -4257,7 +4307,7 @@ class _Shells:
             report = "{ \\command export -p; %s; } >&3" % report
         record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
         line = ("; ".join(parts) + "\n").encode("utf-8", "surrogateescape") + body + record.encode()
-        ex.pid = shell.pid
+        ex.pid = shell.pid or -1  # -1: the shell is starting (see `_started`)
         ex.started = time.monotonic()
         ex.start_tick = self.now_tick()
         shell.current = ex
@@ -4313,8 +4363,11 @@ class _Shells:
             argv = [self.program, "-i"]
         try:
             # Through the slot's keeper like every command: the shell and all it starts are
-            # the keeper's descendants; the keeper reports the shell's end.
-            shell.pid, _ = agent.spawn_in_slot(slot, argv, env, cwd, fds)
+            # the keeper's descendants; the keeper reports the shell's end. Without waiting:
+            # the agent serves on while the keeper starts it (see `_started`).
+            agent.spawn_in_slot_nowait(
+                slot, argv, env, cwd, fds, functools.partial(self._started, shell)
+            )
         except OSError:
             for fd in (control_read, control_write, status_read):
                 os.close(fd)
@@ -4324,6 +4377,7 @@ class _Shells:
         finally:
             os.close(status_write)
         os.close(control_read)
+        shell.starting = True
         shell.control_fd = control_write
         shell.status_fd = status_read
         if previous is not None:
@@ -4332,10 +4386,39 @@ class _Shells:
         os.set_blocking(status_read, False)
         agent.selector.register(status_read, selectors.EVENT_READ, self._status_callback(shell))
         self.by_slot[slot] = shell
-        self.by_pid[shell.pid] = shell
         agent.slots_used.add(slot)
         self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
         return shell
+
+    def _started(self, shell: _Shell, reply: Dict[str, Any]) -> None:
+        """The keeper's answer to a shell's spawn (before any notice of the shell's end)."""
+        shell.starting = False
+        if "pid" in reply:
+            shell.pid = int(reply["pid"])
+            self.by_pid[shell.pid] = shell
+            if shell.current is not None and shell.current.pid == -1:
+                shell.current.pid = shell.pid
+            if shell.closing is not None:
+                # Closed while it started (reset, end_shell, shutdown): its end is reported
+                # after this reply, so the pid is still its own. Its reap finishes the rest.
+                with contextlib.suppress(OSError):
+                    os.kill(shell.pid, signal.SIGKILL)
+            return
+        # It could not start (or its keeper is gone): the call waiting for it ends unrun.
+        self._close_channels(shell)
+        if self.by_slot.get(shell.slot) is shell:
+            del self.by_slot[shell.slot]
+        ex = shell.current
+        if ex is None:
+            return
+        if ex.kill_reason is None:
+            code = int(reply.get("errno") or errno.EIO)
+            message = "hermes-agent: %s: %s\n" % (self.program, reply.get("message") or code)
+            assert ex.stderr is not None
+            ex.stderr.feed(message.encode("utf-8", "replace"))
+            self.finish(shell, ex, 127 if code == errno.ENOENT else 126, None, restarted=False)
+        else:
+            self.finish(shell, ex, -signal.SIGKILL, int(signal.SIGKILL), restarted=False)
 
     def _write_command(self, slot: int, data: bytes) -> str:
         """Put the command in the slot's command file (shells other than bash); its path."""
@@ -4627,6 +4710,10 @@ class _Shells:
                 self.kill_call(ex, "timeout")
             return
         shell = self.by_slot.get(ex.slot)
+        if shell is not None and shell.current is ex and shell.starting:
+            again = time.monotonic() + SHELL_KILL_GRACE_S  # not running yet: look again then
+            heapq.heappush(self.agent.timers, (again, ex.exec_id, -1))
+            return
         if shell is not None and shell.current is ex and shell.pid:
             if not shell.interrupted and self._in_call(shell, ex):
                 self.interrupt(shell, ex)  # it was still setting up at the first try
@@ -4641,7 +4728,7 @@ class _Shells:
     def kill_call(self, ex: _Exec, reason: str) -> None:
         """Kill a call's processes, keep the shell: it reports the end; see `on_timer`."""
         shell = self.by_slot.get(ex.slot)
-        if shell is None or shell.current is not ex or not shell.pid:
+        if shell is None or shell.current is not ex or not (shell.pid or shell.starting):
             return
         self.read_status(shell)
         if shell.current is not ex:
@@ -4771,7 +4858,7 @@ class _Shells:
                 # background job is done in one scan of /proc instead of two.
                 with contextlib.suppress(OSError):
                     os.kill(shell.pid, signal.SIGKILL)
-            else:
+            elif not shell.starting:  # (a starting one is killed as it starts: `_started`)
                 del self.by_slot[shell.slot]  # died earlier: nothing to restore any more
         return sessions
 
@@ -4787,6 +4874,9 @@ class _Shells:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(shell.pid, 0)
                 self.on_reaped(shell.pid, 0)
+            elif shell.starting:  # its keeper has not answered: it is killed if it starts
+                shell.closing = shell.closing or "shutdown"
+                self._started(shell, {"errno": errno.ECHILD, "message": "closed"})
             self.by_slot.pop(shell.slot, None)
         for fd, owner in list(self.lingering.items()):
             if slot is None or owner == slot:
