@@ -606,6 +606,43 @@ def test_keepers_are_forked_by_a_zygote_and_the_agent_serves_without_it(
     assert run(agent, "echo fine", slot=3)["stdout"] == b"fine\n"
 
 
+def test_a_reset_waits_for_its_keeper_while_other_slots_are_served(agent: AgentProcess) -> None:
+    """A reset replies once its slot's keeper has killed everything; other slots run meanwhile."""
+    mark = token()
+    command = f'setsid bash -c "({escapee(mark)} &); {escapee(mark)}" & echo $PPID'
+    keeper = int(run(agent, command, slot=0)["stdout"])
+    long_call = agent.send("exec", slot=0, command="sleep 1000")
+    wait_processes_with_argv(mark, 2)
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        reset = agent.send("reset_slot", slot=0)
+        assert run(agent, "echo served", slot=1)["stdout"] == b"served\n"
+        assert len(processes_with_argv(mark)) == 2  # the stopped keeper has not killed yet
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    assert agent.wait_reply(reset)["result"]["killed"] == 3  # two escapees, one leader
+    assert agent.wait_reply(long_call)["result"]["cancelled"] is True
+    assert processes_with_argv(mark) == []
+    assert agent.call("list_files", slot=0, path=".")["entries"] == []
+
+
+def test_a_call_whose_shell_is_starting_can_be_cancelled(agent: AgentProcess) -> None:
+    """A persistent call sent while its keeper has not started the shell yet is cancellable, and
+    the slot's next call gets a working shell."""
+    keeper = int(run(agent, "sleep 1000 & echo $PPID", slot=0)["stdout"])
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        call = agent.send("exec", slot=0, shell="persistent", command="echo never")
+        assert run(agent, "echo served", slot=1)["stdout"] == b"served\n"
+        assert agent.call("cancel", target=call) == {"found": True}
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    assert agent.wait_reply(call)["result"]["cancelled"] is True
+    again = agent.call("exec", slot=0, shell="persistent", command="cd /tmp; echo $PWD")
+    assert again["stdout"] == b"/tmp\n"
+    assert agent.call("exec", slot=0, shell="persistent", command="pwd")["stdout"] == b"/tmp\n"
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")
 def test_a_spare_keeper_runs_each_slots_commands_as_that_slots_uid(open_root: Path) -> None:
     """A keeper passed from slot to slot starts every command as its current slot's uid."""

@@ -4730,6 +4730,12 @@ class _Shells:
         shell = self.by_slot.get(ex.slot)
         if shell is None or shell.current is not ex or not (shell.pid or shell.starting):
             return
+        if shell.starting:
+            # It is killed as it starts (see `_started`); its reap ends the call, and the
+            # slot's next call gets a new shell (this one never ran anything of its own).
+            ex.kill_reason = reason
+            shell.closing = reason
+            return
         self.read_status(shell)
         if shell.current is not ex:
             return  # it had just ended
