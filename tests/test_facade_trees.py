@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import tarfile
 import typing
 from pathlib import Path
@@ -119,6 +120,26 @@ async def test_restore_undoes_destructive_commands_in_any_slot(isolation: str) -
         await backend.release_checkpoint(checkpoint)  # idempotent
         with pytest.raises(CheckpointLost):
             await backend.restore(slot, checkpoint)
+
+
+async def test_a_checkpoint_lost_with_its_sandbox_says_so_on_restore() -> None:
+    """A checkpoint whose sandbox dies is lost with it: restore names the sandbox and its fate
+    and leaves the slot as it was; the pool replaces the sandbox."""
+    async with ToolBackend(config(slots_per_sandbox=1, max_sandboxes=2)) as backend:
+        doomed = await backend.acquire("t")
+        await sh(backend, doomed, TREE)
+        checkpoint = await backend.checkpoint(doomed)
+        other = await backend.acquire("u")
+        await sh(backend, other, "echo mine > mine")
+        pid = doomed.lease.sandbox.handle.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGKILL)
+        with pytest.raises(CheckpointLost) as lost:
+            await backend.restore(other, checkpoint)
+        assert f"stored in sandbox {doomed.sandbox_id}, which" in str(lost.value)
+        assert "lost" in str(lost.value)
+        assert await sh(backend, other, "cat mine") == "mine\n"
+        await backend.release(other)
+        await backend.release(doomed)
 
 
 async def test_checkpoints_are_bounded_by_count_and_bytes() -> None:

@@ -28,7 +28,7 @@ import logging
 import os
 import secrets
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -40,6 +40,7 @@ from hermes_actors._errors import (
     CheckpointLimitExceeded,
     CheckpointLost,
     HermesError,
+    SandboxLost,
     TransferFailed,
 )
 from hermes_actors._trio import collapse_exception_groups
@@ -248,28 +249,38 @@ async def drop_checkpoint(ledger: CheckpointLedger, checkpoint: Checkpoint) -> N
 async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoint) -> None:
     """Make the slot's workspace the checkpoint's (its processes are killed first).
 
-    Raises `CheckpointLost` when the checkpoint was released or its sandbox stopped.
+    Raises `CheckpointLost` when the checkpoint was released or its sandbox stopped; the slot
+    is then left as it was, unless the sandbox storing the checkpoint ended while its tree was
+    streamed into another sandbox's slot (that slot then holds part of it).
     """
     if not ledger.holds(checkpoint):
         raise CheckpointLost(checkpoint.checkpoint_id, ledger.why_unusable(checkpoint))
     if not checkpoint.sandbox.alive:
-        died = checkpoint.sandbox.died
-        why = f"was lost ({died.reason})" if died is not None else "stopped"
-        raise CheckpointLost(
-            checkpoint.checkpoint_id,
-            f"it was stored in sandbox {checkpoint.sandbox_id}, which {why}",
-        )
+        raise _lost_with_sandbox(checkpoint, checkpoint.sandbox.died)
     if checkpoint.sandbox is lease.sandbox:
         restore = RestoreCheckpoint(checkpoint=checkpoint.checkpoint_id, shell=checkpoint.shell)
         await lease.sandbox.call(lease.index, restore)
         return
-    await lease.sandbox.reset_slot(lease.index)
-    await stream_between(
-        checkpoint.sandbox,
-        0,
-        TarOut(checkpoint=checkpoint.checkpoint_id),
-        [lease],
-        shell=checkpoint.shell,
+    try:
+        await stream_between(
+            checkpoint.sandbox,
+            0,
+            TarOut(checkpoint=checkpoint.checkpoint_id),
+            [lease],
+            shell=checkpoint.shell,
+            # Only once the checkpoint's tree is there to read: a lost one leaves the slot be.
+            prepare=lambda: lease.sandbox.reset_slot(lease.index),
+        )
+    except SandboxLost as exc:
+        if exc.sandbox_id != checkpoint.sandbox_id:
+            raise
+        raise _lost_with_sandbox(checkpoint, exc) from exc
+
+
+def _lost_with_sandbox(checkpoint: Checkpoint, died: SandboxLost | None) -> CheckpointLost:
+    why = f"was lost ({died.reason})" if died is not None else "stopped"
+    return CheckpointLost(
+        checkpoint.checkpoint_id, f"it was stored in sandbox {checkpoint.sandbox_id}, which {why}"
     )
 
 
@@ -318,15 +329,19 @@ async def stream_between(
     *,
     shell: ShellState | None = None,
     shell_of_source: bool = False,
+    prepare: Callable[[], Awaitable[object]] | None = None,
 ) -> int:
     """Stream the tree `tar` names in `source` into every target slot's workspace; returns its
     bytes.
 
     Each chunk is written to all targets before the next is read (memory: one chunk). The
     targets' shells get `shell` (or the source slot's state, with `shell_of_source`).
+    `prepare` runs once the source's tar is open, before any target is written to.
     """
     moved = 0
     async with _tar_out(source, source_slot, tar) as (read, source_shell):
+        if prepare is not None:
+            await prepare()
         state = source_shell if shell_of_source else shell
         sinks = [_TarSink(target.sandbox, target.index, ".", state) for target in targets]
         try:
