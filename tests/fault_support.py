@@ -26,7 +26,6 @@ from pathlib import Path
 
 import attrs
 
-from hermes_actors import shutdown_terminal_backend
 from proc_support import argv, process_table
 
 #: Name prefix of trio's cached worker threads (they retire by themselves after ~10 s idle).
@@ -82,25 +81,6 @@ def is_sandbox_root(proc: Proc) -> bool:
     if program == "bwrap":
         return True
     return program.startswith("python") and len(proc.argv) > 2 and proc.argv[1] == "-c"
-
-
-@contextlib.contextmanager
-def terminal_profiles(path: Path, text: str) -> Iterator[None]:
-    """Within the block, the process-wide terminal backend serves the profiles of YAML `text`
-    (written to `path`, named by `$TERMINAL_MODAL_PROFILES_FILE`); it is shut down on entry and
-    exit, and the variable restored."""
-    path.write_text(text)
-    saved = os.environ.get("TERMINAL_MODAL_PROFILES_FILE")
-    os.environ["TERMINAL_MODAL_PROFILES_FILE"] = str(path)
-    shutdown_terminal_backend()
-    try:
-        yield
-    finally:
-        shutdown_terminal_backend()
-        if saved is None:
-            os.environ.pop("TERMINAL_MODAL_PROFILES_FILE", None)
-        else:
-            os.environ["TERMINAL_MODAL_PROFILES_FILE"] = saved
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:

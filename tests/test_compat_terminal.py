@@ -24,10 +24,10 @@ from hermes_actors.terminal_tool import (
     cleanup_all_environments,
     cleanup_vm,
     get_active_environments_info,
-    shutdown_terminal_backend,
     terminal_tool,
 )
 from sandbox_support import processes_with
+from terminal_support import terminal_profiles
 
 PROFILES_YAML = """\
 profiles:
@@ -41,14 +41,10 @@ profiles:
 
 
 @pytest.fixture
-def profiles_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def profiles_file(tmp_path: Path) -> Iterator[Path]:
     """Profiles for the process-wide terminal backend; it is shut down after the test."""
-    path = tmp_path / "profiles.yaml"
-    path.write_text(PROFILES_YAML)
-    monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(path))
-    shutdown_terminal_backend()
-    yield path
-    shutdown_terminal_backend()
+    with terminal_profiles(tmp_path / "profiles.yaml", PROFILES_YAML) as path:
+        yield path
 
 
 def reply_of(text: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from hermes_actors.terminal_tool import (
 )
 from hermes_actors.testing.fake_driver import FakeDriver, Script
 from sandbox_support import processes_with
+from terminal_support import run, terminal_profiles
 
 PROFILES_YAML = """\
 default_profile: fast
@@ -58,20 +59,10 @@ profiles:
 
 
 @pytest.fixture
-def profiles_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def profiles_file(tmp_path: Path) -> Iterator[Path]:
     """Profiles for the process-wide terminal backend; it is shut down after the test."""
-    path = tmp_path / "profiles.yaml"
-    path.write_text(PROFILES_YAML)
-    monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(path))
-    shutdown_terminal_backend()
-    yield path
-    shutdown_terminal_backend()
-
-
-def run(command: str, **options: Any) -> dict[str, Any]:
-    reply = json.loads(terminal_tool(command, **options))
-    assert set(reply) == {"output", "exit_code", "error"}
-    return reply  # type: ignore[no-any-return]
+    with terminal_profiles(tmp_path / "profiles.yaml", PROFILES_YAML) as path:
+        yield path
 
 
 def test_a_task_keeps_its_files_until_cleanup_vm(profiles_file: Path) -> None:
@@ -408,18 +399,12 @@ def test_the_first_call_warms_every_profile_with_a_minimum(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """terminal_tool's first call starts every profile's min_sandboxes, not only its own."""
-    path = tmp_path / "profiles.yaml"
-    path.write_text(WARM_PROFILES_YAML)
-    monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(path))
-    shutdown_terminal_backend()
-    try:
+    with terminal_profiles(tmp_path / "profiles.yaml", WARM_PROFILES_YAML):
         assert run("echo hi")["output"] == "hi\n"
         pools = {
             pool.profile: len(pool.sandboxes) for pool in _terminal._get_backend().status().pools
         }
         assert pools == {"main": 1, "side": 1}
-    finally:
-        shutdown_terminal_backend()
 
 
 def test_a_working_directory_profiles_file_is_found(

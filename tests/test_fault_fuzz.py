@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fault_support
+import terminal_support
 from agent_harness import AgentProcess, encode_frame
 from fault_support import RELIABILITY
 from hermes_actors import (
@@ -280,7 +280,7 @@ def test_execute_batch_answers_unhashable_tool_names(
 
 @pytest.fixture(scope="module")
 def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with fault_support.terminal_profiles(
+    with terminal_support.terminal_profiles(
         tmp_path_factory.mktemp("fuzz-terminal") / "profiles.yaml",
         "default_profile: fuzz\n"
         "profiles:\n"

@@ -8,7 +8,6 @@ that the same workspace, files intact, still answers.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -18,14 +17,13 @@ import outcome
 import pytest
 import trio
 
-import fault_support
+import terminal_support
 from fault_support import Reliability
 from hermes_actors import (
     SandboxConfig,
     ToolBackend,
     cleanup_vm,
     profiles_from_mapping,
-    terminal_tool,
 )
 
 pytestmark = pytest.mark.faults
@@ -59,7 +57,7 @@ async def in_plain_thread(function: Callable[[], T]) -> T:
 @pytest.fixture(scope="module")
 def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Profiles of the process-wide terminal backend (one per isolation); shut down after."""
-    with fault_support.terminal_profiles(
+    with terminal_support.terminal_profiles(
         tmp_path_factory.mktemp("lifetime") / "profiles.yaml",
         "default_profile: none\n"
         "profiles:\n"
@@ -67,11 +65,6 @@ def terminal_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         "  bwrap: {backend: local, isolation: bwrap, slots_per_sandbox: 2, min_sandboxes: 0}\n",
     ):
         yield
-
-
-def _tool(command: str, **options: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = json.loads(terminal_tool(command, **options))
-    return reply
 
 
 @attrs.frozen
@@ -101,7 +94,9 @@ async def _idle_slots(isolation: str) -> Survival:
         )
         assert wrote.success, wrote
         reply = await in_plain_thread(
-            lambda: _tool("echo tool-kept > keep.txt && pwd", task_id=task, profile=isolation)
+            lambda: terminal_support.run(
+                "echo tool-kept > keep.txt && pwd", task_id=task, profile=isolation
+            )
         )
         assert reply["exit_code"] == 0, reply
 
@@ -109,7 +104,7 @@ async def _idle_slots(isolation: str) -> Survival:
 
         [read] = await backend.execute_batch([(slot, "bash", {"command": "cat keep.txt && pwd"})])
         after = await in_plain_thread(
-            lambda: _tool("cat keep.txt && pwd", task_id=task, profile=isolation)
+            lambda: terminal_support.run("cat keep.txt && pwd", task_id=task, profile=isolation)
         )
         await backend.release(slot)
         await in_plain_thread(lambda: cleanup_vm(task))

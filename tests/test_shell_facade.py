@@ -6,7 +6,6 @@ Runs on local `none`, local `bwrap` and modal (through the emulator), with the p
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 import pytest
 
 from hermes_actors import SandboxConfig, ToolBackend
-from hermes_actors.terminal_tool import cleanup_vm, shutdown_terminal_backend, terminal_tool
+from hermes_actors.terminal_tool import cleanup_vm
+from terminal_support import run, terminal_profiles
 
 MODES = ["local-none", "local-bwrap", "modal"]
 
@@ -136,18 +136,9 @@ profiles:
 
 
 @pytest.fixture
-def profiles_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = tmp_path / "profiles.yaml"
-    path.write_text(PROFILES)
-    monkeypatch.setenv("TERMINAL_MODAL_PROFILES_FILE", str(path))
-    shutdown_terminal_backend()
-    yield path
-    shutdown_terminal_backend()
-
-
-def run(command: str, **options: Any) -> dict[str, Any]:
-    reply: dict[str, Any] = json.loads(terminal_tool(command, **options))
-    return reply
+def profiles_file(tmp_path: Path) -> Iterator[Path]:
+    with terminal_profiles(tmp_path / "profiles.yaml", PROFILES) as path:
+        yield path
 
 
 @pytest.mark.parametrize("profile", ["none", "bwrap"])
