@@ -4223,6 +4223,10 @@ class _Shells:
         """Run `command` in the slot's shell (started first if needed); replies when it ends."""
         agent = self.agent
         shell = self.by_slot.get(ex.slot)
+        if shell is not None and shell.closing is not None:
+            # Killed on purpose and not reaped yet (a call cancelled while it started): a new
+            # shell serves this call, with nothing of that one.
+            shell = None
         if shell is None or (shell.pid == 0 and not shell.starting):
             try:
                 shell = self.spawn(ex.slot, shell)
@@ -4731,8 +4735,9 @@ class _Shells:
         if shell is None or shell.current is not ex or not (shell.pid or shell.starting):
             return
         if shell.starting:
-            # It is killed as it starts (see `_started`); its reap ends the call, and the
-            # slot's next call gets a new shell (this one never ran anything of its own).
+            # It is killed as soon as its keeper reports it started (see `_started`; it may have
+            # run the call by then, like a command cancelled while it runs); its reap ends the
+            # call, and the slot's next call gets a new shell.
             ex.kill_reason = reason
             shell.closing = reason
             return
