@@ -450,6 +450,17 @@ def on_unmounted_filesystems(agent_pid: int) -> list[int]:
     return found
 
 
+def lower_layers(agent_pid: int, mount_point: Path) -> int:
+    """How many lower layers the overlay at `mount_point` has (in the agent's namespace)."""
+    with open(f"/proc/{agent_pid}/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.split()[4] == str(mount_point) and " - overlay " in line:
+                options = line.split(" - ")[1].split()[2].split(",")
+                [lowers] = [o for o in options if o.startswith("lowerdir=")]
+                return lowers.count(":") + 1
+    raise AssertionError(f"no overlay at {mount_point}")
+
+
 @needs_root
 def test_forking_an_overlay_unmounts_it_and_the_idle_shell_comes_back_as_it_was(
     agent: AgentProcess, open_root: Path
@@ -462,6 +473,7 @@ def test_forking_an_overlay_unmounts_it_and_the_idle_shell_comes_back_as_it_was(
     shell(agent, 0, "printf one > f")  # its shell re-enters by path, into the overlay
     agent.call("fork", slot=0, targets=[2])  # that overlay's upper becomes a layer
     assert on_unmounted_filesystems(agent.process.pid) == []
+    assert lower_layers(agent.process.pid, slot_0) == 2  # stacked, not copied
     assert shell(agent, 0, 'pwd; echo "$OLDPWD $kept $#"; cat f; printf two > f') == (
         f"{slot_0}/a/b\n{slot_0}/c 1 0\none"
     )
