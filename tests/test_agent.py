@@ -948,6 +948,28 @@ def test_slots_run_as_their_own_uid_and_cannot_read_each_other(open_root: Path) 
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")
+def test_a_shell_call_cannot_make_the_agent_open_what_replaced_its_fifo(open_root: Path) -> None:
+    """A command that swaps its output FIFO for a symlink to a root-only file does not get the
+    agent to read that file into a later result; the next call gets new FIFOs."""
+    secret = open_root / "secret"
+    secret.write_bytes(b"root's secret\n")
+    secret.chmod(0o600)
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=44000) as agent:
+        swap = (
+            f"p=$(readlink /proc/$$/fd/1); ln -sf {secret} $p.new && mv -f $p.new $p; "
+            f"q=$(readlink /proc/$$/fd/2); ln -sf {secret} $q.new && mv -f $q.new $q; echo swapped"
+        )
+        first = agent.call("exec", slot=0, shell="persistent", command=swap)
+        assert first["stdout"] == b"swapped\n"
+        for _ in range(2):
+            command = "echo out; echo err >&2"
+            result = agent.call("exec", slot=0, shell="persistent", command=command)
+            assert (result["stdout"], result["stderr"]) == (b"out\n", b"err\n")
+        assert secret.read_bytes() == b"root's secret\n"
+        assert secret.stat().st_uid == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")
 def test_reset_with_slot_uids_kills_escapees_without_markers(open_root: Path) -> None:
     """A process that dropped its environment and session still dies on reset (by uid)."""
     with AgentProcess(str(open_root / "slots"), slot_uid_base=42000) as agent:

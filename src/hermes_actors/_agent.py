@@ -4245,11 +4245,13 @@ class _Shells:
                     agent._close_output(ex, fd)
                 ex.fifos.clear()
                 shell.fifos.clear()
-                if attempt == 2 or not isinstance(exc, FileNotFoundError):
+                if attempt == 2 or exc.errno not in (errno.ENOENT, errno.ELOOP):
                     agent.reply_not_started(ex, "the shell's FIFOs", exc)
                     return
-                # Our directory was removed under us (see `slot_directory`): make it again.
-                self.directory = None
+                if exc.errno == errno.ENOENT:
+                    # Our directory was removed under us (see `slot_directory`): make it again.
+                    self.directory = None
+                # (ELOOP: a command replaced a FIFO; the next try makes new ones.)
         parts: List[str] = []
         for key in sorted(extra_env):
             parts.append("\\command export %s=%s" % (key, _shell_quote(extra_env[key])))
@@ -4427,7 +4429,11 @@ class _Shells:
     def _write_command(self, slot: int, data: bytes) -> str:
         """Put the command in the slot's command file (shells other than bash); its path."""
         script = os.path.join(self.slot_directory(slot), "command")
-        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # Made anew, never opened through a symlink: the slot's commands write here too.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(script)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(script, flags, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -4448,7 +4454,7 @@ class _Shells:
             path = self.fifo(shell, kind)
             # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
             # the shell has opened it; see `_linger` for after the call.
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = _open_fifo(path, os.O_RDWR)
             ex.fds[fd] = capture
             ex.fifos[fd] = path
             agent.selector.register(fd, selectors.EVENT_READ, agent._output_callback(ex))
@@ -4468,7 +4474,8 @@ class _Shells:
         os.mkfifo(path, 0o600)
         uid = self.agent.slot_uid(shell.slot)
         if uid is not None:
-            os.chown(path, uid, uid)
+            # Never through a symlink: the slot's commands may write in this directory.
+            os.chown(path, uid, uid, follow_symlinks=False)
         shell.fifos[kind] = path
         return path
 
@@ -4640,7 +4647,7 @@ class _Shells:
         del ex.fds[fd]
         agent.selector.unregister(fd)
         try:
-            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            reader = _open_fifo(path, os.O_RDONLY)
         except OSError:
             reader = -1
         os.close(fd)
@@ -4903,6 +4910,20 @@ class _Shells:
                 # work on every release (several ms on a busy ext4).
                 with contextlib.suppress(OSError):
                     _wipe_contents(os.path.join(self.directory, "slot-%d" % slot))
+
+
+def _open_fifo(path: str, mode: int) -> int:
+    """Open a shell's output FIFO (non-blocking), refusing anything else at that path.
+
+    The FIFOs live in a directory the slot's commands may write to, and the agent opens them
+    with its own rights: a command that put a symlink there (to a file, or to another slot's
+    FIFO) must not get the agent to open that. Raises OSError(ELOOP) for such a path.
+    """
+    fd = os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ELOOP, "not a FIFO", path)
+    return fd
 
 
 def _shell_quote(text: str) -> str:
