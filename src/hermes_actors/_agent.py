@@ -1845,22 +1845,63 @@ class Agent:
 
     def _start_zygote(self) -> None:
         """Fork the process that forks keepers (see `_zygote_main`), while the heap is small."""
+        try:
+            self.zygote_pid, self.zygote = self._fork_serving("zygote", _zygote_main)
+        except OSError as exc:
+            _log("no zygote (%s): keepers are forked from the agent" % exc)
+            return
+        self.zygote.settimeout(_KEEPER_REPLY_S)
+
+    def _fork_keeper(self) -> Tuple[int, Any]:
+        """A new keeper: its pid and the agent's end of its socket. Forked by the zygote; by
+        the agent itself when there is no zygote (any more)."""
+        if self.zygote is not None:
+            forked = self._keeper_from_zygote()
+            if forked is not None:
+                return forked
+        return self._fork_serving("keeper", _keeper_main)
+
+    def _keeper_from_zygote(self) -> Optional[Tuple[int, Any]]:
+        """A keeper forked by the zygote, or None (then the zygote is let go if it is lost)."""
+        import socket
+
+        assert self.zygote is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _send_to_keeper_peer(self.zygote, {}, (theirs.fileno(),))
+            reply, _ = _keeper_receive(self.zygote)
+        except OSError as exc:
+            reply = None
+            _log("zygote lost (%s): keepers are forked from the agent" % exc)
+        finally:
+            theirs.close()
+        if reply is not None and "pid" in reply:
+            return int(reply["pid"]), ours
+        ours.close()
+        if reply is None:
+            self._close_zygote()
+        else:
+            _log("zygote could not fork: %s" % reply.get("message"))
+        return None
+
+    def _fork_serving(self, role: str, main: Callable[..., None]) -> Tuple[int, Any]:
+        """Fork a process that runs `main` (`_keeper_main` or `_zygote_main`) with the agent's
+        settings on its end of a new socket pair; its pid and the agent's end."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sys.stderr.flush()
         try:
             pid = os.fork()
-        except OSError as exc:
-            _log("no zygote (%s): keepers are forked from the agent" % exc)
+        except BaseException:
             ours.close()
             theirs.close()
-            return
-        if pid == 0:  # pragma: no cover - runs in the zygote (measured by the keepers' tests)
+            raise
+        if pid == 0:  # pragma: no cover - runs in the child (measured by the keepers' tests)
             code = 0
             try:
                 ours.close()
-                _zygote_main(
+                main(
                     theirs.detach(),
                     self.slot_uid_base is not None,
                     self.fast_uid_spawn,
@@ -1869,50 +1910,7 @@ class Agent:
                 )
             except BaseException as exc:
                 code = 1
-                _log("zygote failed: %r" % (exc,))
-            finally:
-                os._exit(code)
-        theirs.close()
-        ours.settimeout(_KEEPER_REPLY_S)
-        self.zygote = ours
-        self.zygote_pid = pid
-
-    def _fork_keeper(self) -> Tuple[int, Any]:
-        """A new keeper: its pid and the agent's end of its socket. Forked by the zygote; by
-        the agent itself when there is no zygote (any more)."""
-        import socket
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.zygote is not None:
-            try:
-                _send_to_keeper_peer(self.zygote, {}, (theirs.fileno(),))
-                reply, _ = _keeper_receive(self.zygote)
-            except OSError as exc:
-                reply = None
-                _log("zygote lost (%s): keepers are forked from the agent" % exc)
-            if reply is not None and "pid" in reply:
-                theirs.close()
-                return int(reply["pid"]), ours
-            if reply is None:
-                self._close_zygote()
-            else:
-                _log("zygote could not fork: %s" % reply.get("message"))
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the keeper process (measured by its tests)
-            code = 0
-            try:
-                ours.close()
-                _keeper_main(
-                    theirs.detach(),
-                    self.slot_uid_base is not None,
-                    self.fast_uid_spawn,
-                    self.inherited_fds,
-                    self.limits,
-                )
-            except BaseException as exc:
-                code = 1
-                _log("keeper failed: %r" % (exc,))
+                _log("%s failed: %r" % (role, exc))
             finally:
                 os._exit(code)
         theirs.close()
