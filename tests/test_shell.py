@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_processes_with_env
+from fault_support import wait_for
 from hermes_actors._agent import _heredoc_delimiter
 from hermes_actors._client import SandboxClient
 from sandbox_support import ContractSandbox
@@ -148,7 +149,8 @@ async def test_reset_ends_the_shell_and_its_jobs(contract_sandbox: ContractSandb
     """Reset kills the shell and its background jobs; the next call starts clean."""
     client = contract_sandbox.client
     await sh(client, "export DIRTY=1; cd /tmp; sleep 300 & sleep 300 &")
-    assert contract_sandbox.process_count() >= 3
+    # The jobs are forked when the call ends; each is counted once it has exec'd `sleep`.
+    await eventually(lambda: contract_sandbox.process_count() >= 3)
     await client.reset_slot(0)
     await eventually(lambda: contract_sandbox.process_count() == 0)
     clean = await sh(client, 'echo "[${DIRTY-}]"; pwd')
@@ -338,7 +340,8 @@ def test_end_shell_forgets_the_state_but_keeps_files_and_jobs(agent: AgentProces
     assert clean["stdout"].decode().splitlines()[2] == "data"  # type: ignore[attr-defined]
     assert clean["shell_restarted"] is False
     assert not pid_alive(pid)
-    assert len(processes_with_env(marker)) == 1
+    # The job carries the marker once it has exec'd `sleep` (its fork may not have yet).
+    assert wait_for(lambda: len(processes_with_env(marker)) == 1, timeout_s=5)
     assert agent.call("end_shell", slot=5) == {"ended": False}
     agent.call("reset_slot", slot=0)
     assert wait_no_processes_with_env(marker) == []
