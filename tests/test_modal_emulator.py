@@ -691,7 +691,9 @@ def test_terminate_kills_processes_that_dropped_the_sandbox_environment(
         "sh",
         "-c",
         "env -i sleep 301 & env -i setsid sleep 302 & env MODAL_TASK_ID=other sleep 303 & "
-        "echo $(pgrep -P $$ -d ' ' sleep); wait",
+        # each is named sleep once `env` has exec'd it: wait for all three, then list them
+        "until [ $(pgrep -c -P $$ -x sleep) -ge 3 ]; do sleep 0.01; done; "
+        "echo $(pgrep -P $$ -d ' ' -x sleep); wait",
     )
     line = ""
     for chunk in process.stdout:
