@@ -3583,6 +3583,8 @@ class TreeOps:
         if self.cow():
             try:
                 self._fork_by_overlays(request_id, source, agent.slot_uid(slot), targets, shell)
+            except OpError as exc:  # e.g. no `cp` to freeze a busy tree with: reply, free slot
+                self._finish(request_id, error=(exc.code, exc.message))
             except OSError as exc:
                 self._finish(request_id, error=_os_error_pair("fork", exc))
             return None
