@@ -4,12 +4,16 @@ The process table comes from the runtime's own reader (`hermes_actors.drivers._l
 the tests count survivors from /proc the way the local driver finds its processes; this module
 adds what only tests look at: command lines and environment entries (a command can forge or
 drop either, so the runtime never uses them for ownership; tests use them to find the
-processes they tagged).
+processes they tagged). `eventually` polls for a state that sends no event (processes, and
+the Modal emulator's thread).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+import trio
 
 from hermes_actors.drivers._local_procs import (
     is_alive,
@@ -24,6 +28,7 @@ __all__ = [
     "cmdline",
     "comm",
     "descendants_of",
+    "eventually",
     "is_alive",
     "pids_of_uid",
     "pids_with_argv",
@@ -93,3 +98,14 @@ def children_of(parent: int) -> list[int]:
 def descendants_of(root: int) -> list[int]:
     """Live processes below `root`, `root` left out."""
     return sorted(with_descendants([root], process_table()) - {root})
+
+
+async def eventually(
+    condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "the condition"
+) -> None:
+    """Wait until `condition()` holds, polling; fail the test after `timeout_s`."""
+    with trio.move_on_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - what is polled sends no event to wait for
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"{what} did not hold within {timeout_s} s")

@@ -13,7 +13,6 @@ import base64
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -26,6 +25,7 @@ from hermes_actors import (
     ToolBackend,
 )
 from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
+from proc_support import eventually
 from sandbox_support import processes_with
 
 
@@ -58,15 +58,6 @@ def sandbox_processes(ids: set[str]) -> list[int]:
 def sleeper(token: str, seconds: int = 30) -> str:
     """A shell command whose process is findable by `token` in its command line."""
     return f"exec -a {token} sleep {seconds}"
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait (polling real processes) until `condition()` holds; fail after `timeout_s`."""
-    with trio.move_on_after(timeout_s):
-        while not condition():  # noqa: ASYNC110 - processes send no event to wait for
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"condition did not hold within {timeout_s} s")
 
 
 # -- batches and tools -------------------------------------------------------------------------

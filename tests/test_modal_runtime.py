@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from hermes_actors._errors import AcquireTimeout, AgentError, SandboxLost
 from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
 from hermes_actors.runtime._runtime import Runtime
 from hermes_actors.testing.modal_emulator import ModalEmulator
+from proc_support import eventually
 
 APP_NAME = "hermes-runtime-tests"
 #: Real-time bound on anything these tests wait for (sandbox start, scale down, replacement).
@@ -54,17 +55,6 @@ async def running_runtime(**changes: Any) -> AsyncIterator[Runtime]:
         nursery.cancel_scope.cancel()
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait (real time, bounded) until `condition()` holds."""
-    with trio.move_on_after(DEADLINE_S):
-        # Polling on purpose: the state lives in the emulator's thread, which cannot set a
-        # trio.Event.
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.05)
-        return
-    pytest.fail(f"timed out waiting for: {what}")
-
-
 def running_ids(emulator: ModalEmulator) -> set[str]:
     return {state.sandbox_id for state in emulator.sandboxes() if state.returncode is None}
 
@@ -81,7 +71,9 @@ def pid_alive(pid: int) -> bool:
 async def test_prewarms_min_sandboxes_then_scales_up_to_max(modal_emulator: ModalEmulator) -> None:
     """The pool pre-warms min_sandboxes, starts more under load, and never exceeds max."""
     async with running_runtime(min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=2) as runtime:
-        await eventually(lambda: len(running_ids(modal_emulator)) == 1, "the pre-warmed sandbox")
+        await eventually(
+            lambda: len(running_ids(modal_emulator)) == 1, DEADLINE_S, what="the pre-warmed sandbox"
+        )
         assert len(modal_emulator.calls("SandboxCreateV2")) == 1
         leases = []
         async with trio.open_nursery() as nursery:
@@ -115,7 +107,9 @@ async def test_scales_down_to_min_after_idle_timeout(modal_emulator: ModalEmulat
         await runtime.release(first)
         await runtime.release(second)
         released_at = trio.current_time()
-        await eventually(lambda: len(running_ids(modal_emulator)) == 1, "one sandbox stopped")
+        await eventually(
+            lambda: len(running_ids(modal_emulator)) == 1, DEADLINE_S, what="one sandbox stopped"
+        )
         assert trio.current_time() - released_at >= 1.0
         stopped = {state.sandbox_id for state in modal_emulator.sandboxes()} - running_ids(
             modal_emulator
@@ -182,7 +176,11 @@ async def test_release_resets_the_slot(modal_emulator: ModalEmulator) -> None:
         assert len(pids) == 2
         assert all(pid_alive(pid) for pid in pids)
         await runtime.release(lease)
-        await eventually(lambda: not any(pid_alive(pid) for pid in pids), "slot processes killed")
+        await eventually(
+            lambda: not any(pid_alive(pid) for pid in pids),
+            DEADLINE_S,
+            what="slot processes killed",
+        )
         again = await runtime.acquire(trajectory_id="second")
         assert (again.sandbox_id, again.index) == (lease.sandbox_id, lease.index)
         assert (await runtime.call(again, ListFiles(recursive=True))).entries == ()
@@ -235,7 +233,9 @@ async def test_creates_are_throttled_at_the_strictest_profiles_rate(
     runtime = Runtime(profiles, run_id="throttle-tests")
     async with trio.open_nursery() as nursery:
         await nursery.start(runtime.run)
-        await eventually(lambda: len(running_ids(modal_emulator)) == 3, "three warm sandboxes")
+        await eventually(
+            lambda: len(running_ids(modal_emulator)) == 3, DEADLINE_S, what="three warm sandboxes"
+        )
         nursery.cancel_scope.cancel()
     arrivals = [call.at for call in modal_emulator.calls("SandboxCreateV2")]
     assert len(arrivals) == 3
@@ -263,7 +263,8 @@ async def test_reap_orphans_at_start_stops_a_dead_runs_sandboxes(
                     orphan.sandbox_id not in running_ids(modal_emulator)
                     and len(running_ids(modal_emulator)) == 1
                 ),
-                "the orphan reaped and one fresh sandbox warm",
+                DEADLINE_S,
+                what="the orphan reaped and one fresh sandbox warm",
             )
             nursery.cancel_scope.cancel()
     finally:

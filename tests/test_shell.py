@@ -10,7 +10,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_p
 from fault_support import wait_for
 from hermes_actors._agent import _heredoc_delimiter
 from hermes_actors._client import SandboxClient
+from proc_support import eventually
 from sandbox_support import ContractSandbox
 
 IS_ROOT = os.getuid() == 0
@@ -27,12 +28,6 @@ IS_ROOT = os.getuid() == 0
 
 async def sh(client: SandboxClient, command: str, slot: int = 0, **options: object):  # type: ignore[no-untyped-def]
     return await client.exec(slot, command=command, shell="persistent", **options)
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    with trio.fail_after(timeout_s):
-        while not condition():  # noqa: ASYNC110 - processes send no event to wait for
-            await trio.sleep(0.02)
 
 
 # -- every driver -----------------------------------------------------------------------------
