@@ -743,6 +743,25 @@ def _apply_limits(limits: Dict[str, Any], uid: Optional[int]) -> None:
             resource.setrlimit(kind, (bound, bound))
 
 
+def _leave_the_agent(name: str, own_fd: int, keep_fds: Set[int]) -> None:
+    """In a process just forked from the agent (a keeper or the zygote): take `name`, drop
+    the agent's signal handling, and keep no fd of the agent's but `keep_fds` and `own_fd`.
+    The host stream is the agent's alone: the host must see EOF when the agent dies."""
+    _name_process(name)
+    signal.set_wakeup_fd(-1)
+    for number in _KEEPER_IGNORED:
+        signal.signal(number, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    keep = set(keep_fds) | {0, 1, 2, own_fd}
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _keeper_main(
     sock_fd: int,
     slot_uids: bool,
@@ -762,20 +781,7 @@ def _keeper_main(
 
     os.setsid()  # a kill of the agent's process group must leave the cleanup to us
     _become_subreaper()
-    _name_process("hermes-keeper")
-    signal.set_wakeup_fd(-1)
-    for number in _KEEPER_IGNORED:
-        signal.signal(number, signal.SIG_IGN)
-    null = os.open(os.devnull, os.O_RDWR)
-    # The host stream is the agent's alone: the host must see EOF when the agent dies.
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    keep = set(keep_fds) | {0, 1, 2, sock_fd}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    _leave_the_agent("hermes-keeper", sock_fd, keep_fds)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_read, False)
     os.set_blocking(wake_write, False)
@@ -892,20 +898,8 @@ def _zygote_main(
     import gc
     import socket
 
-    _name_process("hermes-zygote")
-    signal.set_wakeup_fd(-1)
-    for number in _KEEPER_IGNORED:
-        signal.signal(number, signal.SIG_IGN)
+    _leave_the_agent("hermes-zygote", control_fd, keep_fds)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    os.dup2(null, 1)
-    keep = set(keep_fds) | {0, 1, 2, control_fd}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
     sock = socket.socket(fileno=control_fd)
     sock.setblocking(True)
     gc.freeze()  # a collection here or in a keeper must not write to every object's header
