@@ -25,7 +25,7 @@ from hermes_actors._errors import InfrastructureError
 from hermes_actors._output import OutputBuffer, OutputChunk
 from hermes_actors._progress import Progress
 from hermes_actors._trio import collapse_exception_groups
-from hermes_actors.cli._main import EXIT_INFRASTRUCTURE, EXIT_OK, UsageError
+from hermes_actors.cli._exit_codes import EXIT_INFRASTRUCTURE, EXIT_OK, UsageError
 from hermes_actors.cli._render import format_profiles, format_runs, profiles_as_data
 
 __all__ = [

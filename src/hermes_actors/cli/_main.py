@@ -15,20 +15,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hermes_actors._errors import ConfigError, HermesError
+from hermes_actors.cli._exit_codes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CONFIG,
+    EXIT_INFRASTRUCTURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UsageError,
+)
 
 __all__ = ["EXIT_CONFIG", "EXIT_INFRASTRUCTURE", "EXIT_INTERRUPTED", "EXIT_OK", "main"]
 
 logger = logging.getLogger("hermes_actors.cli")
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_INFRASTRUCTURE = 3
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141
-
-
-class UsageError(HermesError):
-    """The command line is wrong in a way argparse cannot see."""
 
 
 def _add_profiles_options(parser: argparse.ArgumentParser, *, profile: bool = True) -> None:
