@@ -354,6 +354,22 @@ async def test_rotates_before_max_lifetime(autojump_clock: trio.abc.Clock) -> No
         assert len(ids) == 1
 
 
+def hold_checkpoint(pool: ProfilePool, lease: Lease) -> Checkpoint:
+    """A checkpoint of `lease`'s sandbox, held by the pool (as `take_checkpoint` leaves one)."""
+    checkpoint = Checkpoint(
+        checkpoint_id="ck-1",
+        profile="test",
+        sandbox_id=lease.sandbox_id,
+        size_bytes=1,
+        entries=1,
+        sandbox=lease.sandbox,
+    )
+    pool.checkpoints.reserve()
+    assert pool.checkpoints.commit(checkpoint)
+    pool.checkpoints_changed()
+    return checkpoint
+
+
 async def test_a_rotated_sandbox_stays_up_while_it_stores_a_checkpoint(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -364,17 +380,7 @@ async def test_a_rotated_sandbox_stays_up_while_it_stores_a_checkpoint(
     ) as h:
         lease = await h.pool.acquire()
         first_id = lease.sandbox_id
-        checkpoint = Checkpoint(
-            checkpoint_id="ck-1",
-            profile="test",
-            sandbox_id=first_id,
-            size_bytes=1,
-            entries=1,
-            sandbox=lease.sandbox,
-        )
-        h.pool.checkpoints.reserve()
-        assert h.pool.checkpoints.commit(checkpoint)
-        h.pool.checkpoints_changed()
+        checkpoint = hold_checkpoint(h.pool, lease)
         await h.pool.release(lease)
         await trio.sleep(500.0)  # far past the rotation point (90 s after ready)
         states = {s.sandbox_id: s.state for s in h.pool.statistics().sandboxes}
@@ -404,17 +410,7 @@ async def test_a_checkpoint_stopped_with_its_rotated_modal_sandbox_says_why(
     ) as h:
         lease = await h.pool.acquire()
         first_id = lease.sandbox_id
-        checkpoint = Checkpoint(
-            checkpoint_id="ck-1",
-            profile="test",
-            sandbox_id=first_id,
-            size_bytes=1,
-            entries=1,
-            sandbox=lease.sandbox,
-        )
-        h.pool.checkpoints.reserve()
-        assert h.pool.checkpoints.commit(checkpoint)
-        h.pool.checkpoints_changed()
+        checkpoint = hold_checkpoint(h.pool, lease)
         await h.pool.release(lease)
         await trio.sleep(95.0)  # past the rotation point (90 s after ready)
         assert first_id not in [s.sandbox_id for s in h.pool.statistics().sandboxes]
