@@ -1772,15 +1772,22 @@ class Agent:
         starts stay the keeper's descendants. The keeper reports its end (see
         `_handle_keeper_notices`). Raises OSError (FileNotFoundError for a missing program).
         """
+        keeper, request = self._spawn_request(slot, argv, env, cwd)
+        return self._keeper_spawn(keeper, request, fds)
+
+    def _spawn_request(
+        self, slot: int, argv: List[str], env: Dict[str, str], cwd: str
+    ) -> Tuple[_Keeper, Dict[str, Any]]:
+        """The slot's keeper and what to ask it: the program found on the command's PATH, run
+        as the slot's uid. Raises FileNotFoundError for a program not found."""
         path = argv[0]
         if "/" not in path:
             found = _which(path, env.get("PATH", os.defpath))
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "command not found", path)
             path = found
-        keeper = self._keeper(slot)
         request = {"path": path, "argv": argv, "env": env, "cwd": cwd, "uid": self.slot_uid(slot)}
-        return self._keeper_spawn(keeper, request, fds)
+        return self._keeper(slot), request
 
     def spawn_in_slot_nowait(
         self,
@@ -1794,14 +1801,7 @@ class Agent:
         """`spawn_in_slot` without waiting for the keeper: `started` gets its reply later,
         ``{"pid", "start"}`` or ``{"errno", "message"}``, before any notice of the process's
         end. Raises OSError when the request cannot be sent (nothing was started then)."""
-        path = argv[0]
-        if "/" not in path:
-            found = _which(path, env.get("PATH", os.defpath))
-            if found is None:
-                raise FileNotFoundError(errno.ENOENT, "command not found", path)
-            path = found
-        keeper = self._keeper(slot)
-        request = {"path": path, "argv": argv, "env": env, "cwd": cwd, "uid": self.slot_uid(slot)}
+        keeper, request = self._spawn_request(slot, argv, env, cwd)
         try:
             _send_to_keeper_peer(keeper.sock, request, tuple(fds))
         except OSError:
