@@ -17,6 +17,7 @@ import trio
 
 from hermes_actors.drivers._local_procs import (
     is_alive,
+    kill_all,
     pids_with_environ_entry,
     process_table,
     with_descendants,
@@ -30,9 +31,11 @@ __all__ = [
     "descendants_of",
     "eventually",
     "is_alive",
+    "kill_with_env",
     "pids_of_uid",
     "pids_with_argv",
     "pids_with_env",
+    "pids_with_env_var",
     "process_table",
 ]
 
@@ -87,6 +90,26 @@ def pids_of_uid(uid: int) -> list[int]:
 def pids_with_env(entry: str) -> list[int]:
     """Live (non-zombie) pids whose environment holds `entry` (``NAME=value``, whole)."""
     return pids_with_environ_entry(entry.encode())
+
+
+def pids_with_env_var(name: str) -> list[int]:
+    """Live pids whose environment sets `name`, to any value."""
+    prefix = name.encode() + b"="
+    found = []
+    for pid in process_table():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                entries = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if any(entry.startswith(prefix) for entry in entries):
+            found.append(pid)
+    return sorted(found)
+
+
+def kill_with_env(entry: str) -> int:
+    """SIGKILL every process whose environment holds `entry`, until none is left; how many."""
+    return kill_all(lambda: set(pids_with_env(entry)))
 
 
 def children_of(parent: int) -> list[int]:

@@ -18,10 +18,8 @@ from hermes_actors.drivers._local import (
     SANDBOX_MARKER_VAR,
     LocalDriver,
     LocalSandbox,
-    kill_marked,
-    marked_pids,
 )
-from proc_support import argv, pids_with_argv
+from proc_support import argv, kill_with_env, pids_with_argv, pids_with_env
 
 if TYPE_CHECKING:
     from hermes_actors.drivers._modal import ModalSandbox
@@ -41,10 +39,10 @@ class ContractSandbox:
 
     def process_count(self) -> int:
         """Processes of this sandbox other than the agent itself (and bwrap's own)."""
-        marker = f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}".encode()
+        marker = f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}"
         own = {self.handle.pid, self.client.agent_info.get("host_pid")}
         return sum(
-            1 for pid in marked_pids(marker) if pid not in own and not _is_sandbox_plumbing(pid)
+            1 for pid in pids_with_env(marker) if pid not in own and not _is_sandbox_plumbing(pid)
         )
 
     def resources_left(self) -> bool:
@@ -84,7 +82,7 @@ class ModalContractSandbox:
                     os.kill(pid, signal.SIGKILL)
 
     def _marked(self) -> list[int]:
-        return marked_pids(f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}".encode())
+        return pids_with_env(f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}")
 
 
 def _is_sandbox_plumbing(pid: int) -> bool:
@@ -139,7 +137,7 @@ async def open_modal_sandbox(
         # After a killed agent its orphans leave its process tree; the emulator still finds them
         # by its marker unless a command changed its environment, so sweep ours too.
         # (Sync on purpose: a trio worker thread would outlive the test's thread check.)
-        kill_marked(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}".encode())
+        kill_with_env(f"{SANDBOX_MARKER_VAR}={handle.sandbox_id}")
 
 
 def processes_with(token: str) -> list[int]:

@@ -24,8 +24,8 @@ from hermes_actors import (
     SandboxConfig,
     ToolBackend,
 )
-from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
-from proc_support import eventually
+from hermes_actors.drivers._local import SANDBOX_MARKER_VAR
+from proc_support import eventually, pids_with_env
 from sandbox_support import processes_with
 
 
@@ -51,8 +51,8 @@ def sandbox_ids(backend: ToolBackend) -> set[str]:
 
 
 def sandbox_processes(ids: set[str]) -> list[int]:
-    markers = [f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode() for sandbox_id in ids]
-    return [pid for marker in markers for pid in marked_pids(marker)]
+    markers = [f"{SANDBOX_MARKER_VAR}={sandbox_id}" for sandbox_id in ids]
+    return [pid for marker in markers for pid in pids_with_env(marker)]
 
 
 def sleeper(token: str, seconds: int = 30) -> str:

@@ -27,7 +27,7 @@ import trio
 import trio.testing
 
 from hermes_actors import SandboxConfig, ToolBackend, profiles_from_mapping
-from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem, marked_pids
+from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem
 from hermes_actors.facades import _terminal
 from hermes_actors.terminal_tool import (
     MAX_OUTPUT_CHARS,
@@ -36,6 +36,7 @@ from hermes_actors.terminal_tool import (
     terminal_tool,
 )
 from hermes_actors.testing.fake_driver import FakeDriver, Script
+from proc_support import pids_with_env
 from sandbox_support import processes_with
 from terminal_support import run, terminal_profiles
 
@@ -166,7 +167,7 @@ def test_a_sync_program_interrupted_by_ctrl_c_leaves_no_sandbox(tmp_path: Path) 
     assert "not reached" not in done.stdout
     sandbox_id = json.loads(done.stdout.splitlines()[0])["output"].strip()
     assert processes_with(token) == []
-    assert marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()) == []
+    assert pids_with_env(f"{SANDBOX_MARKER_VAR}={sandbox_id}") == []
 
 
 def test_a_sync_program_that_just_ends_leaves_no_sandbox(tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ def test_a_sync_program_that_just_ends_leaves_no_sandbox(tmp_path: Path) -> None
     sandbox_id = json.loads(done.stdout)["output"].strip()
     assert sandbox_id
     assert processes_with(token) == []
-    assert marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()) == []
+    assert pids_with_env(f"{SANDBOX_MARKER_VAR}={sandbox_id}") == []
 
 
 @pytest.mark.parametrize(

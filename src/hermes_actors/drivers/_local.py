@@ -60,10 +60,8 @@ from hermes_actors.drivers._local_cgroups import (
 )
 from hermes_actors.drivers._local_procs import (
     WATCHDOG_GRACE_S,
-    kill_all,
     kill_sandbox_processes,
     now_ticks,
-    pids_with_environ_entry,
     pipe_name,
     proc_info,
     remove_tree,
@@ -378,17 +376,6 @@ async def bwrap_problem() -> str | None:
                 problem = f"bubblewrap does not work here: {detail}"
     _bwrap_checked[as_root] = problem
     return problem
-
-
-def marked_pids(marker: bytes) -> list[int]:
-    """Pids whose environment carries `marker` (``NAME=value``). For tests and diagnostics
-    only: a command can drop its marker, so ownership is never decided by it."""
-    return pids_with_environ_entry(marker)
-
-
-def kill_marked(marker: bytes) -> int:
-    """SIGKILL every process whose environment carries `marker` (tests); returns how many."""
-    return kill_all(lambda: set(pids_with_environ_entry(marker)))
 
 
 #: A spawn thread's queue: (job, its future) pairs, then None to end the thread.
