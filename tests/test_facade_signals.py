@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, marked_pids
+from hermes_actors.drivers._local import SANDBOX_MARKER_VAR
+from proc_support import pids_with_env
 from sandbox_support import processes_with
 
 PROFILES_YAML = """\
@@ -108,7 +109,7 @@ def test_sigterm_and_sighup_stop_a_sync_program_like_ctrl_c(
         assert "not reached" not in out
         sandbox_id = json.loads(out.splitlines()[0])["output"].strip()
         wait_gone(token, temp, 1.0)
-        assert marked_pids(f"{SANDBOX_MARKER_VAR}={sandbox_id}".encode()) == []
+        assert pids_with_env(f"{SANDBOX_MARKER_VAR}={sandbox_id}") == []
     finally:
         program.kill()
         program.communicate()
