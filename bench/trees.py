@@ -10,12 +10,16 @@ Three measurements, each against a baseline in the same run:
 * **provider calls** (Modal API emulator, real `modal` client): the RPCs the client makes
   during an in-sandbox fork, and during a cross-sandbox fork per target sandbox (attributed by
   the task id in the emulator's call log), with the source's once-per-fork calls apart.
-* **acquire on a warm pool of a second image** (local backend): acquire + release of a slot of
-  the profile's own image against one of a second image of the same profile, both pools warm;
-  median per acquire, and the ratio second / first.
+* **acquire on a warm pool of a second image** (local backend): acquires of a slot of the
+  profile's own image against acquires of a second image of the same profile, both pools warm,
+  interleaved (rounds of one of each, the order alternating), `acquires` of each; the median
+  per acquire of each image, its spread (10th to 90th percentile), and the ratio of the
+  medians. An acquire from a warm pool takes about 0.1 ms: a handful of samples is noise at
+  that scale, hence hundreds of them, interleaved so that load changes hit both images alike.
 
 Run: `python -m bench.trees [--files 5000] [--megabytes 50] [--branches 8] [--reps 3]
-[--output bench/results/trees.md]`. Prints a markdown report and writes it to `--output`.
+[--acquires 300] [--output bench/results/trees.md]`. Prints a markdown report and writes it
+to `--output`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
 TARGET_FORK_MS = 300.0
 TARGET_CROSS_CALLS_PER_TARGET = 3.0
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "trees.md"
+#: The second image of the acquire measurement (locally any name but `host` is one more pool).
+SECOND_IMAGE = "second-image:latest"
 
 
 @attrs.frozen(kw_only=True)
@@ -51,7 +57,8 @@ class Sizes:
     cross_files: int = 200
     cross_megabytes: int = 10
     cross_targets: int = 3
-    acquires: int = 20
+    #: Acquires timed per image (interleaved with the other image's).
+    acquires: int = 300
 
 
 SMOKE = Sizes(
@@ -80,14 +87,45 @@ async def _sh(backend: Any, slot: Any, command: str) -> str:
 
 
 @attrs.frozen(kw_only=True)
+class AcquireTimes:
+    """Acquires on a warm pool of one image: ms each, in the order taken."""
+
+    samples_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def spread_ms(self) -> tuple[float, float]:
+        """The 10th and 90th percentiles."""
+        if len(self.samples_ms) < 2:
+            return self.samples_ms[0], self.samples_ms[0]
+        deciles = statistics.quantiles(self.samples_ms, n=10)
+        return deciles[0], deciles[-1]
+
+    def describe(self) -> str:
+        low, high = self.spread_ms
+        return f"{self.median_ms:.3f} ms (p10-p90 {low:.3f}-{high:.3f})"
+
+
+@attrs.frozen(kw_only=True)
 class LocalResult:
     fork_ms: tuple[float, ...]
     cp_ms: tuple[float, ...]
     cross_ms: tuple[float, ...]
-    first_image_ms: float
-    second_image_ms: float
+    first_image: AcquireTimes
+    second_image: AcquireTimes
     same_sandbox: int
     isolation: str
+
+    @property
+    def first_image_ms(self) -> float:
+        return self.first_image.median_ms
+
+    @property
+    def second_image_ms(self) -> float:
+        return self.second_image.median_ms
 
 
 async def measure_local(sizes: Sizes, isolation: str = "auto") -> LocalResult:
@@ -152,27 +190,29 @@ async def measure_local(sizes: Sizes, isolation: str = "auto") -> LocalResult:
         fork_ms=tuple(fork_ms),
         cp_ms=tuple(cp_ms),
         cross_ms=tuple(cross_ms),
-        first_image_ms=first,
-        second_image_ms=second,
+        first_image=first,
+        second_image=second,
         same_sandbox=same,
         isolation=isolation_used,
     )
 
 
-async def _acquire_times(backend: Any, sizes: Sizes) -> tuple[float, float]:
-    """Median ms of an acquire on the profile's image, then on a second image, both warm."""
-    results = []
-    for image in (None, "second-image:latest"):
+async def _acquire_times(backend: Any, sizes: Sizes) -> tuple[AcquireTimes, AcquireTimes]:
+    """Acquires on the profile's image and on a second image, both pools warm, interleaved:
+    each round times one acquire of each, the order alternating between rounds."""
+    images = (None, SECOND_IMAGE)
+    for image in images:
         warm = await backend.acquire("bench-warm", image=image)
         await backend.release(warm)
-        times = []
-        for index in range(sizes.acquires):
+    times: dict[str | None, list[float]] = {image: [] for image in images}
+    for round_index in range(sizes.acquires):
+        for image in images if round_index % 2 == 0 else images[::-1]:
             started = time.perf_counter()
-            slot = await backend.acquire(f"bench-acquire-{index}", image=image)
-            times.append((time.perf_counter() - started) * 1000)
+            slot = await backend.acquire(f"bench-acquire-{round_index}", image=image)
+            times[image].append((time.perf_counter() - started) * 1000)
             await backend.release(slot)
-        results.append(statistics.median(times))
-    return results[0], results[1]
+    first, second = (AcquireTimes(samples_ms=tuple(times[image])) for image in images)
+    return first, second
 
 
 # -- provider calls through the Modal emulator ---------------------------------------------------
@@ -327,8 +367,10 @@ def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
         f"{fork / cp:.2f}x (fork / floor) | | |",
         f"| baseline: fork into {sizes.branches} other sandboxes (through the host) | "
         f"{cross:.0f} ms | {cross / fork:.2f}x slower than in-sandbox | | |",
-        f"| acquire on a warm pool, profile's image | {local.first_image_ms:.2f} ms | 1.00 | | |",
-        f"| acquire on a warm pool, second image | {local.second_image_ms:.2f} ms | "
+        f"| acquire on a warm pool, profile's image ({len(local.first_image.samples_ms)} "
+        f"acquires) | {local.first_image.describe()} | 1.00 | | |",
+        f"| acquire on a warm pool, second image ({len(local.second_image.samples_ms)} "
+        f"acquires, interleaved) | {local.second_image.describe()} | "
         f"{local.second_image_ms / local.first_image_ms:.2f}x | <= 1x (10% noise) | "
         f"{'yes' if local.second_image_ms <= local.first_image_ms * 1.1 else 'NO'} |",
     ]
@@ -388,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--megabytes", type=int, default=defaults.megabytes)
     parser.add_argument("--branches", type=int, default=defaults.branches)
     parser.add_argument("--reps", type=int, default=defaults.repetitions)
+    parser.add_argument("--acquires", type=int, default=defaults.acquires)
     parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "none"])
     parser.add_argument("--no-modal", action="store_true", help="skip the emulator part")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
@@ -398,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         megabytes=args.megabytes,
         branches=args.branches,
         repetitions=args.reps,
+        acquires=args.acquires,
     )
     modal: ModalResult | None = None
     if not args.no_modal:
