@@ -187,10 +187,10 @@ def test_direct_construction_reports_every_problem() -> None:
     )
     assert message == (
         "invalid SandboxConfig 'gpu':\n"
-        "  'memory': expected int, got str ('lots')\n"
-        "  'secrets': expected a list of str, got str ('huggingface')\n"
-        "  'cpu' must be > 0: 0\n"
-        "  'max_sandboxes' must be >= min_sandboxes (3): 1"
+        "  $.memory: expected int, got str ('lots')\n"
+        "  $.secrets: expected a list of str, got str ('huggingface')\n"
+        "  $: 'cpu' must be > 0: 0\n"
+        "  $: 'max_sandboxes' must be >= min_sandboxes (3): 1"
     )
 
 
@@ -239,7 +239,7 @@ def test_with_app_name_rejects_invalid_app_names() -> None:
     """A base that makes the app name invalid (charset or length) is a ConfigError."""
     assert config_error(lambda: SandboxConfig(name="gpu").with_app_name("my run")) == (
         "invalid SandboxConfig 'gpu':\n"
-        "  'app_name' must be 1-64 letters, digits, '.', '-' or '_': 'my run-gpu'"
+        "  $: 'app_name' must be 1-64 letters, digits, '.', '-' or '_': 'my run-gpu'"
     )
     with pytest.raises(ConfigError, match="'app_name' must be 1-64"):
         SandboxConfig(name="gpu").with_app_name("x" * 61)
@@ -511,7 +511,7 @@ def test_alias_errors_name_the_alias(write_yaml: WriteYaml) -> None:
             "env_vars: [A]",
             "$.profiles.p.env_vars: expected a mapping of str to str, got list",
         ),
-        ("env_vars: {PORT: 8080}", "$.profiles.p.env_vars.PORT: expected str, got int"),
+        ("env_vars: {PORT: 8080}", "$.profiles.p.env_vars['PORT']: expected str, got int"),
         ("tags: {a.b: 1}", "$.profiles.p.tags['a.b']: expected str, got int"),
     ],
 )
@@ -636,7 +636,7 @@ def test_every_error_of_a_file_is_reported_at_once(write_yaml: WriteYaml) -> Non
     assert load_error(path).splitlines() == [
         "config/x.yaml: $.profiles.gpu.cpu: expected float, got bool (True)",
         "config/x.yaml: $.profiles.gpu.memory: expected int, got str ('lots')",
-        "config/x.yaml: $.profiles.gpu.env_vars.A: expected str, got int",
+        "config/x.yaml: $.profiles.gpu.env_vars['A']: expected str, got int",
         "config/x.yaml: $.profiles.gpu.memroy: unknown key; did you mean 'memory'?",
         "config/x.yaml: $.profiles.bad.backend: expected one of 'local', 'modal', got str "
         "('docker')",
@@ -722,6 +722,49 @@ def test_override_errors_name_the_overrides(write_yaml: WriteYaml) -> None:
         "overrides: $ (profile 'default'): 'max_sandboxes' must be >= min_sandboxes (6): 4",
         "profile_overrides: $.gpu: 'cpu' must be > 0: 0.0",
     ]
+
+
+def test_every_problem_of_every_layer_is_reported_at_once(write_yaml: WriteYaml) -> None:
+    """One ConfigError lists the file's, the environment's and the overrides' problems, each
+    under the layer that set the value."""
+    path = write_yaml(
+        """
+        profiles:
+          default: {memory: lots, secrets: [ok, 2], min_sandboxes: 4}
+          gpu: {cpu: 0, tags: {team: 5}}
+        """
+    )
+    message = load_error(
+        path,
+        env={"TERMINAL_ENV": "docker", "TERMINAL_MODAL_APP_NAME": "a b"},
+        overrides={"max_sandboxes": 2},
+        profile_overrides={"gpu": {"env_vars": {"K": 1}, "memory": 1.5}},
+    )
+    assert message.splitlines() == [
+        "environment: TERMINAL_ENV: expected one of 'local', 'modal', got str ('docker')",
+        "config/x.yaml: $.profiles.default.memory: expected int, got str ('lots')",
+        "config/x.yaml: $.profiles.default.secrets[1]: expected str, got int (2)",
+        "environment: TERMINAL_MODAL_APP_NAME: 'app_name' must be 1-64 letters, digits, '.', '-' "
+        "or '_': 'a b'",
+        "overrides: $ (profile 'default'): 'max_sandboxes' must be >= min_sandboxes (4): 2",
+        "profile_overrides: $.gpu.memory: expected int, got float (1.5)",
+        "profile_overrides: $.gpu.env_vars['K']: expected str, got int",
+        "config/x.yaml: $.profiles.gpu.tags['team']: expected str, got int",
+        "config/x.yaml: $.profiles.gpu: 'cpu' must be > 0: 0.0",
+    ]
+
+
+def test_paths_and_values_holding_at_signs_are_reported_whole(write_yaml: WriteYaml) -> None:
+    """Keys and values containing " @ " (the separator of cattrs' own lines) stay intact."""
+    path = write_yaml(one_profile("tags: {'a @ b': 1}\nimage: 5\nsecrets: ['x @ $.y', 2]\n"))
+    assert load_error(path).splitlines() == [
+        "config/x.yaml: $.profiles.p.image: expected str, got int (5)",
+        "config/x.yaml: $.profiles.p.secrets[1]: expected str, got int (2)",
+        "config/x.yaml: $.profiles.p.tags['a @ b']: expected str, got int",
+    ]
+    assert config_error(lambda: SandboxConfig(gpu=" @ $.cpu", cpu="1 @ $")) == (  # type: ignore[arg-type]
+        "invalid SandboxConfig 'default':\n  $.cpu: expected float, got str ('1 @ $')"
+    )
 
 
 def test_a_profiles_name_cannot_be_overridden() -> None:
@@ -899,15 +942,15 @@ def test_profiles_checks_its_invariants() -> None:
         lambda: Profiles(profiles={"a": SandboxConfig(name="b")}, default_profile="c")
     ) == (
         "invalid Profiles:\n"
-        "  profile 'a' holds a config named 'b'\n"
-        "  'default_profile' must name a profile (known profiles: 'a'): 'c'"
+        "  $: profile 'a' holds a config named 'b'\n"
+        "  $: 'default_profile' must name a profile (known profiles: 'a'): 'c'"
     )
     assert config_error(lambda: Profiles(profiles={}, default_profile="a")) == (
-        "invalid Profiles:\n  'profiles' must be a non-empty mapping"
+        "invalid Profiles:\n  $: 'profiles' must be a non-empty mapping"
     )
     assert config_error(
         lambda: Profiles(profiles={"a": SandboxConfig(name="a")}, default_profile=1)  # type: ignore[arg-type]
-    ) == ("invalid Profiles:\n  'default_profile': expected str, got int (1)")
+    ) == ("invalid Profiles:\n  $.default_profile: expected str, got int (1)")
 
 
 def test_profiles_mapping_is_read_only() -> None:

@@ -33,7 +33,9 @@ Where the rules live: a field's type is its annotation, checked strictly on cons
 cattrs converter that structures plain data never coerces, so nothing is checked twice); its
 own rules are its attrs `validator` (`ge`, `gt`, or functions like them); rules relating fields
 are the class's `relations`. Construction runs them all and raises one `ConfigError` listing
-every problem (see `_SelfChecking`). A new field is one line plus its rule.
+every problem (see `_SelfChecking`); the problems are cattrs validation errors, told as lines by
+`cattrs.transform_error` from the root of the layer that set each value. A new field is one
+line plus its rule.
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ import attrs
 import cattrs
 import yaml
 from attrs.validators import ge, gt
-from cattrs.errors import ClassValidationError
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
 from hermes_actors._errors import ConfigError
 
@@ -154,39 +161,37 @@ def _freeze_sequence(value: Sequence[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# How a config checks itself. Every field's validator (`_FieldCheck`, given to each field by
-# `_checked_fields`) checks the value's type strictly, from the field's annotation, then the
-# field's own rules (the attrs validators it was declared with: `ge`, `gt`, or functions like
-# them). Then the class's relations (rules between fields) run, skipping fields already found
-# wrong. Every problem is collected while the instance is built and raised at the end, in one
-# `ConfigError`, so each value is checked once and every problem is reported at once.
+# How a config checks itself, and how its problems are told.
 #
-# Why not cattrs' `transform_error` for the messages (it cannot keep their quality):
-# * It sees only what cattrs collected. cattrs collects one exception per field only for errors
-#   of its structure hooks; attrs runs the validators inside `__init__` and stops at the first
-#   that raises, and cattrs wraps that single construction error without a field. Every broken
-#   rule at once therefore needs the collecting validator above whatever formats the messages,
-#   and moving the type checks into structure hooks would leave `SandboxConfig(...)` built
-#   directly unchecked, or check each value twice.
-# * Its lines are `f"{description} @ {path}"`, the path built from the structured class's root
-#   (`$.memory`, `$.secrets[1]`) and glued into the string. A profile's fields are merged from
-#   several layers before it is structured, so the place to report is per field: a file and its
-#   YAML path, an environment variable (`environment: TERMINAL_MODAL_IMAGE`, no `$` path at
-#   all), or overrides; and broken rules go to the highest layer that set a value involved.
-#   That needs the field and the path inside its value apart (`_Problem.fields`, `.suffix`),
-#   which `transform_error` only hands back inside one formatted string; recovering them would
-#   mean parsing its output, which breaks on keys or values that contain " @ ".
-# So `_locate_problems` does, for these flat classes (fields, list items, mapping keys), the
-# walk `transform_error` does, keeping each problem's field, suffix and message apart.
+# Checking: every field's validator (`_FieldCheck`, given to each field by `_checked_fields`)
+# checks the value's type strictly, from the field's annotation, then the field's own rules
+# (the attrs validators it was declared with: `ge`, `gt`, or functions like them). Then the
+# class's relations (rules between fields) run, skipping fields already found wrong. attrs
+# stops at the first validator that raises, so `_FieldCheck` never raises: it records what it
+# found, and `__attrs_post_init__` raises everything at once. Each value is checked once, by
+# the class: the converter that structures plain data passes values through as given.
+#
+# Telling: the problems travel as cattrs' own validation errors (a `ClassValidationError` whose
+# wrong types carry an `AttributeValidationNote` naming their field, list items and mapping
+# values an `IterableValidationNote` inside an `IterableValidationError`; broken rules have no
+# note), and `cattrs.transform_error` turns them into paths. A loaded profile's values come
+# from several layers (a file, environment variables, overrides), so each top-level error is
+# transformed with the root of the layer that set its value: the value's own location for a
+# wrong type (`config/x.yaml: $.profiles.gpu.memory`, `environment: TERMINAL_ENV`), the profile
+# in the highest layer involved for a broken rule (`overrides: $ (profile 'gpu')`).
 # ---------------------------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
-    """A value of the wrong type: `(path suffix, message)` pairs (a list may hold several)."""
+class _WrongType(TypeError):
+    """A value of the wrong type (the message says what was expected and what came)."""
 
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{suffix or '$'}: {message}" for suffix, message in items))
-        self.items = items
+
+class _BrokenRule(ValueError):
+    """A value against a rule of its field or of the class; `fields` are the fields involved."""
+
+    def __init__(self, message: str, fields: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 def _describe(value: object) -> str:
@@ -206,29 +211,29 @@ def _child(path: str, key: object) -> str:
 
 def _check_int(value: Any) -> None:
     if type(value) is not int:  # bool is an int subclass and is rejected on purpose
-        raise _Invalid([("", f"expected int, got {_describe(value)}")])
+        raise _WrongType(f"expected int, got {_describe(value)}")
 
 
 def _check_float(value: Any) -> None:
     if type(value) is not float and type(value) is not int:
-        raise _Invalid([("", f"expected float, got {_describe(value)}")])
+        raise _WrongType(f"expected float, got {_describe(value)}")
     if not math.isfinite(value):
-        raise _Invalid([("", f"expected a finite float, got {_describe(value)}")])
+        raise _WrongType(f"expected a finite float, got {_describe(value)}")
 
 
 def _check_bool(value: Any) -> None:
     if type(value) is not bool:
-        raise _Invalid([("", f"expected bool, got {_describe(value)}")])
+        raise _WrongType(f"expected bool, got {_describe(value)}")
 
 
 def _check_str(value: Any) -> None:
     if not isinstance(value, str):
-        raise _Invalid([("", f"expected str, got {_describe(value)}")])
+        raise _WrongType(f"expected str, got {_describe(value)}")
 
 
 def _check_optional_str(value: Any) -> None:
     if value is not None and not isinstance(value, str):
-        raise _Invalid([("", f"expected str or null, got {_describe(value)}")])
+        raise _WrongType(f"expected str or null, got {_describe(value)}")
 
 
 def _literal_checker(type_: Any) -> Callable[[Any], None]:
@@ -237,35 +242,41 @@ def _literal_checker(type_: Any) -> Callable[[Any], None]:
 
     def check(value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
-            raise _Invalid([("", f"expected one of {expected}, got {_describe(value)}")])
+            raise _WrongType(f"expected one of {expected}, got {_describe(value)}")
 
     return check
 
 
+def _wrong_item(message: str, index: int | str, type_: type) -> _WrongType:
+    error = _WrongType(message)
+    error.add_note(IterableValidationNote(f"item {index!r}", index, type_))
+    return error
+
+
 def _check_str_tuple(value: Any) -> None:
     if not isinstance(value, list | tuple):
-        raise _Invalid([("", f"expected a list of str, got {_describe(value)}")])
-    items = [
-        (f"[{index}]", f"expected str, got {_describe(item)}")
+        raise _WrongType(f"expected a list of str, got {_describe(value)}")
+    wrong = [
+        _wrong_item(f"expected str, got {_describe(item)}", index, str)
         for index, item in enumerate(value)
         if not isinstance(item, str)
     ]
-    if items:
-        raise _Invalid(items)
+    if wrong:
+        raise IterableValidationError("wrong items", wrong, tuple[str, ...])
 
 
 def _check_str_mapping(value: Any) -> None:
+    # Type names only in the messages: these mappings hold environment values, often secrets.
     if not isinstance(value, Mapping):
-        # Type names only: these mappings hold environment values, which may be secrets.
-        raise _Invalid([("", f"expected a mapping of str to str, got {type(value).__name__}")])
-    items: list[tuple[str, str]] = []
+        raise _WrongType(f"expected a mapping of str to str, got {type(value).__name__}")
+    wrong: list[Exception] = []
     for key, item in value.items():
-        if not isinstance(key, str):
-            items.append(("", f"expected str keys, got key of type {type(key).__name__}"))
+        if not isinstance(key, str):  # no note: reported at the mapping itself
+            wrong.append(_WrongType(f"expected str keys, got key of type {type(key).__name__}"))
         elif not isinstance(item, str):
-            items.append((_child("", key), f"expected str, got {type(item).__name__}"))
-    if items:
-        raise _Invalid(items)
+            wrong.append(_wrong_item(f"expected str, got {type(item).__name__}", key, str))
+    if wrong:
+        raise IterableValidationError("wrong items", wrong, Mapping[str, str])
 
 
 _CHECKERS: Final[Mapping[Any, Callable[[Any], None]]] = {
@@ -289,38 +300,48 @@ def _checker_for(type_: Any) -> Callable[[Any], None] | None:
         return None
 
 
-@attrs.frozen
-class _Problem:
-    """One problem of a config: the fields involved and the message.
+def _fields_of(error: BaseException) -> tuple[str, ...]:
+    """The fields a config's top-level error is about: a broken rule's, or the one named by a
+    wrong type's `AttributeValidationNote`."""
+    if isinstance(error, _BrokenRule):
+        return error.fields
+    notes = getattr(error, "__notes__", ())
+    return tuple(note.name for note in notes if isinstance(note, AttributeValidationNote))
 
-    A wrong type has a `suffix`, the path inside the field's value (`""`: the value itself,
-    `"[1]"`: an item), and is reported at the value; a broken rule (`suffix` None) is reported
-    at the profile, in the layer that set the values involved.
+
+def _transform(error: BaseException, root: str) -> list[str]:
+    """`cattrs.transform_error` with our line format, `{path}: {message}`, under `root`.
+
+    transform_error writes `{description} @ {path}`; a description may contain " @ " (it shows
+    the value given), so ours is a number standing for the message, which holds no " @ " and
+    is split off the path exactly.
     """
+    messages: list[str] = []
 
-    fields: tuple[str, ...]
-    message: str
-    suffix: str | None = None
+    def describe(exception: BaseException, type_: object) -> str:
+        messages.append(str(exception))
+        return str(len(messages) - 1)
 
-    def text(self) -> str:
-        if self.suffix is None:
-            return self.message
-        return f"{self.fields[0] + self.suffix!r}: {self.message}"
+    lines = []
+    for line in cattrs.transform_error(error, path=root, format_exception=describe):
+        number, _, path = line.partition(" @ ")
+        lines.append(f"{path}: {messages[int(number)]}")
+    return lines
 
 
 class _InvalidConfig(ConfigError):
-    """A config failed its checks; `problems` holds each one."""
+    """A config failed its checks; `errors` holds each problem, as cattrs' validation errors."""
 
-    def __init__(self, what: str, problems: Sequence[_Problem]) -> None:
-        lines = "\n".join(f"  {problem.text()}" for problem in problems)
+    def __init__(self, what: str, errors: ClassValidationError) -> None:
+        lines = "\n".join(f"  {line}" for line in _transform(errors, "$"))
         super().__init__(f"invalid {what}:\n{lines}")
-        self.problems = tuple(problems)
+        self.errors = errors
 
 
 #: The problems found in configs being built, by the instance's id: its fields' validators add
 #: to them and its `__attrs_post_init__`, which attrs runs right after them, raises them all
 #: (see `_SelfChecking`). A config without problems has no entry.
-_being_built: dict[int, list[_Problem]] = {}
+_being_built: dict[int, list[Exception]] = {}
 
 
 @attrs.frozen
@@ -333,22 +354,22 @@ class _FieldCheck:
     rules: Callable[[Any, attrs.Attribute[Any], Any], Any] | None
 
     def __call__(self, instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        found: list[_Problem] = []
+        found: Exception | None = None
         checker = _checker_for(attribute.type)
         try:
             if checker is not None:
                 checker(value)
-        except _Invalid as invalid:
-            field = (attribute.name,)
-            found.extend(_Problem(field, message, suffix) for suffix, message in invalid.items)
+        except (_WrongType, IterableValidationError) as wrong:
+            wrong.add_note(AttributeValidationNote(attribute.name, attribute.name, attribute.type))
+            found = wrong
         else:
             if self.rules is not None:
                 try:
                     self.rules(instance, attribute, value)
                 except ValueError as error:
-                    found.append(_Problem((attribute.name,), str(error)))
-        if found:
-            _being_built.setdefault(id(instance), []).extend(found)
+                    found = _BrokenRule(str(error), (attribute.name,))
+        if found is not None:
+            _being_built.setdefault(id(instance), []).append(found)
 
 
 def _checked_fields(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.Attribute[Any]]:
@@ -382,13 +403,16 @@ class _SelfChecking:
 
     def __attrs_post_init__(self) -> None:
         problems = _being_built.pop(id(self), [])
-        wrong = {field for problem in problems for field in problem.fields}
+        wrong = {field for problem in problems for field in _fields_of(problem)}
         for involved, relation in self.relations:
             if wrong.isdisjoint(involved) and (message := relation(self)) is not None:
-                problems.append(_Problem(involved, message))
+                problems.append(_BrokenRule(message, involved))
         if problems:
-            problems.sort(key=lambda problem: problem.suffix is None)
-            raise _InvalidConfig(self._checked_as(), problems)
+            problems.sort(key=lambda problem: isinstance(problem, _BrokenRule))
+            what = self._checked_as()
+            raise _InvalidConfig(
+                what, ClassValidationError(f"invalid {what}", problems, type(self))
+            )
 
     def _checked_as(self) -> str:
         return type(self).__name__
@@ -1080,23 +1104,24 @@ def _locate_problems(
     errors: Iterable[BaseException], settings: Mapping[str, _Setting], base: _Layer
 ) -> tuple[list[str], list[str]]:
     """Problem lines of a config's errors, each where its value came from: `(wrong types,
-    broken rules)`. A wrong type is reported at the value; a broken rule at the profile, in
-    the highest layer that set one of the values involved."""
+    broken rules)`. A wrong type is transformed from the value's own location; a broken rule
+    from the profile, in the highest layer that set one of the values involved."""
     wrong_types: list[str] = []
     broken_rules: list[str] = []
     for error in errors:
         if not isinstance(error, _InvalidConfig):  # the backend's default: a bad TERMINAL_ENV
             broken_rules.append(f"{base.at()}: {error}")
             continue
-        for problem in error.problems:
-            if problem.suffix is not None:
-                given = settings.get(problem.fields[0])
-                where = given.location if given else base.at(_child(base.path, problem.fields[0]))
-                wrong_types.append(f"{where}{problem.suffix}: {problem.message}")
-            else:
-                layers = [settings[field].layer for field in problem.fields if field in settings]
+        for problem in error.errors.exceptions:
+            fields = _fields_of(problem)
+            if isinstance(problem, _BrokenRule):
+                layers = [settings[field].layer for field in fields if field in settings]
                 layer = max(layers, key=lambda each: each.rank, default=base)
-                broken_rules.append(f"{layer.at()}: {problem.message}")
+                broken_rules.extend(_transform(problem, layer.at()))
+            else:
+                given = settings.get(fields[0])
+                root = given.location if given else base.at(_child(base.path, fields[0]))
+                wrong_types.extend(_transform(problem, root))
     return wrong_types, broken_rules
 
 
