@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
+import trio._core._thread_cache
 
 from hermes_actors._client import SandboxClient
 from hermes_actors._config import SandboxConfig
@@ -143,3 +145,32 @@ async def open_modal_sandbox(
 def processes_with(token: str) -> list[int]:
     """Live pids whose command line contains `token` (commands started as `exec -a TOKEN ...`)."""
     return pids_with_argv(token)
+
+
+def trio_worker_threads() -> list[threading.Thread]:
+    """trio's cached worker threads that are idle (a busy one carries its job's name)."""
+    return [thread for thread in threading.enumerate() if thread.name.startswith("Trio thread")]
+
+
+@contextlib.contextmanager
+def short_worker_idle_time(seconds: float = 0.2) -> Iterator[None]:
+    """Within: trio retires an idle worker thread after `seconds`, not after its 10 s."""
+    saved = trio._core._thread_cache.IDLE_TIMEOUT
+    trio._core._thread_cache.IDLE_TIMEOUT = seconds  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trio._core._thread_cache.IDLE_TIMEOUT = saved
+
+
+async def retire_trio_worker_threads(timeout_s: float = 30.0) -> None:
+    """Wait until trio has retired every idle worker thread (under `short_worker_idle_time`).
+
+    A worker already waiting for work keeps the idle time it started waiting with (up to
+    10 s); a no-op job wakes it, and it then waits again with the short one.
+    """
+    with trio.fail_after(timeout_s):
+        while workers := trio_worker_threads():
+            for _ in workers:
+                trio.lowlevel.start_thread_soon(lambda: None, lambda _: None)
+            await trio.sleep(trio._core._thread_cache.IDLE_TIMEOUT + 0.1)

@@ -2,7 +2,8 @@
 
 trio retires an idle worker thread after `IDLE_TIMEOUT` (10 s); a sandbox started from such a
 thread must not die with it. Each test holds a slot through `ToolBackend` (trio, `async with`)
-and a task through `terminal_tool` (a plain thread), leaves both idle past that time, and checks
+and a task through `terminal_tool` (a plain thread), leaves both idle until trio has retired
+every idle worker (its idle time shortened, so the wait takes a second, not ten), and checks
 that the same workspace, files intact, still answers.
 """
 
@@ -25,13 +26,15 @@ from hermes_actors import (
     cleanup_vm,
     profiles_from_mapping,
 )
+from sandbox_support import retire_trio_worker_threads, short_worker_idle_time
 
 pytestmark = pytest.mark.faults
 
 T = TypeVar("T")
 
-#: trio's worker-thread idle time (`trio._core._thread_cache.IDLE_TIMEOUT`), plus a margin.
-IDLE_PAST_WORKER_RETIREMENT_S = 10.0 + 2.5
+#: How long the slots stay idle once the workers are gone: a sandbox killed with the thread
+#: that started it would be dead by then.
+IDLE_AFTER_RETIREMENT_S = 0.5
 
 
 async def in_plain_thread(function: Callable[[], T]) -> T:
@@ -100,7 +103,8 @@ async def _idle_slots(isolation: str) -> Survival:
         )
         assert reply["exit_code"] == 0, reply
 
-        await trio.sleep(IDLE_PAST_WORKER_RETIREMENT_S)
+        await retire_trio_worker_threads()
+        await trio.sleep(IDLE_AFTER_RETIREMENT_S)
 
         [read] = await backend.execute_batch([(slot, "bash", {"command": "cat keep.txt && pwd"})])
         after = await in_plain_thread(
@@ -126,7 +130,8 @@ def survivals(terminal_profiles: None) -> dict[str, outcome.Outcome[Survival]]:
             for isolation in ("bwrap", "none"):
                 nursery.start_soon(one, isolation)
 
-    trio.run(both)
+    with short_worker_idle_time():
+        trio.run(both)
     return results
 
 

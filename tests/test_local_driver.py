@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import trio
-import trio._core._thread_cache
 
 from agent_harness import escapee, processes_with_argv, wait_processes_with_argv
 from hermes_actors._client import SandboxClient
@@ -26,7 +25,7 @@ from hermes_actors.drivers import _local, _local_procs
 from hermes_actors.drivers._local import LocalDriver
 from hermes_actors.drivers._local_reap import find_local_leftovers, reap_local
 from proc_support import cmdline, descendants_of
-from sandbox_support import open_local_sandbox
+from sandbox_support import open_local_sandbox, retire_trio_worker_threads, short_worker_idle_time
 
 
 async def test_a_start_that_fails_leaves_no_directory(
@@ -74,29 +73,19 @@ def test_removing_a_sandbox_directory_never_touches_its_parent(tmp_path: Path) -
     assert tmp_path.stat().st_mode & 0o7777 == 0o1777
 
 
-def _trio_workers() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("Trio thread")]
-
-
 @pytest.mark.parametrize("isolation", ["bwrap", "none"])
-async def test_an_idle_sandbox_outlives_the_thread_that_started_it(
-    isolation: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_idle_sandbox_outlives_the_thread_that_started_it(isolation: str) -> None:
     """A sandbox still serves its slot, files intact, after trio retires its worker threads."""
-    monkeypatch.setattr(trio._core._thread_cache, "IDLE_TIMEOUT", 0.2)
-    async with open_local_sandbox(isolation) as sandbox:
-        await sandbox.client.write_file(0, "kept", b"still here")
-        # Whichever worker threads took part in the start (the old spawn path forked from
-        # one), they all retire now; the sandbox must not notice.
-        for _ in range(100):
-            if not _trio_workers():
-                break
-            await trio.sleep(0.1)
-        assert _trio_workers() == []
-        await trio.sleep(0.5)
-        assert sandbox.handle.is_alive()
-        result = await sandbox.client.exec(0, command="cat kept")
-        assert (result.exit_code, result.stdout) == (0, b"still here")
+    with short_worker_idle_time():
+        async with open_local_sandbox(isolation) as sandbox:
+            await sandbox.client.write_file(0, "kept", b"still here")
+            # Whichever worker threads took part in the start (the old spawn path forked from
+            # one), they all retire now; the sandbox must not notice.
+            await retire_trio_worker_threads()
+            await trio.sleep(0.5)
+            assert sandbox.handle.is_alive()
+            result = await sandbox.client.exec(0, command="cat kept")
+            assert (result.exit_code, result.stdout) == (0, b"still here")
 
 
 def _spawn_threads() -> list[threading.Thread]:
