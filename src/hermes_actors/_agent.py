@@ -126,7 +126,12 @@ def decode_body(text: bytes, blobs: bytes) -> Dict[str, Any]:
         return blobs[start:offset]
 
     try:
-        raw = json.loads(text.decode("utf-8"), object_hook=restore)
+        if blobs or b"$b" in text or b"\\u" in text:
+            raw = json.loads(text.decode("utf-8"), object_hook=restore)
+        else:
+            # No placeholder can be in the text (its key is spelled neither plainly nor with
+            # an escape): no Python call per object. Most frames are like this.
+            raw = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise FrameError("frame is not valid JSON: %s" % exc) from None
     if not isinstance(raw, dict):
@@ -261,6 +266,10 @@ MAX_SLOT = 1000000
 #: Replies buffered for a host that does not read: above this, stop taking new requests.
 OUTBOX_HIGH_WATER = 64 * 1024 * 1024
 _READ_CHUNK = 256 * 1024
+#: A persistent shell's ``export -p`` text is read in pieces of this size (one is the rule).
+_ENV_CHUNK = 64 * 1024
+#: Its memfd is emptied once this much has accumulated (see `_Shells._take_exported`).
+_ENV_REWIND_BYTES = 1024 * 1024
 #: Output frames of streamed execs are sent only while fewer bytes than this wait for the host;
 #: the rest is skipped (counted in the next frame), so a slow host bounds the agent's memory
 #: and never slows the command (its capture, and so its reply, has everything as usual).
@@ -1160,6 +1169,9 @@ class Agent:
         self.exit_reason = ""
         self.host_deadline = time.monotonic() + self.ttl_s
         self.pending_signals: List[int] = []
+        #: Reap at the next loop turn even without a SIGCHLD (children started before the
+        #: handler was installed).
+        self.reap_pending = True
         self.subreaper = False
         self.fast_uid_spawn = False
         self.keepers: Dict[int, _Keeper] = {}  # by slot
@@ -1287,8 +1299,8 @@ class Agent:
             key.data(key.fd, mask)
             if self.exit_code is not None:
                 return
-        self._handle_signals()
-        self._reap()
+        if self._handle_signals():
+            self._reap()
         self._fire_timers()
         self._pump_serial_queues()
         if self.exit_code is None and time.monotonic() >= self.host_deadline:
@@ -1310,11 +1322,22 @@ class Agent:
         except BlockingIOError:
             pass
 
-    def _handle_signals(self) -> None:
+    def _handle_signals(self) -> bool:
+        """Act on the signals recorded since the last call; True when a child may have exited.
+
+        Children are reaped only then (a ``waitpid`` per loop turn would cost two syscalls per
+        command): a SIGCHLD that arrives after this call is recorded and has written to the
+        wakeup fd, so the next turn does not sleep before reaping it.
+        """
+        child_exited = self.reap_pending
+        self.reap_pending = False
         while self.pending_signals:
             number = self.pending_signals.pop()
-            if number != signal.SIGCHLD:
+            if number == signal.SIGCHLD:
+                child_exited = True
+            else:
                 self._exit(128 + number, "signal %d" % number)
+        return child_exited
 
     # -- host stream ----------------------------------------------------------------------------
 
@@ -4120,6 +4143,8 @@ class _Shell:
         #: A memfd the shell writes ``export -p`` into (its stdout) after every call, read when
         #: the record arrives; -1 where there is no memfd (the text then comes on fd 3).
         self.env_fd = -1
+        #: Where the next call's ``export -p`` text starts in the memfd (see `_take_exported`).
+        self.env_offset = 0
         self.unsent = b""
         self.records = bytearray()
         #: The output FIFOs no writer holds any more, by kind ("o", "e"): the next call's.
@@ -4578,15 +4603,27 @@ class _Shells:
             shell.interrupted = False
 
     def _take_exported(self, shell: _Shell) -> bytes:
-        """What the shell wrote into its memfd since the last record; the memfd is emptied."""
+        """What the shell wrote into its memfd since the last record.
+
+        Read from where the last one ended (one ``pread`` per call); the memfd is emptied only
+        once it has grown past `_ENV_REWIND_BYTES`, not after every call.
+        """
         fd = shell.env_fd
+        chunks = []
         try:
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)  # the shell shares this offset: it writes from 0
+            while True:
+                data = os.pread(fd, _ENV_CHUNK, shell.env_offset)
+                shell.env_offset += len(data)
+                chunks.append(data)
+                if len(data) < _ENV_CHUNK:
+                    break
+            if shell.env_offset > _ENV_REWIND_BYTES:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)  # the shell shares this offset: it writes from 0
+                shell.env_offset = 0
         except OSError:
             return shell.exported or b""
-        return data
+        return b"".join(chunks)
 
     # -- ends of calls --------------------------------------------------------------------------
 

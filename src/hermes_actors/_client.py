@@ -111,6 +111,8 @@ class SandboxClient:
         #: Other streams (Modal: one provider call per write) always go through the writer,
         #: which sends everything queued in one write.
         self._direct_fd = -1
+        #: The agent's stdout when it is a pipe: read directly (see `_receive`).
+        self._read_fd = -1
         self._writing = False
         self._lost: SandboxLost | None = None
         self._closed = trio.Event()
@@ -155,6 +157,9 @@ class SandboxClient:
                 send_stream = getattr(stream, "send_stream", stream)
                 if fd_stream is not None and isinstance(send_stream, fd_stream):
                     self._direct_fd = send_stream.fileno()
+                receive_stream = getattr(stream, "receive_stream", stream)
+                if fd_stream is not None and isinstance(receive_stream, fd_stream):
+                    self._read_fd = receive_stream.fileno()
                 nursery.start_soon(self._heartbeat, name=f"client-heartbeat:{self.sandbox_id}")
                 task_status.started(self)
                 await self._reader(decoder)
@@ -167,7 +172,7 @@ class SandboxClient:
             self._fail_all(lost)
             raise lost from exc
         finally:
-            self._direct_fd = -1
+            self._direct_fd = self._read_fd = -1
             self._fail_all(SandboxLost(self.sandbox_id, "sandbox stopped"))
             self._closed.set()
 
@@ -189,9 +194,19 @@ class SandboxClient:
 
     async def _receive(self, decoder: FrameDecoder) -> list[dict[str, Any]] | None:
         """The messages completed by the next chunk of the stream; None at its end."""
+        data: bytes | bytearray
         try:
-            data = await self.handle.stream.receive_some(1 << 20)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._read_fd >= 0:
+                # A pipe (local sandboxes): wait until readable, then one read. A stream's
+                # `receive_some` reads first (EAGAIN when the answer is not there yet) and
+                # yields once more after reading: a syscall and a loop turn per answer.
+                await trio.lowlevel.wait_readable(self._read_fd)
+                data = os.read(self._read_fd, 1 << 20)
+            else:
+                data = await self.handle.stream.receive_some(1 << 20)
+        except BlockingIOError:  # woken without data: nothing completed yet
+            return []
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return None
         if not data:
             return None

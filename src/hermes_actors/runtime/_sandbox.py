@@ -1,10 +1,14 @@
 """The sandbox actor: owns one driver sandbox and the agent client talking to it.
 
 Messages: `Call` (an `Operation` value for one slot, and its `Reply`). The mailbox loop submits
-each call to the agent at once (a sync queue write, so calls leave in mailbox order) and a child
-task awaits the answer. Every slot operation is submitted as `serial`, so the agent runs a slot's
-calls one at a time, in arrival order; a batch for many slots, or many calls for one slot, costs
-one write to the agent and one provider round trip on Modal.
+each call to the agent at once (a sync queue write, so calls leave in mailbox order) and the
+client hands the answer to the reply as it arrives. A call that finds the mailbox empty while
+the loop waits on it is submitted by the caller's own task, through the same sync dispatch step
+the loop would run next (nothing can come between, so the order is the same): on the one-call
+path (an agent's `terminal` tool) that saves a task switch per command; under load calls queue
+in the mailbox. Every slot operation is submitted as `serial`, so the agent runs a slot's calls
+one at a time, in arrival order; a batch for many slots, or many calls for one slot, costs one
+write to the agent and one provider round trip on Modal.
 
 Cancellation is one protocol: a caller that gives up abandons its reply, and the actor (told so
 by the reply, synchronously) sends the agent a `cancel` for that request. The caller then waits,
@@ -84,6 +88,11 @@ class SandboxActor:
         #: loss leaves unanswered fail as the actor stops (see `run`).
         self._in_flight: dict[int, Call] = {}
         self._nursery: trio.Nursery | None = None
+        #: True while the mailbox loop runs; `_undispatched`: calls in the mailbox (or handed
+        #: to the loop) that it has not dispatched yet. A call that finds both at rest is
+        #: dispatched by its caller's task (see `call`).
+        self._serving = False
+        self._undispatched = 0
 
     def workspace_dir(self, slot: int) -> str:
         """Slot `slot`'s workspace directory inside the sandbox (as its agent reported it)."""
@@ -118,12 +127,25 @@ class SandboxActor:
         if on_output is not None and not isinstance(operation, Command):
             raise TypeError(f"only a Command streams its output, not {type(operation).__name__}")
         call = Call(slot=slot, operation=operation, reply=reply, output=on_output)
-        try:
-            self._send.send_nowait(call)
-        except trio.WouldBlock:
-            await self._send.send(call)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise (self.died or SandboxLost(self.sandbox_id, "sandbox stopped")).again() from None
+        if self._serving and self._undispatched == 0:
+            # The actor waits on an empty mailbox: run its (sync) dispatch step here, which is
+            # what its loop would do next, in the same order, without waking it (see `run`).
+            self._dispatch(call)
+        else:
+            self._undispatched += 1
+            try:
+                self._send.send_nowait(call)
+            except trio.WouldBlock:
+                try:
+                    await self._send.send(call)
+                except BaseException:
+                    self._undispatched -= 1
+                    raise
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._undispatched -= 1
+                raise (
+                    self.died or SandboxLost(self.sandbox_id, "sandbox stopped")
+                ).again() from None
         if on_submitted is not None:
             on_submitted()
         try:
@@ -196,8 +218,13 @@ class SandboxActor:
             task_status.started(self)
             if self._on_ready is not None:
                 self._on_ready(self)
-            async for call in self._receive:
-                self._dispatch(call)
+            self._serving = True
+            try:
+                async for call in self._receive:
+                    self._undispatched -= 1
+                    self._dispatch(call)
+            finally:
+                self._serving = False
 
     async def _run_client(
         self, actor_scope: trio.CancelScope, *, task_status: trio.TaskStatus[SandboxClient]
