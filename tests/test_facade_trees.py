@@ -25,6 +25,7 @@ from hermes_actors import (
 )
 from hermes_actors._values import TreeOperation
 from hermes_actors.runtime._sandbox import SandboxActor
+from proc_support import eventually
 
 BWRAP = shutil.which("bwrap") is not None and os.getuid() == 0
 
@@ -135,7 +136,7 @@ async def test_a_checkpoint_lost_with_its_sandbox_says_so_on_restore() -> None:
         os.killpg(pid, signal.SIGKILL)
         with pytest.raises(CheckpointLost) as lost:
             await backend.restore(other, checkpoint)
-        assert f"stored in sandbox {doomed.sandbox_id}, which" in str(lost.value)
+        assert f"stored only in sandbox {doomed.sandbox_id}, which" in str(lost.value)
         assert "lost" in str(lost.value)
         assert await sh(backend, other, "cat mine") == "mine\n"
         await backend.release(other)
@@ -449,3 +450,91 @@ async def test_released_forks_leave_no_mount_and_no_layer(isolation: str) -> Non
         await settle(lambda: not stored(directory / "ws", ".hermes-layers"))
         assert stored(directory / "ws", ".hermes-layers") == []
         await backend.release(probe, reset_workspace=True)
+
+
+async def wait_gone(backend: ToolBackend, sandbox_id: str) -> None:
+    """Until the pool no longer lists `sandbox_id` (bounded)."""
+    await eventually(
+        lambda: all(
+            s.sandbox_id != sandbox_id for pool in backend.status().pools for s in pool.sandboxes
+        ),
+        30.0,
+        f"{sandbox_id} stopped",
+    )
+
+
+SHELL_STATE = 'basename "$PWD"; echo "$STAGE"'
+
+
+async def test_a_checkpoint_outlives_its_sandbox_stopped_for_idleness() -> None:
+    """Before an idle sandbox stops, its checkpoints are copied to a file of the pool's: a
+    restore into another sandbox works from it, it still counts against the bounds, and it is
+    removed on release; the pool's directory goes with the backend."""
+    settings = config(
+        slots_per_sandbox=1, min_sandboxes=0, max_sandboxes=2, idle_timeout=0.5, max_checkpoints=1
+    )
+    async with ToolBackend(settings) as backend:
+        slot = await backend.acquire("t")
+        await sh(backend, slot, TREE + " && mkdir -p deep && cd deep && export STAGE=setup")
+        before = await sh(backend, slot, f"(cd ~ && {SNAPSHOT})")
+        checkpoint = await backend.checkpoint(slot)
+        ledger = (await backend._core._runtime._pool(slot.profile)).checkpoints  # type: ignore[union-attr]
+        await backend.release(slot)
+        await wait_gone(backend, slot.sandbox_id)
+        directory = ledger.directory
+        assert directory is not None
+        assert [p.name for p in directory.iterdir()] == [f"{checkpoint.checkpoint_id}.tar"]
+        stats = ledger.statistics()
+        assert (stats.count, stats.size_bytes) == (1, checkpoint.size_bytes)
+        with pytest.raises(CheckpointLimitExceeded, match="count"):
+            await backend.checkpoint(other := await backend.acquire("u"))
+        await sh(backend, other, "echo stale > stale")
+        await backend.restore(other, checkpoint)
+        assert await sh(backend, other, f"(cd ~ && {SNAPSHOT})") == before
+        assert await sh(backend, other, SHELL_STATE) == "deep\nsetup\n"
+        await backend.release_checkpoint(checkpoint)
+        assert list(directory.iterdir()) == []
+        with pytest.raises(CheckpointLost, match="released"):
+            await backend.restore(other, checkpoint)
+        again = await backend.checkpoint(other)  # room again
+        await backend.release(other)
+        await wait_gone(backend, other.sandbox_id)
+        assert [p.name for p in directory.iterdir()] == [f"{again.checkpoint_id}.tar"]
+    assert not directory.exists()  # with the backend, unreleased copies included
+
+
+async def test_a_checkpoint_is_copied_out_at_rotation_and_survives_a_kill() -> None:
+    """At its rotation point a sandbox's checkpoints are copied out while its slot is still
+    held; once copied, a kill -9 of the sandbox does not lose them, and a checkpoint taken in
+    a sandbox that is killed before any copy is lost, with the reason."""
+    settings = config(slots_per_sandbox=1, min_sandboxes=0, max_sandboxes=3, max_lifetime=3.0)
+    async with ToolBackend(settings) as backend:
+        slot = await backend.acquire("t")
+        await sh(backend, slot, TREE)
+        before = await sh(backend, slot, SNAPSHOT)
+        checkpoint = await backend.checkpoint(slot)
+        ledger = (await backend._core._runtime._pool(slot.profile)).checkpoints  # type: ignore[union-attr]
+        # Rotation at 2.7 s: copied out, the slot still held.
+        await eventually(lambda: ledger.copy_of(checkpoint) is not None, 30.0, "the copy")
+        assert held(backend) == 1
+        pid = slot.lease.sandbox.handle.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGKILL)
+        await wait_gone(backend, slot.sandbox_id)
+        other = await backend.acquire("u")
+        await backend.restore(other, checkpoint)
+        assert await sh(backend, other, SNAPSHOT) == before
+        fresh = await backend.checkpoint(other)  # young sandbox: no copy yet
+        pid = other.lease.sandbox.handle.pid  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGKILL)
+        await wait_gone(backend, other.sandbox_id)
+        third = await backend.acquire("v")
+        with pytest.raises(CheckpointLost, match=f"stored only in sandbox {other.sandbox_id}"):
+            await backend.restore(third, fresh)
+        await backend.restore(third, checkpoint)
+        assert await sh(backend, third, SNAPSHOT) == before  # again from the copy
+        await backend.release(third)
+        await backend.release_checkpoint(checkpoint)
+        assert ledger.directory is not None
+        assert list(ledger.directory.iterdir()) == []
+        await backend.release(slot)
+        await backend.release(other)

@@ -16,6 +16,7 @@ from grpclib import Status
 
 from hermes_actors import CheckpointLost, SandboxConfig, Slot, ToolBackend, TransferFailed
 from hermes_actors.drivers._modal import SNAPSHOT_TTL_S
+from hermes_actors.runtime._trees import DURABLE_SNAPSHOT_TTL_S
 from hermes_actors.testing.modal_emulator import ModalEmulator
 
 APP = "hermes-tree-tests"
@@ -198,26 +199,74 @@ async def test_cancelled_cross_sandbox_fork_leaves_no_slot_or_mount(
         await tools.release(source)
 
 
-async def test_a_checkpoint_restores_in_any_sandbox_until_the_provider_ends_its_own(
+async def test_a_checkpoint_restores_in_any_sandbox_through_one_snapshot_that_outlives_it(
     modal_emulator: ModalEmulator,
 ) -> None:
-    """A checkpoint restores into its own slot and into another sandbox's; once the provider
-    ends the sandbox storing it (its timeout), restore says so and what to do."""
+    """A checkpoint restores into its own slot with no provider call and into another sandbox's
+    through one snapshot (three calls; two for the next restore, the snapshot kept); that
+    snapshot outlives the provider ending the checkpoint's sandbox, and goes on release."""
     async with backend(max_lifetime=600.0) as tools:
         source = await tools.acquire("t")
         await sh(tools, source, TREE)
         before = await sh(tools, source, SNAPSHOT)
         checkpoint = await tools.checkpoint(source)
         await sh(tools, source, "(cd ~ && rm -rf ./* .env) && cd ~ && export ANSWER=0")
+        since = len(modal_emulator.calls())
         await tools.restore(source, checkpoint)
+        assert [c.method for c in fork_calls(modal_emulator, since)] == ["TaskExecStdinWrite"]
         assert await sh(tools, source, SNAPSHOT) == before
         other = await tools.acquire("u")  # one slot per sandbox: another sandbox
         assert other.sandbox_id != source.sandbox_id
         await sh(tools, other, "echo stale > stale")
+        since = len(modal_emulator.calls())
         await tools.restore(other, checkpoint)
+        provider = Counter(
+            c.method for c in fork_calls(modal_emulator, since) if c.method != "TaskExecStdinWrite"
+        )
+        assert provider == {
+            "TaskSnapshotDirectory": 1,
+            "TaskMountDirectory": 1,
+            "TaskUnmountDirectory": 1,
+        }
         assert await sh(tools, other, SNAPSHOT) == before
         state = await sh(tools, other, 'basename "$PWD"; echo "$ANSWER"; whoami')
         assert state == f"a\n42\nslot{other.lease.index}\n"
+        [kept] = modal_emulator.snapshot_images()
+        modal_emulator.kill_sandbox(source.sandbox_id, "timeout")
+        for _ in range(400):  # until the pool hears of the loss (20 s at most)
+            if held(tools) == 1:
+                break
+            await trio.sleep(0.05)
+        await sh(tools, other, "(cd ~ && rm -rf ./*)")
+        since = len(modal_emulator.calls())
+        await tools.restore(other, checkpoint)
+        provider = Counter(
+            c.method for c in fork_calls(modal_emulator, since) if c.method != "TaskExecStdinWrite"
+        )
+        assert provider == {"TaskMountDirectory": 1, "TaskUnmountDirectory": 1}
+        assert await sh(tools, other, SNAPSHOT) == before
+        await tools.release_checkpoint(checkpoint)
+        [deleted] = modal_emulator.calls("ImageDelete")
+        assert deleted.fields["image_id"] == kept
+        assert modal_emulator.snapshot_images() == []
+        with pytest.raises(CheckpointLost, match="released"):
+            await tools.restore(other, checkpoint)
+        await tools.release(other)
+    [snapshot] = modal_emulator.calls("TaskSnapshotDirectory")
+    assert snapshot.fields["ttl_seconds"] == DURABLE_SNAPSHOT_TTL_S
+
+
+async def test_a_checkpoint_only_in_its_sandbox_is_lost_when_the_provider_ends_it(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """A checkpoint never copied out of its sandbox goes with it when the provider ends it:
+    restore says so and what to do, and leaves the slot as it was."""
+    async with backend(max_lifetime=600.0) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        checkpoint = await tools.checkpoint(source)
+        other = await tools.acquire("u")
+        await sh(tools, other, "echo mine > mine")
         modal_emulator.kill_sandbox(source.sandbox_id, "timeout")
         for _ in range(400):  # until the pool hears of the loss (20 s at most)
             if held(tools) == 1:
@@ -226,11 +275,49 @@ async def test_a_checkpoint_restores_in_any_sandbox_until_the_provider_ends_its_
         with pytest.raises(CheckpointLost) as lost:
             await tools.restore(other, checkpoint)
         message = str(lost.value)
-        assert f"stored in sandbox {source.sandbox_id}, which was lost" in message
+        assert f"stored only in sandbox {source.sandbox_id}, which was lost" in message
         assert "max_lifetime (600 s" in message
         assert message.endswith("take a new checkpoint")
-        assert await sh(tools, other, SNAPSHOT) == before  # the failed restore changed nothing
+        assert await sh(tools, other, "cat mine") == "mine\n"
         await tools.release_checkpoint(checkpoint)  # idempotent for a lost one
         with pytest.raises(CheckpointLost, match="released"):
             await tools.restore(other, checkpoint)
         await tools.release(other)
+    assert modal_emulator.calls("TaskSnapshotDirectory") == []
+
+
+async def test_checkpoints_are_snapshotted_before_an_idle_sandbox_stops_and_deleted_at_stop(
+    modal_emulator: ModalEmulator,
+) -> None:
+    """Before the pool stops an idle Modal sandbox, each checkpoint there is snapshotted (one
+    call each), or, one the agent keeps as overlay changes only (the emulator may mount),
+    tarred to the host: restores work after it stopped; the copies still held are deleted
+    when the backend stops."""
+    async with backend(min_sandboxes=0, idle_timeout=1.0) as tools:
+        source = await tools.acquire("t")
+        await sh(tools, source, TREE)
+        before = await sh(tools, source, SNAPSHOT)
+        checkpoints = [await tools.checkpoint(source) for _ in range(2)]
+        await tools.release(source)
+        for _ in range(600):  # until the idle sandbox stopped (30 s at most)
+            if not tools.status().pools[0].sandboxes:
+                break
+            await trio.sleep(0.05)
+        assert not tools.status().pools[0].sandboxes
+        flat = sum(checkpoint.flat for checkpoint in checkpoints)
+        assert flat >= 1  # the first is the workspace itself
+        assert len(modal_emulator.calls("TaskSnapshotDirectory")) == flat
+        assert len(modal_emulator.snapshot_images()) == flat
+        ledger = (await tools._core._runtime._pool("trees")).checkpoints  # type: ignore[union-attr]
+        directory = ledger.directory
+        tars = [] if directory is None else sorted(p.name for p in directory.iterdir())
+        assert tars == sorted(f"{c.checkpoint_id}.tar" for c in checkpoints if not c.flat)
+        other = await tools.acquire("u")
+        for checkpoint in checkpoints:
+            await sh(tools, other, "(cd ~ && rm -rf ./* .env)")
+            await tools.restore(other, checkpoint)
+            assert await sh(tools, other, SNAPSHOT) == before
+        await tools.release(other)
+    assert len(modal_emulator.calls("ImageDelete")) == flat
+    assert modal_emulator.snapshot_images() == []
+    assert directory is None or not directory.exists()

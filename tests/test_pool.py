@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,8 +24,9 @@ from hermes_actors._errors import (
 )
 from hermes_actors._trio import Reply
 from hermes_actors._values import Command, ListFiles, ReadFile, WriteFile
+from hermes_actors.runtime import _pool as pool_module
 from hermes_actors.runtime._pool import LOST_PRIORITY_S, Lease, ProfilePool, Release
-from hermes_actors.runtime._trees import Checkpoint, restore
+from hermes_actors.runtime._trees import Checkpoint, CheckpointLedger, TarCopy, restore
 from hermes_actors.testing.fake_driver import FakeDriver
 
 
@@ -395,6 +397,75 @@ async def test_a_rotated_sandbox_stays_up_while_it_stores_a_checkpoint(
         await h.pool.release(other)
 
 
+class SlowCopies:
+    """Stands in for `preserve_checkpoints` (the real one runs in the facade and Modal tests):
+    copying out takes `seconds`; it records when each copy began and ended."""
+
+    def __init__(self, seconds: float, tmp_path: Path) -> None:
+        self.seconds = seconds
+        self.tmp_path = tmp_path
+        self.began: list[float] = []
+        self.ended: list[float] = []
+
+    async def __call__(self, ledger: CheckpointLedger, sandbox: Any) -> int:
+        self.began.append(trio.current_time())
+        await trio.sleep(self.seconds)
+        for checkpoint in ledger.to_preserve(sandbox):
+            ledger.add_copy(checkpoint, TarCopy(path=self.tmp_path / checkpoint.checkpoint_id))
+        self.ended.append(trio.current_time())
+        return 1
+
+
+async def test_rotation_copies_checkpoints_out_at_once_while_slots_are_held(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """At its rotation point a sandbox storing a checkpoint has it copied out at once, its slot
+    still held; it stops when the slot comes back, and the checkpoint stays held."""
+    copies = SlowCopies(5.0, tmp_path)
+    monkeypatch.setattr(pool_module, "preserve_checkpoints", copies)
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=1, max_lifetime=100.0
+    ) as h:
+        lease = await h.pool.acquire()
+        ready = trio.current_time()
+        first_id = lease.sandbox_id
+        checkpoint = hold_checkpoint(h.pool, lease)
+        await trio.sleep(200.0)
+        assert copies.began == [ready + 90.0]
+        assert copies.ended == [ready + 95.0]
+        assert first_id in [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        await h.pool.release(lease)
+        await trio.sleep(2.0)
+        assert first_id not in [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        assert h.pool.checkpoints.holds(checkpoint)
+        assert h.pool.checkpoints.copy_of(checkpoint) is not None
+
+
+async def test_an_idle_sandbox_stops_once_its_checkpoints_are_copied_out(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An idle sandbox storing a checkpoint is copied out of at its idle timeout and stops
+    when the copy is done, not before; a sandbox whose checkpoints have copies stops on time."""
+    copies = SlowCopies(5.0, tmp_path)
+    monkeypatch.setattr(pool_module, "preserve_checkpoints", copies)
+    async with running_pool(
+        min_sandboxes=0, max_sandboxes=2, slots_per_sandbox=1, idle_timeout=10.0
+    ) as h:
+        lease = await h.pool.acquire()
+        first_id = lease.sandbox_id
+        checkpoint = hold_checkpoint(h.pool, lease)
+        await h.pool.release(lease)
+        released = trio.current_time()
+        await trio.sleep(14.0)
+        assert copies.began == [released + 10.0]
+        assert first_id in [s.sandbox_id for s in h.pool.statistics().sandboxes]
+        await trio.sleep(2.0)
+        assert copies.ended == [released + 15.0]
+        assert h.pool.statistics().sandboxes == ()
+        assert h.pool.checkpoints.copy_of(checkpoint) is not None
+        assert h.driver.terminated == 1
+
+
 async def test_a_checkpoint_stopped_with_its_rotated_modal_sandbox_says_why(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -418,10 +489,10 @@ async def test_a_checkpoint_stopped_with_its_rotated_modal_sandbox_says_why(
         with pytest.raises(CheckpointLost) as lost:
             await restore(h.pool.checkpoints, other, checkpoint)
         assert str(lost.value) == (
-            f"checkpoint ck-1 cannot be used: it was stored in sandbox {first_id}, which was "
-            "stopped (rotated before its maximum lifetime); a checkpoint on Modal lasts no "
-            "longer than its sandbox, which Modal ends at its max_lifetime (100 s; at most "
-            "24 h): raise it for searches that outlive it; take a new checkpoint"
+            f"checkpoint ck-1 cannot be used: it was stored only in sandbox {first_id}, which "
+            "was stopped (rotated before its maximum lifetime); Modal ends a sandbox at its "
+            "max_lifetime (100 s; at most 24 h) whatever the pool does: raise it for searches "
+            "that outlive it; take a new checkpoint"
         )
         await h.pool.release(other)
 

@@ -3501,7 +3501,13 @@ class TreeOps:
                 # What the checkpoint holds, as a copy would (its layer may hold only what
                 # changed since the layer below it).
                 size, entries = _tree_size(source)
-                return {"bytes": size, "entries": entries, "shell": self.shell_state(slot)}
+                return {
+                    "bytes": size,
+                    "entries": entries,
+                    "shell": self.shell_state(slot),
+                    # Its tree is whole only when no layer lies below it (else: the changes).
+                    "flat": layer.below is None,
+                }
         try:
             os.mkdir(path, 0o711)
         except FileExistsError:
@@ -3521,7 +3527,8 @@ class TreeOps:
                 return
             self._seal(inner)
             size, entries = _tree_size(tree)
-            result = {"bytes": size, "entries": entries, "shell": self.shell_state(slot)}
+            shell = self.shell_state(slot)
+            result = {"bytes": size, "entries": entries, "shell": shell, "flat": True}
             self._finish(request_id, result)
 
         try:

@@ -292,6 +292,7 @@ class TakeCheckpoint(_Operation):
             size_bytes=int(answer["bytes"]),
             entries=int(answer["entries"]),
             shell=answer.get("shell"),
+            flat=bool(answer.get("flat", True)),
         )
 
 
@@ -302,6 +303,9 @@ class CheckpointTaken:
     size_bytes: int
     entries: int
     shell: ShellState | None = attrs.field(repr=False)
+    #: Whether its stored tree is the whole workspace (else an overlay layer of the changes
+    #: since a layer below it: only the agent can show it whole).
+    flat: bool = True
 
 
 @attrs.frozen(kw_only=True)

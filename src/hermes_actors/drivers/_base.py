@@ -65,8 +65,14 @@ class DirectorySnapshots(Protocol):
     method is one provider call; failures raise `TransferFailed` saying what failed.
     """
 
-    async def snapshot_directory(self, path: str) -> object:
-        """An image of the directory `path` as it is now (it expires by itself later)."""
+    async def snapshot_directory(self, path: str, *, ttl_s: int = ...) -> object:
+        """An image of the directory `path` as it is now; it expires by itself after `ttl_s`
+        seconds (a driver's default: minutes, for a tree moved at once)."""
+        ...
+
+    async def delete_snapshot(self, snapshot: object) -> None:
+        """Delete an image `snapshot_directory` made, before its ttl (also once the sandbox
+        that made it has ended)."""
         ...
 
     async def mount_snapshot(self, path: str, snapshot: object) -> None:

@@ -803,6 +803,9 @@ class LocalDriver:
         """`cgroup_parent`: where sandboxes' cgroups go; by default (`detect_cgroups`) the
         cgroup v2 subtree the host delegated to this process, if any (`_local_cgroups`)."""
         self._root_dir = root_dir
+        #: Where the sandboxes' directories go (None: the temporary directory); what the host
+        #: keeps for the backend (checkpoints copied out of ended sandboxes) goes there too.
+        self.root_dir = root_dir
         self.sandboxes_started = 0
         self._watchdog = _Watchdog()
         #: Why sandboxes get no cgroup ("" when they do).

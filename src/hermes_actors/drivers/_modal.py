@@ -427,16 +427,29 @@ class ModalSandbox:
         # The agent's workspace root is the exec's workdir, `workspace_base` in the container.
         return posixpath.normpath(posixpath.join(self.spec.workspace_base, path))
 
-    async def snapshot_directory(self, path: str) -> object:
-        """`Sandbox.snapshot_directory` of `path` (one call), kept `SNAPSHOT_TTL_S` seconds."""
+    async def snapshot_directory(self, path: str, *, ttl_s: int = SNAPSHOT_TTL_S) -> object:
+        """`Sandbox.snapshot_directory` of `path` (one call), kept `ttl_s` seconds."""
         return await self._snapshot_call(
             "snapshotting",
             path,
             self._sandbox.snapshot_directory,
             self._container_path(path),
             timeout=SNAPSHOT_TIMEOUT_S,
-            ttl=SNAPSHOT_TTL_S,
+            ttl=ttl_s,
         )
+
+    async def delete_snapshot(self, snapshot: object) -> None:
+        """`modal.experimental.image_delete` of a snapshot (one control-plane call; the
+        sandbox need not run any more)."""
+        modal = import_modal()
+        image_id = str(getattr(snapshot, "object_id", ""))
+        try:
+            await call_modal(modal.experimental.image_delete, image_id)
+        except Exception as exc:
+            raise TransferFailed(
+                f"deleting snapshot {image_id} of Modal sandbox {self._sandbox_id} failed: "
+                f"{exc!r}; it expires by itself at its ttl"
+            ) from exc
 
     async def mount_snapshot(self, path: str, snapshot: object) -> None:
         """`Sandbox.mount_image` of `snapshot` at `path` (one call)."""

@@ -831,9 +831,10 @@ class BackendCore:
     async def checkpoint(self, slot: Slot) -> Checkpoint:
         """Store the slot's workspace as it is now; restore it later with `restore`.
 
-        Running processes are not captured. The checkpoint lives in the slot's sandbox and
-        counts against its pool's `max_checkpoints` and checkpoint bytes (`CheckpointLimit
-        Exceeded` past them) until `release_checkpoint` or the backend stops.
+        Running processes are not captured. The checkpoint lives in the slot's sandbox, is
+        copied out before the pool stops that sandbox (idle, rotation), and counts against
+        its pool's `max_checkpoints` and checkpoint bytes (`CheckpointLimitExceeded` past
+        them) until `release_checkpoint` or the backend stops (docs/trees.md).
         """
         with collapse_exception_groups():
             return await self._held_runtime(slot).checkpoint(slot.lease)
@@ -846,9 +847,10 @@ class BackendCore:
     async def restore(self, slot: Slot, checkpoint: Checkpoint) -> None:
         """Make the slot's workspace the checkpoint's again; its running processes are killed.
 
-        Works for any slot of the checkpoint's profile (another sandbox's slot gets a copy
-        streamed through the host). Raises `CheckpointLost` once the checkpoint was released
-        or its sandbox stopped.
+        Works for any slot of the checkpoint's profile (another sandbox's slot gets it from a
+        provider snapshot on Modal, else streamed through the host). Raises `CheckpointLost`
+        once the checkpoint was released, or when its sandbox crashed or its provider ended it
+        before the pool copied it out (docs/trees.md).
         """
         with collapse_exception_groups():
             await self._held_runtime(slot).restore(slot.lease, checkpoint)

@@ -19,7 +19,10 @@ own tasks, so a report can never block):
   than `min_sandboxes` remain. Rotation: a sandbox older than its lifetime budget takes no new
   slots and is stopped once its held slots come back, before the provider would kill it.
   Both run off one cancel scope whose absolute deadline is the next such event, recomputed on
-  every state change.
+  every state change. A sandbox storing checkpoints that have no copy outside it is stopped
+  only once a child task gave each a copy (`_trees.preserve_checkpoints`; at rotation that
+  starts at once, slots held or not, before the provider's limit); if copying fails, a local
+  sandbox stays up for them until they are released, a Modal one stops (they are lost).
 * Images: each sandbox runs one image, the profile's own or one an `acquire` named; a waiter
   gets a slot of its image only, and one image's waiters never hold up another's. All images
   share `max_sandboxes` and `max_starting`; `min_sandboxes` warms the profile's image only;
@@ -66,7 +69,7 @@ from hermes_actors._trio import Reply, call, clone_exception, close_mailbox
 from hermes_actors._values import Command, CommandResult, EndShell
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.runtime._sandbox import SandboxActor
-from hermes_actors.runtime._trees import CheckpointLedger
+from hermes_actors.runtime._trees import CLEANUP_LIMIT_S, CheckpointLedger, preserve_checkpoints
 
 logger = logging.getLogger("hermes_actors.pool")
 
@@ -147,6 +150,9 @@ class _Member:
     started_at: float = attrs.field(factory=trio.current_time)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stop_reason: str | None = None
+    #: Its checkpoints are being copied out (`_preserve`), or that failed.
+    preserving: bool = False
+    preserve_failed: bool = False
 
     @property
     def busy(self) -> bool:
@@ -232,7 +238,10 @@ class ProfilePool:
         self._finished_commands = 0
         self._finished_failures = 0
         self.checkpoints = CheckpointLedger(
-            config.name, max_count=config.max_checkpoints, max_bytes=config.max_checkpoint_bytes
+            config.name,
+            max_count=config.max_checkpoints,
+            max_bytes=config.max_checkpoint_bytes,
+            root_dir=getattr(driver, "root_dir", None),
         )
 
     # -- the caller side ------------------------------------------------------------------------
@@ -306,6 +315,9 @@ class ProfilePool:
             self._stopped = True
             self._fail_waiters(self._stopped_error())
             close_mailbox(self._receive, lambda message: [message.reply], self._stopped_error)
+            # The copies of checkpoints go with the pool (their sandboxes went before).
+            with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+                await self.checkpoints.aclose()
 
     def _stopped_error(self) -> RuntimeStopped:
         return RuntimeStopped(
@@ -573,8 +585,8 @@ class ProfilePool:
             self._add_free(member, index)
         if not member.busy:
             self._set_idle(member)
-            if member.state is _State.DRAINING and not self._pinned(member):
-                self._stop_member(member, "rotated before its maximum lifetime")
+            if member.state is _State.DRAINING:
+                self._retire(member, "rotated before its maximum lifetime")
         self._serve_waiters()
         self._scale()
 
@@ -632,7 +644,7 @@ class ProfilePool:
         """Stop up to `count` idle sandboxes of other images (longest idle first)."""
         others = [m for m in self._stoppable_idle() if m.image != image][:count]
         for member in others:
-            self._stop_member(member, f"making room for image {image!r}")
+            self._retire(member, f"making room for image {image!r}")
 
     def _start_member(self, image: str) -> None:
         assert self._nursery is not None
@@ -712,11 +724,12 @@ class ProfilePool:
             died = member.actor.died
             why = f"was lost ({died.reason if died is not None else error!r})"
         if self.config.backend == "modal":
-            # Rotation is the provider's timeout coming: nothing keeps such a sandbox longer.
+            # The pool copies checkpoints out of a sandbox it stops, not out of one the
+            # provider ends first: at its max lifetime (rotation copies them just before).
             why += (
-                "; a checkpoint on Modal lasts no longer than its sandbox, which Modal ends at "
-                f"its max_lifetime ({self.config.max_lifetime:g} s; at most 24 h): raise it "
-                "for searches that outlive it"
+                "; Modal ends a sandbox at its max_lifetime "
+                f"({self.config.max_lifetime:g} s; at most 24 h) whatever the pool does: raise "
+                "it for searches that outlive it"
             )
         return why
 
@@ -799,18 +812,65 @@ class ProfilePool:
         return min(events, default=math.inf)
 
     def checkpoints_changed(self) -> None:
-        """A checkpoint was taken or released: a sandbox may have become (un)stoppable."""
+        """A checkpoint was taken, released or copied out: a sandbox may have become
+        (un)stoppable."""
         for member in list(self._members.values()):
-            if member.state is _State.DRAINING and not member.busy and not self._pinned(member):
-                self._stop_member(member, "rotated before its maximum lifetime")
+            if member.state is _State.DRAINING and not member.busy:
+                self._retire(member, "rotated before its maximum lifetime")
         self._reschedule()
 
-    def _pinned(self, member: _Member) -> bool:
-        """Whether a rotated sandbox stays up for the checkpoints it stores (until released).
+    def _retire(self, member: _Member, reason: str) -> None:
+        """Stop `member` on purpose, once the checkpoints it stores have copies outside it.
 
-        Locally nothing else ends a sandbox, so a checkpoint a user holds stays restorable; a
-        Modal sandbox ends at its provider timeout whatever we do (`CheckpointLost` then)."""
-        return self.config.backend == "local" and self.checkpoints.in_sandbox(member.actor)
+        Until then a child task copies them out (`_preserve`). If that failed, a local sandbox
+        stays up for them (nothing else ends it, so they stay restorable) until they are
+        released; a Modal sandbox stops (its provider ends it at its timeout whatever we do:
+        `CheckpointLost` then)."""
+        if self.checkpoints.in_sandbox(member.actor):
+            if not member.preserve_failed:
+                self._preserve(member)
+                return
+            if self.config.backend == "local":
+                return
+        self._stop_member(member, reason)
+
+    def _preserve(self, member: _Member) -> None:
+        """Copy the checkpoints stored in `member` out of it, in a child task (once at a time)."""
+        if member.preserving or self._nursery is None or member.state is _State.STOPPING:
+            return
+        member.preserving = True  # not stoppable meanwhile (`_stoppable_idle`)
+        self._nursery.start_soon(
+            self._run_preserve, member, name=f"preserve:{member.actor.sandbox_id}"
+        )
+
+    async def _run_preserve(self, member: _Member) -> None:
+        error: Exception | None = None
+        try:
+            copied = await preserve_checkpoints(self.checkpoints, member.actor)
+        except Exception as exc:
+            error = exc
+        else:
+            logger.info(
+                "copied %d checkpoint(s) out of sandbox %s before stopping it",
+                copied,
+                member.actor.sandbox_id,
+            )
+        self._on_preserved(member, error)
+
+    def _on_preserved(self, member: _Member, error: Exception | None) -> None:
+        member.preserving = False
+        if error is not None:
+            member.preserve_failed = True
+            logger.warning(
+                "could not copy the checkpoints of sandbox %s out of it (%s); %s",
+                member.actor.sandbox_id,
+                error,
+                "it stays up until they are released"
+                if self.config.backend == "local"
+                else "they are lost when it stops",
+            )
+        # An idle one kept its place in `_idle`: due at once if its idle timeout has passed.
+        self.checkpoints_changed()
 
     def _reschedule(self) -> None:
         if self._housekeeping is not None:
@@ -825,9 +885,13 @@ class ProfilePool:
             self._housekeep()
 
     def _stoppable_idle(self) -> Iterator[_Member]:
-        """Ready sandboxes with every slot free, longest idle first, but those holding a
-        checkpoint (they stay up)."""
-        return (m for m in self._idle if not self.checkpoints.in_sandbox(m.actor))
+        """Ready sandboxes with every slot free, longest idle first, but those whose checkpoints
+        are being copied out, or failed to be (locally they stay up for them)."""
+        return (
+            m
+            for m in self._idle
+            if not m.preserving and not (m.preserve_failed and self.checkpoints.in_sandbox(m.actor))
+        )
 
     def _may_idle_stop(self, member: _Member) -> bool:
         """Whether the idle timeout may stop `member`: any of another image than the
@@ -842,8 +906,12 @@ class ProfilePool:
             if now < member.ready_at + _rotate_after_s(config):
                 break
             self._set_state(member, _State.DRAINING)
-            if not member.busy and not self._pinned(member):
-                self._stop_member(member, "rotated before its maximum lifetime")
+            if self.checkpoints.in_sandbox(member.actor) and not member.preserve_failed:
+                # Now, slots held or not: the provider may end it at its limit before they
+                # come back.
+                self._preserve(member)
+            elif not member.busy:
+                self._retire(member, "rotated before its maximum lifetime")
         due = []
         for member in self._stoppable_idle():
             assert member.idle_since is not None
@@ -852,7 +920,7 @@ class ProfilePool:
             due.append(member)
         for member in due:
             if self._may_idle_stop(member):
-                self._stop_member(member, f"idle for {config.idle_timeout:g} s")
+                self._retire(member, f"idle for {config.idle_timeout:g} s")
         self._scale()
 
     # -- inspection -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Protocol
 import trio
 
 from hermes_actors._agent import MOUNTS_DIR
-from hermes_actors._errors import HermesError
+from hermes_actors._errors import HermesError, TransferFailed
 from hermes_actors._trio import collapse_exception_groups
 from hermes_actors._values import ForkIn, GetShellState, ShellState
 from hermes_actors.drivers._base import DirectorySnapshots
@@ -45,7 +45,8 @@ class _Slot(Protocol):
     def index(self) -> int: ...
 
 
-def _snapshots(sandbox: SandboxActor) -> DirectorySnapshots | None:
+def snapshots_of(sandbox: SandboxActor) -> DirectorySnapshots | None:
+    """The sandbox's handle if it can snapshot and mount directories (Modal), else None."""
     handle = sandbox.handle
     return handle if isinstance(handle, DirectorySnapshots) else None
 
@@ -58,8 +59,8 @@ async def fork_by_snapshot(source: _Slot, targets: Sequence[_Slot]) -> bool:
     Raises `TransferFailed` when a snapshot, mount or copy fails (targets may then hold partial
     copies: the caller releases them with reset). Cancellation unmounts what was mounted.
     """
-    source_snapshots = _snapshots(source.sandbox)
-    if source_snapshots is None or any(_snapshots(t.sandbox) is None for t in targets):
+    source_snapshots = snapshots_of(source.sandbox)
+    if source_snapshots is None or any(snapshots_of(t.sandbox) is None for t in targets):
         return False
     shell = await source.sandbox.call(source.index, GetShellState())
     directory = posixpath.basename(source.sandbox.workspace_dir(source.index))
@@ -70,15 +71,19 @@ async def fork_by_snapshot(source: _Slot, targets: Sequence[_Slot]) -> bool:
     with collapse_exception_groups():
         async with trio.open_nursery() as nursery:
             for sandbox, slots in by_sandbox.items():
-                nursery.start_soon(_fork_into, sandbox, slots, snapshot, shell)
+                nursery.start_soon(copy_snapshot_into, sandbox, slots, snapshot, shell)
     return True
 
 
-async def _fork_into(
+async def copy_snapshot_into(
     sandbox: SandboxActor, slots: list[int], snapshot: object, shell: ShellState | None
 ) -> None:
-    snapshots = _snapshots(sandbox)
-    assert snapshots is not None  # checked by fork_by_snapshot
+    """Make the workspace of each slot of `slots` (in `sandbox`) the tree of `snapshot`, their
+    shells start from `shell`: mount, one agent request (`ForkIn`), unmount. Raises
+    `TransferFailed` (the provider refused) or the agent's error; unmounts on the way out."""
+    snapshots = snapshots_of(sandbox)
+    if snapshots is None:
+        raise TransferFailed(f"sandbox {sandbox.sandbox_id} cannot mount directory snapshots")
     name = "fork_" + secrets.token_hex(8)
     path = posixpath.join(MOUNTS_DIR, name)
     mounted: bool | None = False  # None: perhaps (the mount call was cut short)

@@ -11,10 +11,18 @@ decides where it happens and keeps the books:
   and for a restore into another sandbox, a tar streams from the source's agent through the
   host into the target's: one chunk in flight, so memory stays bounded whatever its size.
 * Checkpoints are stored in the sandbox they were taken in and counted per pool by a
-  `CheckpointLedger` (count and bytes bounded, a clear error past either). They are released
-  explicitly (`drop_checkpoint`) or go with their sandbox; a sandbox holding checkpoints is
-  not stopped for idleness, nor (locally) when rotated: it takes no new slot but stays up until
-  its checkpoints are released. A checkpoint whose sandbox died raises `CheckpointLost`.
+  `CheckpointLedger` (count and bytes bounded, a clear error past either, whatever stores
+  them). Before the pool stops a sandbox on purpose (idle timeout, rotation before its
+  maximum lifetime, room for another image) it gives each checkpoint stored there a copy
+  the pool owns (`preserve_checkpoints`): a provider directory snapshot where the drivers
+  offer them (Modal: one call per checkpoint, kept `DURABLE_SNAPSHOT_TTL_S` at most), else a
+  tar file on the host, in a directory of the ledger's. A restore then works from that copy.
+  Copies go when the checkpoint is released (`drop_checkpoint`) or the pool stops
+  (`CheckpointLedger.aclose`). A checkpoint without a copy is lost with its sandbox when
+  that sandbox crashes or its provider ends it first: `CheckpointLost` says so.
+* A restore into another sandbox goes through a provider snapshot of the checkpoint where the
+  drivers offer them (made once, then kept as the checkpoint's copy: three provider calls the
+  first time, two after), otherwise its tar streams through the host.
 * Upload and download move directory trees as tar streams, to and from a local directory or a
   file-like object, in chunks of `CHUNK_BYTES`.
 
@@ -24,17 +32,22 @@ A checkpoint holds files only: processes running in the slot are not captured.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import posixpath
 import secrets
+import shutil
 import tarfile
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import attrs
 import trio
 
+from hermes_actors._agent import CHECKPOINTS_DIR
 from hermes_actors._errors import (
     AgentError,
     CheckpointLimitExceeded,
@@ -59,8 +72,13 @@ from hermes_actors._values import (
     TarOpened,
     TarOut,
 )
+from hermes_actors.drivers._base import DirectorySnapshots
 from hermes_actors.runtime._sandbox import SandboxActor
-from hermes_actors.runtime._tree_snapshots import fork_by_snapshot
+from hermes_actors.runtime._tree_snapshots import (
+    copy_snapshot_into,
+    fork_by_snapshot,
+    snapshots_of,
+)
 
 logger = logging.getLogger("hermes_actors.trees")
 
@@ -68,6 +86,10 @@ logger = logging.getLogger("hermes_actors.trees")
 CHUNK_BYTES = 4 * 1024 * 1024
 #: How long closing a transfer's stream, or dropping a checkpoint, may take on the way out.
 CLEANUP_LIMIT_S = 10.0
+#: How long a provider snapshot of a checkpoint lives when nothing deletes it: the pool deletes
+#: it when the checkpoint is released or the pool stops, so this bounds only what a host that
+#: died leaves behind (Modal's longest sandbox lifetime).
+DURABLE_SNAPSHOT_TTL_S = 24 * 3600
 
 #: What an upload takes: a local directory, a tar as bytes, or a binary file-like object
 #: holding a tar stream. What a download writes to: a local directory (extracted there) or a
@@ -93,11 +115,12 @@ class _Leased(Protocol):
 class Checkpoint:
     """A slot's workspace and its persistent shell's state at one moment.
 
-    The files are stored in the sandbox the checkpoint was taken in; `size_bytes` and `entries`
-    describe them. `shell` is the shell's last known working directory and exported
-    environment (None when the slot had no shell yet). Running processes are not captured.
-    Valid until released (`release_checkpoint`) or until its sandbox ends (locally only with
-    the backend or a crash: a rotated sandbox stays up for its checkpoints).
+    The files are stored in the sandbox the checkpoint was taken in (`sandbox_id`), and copied
+    out before the pool stops that sandbox; `size_bytes` and `entries` describe them. `shell`
+    is the shell's last known working directory and exported environment (None when the slot
+    had no shell yet). Running processes are not captured. Valid until released
+    (`release_checkpoint`) or the backend stops, unless its sandbox crashes or its provider
+    ends it before the pool copied it out (`CheckpointLost` then).
     """
 
     checkpoint_id: str
@@ -107,6 +130,40 @@ class Checkpoint:
     entries: int
     shell: ShellState | None = attrs.field(default=None, repr=False)
     sandbox: SandboxActor = attrs.field(repr=False, eq=False)
+    #: Whether the stored tree is whole (else an overlay layer only its agent shows whole).
+    flat: bool = attrs.field(default=True, repr=False)
+
+    @property
+    def tree_path(self) -> str:
+        """Where its tree is in its sandbox, relative to the agent's workspace root."""
+        return posixpath.join(CHECKPOINTS_DIR, self.checkpoint_id, "w", "tree")
+
+
+@attrs.frozen
+class SnapshotCopy:
+    """A checkpoint's copy as a provider directory snapshot, and who can delete it."""
+
+    image: object
+    owner: DirectorySnapshots
+
+
+@attrs.frozen
+class TarCopy:
+    """A checkpoint's copy as a tar file on the host (in the ledger's directory)."""
+
+    path: Path
+
+
+#: A copy of a checkpoint that outlives its sandbox, owned by the pool.
+CheckpointCopy = SnapshotCopy | TarCopy
+
+
+@attrs.frozen(kw_only=True)
+class _Removed:
+    """What stored a checkpoint that was just released."""
+
+    in_sandbox: bool
+    copy: CheckpointCopy | None
 
 
 @attrs.frozen(kw_only=True)
@@ -122,9 +179,12 @@ _LOST_KEPT = 4096
 
 
 class CheckpointLedger:
-    """The checkpoints of one pool, bounded by count and by bytes. Sync: pool-owned state."""
+    """The checkpoints of one pool, bounded by count and by bytes, and the copies it keeps of
+    them (see `preserve_checkpoints`). Sync but for `aclose`: pool-owned state."""
 
-    def __init__(self, profile: str, *, max_count: int, max_bytes: int) -> None:
+    def __init__(
+        self, profile: str, *, max_count: int, max_bytes: int, root_dir: str | None = None
+    ) -> None:
         self.profile = profile
         self.max_count = max_count
         self.max_bytes = max_bytes
@@ -133,6 +193,13 @@ class CheckpointLedger:
         #: Why checkpoints went with their sandbox, by id, until their holder releases them
         #: (at most `_LOST_KEPT`, oldest forgotten first): `restore` says so.
         self._lost: dict[str, str] = {}
+        #: Copies of held checkpoints that outlive their sandboxes, by id.
+        self._copies: dict[str, CheckpointCopy] = {}
+        #: Held checkpoints whose sandbox ended: only their copy is left.
+        self._away: set[str] = set()
+        #: Where tar copies go (`root_dir`, or the temporary directory); made on first use.
+        self._root_dir = root_dir
+        self._directory: Path | None = None
 
     def reserve(self) -> None:
         """Make room for one more checkpoint, or raise `CheckpointLimitExceeded`."""
@@ -156,27 +223,105 @@ class CheckpointLedger:
     def holds(self, checkpoint: Checkpoint) -> bool:
         return self._held.get(checkpoint.checkpoint_id) is checkpoint
 
-    def remove(self, checkpoint: Checkpoint) -> bool:
-        """Forget a checkpoint; False if it was not held (released before, or lost)."""
+    def remove(self, checkpoint: Checkpoint) -> _Removed | None:
+        """Forget a checkpoint; None if it was not held (released before, or lost), else what
+        stores it (the caller frees that)."""
         if not self.holds(checkpoint):
             self._lost.pop(checkpoint.checkpoint_id, None)
-            return False
-        del self._held[checkpoint.checkpoint_id]
-        return True
+            return None
+        key = checkpoint.checkpoint_id
+        del self._held[key]
+        in_sandbox = key not in self._away
+        self._away.discard(key)
+        return _Removed(in_sandbox=in_sandbox, copy=self._copies.pop(key, None))
 
     def in_sandbox(self, sandbox: SandboxActor) -> bool:
-        return any(c.sandbox is sandbox for c in self._held.values())
+        """Whether `sandbox` stores a held checkpoint that has no copy outside it."""
+        return any(self._uncopied(sandbox))
+
+    def to_preserve(self, sandbox: SandboxActor) -> list[Checkpoint]:
+        """The held checkpoints stored in `sandbox` that have no copy outside it yet."""
+        return list(self._uncopied(sandbox))
+
+    def _uncopied(self, sandbox: SandboxActor) -> Iterator[Checkpoint]:
+        for key, checkpoint in self._held.items():
+            if checkpoint.sandbox is sandbox and key not in self._copies:
+                yield checkpoint
+
+    def stored_in_sandbox(self, checkpoint: Checkpoint) -> bool:
+        """Whether the held `checkpoint` is still in its sandbox as far as the pool knows."""
+        return self.holds(checkpoint) and checkpoint.checkpoint_id not in self._away
+
+    def copy_of(self, checkpoint: Checkpoint) -> CheckpointCopy | None:
+        return self._copies.get(checkpoint.checkpoint_id) if self.holds(checkpoint) else None
+
+    def add_copy(self, checkpoint: Checkpoint, copy: CheckpointCopy) -> bool:
+        """Keep `copy` for the held `checkpoint`; False (the caller frees it) if the checkpoint
+        is no longer held or has a copy already."""
+        key = checkpoint.checkpoint_id
+        if not self.holds(checkpoint) or key in self._copies:
+            return False
+        self._copies[key] = copy
+        return True
 
     def forget_sandbox(self, sandbox: SandboxActor, why: str) -> int:
-        """Its sandbox ended (`why`, a sentence's end: "was lost (...)"): its checkpoints are
-        gone with it. Returns how many."""
-        gone = [key for key, c in self._held.items() if c.sandbox is sandbox]
+        """Its sandbox ended (`why`, a sentence's end: "was lost (...)"): its checkpoints
+        without a copy are gone with it. Returns how many."""
+        gone = []
+        for key, checkpoint in self._held.items():
+            if checkpoint.sandbox is not sandbox:
+                continue
+            if key in self._copies:
+                self._away.add(key)
+            else:
+                gone.append(key)
         for key in gone:
             del self._held[key]
-            self._lost[key] = f"it was stored in sandbox {sandbox.sandbox_id}, which {why}"
+            self._lost[key] = f"it was stored only in sandbox {sandbox.sandbox_id}, which {why}"
         while len(self._lost) > _LOST_KEPT:
             del self._lost[next(iter(self._lost))]
         return len(gone)
+
+    def new_tar_path(self, checkpoint: Checkpoint) -> Path:
+        """Where a tar copy of `checkpoint` goes (the ledger's directory, made on first use)."""
+        if self._directory is None:
+            prefix = f"hermes-checkpoints-{self.profile}-"
+            self._directory = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root_dir))
+        return self._directory / f"{checkpoint.checkpoint_id}.tar"
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory of tar copies, once made (it goes with `aclose`)."""
+        return self._directory
+
+    def copies(self) -> list[CheckpointCopy]:
+        return list(self._copies.values())
+
+    async def aclose(self) -> None:
+        """Free every copy and the ledger's directory; the ledger holds nothing after it.
+
+        Bounded by `CLEANUP_LIMIT_S` and shielded: what is left then is logged (provider
+        snapshots still expire at their ttl)."""
+        copies = list(self._copies.values())
+        self._held.clear()
+        self._copies.clear()
+        self._away.clear()
+        directory, self._directory = self._directory, None
+        with trio.move_on_after(CLEANUP_LIMIT_S, shield=True) as scope:
+            for copy in copies:
+                if isinstance(copy, SnapshotCopy):
+                    await free_copy(copy)
+            if directory is not None:
+                await trio.to_thread.run_sync(
+                    functools.partial(shutil.rmtree, directory, ignore_errors=True)
+                )
+        if scope.cancelled_caught:
+            logger.warning(
+                "freeing the checkpoint copies of profile %r took over %g s; left: %s",
+                self.profile,
+                CLEANUP_LIMIT_S,
+                directory,
+            )
 
     def why_unusable(self, checkpoint: Checkpoint) -> str:
         """Why a checkpoint that is not held cannot be used (for `CheckpointLost`)."""
@@ -217,6 +362,7 @@ async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoin
             entries=taken.entries,
             shell=taken.shell,
             sandbox=lease.sandbox,
+            flat=taken.flat,
         )
         reserved = False
         held = ledger.commit(checkpoint)
@@ -238,29 +384,56 @@ async def _drop_stored(sandbox: SandboxActor, checkpoint_id: str) -> None:
 
 
 async def drop_checkpoint(ledger: CheckpointLedger, checkpoint: Checkpoint) -> None:
-    """Release a checkpoint and free its storage. Idempotent; a lost one is just forgotten."""
-    if not ledger.remove(checkpoint):
+    """Release a checkpoint and free its storage, its copy included. Idempotent; a lost one is
+    just forgotten."""
+    removed = ledger.remove(checkpoint)
+    if removed is None:
         return
-    if checkpoint.sandbox.alive:
-        with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+    with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+        if removed.in_sandbox and checkpoint.sandbox.alive:
             await _drop_stored(checkpoint.sandbox, checkpoint.checkpoint_id)
+        if removed.copy is not None:
+            await free_copy(removed.copy)
+
+
+async def free_copy(copy: CheckpointCopy) -> None:
+    """Delete a checkpoint's copy (a provider snapshot, or a tar file). Errors are logged: a
+    snapshot left behind expires at its ttl."""
+    if isinstance(copy, SnapshotCopy):
+        try:
+            await copy.owner.delete_snapshot(copy.image)
+        except HermesError as exc:
+            logger.warning("could not delete the copy of a checkpoint: %s", exc)
+        return
+    await trio.Path(copy.path).unlink(missing_ok=True)
 
 
 async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoint) -> None:
     """Make the slot's workspace the checkpoint's (its processes are killed first).
 
-    Raises `CheckpointLost` when the checkpoint was released or its sandbox stopped; the slot
-    is then left as it was, unless the sandbox storing the checkpoint ended while its tree was
-    streamed into another sandbox's slot (that slot then holds part of it).
+    From the checkpoint's own sandbox when it is the slot's; otherwise from the checkpoint's
+    copy (a provider snapshot, made now if the drivers offer them, or the tar file kept after
+    its sandbox ended), else streamed from its sandbox through the host.
+    Raises `CheckpointLost` when the checkpoint was released or its sandbox ended before the
+    pool copied it out; the slot is then left as it was, unless the sandbox storing the
+    checkpoint ended while its tree was streamed into another sandbox's slot (that slot then
+    holds part of it).
     """
     if not ledger.holds(checkpoint):
         raise CheckpointLost(checkpoint.checkpoint_id, ledger.why_unusable(checkpoint))
-    if not checkpoint.sandbox.alive:
-        raise _lost_with_sandbox(checkpoint, checkpoint.sandbox.died)
-    if checkpoint.sandbox is lease.sandbox:
+    stored = ledger.stored_in_sandbox(checkpoint) and checkpoint.sandbox.alive
+    if stored and checkpoint.sandbox is lease.sandbox:
         restore = RestoreCheckpoint(checkpoint=checkpoint.checkpoint_id, shell=checkpoint.shell)
         await lease.sandbox.call(lease.index, restore)
         return
+    copy = ledger.copy_of(checkpoint)
+    if copy is None and stored and checkpoint.flat and snapshots_of(lease.sandbox) is not None:
+        copy = await _copy_out(ledger, checkpoint, snapshots_only=True)
+    if copy is not None:
+        await _restore_copy(copy, lease, checkpoint)
+        return
+    if not stored:
+        raise _lost_with_sandbox(checkpoint, checkpoint.sandbox.died)
     try:
         await stream_between(
             checkpoint.sandbox,
@@ -277,10 +450,92 @@ async def restore(ledger: CheckpointLedger, lease: _Leased, checkpoint: Checkpoi
         raise _lost_with_sandbox(checkpoint, exc) from exc
 
 
+async def preserve_checkpoints(ledger: CheckpointLedger, sandbox: SandboxActor) -> int:
+    """Give every held checkpoint stored in `sandbox` a copy that outlives it (those taken
+    meanwhile too); returns how many copies were made.
+
+    A provider snapshot where the drivers offer them (one call each; the checkpoint's tree
+    never passes through the host), else a tar of it streamed into a file of the ledger's.
+    Raises what a copy raised (`SandboxLost`, `TransferFailed`, ...): the checkpoints not
+    copied yet stay without a copy.
+    """
+    made = 0
+    while batch := ledger.to_preserve(sandbox):
+        for checkpoint in batch:
+            await _copy_out(ledger, checkpoint)
+            made += 1
+    return made
+
+
+async def _copy_out(
+    ledger: CheckpointLedger, checkpoint: Checkpoint, *, snapshots_only: bool = False
+) -> CheckpointCopy | None:
+    """Copy `checkpoint` out of its sandbox and keep the copy in the ledger; returns the copy
+    the ledger keeps (None: released meanwhile). With `snapshots_only`, None too where no
+    snapshot can be made."""
+    sandbox = checkpoint.sandbox
+    snapshots = snapshots_of(sandbox)
+    copy: CheckpointCopy
+    if snapshots is not None and checkpoint.flat:
+        image = await snapshots.snapshot_directory(
+            checkpoint.tree_path, ttl_s=DURABLE_SNAPSHOT_TTL_S
+        )
+        copy = SnapshotCopy(image=image, owner=snapshots)
+    elif snapshots_only:
+        return None
+    else:
+        path = ledger.new_tar_path(checkpoint)
+        try:
+            await _tar_to_file(sandbox, TarOut(checkpoint=checkpoint.checkpoint_id), path)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.Path(path).unlink(missing_ok=True)
+            raise
+        copy = TarCopy(path=path)
+    if not ledger.add_copy(checkpoint, copy):
+        with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
+            await free_copy(copy)
+    return ledger.copy_of(checkpoint)
+
+
+async def _tar_to_file(sandbox: SandboxActor, tar: TarOut, path: Path) -> None:
+    async with _tar_out(sandbox, 0, tar) as (read, _), await trio.open_file(path, "wb") as file:
+        while True:
+            data, eof = await read()
+            await file.write(data)
+            if eof:
+                return
+
+
+async def _restore_copy(copy: CheckpointCopy, lease: _Leased, checkpoint: Checkpoint) -> None:
+    if isinstance(copy, SnapshotCopy):
+        # Mounted, copied into the slot (its processes evicted, its shell from the checkpoint's
+        # state), unmounted: no tree through the host.
+        await copy_snapshot_into(lease.sandbox, [lease.index], copy.image, checkpoint.shell)
+        return
+    try:
+        file = await trio.open_file(copy.path, "rb")
+    except FileNotFoundError:
+        raise CheckpointLost(
+            checkpoint.checkpoint_id, f"its copy {copy.path} was removed from this machine"
+        ) from None
+    async with file:
+        await lease.sandbox.reset_slot(lease.index)
+        sink = _TarSink(lease.sandbox, lease.index, ".", checkpoint.shell)
+        writer = _LookAhead(sink)
+        try:
+            while chunk := await file.read(CHUNK_BYTES):
+                await writer.feed(chunk)
+            await writer.finish()
+        finally:
+            await sink.abort()
+
+
 def _lost_with_sandbox(checkpoint: Checkpoint, died: SandboxLost | None) -> CheckpointLost:
     why = f"was lost ({died.reason})" if died is not None else "stopped"
     return CheckpointLost(
-        checkpoint.checkpoint_id, f"it was stored in sandbox {checkpoint.sandbox_id}, which {why}"
+        checkpoint.checkpoint_id,
+        f"it was stored only in sandbox {checkpoint.sandbox_id}, which {why}",
     )
 
 

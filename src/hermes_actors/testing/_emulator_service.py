@@ -507,6 +507,15 @@ class EmulatorService:
             api_pb2.ImageGetOrCreateResponse(image_id=image_id, result=result)
         )
 
+    async def cp_ImageDelete(self, stream: AnyStream) -> None:
+        """`modal.experimental.image_delete`: the image is gone, a snapshot's tree with it."""
+        request = await _receive(stream, api_pb2.ImageDeleteRequest)
+        self.record("ImageDelete", {"image_id": request.image_id})
+        if self._images.pop(request.image_id, None) is None:
+            raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
+        await self.snapshots.expire(request.image_id)
+        await stream.send_message(empty_pb2.Empty())
+
     async def cp_MountGetOrCreate(self, stream: AnyStream) -> None:
         """Lookups of Modal's published mounts, such as the Python `add_python` copies in."""
         request = await _receive(stream, api_pb2.MountGetOrCreateRequest)
