@@ -81,6 +81,9 @@ START_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: last attempt itself, the agent's start, and callers that began waiting while a create was
 #: already retrying, so a create that keeps failing reaches them as its cause, in time.
 CREATE_RETRY_SHARE = 0.5
+#: Tries at copying a sandbox's checkpoints out before stopping it (a copy streamed through
+#: the agent fails if the slot it runs in is reset meanwhile).
+PRESERVE_ATTEMPTS = 2
 #: How long after a loss a trajectory's next acquire goes ahead of first-time acquires: time
 #: enough to notice the loss at its next command after thinking.
 LOST_PRIORITY_S = 900.0
@@ -641,8 +644,10 @@ class ProfilePool:
         self._reschedule()
 
     def _make_room(self, image: str, count: int) -> None:
-        """Stop up to `count` idle sandboxes of other images (longest idle first)."""
-        others = [m for m in self._stoppable_idle() if m.image != image][:count]
+        """Stop up to `count` idle sandboxes of other images (longest idle first), counting
+        those that stop once their checkpoints are copied out."""
+        coming = sum(1 for m in self._idle if m.preserving and m.image != image)
+        others = [m for m in self._stoppable_idle() if m.image != image][: max(0, count - coming)]
         for member in others:
             self._retire(member, f"making room for image {image!r}")
 
@@ -845,16 +850,21 @@ class ProfilePool:
 
     async def _run_preserve(self, member: _Member) -> None:
         error: Exception | None = None
-        try:
-            copied = await preserve_checkpoints(self.checkpoints, member.actor)
-        except Exception as exc:
-            error = exc
-        else:
+        for _ in range(PRESERVE_ATTEMPTS):
+            try:
+                copied = await preserve_checkpoints(self.checkpoints, member.actor)
+            except Exception as exc:
+                error = exc
+                if not member.actor.alive:
+                    break
+                continue
+            error = None
             logger.info(
                 "copied %d checkpoint(s) out of sandbox %s before stopping it",
                 copied,
                 member.actor.sandbox_id,
             )
+            break
         self._on_preserved(member, error)
 
     def _on_preserved(self, member: _Member, error: Exception | None) -> None:
@@ -871,6 +881,7 @@ class ProfilePool:
             )
         # An idle one kept its place in `_idle`: due at once if its idle timeout has passed.
         self.checkpoints_changed()
+        self._scale()  # waiters of another image may wait for it to stop
 
     def _reschedule(self) -> None:
         if self._housekeeping is not None:

@@ -484,27 +484,30 @@ async def _copy_out(
     elif snapshots_only:
         return None
     else:
-        path = ledger.new_tar_path(checkpoint)
-        try:
-            await _tar_to_file(sandbox, TarOut(checkpoint=checkpoint.checkpoint_id), path)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.Path(path).unlink(missing_ok=True)
-            raise
-        copy = TarCopy(path=path)
+        copy = TarCopy(path=await _tar_to_file(ledger, checkpoint))
     if not ledger.add_copy(checkpoint, copy):
         with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
             await free_copy(copy)
     return ledger.copy_of(checkpoint)
 
 
-async def _tar_to_file(sandbox: SandboxActor, tar: TarOut, path: Path) -> None:
-    async with _tar_out(sandbox, 0, tar) as (read, _), await trio.open_file(path, "wb") as file:
-        while True:
-            data, eof = await read()
-            await file.write(data)
-            if eof:
-                return
+async def _tar_to_file(ledger: CheckpointLedger, checkpoint: Checkpoint) -> Path:
+    """Stream a tar of `checkpoint` from its sandbox into a new file of the ledger's; the file
+    is made only once the sandbox has the tar open (and removed if it does not complete)."""
+    tar = TarOut(checkpoint=checkpoint.checkpoint_id)
+    async with _tar_out(checkpoint.sandbox, 0, tar) as (read, _):
+        path = ledger.new_tar_path(checkpoint)
+        try:
+            async with await trio.open_file(path, "wb") as file:
+                while True:
+                    data, eof = await read()
+                    await file.write(data)
+                    if eof:
+                        return path
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.Path(path).unlink(missing_ok=True)
+            raise
 
 
 async def _restore_copy(copy: CheckpointCopy, lease: _Leased, checkpoint: Checkpoint) -> None:
