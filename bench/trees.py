@@ -9,7 +9,8 @@ Three measurements, each against a baseline in the same run:
   the slots of other sandboxes, the tree streamed through the host).
 * **provider calls** (Modal API emulator, real `modal` client): the RPCs the client makes
   during an in-sandbox fork, and during a cross-sandbox fork per target sandbox (attributed by
-  the task id in the emulator's call log), with the source's once-per-fork calls apart.
+  the task id in the emulator's call log), with the source's once-per-fork calls apart; and
+  during a restore of a checkpoint into another sandbox, the first and a second one.
 * **acquire on a warm pool of a second image** (local backend): acquires of a slot of the
   profile's own image against acquires of a second image of the same profile, both pools warm,
   interleaved (rounds of one of each, the order alternating), `acquires` of each; the median
@@ -238,6 +239,11 @@ class ModalResult:
     cross_other_calls: Mapping[str, int]
     cross_targets: int
     cross_sandboxes: int
+    #: Calls of a restore of a checkpoint into another sandbox's slot: the first one (the
+    #: checkpoint snapshotted), then another (its snapshot kept); stdin writes included,
+    #: background calls left out.
+    restore_first_calls: Mapping[str, int]
+    restore_again_calls: Mapping[str, int]
 
     @property
     def cross_calls(self) -> dict[str, int]:
@@ -257,6 +263,14 @@ class ModalResult:
     def cross_calls_per_target_all_in(self) -> float:
         """Every call of the fork (the source's share included) per target sandbox."""
         return sum(self.cross_calls.values()) / max(1, self.cross_sandboxes)
+
+
+def _without_background(calls: list[Any]) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    for call in calls:
+        if call.method not in BACKGROUND_CALLS:
+            counted[call.method] = counted.get(call.method, 0) + 1
+    return counted
 
 
 def _split_calls(
@@ -336,6 +350,13 @@ async def measure_modal(emulator: ModalEmulator, sizes: Sizes) -> ModalResult:
         cross_source, per_target, cross_other, _ = _split_calls(
             window, task_of(source.sandbox_id), [task_of(each) for each in target_ids]
         )
+        checkpoint = await backend.checkpoint(source)
+        restores = []
+        for target in cross[:2]:
+            since = len(emulator.calls())
+            await backend.restore(target, checkpoint)
+            restores.append(_without_background(emulator.calls()[since:]))
+        await backend.release_checkpoint(checkpoint)
     return ModalResult(
         in_sandbox_calls=in_sandbox,
         in_sandbox_background=in_background,
@@ -343,9 +364,16 @@ async def measure_modal(emulator: ModalEmulator, sizes: Sizes) -> ModalResult:
         cross_source_calls=cross_source,
         cross_target_calls=tuple(per_target),
         cross_other_calls=cross_other,
+        restore_first_calls=restores[0],
+        restore_again_calls=restores[-1],
         cross_targets=targets,
         cross_sandboxes=len(target_ids),
     )
+
+
+def _control(calls: Mapping[str, int]) -> int:
+    """Provider calls other than stdin writes to the agent."""
+    return sum(count for method, count in calls.items() if method != "TaskExecStdinWrite")
 
 
 def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
@@ -394,6 +422,11 @@ def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
             f"{TARGET_CROSS_CALLS_PER_TARGET:g} | "
             f"{'yes' if per_target <= TARGET_CROSS_CALLS_PER_TARGET else 'NO'} |",
             f"| Modal: ... with the source's once-per-fork calls shared out | {all_in:.2f} | | | |",
+            f"| Modal: provider calls of a restore into another sandbox, first / again (stdin "
+            f"writes included) | {sum(modal.restore_first_calls.values())} / "
+            f"{sum(modal.restore_again_calls.values())} | | "
+            f"<= {TARGET_CROSS_CALLS_PER_TARGET:g} + stdin writes | "
+            f"{'yes' if _control(modal.restore_first_calls) <= 3 else 'NO'} |",
             "",
             f"Calls of the in-sandbox fork: {listed(modal.in_sandbox_calls)}, in "
             f"{modal.in_sandbox_s:.1f} s (the client's heartbeat writes its agent a ping every "
@@ -403,6 +436,8 @@ def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
             + "; ".join(listed(calls) for calls in modal.cross_target_calls)
             + (f"; elsewhere: {listed(modal.cross_other_calls)}" if modal.cross_other_calls else "")
             + ".",
+            "Calls of a restore into another sandbox: the first "
+            f"{listed(modal.restore_first_calls)}; again {listed(modal.restore_again_calls)}.",
         ]
     lines += [
         "",
@@ -418,7 +453,9 @@ def render(sizes: Sizes, local: LocalResult, modal: ModalResult | None) -> str:
         "(`Sandbox.snapshot_directory`) and reads its shell state; each target sandbox mounts "
         "the snapshot (`mount_image`), copies it into its target slots with one request to its "
         "agent, and unmounts it: the count does not grow with the tree, which never passes "
-        "through the host.",
+        "through the host. A restore into another sandbox snapshots the checkpoint at its "
+        "first use (kept as the checkpoint's copy, which also outlives its sandbox), then "
+        "mounts, copies and unmounts like a fork's target.",
     ]
     return "\n".join(lines) + "\n"
 

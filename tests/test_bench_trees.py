@@ -25,6 +25,13 @@ async def test_smoke_run_measures_forks_calls_and_acquires(modal_emulator: Modal
     assert modal.cross_source_calls["TaskSnapshotDirectory"] == 1
     for calls in modal.cross_target_calls:
         assert calls["TaskMountDirectory"] == calls["TaskUnmountDirectory"] == 1
+    # A restore into another sandbox: the checkpoint snapshotted once, then mounts only.
+    first = dict(modal.restore_first_calls)
+    assert first.pop("TaskExecStdinWrite") >= 1
+    assert first == {"TaskSnapshotDirectory": 1, "TaskMountDirectory": 1, "TaskUnmountDirectory": 1}
+    again = dict(modal.restore_again_calls)
+    assert again.pop("TaskExecStdinWrite") >= 1
+    assert again == {"TaskMountDirectory": 1, "TaskUnmountDirectory": 1}
     local = await measure_local(SMOKE, "none")
     assert local.same_sandbox == SMOKE.branches
     assert len(local.fork_ms) == len(local.cp_ms) == len(local.cross_ms) == SMOKE.repetitions
@@ -33,3 +40,4 @@ async def test_smoke_run_measures_forks_calls_and_acquires(modal_emulator: Modal
     report = render(SMOKE, local, modal)
     assert "| fork into 2 slots of the source's sandbox (2 landed there) |" in report
     assert "provider calls per target sandbox" in report
+    assert "restore into another sandbox, first / again" in report
