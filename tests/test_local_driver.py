@@ -23,7 +23,12 @@ from hermes_actors._config import SandboxConfig
 from hermes_actors._errors import SandboxStartFailed
 from hermes_actors.drivers import _local, _local_procs
 from hermes_actors.drivers._local import LocalDriver
-from hermes_actors.drivers._local_reap import find_local_leftovers, reap_local
+from hermes_actors.drivers._local_reap import (
+    CHECKPOINT_COPIES_PREFIX,
+    find_local_leftovers,
+    reap_local,
+    write_host_record,
+)
 from proc_support import cmdline, descendants_of
 from sandbox_support import open_local_sandbox, retire_trio_worker_threads, short_worker_idle_time
 
@@ -280,6 +285,28 @@ def test_reap_spares_a_directory_whose_host_lives_and_takes_one_whose_pid_was_re
     assert leftovers.sandboxes == {}  # nothing holds its pipe any more
     assert reap_local(leftovers) == 0
     assert os.listdir(tmp_path) == []
+
+
+def test_reap_takes_a_checkpoint_copies_directory_once_its_host_is_gone(tmp_path: Path) -> None:
+    """A directory of checkpoint copies is kept while its host lives, reaped once it is gone."""
+    info = _local_procs.proc_info(os.getpid())
+    assert info is not None
+    mine = tmp_path / f"{CHECKPOINT_COPIES_PREFIX}p-mine"
+    mine.mkdir()
+    write_host_record(mine)
+    (mine / "ck-1.tar").write_bytes(b"tar")
+    unrecorded = tmp_path / f"{CHECKPOINT_COPIES_PREFIX}p-new"  # being made: no record yet
+    unrecorded.mkdir()
+    assert find_local_leftovers(str(tmp_path), min_age_s=0).empty
+    gone = tmp_path / f"{CHECKPOINT_COPIES_PREFIX}p-gone"
+    gone.mkdir()
+    record = {"host_pid": os.getpid(), "host_start_ticks": info.start_ticks - 1}
+    (gone / _local.OWNER_FILE).write_text(json.dumps(record))
+    (gone / "ck-2.tar").write_bytes(b"tar")
+    leftovers = find_local_leftovers(str(tmp_path), min_age_s=0)
+    assert leftovers.directories == (str(gone),)
+    reap_local(leftovers)
+    assert sorted(os.listdir(tmp_path)) == sorted([mine.name, unrecorded.name])
 
 
 async def test_a_sandbox_directory_records_its_owner_outside_the_workspaces(tmp_path: Path) -> None:

@@ -310,7 +310,7 @@ async def test_checkpoints_are_snapshotted_before_an_idle_sandbox_stops_and_dele
         assert len(modal_emulator.snapshot_images()) == flat
         ledger = (await tools._core._runtime._pool("trees")).checkpoints  # type: ignore[union-attr]
         directory = ledger.directory
-        tars = [] if directory is None else sorted(p.name for p in directory.iterdir())
+        tars = [] if directory is None else sorted(p.name for p in directory.glob("*.tar"))
         assert tars == sorted(f"{c.checkpoint_id}.tar" for c in checkpoints if not c.flat)
         other = await tools.acquire("u")
         for checkpoint in checkpoints:

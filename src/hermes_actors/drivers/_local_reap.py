@@ -15,6 +15,10 @@ that pipe and everything below them (each slot's keeper is a subreaper, so orpha
 it). Environment variables are never consulted: a command can strip or forge them. A directory
 without an owner record (a sandbox being created, or made by an older version) is left behind
 only when its agent log is older than `min_age_s`.
+
+A backend's directory of checkpoint copies (`CHECKPOINT_COPIES_PREFIX`, kept on the host for
+sandboxes that ended) records its host the same way (`OWNER_FILE`: pid and start time); it is
+left behind once that host is gone.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from hermes_actors.drivers._local_procs import (
     process_table,
     remove_tree,
     sandbox_processes,
+    start_ticks,
 )
 
 __all__ = ["LocalLeftovers", "find_local_leftovers", "reap_local"]
@@ -80,6 +85,26 @@ def _read_owner(directory: Path) -> _Owner | None:
         return None
 
 
+#: How a backend's directory of checkpoint copies is named (`runtime._trees.CheckpointLedger`).
+CHECKPOINT_COPIES_PREFIX = "hermes-checkpoints-"
+
+
+def write_host_record(directory: Path) -> None:
+    """Record this process as the owner of `directory` (a directory of checkpoint copies)."""
+    pid = os.getpid()
+    record = {"host_pid": pid, "host_start_ticks": start_ticks(pid)}
+    (directory / OWNER_FILE).write_text(json.dumps(record))
+
+
+def _host_gone(directory: Path) -> bool:
+    """Whether the host recorded in `directory` is gone (False when there is no record)."""
+    try:
+        record = json.loads((directory / OWNER_FILE).read_text())
+        return not is_alive(int(record["host_pid"]), record.get("host_start_ticks"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def find_local_leftovers(root_dir: str | None = None, *, min_age_s: float = 60.0) -> LocalLeftovers:
     """What dead local runs left on this machine (see the module docstring). Reads only."""
     root = Path(root_dir or tempfile.gettempdir())
@@ -89,6 +114,10 @@ def find_local_leftovers(root_dir: str | None = None, *, min_age_s: float = 60.0
     directories = []
     now = time.time()
     for candidate in sorted(root.glob("hermes-*")):
+        if candidate.name.startswith(CHECKPOINT_COPIES_PREFIX):
+            if candidate.is_dir() and _host_gone(candidate):
+                directories.append(os.fspath(candidate))
+            continue
         if not (candidate / "ws").is_dir():
             continue
         owner = _read_owner(candidate)

@@ -73,6 +73,7 @@ from hermes_actors._values import (
     TarOut,
 )
 from hermes_actors.drivers._base import DirectorySnapshots
+from hermes_actors.drivers._local_reap import CHECKPOINT_COPIES_PREFIX, write_host_record
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.runtime._tree_snapshots import (
     copy_snapshot_into,
@@ -285,8 +286,11 @@ class CheckpointLedger:
     def new_tar_path(self, checkpoint: Checkpoint) -> Path:
         """Where a tar copy of `checkpoint` goes (the ledger's directory, made on first use)."""
         if self._directory is None:
-            prefix = f"hermes-checkpoints-{self.profile}-"
-            self._directory = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root_dir))
+            prefix = f"{CHECKPOINT_COPIES_PREFIX}{self.profile}-"
+            directory = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root_dir))
+            # `hermes-actors reap` removes it once this process is gone (killed, say).
+            write_host_record(directory)
+            self._directory = directory
         return self._directory / f"{checkpoint.checkpoint_id}.tar"
 
     @property
