@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
 
 from hermes_actors._errors import AcquireTimeout, SandboxStartFailed
-from test_pool import running_pool
+from hermes_actors.runtime import _pool as pool_module
+from test_pool import SlowCopies, hold_checkpoint, running_pool
 
 
 def images_alive(h: object) -> list[str]:
@@ -82,6 +85,29 @@ async def test_idle_sandboxes_of_other_images_make_room(autojump_clock: trio.abc
         assert trio.current_time() - started == pytest.approx(1.0)
         assert len(h.driver.alive) == 2
         assert "c" in images_alive(h)
+
+
+async def test_room_is_made_once_the_checkpoints_of_the_idle_sandbox_are_copied_out(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Making room stops an idle sandbox of another image once its checkpoints are copied out,
+    and no second sandbox meanwhile."""
+    copies = SlowCopies(5.0, tmp_path)
+    monkeypatch.setattr(pool_module, "preserve_checkpoints", copies)
+    async with running_pool(
+        min_sandboxes=0, max_sandboxes=2, slots_per_sandbox=1, idle_timeout=600.0
+    ) as h:
+        first = await h.pool.acquire(image="a")
+        checkpoint = hold_checkpoint(h.pool, first)
+        await h.pool.release(first)
+        await h.pool.release(await h.pool.acquire(image="b"))
+        started = trio.current_time()
+        await h.pool.acquire(image="c")
+        # The oldest idle one ("a") has its checkpoint copied (5 s), then stops; "c" starts (1 s).
+        assert trio.current_time() - started == pytest.approx(6.0)
+        assert copies.began == [started]
+        assert images_alive(h) == ["b", "c"]
+        assert h.pool.checkpoints.copy_of(checkpoint) is not None
 
 
 async def test_a_broken_image_does_not_hold_back_the_profile_image(
