@@ -24,6 +24,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import runpy
 import tarfile
@@ -41,9 +42,9 @@ import pytest
 import trio
 
 from hermes_actors import ConfigError, ModalSandboxConfig, ModalToolBackend
-from hermes_actors.drivers._local import SANDBOX_MARKER_VAR, bwrap_problem
+from hermes_actors.drivers._local import HOST_PID_VAR, bwrap_problem
 from hermes_actors.testing.modal_emulator import ModalEmulator
-from proc_support import cmdline, pids_with_env_var
+from proc_support import cmdline, pids_with_env
 
 #: Trajectories and tool calls per trajectory of the drop-in workload.
 TRAJECTORIES = 32
@@ -220,8 +221,9 @@ async def with_deadline(awaitable: Any, seconds: float = 60.0) -> Any:
 
 
 def sandbox_processes() -> list[int]:
-    """Live processes of any local sandbox (each carries the marker, whatever its id)."""
-    return pids_with_env_var(SANDBOX_MARKER_VAR)
+    """Live processes of the local sandboxes this test process started (each carries its
+    host's pid); sandboxes of tests running beside it, in other processes, are not counted."""
+    return pids_with_env(f"{HOST_PID_VAR}={os.getpid()}")
 
 
 def slot_counts(backend: Any) -> tuple[int, int]:
