@@ -32,8 +32,10 @@ lint: $(STAMP)
 
 ## The isolation cases need bubblewrap: installed here when possible (root and apt-get); else
 ## they are reported as skipped, with the reason, in pytest's summary (never as failures).
+## Two workers (most tests wait on processes, not on a CPU), each taking whole files: a file's
+## module fixtures then run once, and its tests never run beside each other.
 unit: $(STAMP) bwrap
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bwrap:
 	@command -v bwrap >/dev/null 2>&1 \
