@@ -123,22 +123,30 @@ async def test_restore_undoes_destructive_commands_in_any_slot(isolation: str) -
             await backend.restore(slot, checkpoint)
 
 
-async def test_a_checkpoint_lost_with_its_sandbox_says_so_on_restore() -> None:
-    """A checkpoint whose sandbox dies is lost with it: restore names the sandbox and its fate
-    and leaves the slot as it was; the pool replaces the sandbox."""
+async def test_a_killed_sandbox_keeps_whole_checkpoints_and_loses_overlay_changes() -> None:
+    """A sandbox killed -9 still hands over the checkpoints it stored whole (moved out as it
+    ends); one it kept as overlay changes on a lower layer is lost with it: restore names the
+    sandbox and its fate and leaves the slot as it was; the pool replaces the sandbox."""
     async with ToolBackend(config(slots_per_sandbox=1, max_sandboxes=2)) as backend:
         doomed = await backend.acquire("t")
         await sh(backend, doomed, TREE)
-        checkpoint = await backend.checkpoint(doomed)
+        before = await sh(backend, doomed, SNAPSHOT)
+        whole = await backend.checkpoint(doomed)
+        await backend.restore(doomed, whole)  # an overlay on the checkpoint's tree
+        changes = await backend.checkpoint(doomed)
         other = await backend.acquire("u")
         await sh(backend, other, "echo mine > mine")
         pid = doomed.lease.sandbox.handle.pid  # type: ignore[union-attr]
         os.killpg(pid, signal.SIGKILL)
-        with pytest.raises(CheckpointLost) as lost:
-            await backend.restore(other, checkpoint)
-        assert f"stored only in sandbox {doomed.sandbox_id}, which" in str(lost.value)
-        assert "lost" in str(lost.value)
-        assert await sh(backend, other, "cat mine") == "mine\n"
+        await wait_gone(backend, doomed.sandbox_id)
+        if not changes.flat:  # where the agent may mount
+            with pytest.raises(CheckpointLost) as lost:
+                await backend.restore(other, changes)
+            assert f"stored only in sandbox {doomed.sandbox_id}, which" in str(lost.value)
+            assert "lost" in str(lost.value)
+            assert await sh(backend, other, "cat mine") == "mine\n"
+        await backend.restore(other, whole)
+        assert await sh(backend, other, SNAPSHOT) == before
         await backend.release(other)
         await backend.release(doomed)
 
@@ -472,9 +480,9 @@ def tars(directory: Path) -> list[str]:
 
 
 async def test_a_checkpoint_outlives_its_sandbox_stopped_for_idleness() -> None:
-    """Before an idle sandbox stops, its checkpoints are copied to a file of the pool's: a
-    restore into another sandbox works from it, it still counts against the bounds, and it is
-    removed on release; the pool's directory goes with the backend."""
+    """When an idle sandbox stops, its checkpoints move into a directory of the pool's: a
+    restore into another sandbox works from there, they still count against the bounds, and
+    each is removed on release; the pool's directory goes with the backend."""
     settings = config(
         slots_per_sandbox=1, min_sandboxes=0, max_sandboxes=2, idle_timeout=0.5, max_checkpoints=1
     )
@@ -488,7 +496,7 @@ async def test_a_checkpoint_outlives_its_sandbox_stopped_for_idleness() -> None:
         await wait_gone(backend, slot.sandbox_id)
         directory = ledger.directory
         assert directory is not None
-        assert tars(directory) == [f"{checkpoint.checkpoint_id}.tar"]
+        assert tars(directory) == [f"{checkpoint.checkpoint_id}.tree"]
         stats = ledger.statistics()
         assert (stats.count, stats.size_bytes) == (1, checkpoint.size_bytes)
         with pytest.raises(CheckpointLimitExceeded, match="count"):
@@ -504,42 +512,44 @@ async def test_a_checkpoint_outlives_its_sandbox_stopped_for_idleness() -> None:
         again = await backend.checkpoint(other)  # room again
         await backend.release(other)
         await wait_gone(backend, other.sandbox_id)
-        assert tars(directory) == [f"{again.checkpoint_id}.tar"]
+        assert tars(directory) == [f"{again.checkpoint_id}.tree"]
     assert not directory.exists()  # with the backend, unreleased copies included
 
 
-async def test_a_checkpoint_is_copied_out_at_rotation_and_survives_a_kill() -> None:
-    """At its rotation point a sandbox's checkpoints are copied out while its slot is still
-    held; once copied, a kill -9 of the sandbox does not lose them, and a checkpoint taken in
-    a sandbox that is killed before any copy is lost, with the reason."""
+async def test_checkpoints_are_kept_or_copied_out_at_rotation_and_survive_a_kill() -> None:
+    """A whole checkpoint is moved out of its sandbox when that ends; one kept as overlay
+    changes is copied out at the rotation point, its slot still held: after a kill -9 of the
+    sandbox both restore elsewhere, and both go on release."""
     settings = config(slots_per_sandbox=1, min_sandboxes=0, max_sandboxes=3, max_lifetime=3.0)
     async with ToolBackend(settings) as backend:
         slot = await backend.acquire("t")
         await sh(backend, slot, TREE)
         before = await sh(backend, slot, SNAPSHOT)
-        checkpoint = await backend.checkpoint(slot)
+        whole = await backend.checkpoint(slot)
+        await backend.restore(slot, whole)  # an overlay on the checkpoint's tree, where it mounts
+        await sh(backend, slot, "echo b > b")
+        changes = await backend.checkpoint(slot)
         ledger = (await backend._core._runtime._pool(slot.profile)).checkpoints  # type: ignore[union-attr]
-        # Rotation at 2.7 s: copied out, the slot still held.
-        await eventually(lambda: ledger.copy_of(checkpoint) is not None, 30.0, "the copy")
+        if not changes.flat:  # rotation at 2.7 s: copied out, the slot still held
+            await eventually(lambda: ledger.copy_of(changes) is not None, 30.0, "the copy")
+        assert ledger.copy_of(whole) is None  # moved out only when the sandbox ends
         assert held(backend) == 1
         pid = slot.lease.sandbox.handle.pid  # type: ignore[union-attr]
         os.killpg(pid, signal.SIGKILL)
         await wait_gone(backend, slot.sandbox_id)
         other = await backend.acquire("u")
-        await backend.restore(other, checkpoint)
+        await backend.restore(other, whole)
         assert await sh(backend, other, SNAPSHOT) == before
-        fresh = await backend.checkpoint(other)  # young sandbox: no copy yet
-        pid = other.lease.sandbox.handle.pid  # type: ignore[union-attr]
-        os.killpg(pid, signal.SIGKILL)
-        await wait_gone(backend, other.sandbox_id)
-        third = await backend.acquire("v")
-        with pytest.raises(CheckpointLost, match=f"stored only in sandbox {other.sandbox_id}"):
-            await backend.restore(third, fresh)
-        await backend.restore(third, checkpoint)
-        assert await sh(backend, third, SNAPSHOT) == before  # again from the copy
-        await backend.release(third)
-        await backend.release_checkpoint(checkpoint)
+        await backend.restore(other, changes)
+        assert await sh(backend, other, "cat b; cat repo/src/m.py") == "b\ndef f(): return 1\n"
         assert ledger.directory is not None
+        assert tars(ledger.directory) == sorted(
+            [f"{whole.checkpoint_id}.tree", f"{changes.checkpoint_id}.tree"]
+            if changes.flat
+            else [f"{whole.checkpoint_id}.tree", f"{changes.checkpoint_id}.tar"]
+        )
+        for checkpoint in (whole, changes):
+            await backend.release_checkpoint(checkpoint)
         assert tars(ledger.directory) == []
-        await backend.release(slot)
         await backend.release(other)
+        await backend.release(slot)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -307,6 +308,35 @@ def test_reap_takes_a_checkpoint_copies_directory_once_its_host_is_gone(tmp_path
     assert leftovers.directories == (str(gone),)
     reap_local(leftovers)
     assert sorted(os.listdir(tmp_path)) == sorted([mine.name, unrecorded.name])
+
+
+async def test_a_kept_directory_is_moved_out_when_the_sandbox_ends_even_killed(
+    tmp_path: Path,
+) -> None:
+    """`keep_on_exit` moves a directory of the workspace root out as the sandbox ends (a
+    SIGKILL included), files and modes kept; one forgotten again goes with the sandbox."""
+    driver = LocalDriver(root_dir=str(tmp_path))
+    handle = await driver.create(SandboxConfig(name="p", isolation="none"))
+    try:
+        root = Path(handle.directory) / "ws"
+        for name in ("kept", "dropped"):
+            (root / name / "sub").mkdir(parents=True)
+            (root / name / "sub" / "f").write_text(name)
+        os.chmod(root / "kept" / "sub" / "f", 0o640)
+        with pytest.raises(ValueError, match="inside the workspace root"):
+            handle.keep_on_exit("../escape", str(tmp_path / "x"))
+        handle.keep_on_exit("kept", str(tmp_path / "kept.tree"))
+        handle.keep_on_exit("dropped", str(tmp_path / "dropped.tree"))
+        handle.keep_on_exit("missing", str(tmp_path / "missing.tree"))
+        handle.forget_kept("dropped")
+        os.killpg(handle.pid, signal.SIGKILL)
+    finally:
+        await handle.terminate()
+        await driver.aclose()
+    moved = tmp_path / "kept.tree" / "sub" / "f"
+    assert moved.read_text() == "kept"
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["kept.tree"]
 
 
 async def test_a_sandbox_directory_records_its_owner_outside_the_workspaces(tmp_path: Path) -> None:

@@ -84,6 +84,23 @@ class DirectorySnapshots(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsTrees(Protocol):
+    """A sandbox handle whose files are on this machine (local): it can keep a directory of
+    the sandbox when the sandbox ends, whatever way it ends (a crash included), by moving it
+    out before the rest of its files go. Optional: checkpoints of other sandboxes are lost
+    when their sandbox crashes."""
+
+    def keep_on_exit(self, path: str, into: str) -> None:
+        """When the sandbox ends, move its directory `path` (relative to the agent's workspace
+        root) to the host path `into` (same filesystem), if it is still there."""
+        ...
+
+    def forget_kept(self, path: str) -> None:
+        """`path` goes with the sandbox after all."""
+        ...
+
+
 class SandboxDriver(Protocol):
     """Starts sandboxes. One driver instance serves all sandboxes of a backend."""
 

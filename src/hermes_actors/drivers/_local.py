@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -691,6 +692,8 @@ class LocalSandbox:
         self._process = process
         self._directory = directory
         self._agent_config = agent_config
+        #: Directories of the workspace root moved out when the sandbox ends (`keep_on_exit`).
+        self._kept: dict[str, str] = {}
         self.isolation = isolation
         #: Which of the profile's limits this sandbox enforces (see `EnforcedLimits`).
         self.enforced_limits = enforced_limits or EnforcedLimits(
@@ -730,6 +733,33 @@ class LocalSandbox:
     async def wait_exited(self) -> int | None:
         return await self._process.wait()
 
+    # -- KeepsTrees: checkpoints that outlive the sandbox, its crash included ---------------
+
+    def keep_on_exit(self, path: str, into: str) -> None:
+        """When the sandbox ends, however (a crash included), move its directory `path`
+        (relative to the workspace root) to `into` before its files go, if it is still there.
+        `into` must be on the same filesystem (a rename)."""
+        if os.path.isabs(path) or ".." in path.split("/"):
+            raise ValueError(f"not a path inside the workspace root: {path!r}")
+        self._kept[path] = into
+
+    def forget_kept(self, path: str) -> None:
+        """`path` goes with the sandbox after all."""
+        self._kept.pop(path, None)
+
+    def _move_kept(self) -> None:
+        """In a worker thread, once no process of the sandbox is left."""
+        root = os.path.join(self._directory, "ws")
+        for path, into in self._kept.items():
+            try:
+                os.rename(os.path.join(root, path), into)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    logger.warning(
+                        "could not keep %s of sandbox %s: %s", path, self._sandbox_id, exc
+                    )
+        self._kept.clear()
+
     async def terminate(self) -> None:
         """Close the agent's stream (its dead-man switch kills its commands), then make sure.
 
@@ -737,7 +767,7 @@ class LocalSandbox:
         waits (bounded) until no process of the sandbox holds its liveness pipe, killing what
         still does and everything below it; finally the directory is deleted and the
         driver's watchdog forgets the sandbox. Idempotent, and safe to call from a cancelled
-        scope (it shields itself, bounded).
+        scope (it shields itself, bounded). What `keep_on_exit` names is moved out first.
         """
         if self._terminated:
             return
@@ -767,6 +797,8 @@ class LocalSandbox:
                 remove_sandbox_cgroup, self._cgroup
             ):
                 logger.warning("could not remove the sandbox's cgroup %s", self._cgroup.path)
+            if self._kept:
+                await trio.to_thread.run_sync(self._move_kept)
             await trio.to_thread.run_sync(remove_tree, self._directory)
             if self._watchdog is not None:
                 await self._watchdog.forget(self._sandbox_id)

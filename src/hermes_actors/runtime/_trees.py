@@ -12,14 +12,16 @@ decides where it happens and keeps the books:
   host into the target's: one chunk in flight, so memory stays bounded whatever its size.
 * Checkpoints are stored in the sandbox they were taken in and counted per pool by a
   `CheckpointLedger` (count and bytes bounded, a clear error past either, whatever stores
-  them). Before the pool stops a sandbox on purpose (idle timeout, rotation before its
-  maximum lifetime, room for another image) it gives each checkpoint stored there a copy
-  the pool owns (`preserve_checkpoints`): a provider directory snapshot where the drivers
-  offer them (Modal: one call per checkpoint, kept `DURABLE_SNAPSHOT_TTL_S` at most), else a
-  tar file on the host, in a directory of the ledger's. A restore then works from that copy.
-  Copies go when the checkpoint is released (`drop_checkpoint`) or the pool stops
-  (`CheckpointLedger.aclose`). A checkpoint without a copy is lost with its sandbox when
-  that sandbox crashes or its provider ends it first: `CheckpointLost` says so.
+  them). A local sandbox (the driver's `KeepsTrees`) moves the tree of each whole checkpoint
+  it stores into a directory of the ledger's when it ends, however it ends. Before the pool
+  stops a sandbox on purpose (idle timeout, rotation before its maximum lifetime, room for
+  another image) it gives each other checkpoint stored there a copy the pool owns
+  (`preserve_checkpoints`): a provider directory snapshot where the drivers offer them
+  (Modal: one call per checkpoint, kept `DURABLE_SNAPSHOT_TTL_S` at most), else a tar file
+  in the ledger's directory. A restore then works from that copy. Copies go when the
+  checkpoint is released (`drop_checkpoint`) or the pool stops (`CheckpointLedger.aclose`).
+  A checkpoint without a copy is lost with its sandbox when that sandbox crashes or its
+  provider ends it first: `CheckpointLost` says so.
 * A restore into another sandbox goes through a provider snapshot of the checkpoint where the
   drivers offer them (made once, then kept as the checkpoint's copy: three provider calls the
   first time, two after), otherwise its tar streams through the host.
@@ -72,7 +74,7 @@ from hermes_actors._values import (
     TarOpened,
     TarOut,
 )
-from hermes_actors.drivers._base import DirectorySnapshots
+from hermes_actors.drivers._base import DirectorySnapshots, KeepsTrees
 from hermes_actors.drivers._local_reap import CHECKPOINT_COPIES_PREFIX, write_host_record
 from hermes_actors.runtime._sandbox import SandboxActor
 from hermes_actors.runtime._tree_snapshots import (
@@ -155,8 +157,16 @@ class TarCopy:
     path: Path
 
 
+@attrs.frozen
+class TreeCopy:
+    """A checkpoint's tree itself, moved out of its local sandbox when that ended (the
+    driver's `KeepsTrees`), in the ledger's directory."""
+
+    path: Path
+
+
 #: A copy of a checkpoint that outlives its sandbox, owned by the pool.
-CheckpointCopy = SnapshotCopy | TarCopy
+CheckpointCopy = SnapshotCopy | TarCopy | TreeCopy
 
 
 @attrs.frozen(kw_only=True)
@@ -165,6 +175,8 @@ class _Removed:
 
     in_sandbox: bool
     copy: CheckpointCopy | None
+    #: Where its sandbox was to move its tree when it ends (it may have done so already).
+    kept: Path | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -198,6 +210,8 @@ class CheckpointLedger:
         self._copies: dict[str, CheckpointCopy] = {}
         #: Held checkpoints whose sandbox ended: only their copy is left.
         self._away: set[str] = set()
+        #: Held checkpoints whose tree their (local) sandbox moves here when it ends.
+        self._kept: dict[str, Path] = {}
         #: Where tar copies go (`root_dir`, or the temporary directory); made on first use.
         self._root_dir = root_dir
         self._directory: Path | None = None
@@ -234,7 +248,11 @@ class CheckpointLedger:
         del self._held[key]
         in_sandbox = key not in self._away
         self._away.discard(key)
-        return _Removed(in_sandbox=in_sandbox, copy=self._copies.pop(key, None))
+        return _Removed(
+            in_sandbox=in_sandbox,
+            copy=self._copies.pop(key, None),
+            kept=self._kept.pop(key, None),
+        )
 
     def in_sandbox(self, sandbox: SandboxActor) -> bool:
         """Whether `sandbox` stores a held checkpoint that has no copy outside it."""
@@ -246,8 +264,17 @@ class CheckpointLedger:
 
     def _uncopied(self, sandbox: SandboxActor) -> Iterator[Checkpoint]:
         for key, checkpoint in self._held.items():
-            if checkpoint.sandbox is sandbox and key not in self._copies:
+            if checkpoint.sandbox is sandbox and key not in self._copies and key not in self._kept:
                 yield checkpoint
+
+    def keep_path(self, checkpoint: Checkpoint) -> Path:
+        """Where the tree of `checkpoint` goes if its sandbox keeps it when it ends."""
+        return self._made_directory() / f"{checkpoint.checkpoint_id}.tree"
+
+    def note_kept(self, checkpoint: Checkpoint, path: Path) -> None:
+        """The sandbox of the held `checkpoint` moves its tree to `path` when it ends."""
+        if self.holds(checkpoint):
+            self._kept[checkpoint.checkpoint_id] = path
 
     def stored_in_sandbox(self, checkpoint: Checkpoint) -> bool:
         """Whether the held `checkpoint` is still in its sandbox as far as the pool knows."""
@@ -272,6 +299,9 @@ class CheckpointLedger:
         for key, checkpoint in self._held.items():
             if checkpoint.sandbox is not sandbox:
                 continue
+            kept = self._kept.pop(key, None)
+            if key not in self._copies and kept is not None and kept.is_dir():
+                self._copies[key] = TreeCopy(path=kept)
             if key in self._copies:
                 self._away.add(key)
             else:
@@ -285,13 +315,16 @@ class CheckpointLedger:
 
     def new_tar_path(self, checkpoint: Checkpoint) -> Path:
         """Where a tar copy of `checkpoint` goes (the ledger's directory, made on first use)."""
+        return self._made_directory() / f"{checkpoint.checkpoint_id}.tar"
+
+    def _made_directory(self) -> Path:
         if self._directory is None:
             prefix = f"{CHECKPOINT_COPIES_PREFIX}{self.profile}-"
             directory = Path(tempfile.mkdtemp(prefix=prefix, dir=self._root_dir))
             # `hermes-actors reap` removes it once this process is gone (killed, say).
             write_host_record(directory)
             self._directory = directory
-        return self._directory / f"{checkpoint.checkpoint_id}.tar"
+        return self._directory
 
     @property
     def directory(self) -> Path | None:
@@ -310,6 +343,7 @@ class CheckpointLedger:
         self._held.clear()
         self._copies.clear()
         self._away.clear()
+        self._kept.clear()
         directory, self._directory = self._directory, None
         with trio.move_on_after(CLEANUP_LIMIT_S, shield=True) as scope:
             for copy in copies:
@@ -372,6 +406,12 @@ async def take_checkpoint(ledger: CheckpointLedger, lease: _Leased) -> Checkpoin
         held = ledger.commit(checkpoint)
         if not held:
             raise CheckpointLimitExceeded(ledger.profile, "bytes", ledger.max_bytes)
+        handle = lease.sandbox.handle
+        if checkpoint.flat and isinstance(handle, KeepsTrees):
+            # Moved out when its sandbox ends, even by a crash: no copy now, no copy later.
+            kept = ledger.keep_path(checkpoint)
+            handle.keep_on_exit(checkpoint.tree_path, os.fspath(kept))
+            ledger.note_kept(checkpoint, kept)
         return checkpoint
     except BaseException:
         if reserved:
@@ -393,11 +433,16 @@ async def drop_checkpoint(ledger: CheckpointLedger, checkpoint: Checkpoint) -> N
     removed = ledger.remove(checkpoint)
     if removed is None:
         return
+    handle = checkpoint.sandbox.handle
+    if removed.kept is not None and isinstance(handle, KeepsTrees):
+        handle.forget_kept(checkpoint.tree_path)
     with trio.move_on_after(CLEANUP_LIMIT_S, shield=True):
         if removed.in_sandbox and checkpoint.sandbox.alive:
             await _drop_stored(checkpoint.sandbox, checkpoint.checkpoint_id)
         if removed.copy is not None:
             await free_copy(removed.copy)
+        if removed.kept is not None:  # its sandbox may have ended and moved it already
+            await free_copy(TreeCopy(path=removed.kept))
 
 
 async def free_copy(copy: CheckpointCopy) -> None:
@@ -408,6 +453,9 @@ async def free_copy(copy: CheckpointCopy) -> None:
             await copy.owner.delete_snapshot(copy.image)
         except HermesError as exc:
             logger.warning("could not delete the copy of a checkpoint: %s", exc)
+        return
+    if isinstance(copy, TreeCopy):
+        await trio.to_thread.run_sync(functools.partial(shutil.rmtree, copy.path, True))
         return
     await trio.Path(copy.path).unlink(missing_ok=True)
 
@@ -519,6 +567,21 @@ async def _restore_copy(copy: CheckpointCopy, lease: _Leased, checkpoint: Checkp
         # Mounted, copied into the slot (its processes evicted, its shell from the checkpoint's
         # state), unmounted: no tree through the host.
         await copy_snapshot_into(lease.sandbox, [lease.index], copy.image, checkpoint.shell)
+        return
+    if isinstance(copy, TreeCopy):
+        if not await trio.Path(copy.path).is_dir():
+            raise CheckpointLost(
+                checkpoint.checkpoint_id, f"its tree {copy.path} was removed from this machine"
+            )
+        await lease.sandbox.reset_slot(lease.index)
+        sink = _TarSink(lease.sandbox, lease.index, ".", checkpoint.shell)
+        writer = _LookAhead(sink)
+        try:
+            directory = copy.path
+            await _pump_from_thread(lambda send: _pack_directory(directory, send), writer.feed)
+            await writer.finish()
+        finally:
+            await sink.abort()
         return
     try:
         file = await trio.open_file(copy.path, "rb")
