@@ -266,10 +266,15 @@ MAX_SLOT = 1000000
 #: Replies buffered for a host that does not read: above this, stop taking new requests.
 OUTBOX_HIGH_WATER = 64 * 1024 * 1024
 _READ_CHUNK = 256 * 1024
+#: Frames queued for the host are written at once past this many bytes (else at the end of
+#: the loop turn, together).
+_FLUSH_AT_BYTES = 64 * 1024
 #: A persistent shell's ``export -p`` text is read in pieces of this size (one is the rule).
 _ENV_CHUNK = 64 * 1024
-#: Its memfd is emptied once this much has accumulated (see `_Shells._take_exported`).
+#: Its memfd is emptied once this much has accumulated (see `_Shells.rewind_exported`).
 _ENV_REWIND_BYTES = 1024 * 1024
+#: How long a checkpoint waits for a live shell to finish writing its last call's exports.
+_EXPORTED_WAIT_S = 2.0
 #: Output frames of streamed execs are sent only while fewer bytes than this wait for the host;
 #: the rest is skipped (counted in the next frame), so a slow host bounds the agent's memory
 #: and never slows the command (its capture, and so its reply, has everything as usual).
@@ -1153,6 +1158,10 @@ class Agent:
         self.decoder = FrameDecoder()
         self.outbox = bytearray()
         self.writing = False
+        #: Frames sent during this loop turn, written together before the agent sleeps or
+        #: after it handled the turn's events (`flush`).
+        self.unflushed: List[bytes] = []
+        self.unflushed_bytes = 0
         self.reading = True
         self.execs: Dict[int, _Exec] = {}  # by leader pid
         self.by_request: Dict[int, _Exec] = {}
@@ -1288,6 +1297,7 @@ class Agent:
         timeout = max(0.0, wake_at - now)
         if self.keeper_notices or self.slots_to_pump:
             timeout = 0.0  # work queued meanwhile: look at events without sleeping
+        self.flush()
         for key, mask in self.selector.select(timeout):
             # An earlier callback of this batch may have closed this fd, and a new command
             # may even have reused its number: such an event is stale, skip it.
@@ -1299,6 +1309,7 @@ class Agent:
             key.data(key.fd, mask)
             if self.exit_code is not None:
                 return
+        self.flush()  # the answers of this turn's events, before the housekeeping below
         if self._handle_signals():
             self._reap()
         self._fire_timers()
@@ -1369,10 +1380,12 @@ class Agent:
             if not complete:
                 break
             self._dispatch(message)
-            if len(self.outbox) > self.outbox_high_water:
-                # The host is not reading: stop taking work until it catches up.
-                self._set_reading(False)
-                break
+            if len(self.outbox) + self.unflushed_bytes > self.outbox_high_water:
+                self.flush()
+                if len(self.outbox) > self.outbox_high_water:
+                    # The host is not reading: stop taking work until it catches up.
+                    self._set_reading(False)
+                    break
 
     def _set_reading(self, reading: bool) -> None:
         if reading != self.reading:
@@ -1385,17 +1398,31 @@ class Agent:
                 self.selector.unregister(self.in_fd)
 
     def send(self, message: Dict[str, Any]) -> None:
+        """Queue a frame for the host: the frames of one loop turn leave in one write (see
+        `flush`), a large one at once."""
         frame = encode_frame(message)
+        self.unflushed.append(frame)
+        self.unflushed_bytes += len(frame)
+        if self.unflushed_bytes >= _FLUSH_AT_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued frames now, as far as the pipe takes them; the rest waits for it."""
+        if not self.unflushed:
+            return
+        data = b"".join(self.unflushed)
+        self.unflushed.clear()
+        self.unflushed_bytes = 0
         if not self.outbox:
             try:
-                written = _write_all_nonblocking(self.out_fd, frame)
+                written = _write_all_nonblocking(self.out_fd, data)
             except OSError as exc:
                 self._exit(EXIT_OK, "host stream failed: %s" % exc)
                 return
-            if written == len(frame):
+            if written == len(data):
                 return
-            frame = frame[written:]
-        self.outbox += frame
+            data = data[written:]
+        self.outbox += data
         if not self.writing:
             self.writing = True
             self.selector.register(self.out_fd, selectors.EVENT_WRITE, self._on_stdout)
@@ -1418,6 +1445,9 @@ class Agent:
 
     def _flush_blocking(self, limit: float) -> None:
         """Best effort: give the host the last replies, for at most `limit` seconds."""
+        self.outbox += b"".join(self.unflushed)
+        self.unflushed.clear()
+        self.unflushed_bytes = 0
         deadline = time.monotonic() + limit
         while self.outbox and time.monotonic() < deadline:
             try:
@@ -1747,7 +1777,7 @@ class Agent:
         Skipped bytes are counted and reported in the stream's next frame; the command's
         capture (its reply) is unaffected.
         """
-        if len(self.outbox) > STREAM_OUTBOX_LIMIT:
+        if len(self.outbox) + self.unflushed_bytes > STREAM_OUTBOX_LIMIT:
             ex.skipped[name] = ex.skipped.get(name, 0) + len(data)
             return
         skipped = ex.skipped.pop(name, 0)
@@ -3755,7 +3785,8 @@ class TreeOps:
         cwd = "."
         if shell.cwd.startswith(workspace + os.sep):
             cwd = os.path.relpath(shell.cwd, workspace)
-        return {"cwd": cwd, "exported": shell.exported, "workspace": workspace}
+        exported = self.agent.shells.exported(shell, wait_s=_EXPORTED_WAIT_S)
+        return {"cwd": cwd, "exported": exported, "workspace": workspace}
 
     def set_shell_state(self, slot: int, state: Optional[Dict[str, Any]]) -> None:
         """Replace the slot's shell by one that starts (lazily, at the next call) from `state`.
@@ -4150,8 +4181,11 @@ class _Shell:
         #: A memfd the shell writes ``export -p`` into (its stdout) after every call, read when
         #: the record arrives; -1 where there is no memfd (the text then comes on fd 3).
         self.env_fd = -1
-        #: Where the next call's ``export -p`` text starts in the memfd (see `_take_exported`).
+        #: Where the memfd's next unread ``export -p`` text starts, and how many texts were
+        #: read whole from it and how many records announced one (see `_Shells.exported`).
         self.env_offset = 0
+        self.exports_seen = 0
+        self.records_seen = 0
         self.unsent = b""
         self.records = bytearray()
         #: The output FIFOs no writer holds any more, by kind ("o", "e"): the next call's.
@@ -4326,15 +4360,17 @@ class _Shells:
             parts.append(". %s </dev/null %s" % (_shell_quote(script), outputs))
             body = b""
         # The record is its own line (an interrupt, see `kill_call`, ends the call's line
-        # only). Before it, the exported environment goes to the shell's own stdout, its memfd
-        # (or first on the status channel: ``export -p`` never prints NUL), for a replacement
-        # shell or a checkpoint; the record ends it. The status waits in $1 meanwhile (a
-        # variable would show up in `set`); `shift` gives the positional parameters back. The
-        # shell's own stderr is /dev/null, and every redirection costs several syscalls: the
-        # record line has one.
+        # only). The exported environment is kept for a replacement shell or a checkpoint:
+        # after the record, so the reply does not wait for it, ``export -p`` goes to the
+        # shell's own stdout, its memfd, ended by a NUL (``export -p`` never prints one; see
+        # `exported`); without a memfd it goes first on the status channel, and the record
+        # ends it. The status waits in $1 meanwhile (a variable would show up in `set`);
+        # `shift` gives the positional parameters back. The shell's own stderr is /dev/null,
+        # and every redirection costs several syscalls: the record line has one.
         report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
         if shell.env_fd >= 0:
-            report = "\\command export -p; %s >&3" % report
+            report = "%s >&3; \\command export -p; \\command printf '\\0'" % report
+            self.rewind_exported(shell)
         else:
             report = "{ \\command export -p; %s; } >&3" % report
         record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
@@ -4596,8 +4632,9 @@ class _Shells:
             exported, status, cwd, name = fields[-4:]
             shell.cwd = os.fsdecode(cwd) or shell.cwd
             if shell.env_fd >= 0:
-                exported = self._take_exported(shell)
-            shell.exported = exported
+                shell.records_seen += 1  # its ``export -p`` follows in the memfd
+            else:
+                shell.exported = exported
             ex = shell.current
             if ex is None or name != b"E%d" % ex.exec_id:
                 continue
@@ -4609,28 +4646,70 @@ class _Shells:
             shell.report_restart = False
             shell.interrupted = False
 
-    def _take_exported(self, shell: _Shell) -> bytes:
-        """What the shell wrote into its memfd since the last record.
+    def exported(self, shell: _Shell, wait_s: float = 0.0) -> Optional[bytes]:
+        """The shell's last complete ``export -p`` text (None before its first call ended).
 
-        Read from where the last one ended (one ``pread`` per call); the memfd is emptied only
-        once it has grown past `_ENV_REWIND_BYTES`, not after every call.
+        With a memfd, each call's text follows its record there, ended by a NUL; it is read
+        here, when someone needs it, not per call. `wait_s` > 0 waits (bounded) for the text
+        of the last call reported, which a live shell writes right after the record.
         """
+        self._read_exported(shell)
+        if wait_s > 0 and shell.env_fd >= 0 and shell.exports_seen < shell.records_seen:
+            deadline = time.monotonic() + wait_s
+            pause = 0.0001
+            while shell.exports_seen < shell.records_seen and shell.pid > 0:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+                self._read_exported(shell)
+        return shell.exported
+
+    def _read_exported(self, shell: _Shell) -> None:
+        """Take the complete texts the shell wrote into its memfd since the last look."""
         fd = shell.env_fd
+        if fd < 0:
+            return
         chunks = []
+        offset = shell.env_offset
         try:
             while True:
-                data = os.pread(fd, _ENV_CHUNK, shell.env_offset)
-                shell.env_offset += len(data)
+                data = os.pread(fd, _ENV_CHUNK, offset)
+                offset += len(data)
                 chunks.append(data)
                 if len(data) < _ENV_CHUNK:
                     break
-            if shell.env_offset > _ENV_REWIND_BYTES:
-                os.ftruncate(fd, 0)
-                os.lseek(fd, 0, os.SEEK_SET)  # the shell shares this offset: it writes from 0
-                shell.env_offset = 0
         except OSError:
-            return shell.exported or b""
-        return b"".join(chunks)
+            return
+        pending = b"".join(chunks)
+        end = pending.rfind(b"\0")
+        if end < 0:
+            return  # nothing complete yet (a text being written stays for the next look)
+        texts = pending[:end].split(b"\0")
+        shell.exported = texts[-1]
+        shell.exports_seen += len(texts)
+        shell.env_offset += end + 1
+
+    def rewind_exported(self, shell: _Shell) -> None:
+        """Empty the shell's memfd once it has grown past `_ENV_REWIND_BYTES`.
+
+        Only between calls, with the last call's text read whole: then the shell writes
+        nothing there until its next call (which is being sent), and a write never lands in
+        the middle of the rewind (the shell shares the memfd's offset).
+        """
+        if shell.env_offset <= _ENV_REWIND_BYTES:
+            return
+        self._read_exported(shell)
+        if shell.exports_seen < shell.records_seen or shell.current is not None:
+            return
+        try:
+            if os.fstat(shell.env_fd).st_size != shell.env_offset:
+                return
+            os.ftruncate(shell.env_fd, 0)
+            os.lseek(shell.env_fd, 0, os.SEEK_SET)
+        except OSError:
+            return
+        shell.env_offset = 0
 
     # -- ends of calls --------------------------------------------------------------------------
 
@@ -4744,6 +4823,7 @@ class _Shells:
                     selector.unregister(fd)
                 os.close(fd)
         if shell.env_fd >= 0:
+            self._read_exported(shell)  # what a replacement shell starts from
             os.close(shell.env_fd)
         shell.control_fd = shell.status_fd = shell.env_fd = -1
         shell.unsent = b""

@@ -111,6 +111,10 @@ class SandboxClient:
         #: Other streams (Modal: one provider call per write) always go through the writer,
         #: which sends everything queued in one write.
         self._direct_fd = -1
+        #: A frame went straight into the pipe since the reader or the writer last ran: the
+        #: next ones wait for the writer, so a batch submitted in one go costs one write (and
+        #: one wake-up of the agent), not one per request.
+        self._direct_spent = False
         #: The agent's stdout when it is a pipe: read directly (see `_receive`).
         self._read_fd = -1
         self._writing = False
@@ -210,6 +214,7 @@ class SandboxClient:
             return None
         if not data:
             return None
+        self._direct_spent = False  # a later loop turn than the last direct write
         decoder.feed(bytes(data))
         messages: list[dict[str, Any]] = []
         while True:
@@ -274,6 +279,7 @@ class SandboxClient:
                 return
             finally:
                 self._writing = False
+                self._direct_spent = False
             self.writes += 1
 
     async def _heartbeat(self) -> None:
@@ -301,7 +307,14 @@ class SandboxClient:
 
     def _send_nowait(self, message: dict[str, Any]) -> None:
         frame = encode_frame(message)
-        if self._direct_fd >= 0 and not self._writing and not self._outbox and self._lost is None:
+        if (
+            self._direct_fd >= 0
+            and not self._direct_spent
+            and not self._writing
+            and not self._outbox
+            and self._lost is None
+        ):
+            self._direct_spent = True
             try:
                 written = os.write(self._direct_fd, frame)
             except OSError:

@@ -10,9 +10,10 @@ No shield here is unbounded.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import types
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Literal
 
 import trio
 
@@ -98,22 +99,33 @@ def collapse(exc_group: BaseExceptionGroup[BaseException]) -> BaseException:
     return exc_group
 
 
-@contextlib.contextmanager
-def collapse_exception_groups() -> Iterator[None]:
+class collapse_exception_groups:  # lower case: used like the function it was
     """Re-raise an exception group escaping the block as its one meaningful exception.
 
     See `collapse` for which groups collapse; others propagate unchanged. The collapsed
     exception keeps its own traceback, `__cause__` and `__context__` (the internal group is
-    not chained to it), so users never see the internal group.
+    not chained to it), so users never see the internal group. (A class, not a generator
+    context manager: it wraps every call on the command path, where that costs.)
     """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        collapsed = collapse(group)
-        if collapsed is group:
-            raise
-        # Raising inside this handler would chain the group as `__context__`: restore the
-        # exception's own context so the internal group stays invisible.
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> Literal[False]:
+        if not isinstance(exc, BaseExceptionGroup):
+            return False
+        collapsed = collapse(exc)
+        if collapsed is exc:
+            return False
+        # Raising while the group is being handled would chain it as `__context__`: restore
+        # the exception's own context so the internal group stays invisible.
         context = collapsed.__context__
         suppress = collapsed.__suppress_context__
         try:

@@ -317,7 +317,10 @@ class Portal:
         """
         if self.in_portal_thread():
             raise RuntimeError("call_blocking would deadlock: it was called from the portal thread")
-        done = threading.Event()
+        # `done` is held until the outcome is delivered: a bare lock is the cheapest one-shot
+        # signal between two threads (a `threading.Event` is a condition over a lock).
+        done = threading.Lock()
+        done.acquire()
         box: list[outcome.Outcome[T] | None] = []
         state = {"abandoned": False}
         state_lock = threading.Lock()
@@ -326,18 +329,18 @@ class Portal:
             with state_lock:
                 box.append(result)
                 abandoned = state["abandoned"]
-            done.set()
+            done.release()
             if abandoned:
                 self._abandon(result, on_abandoned)
 
         call = _Call(self, function, deliver)
         self._submit(call)
         try:
-            done.wait()
+            done.acquire()
         except BaseException:
             call.cancel_threadsafe()
             try:
-                done.wait(CANCEL_WAIT_S)
+                done.acquire(timeout=CANCEL_WAIT_S)
             finally:
                 with state_lock:
                     state["abandoned"] = not box

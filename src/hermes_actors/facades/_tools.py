@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shlex
 import time
 import uuid
@@ -227,11 +228,10 @@ def parse_arguments(tool: str, arguments_class: type[Any], args: object) -> Any:
     """The tool's argument value from a request's mapping; raises `BadRequest` saying why."""
     if not isinstance(args, Mapping):
         raise BadRequest(f"{tool}: args must be a mapping, got {type(args).__name__}")
-    fields = attrs.fields(arguments_class)
-    required = {f.name for f in fields if f.default is attrs.NOTHING}
-    optional = {f.name for f in fields} - required
-    missing = sorted(required - set(args))
-    unknown = sorted(str(name) for name in set(args) - required - optional)
+    required, optional = _argument_names(arguments_class)
+    given = args.keys()
+    missing = sorted(required - given)
+    unknown = sorted(str(name) for name in given - required - optional)
     if missing or unknown:
         parts = []
         if missing:
@@ -246,11 +246,27 @@ def parse_arguments(tool: str, arguments_class: type[Any], args: object) -> Any:
         raise BadRequest(f"{tool}: {exc}") from None
 
 
+_argument_names_of: dict[type[Any], tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _argument_names(arguments_class: type[Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """The names of an arguments class's required and optional fields (worked out once)."""
+    names = _argument_names_of.get(arguments_class)
+    if names is None:
+        fields = attrs.fields(arguments_class)
+        required = frozenset(f.name for f in fields if f.default is attrs.NOTHING)
+        names = required, frozenset(f.name for f in fields) - required
+        _argument_names_of[arguments_class] = names
+    return names
+
+
 # -- rendering ----------------------------------------------------------------------------------
 
 
 def _new_execution_id() -> str:
-    return f"exec-{uuid.uuid4().hex[:16]}"
+    # 64 random bits, as uuid4's first 16 hex digits were, without a syscall per result (the
+    # module's generator is seeded from the OS and reseeded in forked children).
+    return f"exec-{random.getrandbits(64):016x}"
 
 
 def _metadata(tool: str | None, duration_s: float, **extra: Any) -> dict[str, Any]:
@@ -425,14 +441,16 @@ def _bash_render(
     )
     if args.background:
         rendered = _background_result(rendered)
-    metadata = {**rendered.metadata, **_facts(context)}
+    metadata = rendered.metadata
+    assert isinstance(metadata, dict)  # a fresh dict of this call's result: ours to extend
+    metadata.update(_facts(context))
     if args.allow_network and not context.network:
         metadata["network_note"] = (
             f"allow_network=True could not be met: the sandboxes of profile "
             f"{context.config.name!r} have no network (network: false); the command ran "
             "without network"
         )
-    return attrs.evolve(rendered, metadata=metadata)
+    return rendered
 
 
 def _terminal_render(
