@@ -34,17 +34,21 @@ HERMES_ROWS = (
 PERSISTENT_ROWS = ("hermes-persistent-none", "hermes-persistent-bwrap")
 LATENCY_TARGET_MS = 0.5
 _HOST_PATH = (
-    "a hermes command crosses the facade, the actors and the agent stream on one trio thread "
-    "in the host (about 0.2 ms of host CPU per command, measured with /proc schedstat), then the "
-    "agent and the shell: two process hops where the peer calls `subprocess` in the caller's "
-    "own threads. The shell itself costs little (a builtin `echo` forks nothing); the host "
-    "path is what bounds the rate, and on a loaded machine every hop waits for a CPU"
+    "a hermes command costs CPU in three processes where the peer's threads only spawn: "
+    "measured per command with /proc schedstat (40 x 25 `echo`, warm shells), about 0.1 ms in "
+    "the host's trio thread (facade, actors, agent stream), 0.11 ms in the agent and 0.16 ms "
+    "in the slot's bash (the call's redirections to its output FIFOs, and the `export -p` that "
+    "keeps what a replacement shell starts from); and the workload starts its 40 shells inside "
+    "the timed part (per slot a keeper forked from the agent's zygote and an interactive bash: "
+    "about 0.23 ms more per command of the run). On 2 CPUs shared with other work every hop "
+    "also waits for a CPU"
 )
 _IN_PROCESS = (
     "it runs the command with `subprocess` in the calling process: one fork/exec and no "
     "inter-process hop, where `terminal_tool` crosses a thread (the portal), the actors, the "
-    "agent process and the shell and back (about 0.25 ms of host CPU, 0.2 ms in the agent "
-    "and 0.15 ms in the shell per call, each hop waiting for a CPU on a loaded machine)"
+    "agent process and the shell and back (measured per call with /proc schedstat: about "
+    "0.05 ms in the calling thread, 0.25 ms in the portal's trio thread, 0.15 ms in the agent "
+    "and 0.13 ms in the shell, each hop waiting for a CPU on a loaded machine)"
 )
 _RELEASE = (
     "it releases nothing: hermes' release with reset has the slot's keeper kill every process "

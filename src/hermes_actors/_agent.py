@@ -4620,6 +4620,8 @@ class _Shells:
                 shell.status_fd = -1
                 break
             shell.records += data
+            if len(data) < _READ_CHUNK:
+                break  # all there was (the fd is watched: more wakes us again)
         while True:
             end = shell.records.find(b"\0\3")
             if end < 0:
@@ -5083,6 +5085,8 @@ def _drain_into(fd: int, capture: _Capture) -> None:
             break
         taken += len(data)
         capture.feed(data)
+        if len(data) < _READ_CHUNK:
+            break  # a short read: the pipe held no more (no read just to see EAGAIN)
 
 
 def _discard(fd: int) -> bool:

@@ -365,10 +365,12 @@ def _background_command(command: str) -> str:
     The process belongs to the slot: it runs until the slot is reset (or its sandbox ends).
     """
     log = f"$HOME/{BACKGROUND_LOG_DIR}/{uuid.uuid4().hex[:12]}.log"
-    # No `exit` on failure: in the slot's persistent shell it would end the shell.
+    # No `exit` on failure: in the slot's persistent shell it would end the shell. The log is
+    # made before the job starts (its own redirection runs in the job, maybe after this call
+    # returned), so the caller can read it at once.
     return (
-        f'if mkdir -p "$HOME/{BACKGROUND_LOG_DIR}"; then\n'
-        f'bash -c {shlex.quote(command)} > "{log}" 2>&1 < /dev/null &\n'
+        f'if mkdir -p "$HOME/{BACKGROUND_LOG_DIR}" && : > "{log}"; then\n'
+        f'bash -c {shlex.quote(command)} >> "{log}" 2>&1 < /dev/null &\n'
         f'printf "%s %s\\n" "$!" "{log}"\n'
         "else false; fi\n"
     )
