@@ -179,12 +179,15 @@ def signal_results(
         )
     ]
 
-    def one(case: tuple[str, str, str]) -> outcome.Outcome[CaseResult]:
-        workdir = tmp_path_factory.mktemp("host")
+    # Made here, not in the pool's threads: the first `mktemp` of a session (re)creates the base
+    # directory, and several threads doing that at once fail with "Directory not empty".
+    workdirs = [tmp_path_factory.mktemp("host") for _ in selected]
+
+    def one(case: tuple[str, str, str], workdir: Path) -> outcome.Outcome[CaseResult]:
         return outcome.capture(run_case, *case, workdir)
 
     with concurrent.futures.ThreadPoolExecutor(PARALLEL_CASES) as pool:
-        return dict(zip(selected, pool.map(one, selected), strict=True))
+        return dict(zip(selected, pool.map(one, selected, workdirs), strict=True))
 
 
 @pytest.mark.parametrize(("host", "signal_name", "isolation"), [_case(*case) for case in CASES])
