@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from hermes_actors.drivers._local import bwrap_problem
 from sandbox_support import (
@@ -44,6 +45,15 @@ def _signals_as_from_a_terminal() -> None:
 
 
 _signals_as_from_a_terminal()
+
+# Hypothesis fails an example slower than 200 ms, and a test whose data is slow to generate:
+# timed assertions, which this suite does not make (speed is proven in bench/), and which a
+# loaded machine fails. Loaded before the test modules are imported, so their own `settings`
+# inherit it.
+settings.register_profile(
+    "hermes-actors", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("hermes-actors")
 
 # The Modal API emulator's fixtures (one emulator per test session), and the fault suite's
 # figures (`docs/reliability.md`).
