@@ -441,6 +441,27 @@ async def test_rotation_copies_checkpoints_out_at_once_while_slots_are_held(
         assert h.pool.checkpoints.copy_of(checkpoint) is not None
 
 
+async def test_a_checkpoint_taken_in_a_draining_sandbox_is_copied_out_at_once(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Past its rotation point a sandbox whose slot is still held has a new checkpoint copied
+    out as soon as it is taken, not when the slot comes back."""
+    copies = SlowCopies(5.0, tmp_path)
+    monkeypatch.setattr(pool_module, "preserve_checkpoints", copies)
+    async with running_pool(
+        min_sandboxes=1, max_sandboxes=2, slots_per_sandbox=1, max_lifetime=100.0
+    ) as h:
+        lease = await h.pool.acquire()
+        await trio.sleep(95.0)  # draining, nothing to copy
+        assert copies.began == []
+        taken = trio.current_time()
+        checkpoint = hold_checkpoint(h.pool, lease)
+        await trio.sleep(10.0)
+        assert copies.began == [taken]
+        assert h.pool.checkpoints.copy_of(checkpoint) is not None
+        await h.pool.release(lease)
+
+
 async def test_an_idle_sandbox_stops_once_its_checkpoints_are_copied_out(
     autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

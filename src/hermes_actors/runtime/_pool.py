@@ -820,8 +820,14 @@ class ProfilePool:
         """A checkpoint was taken, released or copied out: a sandbox may have become
         (un)stoppable."""
         for member in list(self._members.values()):
-            if member.state is _State.DRAINING and not member.busy:
+            if member.state is not _State.DRAINING:
+                continue
+            if not member.busy:
                 self._retire(member, "rotated before its maximum lifetime")
+            elif self.checkpoints.in_sandbox(member.actor) and not member.preserve_failed:
+                # Taken after the rotation's copy: copied at once too (the provider may end
+                # the sandbox at its limit before its slots come back).
+                self._preserve(member)
         self._reschedule()
 
     def _retire(self, member: _Member, reason: str) -> None:
