@@ -154,6 +154,28 @@ async def test_reset_ends_the_shell_and_its_jobs(contract_sandbox: ContractSandb
     assert not clean.shell_restarted
 
 
+async def test_a_reset_sets_an_idle_shell_back(contract_sandbox: ContractSandbox) -> None:
+    """A reset keeps an idle shell (the same process) and the next lease sees none of the last
+    one's state: variables, functions, aliases, options, cwd, files."""
+    client = contract_sandbox.client
+    first = await sh(
+        client,
+        "echo $$; export DIRTY=1; plain=1; cd /tmp; f() { :; }; alias a=b; set -o pipefail; "
+        "touch $HOME/.left",
+    )
+    await client.reset_slot(0)
+    clean = await sh(
+        client,
+        'echo $$; echo "[${DIRTY-}${plain-}]"; pwd; type -t f a; [[ -o pipefail ]]; echo $?; ls -A',
+    )
+    lines = clean.stdout.decode().splitlines()
+    assert lines[0] == first.stdout.decode().splitlines()[0]
+    assert lines[1] == "[]"
+    assert lines[2].endswith("/slot-0")
+    assert lines[3:] == ["1"]
+    assert not clean.shell_restarted
+
+
 async def test_fake_markers_and_random_bytes_are_just_output(
     contract_sandbox: ContractSandbox,
 ) -> None:
@@ -349,3 +371,168 @@ def test_the_shells_directory_removed_by_a_command_is_made_again(agent: AgentPro
     assert removed["stdout"] == b"gone\n"
     after = run(agent, 'echo "$KEEP"; echo err >&2')
     assert (after["stdout"], after["stderr"], after["exit_code"]) == (b"1\n", b"err\n", 0)
+
+
+# -- a reset that keeps the shell -------------------------------------------------------------
+
+#: What a lease can see of its shell, with builtins only (an external command would fill the
+#: hash table): every variable with its attributes (bash's own changing ones without values),
+#: functions, aliases, options, traps, umask, limits, dir stack, completions, disabled
+#: builtins, jobs, history, hashed commands, special parameters, cwd, fds, the workspace.
+STATE_PROBE = (
+    "declare -p; declare -f; alias -p; shopt -p; set +o; trap -p; umask; ulimit -a; "
+    "ulimit -Ha; dirs -l -p; complete -p; enable -n; jobs -l; history; hash -l 2>&1; "
+    'echo "$0|$!|$#|$-"; pwd; printf "%s\\n" /proc/self/fd/*; shopt -s dotglob nullglob; '
+    'printf "%s\\n" "$HOME"/*; shopt -u dotglob nullglob'
+)
+#: Variables whose values change by themselves from one call to the next. (BASH_LINENO, in a
+#: call, counts the lines the shell has read: a kept shell shows that it read earlier calls,
+#: as its pid and CPU times do; not what they were.)
+CHANGING = {
+    "_",
+    "BASH_ARGC",
+    "BASH_ARGV",
+    "BASH_COMMAND",
+    "BASH_LINENO",
+    "BASHPID",
+    "EPOCHREALTIME",
+    "EPOCHSECONDS",
+    "HISTCMD",
+    "LINENO",
+    "PIPESTATUS",
+    "RANDOM",
+    "SECONDS",
+    "SRANDOM",
+}
+
+
+def probe_state(agent: AgentProcess, slot: int = 0) -> tuple[int, list[str]]:
+    """The slot's shell pid and what a call sees of its state (changing values left out)."""
+    result = run(agent, "echo $$; " + STATE_PROBE, slot=slot)
+    assert result["exit_code"] == 0, result
+    pid, *lines = result["stdout"].decode().splitlines()  # type: ignore[attr-defined]
+    kept = []
+    for line in lines:
+        words = line.split(" ", 2)
+        if len(words) == 3 and words[0] == "declare" and words[2].split("=")[0] in CHANGING:
+            line = " ".join([*words[:2], words[2].split("=")[0]])
+        kept.append(line)
+    return int(pid), kept
+
+
+#: One lease that changes every part of its shell's state that can be set back.
+DIRTY_LEASE = (
+    "mkdir -p repo/sub && cd repo/sub; export API=on; plain=1; declare -i counter=3; "
+    "declare -a list=(a b); declare -A map=([k]=v); declare -n ref=plain; IFS=:; OPTIND=4; "
+    "PATH=/nowhere:$PATH; PS1='$ '; HISTFILE=/tmp/h; BASH_XTRACEFD=2; TMOUT=9; CDPATH=/tmp; "
+    "greet() { echo hi; }; cd() { builtin cd \"$@\"; }; export -f greet; alias ll='ls -l'; "
+    "set -o pipefail -o nounset -o noglob -o allexport; set +o hashall; shopt -s extglob "
+    "nullglob; trap 'echo trapped' USR1 EXIT; trap '' TERM; umask 077; pushd /usr >/dev/null; "
+    "ulimit -S -c 0; complete -W 'a b' greet; ls >/dev/null; set -- x y z; touch .hidden file; "
+    "true"
+)
+
+
+def test_a_reset_keeps_the_idle_shell_and_the_next_lease_sees_a_new_one(
+    agent: AgentProcess,
+) -> None:
+    """A reset sets an idle shell back: same process, and the next lease sees what a new shell
+    shows (variables, functions, aliases, options, traps, umask, limits, cwd, fds, files)."""
+    pid, before = probe_state(agent)
+    dirty = run(agent, DIRTY_LEASE)
+    assert dirty["exit_code"] == 0, dirty
+    assert (
+        run(agent, "echo $$; echo $API; type -t greet")["stdout"]
+        == f"{pid}\non\nfunction\n".encode()
+    )
+    assert agent.call("reset_slot", slot=0) == {"killed": 0, "shell_kept": True}
+    kept, after = probe_state(agent)
+    assert kept == pid
+    assert after == before
+    again = run(agent, 'echo "[${API-}${plain-}]"; pwd; ls -A; type -t greet ll || true')
+    assert again["stdout"] == f"[]\n{agent.config['workspace_root']}/slot-0\n".encode()
+    assert again["shell_restarted"] is False
+
+
+@pytest.mark.parametrize(
+    "lease",
+    [
+        "readonly LOCKED=1",
+        "sleep 0 & wait",
+        "exec 7>/dev/null",
+        "ulimit -H -c 0",
+        "enable -n echo",
+        "unset RANDOM; declare -i RANDOM=4",
+        "unset LINENO",
+        "BASH_ARGV0=other",
+        "set -o history",
+    ],
+)
+def test_a_reset_replaces_a_shell_it_cannot_set_back(agent: AgentProcess, lease: str) -> None:
+    """What a reset cannot undo in place (a readonly variable, ``$!``, an open fd, a lowered
+    hard limit, a disabled builtin, a lost dynamic variable, $0, history) gets a new shell."""
+    pid, before = probe_state(agent)
+    run(agent, lease)
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    new_pid, after = probe_state(agent)
+    assert new_pid != pid
+    assert not pid_alive(pid)
+    assert after == before
+
+
+def test_a_kept_shell_outlives_none_of_the_leases_processes(agent: AgentProcess) -> None:
+    """Background processes that left the shell (double fork, setsid) die at a reset that
+    keeps the shell; what the shell itself started (``$!``) makes it be replaced."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    pid = shell_pid(agent)
+    run(
+        agent, f"( {marker} sleep 300 & ); {marker} setsid -f sleep 300 >/dev/null 2>&1 < /dev/null"
+    )
+    assert wait_for(lambda: len(processes_with_env(marker)) == 2, timeout_s=5)
+    reset = agent.call("reset_slot", slot=0)
+    assert reset == {"killed": 2, "shell_kept": True}
+    assert processes_with_env(marker) == []
+    assert shell_pid(agent) == pid
+    run(agent, f"{marker} sleep 300 &")
+    assert wait_for(lambda: len(processes_with_env(marker)) == 1, timeout_s=5)
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert wait_no_processes_with_env(marker) == []
+    assert not pid_alive(pid)
+
+
+def test_a_kept_shells_directory_keeps_only_its_fifos(agent: AgentProcess) -> None:
+    """A file a command leaves in the shell's FIFO directory is gone after a kept reset."""
+    run(agent, "echo first")
+    directory = next(Path(agent.config["workspace_root"]).glob(".hermes-shells-*/slot-0"))
+    fifos = sorted(path.name for path in directory.iterdir())
+    run(agent, f"touch {directory}/planted; mkdir {directory}/dir")
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is True
+    assert sorted(path.name for path in directory.iterdir()) == fifos
+    assert run(agent, "echo again")["stdout"] == b"again\n"
+
+
+def test_a_trap_that_starts_processes_during_the_check_gets_a_new_shell(
+    agent: AgentProcess,
+) -> None:
+    """A DEBUG trap that starts daemons while the reset checks the shell: the shell is not
+    kept, and nothing the trap started survives the reset."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    pid = shell_pid(agent)
+    run(agent, f"trap '{marker} setsid -f sleep 300 >/dev/null 2>&1 </dev/null' DEBUG")
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert wait_no_processes_with_env(marker) == []
+    assert not pid_alive(pid)
+    assert run(agent, "trap -p; echo clean")["stdout"] == b"clean\n"
+
+
+def test_a_shell_too_slow_to_show_its_state_is_replaced(agent: AgentProcess) -> None:
+    """A shell that does not dump its state within the reset's limit (a slow trap) is
+    replaced; the reset still replies, and what the trap started is gone."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    pid = shell_pid(agent)
+    run(agent, f"trap '{marker} sleep 1' DEBUG; true")
+    started = time.monotonic()
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert time.monotonic() - started < 10
+    assert wait_no_processes_with_env(marker) == []
+    assert not pid_alive(pid)

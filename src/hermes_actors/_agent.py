@@ -69,6 +69,7 @@ import functools
 import heapq
 import json
 import os
+import re
 import selectors
 import signal
 import stat
@@ -562,7 +563,15 @@ def _kill_until_gone(
         pause = min(pause * 2, 0.02)
 
 
-def _kill_descendants(reap: Callable[[], None], limit_s: float = _KILL_LIMIT_S) -> List[int]:
+def _children_listed(pid: int) -> List[int]:
+    """The children of a single-threaded process, from /proc (raises OSError, ValueError)."""
+    with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def _kill_descendants(
+    reap: Callable[[], None], limit_s: float = _KILL_LIMIT_S, spare: int = 0
+) -> List[int]:
     """SIGKILL every process below this one (a subreaper) until it has no child; the pids killed.
 
     A subreaper's descendants are its children and theirs, and an orphan becomes its child when
@@ -570,22 +579,28 @@ def _kill_descendants(reap: Callable[[], None], limit_s: float = _KILL_LIMIT_S) 
     a scan of every process on the machine (``/proc/self/task/*/children`` lists them). Where
     that list is missing, it falls back to the scan. `limit_s` bounds it against a process the
     kernel cannot kill (D state); zombies are reaped by `reap` and not counted.
+
+    `spare` (a child: the slot's idle shell, kept for the next lease) is the one process left
+    alive; its children are killed like every other (theirs then come to us as orphans).
     """
     own = os.getpid()
-    listing = "/proc/%d/task/%d/children" % (own, own)
     killed: List[int] = []
     limit = time.monotonic() + limit_s
     pause = 0.0002
     while True:
         reap()
         try:
-            with open(listing, "rb") as handle:
-                children = [int(pid) for pid in handle.read().split()]
+            children = _children_listed(own)
+            if spare in children:
+                children.remove(spare)
+                children += _children_listed(spare)
         except (OSError, ValueError):
             table_kill = _kill_until_gone(
-                lambda table: _descendants(_children_of(table), [own]), reap, limit_s
+                lambda table: _descendants(_children_of(table), [own]) - {spare}, reap, limit_s
             )
             return killed + sorted(table_kill - set(killed))
+        if spare and not any(_process_state(pid) not in (b"Z", b"X", b"") for pid in children):
+            return killed  # the spared shell is the slot's last process (its zombies: its own)
         if not children:
             try:
                 ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -852,8 +867,10 @@ def _keeper_main(
             if request.get("kill"):
                 for fd in fds:
                     os.close(fd)
-                killed = _kill_descendants(lambda: reap(report_idle=False))
-                _send_to_keeper_peer(sock, {"killed": killed, "idle": True})
+                spare = int(request.get("spare") or 0)
+                killed = _kill_descendants(lambda: reap(report_idle=False), spare=spare)
+                idle = not (spare and _process_state(spare) not in (b"Z", b"X", b""))
+                _send_to_keeper_peer(sock, {"killed": killed, "idle": idle})
                 continue
             try:
                 pid = _spawn_as(
@@ -961,8 +978,11 @@ class _Keeper:
         self.buffer = bytearray()
         self.eof = False
         #: Resets waiting for this keeper's kill (see `Agent.op_reset_slot`), in request order:
-        #: (request id, slot, processes killed already, the shell pids not to count).
-        self.pending_kills: Deque[Tuple[int, int, int, Set[int]]] = collections.deque()
+        #: (request id, slot, processes killed already, the shell pids not to count, the shell
+        #: the kill spares to keep it for the next lease, or None).
+        self.pending_kills: Deque[Tuple[int, int, int, Set[int], Optional[_Shell]]] = (
+            collections.deque()
+        )
         #: One entry per spawn request sent and not answered yet, in order: the callback of a
         #: spawn that does not wait (`Agent.spawn_in_slot_nowait`), or None for one that does.
         self.spawns: Deque[Optional[Callable[[Dict[str, Any]], None]]] = collections.deque()
@@ -2040,9 +2060,12 @@ class Agent:
             if "started" in notice:
                 notice["callback"](notice["started"])
             if "killed" in notice and keeper.pending_kills:
-                request_id, slot, killed, shell_pids = keeper.pending_kills.popleft()
+                request_id, slot, killed, shell_pids, kept = keeper.pending_kills.popleft()
                 killed += len(set(notice["killed"]) - shell_pids)
-                self._reply_reset(request_id, slot, killed)
+                if kept is not None:
+                    self.shells.recycle(kept, request_id, killed)
+                else:
+                    self._reply_reset(request_id, slot, killed)
             if notice.get("idle"):
                 self._retire_if_idle(keeper)
 
@@ -2137,7 +2160,9 @@ class Agent:
     def _reply_pending_resets(self, keeper: _Keeper) -> None:
         """Finish the resets that waited for a keeper that is gone (its processes are too)."""
         while keeper.pending_kills:
-            request_id, slot, killed, _ = keeper.pending_kills.popleft()
+            request_id, slot, killed, _, kept = keeper.pending_kills.popleft()
+            if kept is not None:
+                kept.resetting = None  # it died with its keeper
             self._reply_reset(request_id, slot, killed)
 
     def _kill_unkept(self) -> int:
@@ -2253,6 +2278,9 @@ class Agent:
         expired: List[_Exec] = []
         while self.timers and self.timers[0][0] <= now:
             _, exec_id, pid = heapq.heappop(self.timers)
+            if pid == -2:  # a reset that keeps a shell: its time to show it is pristine
+                self.shells.on_reset_timer(exec_id)
+                continue
             if pid <= 0:  # a persistent shell's call: its timeout (0) or kill grace (-1)
                 self.shells.on_timer(exec_id, grace=pid < 0)
                 continue
@@ -2426,6 +2454,19 @@ class Agent:
         slot = _slot_arg(args)
         # Queued requests go first, or killing the running one would start the next.
         self._drop_queued(slot)
+        kept = self.shells.keepable(slot)
+        keeper = self.keepers.get(slot)
+        if kept is not None and keeper is not None:
+            # Everything of the slot but its idle shell dies; then the shell is checked, and
+            # set back, or replaced after all (see `_Shells.recycle`).
+            try:
+                _send_to_keeper_peer(keeper.sock, {"kill": True, "spare": kept.pid})
+            except OSError:
+                self._keeper_lost(keeper)  # it killed what it kept, the shell too
+            else:
+                kept.resetting = (request_id, 0, 0)
+                keeper.pending_kills.append((request_id, slot, 0, set(), kept))
+                return None
         shell_pids = self.shells.closing(slot, "reset")
         for ex in self.execs.values():
             if ex.slot == slot and ex.kill_reason is None:
@@ -2439,22 +2480,28 @@ class Agent:
             except OSError:
                 self._keeper_lost(keeper)  # it killed what it kept
             else:
-                keeper.pending_kills.append((request_id, slot, killed, shell_pids))
+                keeper.pending_kills.append((request_id, slot, killed, shell_pids, None))
                 return None
         return self._reset_workspace(slot, killed)
 
-    def _reply_reset(self, request_id: int, slot: int, killed: int) -> None:
+    def _reply_reset(
+        self, request_id: int, slot: int, killed: int, keep_shell: bool = False
+    ) -> None:
         try:
-            result = self._reset_workspace(slot, killed)
+            result = self._reset_workspace(slot, killed, keep_shell)
         except OpError as exc:
             self.send(_error_reply(request_id, exc.code, exc.message))
             return
         self.send({"id": request_id, "ok": True, "result": result})
 
-    def _reset_workspace(self, slot: int, killed: int) -> Dict[str, Any]:
-        """The second half of a reset, once nothing of the slot is alive: forget its shell and
-        overlay, wipe its workspace."""
-        self.shells.close(slot)
+    def _reset_workspace(self, slot: int, killed: int, keep_shell: bool = False) -> Dict[str, Any]:
+        """The second half of a reset, once nothing of the slot is alive: forget its shell (or,
+        with `keep_shell`, keep the shell that was found pristine) and overlay, wipe its
+        workspace."""
+        if keep_shell:
+            self.shells.tidy(slot)
+        else:
+            self.shells.close(slot)
         self.trees.discard_overlay(slot)
         uid = self.slot_uid(slot)
         workspace = self.workspace(slot)
@@ -2465,7 +2512,7 @@ class Agent:
         os.chmod(workspace, 0o700)
         if uid is not None:
             os.chown(workspace, uid, uid)
-        return {"killed": killed}
+        return {"killed": killed, "shell_kept": keep_shell}
 
     def op_end_shell(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         """End the slot's persistent shell (only it: files and other processes stay), so the
@@ -4211,6 +4258,226 @@ class _Shell:
         #: It stepped out to ``/`` so that an overlay could be unmounted (`_LEAVE_WORKSPACE`):
         #: its next call first goes back to its ``PWD`` and restores ``OLDPWD``.
         self.left = False
+        #: What the shell looked like before it ran anything (`_SHELL_DUMP`; and masked, see
+        #: `_masked_dump`): a reset keeps the shell only if it looks so again (see
+        #: `_Shells.recycle`).
+        #: None for a shell that cannot be kept (not bash, or a replacement that started from
+        #: an earlier shell's state).
+        self.pristine: Optional[bytes] = None
+        self.pristine_masked = b""
+        #: A reset in progress that keeps this shell: (reset request id, processes killed,
+        #: round), until the shell's dump says whether it is pristine again.
+        self.resetting: Optional[Tuple[int, int, int]] = None
+
+
+#: What a bash shell prints of its state, on its status channel (fd 3), in sections a ``\1``
+#: line names: variables, functions, options, umask, then everything else (aliases, traps,
+#: limits, dir stack, completions, builtins, jobs, history, hashed commands, ``$0``, ``$!``,
+#: ``$-``). The last line says whether LINENO, RANDOM and SRANDOM still change on their own
+#: (an unset and reassigned one does not); the line before must have set ``$1`` to its
+#: LINENO. Builtins are called as ``\builtin``: no alias or function stands in for them. It
+#: ends with the record ``NUL 0 NUL cwd NUL <name> NUL ETX`` (see `_Shells.read_status`).
+_SHELL_DUMP = (
+    "{ \\builtin printf '\\1vars\\n'; \\builtin declare -p; "
+    "\\builtin printf '\\1functions\\n'; \\builtin declare -F; "
+    "\\builtin printf '\\1shopt\\n'; \\builtin shopt -p; "
+    "\\builtin printf '\\1set\\n'; \\builtin set +o; "
+    "\\builtin printf '\\1umask\\n'; \\builtin umask; "
+    "\\builtin printf '\\1rest\\n'; \\builtin alias -p; \\builtin trap -p; "
+    "\\builtin ulimit -a; \\builtin ulimit -Ha; \\builtin dirs -l -p; \\builtin complete -p; "
+    "\\builtin enable -a; \\builtin jobs -l; \\builtin history; \\builtin hash -l; "
+    '\\builtin printf \'%%s\\n\' "$0" "$!" "$-" "$#"; '
+    "[[ $1 -ne $LINENO && $RANDOM -ne $RANDOM && $SRANDOM -ne $SRANDOM ]] && "
+    "\\builtin printf 'dynamic\\n'; } >&3 2>&1; \\builtin set --; "
+    "\\builtin printf '\\0%%s\\0%%s\\0%s\\0\\3' 0 \"$PWD\" >&3\n"
+)
+#: Builtins a command could shadow with a function of the same name; a reset removes such
+#: functions first, in POSIX mode (where ``unset``, a special builtin, cannot be shadowed).
+_SHADOWED_BUILTINS = (
+    "alias builtin cd command complete declare dirs echo enable hash history jobs local "
+    "printf pwd read set shift shopt test trap typeset ulimit umask unalias unset"
+)
+#: Variables bash keeps itself, never unset or set by a reset (unset, they would lose what
+#: makes them special): their values change on their own (BASH_ARGC and BASH_ARGV keep an
+#: entry from the last sourced call), so a dump is compared without them.
+_SHELL_DYNAMIC = frozenset(
+    (
+        "_",
+        "BASH_ARGC",
+        "BASH_ARGV",
+        "BASH_COMMAND",
+        "BASH_SUBSHELL",
+        "BASHPID",
+        "EPOCHREALTIME",
+        "EPOCHSECONDS",
+        "HISTCMD",
+        "LINENO",
+        "PIPESTATUS",
+        "RANDOM",
+        "SECONDS",
+        "SRANDOM",
+    )
+)
+_DYNAMIC_VALUES = re.compile(
+    b"^(declare -[^ ]+ (?:%s))=.*$" % "|".join(sorted(_SHELL_DYNAMIC)).encode(), re.MULTILINE
+)
+#: Variables bash keeps itself whose values a dump does compare (a reset leaves them alone).
+_SHELL_INTERNAL = frozenset(
+    (
+        "BASH_ALIASES",
+        "BASH_ARGV0",
+        "BASH_CMDS",
+        "BASH_LINENO",
+        "BASH_SOURCE",
+        "COMP_WORDBREAKS",
+        "DIRSTACK",
+        "FUNCNAME",
+        "GROUPS",
+    )
+)
+#: How long a shell kept at a reset has to show it is pristine again before it is replaced.
+SHELL_RESET_S = 2.0
+
+
+def _dump_sections(dump: bytes) -> Dict[str, List[bytes]]:
+    """A shell dump (`_SHELL_DUMP`) by section name: its lines."""
+    sections: Dict[str, List[bytes]] = {}
+    for part in dump.split(b"\1")[1:]:
+        name, _, body = part.partition(b"\n")
+        sections[name.decode("ascii", "replace")] = body.splitlines()
+    return sections
+
+
+def _masked_dump(dump: bytes) -> bytes:
+    """A dump, values of `_SHELL_DYNAMIC` variables dropped (their attributes kept)."""
+    return _DYNAMIC_VALUES.sub(b"\\1", dump)
+
+
+def _function_names(dump: bytes) -> List[bytes]:
+    """The function names a dump's functions section lists (``declare -f NAME``)."""
+    names = []
+    for line in _dump_sections(dump).get("functions", []):
+        parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[0] == b"declare" and parts[1].startswith(b"-f"):
+            names.append(parts[2])
+    return names
+
+
+def _declared(lines: List[bytes]) -> Dict[bytes, Tuple[bytes, bytes]]:
+    """A dump's variables: name -> (attributes, the masked ``declare`` line)."""
+    found = {}
+    for line in _masked_dump(b"\n".join(lines)).split(b"\n"):
+        parts = line.split(b" ", 2)
+        if len(parts) == 3 and parts[0] == b"declare":
+            found[parts[2].split(b"=", 1)[0]] = (parts[1], line)
+    return found
+
+
+def _check_script(token: int) -> bytes:
+    """The lines a kept shell gets first at a reset: no errexit or nounset (the dump must not
+    end the shell: a new shell has neither); SECONDS counts from now, as in a new shell; the
+    positional parameters are dropped (``$1`` carries the LINENO probe); a dump."""
+    text = '\\builtin set +eu; SECONDS=0; \\builtin set -- "$LINENO"\n' + _SHELL_DUMP % (
+        "R%d" % token
+    )
+    return text.encode()
+
+
+def _fix_script(pristine: bytes, dump: bytes, workspace: str, token: int) -> Optional[bytes]:
+    """Lines that put a bash shell whose dump is `dump` back as `pristine` shows it, then dump
+    it again; None when some difference cannot be undone (the shell is replaced then).
+
+    They run at the shell's top level, in POSIX mode while they work (special builtins such
+    as ``unset`` come before functions; an assignment needs no command): functions go (those
+    the dump lists, and any named like a builtin used here), traps go back to their defaults,
+    options are set as they were, variables the pristine shell did not have are unset and
+    changed ones set again as they were; aliases, hashed commands, completions, the dir stack,
+    cwd and umask are reset. bash's own dynamic variables cannot be set back (unset, they
+    lose what makes them special), nor can a readonly variable, ``$!``, a job, a lowered hard
+    limit or a disabled builtin: a difference there gives None.
+    """
+    before = _dump_sections(pristine)
+    after = _dump_sections(dump)
+    was = _declared(before.get("vars", []))
+    now = _declared(after.get("vars", []))
+    fixable_internal = {b"DIRSTACK", b"BASH_ALIASES", b"BASH_CMDS"}
+    drop = []
+    replay = []
+    for name, (attributes, _) in now.items():
+        if name not in was:
+            if b"r" in attributes:
+                return None
+            drop.append(name)
+    for name, (attributes, line) in was.items():
+        if now.get(name) == (attributes, line) and name not in (b"PWD", b"OLDPWD"):
+            continue  # (PWD and OLDPWD are set again after the fix's cd)
+        if name in (b"BASHOPTS", b"SHELLOPTS"):
+            continue  # (readonly, and follow the options, which are set back)
+        text = name.decode("ascii", "replace")
+        if b"r" in attributes or text in _SHELL_DYNAMIC:
+            return None
+        if text in _SHELL_INTERNAL:
+            if name not in fixable_internal:
+                return None
+            continue
+        if name in now and b"r" in now[name][0]:
+            return None
+        drop.append(name)
+        replay.append(b"\\builtin " + line)
+    rest_before = before.get("rest", [])
+    rest_after = after.get("rest", [])
+    # The dump ends with $0, $!, $-, $# and the dynamic-variable probe: $- follows the
+    # options (set back here), the others cannot be set back.
+    if (
+        len(rest_after) < 5
+        or rest_before[-5:-3] + rest_before[-1:] != rest_after[-5:-3] + rest_after[-1:]
+    ):
+        return None
+    options = []
+    for line in before.get("set", []):
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) == 3 and parts[2] != "posix":
+            options += parts[1:]
+    shopts: Dict[str, List[str]] = {"-s": [], "-u": []}
+    for line in before.get("shopt", []):
+        parts = line.decode("ascii", "replace").split()
+        # (Not the read-only ones, nor compat levels: setting those also sets BASH_COMPAT.)
+        settable = parts[2] not in ("login_shell", "restricted_shell") if len(parts) == 3 else False
+        if settable and parts[1] in shopts and not parts[2].startswith("compat"):
+            shopts[parts[1]].append(parts[2])
+    umask = b"".join(before.get("umask", [])).decode("ascii", "replace").strip() or "0022"
+    signals = [str(n) for n in range(1, 65) if n not in (signal.SIGKILL, signal.SIGSTOP, 32, 33)]
+    functions = [
+        _shell_quote(name.decode("utf-8", "surrogateescape")) for name in _function_names(dump)
+    ]
+    lines = [
+        "POSIXLY_CORRECT=y",
+        "\\unset -f -- %s %s" % (_SHADOWED_BUILTINS, " ".join(functions)),
+        "\\trap - EXIT DEBUG ERR RETURN " + " ".join(signals),
+        "\\builtin set " + " ".join(options),
+    ]
+    for flag in ("-s", "-u"):
+        if shopts[flag]:
+            lines.append("\\builtin shopt %s %s" % (flag, " ".join(shopts[flag])))
+    if drop:
+        names = b" ".join(drop).decode("utf-8", "surrogateescape")
+        # -n first: a nameref itself goes, not the variable it names; then -v: the others.
+        lines.append("\\unset -n -- %s; \\unset -v -- %s" % (names, names))
+    # (Unsetting BASH_XTRACEFD closes the fd it named: stderr is /dev/null again.)
+    lines.append("\\exec 2>/dev/null; \\builtin cd -- %s" % _shell_quote(workspace))
+    lines += [line.decode("utf-8", "surrogateescape") for line in replay]
+    lines += [
+        "\\builtin unalias -a",
+        "\\builtin hash -r",
+        "\\builtin complete -r",
+        "\\builtin dirs -c",
+        "\\builtin umask %s" % umask,
+        "\\builtin set +o posix",
+        "\\unset -v POSIXLY_CORRECT",
+        '\\builtin set -- "$LINENO"',
+    ]
+    text = "; ".join(lines) + "\n" + _SHELL_DUMP % ("R%d" % token)
+    return text.encode("utf-8", "surrogateescape")
 
 
 class _Shells:
@@ -4253,9 +4520,15 @@ class _Shells:
       (same uid, environment, HOME, session), in the last known working directory with the
       last known exported environment; the result of the call it died in (or the next call,
       when it died between calls) has ``shell_restarted`` set, with the shell's exit status.
-    * Reset and shutdown kill the shell with everything else of the slot (its session is
-      added to the kill sweep) and remove the slot's FIFOs and files; the slot's next lease
-      starts a clean shell at its first persistent call.
+    * Shutdown kills the shell with everything else of the slot. A reset does too, except
+      for an idle bash that only ran calls (see `keepable`): the keeper kills everything
+      else of the slot, and the shell is set back to the state it showed before its first
+      call and checked (see `recycle`), because starting a shell costs about what three
+      small commands cost. A shell that cannot be shown pristine again is killed as at any
+      reset. Either way the slot's next lease sees a shell as new, except for what only
+      the process itself shows: its pid, start time and CPU times, and how many lines it has
+      read (``BASH_LINENO`` in a call). A command that deliberately subverts its own shell
+      (ptrace as the same uid, a trap that forges the dump) is not defended against.
     """
 
     def __init__(self, agent: Agent) -> None:
@@ -4267,6 +4540,7 @@ class _Shells:
         self.directory: Optional[str] = None
         self.program = _find_shell()[0]
         self.is_bash = os.path.basename(self.program) == "bash"
+        self.program_path = os.path.realpath(self.program)
         self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     # -- calls ----------------------------------------------------------------------------------
@@ -4455,7 +4729,12 @@ class _Shells:
         agent.selector.register(status_read, selectors.EVENT_READ, self._status_callback(shell))
         self.by_slot[slot] = shell
         agent.slots_used.add(slot)
-        self.send_script(shell, ("; ".join(script) + "\n").encode("utf-8", "surrogateescape"))
+        init = "; ".join(script) + "\n"
+        if self.is_bash and previous is None:
+            # What a new shell looks like, before any call: a reset keeps the shell only if
+            # it looks so again (see `recycle`).
+            init = init[:-1] + '; \\builtin set -- "$LINENO"\n' + _SHELL_DUMP % "P"
+        self.send_script(shell, init.encode("utf-8", "surrogateescape"))
         return shell
 
     def _started(self, shell: _Shell, reply: Dict[str, Any]) -> None:
@@ -4629,9 +4908,16 @@ class _Shells:
             # A record is ``export -p text NUL status NUL cwd NUL E<exec id> NUL ETX``.
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
-            if len(fields) < 4 or not fields[-1].startswith(b"E"):
+            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"P", b"R"):
                 continue
             exported, status, cwd, name = fields[-4:]
+            if name == b"P":
+                shell.pristine = exported
+                shell.pristine_masked = _masked_dump(exported)
+                continue
+            if name.startswith(b"R"):
+                self._reset_dump(shell, name, exported)
+                continue
             shell.cwd = os.fsdecode(cwd) or shell.cwd
             if shell.env_fd >= 0:
                 shell.records_seen += 1  # its ``export -p`` follows in the memfd
@@ -4802,6 +5088,16 @@ class _Shells:
         self._close_channels(shell)
         shell.pid = 0
         ex = shell.current
+        if shell.resetting is not None and shell.resetting[2] > 0:
+            # It died while a reset checked it: the reset goes on as one that does not keep
+            # the shell (the keeper's kill has been done).
+            request_id, killed, _ = shell.resetting
+            shell.resetting = None
+            shell.closing = shell.closing or "reset"
+            if self.by_slot.get(shell.slot) is shell:
+                del self.by_slot[shell.slot]
+            self.agent._reply_reset(request_id, shell.slot, killed)
+            return
         if shell.closing is not None:
             if self.by_slot.get(shell.slot) is shell:
                 del self.by_slot[shell.slot]
@@ -4829,6 +5125,178 @@ class _Shells:
             os.close(shell.env_fd)
         shell.control_fd = shell.status_fd = shell.env_fd = -1
         shell.unsent = b""
+
+    # -- resets that keep the shell ------------------------------------------------------------
+
+    def keepable(self, slot: int) -> Optional[_Shell]:
+        """The slot's shell, if a reset may keep it for the slot's next lease: a bash with a
+        pristine dump, idle between calls, and nothing else of the slot at work (a fresh
+        command, a tree op, an overlay). Starting a shell
+        costs about what three small commands do: a lease that only ran commands is set back
+        instead (see `recycle`)."""
+        shell = self.by_slot.get(slot)
+        if shell is None or shell.pristine is None or not shell.pid or shell.starting:
+            return None
+        if shell.closing is not None or shell.current is not None or shell.resetting:
+            return None
+        if shell.unsent or shell.recenter or shell.left or shell.report_restart:
+            return None
+        agent = self.agent
+        if slot in agent.trees.overlays:
+            return None
+        if agent._slot_helpers(slot) or any(ex.slot == slot for ex in agent.execs.values()):
+            return None
+        return shell
+
+    def recycle(self, shell: _Shell, request_id: int, killed: int) -> None:
+        """A reset's second step, once the keeper killed everything of the slot but `shell`:
+        the shell dumps its state; if it is the pristine dump, the shell is kept; if not, one
+        round of `_fix_script` sets it back and it dumps again; still not pristine (or not
+        answering within `SHELL_RESET_S`), it is replaced as at any reset. The dump is
+        compared whole (variables with their attributes, functions, options, aliases, traps,
+        umask, limits, dir stack, completions, builtins, jobs, history, hashed commands, ``$0``,
+        ``$!``), and the kernel's view too: no child, the same program, no fd but its own."""
+        alive = self.by_slot.get(shell.slot) is shell and shell.pid and shell.closing is None
+        if not alive or shell.current is not None:
+            shell.resetting = None
+            self.agent._reply_reset(request_id, shell.slot, killed)
+            return
+        shell.resetting = (request_id, killed, 1)
+        self.send_script(shell, _check_script(request_id))
+        deadline = time.monotonic() + SHELL_RESET_S
+        heapq.heappush(self.agent.timers, (deadline, request_id, -2))
+
+    def _reset_dump(self, shell: _Shell, name: bytes, dump: bytes) -> None:
+        """A dump a reset asked for (see `recycle`): keep the shell, fix it, or replace it."""
+        resetting = shell.resetting
+        if resetting is None or name != b"R%d" % resetting[0] or shell.pristine is None:
+            return
+        request_id, killed, round_number = resetting
+        if _masked_dump(dump) == shell.pristine_masked:
+            if self._looks_pristine(shell):
+                self._kept(shell)
+            else:
+                self._replace_at_reset(shell)
+            return
+        workspace = self.agent.workspace_path(shell.slot)
+        fix = None
+        if round_number == 1:
+            fix = _fix_script(shell.pristine, dump, workspace, request_id)
+        if fix is None:
+            self._replace_at_reset(shell)
+            return
+        shell.resetting = (request_id, killed, 2)
+        self.send_script(shell, fix)
+
+    def _looks_pristine(self, shell: _Shell) -> bool:
+        """What the kernel shows of a kept shell: it is the slot's only process (its keeper's
+        only child, with no child of its own: a trap could have started one during the
+        check), its own program, and no fd but the ones it started with (fd 255 is bash's
+        copy of its stderr)."""
+        pid = shell.pid
+        keeper = self.agent.keepers.get(shell.slot)
+        if keeper is None:
+            return False
+        devnull = os.fstat(self.agent.devnull)
+        expected = {
+            "0": os.fstat(shell.control_fd),
+            "1": os.fstat(shell.env_fd) if shell.env_fd >= 0 else devnull,
+            "2": devnull,
+            "3": os.fstat(shell.status_fd),
+            "255": devnull,
+        }
+        try:
+            if _children_listed(keeper.pid) != [pid] or _children_listed(pid):
+                return False
+            if os.readlink("/proc/%d/exe" % pid) != self.program_path:
+                return False
+            for _ in range(20):
+                names = os.listdir("/proc/%d/fd" % pid)
+                odd = [
+                    fd
+                    for fd in names
+                    if fd not in expected
+                    or not os.path.samestat(os.stat("/proc/%d/fd/%s" % (pid, fd)), expected[fd])
+                ]
+                if not odd and {"0", "1", "2", "3"} <= set(names):
+                    return True
+                if _process_state(pid) != b"R":  # idle, and an fd is still off: not pristine
+                    return False
+                time.sleep(0.0002)  # still undoing the dump's redirections: look again
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def _kept(self, shell: _Shell) -> None:
+        """The reset keeps the shell: its state is the pristine one again."""
+        assert shell.resetting is not None
+        request_id, killed, _ = shell.resetting
+        shell.resetting = None
+        shell.cwd = self.agent.workspace_path(shell.slot)
+        shell.exported = None
+        shell.interrupted = False
+        shell.report_restart = False
+        self.agent._reply_reset(request_id, shell.slot, killed, keep_shell=True)
+
+    def _replace_at_reset(self, shell: _Shell) -> None:
+        """The reset does not keep the shell after all: it and everything of the slot (what
+        the shell may have started since the first kill) are killed as at any reset."""
+        assert shell.resetting is not None
+        request_id, killed, _ = shell.resetting
+        shell.resetting = None
+        shell.closing = "reset"
+        with contextlib.suppress(OSError):
+            os.kill(shell.pid, signal.SIGKILL)
+        agent = self.agent
+        keeper = agent.keepers.get(shell.slot)
+        if keeper is not None:
+            try:
+                _send_to_keeper_peer(keeper.sock, {"kill": True})
+            except OSError:
+                agent._keeper_lost(keeper)  # it killed what it kept
+            else:
+                keeper.pending_kills.append((request_id, shell.slot, killed, {shell.pid}, None))
+                return
+        agent._reply_reset(request_id, shell.slot, killed)
+
+    def on_reset_timer(self, request_id: int) -> None:
+        for shell in list(self.by_slot.values()):
+            if shell.resetting is not None and shell.resetting[0] == request_id:
+                if shell.resetting[2] > 0:
+                    self._replace_at_reset(shell)
+                return
+
+    def tidy(self, slot: int) -> None:
+        """At a reset that keeps the shell: no lingering output of the slot is read any more,
+        and the slot's directory keeps only the shell's FIFOs (a command may have left other
+        files there, or put something else in their place)."""
+        for fd, owner in list(self.lingering.items()):
+            if owner == slot:  # (what held it was killed with the rest of the slot)
+                self._close_lingering(fd)
+        shell = self.by_slot.get(slot)
+        if self.directory is None or shell is None:
+            return
+        keep = set(shell.fifos.values())
+        directory = os.path.join(self.directory, "slot-%d" % slot)
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            shell.fifos.clear()
+            return
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.path in keep and stat.S_ISFIFO(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    import shutil
+
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+        for kind, path in list(shell.fifos.items()):
+            if not os.path.lexists(path):
+                del shell.fifos[kind]
 
     # -- timeouts, cancel, reset ----------------------------------------------------------------
 
