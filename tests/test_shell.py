@@ -536,3 +536,26 @@ def test_a_shell_too_slow_to_show_its_state_is_replaced(agent: AgentProcess) -> 
     assert time.monotonic() - started < 10
     assert wait_no_processes_with_env(marker) == []
     assert not pid_alive(pid)
+
+
+def test_end_shell_sets_an_idle_shell_back_and_leaves_the_rest(agent: AgentProcess) -> None:
+    """end_shell keeps an idle shell, set back as at a reset, while the slot's files and a
+    detached process stay; the next call sees a new shell's state."""
+    marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
+    pid, before = probe_state(agent)
+    run(
+        agent,
+        f"export KEEP=1; cd /tmp; f() {{ :; }}; echo data > $HOME/kept; ( {marker} sleep 300 & )",
+    )
+    assert wait_for(lambda: len(processes_with_env(marker)) == 1, timeout_s=5)
+    assert agent.call("end_shell", slot=0, serial=True) == {"ended": True}
+    assert shell_pid(agent) == pid
+    assert len(processes_with_env(marker)) == 1
+    assert (Path(agent.config["workspace_root"]) / "slot-0" / "kept").read_text() == "data\n"
+    agent.call("end_shell", slot=0)
+    (Path(agent.config["workspace_root"]) / "slot-0" / "kept").unlink()
+    kept, after = probe_state(agent)
+    assert kept == pid
+    assert after == before
+    agent.call("reset_slot", slot=0)
+    assert wait_no_processes_with_env(marker) == []

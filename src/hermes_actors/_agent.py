@@ -599,8 +599,10 @@ def _kill_descendants(
                 lambda table: _descendants(_children_of(table), [own]) - {spare}, reap, limit_s
             )
             return killed + sorted(table_kill - set(killed))
-        if spare and not any(_process_state(pid) not in (b"Z", b"X", b"") for pid in children):
-            return killed  # the spared shell is the slot's last process (its zombies: its own)
+        if spare and not children:
+            # The spared shell is the slot's last process. (Zombies are waited out, not taken
+            # as gone: a dying process hands its children to us only as it becomes one.)
+            return killed
         if not children:
             try:
                 ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -2281,6 +2283,9 @@ class Agent:
             if pid == -2:  # a reset that keeps a shell: its time to show it is pristine
                 self.shells.on_reset_timer(exec_id)
                 continue
+            if pid == -3:  # such a reset: look at the shell again (see `look_again`)
+                self.shells.look_again(exec_id)
+                continue
             if pid <= 0:  # a persistent shell's call: its timeout (0) or kill grace (-1)
                 self.shells.on_timer(exec_id, grace=pid < 0)
                 continue
@@ -2504,7 +2509,14 @@ class Agent:
             self.shells.close(slot)
         self.trees.discard_overlay(slot)
         uid = self.slot_uid(slot)
-        workspace = self.workspace(slot)
+        workspace = self.workspace_path(slot)
+        self.slots_used.add(slot)
+        try:
+            is_directory = stat.S_ISDIR(os.lstat(workspace).st_mode)
+        except OSError:
+            is_directory = False
+        if not is_directory:  # (missing, or a symlink or file: made again, see `workspace`)
+            workspace = self.workspace(slot)
         try:
             _wipe_contents(workspace)
         except OSError as exc:
@@ -2514,10 +2526,18 @@ class Agent:
             os.chown(workspace, uid, uid)
         return {"killed": killed, "shell_kept": keep_shell}
 
-    def op_end_shell(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
+    def op_end_shell(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """End the slot's persistent shell (only it: files and other processes stay), so the
-        slot's next persistent call starts a clean one; for a release that keeps the slot."""
-        return {"ended": self.shells.end(_slot_arg(args))}
+        slot's next persistent call starts a clean one; for a release that keeps the slot.
+
+        An idle bash is set back instead, as at a reset (see `_Shells.recycle`), and replaced
+        only if it cannot be shown pristine; the reply comes then."""
+        slot = _slot_arg(args)
+        kept = self.shells.keepable(slot)
+        if kept is not None:
+            self.shells.recycle(kept, request_id, 0, ending=True)
+            return None
+        return {"ended": self.shells.end(slot)}
 
     def op_ping(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         execs = len(self.execs) + len(self.shells.execs)
@@ -4268,6 +4288,8 @@ class _Shell:
         #: A reset in progress that keeps this shell: (reset request id, processes killed,
         #: round), until the shell's dump says whether it is pristine again.
         self.resetting: Optional[Tuple[int, int, int]] = None
+        #: That request is an ``end_shell`` (nothing else of the slot is killed or wiped).
+        self.ending = False
 
 
 #: What a bash shell prints of its state, on its status channel (fd 3), in sections a ``\1``
@@ -4557,6 +4579,10 @@ class _Shells:
         """Run `command` in the slot's shell (started first if needed); replies when it ends."""
         agent = self.agent
         shell = self.by_slot.get(ex.slot)
+        if shell is not None and shell.resetting is not None and shell.resetting[2] > 0:
+            # A call while a reset or end_shell checks its shell (a host that did not wait
+            # for the reply): that shell is not kept after all.
+            self._replace_at_reset(shell)
         if shell is not None and shell.closing is not None:
             # Killed on purpose and not reaped yet (a call cancelled while it started): a new
             # shell serves this call, with nothing of that one.
@@ -5096,7 +5122,10 @@ class _Shells:
             shell.closing = shell.closing or "reset"
             if self.by_slot.get(shell.slot) is shell:
                 del self.by_slot[shell.slot]
-            self.agent._reply_reset(request_id, shell.slot, killed)
+            if shell.ending:
+                self.agent.send({"id": request_id, "ok": True, "result": {"ended": True}})
+            else:
+                self.agent._reply_reset(request_id, shell.slot, killed)
             return
         if shell.closing is not None:
             if self.by_slot.get(shell.slot) is shell:
@@ -5148,20 +5177,22 @@ class _Shells:
             return None
         return shell
 
-    def recycle(self, shell: _Shell, request_id: int, killed: int) -> None:
+    def recycle(self, shell: _Shell, request_id: int, killed: int, ending: bool = False) -> None:
         """A reset's second step, once the keeper killed everything of the slot but `shell`:
         the shell dumps its state; if it is the pristine dump, the shell is kept; if not, one
         round of `_fix_script` sets it back and it dumps again; still not pristine (or not
         answering within `SHELL_RESET_S`), it is replaced as at any reset. The dump is
         compared whole (variables with their attributes, functions, options, aliases, traps,
         umask, limits, dir stack, completions, builtins, jobs, history, hashed commands, ``$0``,
-        ``$!``), and the kernel's view too: no child, the same program, no fd but its own."""
+        ``$!``), and the kernel's view too: no child, the same program, no fd but its own.
+        `ending`: for ``end_shell`` (the slot's other processes stay, see `op_end_shell`)."""
         alive = self.by_slot.get(shell.slot) is shell and shell.pid and shell.closing is None
         if not alive or shell.current is not None:
             shell.resetting = None
             self.agent._reply_reset(request_id, shell.slot, killed)
             return
         shell.resetting = (request_id, killed, 1)
+        shell.ending = ending
         self.send_script(shell, _check_script(request_id))
         deadline = time.monotonic() + SHELL_RESET_S
         heapq.heappush(self.agent.timers, (deadline, request_id, -2))
@@ -5173,10 +5204,8 @@ class _Shells:
             return
         request_id, killed, round_number = resetting
         if _masked_dump(dump) == shell.pristine_masked:
-            if self._looks_pristine(shell):
-                self._kept(shell)
-            else:
-                self._replace_at_reset(shell)
+            shell.resetting = (request_id, killed, 3)  # the dump is pristine: now the kernel's view
+            self.look_again(request_id)
             return
         workspace = self.agent.workspace_path(shell.slot)
         fix = None
@@ -5188,11 +5217,31 @@ class _Shells:
         shell.resetting = (request_id, killed, 2)
         self.send_script(shell, fix)
 
-    def _looks_pristine(self, shell: _Shell) -> bool:
-        """What the kernel shows of a kept shell: it is the slot's only process (its keeper's
-        only child, with no child of its own: a trap could have started one during the
-        check), its own program, and no fd but the ones it started with (fd 255 is bash's
-        copy of its stderr)."""
+    def look_again(self, request_id: int) -> None:
+        """Keep the shell whose dump was pristine if the kernel's view is too; while the shell
+        still runs (undoing the dump's redirections), look again in a moment (the reset's
+        `SHELL_RESET_S` bounds it)."""
+        for shell in self.by_slot.values():
+            if shell.resetting is not None and shell.resetting[0] == request_id:
+                break
+        else:
+            return
+        if shell.resetting[2] != 3:
+            return
+        verdict = self._looks_pristine(shell)
+        if verdict is None:
+            soon = time.monotonic() + 0.001
+            heapq.heappush(self.agent.timers, (soon, request_id, -3))
+        elif verdict:
+            self._kept(shell)
+        else:
+            self._replace_at_reset(shell)
+
+    def _looks_pristine(self, shell: _Shell) -> Optional[bool]:
+        """What the kernel shows of a kept shell: no child of its own, and at a reset it is the
+        slot's only process (its keeper's only child: a trap could have started one during
+        the check); its own program, and no fd but the ones it started with (fd 255 is bash's
+        copy of its stderr). None: it is running, look again."""
         pid = shell.pid
         keeper = self.agent.keepers.get(shell.slot)
         if keeper is None:
@@ -5206,23 +5255,23 @@ class _Shells:
             "255": devnull,
         }
         try:
-            if _children_listed(keeper.pid) != [pid] or _children_listed(pid):
+            if _children_listed(pid):
+                return False
+            if not shell.ending and _children_listed(keeper.pid) != [pid]:
                 return False
             if os.readlink("/proc/%d/exe" % pid) != self.program_path:
                 return False
-            for _ in range(20):
-                names = os.listdir("/proc/%d/fd" % pid)
-                odd = [
-                    fd
-                    for fd in names
-                    if fd not in expected
-                    or not os.path.samestat(os.stat("/proc/%d/fd/%s" % (pid, fd)), expected[fd])
-                ]
-                if not odd and {"0", "1", "2", "3"} <= set(names):
-                    return True
-                if _process_state(pid) != b"R":  # idle, and an fd is still off: not pristine
-                    return False
-                time.sleep(0.0002)  # still undoing the dump's redirections: look again
+            names = os.listdir("/proc/%d/fd" % pid)
+            odd = [
+                fd
+                for fd in names
+                if fd not in expected
+                or not os.path.samestat(os.stat("/proc/%d/fd/%s" % (pid, fd)), expected[fd])
+            ]
+            if not odd and {"0", "1", "2", "3"} <= set(names):
+                return True
+            if _process_state(pid) == b"R":
+                return None  # still undoing the dump's redirections, maybe
         except (OSError, ValueError):
             pass
         return False
@@ -5236,6 +5285,9 @@ class _Shells:
         shell.exported = None
         shell.interrupted = False
         shell.report_restart = False
+        if shell.ending:
+            self.agent.send({"id": request_id, "ok": True, "result": {"ended": True}})
+            return
         self.agent._reply_reset(request_id, shell.slot, killed, keep_shell=True)
 
     def _replace_at_reset(self, shell: _Shell) -> None:
@@ -5248,6 +5300,11 @@ class _Shells:
         with contextlib.suppress(OSError):
             os.kill(shell.pid, signal.SIGKILL)
         agent = self.agent
+        if shell.ending:  # end_shell: only the shell goes
+            if self.by_slot.get(shell.slot) is shell:
+                del self.by_slot[shell.slot]
+            agent.send({"id": request_id, "ok": True, "result": {"ended": True}})
+            return
         keeper = agent.keepers.get(shell.slot)
         if keeper is not None:
             try:
