@@ -41,7 +41,11 @@ from hermes_actors._status import BackendStatus, PoolStatus
 from hermes_actors._trio import PortalHost
 from hermes_actors.drivers._base import SandboxDriver
 from hermes_actors.facades._core import ArtifactTooLarge, BackendCore, Slot, SlotState
-from hermes_actors.facades._signals import install_signal_handlers, register_host
+from hermes_actors.facades._signals import (
+    SIGNAL_PORTAL_STOP_S,
+    install_signal_handlers,
+    register_host,
+)
 from hermes_actors.facades._tools import ExecutionResult, ToolResult
 from hermes_actors.runtime._runtime import Checkpoint
 from hermes_actors.runtime._trees import DownloadTarget, UploadSource
@@ -297,10 +301,11 @@ class ToolBackend:
         host.close()
 
     def stop_on_signal(self, limit_s: float) -> None:
-        """A stop signal arrived: terminate every sandbox, blocking at most about `limit_s`."""
+        """A stop signal arrived: terminate every sandbox, blocking at most `limit_s` (then at
+        most `SIGNAL_PORTAL_STOP_S` for the portal thread to stop)."""
         host = self._take_host()
         if host is not None:
-            host.close(limit_s, stop_wait_s=1.0)
+            host.close(limit_s, stop_wait_s=SIGNAL_PORTAL_STOP_S)
 
     def _take_host(self) -> PortalHost[BackendCore] | None:
         with self._host_lock:

@@ -46,13 +46,15 @@ logger = logging.getLogger("hermes_actors.signals")
 
 #: How long a SIGTERM/SIGHUP may spend closing every backend before the signal takes effect.
 SIGNAL_STOP_S = 4.0
+#: How long, after that, a backend's portal thread may take to stop (it cancels what is left).
+SIGNAL_PORTAL_STOP_S = 1.0
 #: The signals that stop the runtime like Ctrl-C does, then take their default action.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class _Host(Protocol):
     def stop_on_signal(self, limit_s: float) -> None:
-        """Terminate every sandbox, blocking for at most `limit_s` seconds."""
+        """Terminate every sandbox, blocking for at most `limit_s` + `SIGNAL_PORTAL_STOP_S`."""
 
 
 _hosts: weakref.WeakSet[_Host] = weakref.WeakSet()
