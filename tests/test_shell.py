@@ -478,6 +478,9 @@ def test_a_reset_replaces_a_shell_it_cannot_set_back(agent: AgentProcess, lease:
     assert new_pid != pid
     assert not pid_alive(pid)
     assert after == before
+    # The new shell dumped only its own part at its start; it is kept at the next reset.
+    assert agent.call("reset_slot", slot=0)["shell_kept"] is True
+    assert probe_state(agent) == (new_pid, before)
 
 
 def test_a_kept_shell_outlives_none_of_the_leases_processes(agent: AgentProcess) -> None:

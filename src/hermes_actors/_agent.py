@@ -569,6 +569,14 @@ def _children_listed(pid: int) -> List[int]:
         return [int(child) for child in handle.read().split()]
 
 
+def _only_child(parent: int, child: int) -> bool:
+    """Whether `child` is the single-threaded `parent`'s only child and has none itself."""
+    try:
+        return _children_listed(parent) == [child] and not _children_listed(child)
+    except (OSError, ValueError):
+        return False
+
+
 def _kill_descendants(
     reap: Callable[[], None], limit_s: float = _KILL_LIMIT_S, spare: int = 0
 ) -> List[int]:
@@ -2461,6 +2469,12 @@ class Agent:
         self._drop_queued(slot)
         kept = self.shells.keepable(slot)
         keeper = self.keepers.get(slot)
+        if kept is not None and keeper is not None and _only_child(keeper.pid, kept.pid):
+            # The idle shell is the slot's only process (any other would be below the keeper
+            # or the shell): nothing to kill; the shell is checked (see `_Shells.recycle`).
+            kept.resetting = (request_id, 0, 0)
+            self.shells.recycle(kept, request_id, 0)
+            return None
         if kept is not None and keeper is not None:
             # Everything of the slot but its idle shell dies; then the shell is checked, and
             # set back, or replaced after all (see `_Shells.recycle`).
@@ -4293,26 +4307,35 @@ class _Shell:
 
 
 #: What a bash shell prints of its state, on its status channel (fd 3), in sections a ``\1``
-#: line names: variables, functions, options, umask, then everything else (aliases, traps,
-#: limits, dir stack, completions, builtins, jobs, history, hashed commands, ``$0``, ``$!``,
-#: ``$-``). The last line says whether LINENO, RANDOM and SRANDOM still change on their own
+#: line names: variables, dir stack, functions, options, umask, then everything else
+#: (aliases, traps, limits, completions, builtins, jobs, history, hashed commands, ``$0``,
+#: ``$!``, ``$-``). The last line says whether LINENO, RANDOM and SRANDOM still change on their own
 #: (an unset and reassigned one does not); the line before must have set ``$1`` to its
 #: LINENO. Builtins are called as ``\builtin``: no alias or function stands in for them. It
 #: ends with the record ``NUL 0 NUL cwd NUL <name> NUL ETX`` (see `_Shells.read_status`).
-_SHELL_DUMP = (
-    "{ \\builtin printf '\\1vars\\n'; \\builtin declare -p; "
+_DUMP_OWN = (
+    "\\builtin printf '\\1vars\\n'; \\builtin declare -p; "
+    "\\builtin printf '\\1dirs\\n'; \\builtin dirs -l -p; "
+)
+#: The part every new shell of this agent shows alike (see `_Shells.pristine_common`).
+_DUMP_COMMON = (
     "\\builtin printf '\\1functions\\n'; \\builtin declare -F; "
     "\\builtin printf '\\1shopt\\n'; \\builtin shopt -p; "
     "\\builtin printf '\\1set\\n'; \\builtin set +o; "
     "\\builtin printf '\\1umask\\n'; \\builtin umask; "
     "\\builtin printf '\\1rest\\n'; \\builtin alias -p; \\builtin trap -p; "
-    "\\builtin ulimit -a; \\builtin ulimit -Ha; \\builtin dirs -l -p; \\builtin complete -p; "
+    "\\builtin ulimit -a; \\builtin ulimit -Ha; \\builtin complete -p; "
     "\\builtin enable -a; \\builtin jobs -l; \\builtin history; \\builtin hash -l; "
     '\\builtin printf \'%%s\\n\' "$0" "$!" "$-" "$#"; '
     "[[ $1 -ne $LINENO && $RANDOM -ne $RANDOM && $SRANDOM -ne $SRANDOM ]] && "
-    "\\builtin printf 'dynamic\\n'; } >&3 2>&1; \\builtin set --; "
-    "\\builtin printf '\\0%%s\\0%%s\\0%s\\0\\3' 0 \"$PWD\" >&3\n"
+    "\\builtin printf 'dynamic\\n'; "
 )
+_DUMP_END = (
+    "} >&3 2>&1; \\builtin set --; \\builtin printf '\\0%%s\\0%%s\\0%s\\0\\3' 0 \"$PWD\" >&3\n"
+)
+_SHELL_DUMP = "{ " + _DUMP_OWN + _DUMP_COMMON + _DUMP_END
+#: Only the part of `_SHELL_DUMP` that differs between new shells (variables, cwd).
+_SHELL_DUMP_OWN = "{ " + _DUMP_OWN + _DUMP_END
 #: Builtins a command could shadow with a function of the same name; a reset removes such
 #: functions first, in POSIX mode (where ``unset``, a special builtin, cannot be shadowed).
 _SHADOWED_BUILTINS = (
@@ -4563,6 +4586,10 @@ class _Shells:
         self.program = _find_shell()[0]
         self.is_bash = os.path.basename(self.program) == "bash"
         self.program_path = os.path.realpath(self.program)
+        #: What every new shell here shows alike (`_DUMP_COMMON`), from the first one's dump:
+        #: later new shells dump only their own part (a new process runs that code for the
+        #: first time, at a cost of its page faults).
+        self.pristine_common: Optional[bytes] = None
         self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     # -- calls ----------------------------------------------------------------------------------
@@ -4759,7 +4786,8 @@ class _Shells:
         if self.is_bash and previous is None:
             # What a new shell looks like, before any call: a reset keeps the shell only if
             # it looks so again (see `recycle`).
-            init = init[:-1] + '; \\builtin set -- "$LINENO"\n' + _SHELL_DUMP % "P"
+            dump = _SHELL_DUMP % "P" if self.pristine_common is None else _SHELL_DUMP_OWN % "Q"
+            init = init[:-1] + '; \\builtin set -- "$LINENO"\n' + dump
         self.send_script(shell, init.encode("utf-8", "surrogateescape"))
         return shell
 
@@ -4934,10 +4962,15 @@ class _Shells:
             # A record is ``export -p text NUL status NUL cwd NUL E<exec id> NUL ETX``.
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
-            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"P", b"R"):
+            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"P", b"Q", b"R"):
                 continue
             exported, status, cwd, name = fields[-4:]
-            if name == b"P":
+            if name in (b"P", b"Q"):
+                common = exported.find(b"\1functions\n")
+                if name == b"P" and self.pristine_common is None and common >= 0:
+                    self.pristine_common = exported[common:]
+                if name == b"Q" and self.pristine_common is not None:
+                    exported += self.pristine_common
                 shell.pristine = exported
                 shell.pristine_masked = _masked_dump(exported)
                 continue
