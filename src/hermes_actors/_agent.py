@@ -1149,8 +1149,8 @@ class _Exec:
         self.kill_reason: Optional[str] = None
         #: Run by the slot's persistent shell (see `_Shells`), not as a process of its own.
         self.in_shell = False
-        #: For a shell call: the FIFO path behind each output fd.
-        self.fifos: Dict[int, str] = {}
+        #: For a shell call: the shell's FIFO behind each output fd (see `_Fifo`).
+        self.fifos: Dict[int, _Fifo] = {}
         #: When the command (or shell call) started, in kernel clock ticks since boot: the
         #: orphans its keeper adopted since then may be its escapees; older ones are not.
         self.start_tick = 0
@@ -4247,6 +4247,24 @@ def _os_error_pair(what: str, exc: OSError) -> Tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Fifo:
+    """One of a shell's output FIFOs, which the agent keeps open from call to call.
+
+    `reader` is watched (and read during a call); `writer` is the agent's own write end, held
+    so that the reader never reads EOF while the FIFO waits for the shell, between calls too.
+    `identity` (device, inode) is what the path must still name whenever the agent opens it.
+    """
+
+    __slots__ = ("identity", "kind", "path", "reader", "writer")
+
+    def __init__(self, kind: str, path: str, reader: int, writer: int, identity: Any) -> None:
+        self.kind = kind
+        self.path = path
+        self.reader = reader
+        self.writer = writer
+        self.identity = identity
+
+
 class _Shell:
     """One slot's persistent shell: its process, its two channels, and its last known state.
 
@@ -4269,8 +4287,9 @@ class _Shell:
         self.records_seen = 0
         self.unsent = b""
         self.records = bytearray()
-        #: The output FIFOs no writer holds any more, by kind ("o", "e"): the next call's.
-        self.fifos: Dict[str, str] = {}
+        #: The output FIFOs, open, by kind ("o", "e"): no writer but the agent holds them
+        #: between calls, and the next call uses them again.
+        self.fifos: Dict[str, _Fifo] = {}
         self.fifo_count = 0
         #: The current call was interrupted (see `_Shells.kill_call`).
         self.interrupted = False
@@ -4548,11 +4567,15 @@ class _Shells:
       ETX`` to fd 3. No command holds fd 3 (the ``3>&-``) or the shell's stdout: nothing a
       command prints can end a call early or forge a status. Framing is never in-band in the
       output streams.
-    * Output per call: a FIFO is reused only while no writer holds it. When a call ends, the
-      agent takes what is buffered; if a background job of the call still holds the FIFO, the
-      agent keeps draining and discarding it until its last writer is gone (a background
-      server writing later must not die of SIGPIPE) and the next call gets a new FIFO, so the
-      job's later output never reaches another result.
+    * Output per call: a FIFO is reused only while no writer holds it. The agent keeps each
+      FIFO open (a reader, and a writer of its own so the reader sees no EOF while it waits),
+      and the shell opens it by path for each call. When a call ends, the agent closes its own
+      writer and reads to EOF: EOF means no one else writes, and the agent opens its writer
+      again by path, refusing anything but the same FIFO (a command may have replaced it);
+      if a background job of the call still holds the FIFO, the agent keeps draining and
+      discarding it until its last writer is gone (a background server writing later must
+      not die of SIGPIPE) and the next call gets a new FIFO, so the job's later output never
+      reaches another result. No FIFO is opened, closed or (un)watched per call.
     * Timeout and cancel, once the shell is inside the call (its stdout is the call's FIFO):
       the shell is stopped (SIGSTOP), every process of the call gets SIGINT then SIGKILL
       (the shell's descendants and the orphans the slot's keeper adopted, started since the
@@ -4628,10 +4651,9 @@ class _Shells:
                 paths = self._open_fifos(shell, ex, merge_stderr)
                 break
             except OSError as exc:
-                for fd in list(ex.fds):
-                    agent._close_output(ex, fd)
+                self._drop_fifos(shell)
+                ex.fds.clear()
                 ex.fifos.clear()
-                shell.fifos.clear()
                 if attempt == 2 or exc.errno not in (errno.ENOENT, errno.ELOOP):
                     agent.reply_not_started(ex, "the shell's FIFOs", exc)
                     return
@@ -4680,8 +4702,9 @@ class _Shells:
             try:
                 script = self._write_command(ex.slot, body)
             except OSError as exc:
-                for fd in list(ex.fds):
-                    agent._close_output(ex, fd)
+                self._drop_fifos(shell)
+                ex.fds.clear()
+                ex.fifos.clear()
                 agent.reply_not_started(ex, "the shell's command file", exc)
                 return
             parts.append(". %s </dev/null %s" % (_shell_quote(script), outputs))
@@ -4838,30 +4861,29 @@ class _Shells:
         return script
 
     def _open_fifos(self, shell: _Shell, ex: _Exec, merge_stderr: bool) -> List[str]:
-        """Open the call's output FIFOs (one when merged) and watch them; their paths."""
+        """Give the call the shell's output FIFOs (one when merged); their paths."""
         agent = self.agent
         paths = []
         assert ex.stdout is not None
         assert ex.stderr is not None
+        callback = agent._output_callback(ex)
         for kind, capture in (("o", ex.stdout), ("e", ex.stderr)):
             if kind == "e" and merge_stderr:
                 break
-            path = self.fifo(shell, kind)
-            # Read-write: the FIFO always has a writer (us), so it never reads as EOF before
-            # the shell has opened it; see `_linger` for after the call.
-            fd = _open_fifo(path, os.O_RDWR)
-            ex.fds[fd] = capture
-            ex.fifos[fd] = path
-            agent.selector.register(fd, selectors.EVENT_READ, agent._output_callback(ex))
-            paths.append(path)
+            fifo = self.fifo(shell, kind)
+            ex.fds[fifo.reader] = capture
+            ex.fifos[fifo.reader] = fifo
+            # (Watched already: a new callback is no system call.)
+            agent.selector.modify(fifo.reader, selectors.EVENT_READ, callback)
+            paths.append(fifo.path)
         return paths
 
-    def fifo(self, shell: _Shell, kind: str) -> str:
+    def fifo(self, shell: _Shell, kind: str) -> _Fifo:
         """A FIFO for a call's output: the slot's last one of that kind, unless a background
-        job of an earlier call still holds it (then a new one)."""
-        path = shell.fifos.get(kind)
-        if path is not None:
-            return path
+        job of an earlier call still holds it, or it was replaced (then a new one)."""
+        fifo = shell.fifos.get(kind)
+        if fifo is not None:
+            return fifo
         shell.fifo_count += 1
         path = os.path.join(self.slot_directory(shell.slot), "%s%d" % (kind, shell.fifo_count))
         with contextlib.suppress(FileNotFoundError):
@@ -4871,8 +4893,67 @@ class _Shells:
         if uid is not None:
             # Never through a symlink: the slot's commands may write in this directory.
             os.chown(path, uid, uid, follow_symlinks=False)
-        shell.fifos[kind] = path
-        return path
+        reader, identity = _open_fifo(path, os.O_RDONLY)
+        try:
+            # Our own writer (a reader exists: a non-blocking open succeeds), so the reader
+            # never reads EOF while it waits for the shell.
+            writer = _open_fifo(path, os.O_WRONLY, identity)[0]
+        except OSError:
+            os.close(reader)
+            raise
+        fifo = _Fifo(kind, path, reader, writer, identity)
+        self.agent.selector.register(reader, selectors.EVENT_READ, self._idle_callback)
+        shell.fifos[kind] = fifo
+        return fifo
+
+    def _idle_callback(self, fd: int, mask: int) -> None:
+        # Between calls only someone who opened the FIFO by path writes: nobody's output.
+        _discard(fd)
+
+    def _release(self, shell: _Shell, fifo: _Fifo, capture: Optional[_Capture], keep: bool) -> None:
+        """After a call (or with its shell): take what the FIFO holds, and keep it for the
+        next call if `keep` and no one but the agent writes into it; else let it go.
+
+        The agent's own writer is closed first, so that reading to EOF proves no writer is
+        left (what a finished call wrote is all buffered: the shell reported after it).
+        """
+        agent = self.agent
+        if fifo.writer >= 0:
+            os.close(fifo.writer)
+            fifo.writer = -1
+        kept = shell.fifos.get(fifo.kind) is fifo
+        if _drain_to_eof(fifo.reader, capture):
+            if keep and kept:
+                try:
+                    # By path, as the shell will open it: it must still be this FIFO.
+                    fifo.writer = _open_fifo(fifo.path, os.O_WRONLY, fifo.identity)[0]
+                except OSError:
+                    pass  # replaced or removed: the next call makes a new one
+                else:
+                    agent.selector.modify(fifo.reader, selectors.EVENT_READ, self._idle_callback)
+                    return
+            if kept:
+                del shell.fifos[fifo.kind]
+            agent.selector.unregister(fifo.reader)
+            os.close(fifo.reader)
+            return
+        # A background job of the call still holds it: discarded until its last writer is
+        # gone, and the next call gets a new FIFO.
+        if kept:
+            del shell.fifos[fifo.kind]
+        with contextlib.suppress(OSError):
+            os.unlink(fifo.path)
+        self.lingering[fifo.reader] = shell.slot
+        agent.selector.modify(fifo.reader, selectors.EVENT_READ, self._discard_callback)
+
+    def _drop_fifos(self, shell: _Shell) -> None:
+        """Let go of the shell's FIFOs; those of its running call at the call's end."""
+        current = shell.current.fifos if shell.current is not None else {}
+        for fifo in list(shell.fifos.values()):
+            if fifo.reader in current:
+                del shell.fifos[fifo.kind]
+            else:
+                self._release(shell, fifo, None, keep=False)
 
     def slot_directory(self, slot: int) -> str:
         """A directory for the slot's FIFOs, outside its workspace, reachable by its uid only."""
@@ -4892,7 +4973,7 @@ class _Shells:
             # it again, once.
             self.directory = None
             for shell in self.by_slot.values():
-                shell.fifos.clear()
+                self._drop_fifos(shell)
             return self.slot_directory(slot) if os.path.isdir(agent.workspace_root) else path
         uid = agent.slot_uid(slot)
         if uid is not None:
@@ -5073,9 +5154,20 @@ class _Shells:
         if shell.current is ex:
             shell.current = None
         agent.exec_done(ex)
-        for fd in list(ex.fds):
-            _drain_into(fd, ex.fds[fd])
-            self._linger(ex, fd)
+        keep = shell.pid > 0 and shell.closing is None and self.by_slot.get(ex.slot) is shell
+        for fd, fifo in list(ex.fifos.items()):
+            capture = ex.fds.get(fd)
+            if capture is not None:
+                self._release(shell, fifo, capture, keep)
+                continue
+            # Its reader failed and was closed during the call (`_output_callback`).
+            if shell.fifos.get(fifo.kind) is fifo:
+                del shell.fifos[fifo.kind]
+            if fifo.writer >= 0:
+                os.close(fifo.writer)
+                fifo.writer = -1
+        ex.fifos.clear()
+        ex.fds.clear()
         timed_out = ex.kill_reason == "timeout"
         cancelled = ex.kill_reason in ("cancel", "reset", "shutdown")
         if timed_out:
@@ -5099,35 +5191,6 @@ class _Shells:
         )
         result["shell_restarted"] = restarted
         agent.send({"id": ex.request_id, "ok": True, "result": result})
-
-    def _linger(self, ex: _Exec, fd: int) -> None:
-        """Close a finished call's FIFO, unless a background job still writes into it.
-
-        The read-write fd is swapped for a read-only one: once no writer is left, it reads as
-        EOF and is closed; until then what arrives is discarded.
-        """
-        agent = self.agent
-        path = ex.fifos.pop(fd)
-        del ex.fds[fd]
-        agent.selector.unregister(fd)
-        try:
-            reader = _open_fifo(path, os.O_RDONLY)
-        except OSError:
-            reader = -1
-        os.close(fd)
-        if reader >= 0 and _discard(reader):
-            os.close(reader)  # nobody else holds it: the next call may use it again
-            return
-        shell = self.by_slot.get(ex.slot)
-        if shell is not None:
-            for kind, kept in list(shell.fifos.items()):
-                if kept == path:
-                    del shell.fifos[kind]
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        if reader >= 0:
-            self.lingering[reader] = ex.slot
-            agent.selector.register(reader, selectors.EVENT_READ, self._discard_callback)
 
     def _discard_callback(self, fd: int, mask: int) -> None:
         if _discard(fd):
@@ -5176,6 +5239,7 @@ class _Shells:
         shell.report_restart = False
 
     def _close_channels(self, shell: _Shell) -> None:
+        self._drop_fifos(shell)
         selector = self.agent.selector
         for fd in (shell.control_fd, shell.status_fd):
             if fd >= 0:
@@ -5462,7 +5526,7 @@ class _Shells:
             target = os.readlink("/proc/%d/fd/1" % shell.pid)
         except OSError:
             return False
-        return target in ex.fifos.values()
+        return any(target == fifo.path for fifo in ex.fifos.values())
 
     def _kill_tree(
         self, ex: _Exec, root: int, include_root: bool, first: Optional[int] = None
@@ -5590,18 +5654,22 @@ class _Shells:
                     _wipe_contents(os.path.join(self.directory, "slot-%d" % slot))
 
 
-def _open_fifo(path: str, mode: int) -> int:
-    """Open a shell's output FIFO (non-blocking), refusing anything else at that path.
+def _open_fifo(path: str, mode: int, identity: Any = None) -> Tuple[int, Any]:
+    """Open a shell's output FIFO (non-blocking), refusing anything else at that path; the fd
+    and the FIFO's (device, inode).
 
     The FIFOs live in a directory the slot's commands may write to, and the agent opens them
     with its own rights: a command that put a symlink there (to a file, or to another slot's
-    FIFO) must not get the agent to open that. Raises OSError(ELOOP) for such a path.
+    FIFO) must not get the agent to open that. Raises OSError(ELOOP) for such a path, and for
+    another FIFO than `identity` when given.
     """
     fd = os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+    status = os.fstat(fd)
+    found = (status.st_dev, status.st_ino)
+    if not stat.S_ISFIFO(status.st_mode) or (identity is not None and found != identity):
         os.close(fd)
-        raise OSError(errno.ELOOP, "not a FIFO", path)
-    return fd
+        raise OSError(errno.ELOOP, "not the shell's FIFO", path)
+    return fd, found
 
 
 def _shell_quote(text: str) -> str:
@@ -5645,6 +5713,25 @@ def _drain_into(fd: int, capture: _Capture) -> None:
         capture.feed(data)
         if len(data) < _READ_CHUNK:
             break  # a short read: the pipe held no more (no read just to see EAGAIN)
+
+
+def _drain_to_eof(fd: int, capture: Optional[_Capture]) -> bool:
+    """Take what a FIFO holds into `capture` (None: drop it); True if it then reads EOF (no
+    writer left), False if a writer still holds it (bounded: a writer may go on)."""
+    taken = 0
+    while taken < _FINAL_DRAIN_BYTES:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        taken += len(data)
+        if capture is not None:
+            capture.feed(data)
+    return False
 
 
 def _discard(fd: int) -> bool:
