@@ -4269,7 +4269,7 @@ class _Shell:
     """One slot's persistent shell: its process, its two channels, and its last known state.
 
     The agent writes script lines to the shell's stdin (``control_fd``) and reads one status
-    record per call from the shell's fd 3 (``status_fd``); see `_Shells` for the protocol.
+    record per call from the shell's stdout (``status_fd``); see `_Shells` for the protocol.
     """
 
     def __init__(self, slot: int, cwd: str) -> None:
@@ -4277,8 +4277,8 @@ class _Shell:
         self.pid = 0
         self.control_fd = -1
         self.status_fd = -1
-        #: A memfd the shell writes ``export -p`` into (its stdout) after every call, read when
-        #: the record arrives; -1 where there is no memfd (the text then comes on fd 3).
+        #: A memfd the shell writes ``export -p`` into (its fd 3) after every call, read when
+        #: needed; -1 where there is no memfd (the text then comes on the status channel).
         self.env_fd = -1
         #: Where the memfd's next unread ``export -p`` text starts, and how many texts were
         #: read whole from it and how many records announced one (see `_Shells.exported`).
@@ -4561,12 +4561,13 @@ class _Shells:
       ``exit``). The shell is interactive for one reason: an interrupt ends the running line
       (a loop, a list) and the shell goes on reading, where a non-interactive shell would exit.
       No file is written per call.
-    * The second line writes ``export -p`` to the shell's own stdout, a memfd the agent reads
-      when the record arrives (kept for a replacement shell or a checkpoint; without memfd the
-      text goes first on fd 3), then the status record ``NUL status NUL cwd NUL E<exec id> NUL
-      ETX`` to fd 3. No command holds fd 3 (the ``3>&-``) or the shell's stdout: nothing a
-      command prints can end a call early or forge a status. Framing is never in-band in the
-      output streams.
+    * The second line writes the status record ``NUL status NUL cwd NUL E<exec id> NUL ETX``
+      to the shell's own stdout, the status channel, then ``export -p`` to its fd 3, a memfd
+      the agent reads when needed (kept for a replacement shell or a checkpoint; without a
+      memfd the text goes first on the status channel). No command holds fd 3 (the ``3>&-``)
+      or the shell's stdout (the command's is its FIFO; bash restores the shell's after the
+      ``.``, even past an ``exec >file`` inside it): nothing a command prints can end a call
+      early or forge a status. Framing is never in-band in the output streams.
     * Output per call: a FIFO is reused only while no writer holds it. The agent keeps each
       FIFO open (a reader, and a writer of its own so the reader sees no EOF while it waits),
       and the shell opens it by path for each call. When a call ends, the agent closes its own
@@ -4710,19 +4711,19 @@ class _Shells:
             parts.append(". %s </dev/null %s" % (_shell_quote(script), outputs))
             body = b""
         # The record is its own line (an interrupt, see `kill_call`, ends the call's line
-        # only). The exported environment is kept for a replacement shell or a checkpoint:
-        # after the record, so the reply does not wait for it, ``export -p`` goes to the
-        # shell's own stdout, its memfd, ended by a NUL (``export -p`` never prints one; see
-        # `exported`); without a memfd it goes first on the status channel, and the record
-        # ends it. The status waits in $1 meanwhile (a variable would show up in `set`);
-        # `shift` gives the positional parameters back. The shell's own stderr is /dev/null,
-        # and every redirection costs several syscalls: the record line has one.
+        # only), written to the shell's own stdout, the status channel: no redirection (each
+        # costs about ten syscalls, saved and restored) before the reply. The exported
+        # environment is kept for a replacement shell or a checkpoint: after the record, so
+        # the reply does not wait for it, ``export -p`` goes to fd 3, the memfd, ended by a
+        # NUL (``export -p`` never prints one; see `exported`); without a memfd it goes first
+        # on the status channel, and the record ends it. The status waits in $1 meanwhile (a
+        # variable would show up in `set`); `shift` gives the positional parameters back.
         report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
         if shell.env_fd >= 0:
-            report = "%s >&3; \\command export -p; \\command printf '\\0'" % report
+            report = "%s; { \\command export -p; \\command printf '\\0'; } >&3" % report
             self.rewind_exported(shell)
         else:
-            report = "{ \\command export -p; %s; } >&3" % report
+            report = "\\command export -p; %s" % report
         record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
         line = ("; ".join(parts) + "\n").encode("utf-8", "surrogateescape") + body + record.encode()
         ex.pid = shell.pid or -1  # -1: the shell is starting (see `_started`)
@@ -4767,14 +4768,15 @@ class _Shells:
                 )
         control_read, control_write = os.pipe()
         status_read, status_write = os.pipe()
-        # The shell's own stdout is its memfd (see `start`): every call's command has its
-        # own stdout, so only the shell's top level writes there.
+        # The shell's own stdout is its status channel and its fd 3 its memfd (see `start`):
+        # every call's command has its own stdout and no fd 3, so only the shell's top level
+        # writes there.
         memfd_create = getattr(os, "memfd_create", None)
         if memfd_create is not None:
             with contextlib.suppress(OSError):
                 shell.env_fd = memfd_create("hermes-shell-env", os.MFD_CLOEXEC)
-        stdout = shell.env_fd if shell.env_fd >= 0 else agent.devnull
-        fds = [control_read, stdout, agent.devnull, status_write]
+        exported = shell.env_fd if shell.env_fd >= 0 else agent.devnull
+        fds = [control_read, status_write, agent.devnull, exported]
         if self.is_bash:
             argv = [self.program, "--noediting", "--noprofile", "--norc", "-i"]
         else:
