@@ -6,6 +6,7 @@ client; part two drives the agent directly, where /proc can be inspected around 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -562,3 +563,43 @@ def test_end_shell_sets_an_idle_shell_back_and_leaves_the_rest(agent: AgentProce
     assert after == before
     agent.call("reset_slot", slot=0)
     assert wait_no_processes_with_env(marker) == []
+
+
+def fifo_fds(agent: AgentProcess) -> list[str]:
+    """The shells' FIFOs the agent holds open (a path per fd)."""
+    directory = f"/proc/{agent.process.pid}/fd"
+    targets = []
+    for name in os.listdir(directory):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(os.path.join(directory, name)))
+    return sorted(target for target in targets if ".hermes-shells-" in target)
+
+
+def test_a_fifo_serves_call_after_call_until_a_background_job_holds_it(
+    agent: AgentProcess,
+) -> None:
+    """Calls reuse their open FIFO; one a job still holds is left to it, and closed once it ends."""
+    path = run(agent, "readlink /proc/$$/fd/1")["stdout"]
+    held = fifo_fds(agent)
+    assert len(held) == 4  # stdout and stderr: a reader and the agent's own writer each
+    assert run(agent, "readlink /proc/$$/fd/1")["stdout"] == path
+    assert fifo_fds(agent) == held
+    started = run(agent, "(sleep 0.3; echo late; echo late >&2) & echo started")
+    assert started["stdout"] == b"started\n"
+    moved = run(agent, "readlink /proc/$$/fd/1")
+    assert moved["stdout"] not in (b"", path)
+    assert wait_for(lambda: len(fifo_fds(agent)) == 4, timeout_s=5)
+    assert b"late" not in run(agent, "sleep 0.4; echo done")["stdout"]
+
+
+def test_a_command_moving_the_shells_own_descriptors_still_ends(agent: AgentProcess) -> None:
+    """`exec >file`, `exec 1>&-` or `exec 3>file` in a command end its call, harming no other."""
+    for command in ("exec >out 2>&1 3>three; echo hidden", "exec 1>&- 2>&- 3>&-"):
+        result = run(agent, command)
+        assert (result["stdout"], result["exit_code"]) == (b"", 0)
+        after = run(agent, 'export KEPT=1; echo "visible $KEPT"; echo err >&2')
+        assert (after["stdout"], after["stderr"]) == (b"visible 1\n", b"err\n")
+        assert after["shell_restarted"] is False
+    workspace = Path(str(run(agent, "pwd")["stdout"], "utf-8").strip())
+    assert (workspace / "out").read_bytes() == b"hidden\n"
+    assert (workspace / "three").read_bytes() == b""

@@ -4325,8 +4325,8 @@ class _Shell:
         self.ending = False
 
 
-#: What a bash shell prints of its state, on its status channel (fd 3), in sections a ``\1``
-#: line names: variables, dir stack, functions, options, umask, then everything else
+#: What a bash shell prints of its state, on its status channel (its stdout), in sections a
+#: ``\1`` line names: variables, dir stack, functions, options, umask, then everything else
 #: (aliases, traps, limits, completions, builtins, jobs, history, hashed commands, ``$0``,
 #: ``$!``, ``$-``). The last line says whether LINENO, RANDOM and SRANDOM still change on their own
 #: (an unset and reassigned one does not); the line before must have set ``$1`` to its
@@ -4349,9 +4349,7 @@ _DUMP_COMMON = (
     "[[ $1 -ne $LINENO && $RANDOM -ne $RANDOM && $SRANDOM -ne $SRANDOM ]] && "
     "\\builtin printf 'dynamic\\n'; "
 )
-_DUMP_END = (
-    "} >&3 2>&1; \\builtin set --; \\builtin printf '\\0%%s\\0%%s\\0%s\\0\\3' 0 \"$PWD\" >&3\n"
-)
+_DUMP_END = "} 2>&1; \\builtin set --; \\builtin printf '\\0%%s\\0%%s\\0%s\\0\\3' 0 \"$PWD\"\n"
 _SHELL_DUMP = "{ " + _DUMP_OWN + _DUMP_COMMON + _DUMP_END
 #: Only the part of `_SHELL_DUMP` that differs between new shells (variables, cwd).
 _SHELL_DUMP_OWN = "{ " + _DUMP_OWN + _DUMP_END
@@ -4885,7 +4883,16 @@ class _Shells:
         job of an earlier call still holds it, or it was replaced (then a new one)."""
         fifo = shell.fifos.get(kind)
         if fifo is not None:
-            return fifo
+            # The shell opens it by path: the path must still name it (a background job may
+            # have replaced it since the last call; the shell would block on a FIFO nobody
+            # reads, or write elsewhere).
+            try:
+                status = os.lstat(fifo.path)
+            except OSError:
+                status = None
+            if status is not None and (status.st_dev, status.st_ino) == fifo.identity:
+                return fifo
+            self._release(shell, fifo, None, keep=False)
         shell.fifo_count += 1
         path = os.path.join(self.slot_directory(shell.slot), "%s%d" % (kind, shell.fifo_count))
         with contextlib.suppress(FileNotFoundError):
@@ -5156,7 +5163,9 @@ class _Shells:
         if shell.current is ex:
             shell.current = None
         agent.exec_done(ex)
-        keep = shell.pid > 0 and shell.closing is None and self.by_slot.get(ex.slot) is shell
+        # (A shell that ran the call before its keeper's word that it started is alive too.)
+        alive = shell.pid > 0 or shell.starting
+        keep = alive and shell.closing is None and self.by_slot.get(ex.slot) is shell
         for fd, fifo in list(ex.fifos.items()):
             capture = ex.fds.get(fd)
             if capture is not None:
@@ -5348,9 +5357,9 @@ class _Shells:
         devnull = os.fstat(self.agent.devnull)
         expected = {
             "0": os.fstat(shell.control_fd),
-            "1": os.fstat(shell.env_fd) if shell.env_fd >= 0 else devnull,
+            "1": os.fstat(shell.status_fd),
             "2": devnull,
-            "3": os.fstat(shell.status_fd),
+            "3": os.fstat(shell.env_fd) if shell.env_fd >= 0 else devnull,
             "255": devnull,
         }
         try:
@@ -5432,13 +5441,13 @@ class _Shells:
         shell = self.by_slot.get(slot)
         if self.directory is None or shell is None:
             return
-        keep = set(shell.fifos.values())
+        keep = {fifo.path for fifo in shell.fifos.values()}
         directory = os.path.join(self.directory, "slot-%d" % slot)
         try:
             with os.scandir(directory) as scan:
                 entries = list(scan)
         except OSError:
-            shell.fifos.clear()
+            self._drop_fifos(shell)
             return
         for entry in entries:
             with contextlib.suppress(OSError):
@@ -5450,9 +5459,7 @@ class _Shells:
                     shutil.rmtree(entry.path)
                 else:
                     os.unlink(entry.path)
-        for kind, path in list(shell.fifos.items()):
-            if not os.path.lexists(path):
-                del shell.fifos[kind]
+        # (One replaced by another FIFO is let go at the next call: see `fifo`.)
 
     # -- timeouts, cancel, reset ----------------------------------------------------------------
 
