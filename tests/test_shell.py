@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import time
 import uuid
@@ -331,6 +332,35 @@ def test_the_shell_runs_as_the_slot_uid(open_root: Path) -> None:
         assert lines[1].endswith("/slot-2")
         assert (open_root / "slots" / "slot-2" / "mine").stat().st_uid == 47102
         assert run(agent, "pwd", slot=2)["stdout"] == b"/tmp\n"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need root")
+def test_no_command_can_reach_into_its_shell(open_root: Path) -> None:
+    """A slot's command cannot ptrace its shell nor write its memory, which a reset may keep."""
+    probe = (
+        "import os, sys\n"
+        "shell = os.getppid()\n"
+        "try:\n"
+        "    open('/proc/%d/mem' % shell, 'r+b')\n"
+        "except PermissionError:\n"
+        "    sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=47200) as agent:
+        result = run(agent, f"python3 -c {shlex.quote(probe)}; echo $?; id -u", slot=1)
+        assert result["stdout"] == b"0\n47201\n", result
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need root")
+def test_the_shell_keeps_the_loader_and_library_variables(open_root: Path) -> None:
+    """Variables a secure-mode start drops (LD_*, TMPDIR, CDPATH) reach the shell's commands."""
+    env = {"LD_LIBRARY_PATH": "/opt/lib:/x y", "TMPDIR": "/tmp", "CDPATH": ".:/", "KEEP": "it's"}
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=47300, env=env) as agent:
+        command = 'printf "%s|" "$LD_LIBRARY_PATH" "$TMPDIR" "$CDPATH" "$KEEP"; env | grep -c ^LD_'
+        result = run(agent, command, slot=0)
+        fresh = run(agent, command, slot=0, shell="fresh")
+        assert result["stdout"] == b"/opt/lib:/x y|/tmp|.:/|it's|1\n", result
+        assert fresh["stdout"] == result["stdout"]
 
 
 @pytest.fixture

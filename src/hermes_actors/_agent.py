@@ -71,6 +71,7 @@ import json
 import os
 import re
 import selectors
+import shlex
 import signal
 import stat
 import struct
@@ -391,6 +392,30 @@ def _drop_inheritable_privileges() -> bool:
 
 
 _HAVE_POSIX_SPAWN = hasattr(os, "posix_spawn") and hasattr(os, "setresuid")
+#: The effective uid a sealed program (see `_spawn_as`) starts with, until it drops to its
+#: real uid, the slot's: nobody's (no slot's, never 0), valid wherever the agent is root.
+_SEALED_START_UID = 65534
+#: What starting sealed takes from a shell's environment, given back by its first line (see
+#: `_Shells.spawn`): glibc's secure mode (a program started with two different uids) drops
+#: the loader's and a few libraries' variables, and bash ignores these of its own.
+_SEALED_DROPS = frozenset(
+    (
+        "CDPATH",
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLOBIGNORE",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+    )
+)
+_SEALED_DROP_PREFIXES = ("LD_", "MALLOC_", "GLIBC_")
 #: Signals Python ignores that a command must get back at their default disposition.
 _DEFAULT_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
@@ -664,6 +689,7 @@ def _spawn_as(
     fds: List[int],
     uid: Optional[int],
     fast_uid_spawn: bool,
+    sealed: bool = False,
 ) -> int:
     """Start a command with `fds` as its fds 0..n-1, in its own session, as `uid`.
 
@@ -674,6 +700,13 @@ def _spawn_as(
     the real ones: the command starts as the slot uid, all ids non-zero, so exec leaves it no
     capability. posix_spawn has no cwd: the spawner is single-threaded, so it changes its own.
     Every other fd of the spawner is close-on-exec.
+
+    `sealed` (a slot's persistent bash, which a reset may keep for the slot's next lease): the
+    program starts with `_SEALED_START_UID` as its effective uid and the slot's as its real
+    one, and bash, seeing them differ, sets all three to the real one itself. A process whose
+    ids changed is not dumpable: no process of the slot (same uid) can ptrace the shell or write
+    its memory through ``/proc/PID/mem``, so nothing a lease ran can live on in a kept shell
+    where no reset check would see it.
     """
     for target, fd in enumerate(fds):
         if fd == target:  # dup2 onto itself would keep close-on-exec set
@@ -682,8 +715,8 @@ def _spawn_as(
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds)]
         os.chdir(cwd)
         if uid is not None:
-            os.setresgid(uid, 0, 0)
-            os.setresuid(uid, 0, 0)
+            os.setresgid(uid, uid if sealed else 0, 0)
+            os.setresuid(uid, _SEALED_START_UID if sealed else 0, 0)
         try:
             return os.posix_spawn(
                 path,
@@ -691,7 +724,7 @@ def _spawn_as(
                 env,
                 file_actions=actions,
                 setsid=True,
-                resetids=uid is not None,
+                resetids=uid is not None and not sealed,
                 setsigdef=_DEFAULT_SIGNALS + _KEEPER_IGNORED,
                 setsigmask=(),
             )
@@ -700,11 +733,17 @@ def _spawn_as(
                 os.setresuid(0, 0, 0)
                 os.setresgid(0, 0, 0)
             os.chdir("/")
-    return _fork_exec_as(path, argv, env, cwd, fds, uid)  # pragma: no cover
+    return _fork_exec_as(path, argv, env, cwd, fds, uid, sealed)  # pragma: no cover
 
 
 def _fork_exec_as(  # pragma: no cover - only where posix_spawn cannot drop the uid
-    path: str, argv: List[str], env: Dict[str, str], cwd: str, fds: List[int], uid: Optional[int]
+    path: str,
+    argv: List[str],
+    env: Dict[str, str],
+    cwd: str,
+    fds: List[int],
+    uid: Optional[int],
+    sealed: bool,
 ) -> int:
     pid = os.fork()
     if pid == 0:
@@ -718,7 +757,8 @@ def _fork_exec_as(  # pragma: no cover - only where posix_spawn cannot drop the 
             if uid is not None:
                 os.setgroups([])
                 os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
+                start_uid = _SEALED_START_UID if sealed else uid
+                os.setresuid(uid, start_uid, start_uid)
             os.execve(path, argv, env)
         except BaseException:
             pass
@@ -891,6 +931,7 @@ def _keeper_main(
                     fds,
                     request.get("uid"),
                     fast_uid_spawn,
+                    bool(request.get("sealed")),
                 )
                 reply: Dict[str, Any] = {"pid": pid, "start": _start_time(pid)}
                 leaders.add(pid)
@@ -1880,11 +1921,14 @@ class Agent:
         cwd: str,
         fds: List[int],
         started: Callable[[Dict[str, Any]], None],
+        sealed: bool = False,
     ) -> None:
         """`spawn_in_slot` without waiting for the keeper: `started` gets its reply later,
         ``{"pid", "start"}`` or ``{"errno", "message"}``, before any notice of the process's
-        end. Raises OSError when the request cannot be sent (nothing was started then)."""
+        end. Raises OSError when the request cannot be sent (nothing was started then).
+        `sealed`: see `_spawn_as`."""
         keeper, request = self._spawn_request(slot, argv, env, cwd)
+        request["sealed"] = sealed and request["uid"] is not None
         try:
             _send_to_keeper_peer(keeper.sock, request, tuple(fds))
         except OSError:
@@ -4748,6 +4792,21 @@ class _Shells:
             script = ["PS1=; PS2=; unset HISTFILE"]
         cwd = workspace
         env = agent.command_env(slot)
+        # A slot's bash starts sealed (see `_spawn_as`), which costs it a few variables: its
+        # first line gives them back, so its commands see the environment a fresh one does.
+        sealed = self.is_bash and agent.slot_uid(slot) is not None
+        dropped = sorted(
+            name
+            for name in env
+            if sealed
+            and _is_shell_name(name)
+            and (name in _SEALED_DROPS or name.startswith(_SEALED_DROP_PREFIXES))
+        )
+        if dropped and previous is None:
+            script.append(
+                "\\command export "
+                + " ".join("%s=%s" % (name, shlex.quote(env[name])) for name in dropped)
+            )
         if previous is not None:
             shell.cwd = previous.cwd
             shell.exported = previous.exported
@@ -4784,7 +4843,7 @@ class _Shells:
             # the keeper's descendants; the keeper reports the shell's end. Without waiting:
             # the agent serves on while the keeper starts it (see `_started`).
             agent.spawn_in_slot_nowait(
-                slot, argv, env, cwd, fds, functools.partial(self._started, shell)
+                slot, argv, env, cwd, fds, functools.partial(self._started, shell), sealed
             )
         except OSError:
             for fd in (control_read, control_write, status_read):
