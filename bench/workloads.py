@@ -194,7 +194,9 @@ class HermesSystem:
 
     `shell` is the profile's `shell` setting: `fresh` (a `bash -c` per command, the rows
     `hermes-none`/`hermes-bwrap`) or `persistent` (one long-lived bash per slot, the rows
-    `hermes-persistent-none`/`hermes-persistent-bwrap`).
+    `hermes-persistent-none`/`hermes-persistent-bwrap`). The persistent rows also set
+    `reuse_shell` (a release keeps the slot's idle shell, set back and checked), as an RL
+    trainer, the one party behind every lease, would.
 
     Workloads 1 and 2 send one `execute_batch` holding every trajectory's commands (calls for
     one slot run in request order, slots run concurrently); workload 3 calls `terminal_tool` on
@@ -217,8 +219,8 @@ class HermesSystem:
         else:
             self.name = f"hermes-{shell}-{isolation}"
             self.description = (
-                f"hermes-actors, local backend, `isolation: {isolation}`, `shell: {shell}` "
-                "(one long-lived bash per slot)"
+                f"hermes-actors, local backend, `isolation: {isolation}`, `shell: {shell}`, "
+                "`reuse_shell: true` (one long-lived bash per slot, kept from lease to lease)"
             )
         self._probed = False
         self._problem: str | None = None
@@ -233,6 +235,7 @@ class HermesSystem:
             backend="local",
             isolation=self.isolation,  # type: ignore[arg-type]
             shell=self.shell_mode,  # type: ignore[arg-type]
+            reuse_shell=self.shell_mode == "persistent",
             slots_per_sandbox=per_sandbox,
             min_sandboxes=sandboxes,
             max_sandboxes=sandboxes,
@@ -299,6 +302,7 @@ class HermesSystem:
                                 "backend": "local",
                                 "isolation": self.isolation,
                                 "shell": self.shell_mode,
+                                "reuse_shell": self.shell_mode == "persistent",
                                 "slots_per_sandbox": 1,
                                 "min_sandboxes": 1,
                                 "max_sandboxes": 1,

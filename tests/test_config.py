@@ -38,7 +38,8 @@ VALID_KEYS = (
     "creates_per_second, env_vars, execution_timeout_s, gpu, idle_timeout, image, isolation, "
     "max_checkpoint_bytes, max_checkpoints, max_lifetime, max_output_bytes, max_pool, "
     "max_sandboxes, max_starting, memory, min_pool, min_sandboxes, name, network, "
-    "reap_min_age_s, reap_orphans, secrets, shell, slots_per_sandbox, tags, workspace_base"
+    "reap_min_age_s, reap_orphans, reuse_shell, secrets, shell, slots_per_sandbox, tags, "
+    "workspace_base"
 )
 
 
@@ -111,6 +112,7 @@ def test_sandbox_config_defaults() -> None:
         "workspace_base": "/data",
         "isolation": "auto",
         "shell": "persistent",
+        "reuse_shell": False,
         "network": False,
         "max_output_bytes": 1_000_000,
         "app_name": "hermes-actors",

@@ -93,6 +93,27 @@ async def test_output_beyond_the_cap_keeps_head_and_tail_and_counts_drops() -> N
         assert result.output.endswith("a" * 497 + "END")
 
 
+async def test_a_release_keeps_the_shell_only_where_the_profile_says_so() -> None:
+    """reuse_shell keeps a slot's idle shell for its next lease, set back; by default a new one."""
+    shell_pids = {}
+    for reuse in (False, True):
+        config = local_config(slots_per_sandbox=1, max_sandboxes=1, reuse_shell=reuse)
+        async with ToolBackend(config) as backend:
+            pids = []
+            for lease in range(2):
+                slot = await backend.acquire(f"t{lease}")
+                [result] = await backend.execute_batch(
+                    [(slot, "bash", {"command": 'echo "$$ [${SEEN-}]"; export SEEN=1'})]
+                )
+                pid, seen = result.output.split()
+                assert seen == "[]", result.output
+                pids.append(pid)
+                await backend.release(slot)
+            shell_pids[reuse] = pids
+    assert shell_pids[False][0] != shell_pids[False][1]
+    assert shell_pids[True][0] == shell_pids[True][1]
+
+
 async def test_files_and_artifacts() -> None:
     """write_file/read_file round-trip; artifacts are read, listed, archived, failures reported."""
     async with ToolBackend(local_config()) as backend:

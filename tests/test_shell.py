@@ -165,7 +165,7 @@ async def test_a_reset_sets_an_idle_shell_back(contract_sandbox: ContractSandbox
         "echo $$; export DIRTY=1; plain=1; cd /tmp; f() { :; }; alias a=b; set -o pipefail; "
         "touch $HOME/.left",
     )
-    await client.reset_slot(0)
+    await client.reset_slot(0, keep_shell=True)
     clean = await sh(
         client,
         'echo $$; echo "[${DIRTY-}${plain-}]"; pwd; type -t f a; [[ -o pipefail ]]; echo $?; ls -A',
@@ -464,6 +464,18 @@ DIRTY_LEASE = (
 )
 
 
+def test_a_reset_replaces_even_a_pristine_shell_unless_asked_to_keep_it(
+    agent: AgentProcess,
+) -> None:
+    """Without keep_shell a reset ends the slot's shell, idle and pristine as it may be."""
+    first = shell_pid(agent)
+    assert agent.call("reset_slot", slot=0) == {"killed": 0, "shell_kept": False}
+    second = shell_pid(agent)
+    assert second != first
+    assert agent.call("end_shell", slot=0) == {"ended": True}
+    assert shell_pid(agent) != second
+
+
 def test_a_reset_keeps_the_idle_shell_and_the_next_lease_sees_a_new_one(
     agent: AgentProcess,
 ) -> None:
@@ -476,7 +488,7 @@ def test_a_reset_keeps_the_idle_shell_and_the_next_lease_sees_a_new_one(
         run(agent, "echo $$; echo $API; type -t greet")["stdout"]
         == f"{pid}\non\nfunction\n".encode()
     )
-    assert agent.call("reset_slot", slot=0) == {"killed": 0, "shell_kept": True}
+    assert agent.call("reset_slot", slot=0, keep_shell=True) == {"killed": 0, "shell_kept": True}
     kept, after = probe_state(agent)
     assert kept == pid
     assert after == before
@@ -504,13 +516,13 @@ def test_a_reset_replaces_a_shell_it_cannot_set_back(agent: AgentProcess, lease:
     hard limit, a disabled builtin, a lost dynamic variable, $0, history) gets a new shell."""
     pid, before = probe_state(agent)
     run(agent, lease)
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is False
     new_pid, after = probe_state(agent)
     assert new_pid != pid
     assert not pid_alive(pid)
     assert after == before
     # The new shell dumped only its own part at its start; it is kept at the next reset.
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is True
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is True
     assert probe_state(agent) == (new_pid, before)
 
 
@@ -523,13 +535,13 @@ def test_a_kept_shell_outlives_none_of_the_leases_processes(agent: AgentProcess)
         agent, f"( {marker} sleep 300 & ); {marker} setsid -f sleep 300 >/dev/null 2>&1 < /dev/null"
     )
     assert wait_for(lambda: len(processes_with_env(marker)) == 2, timeout_s=5)
-    reset = agent.call("reset_slot", slot=0)
+    reset = agent.call("reset_slot", slot=0, keep_shell=True)
     assert reset == {"killed": 2, "shell_kept": True}
     assert processes_with_env(marker) == []
     assert shell_pid(agent) == pid
     run(agent, f"{marker} sleep 300 &")
     assert wait_for(lambda: len(processes_with_env(marker)) == 1, timeout_s=5)
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is False
     assert wait_no_processes_with_env(marker) == []
     assert not pid_alive(pid)
 
@@ -540,7 +552,7 @@ def test_a_kept_shells_directory_keeps_only_its_fifos(agent: AgentProcess) -> No
     directory = next(Path(agent.config["workspace_root"]).glob(".hermes-shells-*/slot-0"))
     fifos = sorted(path.name for path in directory.iterdir())
     run(agent, f"touch {directory}/planted; mkdir {directory}/dir")
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is True
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is True
     assert sorted(path.name for path in directory.iterdir()) == fifos
     assert run(agent, "echo again")["stdout"] == b"again\n"
 
@@ -553,7 +565,7 @@ def test_a_trap_that_starts_processes_during_the_check_gets_a_new_shell(
     marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
     pid = shell_pid(agent)
     run(agent, f"trap '{marker} setsid -f sleep 300 >/dev/null 2>&1 </dev/null' DEBUG")
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is False
     assert wait_no_processes_with_env(marker) == []
     assert not pid_alive(pid)
     assert run(agent, "trap -p; echo clean")["stdout"] == b"clean\n"
@@ -566,7 +578,7 @@ def test_a_shell_too_slow_to_show_its_state_is_replaced(agent: AgentProcess) -> 
     pid = shell_pid(agent)
     run(agent, f"trap '{marker} sleep 1' DEBUG; true")
     started = time.monotonic()
-    assert agent.call("reset_slot", slot=0)["shell_kept"] is False
+    assert agent.call("reset_slot", slot=0, keep_shell=True)["shell_kept"] is False
     assert time.monotonic() - started < 10
     assert wait_no_processes_with_env(marker) == []
     assert not pid_alive(pid)
@@ -582,16 +594,16 @@ def test_end_shell_sets_an_idle_shell_back_and_leaves_the_rest(agent: AgentProce
         f"export KEEP=1; cd /tmp; f() {{ :; }}; echo data > $HOME/kept; ( {marker} sleep 300 & )",
     )
     assert wait_for(lambda: len(processes_with_env(marker)) == 1, timeout_s=5)
-    assert agent.call("end_shell", slot=0, serial=True) == {"ended": True}
+    assert agent.call("end_shell", slot=0, keep_shell=True, serial=True) == {"ended": True}
     assert shell_pid(agent) == pid
     assert len(processes_with_env(marker)) == 1
     assert (Path(agent.config["workspace_root"]) / "slot-0" / "kept").read_text() == "data\n"
-    agent.call("end_shell", slot=0)
+    agent.call("end_shell", slot=0, keep_shell=True)
     (Path(agent.config["workspace_root"]) / "slot-0" / "kept").unlink()
     kept, after = probe_state(agent)
     assert kept == pid
     assert after == before
-    agent.call("reset_slot", slot=0)
+    agent.call("reset_slot", slot=0, keep_shell=True)
     assert wait_no_processes_with_env(marker) == []
 
 

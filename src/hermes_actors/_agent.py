@@ -2507,11 +2507,13 @@ class Agent:
         The slot's keeper kills its own descendants (see `_kill_descendants`: no scan of every
         process) and reports; meanwhile the agent serves other slots. The slot's execs and
         shell call reply (cancelled) before the reset does: the keeper reports their ends first.
+        With ``keep_shell`` (the profile's ``reuse_shell``), an idle bash survives the reset,
+        set back and checked (see `_Shells.keepable`).
         """
         slot = _slot_arg(args)
         # Queued requests go first, or killing the running one would start the next.
         self._drop_queued(slot)
-        kept = self.shells.keepable(slot)
+        kept = self.shells.keepable(slot) if args.get("keep_shell") else None
         keeper = self.keepers.get(slot)
         if kept is not None and keeper is not None and _only_child(keeper.pid, kept.pid):
             # The idle shell is the slot's only process (any other would be below the keeper
@@ -2588,10 +2590,11 @@ class Agent:
         """End the slot's persistent shell (only it: files and other processes stay), so the
         slot's next persistent call starts a clean one; for a release that keeps the slot.
 
-        An idle bash is set back instead, as at a reset (see `_Shells.recycle`), and replaced
-        only if it cannot be shown pristine; the reply comes then."""
+        With ``keep_shell``, an idle bash is set back instead, as at a reset (see
+        `_Shells.recycle`), and replaced only if it cannot be shown pristine; the reply comes
+        then."""
         slot = _slot_arg(args)
-        kept = self.shells.keepable(slot)
+        kept = self.shells.keepable(slot) if args.get("keep_shell") else None
         if kept is not None:
             self.shells.recycle(kept, request_id, 0, ending=True)
             return None
@@ -4631,15 +4634,18 @@ class _Shells:
       (same uid, environment, HOME, session), in the last known working directory with the
       last known exported environment; the result of the call it died in (or the next call,
       when it died between calls) has ``shell_restarted`` set, with the shell's exit status.
-    * Shutdown kills the shell with everything else of the slot. A reset does too, except
-      for an idle bash that only ran calls (see `keepable`): the keeper kills everything
-      else of the slot, and the shell is set back to the state it showed before its first
+    * Shutdown kills the shell with everything else of the slot. A reset does too, except,
+      when asked to, for an idle bash that only ran calls (see `keepable`): the keeper kills
+      everything else of the slot, and the shell is set back to the state it showed before its first
       call and checked (see `recycle`), because starting a shell costs about what three
       small commands cost. A shell that cannot be shown pristine again is killed as at any
       reset. Either way the slot's next lease sees a shell as new, except for what only
       the process itself shows: its pid, start time and CPU times, and how many lines it has
-      read (``BASH_LINENO`` in a call). A command that deliberately subverts its own shell
-      (ptrace as the same uid, a trap that forges the dump) is not defended against.
+      read (``BASH_LINENO`` in a call). The shell is sealed (see `_spawn_as`): no command can
+      ptrace it or write its memory. A command that deliberately subverts its own shell from
+      inside (a DEBUG trap with ``extdebug`` may skip or fake any command of the check) is not
+      defended against: so a reset keeps a shell only when asked to (``keep_shell``, the
+      profile's ``reuse_shell``, off by default).
     """
 
     def __init__(self, agent: Agent) -> None:

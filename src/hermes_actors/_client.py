@@ -413,9 +413,10 @@ class SandboxClient:
         )
         return [dict(entry) for entry in listing.entries]
 
-    async def reset_slot(self, slot: int) -> int:
-        """Kill everything `slot` started and wipe its workspace; returns processes killed."""
-        reset = await self.perform(slot, ResetSlot())
+    async def reset_slot(self, slot: int, *, keep_shell: bool = False) -> int:
+        """Kill everything `slot` started and wipe its workspace; returns processes killed.
+        `keep_shell`: see `ResetSlot`."""
+        reset = await self.perform(slot, ResetSlot(keep_shell=keep_shell))
         return int(reset.killed)
 
     async def ping(self) -> dict[str, Any]:

@@ -592,6 +592,12 @@ class SandboxConfig(_SelfChecking):
     #: functions and aliases carry over from call to call, as in a terminal) or `fresh` (each
     #: call its own `bash -c` in the workspace). A call may override it.
     shell: Shell = "persistent"
+    #: At release, keep a slot's idle persistent bash for the slot's next lease, set back to
+    #: its first state and checked, instead of starting a new one (saves about a process start
+    #: per lease). Off by default: a command that deliberately subverts its own shell (a DEBUG
+    #: trap with `extdebug` can fake the check) could then reach the next lease of that slot.
+    #: Turn it on when every lease of the backend comes from one party (an RL trainer).
+    reuse_shell: bool = False
     #: Whether sandboxes may reach the network. Off by default (least privilege, and the same on
     #: both backends); profiles that install packages or download models turn it on.
     network: bool = False

@@ -255,6 +255,10 @@ class ResetSlot(_Operation):
 
     op: ClassVar[str] = "reset_slot"
 
+    #: Keep the slot's idle persistent shell, set back and checked, instead of a new one (the
+    #: profile's `reuse_shell`).
+    keep_shell: bool = False
+
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> SlotReset:
         return SlotReset(killed=int(answer.get("killed", 0)))
@@ -473,6 +477,9 @@ class EndShell(_Operation):
     clean one. The result: whether there was one."""
 
     op: ClassVar[str] = "end_shell"
+
+    #: Set an idle shell back instead of ending it (see `ResetSlot.keep_shell`).
+    keep_shell: bool = False
 
     @staticmethod
     def result_from_wire(answer: Mapping[str, Any]) -> bool:

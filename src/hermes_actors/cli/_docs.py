@@ -67,6 +67,7 @@ FIELD_EXAMPLES: Final[Mapping[str, object]] = {
     "create_retry_budget_s": 120,
     "agent_ttl_s": 300,
     "shell": "fresh",
+    "reuse_shell": True,
     "add_python": "3.11",
     "max_checkpoints": 16,
     "max_checkpoint_bytes": 2147483648,

@@ -565,12 +565,13 @@ class ProfilePool:
         self, member: _Member, index: int, reply: Reply[None], reset: bool = True
     ) -> None:
         try:
+            keep_shell = self.config.reuse_shell
             if reset:
-                await member.actor.reset_slot(index)
+                await member.actor.reset_slot(index, keep_shell=keep_shell)
             else:
                 # Files and processes stay for the next holder; the slot's persistent shell
                 # (its cwd, variables, functions) does not: the next lease starts a clean one.
-                await member.actor.call(index, EndShell())
+                await member.actor.call(index, EndShell(keep_shell=keep_shell))
         except (HermesError, RuntimeStopped) as exc:
             # The sandbox is dying; its exit report drops it. The caller's release still holds.
             logger.warning("reset of %s slot %d failed: %s", member.actor.sandbox_id, index, exc)

@@ -162,9 +162,10 @@ class SandboxActor:
         result: CommandResult = await self.call(slot, command)
         return result
 
-    async def reset_slot(self, slot: int) -> int:
-        """Kill the slot's processes and wipe its workspace; returns how many were killed."""
-        result = await self.call(slot, ResetSlot())
+    async def reset_slot(self, slot: int, *, keep_shell: bool = False) -> int:
+        """Kill the slot's processes and wipe its workspace; returns how many were killed.
+        `keep_shell`: see `ResetSlot`."""
+        result = await self.call(slot, ResetSlot(keep_shell=keep_shell))
         return int(result.killed)
 
     # -- the actor ----------------------------------------------------------------------------
