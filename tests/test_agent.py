@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import glob
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -1216,3 +1217,28 @@ def test_a_serial_exec_timeout_counts_from_its_start(agent: AgentProcess) -> Non
     assert agent.wait_reply(first)["result"]["exit_code"] == 0
     result = agent.wait_reply(second)["result"]
     assert (result["timed_out"], result["stdout"]) == (False, b"done\n")
+
+
+def test_the_agent_raises_its_open_files_limit_and_commands_keep_theirs(tmp_path: Path) -> None:
+    """The agent lifts its soft fd limit to the hard one; its commands keep the soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 512)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        agent = AgentProcess(str(tmp_path / "slots"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with agent:
+        own = agent_open_files_limit(agent.process.pid)
+        fresh = run(agent, "ulimit -Sn; ulimit -Hn")
+        persistent = run(agent, "ulimit -Sn; ulimit -Hn", shell="persistent")
+    assert own == (hard, hard)
+    assert fresh["stdout"] == persistent["stdout"] == f"{low}\n{hard}\n".encode()
+
+
+def agent_open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files line")

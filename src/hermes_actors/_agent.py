@@ -798,17 +798,47 @@ def _keeper_receive(sock: Any) -> Tuple[Optional[Dict[str, Any]], List[int]]:
     return json.loads(body.decode("utf-8")), fds
 
 
+#: The soft limit of open files the agent started with, given back to every command (see
+#: `_raise_open_files_limit`); None until the agent raised its own.
+_COMMAND_OPEN_FILES: Optional[int] = None
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the agent's soft limit of open files to its hard limit, remembering the first.
+
+    The agent holds several fds per slot (its keeper's socket, the shell's pipes, memfd and
+    output FIFOs with a reader and a writer each): at 100 slots that nears a 1024 soft limit,
+    a common default in containers. Commands get the limit they would have had back from their
+    keeper (`_apply_limits`): some programs walk every fd up to the soft limit.
+    """
+    global _COMMAND_OPEN_FILES
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Linux
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            _COMMAND_OPEN_FILES = soft
+
+
 def _apply_limits(limits: Dict[str, Any], uid: Optional[int]) -> None:
     """Per-slot resource limits, set on the keeper so every process of the slot inherits them.
 
     ``memory_bytes`` bounds each process's data (RLIMIT_DATA: heap and private writable
     mappings; not address space, which breaks JVM and Go runtimes). ``processes`` bounds the
-    slot uid's process count (RLIMIT_NPROC counts per uid, so only with slot uids).
+    slot uid's process count (RLIMIT_NPROC counts per uid, so only with slot uids). The soft
+    limit of open files goes back to what the agent started with.
     """
     try:
         import resource
     except ImportError:  # pragma: no cover - not Linux
         return
+    if _COMMAND_OPEN_FILES is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_COMMAND_OPEN_FILES, hard))
     for name, value in (
         ("RLIMIT_DATA", limits.get("memory_bytes")),
         ("RLIMIT_NPROC", limits.get("processes")),
@@ -869,8 +899,7 @@ def _keeper_main(
     sock = socket.socket(fileno=sock_fd)
     sock.setblocking(True)
     leaders: Set[int] = set()
-    if limits:
-        _apply_limits(limits, 1 if slot_uids else None)
+    _apply_limits(limits or {}, 1 if slot_uids else None)
 
     def reap(report_idle: bool = True) -> None:
         notices: List[Dict[str, Any]] = []
@@ -1308,6 +1337,7 @@ class Agent:
                 _add_slot_accounts(self.slot_uid_base, self.slot_accounts, self.workspace_root)
         _close_on_exec_all()
         os.chdir("/")
+        _raise_open_files_limit()
         self._start_zygote()
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.wakeup_read, self.wakeup_write = os.pipe()
