@@ -103,9 +103,8 @@ async def open_local_sandbox(
     isolation: str, **spec_changes: object
 ) -> AsyncIterator[ContractSandbox]:
     driver = LocalDriver()
-    spec = SandboxConfig(
-        name="contract", backend="local", isolation=isolation, slots_per_sandbox=4, **spec_changes
-    )  # type: ignore[arg-type]
+    spec_changes = {"slots_per_sandbox": 4, **spec_changes}
+    spec = SandboxConfig(name="contract", backend="local", isolation=isolation, **spec_changes)  # type: ignore[arg-type]
     handle = await driver.create(spec)
     try:
         async with trio.open_nursery() as nursery:

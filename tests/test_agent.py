@@ -7,6 +7,7 @@ environment, independent of the agent's own markers.
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import os
 import resource
@@ -654,16 +655,64 @@ def test_a_spare_keeper_runs_each_slots_commands_as_that_slots_uid(open_root: Pa
         assert (first[1], second[1]) == (b"43000", b"43001")
 
 
+@pytest.mark.parametrize("shell", ["fresh", "persistent"])
 @pytest.mark.parametrize("size", [200 * 1024, 3 * 1024 * 1024])
-def test_a_command_longer_than_argv_allows_runs(agent: AgentProcess, size: int) -> None:
-    """A command past the kernel's argument limit runs whole, heredocs included, stdin empty."""
+def test_a_command_longer_than_argv_allows_runs(agent: AgentProcess, size: int, shell: str) -> None:
+    """A command past the kernel's argument limit runs whole, heredocs included, stdin empty,
+    and leaves no open file or memfd behind in the agent."""
     body = "x" * 100 + "\n"
     lines = size // len(body)
     command = "cat <<'EOF' | wc -l\n" + body * lines + 'EOF\ncat; echo "stdin done $#"'
     command += "; [ -e /dev/fd/3 ] && echo fd3 open; echo $LINENO"
-    result = run(agent, command)
+    run(agent, "true", shell=shell)  # the slot's keeper (and shell) are up: their fds too
+    fds_before = open_files(agent.process.pid)
+    result = run(agent, command, shell=shell)
     assert result["exit_code"] == 0, result
     assert result["stdout"] == f"{lines}\nstdin done 0\n{lines + 3}\n".encode()
+    assert open_files(agent.process.pid) == fds_before
+
+
+def open_files(pid: int) -> list[str]:
+    """What the process's open fds other than sockets point at (sorted)."""
+    directory = f"/proc/{pid}/fd"
+    targets = []
+    for name in os.listdir(directory):
+        with contextlib.suppress(FileNotFoundError):
+            targets.append(os.readlink(f"{directory}/{name}"))
+    return sorted(target for target in targets if not target.startswith("socket:"))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="slot uids need the agent to run as root")
+@pytest.mark.parametrize("shell", ["fresh", "persistent"])
+def test_a_long_command_runs_as_its_slots_uid(open_root: Path, shell: str) -> None:
+    """A command past argv's limit runs as its slot's uid, which cannot read another slot."""
+    with AgentProcess(str(open_root / "slots"), slot_uid_base=43100, slots=2) as agent:
+        run(agent, "echo secret > mine; chmod 600 mine", slot=1)
+        command = "#" * (200 * 1024) + "\nid -u; cat ../slot-1/mine 2>/dev/null || echo denied"
+        result = run(agent, command, slot=0, shell=shell)
+        assert result["stdout"] == b"43100\ndenied\n", result
+
+
+def test_a_slot_outside_the_sandbox_is_refused(tmp_path: Path) -> None:
+    """A slot or fork target past the sandbox's slot count gets a bad_request that says why."""
+    with AgentProcess(str(tmp_path / "slots"), slots=4) as agent:
+        assert run(agent, "echo ok", slot=3)["stdout"] == b"ok\n"
+        error = agent.error("exec", slot=4, command="echo never")
+        assert error["code"] == "bad_request"
+        assert "slot 4 is outside this sandbox's 4 slots (0 to 3)" in error["message"]
+        assert "slots_per_sandbox" in error["message"]
+        assert agent.error("read_file", slot=97, path="x")["code"] == "bad_request"
+        fork = agent.error("fork", slot=0, targets=[1, 4])
+        assert "slot 4 is outside" in fork["message"]
+        assert not os.path.exists(tmp_path / "slots" / "slot-4")
+
+
+def test_a_bad_slot_count_is_a_config_error(tmp_path: Path) -> None:
+    """A slot count that is not an int >= 1 stops the agent with bad_config."""
+    with AgentProcess(str(tmp_path / "slots"), slots=0) as agent:
+        assert agent.ready["ok"] is False
+        assert agent.ready["error"]["code"] == "bad_config"
+        assert "'slots'" in agent.ready["error"]["message"]
 
 
 def test_timeout_zero_kills_at_once(agent: AgentProcess) -> None:

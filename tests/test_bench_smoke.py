@@ -285,3 +285,16 @@ def test_repetitions_rotate_the_order_of_the_rows() -> None:
     order = [(m.repetition, m.system) for m in result.measurements]
     assert order == [(0, "limit-bash"), (0, "limit-sh"), (1, "limit-sh"), (1, "limit-bash")]
     assert all(m.failures == 0 for m in result.measurements)
+
+
+async def test_the_big_command_bench_runs_every_row_with_the_right_output() -> None:
+    """`bench.big_command` runs each row (output checked) and reports ratios to raw bash."""
+    from bench.big_command import RAW_FILE, measure, report
+
+    figures = await measure(size=200 * 1024, reps=1)
+    assert RAW_FILE in figures
+    assert {"hermes[none] fresh", "hermes[none] persistent"} <= set(figures)
+    assert all(len(values) == 1 and values[0] > 0 for values in figures.values())
+    text = report(figures, 200 * 1024)
+    assert "| raw bash FILE |" in text
+    assert "1.00x |" in text

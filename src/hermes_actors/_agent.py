@@ -37,7 +37,7 @@ Invariants:
 * Every command runs in its own session with stdin from /dev/null (unless data is given), a
   non-interactive environment (the sandbox's own < `DEFAULT_ENV` < config ``env`` < exec
   ``env``; see `_sandbox_env`) and HOME at its slot workspace. A command longer than argv
-  allows (`_MAX_ARGV_COMMAND`) reaches its shell through a pipe on fd 3 instead.
+  allows (`_MAX_ARGV_COMMAND`) reaches its shell on fd 3 instead (a memfd, see `_script_fd`).
 * Every command is started by its slot's keeper (`_keeper_main`), a child subreaper, so the
   slot's processes are exactly the keeper's descendants: ownership is read from the process
   tree, which no command can rewrite (environment and session are not consulted). A keeper
@@ -1252,6 +1252,9 @@ class Agent:
         )
         #: How many slot users to add to /etc/passwd (0: the driver named them already).
         self.slot_accounts = int(config.get("slot_accounts") or 0)
+        #: The sandbox's slot count (its ``slots_per_sandbox``): requests for slots outside
+        #: ``[0, slots)`` are refused. None: any slot up to `MAX_SLOT` (the host names none).
+        self.slots: Optional[int] = config.get("slots")
         self.nonce = os.urandom(6).hex()
         self.shell = _find_shell()
         self.selector = selectors.DefaultSelector()
@@ -1576,6 +1579,7 @@ class Agent:
                 raise OpError("unknown_op", "unknown op %r; known: %s" % (op, ", ".join(OPS)))
             if not isinstance(args, dict):
                 raise OpError("bad_request", "'args' must be an object")
+            self._check_slots(args)
             if (args.get("serial") and (op in SERIAL_OPS or op in SLOT_TREE_OPS)) or _uses_shell(
                 op, args
             ):
@@ -1597,6 +1601,25 @@ class Agent:
             return
         if result is not None:
             self.send({"id": request_id, "ok": True, "result": result})
+
+    def _check_slots(self, args: Dict[str, Any]) -> None:
+        """Refuse a slot (or fork target) outside this sandbox's slots: its uid would be
+        another sandbox's slot uid on a shared host, and its workspace one the pool never
+        resets. The host never sends one; this is the agent's own check."""
+        if self.slots is None:
+            return
+        slots = [args.get("slot")]
+        targets = args.get("targets")
+        if isinstance(targets, list):
+            slots += targets
+        for slot in slots:
+            if isinstance(slot, int) and not isinstance(slot, bool) and slot >= self.slots:
+                raise OpError(
+                    "bad_request",
+                    "slot %d is outside this sandbox's %d slots (0 to %d): use a slot the pool "
+                    "leased, or give the profile more slots_per_sandbox"
+                    % (slot, self.slots, self.slots - 1),
+                )
 
     # -- per-slot serial queues -----------------------------------------------------------------
 
@@ -1711,7 +1734,7 @@ class Agent:
                 raise OpError("bad_request", "'command' must be a string")
             if len(command.encode("utf-8", "surrogateescape")) > _MAX_ARGV_COMMAND:
                 # Past the kernel's limit for one argument (128 KiB): the shell reads the
-                # script from a pipe on fd 3 instead, which the script's first words close.
+                # script from fd 3 instead, which the script's first words close.
                 script = ("exec 3<&-; " + command).encode("utf-8", "surrogateescape")
                 full_argv = [self.shell[0], "/dev/fd/3"]
             else:
@@ -1829,12 +1852,7 @@ class Agent:
             child_ends.append(err_write)
             parent_ends += [fd for fd in (out_read, err_read) if fd >= 0]
             if script is not None:
-                # Owned by the slot's uid, so its shell may reopen it as /dev/fd/3.
-                with _SlotIdentity(uid):
-                    script_read, script_write = os.pipe()
-                child_ends.append(script_read)
-                parent_ends.append(script_write)
-                feeds.append((script_write, script))
+                child_ends.append(self._script_fd(script, uid, parent_ends, feeds))
             ex.started = time.monotonic()
             ex.pid, ex.start_tick = self.spawn_in_slot(ex.slot, argv, env, cwd, child_ends)
         except OSError as exc:
@@ -1862,6 +1880,40 @@ class Agent:
             self._feed(ex, fd)
             if fd in ex.feeds:
                 self.selector.register(fd, selectors.EVENT_WRITE, self._feed_callback(ex))
+
+    def _script_fd(
+        self,
+        script: bytes,
+        uid: Optional[int],
+        parent_ends: List[int],
+        feeds: List[Tuple[int, bytes]],
+    ) -> int:
+        """The fd the shell reads a long command from as /dev/fd/3: a memfd holding it (bash
+        reads a seekable script in blocks; from a pipe it must read one byte at a time, about
+        1 s per 3 MiB), else a pipe fed as the command runs. No file is left anywhere."""
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is not None:
+            try:
+                fd: int = memfd_create("hermes-command", os.MFD_CLOEXEC)
+            except OSError:
+                pass
+            else:
+                try:
+                    if _write_all_nonblocking(fd, script) != len(script):
+                        raise OSError(errno.ENOSPC, "no room for the command in memory")
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    if uid is not None:
+                        os.fchown(fd, uid, uid)  # reopened through /dev/fd/3 by the slot's uid
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+        # Owned by the slot's uid, so its shell may reopen it as /dev/fd/3.
+        with _SlotIdentity(uid):
+            script_read, script_write = os.pipe()
+        parent_ends.append(script_write)
+        feeds.append((script_write, script))
+        return script_read
 
     def reply_not_started(self, ex: _Exec, program: str, exc: OSError) -> None:
         """Report a command that cannot start the way a shell does: 127 missing, 126 denied."""
@@ -4626,12 +4678,13 @@ class _Shells:
 
     * The shell reads its script from its stdin, a pipe only the agent writes to. A call is two
       lines. The first exports the call's env, then sources (``.``) the command, which follows
-      as a quoted here-document (bash reads a sourced file whole before running it, so the
-      command's stdin is then at EOF: ``read`` gets EOF; other shells source a file of the
-      slot, with ``</dev/null``), its stdout and stderr redirected to FIFOs of the slot (one
-      FIFO for both when merged, so the order of writes is kept), and fd 3 closed. Sourcing
-      runs the command at the top level (not in a function): ``declare``, aliases, ``cd``,
-      functions and options persist, as typed in a terminal; and sourced code runs with bash's
+      as a quoted here-document (bash reads a sourced file whole before running it; the
+      command's first words point its stdin at /dev/null: ``read`` gets EOF; other shells
+      source a file of the slot, with ``</dev/null``), its stdout and stderr redirected to
+      FIFOs of the slot (one FIFO for both when merged, so the order of writes is kept), and
+      fd 3 closed. Sourcing runs the command at the top level (not in a function):
+      ``declare``, aliases, ``cd``, functions and options persist, as typed in a terminal;
+      and sourced code runs with bash's
       interactive messages off, so the output is what ``bash -c`` prints (no ``[1] PID``, no
       ``exit``). The shell is interactive for one reason: an interrupt ends the running line
       (a loop, a list) and the shell goes on reading, where a non-interactive shell would exit.
@@ -4772,6 +4825,12 @@ class _Shells:
             # bash reads a sourced file whole before running it, so the command can come as
             # a quoted here-document on the shell's own stdin (a pipe: no file is written per
             # call), and the command's stdin is at EOF, as from /dev/null.
+            # A here-document past a pipe's size (or any, before bash 5.1) is a file, which
+            # ``/dev/stdin`` reopens at its start: the command's stdin would still hold the
+            # whole text. Its first words give it /dev/null (the ``.`` builtin's redirections
+            # are undone after it, so the shell's stdin comes back), on its first line: the
+            # command's $LINENO stays its own.
+            body = b"\\command exec 0</dev/null; " + body
             delimiter = _heredoc_delimiter(body, "HERMES_%s_%d" % (agent.nonce, ex.exec_id))
             parts.append("\\command . /dev/stdin <<'%s' %s" % (delimiter, outputs))
             body += delimiter.encode("ascii") + b"\n"
@@ -6061,6 +6120,11 @@ def _parse_config(config_text: str) -> Dict[str, Any]:
         not isinstance(uid_base, int) or isinstance(uid_base, bool) or uid_base <= 0
     ):
         raise OpError("bad_config", "'slot_uid_base' must be an int > 0 or null")
+    slots = config.get("slots")
+    if slots is not None and (
+        not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOT + 1
+    ):
+        raise OpError("bad_config", "'slots' must be an int in [1, %d] or null" % (MAX_SLOT + 1))
     accounts = config.get("slot_accounts", 0)
     if not isinstance(accounts, int) or isinstance(accounts, bool) or accounts < 0:
         raise OpError("bad_config", "'slot_accounts' must be an int >= 0")

@@ -930,6 +930,7 @@ class LocalDriver:
             argv = [_agent_python()[0], "-c", BOOTSTRAP]
             agent_config = {"workspace_root": workspace, "slot_uid_base": None}
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
+        agent_config["slots"] = spec.slots_per_sandbox
         memory_bytes = spec.memory * MIB
         agent_config["limits"] = {"memory_bytes": memory_bytes, "processes": PROCESSES_PER_SLOT}
         cgroup = self._make_cgroup(sandbox_id, spec)

@@ -388,6 +388,7 @@ class ModalSandbox:
             # run as its own unprivileged uid in a 0700 workspace, named in /etc/passwd.
             "slot_uid_base": SLOT_UID_BASE,
             "slot_accounts": spec.slots_per_sandbox,
+            "slots": spec.slots_per_sandbox,
             "env": {SANDBOX_MARKER_VAR: self._sandbox_id},
         }
         self._exited = trio.Event()

@@ -88,7 +88,11 @@ class InProcessHandle:
 
     @property
     def agent_config(self) -> Mapping[str, object]:
-        return {"workspace_root": self.workspace_root, "slot_uid_base": None}
+        return {
+            "workspace_root": self.workspace_root,
+            "slot_uid_base": None,
+            "slots": self.spec.slots_per_sandbox,
+        }
 
     def is_alive(self) -> bool:
         return not self._exited.is_set()
