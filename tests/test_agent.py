@@ -672,6 +672,21 @@ def test_a_command_longer_than_argv_allows_runs(agent: AgentProcess, size: int, 
     assert open_files(agent.process.pid) == fds_before
 
 
+@pytest.mark.parametrize("shell", ["fresh", "persistent"])
+def test_a_long_command_past_its_timeout_is_killed_and_leaves_nothing_open(
+    agent: AgentProcess, shell: str
+) -> None:
+    """A command past argv's limit that times out is killed whole; no fd of it stays open."""
+    marker = tag()
+    run(agent, "true", shell=shell)
+    fds_before = open_files(agent.process.pid)
+    command = "#" * (300 * 1024) + "\necho started; sleep 1000 & sleep 1000"
+    result = run(agent, command, shell=shell, timeout_s=0.5, env=tagged_env(marker))
+    assert (result["timed_out"], result["stdout"]) == (True, b"started\n")
+    assert wait_no_processes_with_env(marker) == []
+    assert open_files(agent.process.pid) == fds_before
+
+
 def open_files(pid: int) -> list[str]:
     """What the process's open fds other than sockets point at (sorted)."""
     directory = f"/proc/{pid}/fd"
