@@ -117,7 +117,7 @@ async def test_env_u_unsets_every_variable_the_runtime_sets(isolation: str) -> N
 async def test_timeout_leaves_no_escapee(isolation: str) -> None:
     """A command's timeout kills all its escapees, whatever they did, before it replies."""
     tag_of = tags()
-    async with open_local_sandbox(isolation) as sandbox:
+    async with open_local_sandbox(isolation, slots_per_sandbox=len(PATTERNS)) as sandbox:
         results = {}
 
         async def run(slot: int, name: str) -> None:
@@ -137,7 +137,7 @@ async def test_timeout_leaves_no_escapee(isolation: str) -> None:
 async def test_cancel_leaves_no_escapee(isolation: str) -> None:
     """A cancelled exec answers cancelled only once all its escapees are dead."""
     tag_of = tags()
-    async with open_local_sandbox(isolation) as sandbox:
+    async with open_local_sandbox(isolation, slots_per_sandbox=len(PATTERNS)) as sandbox:
         client = sandbox.client
         requests = [
             client.submit(
