@@ -5071,7 +5071,7 @@ class _Shells:
 
     def _idle_callback(self, fd: int, mask: int) -> None:
         # Between calls only someone who opened the FIFO by path writes: nobody's output.
-        _discard(fd)
+        _drain_to_eof(fd, None)
 
     def _release(self, shell: _Shell, fifo: _Fifo, capture: Optional[_Capture], keep: bool) -> None:
         """After a call (or with its shell): take what the FIFO holds, and keep it for the
@@ -5358,7 +5358,7 @@ class _Shells:
         agent.send({"id": ex.request_id, "ok": True, "result": result})
 
     def _discard_callback(self, fd: int, mask: int) -> None:
-        if _discard(fd):
+        if _drain_to_eof(fd, None):
             self._close_lingering(fd)
 
     def _close_lingering(self, fd: int) -> None:
@@ -5894,22 +5894,6 @@ def _drain_to_eof(fd: int, capture: Optional[_Capture]) -> bool:
         taken += len(data)
         if capture is not None:
             capture.feed(data)
-    return False
-
-
-def _discard(fd: int) -> bool:
-    """Read and drop what a lingering FIFO holds; True once no writer is left (EOF)."""
-    taken = 0
-    while taken < _FINAL_DRAIN_BYTES:
-        try:
-            data = os.read(fd, _READ_CHUNK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        if not data:
-            return True
-        taken += len(data)
     return False
 
 
