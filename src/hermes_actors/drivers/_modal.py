@@ -39,6 +39,7 @@ import logging
 import math
 import posixpath
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -95,6 +96,9 @@ GRACEFUL_EXIT_S = 3.0
 #: Bound on a sandbox terminate RPC, and on the stdout pump finishing after it.
 TERMINATE_RPC_S = 15.0
 PUMP_STOP_S = 5.0
+#: How long `ModalSandbox.wait_exited` waits for the sandbox's own status once its agent's
+#: stream ended (the sandbox may have ended it).
+SANDBOX_STATUS_GRACE_S = 1.0
 #: Bound on sweeping (listing and terminating) what a failed or cancelled create left behind.
 SWEEP_S = 30.0
 #: How long Modal keeps a directory snapshot made to move a tree between sandboxes (it is
@@ -487,9 +491,21 @@ class ModalSandbox:
         """Wait until the agent's exec or the sandbox ended; its exit status when known.
 
         The status is the sandbox's return code when the sandbox ended (124 after its lifetime
-        or idle timeout, 137 after terminate), else the agent's exit code.
+        or idle timeout, 137 after terminate), else the agent's exit code. An agent killed by
+        a signal was often killed by its sandbox ending, whose long poll answers just after the
+        agent's stream ends: the poll gets `SANDBOX_STATUS_GRACE_S` to say so, or the status
+        would be the killed agent's 137 for a sandbox that reached its lifetime.
         """
         await self._exited.wait()
+        killed = self._exit_status is not None and (
+            self._exit_status < 0 or self._exit_status == 128 + signal.SIGKILL
+        )
+        if killed and self._wait_future is not None and not self._wait_future.done():
+            with trio.move_on_after(SANDBOX_STATUS_GRACE_S):
+                await self._sandbox_wait_finished.wait()
+            sandbox_code = self._sandbox_returncode()
+            if sandbox_code is not None:
+                return sandbox_code
         return self._exit_status
 
     async def terminate(self) -> None:
