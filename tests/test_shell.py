@@ -476,6 +476,19 @@ def test_a_reset_replaces_even_a_pristine_shell_unless_asked_to_keep_it(
     assert shell_pid(agent) != second
 
 
+def test_a_reset_does_not_count_a_shell_still_starting_as_a_process_it_killed(
+    agent: AgentProcess,
+) -> None:
+    """A reset that comes while the slot's first shell starts (its keeper has not said its pid
+    yet) kills it too, and counts only what else of the slot it killed: nothing here."""
+    for _ in range(5):
+        call = agent.send("exec", slot=0, shell="persistent", command="echo started")
+        reset = agent.send("reset_slot", slot=0)
+        assert agent.wait_reply(call)["ok"]
+        assert agent.wait_reply(reset)["result"] == {"killed": 0, "shell_kept": False}
+    assert run(agent, "echo $$")["exit_code"] == 0
+
+
 def test_a_reset_keeps_the_idle_shell_and_the_next_lease_sees_a_new_one(
     agent: AgentProcess,
 ) -> None:

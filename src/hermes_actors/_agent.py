@@ -77,7 +77,7 @@ import stat
 import struct
 import sys
 import time
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">II")
@@ -1058,9 +1058,9 @@ class _Keeper:
         self.buffer = bytearray()
         self.eof = False
         #: Resets waiting for this keeper's kill (see `Agent.op_reset_slot`), in request order:
-        #: (request id, slot, processes killed already, the shell pids not to count, the shell
-        #: the kill spares to keep it for the next lease, or None).
-        self.pending_kills: Deque[Tuple[int, int, int, Set[int], Optional[_Shell]]] = (
+        #: (request id, slot, processes killed already, the shells killed on purpose, not to
+        #: count, the shell the kill spares to keep it for the next lease, or None).
+        self.pending_kills: Deque[Tuple[int, int, int, List[_Shell], Optional[_Shell]]] = (
             collections.deque()
         )
         #: One entry per spawn request sent and not answered yet, in order: the callback of a
@@ -2196,8 +2196,8 @@ class Agent:
             if "started" in notice:
                 notice["callback"](notice["started"])
             if "killed" in notice and keeper.pending_kills:
-                request_id, slot, killed, shell_pids, kept = keeper.pending_kills.popleft()
-                killed += len(set(notice["killed"]) - shell_pids)
+                request_id, slot, killed, shells, kept = keeper.pending_kills.popleft()
+                killed += len(set(notice["killed"]) - _pids(shells))
                 if kept is not None:
                     self.shells.recycle(kept, request_id, killed)
                 else:
@@ -2612,9 +2612,9 @@ class Agent:
                 self._keeper_lost(keeper)  # it killed what it kept, the shell too
             else:
                 kept.resetting = (request_id, 0, 0)
-                keeper.pending_kills.append((request_id, slot, 0, set(), kept))
+                keeper.pending_kills.append((request_id, slot, 0, [], kept))
                 return None
-        shell_pids = self.shells.closing(slot, "reset")
+        shells = self.shells.closing(slot, "reset")
         for ex in self.execs.values():
             if ex.slot == slot and ex.kill_reason is None:
                 ex.kill_reason = "reset"
@@ -2627,7 +2627,7 @@ class Agent:
             except OSError:
                 self._keeper_lost(keeper)  # it killed what it kept
             else:
-                keeper.pending_kills.append((request_id, slot, killed, shell_pids, None))
+                keeper.pending_kills.append((request_id, slot, killed, shells, None))
                 return None
         return self._reset_workspace(slot, killed)
 
@@ -4005,9 +4005,9 @@ class TreeOps:
         this slot because this slot's keeper starts it.)
         """
         shells = self.agent.shells
-        shell_pids = shells.closing(slot, "reset")
-        if shell_pids:
-            self.agent.kill_trees(shell_pids)
+        alive = {shell.pid for shell in shells.closing(slot, "reset") if shell.pid}
+        if alive:
+            self.agent.kill_trees(alive)
         shells.close(slot)
         if not state:
             return
@@ -4394,6 +4394,12 @@ class _Fifo:
         self.identity = identity
 
 
+def _pids(shells: Iterable[_Shell]) -> Set[int]:
+    """The pids `shells` started with (none for one still starting): a shell killed as it
+    starts may have ended, and been reaped, by the time a kill's count reads this."""
+    return {shell.spawned_pid for shell in shells if shell.spawned_pid}
+
+
 class _Shell:
     """One slot's persistent shell: its process, its two channels, and its last known state.
 
@@ -4403,7 +4409,10 @@ class _Shell:
 
     def __init__(self, slot: int, cwd: str) -> None:
         self.slot = slot
+        #: The process while it lives (0 before its keeper says it started, and after its end).
         self.pid = 0
+        #: The pid it started with, kept after its end (see `_pids`).
+        self.spawned_pid = 0
         self.control_fd = -1
         self.status_fd = -1
         #: A memfd the shell writes ``export -p`` into (its fd 3) after every call, read when
@@ -4972,7 +4981,7 @@ class _Shells:
         """The keeper's answer to a shell's spawn (before any notice of the shell's end)."""
         shell.starting = False
         if "pid" in reply:
-            shell.pid = int(reply["pid"])
+            shell.pid = shell.spawned_pid = int(reply["pid"])
             self.by_pid[shell.pid] = shell
             if shell.current is not None and shell.current.pid == -1:
                 shell.current.pid = shell.pid
@@ -5574,7 +5583,7 @@ class _Shells:
             except OSError:
                 agent._keeper_lost(keeper)  # it killed what it kept
             else:
-                keeper.pending_kills.append((request_id, shell.slot, killed, {shell.pid}, None))
+                keeper.pending_kills.append((request_id, shell.slot, killed, [shell], None))
                 return
         agent._reply_reset(request_id, shell.slot, killed)
 
@@ -5765,25 +5774,27 @@ class _Shells:
                 os.kill(shell.pid, signal.SIGKILL)
         return True
 
-    def closing(self, slot: Optional[int], reason: str) -> Set[int]:
+    def closing(self, slot: Optional[int], reason: str) -> List[_Shell]:
         """Mark the slot's shell (every shell when `slot` is None) as being killed on purpose;
-        returns their sessions, for the kill sweep."""
-        sessions = set()
+        returns them. A starting one has no pid yet: its keeper reports it (and it is killed,
+        see `_started`) before it answers a kill sent after this, so the kill's count reads
+        the pids then (see `_pids`)."""
+        shells = []
         for shell in list(self.by_slot.values()):
             if slot is not None and shell.slot != slot:
                 continue
             shell.closing = reason
+            shells.append(shell)
             if shell.current is not None and shell.current.kill_reason is None:
                 shell.current.kill_reason = reason
             if shell.pid:
-                sessions.add(shell.pid)
                 # Killed at once: a dead shell is a zombie the sweep skips, so a slot with no
                 # background job is done in one scan of /proc instead of two.
                 with contextlib.suppress(OSError):
                     os.kill(shell.pid, signal.SIGKILL)
             elif not shell.starting:  # (a starting one is killed as it starts: `_started`)
                 del self.by_slot[shell.slot]  # died earlier: nothing to restore any more
-        return sessions
+        return shells
 
     def close(self, slot: Optional[int]) -> None:
         """After the kill: forget the slot's shell (or all), its FIFOs and lingering readers."""
