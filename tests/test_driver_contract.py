@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from hermes_actors._errors import AgentError, SandboxLost
+from proc_support import eventually
 from sandbox_support import ContractSandbox
 
 
@@ -168,7 +169,8 @@ async def test_reset_kills_processes_and_wipes_dotfiles(
                 break
             await trio.sleep(0.01)
     await client.reset_slot(0)
-    assert contract_sandbox.process_count() == before
+    # (The slot's shell, started ahead of its calls, was killed too and is started again.)
+    await eventually(lambda: contract_sandbox.process_count() == before)
     assert await client.list_files(0, ".") == []
     listing = await client.exec(0, command="ls -A")
     assert listing.stdout == b""

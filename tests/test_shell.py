@@ -22,8 +22,8 @@ from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_p
 from fault_support import wait_for
 from hermes_actors._agent import _heredoc_delimiter
 from hermes_actors._client import SandboxClient
-from proc_support import eventually
-from sandbox_support import ContractSandbox
+from proc_support import children_of, comm, descendants_of, eventually
+from sandbox_support import ContractSandbox, open_local_sandbox
 
 IS_ROOT = os.getuid() == 0
 
@@ -89,6 +89,7 @@ async def test_timeout_ends_the_line_and_keeps_the_shell(
 ) -> None:
     """A timeout kills the command's tree, skips the rest of its line, and keeps the state."""
     client = contract_sandbox.client
+    resting = contract_sandbox.process_count()  # every slot's shell, started ahead of its calls
     await sh(client, "cd /tmp; kept=yes")
     slow = await sh(client, "echo partial; sleep 30 & sleep 30; echo never", timeout_s=0.5)
     loop = await sh(client, "while :; do :; done; echo never", timeout_s=0.5)
@@ -98,7 +99,8 @@ async def test_timeout_ends_the_line_and_keeps_the_shell(
     assert not slow.shell_restarted
     assert after.stdout == b"yes\n/tmp\n"
     assert not after.shell_restarted
-    await eventually(lambda: contract_sandbox.process_count() == 1)  # the shell itself stays
+    # The shell itself stays: nothing else of the slot is left.
+    await eventually(lambda: contract_sandbox.process_count() == resting)
 
 
 async def test_exit_and_exec_replace_the_shell_with_its_state(
@@ -145,11 +147,15 @@ async def test_background_job_outlives_its_call_without_leaking(
 async def test_reset_ends_the_shell_and_its_jobs(contract_sandbox: ContractSandbox) -> None:
     """Reset kills the shell and its background jobs; the next call starts clean."""
     client = contract_sandbox.client
+    resting = contract_sandbox.process_count()  # every slot's shell, started ahead of its calls
+    first = int((await sh(client, "echo $$")).stdout)
     await sh(client, "export DIRTY=1; cd /tmp; sleep 300 & sleep 300 &")
     # The jobs are forked when the call ends; each is counted once it has exec'd `sleep`.
-    await eventually(lambda: contract_sandbox.process_count() >= 3)
+    await eventually(lambda: contract_sandbox.process_count() >= resting + 2)
     await client.reset_slot(0)
-    await eventually(lambda: contract_sandbox.process_count() == 0)
+    # The jobs and the shell are gone; a new shell waits for the slot's next call.
+    await eventually(lambda: contract_sandbox.process_count() == resting)
+    assert int((await sh(client, "echo $$")).stdout) != first
     clean = await sh(client, 'echo "[${DIRTY-}]"; pwd')
     assert clean.stdout.decode().splitlines()[0] == "[]"
     assert clean.stdout.decode().splitlines()[1].endswith("/slot-0")
@@ -474,6 +480,54 @@ def test_a_reset_replaces_even_a_pristine_shell_unless_asked_to_keep_it(
     assert second != first
     assert agent.call("end_shell", slot=0) == {"ended": True}
     assert shell_pid(agent) != second
+
+
+def test_warm_shells_wait_in_every_slot_and_come_back_after_a_reset(tmp_path: Path) -> None:
+    """With ``warm_shells`` every slot's shell runs before the ready frame, so a first call
+    finds its shell; a reset or end_shell starts the next one at once, clean."""
+    with AgentProcess(str(tmp_path / "slots"), slots=3, warm_shells=True) as agent:
+        assert agent.ready["ok"], agent.ready
+        waiting = pids_under_keepers(agent)
+        assert len(waiting) == 3  # one per slot, before any call
+        firsts = [shell_pid(agent, slot) for slot in range(3)]
+        assert set(firsts) == waiting
+        run(agent, "export DIRTY=1; sleep 300 &")
+        assert agent.call("reset_slot", slot=0)["killed"] == 1  # the job, not the shell
+        assert wait_for(lambda: len(pids_under_keepers(agent) - set(firsts)) == 1, 10)
+        [warm] = pids_under_keepers(agent) - set(firsts)
+        after = run(agent, 'echo "$$ [${DIRTY-}]"')
+        assert after["stdout"] == f"{warm} []\n".encode()
+        assert after["shell_restarted"] is False
+        assert agent.call("end_shell", slot=1) == {"ended": True}
+        assert wait_for(lambda: firsts[1] not in pids_under_keepers(agent), 10)
+        assert wait_for(lambda: len(pids_under_keepers(agent)) == 3, 10)
+        assert shell_pid(agent, 1) not in firsts
+
+
+async def test_a_sandbox_keeps_shells_ahead_only_for_a_persistent_profile() -> None:
+    """Each slot of a persistent profile's sandbox has its shell before any call; a fresh
+    profile's sandbox starts nothing until a call."""
+    async with open_local_sandbox("none", slots_per_sandbox=3) as persistent:
+        assert persistent.process_count() == 3
+    async with open_local_sandbox("none", slots_per_sandbox=3, shell="fresh") as fresh:
+        assert fresh.process_count() == 0
+        await fresh.client.exec(0, command="true")
+        assert fresh.process_count() == 0
+
+
+def test_warm_shells_must_be_a_boolean(tmp_path: Path) -> None:
+    with AgentProcess(str(tmp_path / "slots"), slots=1, warm_shells="yes") as agent:
+        assert agent.ready["error"]["code"] == "bad_config"
+        assert "'warm_shells' must be true or false" in agent.ready["error"]["message"]
+
+
+def pids_under_keepers(agent: AgentProcess) -> set[int]:
+    """The shells of the agent's slots: its keepers' bash children."""
+    pids = set()
+    for keeper in descendants_of(agent.process.pid):
+        if comm(keeper) == "hermes-keeper":
+            pids.update(pid for pid in children_of(keeper) if comm(pid) == "bash")
+    return pids
 
 
 def test_a_reset_does_not_count_a_shell_still_starting_as_a_process_it_killed(

@@ -54,6 +54,9 @@ Invariants:
   ``bash -c`` (state persists between calls; see `_Shells` for the protocol, the framing that
   never travels in the output, and how timeouts, ``exit`` and resets are handled).
   ``"merge_stderr": true`` sends stderr into stdout in write order (one pipe or FIFO for both).
+  With ``"warm_shells": true`` in the config (a profile whose calls use the persistent shell),
+  every slot's shell is started before the ready frame, and again as soon as a reset or
+  ``end_shell`` has ended one: a slot's first call finds its shell waiting, as its next ones.
 * File ops are confined to the slot workspace (``..``, absolute paths and symlinks resolving
   outside give ``path_escape``); with slot uids they run under the slot's uid (``seteuid``).
 * Leaving the loop (shutdown, stdin EOF, ``ttl_s`` without a frame, a fatal signal, a broken
@@ -1255,6 +1258,8 @@ class Agent:
         #: The sandbox's slot count (its ``slots_per_sandbox``): requests for slots outside
         #: ``[0, slots)`` are refused. None: any slot up to `MAX_SLOT` (the host names none).
         self.slots: Optional[int] = config.get("slots")
+        #: Keep a started shell in every slot (see the module docstring and `_Shells.warm`).
+        self.warm_shells = bool(config.get("warm_shells")) and self.slots is not None
         self.nonce = os.urandom(6).hex()
         self.shell = _find_shell()
         self.selector = selectors.DefaultSelector()
@@ -1360,6 +1365,13 @@ class Agent:
             features.append("subreaper")
         if self.slot_uid_base is not None:
             features.append("slot_uids")
+        if self.warm_shells:
+            # Before the ready frame: a sandbox counted warm runs its slots' first calls as
+            # fast as their next ones. (Their processes exist when it goes out; each shell
+            # reads its first line while the host takes the frame.)
+            for slot in range(self.slots or 0):
+                self.shells.warm(slot)
+            self._await_spawns()
         self.send(
             {
                 "id": 0,
@@ -2152,6 +2164,23 @@ class Agent:
             self.keeper_notices.append((keeper, {"lost": True}))
         return reply
 
+    def _await_spawns(self) -> None:
+        """Wait (bounded by `_KEEPER_REPLY_S`) until every keeper has answered the spawns sent
+        without waiting (`spawn_in_slot_nowait`), and handle the answers."""
+        import select
+
+        deadline = time.monotonic() + _KEEPER_REPLY_S
+        while True:
+            self._handle_keeper_notices()
+            waiting = [keeper for keeper in self.keepers.values() if keeper.spawns]
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                return
+            with contextlib.suppress(InterruptedError):
+                select.select([keeper.fd for keeper in waiting], [], [], remaining)
+            for keeper in waiting:
+                self._read_keeper(keeper)
+
     def _keeper_spawn(
         self, keeper: _Keeper, request: Dict[str, Any], fds: List[int]
     ) -> Tuple[int, int]:
@@ -2666,6 +2695,8 @@ class Agent:
         os.chmod(workspace, 0o700)
         if uid is not None:
             os.chown(workspace, uid, uid)
+        if not keep_shell:
+            self.shells.warm(slot)
         return {"killed": killed, "shell_kept": keep_shell}
 
     def op_end_shell(self, request_id: int, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -2680,7 +2711,9 @@ class Agent:
         if kept is not None:
             self.shells.recycle(kept, request_id, 0, ending=True)
             return None
-        return {"ended": self.shells.end(slot)}
+        ended = self.shells.end(slot)
+        self.shells.warm(slot)
+        return {"ended": ended}
 
     def op_ping(self, request_id: int, args: Dict[str, Any]) -> Dict[str, Any]:
         execs = len(self.execs) + len(self.shells.execs)
@@ -5761,6 +5794,17 @@ class _Shells:
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
+    def warm(self, slot: int) -> None:
+        """With the agent's ``warm_shells``: start the slot's shell now, if it has none, so
+        its next call need not wait for one. A shell that cannot start is left to that call,
+        which reports why."""
+        if not self.agent.warm_shells or slot in self.by_slot:
+            return
+        try:
+            self.spawn(slot, None)
+        except OSError as exc:
+            _log("slot %d: no shell started ahead of its calls: %s" % (slot, exc))
+
     def end(self, slot: int) -> bool:
         """Kill the slot's shell process alone and forget its state (see `op_end_shell`)."""
         shell = self.by_slot.pop(slot, None)
@@ -6120,6 +6164,8 @@ def _parse_config(config_text: str) -> Dict[str, Any]:
         not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOT + 1
     ):
         raise OpError("bad_config", "'slots' must be an int in [1, %d] or null" % (MAX_SLOT + 1))
+    if not isinstance(config.get("warm_shells", False), bool):
+        raise OpError("bad_config", "'warm_shells' must be true or false")
     accounts = config.get("slot_accounts", 0)
     if not isinstance(accounts, int) or isinstance(accounts, bool) or accounts < 0:
         raise OpError("bad_config", "'slot_accounts' must be an int >= 0")

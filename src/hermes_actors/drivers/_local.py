@@ -931,6 +931,7 @@ class LocalDriver:
             agent_config = {"workspace_root": workspace, "slot_uid_base": None}
         agent_config["env"] = {SANDBOX_MARKER_VAR: sandbox_id}
         agent_config["slots"] = spec.slots_per_sandbox
+        agent_config["warm_shells"] = spec.shell == "persistent"
         memory_bytes = spec.memory * MIB
         agent_config["limits"] = {"memory_bytes": memory_bytes, "processes": PROCESSES_PER_SLOT}
         cgroup = self._make_cgroup(sandbox_id, spec)

@@ -393,6 +393,7 @@ class ModalSandbox:
             "slot_uid_base": SLOT_UID_BASE,
             "slot_accounts": spec.slots_per_sandbox,
             "slots": spec.slots_per_sandbox,
+            "warm_shells": spec.shell == "persistent",
             "env": {SANDBOX_MARKER_VAR: self._sandbox_id},
         }
         self._exited = trio.Event()
