@@ -34,7 +34,15 @@ from typing import Any
 
 import trio
 
-from bench.workloads import HermesSystem, Outcome, Sizes, System, Timed
+from bench.workloads import (
+    HermesSystem,
+    Outcome,
+    Sizes,
+    System,
+    Timed,
+    warm_up,
+    warm_up_async,
+)
 
 __all__ = [
     "LimitSystem",
@@ -105,7 +113,7 @@ class LimitSystem:
         return trio.run(self._latency, commands)
 
     async def _latency(self, commands: list[str]) -> Timed:
-        await self._run("true")  # warm-up, as every row gets one
+        await warm_up_async(lambda: self._run("true"))  # as every row gets
         per_call = []
         outcomes = []
         for command in commands:
@@ -165,7 +173,7 @@ class SweRexExecuteSystem:
         from swerex.runtime.local import LocalRuntime
 
         runtime = LocalRuntime()
-        await self._run(runtime, "true")
+        await warm_up_async(lambda: self._run(runtime, "true"))
         per_call = []
         outcomes = []
         for command in commands:
@@ -288,7 +296,7 @@ class SweRexSessionSystem:
         runtime = LocalRuntime()
         try:
             await self._open(runtime, "latency")
-            await self._run(runtime, "latency", "true")
+            await warm_up_async(lambda: self._run(runtime, "latency", "true"))
             per_call = []
             outcomes = []
             for command in commands:
@@ -352,7 +360,7 @@ class MiniSweAgentSystem:
 
     def run_latency(self, commands: list[str], sizes: Sizes) -> Timed:
         environment = self._environment()
-        self._run(environment, "true")
+        warm_up(lambda: self._run(environment, "true"))
         per_call = []
         outcomes = []
         for command in commands:
@@ -419,7 +427,7 @@ class OriginalBatchSystem:
         return self.run_trajectories(plan, sizes)
 
     def run_latency(self, commands: list[str], sizes: Sizes) -> Timed:
-        self._run("true")
+        warm_up(lambda: self._run("true"))
         per_call = []
         outcomes = []
         for command in commands:

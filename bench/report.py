@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from bench.workloads import BenchResult, Measurement, median, percentile
+from bench.workloads import LATENCY_WARMUP_S, BenchResult, Measurement, median, percentile
 
 TITLES = {
     "tiny": "1. Tiny commands (spawn-bound)",
@@ -38,10 +38,8 @@ _HOST_PATH = (
     "measured per command with /proc schedstat (40 x 25 `echo`, warm shells), about 0.1 ms in "
     "the host's trio thread (facade, actors, agent stream), 0.11 ms in the agent and 0.16 ms "
     "in the slot's bash (the call's redirections to its output FIFOs, and the `export -p` that "
-    "keeps what a replacement shell starts from); and the workload starts its 40 shells inside "
-    "the timed part (per slot a keeper forked from the agent's zygote and an interactive bash: "
-    "about 0.23 ms more per command of the run). On 2 CPUs shared with other work every hop "
-    "also waits for a CPU"
+    "keeps what a replacement shell starts from, one write per exported variable). On 2 CPUs "
+    "shared with other work every hop also waits for a CPU"
 )
 _IN_PROCESS = (
     "it runs the command with `subprocess` in the calling process: one fork/exec and no "
@@ -327,7 +325,9 @@ def _workload_description(workload: str, result: BenchResult) -> str:
     if workload == "latency":
         return (
             f"{sizes.latency_calls} sequential `true` calls on one warm task (hermes: "
-            '`terminal_tool("true", task_id=...)`). Per-call time, p50 and p95 in ms.'
+            '`terminal_tool("true", task_id=...)`), after '
+            f"{LATENCY_WARMUP_S:g} s of untimed ones (the first hundred or two calls on new "
+            "processes run about 0.1 ms slower). Per-call time, p50 and p95 in ms."
         )
     if workload == "churn":
         return (

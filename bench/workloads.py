@@ -6,7 +6,8 @@ Workloads (sizes in `Sizes`; `FULL` is the issue's, `SMOKE` the test suite's):
 1b. `external`: the same with `/bin/echo`, an external command: a process per command for every
    row, so a shell builtin is never the only evidence.
 2. `short`: trajectories x sequential `sleep S; echo` commands (concurrency-bound).
-3. `latency`: sequential `true` calls on one warm task; per-call times (p50, p95).
+3. `latency`: sequential `true` calls on one warm task, after `LATENCY_WARMUP_S` of untimed
+   ones; per-call times (p50, p95).
 4. `churn`: trajectories through a fixed number of slots: acquire, commands, release with reset.
 5. `scale`: every slot held at once, one command each; wall time and the host's peak memory.
 
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -48,6 +49,30 @@ WORKLOADS = ("tiny", "external", "short", "latency", "churn", "scale")
 
 #: A command's outcome as a row reports it: exit status (None when unknown) and its output.
 Outcome = tuple[int | None, str]
+
+#: Before its timed calls, every row of workload 3 makes untimed `true` calls for this long (at
+#: least one), so that the workload measures a task's steady state. The first hundred or two
+#: calls on new processes run slower: hermes' p50 over calls 1-150 of a new sandbox was
+#: 0.56 ms, over calls 150-1500 0.44-0.45 ms. It is not the host's garbage collector (a
+#: collection first changes nothing) nor elapsed time (a pause of 1 s first changes nothing):
+#: it goes with the number of calls made, as the kernel's view of the new processes does.
+LATENCY_WARMUP_S = 0.5
+
+
+def warm_up(call: Callable[[], object]) -> None:
+    """Call `call()` for `LATENCY_WARMUP_S` (at least once), untimed."""
+    until = time.perf_counter() + LATENCY_WARMUP_S
+    call()
+    while time.perf_counter() < until:
+        call()
+
+
+async def warm_up_async(call: Callable[[], Awaitable[object]]) -> None:
+    """`warm_up` for a row that is awaited."""
+    until = time.perf_counter() + LATENCY_WARMUP_S
+    await call()
+    while time.perf_counter() < until:
+        await call()
 
 
 @attrs.frozen(kw_only=True)
@@ -315,7 +340,7 @@ class HermesSystem:
                 shutdown_terminal_backend()
                 try:
                     task = "bench-latency"
-                    terminal_tool("true", task_id=task)  # the task's slot: warm from here on
+                    warm_up(lambda: terminal_tool("true", task_id=task))  # the task's slot
                     per_call = []
                     outcomes: list[Outcome] = []
                     for command in commands:
