@@ -63,9 +63,10 @@ async def test_a_fork_bomb_stops_at_the_slot_limit_and_other_slots_serve(
     monkeypatch.setattr(_local, "PROCESSES_PER_SLOT", 100)
     # A slot no other test uses: its uid (SLOT_UID_BASE + slot) and that uid's process limit are
     # shared by every sandbox on the host, and other tests run sandboxes at the same time. The
-    # sandbox has that many slots (the agent refuses a slot outside its sandbox's range).
+    # sandbox has that many slots (the agent refuses a slot outside its sandbox's range), and
+    # fresh shells: no slot keeps a shell between calls, so the uid's count is the bomb's alone.
     slot = 97
-    async with open_local_sandbox("bwrap", slots_per_sandbox=slot + 1) as sandbox:
+    async with open_local_sandbox("bwrap", slots_per_sandbox=slot + 1, shell="fresh") as sandbox:
         assert sandbox.handle.enforced_limits.processes_per_slot == 100
         uid = _local.SLOT_UID_BASE + slot
         peak = 0
