@@ -96,8 +96,8 @@ async def test_timeout_kills_the_whole_tree(
     if "echo" in command:
         assert result.stdout.endswith(b"\n")
         assert result.stdout.strip() in (b"started", b"forked")
-    await trio.sleep(0.1)
-    assert contract_sandbox.process_count() == before
+    # (The killed processes leave the table as they are reaped: a moment on a busy machine.)
+    await eventually(lambda: contract_sandbox.process_count() == before)
 
 
 async def test_big_output_is_capped_with_exact_counts(contract_sandbox: ContractSandbox) -> None:

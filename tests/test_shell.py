@@ -20,7 +20,7 @@ import trio
 
 from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_processes_with_env
 from fault_support import wait_for
-from hermes_actors._agent import _heredoc_delimiter
+from hermes_actors._agent import _HOOK_PROBE, _heredoc_delimiter, _inert
 from hermes_actors._client import SandboxClient
 from proc_support import children_of, comm, descendants_of, eventually
 from sandbox_support import ContractSandbox, open_local_sandbox
@@ -367,6 +367,10 @@ def test_the_shell_keeps_the_loader_and_library_variables(open_root: Path) -> No
         fresh = run(agent, command, slot=0, shell="fresh")
         assert result["stdout"] == b"/opt/lib:/x y|/tmp|.:/|it's|1\n", result
         assert fresh["stdout"] == result["stdout"]
+        # A shell that ended in its first call (no exports reported yet) is replaced by one
+        # that has them too.
+        assert run(agent, "exit 3", slot=1)["shell_restarted"] is True
+        assert run(agent, command, slot=1)["stdout"] == result["stdout"]
 
 
 @pytest.fixture
@@ -712,3 +716,137 @@ def test_a_command_moving_the_shells_own_descriptors_still_ends(agent: AgentProc
     workspace = Path(str(run(agent, "pwd")["stdout"], "utf-8").strip())
     assert (workspace / "out").read_bytes() == b"hidden\n"
     assert (workspace / "three").read_bytes() == b""
+
+
+# -- calls that cannot change the exported environment ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "inert"),
+    [
+        ("echo t1c2", True),
+        ("/bin/echo hello world; ls -la src | grep -c py > count", True),
+        ("git status && python3 -m pytest -q tests/test_x.py 2>&1 | tail -n 3", True),
+        ("if true; then echo yes; else false; fi", True),
+        ("cat <<'EOF'\nplain text\nEOF", True),
+        ("cd /tmp", False),
+        ("export A=1", False),
+        ("A=1", False),
+        ("echo $HOME", False),
+        ("echo `date`", False),
+        ("ex\\port A", False),
+        ("e'x'p\"o\"rt A", False),
+        ("ex\\\nport A", False),
+        ("{ex,}port A", False),
+        ("expor? A", False),
+        ("~- A", False),
+        ("f() { echo; }", False),
+        ("source venv/bin/activate", False),
+        (". venv/bin/activate", False),
+        ("echo x | read line", False),
+        ("for name in a b; do echo; done", False),
+        ("echo ok;unset PATH", False),
+        ("echo ok>/dev/null declare", False),
+        ("echo the word set is enough", False),
+    ],
+)
+def test_only_a_command_that_can_set_no_variable_is_inert(command: str, inert: bool) -> None:
+    """A command is inert only when no expansion, assignment or state-changing builtin can run."""
+    assert _inert(command) is inert
+
+
+def _probe_output(setup: str) -> bytes:
+    """What `_HOOK_PROBE` prints in a bash started as the agent starts one, after `setup`."""
+    import subprocess
+
+    script = (
+        "\\command set +H +o history; PS1=; PS2=; PS0=; PROMPT_COMMAND=; unset HISTFILE\n"
+        f"{setup}\n{_HOOK_PROBE} \\command printf '\\0'\n"
+    )
+    done = subprocess.run(
+        ["bash", "--noediting", "--noprofile", "--norc", "-i"],
+        input=script.encode(),
+        capture_output=True,
+        env={"PATH": os.environ["PATH"]},
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.split(b"\0")[0]
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "f() { :; }",
+        "alias ll='ls -l'",
+        "trap : USR1",
+        "trap : DEBUG",
+        "PROMPT_COMMAND=:",
+        "PS0=x",
+        "PS1=x",
+        "PS2=x",
+        "MAILPATH=/tmp/mail",
+        "set -x",
+        "set -H",
+    ],
+)
+def test_the_hook_probe_sees_every_way_a_shell_runs_code_unasked(setup: str) -> None:
+    """Functions, aliases, traps, prompt strings, MAILPATH, xtrace and history expansion show."""
+    assert _probe_output("true") == b""
+    assert _probe_output(setup) != b""
+
+
+def _dumps(pid: int) -> int:
+    """How many ``export -p`` texts the shell wrote into its memfd (its fd 3), each ended by NUL."""
+    with open(f"/proc/{pid}/fd/3", "rb") as memfd:
+        return memfd.read().count(b"\0")
+
+
+def _kill_shell(pid: int) -> None:
+    """SIGKILL a shell and give the agent a moment to learn of it (a call sent before that
+    goes to the dead shell and reports its death, as `test_a_killed_shell_is_replaced...`)."""
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=10)
+    time.sleep(0.05)
+
+
+def test_inert_calls_keep_the_last_exports_and_a_replacement_still_has_them(
+    agent: AgentProcess,
+) -> None:
+    """Inert calls write no export text; a shell killed after them comes back with its exports."""
+    run(agent, "cd /tmp; export KEEP=yes")
+    pid = shell_pid(agent)
+    assert wait_for(lambda: _dumps(pid) == 2, timeout_s=10)
+    for command in ("echo one", "/bin/true", "ls -d /tmp > /dev/null"):
+        assert run(agent, command)["exit_code"] == 0
+    # (A reply comes once the shell read its call: every earlier text is written by then.)
+    assert _dumps(pid) == 2
+    run(agent, "export LATER=1")
+    assert wait_for(lambda: _dumps(pid) == 3, timeout_s=10)
+    _kill_shell(pid)
+    replaced = run(agent, 'echo "$KEEP $LATER"; pwd')
+    assert replaced["shell_restarted"] is True
+    assert replaced["stdout"] == b"yes 1\n/tmp\n"
+
+
+@pytest.mark.parametrize(
+    ("setup", "trigger"),
+    [
+        ("f() { export HOOKED=1; }", "f"),
+        ("alias g='export HOOKED=1'", "g"),
+        ("trap '[ -e flag ] && export HOOKED=1' DEBUG", "touch flag"),
+        ("PROMPT_COMMAND='[ -e flag ] && export HOOKED=1'", "touch flag"),
+    ],
+    ids=["function", "alias", "trap", "prompt-command"],
+)
+def test_a_shell_that_runs_code_unasked_reports_its_exports_after_every_call(
+    agent: AgentProcess, setup: str, trigger: str
+) -> None:
+    """A call that looks inert still reports exports when a hook of the shell could change them."""
+    pid = shell_pid(agent)
+    run(agent, setup)
+    assert wait_for(lambda: _dumps(pid) == 2, timeout_s=10)
+    assert run(agent, trigger)["exit_code"] == 0
+    assert wait_for(lambda: _dumps(pid) == 3, timeout_s=10)
+    _kill_shell(pid)
+    assert run(agent, 'echo "${HOOKED-lost}"')["stdout"] == b"1\n"

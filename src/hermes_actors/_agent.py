@@ -4456,6 +4456,10 @@ class _Shell:
         self.env_offset = 0
         self.exports_seen = 0
         self.records_seen = 0
+        #: The last call's dump showed no function, alias, trap or prompt hook (see
+        #: `_Shells.start`): an `_inert` call then needs no new ``export -p``. False until a
+        #: dump says so, and again whenever something but a call ran in the shell.
+        self.hook_free = False
         self.unsent = b""
         self.records = bytearray()
         #: The output FIFOs, open, by kind ("o", "e"): no writer but the agent holds them
@@ -4529,6 +4533,16 @@ _SHELL_DUMP_OWN = "{ " + _DUMP_OWN + _DUMP_END
 _SHADOWED_BUILTINS = (
     "alias builtin cd command complete declare dirs echo enable hash history jobs local "
     "printf pwd read set shift shopt test trap typeset ulimit umask unalias unset"
+)
+#: What a call's record starts with (see `_Shells.start`): whatever in the shell could run
+#: code or set a variable unseen while an `_inert` command runs: functions (one could stand
+#: in for any command), aliases, traps; prompt strings and PROMPT_COMMAND (an interactive
+#: shell expands them at every line), MAILPATH's messages; xtrace (PS4) and history
+#: expansion. A shell with none of them prints nothing.
+_HOOK_PROBE = (
+    "\\command declare -F; \\command alias -p; \\command trap -p; "
+    "\\command printf %s "
+    '"${-//[^xH]}${PS0-}${PS1-}${PS2-}${PROMPT_COMMAND[*]-}${MAILPATH-}"; '
 )
 #: Variables bash keeps itself, never unset or set by a reset (unset, they would lose what
 #: makes them special): their values change on their own (BASH_ARGC and BASH_ARGV keep an
@@ -4738,6 +4752,11 @@ class _Shells:
       or the shell's stdout (the command's is its FIFO; bash restores the shell's after the
       ``.``, even past an ``exec >file`` inside it): nothing a command prints can end a call
       early or forge a status. Framing is never in-band in the output streams.
+    * Before the record, the shell prints its hooks (`_HOOK_PROBE`: functions, aliases,
+      traps, prompt strings; nothing at all in a shell without any) there too. When the last
+      record showed none, a call the agent sets nothing for and whose command is `_inert`
+      (it cannot change a shell variable) writes only its record, named I: the last
+      ``export -p`` text still holds, and bash saves about a third of a small call's work.
     * Output per call: a FIFO is reused only while no writer holds it. The agent keeps each
       FIFO open (a reader, and a writer of its own so the reader sees no EOF while it waits),
       and the shell opens it by path for each call. When a call ends, the agent closes its own
@@ -4858,6 +4877,13 @@ class _Shells:
                 "\\command shift 2"
             )
         shell.recenter = False
+        # A call that cannot change the exported environment keeps the last ``export -p``
+        # text (about a third of what bash spends on a small call): the agent sets nothing
+        # first, the shell has no code of its own that could run unseen (its last dump
+        # said so), and the command is `_inert`.
+        inert = (
+            self.is_bash and shell.env_fd >= 0 and shell.hook_free and not parts and _inert(command)
+        )
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
         body = command.encode("utf-8", "surrogateescape")
         if not body.endswith(b"\n"):
@@ -4897,13 +4923,23 @@ class _Shells:
         # NUL (``export -p`` never prints one; see `exported`); without a memfd it goes first
         # on the status channel, and the record ends it. The status waits in $1 meanwhile (a
         # variable would show up in `set`); `shift` gives the positional parameters back.
-        report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
-        if shell.env_fd >= 0:
-            report = "%s; { \\command export -p; \\command printf '\\0'; } >&3" % report
-            self.rewind_exported(shell)
+        #
+        # Before the record, bash's hooks (`_HOOK_PROBE`) go to the status channel too: a
+        # shell without any prints nothing there (no write), and the record's first field
+        # says so. An inert call (see above) writes the record alone, named I, not E.
+        if inert:
+            record = '\\command printf \'\\0%%s\\0%%s\\0I%d\\0\\3\' "$?" "$PWD"\n' % ex.exec_id
         else:
-            report = "\\command export -p; %s" % report
-        record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
+            report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
+            if shell.env_fd >= 0:
+                report = "%s%s; { \\command export -p; \\command printf '\\0'; } >&3" % (
+                    _HOOK_PROBE if self.is_bash else "",
+                    report,
+                )
+                self.rewind_exported(shell)
+            else:
+                report = "\\command export -p; %s" % report
+            record = '\\command set -- "$?" "$@"; %s; \\command shift\n' % report
         line = ("; ".join(parts) + "\n").encode("utf-8", "surrogateescape") + body + record.encode()
         ex.pid = shell.pid or -1  # -1: the shell is starting (see `_started`)
         ex.started = time.monotonic()
@@ -4939,7 +4975,7 @@ class _Shells:
             and _is_shell_name(name)
             and (name in _SEALED_DROPS or name.startswith(_SEALED_DROP_PREFIXES))
         )
-        if dropped and previous is None:
+        if dropped and not (previous is not None and previous.exported):
             script.append(
                 "\\command export "
                 + " ".join("%s=%s" % (name, shlex.quote(env[name])) for name in dropped)
@@ -5245,10 +5281,11 @@ class _Shells:
             end = shell.records.find(b"\0\3")
             if end < 0:
                 break
-            # A record is ``export -p text NUL status NUL cwd NUL E<exec id> NUL ETX``.
+            # A record is ``text NUL status NUL cwd NUL E<exec id> NUL ETX``, the text being
+            # the hooks (`_HOOK_PROBE`) or, without a memfd, ``export -p``; I for E: inert.
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
-            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"P", b"Q", b"R"):
+            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"I", b"P", b"Q", b"R"):
                 continue
             exported, status, cwd, name = fields[-4:]
             if name in (b"P", b"Q"):
@@ -5264,12 +5301,15 @@ class _Shells:
                 self._reset_dump(shell, name, exported)
                 continue
             shell.cwd = os.fsdecode(cwd) or shell.cwd
-            if shell.env_fd >= 0:
+            if name[:1] == b"I":
+                pass  # an inert call: no ``export -p`` text, the last one stands
+            elif shell.env_fd >= 0:
                 shell.records_seen += 1  # its ``export -p`` follows in the memfd
+                shell.hook_free = self.is_bash and exported == b""  # (`_HOOK_PROBE`'s text)
             else:
                 shell.exported = exported
             ex = shell.current
-            if ex is None or name != b"E%d" % ex.exec_id:
+            if ex is None or name[1:] != b"%d" % ex.exec_id:
                 continue
             try:
                 exit_code = int(status)
@@ -5586,7 +5626,9 @@ class _Shells:
         request_id, killed, _ = shell.resetting
         shell.resetting = None
         shell.cwd = self.agent.workspace_path(shell.slot)
+        self._read_exported(shell)  # (the last call's text: not to be taken up later)
         shell.exported = None
+        shell.hook_free = False
         shell.interrupted = False
         shell.report_restart = False
         if shell.ending:
@@ -5910,6 +5952,46 @@ def _is_shell_name(name: str) -> bool:
         and name.isascii()
         and all(char.isalnum() or char == "_" for char in name)
     )
+
+
+#: Every bash builtin and reserved word (bash 4 to 5.3).
+_BASH_WORD_TEXT = (
+    ". : [ [[ ]] ! { } alias bg bind break builtin caller case cd command compgen complete "
+    "compopt continue coproc declare dirs disown do done echo elif else enable esac eval exec "
+    "exit export false fc fg fi for function getopts hash help history if in jobs kill let "
+    "local logout mapfile popd printf pushd pwd read readarray readonly return select set "
+    "shift shopt source suspend test then time times trap true type typeset ulimit umask "
+    "unalias unset until wait while"
+)
+_BASH_WORDS = frozenset(_BASH_WORD_TEXT.split())
+#: Those of them an `_inert` call may use: they set no variable and run no other code.
+_INERT_WORD_TEXT = "! : do done echo elif else false fi if then time true until while"
+_INERT_WORDS = frozenset(_INERT_WORD_TEXT.split())
+#: Characters that may set a variable or make a word at run time: expansions, assignments,
+#: arithmetic, subshells and function definitions, brace and tilde expansion, globs.
+_NOT_INERT = re.compile(r"[$`=(){}\[\]*?~]")
+#: Where a conservative reading splits words (every unquoted metacharacter bash splits on).
+_WORD_BREAKS = re.compile(r"[\s;&|<>]+")
+
+
+def _inert(command: str) -> bool:
+    """Whether `command` cannot change a variable of the bash shell that runs it, given a
+    shell without functions, aliases, traps or prompt hooks (see `_Shells.start`).
+
+    Conservative, by the text alone: no character that expands, assigns or makes a word at
+    run time (`_NOT_INERT`; inside quotes too), and no word, quotes and backslashes
+    removed, that is a builtin or reserved word other than `_INERT_WORDS` (as an argument
+    too). What is left runs external programs and ``echo``: neither can set a variable of
+    the shell. A builtin loaded with ``enable -f`` (which takes an earlier call) is not known
+    here.
+    """
+    if _NOT_INERT.search(command):
+        return False
+    for word in _WORD_BREAKS.split(command.replace("\\\n", "")):
+        word = word.replace("\\", "").replace("'", "").replace('"', "")
+        if word in _BASH_WORDS and word not in _INERT_WORDS:
+            return False
+    return True
 
 
 def _uses_shell(op: str, args: Dict[str, Any]) -> bool:
