@@ -20,7 +20,13 @@ import trio
 
 from agent_harness import AgentProcess, pid_alive, processes_with_env, wait_no_processes_with_env
 from fault_support import wait_for
-from hermes_actors._agent import _HOOK_PROBE, _heredoc_delimiter, _inert
+from hermes_actors._agent import (
+    _HOOK_FIELD,
+    _HOOK_PROBE,
+    _has_hooks,
+    _heredoc_delimiter,
+    _inert,
+)
 from hermes_actors._client import SandboxClient
 from proc_support import children_of, comm, descendants_of, eventually
 from sandbox_support import ContractSandbox, open_local_sandbox
@@ -756,12 +762,13 @@ def test_only_a_command_that_can_set_no_variable_is_inert(command: str, inert: b
 
 
 def _probe_output(setup: str) -> bytes:
-    """What `_HOOK_PROBE` prints in a bash started as the agent starts one, after `setup`."""
+    """What `_HOOK_PROBE` and `_HOOK_FIELD` print in a bash started as the agent starts one,
+    after `setup`."""
     import subprocess
 
     script = (
         "\\command set +H +o history; PS1=; PS2=; PS0=; PROMPT_COMMAND=; unset HISTFILE\n"
-        f"{setup}\n{_HOOK_PROBE} \\command printf '\\0'\n"
+        f"{setup}\n{_HOOK_PROBE} \\command printf '%s\\0' {_HOOK_FIELD}\n"
     )
     done = subprocess.run(
         ["bash", "--noediting", "--noprofile", "--norc", "-i"],
@@ -792,8 +799,8 @@ def _probe_output(setup: str) -> bytes:
 )
 def test_the_hook_probe_sees_every_way_a_shell_runs_code_unasked(setup: str) -> None:
     """Functions, aliases, traps, prompt strings, MAILPATH, xtrace and history expansion show."""
-    assert _probe_output("true") == b""
-    assert _probe_output(setup) != b""
+    assert not _has_hooks(_probe_output("true"))
+    assert _has_hooks(_probe_output(setup))
 
 
 def _dumps(pid: int) -> int:

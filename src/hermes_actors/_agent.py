@@ -4456,10 +4456,11 @@ class _Shell:
         self.env_offset = 0
         self.exports_seen = 0
         self.records_seen = 0
-        #: The last call's dump showed no function, alias, trap or prompt hook (see
-        #: `_Shells.start`): an `_inert` call then needs no new ``export -p``. False until a
-        #: dump says so, and again whenever something but a call ran in the shell.
-        self.hook_free = False
+        #: Whether the shell has code that could run unseen (`_HOOK_PROBE`), as its last
+        #: probe said; None: not known (a new shell, or one something but a call ran in).
+        #: Without any, an `_inert` call needs no new ``export -p`` (see `_Shells.start`);
+        #: a shell that has some is not probed again (it dumps after every call anyway).
+        self.hooks: Optional[bool] = None
         self.unsent = b""
         self.records = bytearray()
         #: The output FIFOs, open, by kind ("o", "e"): no writer but the agent holds them
@@ -4534,16 +4535,22 @@ _SHADOWED_BUILTINS = (
     "alias builtin cd command complete declare dirs echo enable hash history jobs local "
     "printf pwd read set shift shopt test trap typeset ulimit umask unalias unset"
 )
-#: What a call's record starts with (see `_Shells.start`): whatever in the shell could run
-#: code or set a variable unseen while an `_inert` command runs: functions (one could stand
-#: in for any command), aliases, traps; prompt strings and PROMPT_COMMAND (an interactive
-#: shell expands them at every line), MAILPATH's messages; xtrace (PS4) and history
-#: expansion. A shell with none of them prints nothing.
-_HOOK_PROBE = (
-    "\\command declare -F; \\command alias -p; \\command trap -p; "
-    "\\command printf %s "
-    '"${-//[^xH]}${PS0-}${PS1-}${PS2-}${PROMPT_COMMAND[*]-}${MAILPATH-}"; '
-)
+#: What shows whether a shell has code that could run or set a variable unseen while an
+#: `_inert` command runs (see `_Shells.start`): functions (one could stand in for any
+#: command), aliases and traps, printed by these builtins (nothing at all without any); then,
+#: as the record's first field (`_HOOK_FIELD`), the prompt strings and PROMPT_COMMAND (an
+#: interactive shell expands them at every line) and MAILPATH (its messages are expanded),
+#: and the shell's flags (``x``: PS4 is expanded; ``H``: history expansion). See `_has_hooks`.
+_HOOK_PROBE = "\\command declare -F; \\command alias -p; \\command trap -p; "
+_HOOK_FIELD = '"${PS0-}${PS1-}${PS2-}${PROMPT_COMMAND[*]-}${MAILPATH-} $-"'
+
+
+def _has_hooks(text: bytes) -> bool:
+    """Whether what `_HOOK_PROBE` and `_HOOK_FIELD` printed shows a hook (``$-`` ends it)."""
+    printed, _, flags = text.rpartition(b" ")
+    return printed != b"" or b"x" in flags or b"H" in flags
+
+
 #: Variables bash keeps itself, never unset or set by a reset (unset, they would lose what
 #: makes them special): their values change on their own (BASH_ARGC and BASH_ARGV keep an
 #: entry from the last sourced call), so a dump is compared without them.
@@ -4752,11 +4759,12 @@ class _Shells:
       or the shell's stdout (the command's is its FIFO; bash restores the shell's after the
       ``.``, even past an ``exec >file`` inside it): nothing a command prints can end a call
       early or forge a status. Framing is never in-band in the output streams.
-    * Before the record, the shell prints its hooks (`_HOOK_PROBE`: functions, aliases,
-      traps, prompt strings; nothing at all in a shell without any) there too. When the last
-      record showed none, a call the agent sets nothing for and whose command is `_inert`
-      (it cannot change a shell variable) writes only its record, named I: the last
-      ``export -p`` text still holds, and bash saves about a third of a small call's work.
+    * The record also shows whether the shell has hooks (`_HOOK_PROBE`: functions, aliases,
+      traps, prompt strings, xtrace; its record is named H then, not E) until a probe found
+      some. While the last probe found none, a call the agent sets nothing for and whose
+      command is `_inert` (it cannot change a shell variable) writes only its record, named
+      I: the last ``export -p`` text still holds, and bash saves about a third of a small
+      call's work.
     * Output per call: a FIFO is reused only while no writer holds it. The agent keeps each
       FIFO open (a reader, and a writer of its own so the reader sees no EOF while it waits),
       and the shell opens it by path for each call. When a call ends, the agent closes its own
@@ -4882,7 +4890,11 @@ class _Shells:
         # first, the shell has no code of its own that could run unseen (its last dump
         # said so), and the command is `_inert`.
         inert = (
-            self.is_bash and shell.env_fd >= 0 and shell.hook_free and not parts and _inert(command)
+            self.is_bash
+            and shell.env_fd >= 0
+            and shell.hooks is False
+            and not parts
+            and _inert(command)
         )
         redirect = "2>&1" if merge_stderr else "2>|%s" % _shell_quote(paths[1])
         body = command.encode("utf-8", "surrogateescape")
@@ -4924,18 +4936,21 @@ class _Shells:
         # on the status channel, and the record ends it. The status waits in $1 meanwhile (a
         # variable would show up in `set`); `shift` gives the positional parameters back.
         #
-        # Before the record, bash's hooks (`_HOOK_PROBE`) go to the status channel too: a
-        # shell without any prints nothing there (no write), and the record's first field
-        # says so. An inert call (see above) writes the record alone, named I, not E.
+        # Until a probe found hooks, bash's hooks go to the status channel too, before and
+        # as the record's first field (a shell without any writes nothing more), named H. An
+        # inert call (see above) writes the record alone, named I.
         if inert:
             record = '\\command printf \'\\0%%s\\0%%s\\0I%d\\0\\3\' "$?" "$PWD"\n' % ex.exec_id
         else:
             report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
             if shell.env_fd >= 0:
-                report = "%s%s; { \\command export -p; \\command printf '\\0'; } >&3" % (
-                    _HOOK_PROBE if self.is_bash else "",
-                    report,
-                )
+                if self.is_bash and shell.hooks is not True:
+                    report = '%s\\command printf \'%%s\\0%%s\\0%%s\\0H%d\\0\\3\' %s "$1" "$PWD"' % (
+                        _HOOK_PROBE,
+                        ex.exec_id,
+                        _HOOK_FIELD,
+                    )
+                report += "; { \\command export -p; \\command printf '\\0'; } >&3"
                 self.rewind_exported(shell)
             else:
                 report = "\\command export -p; %s" % report
@@ -5281,11 +5296,12 @@ class _Shells:
             end = shell.records.find(b"\0\3")
             if end < 0:
                 break
-            # A record is ``text NUL status NUL cwd NUL E<exec id> NUL ETX``, the text being
-            # the hooks (`_HOOK_PROBE`) or, without a memfd, ``export -p``; I for E: inert.
+            # A record is ``text NUL status NUL cwd NUL E<exec id> NUL ETX``; the text is
+            # ``export -p`` without a memfd; H for E: the text shows the hooks (`_has_hooks`);
+            # I for E: an inert call (no text).
             fields = bytes(shell.records[:end]).split(b"\0")
             del shell.records[: end + 2]
-            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"I", b"P", b"Q", b"R"):
+            if len(fields) < 4 or fields[-1][:1] not in (b"E", b"H", b"I", b"P", b"Q", b"R"):
                 continue
             exported, status, cwd, name = fields[-4:]
             if name in (b"P", b"Q"):
@@ -5305,7 +5321,8 @@ class _Shells:
                 pass  # an inert call: no ``export -p`` text, the last one stands
             elif shell.env_fd >= 0:
                 shell.records_seen += 1  # its ``export -p`` follows in the memfd
-                shell.hook_free = self.is_bash and exported == b""  # (`_HOOK_PROBE`'s text)
+                if name[:1] == b"H":
+                    shell.hooks = _has_hooks(exported)
             else:
                 shell.exported = exported
             ex = shell.current
@@ -5628,7 +5645,7 @@ class _Shells:
         shell.cwd = self.agent.workspace_path(shell.slot)
         self._read_exported(shell)  # (the last call's text: not to be taken up later)
         shell.exported = None
-        shell.hook_free = False
+        shell.hooks = None
         shell.interrupted = False
         shell.report_restart = False
         if shell.ending:
