@@ -19,6 +19,7 @@ from hermes_actors.drivers._local_procs import (
     is_alive,
     kill_all,
     pids_with_environ_entry,
+    proc_info,
     process_table,
     with_descendants,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "eventually",
     "is_alive",
     "kill_with_env",
+    "parent_of",
     "pids_of_uid",
     "pids_with_argv",
     "pids_with_env",
@@ -47,6 +49,12 @@ def cmdline(pid: int) -> bytes:
             return handle.read()
     except OSError:
         return b""
+
+
+def parent_of(pid: int) -> int:
+    """`pid`'s parent (0 when it is gone)."""
+    info = proc_info(pid)
+    return 0 if info is None else info.ppid
 
 
 def comm(pid: int) -> str:

@@ -21,7 +21,7 @@ from hermes_actors.drivers._local import (
     LocalDriver,
     LocalSandbox,
 )
-from proc_support import argv, kill_with_env, pids_with_argv, pids_with_env
+from proc_support import argv, comm, kill_with_env, parent_of, pids_with_argv, pids_with_env
 
 if TYPE_CHECKING:
     from hermes_actors.drivers._modal import ModalSandbox
@@ -88,14 +88,17 @@ class ModalContractSandbox:
 
 
 def _is_sandbox_plumbing(pid: int) -> bool:
-    """bwrap and the agent itself carry the marker too; they are not the commands we count."""
+    """bwrap, the agent and its zygote and keepers carry the marker too; they are not the
+    commands we count. A keeper's child that has not reached its exec yet still looks like
+    its keeper: it is a command (a slot's shell just started, say)."""
     words = argv(pid)
     if not words:
         return True
     program = os.path.basename(words[0])
-    return program == b"bwrap" or (
-        len(words) > 2 and words[1] == b"-c" and b"hermes_agent" in words[2]
-    )
+    if program == b"bwrap":
+        return True
+    looks_like_the_agent = len(words) > 2 and words[1] == b"-c" and b"hermes_agent" in words[2]
+    return looks_like_the_agent and comm(parent_of(pid)) != "hermes-keeper"
 
 
 @asynccontextmanager
