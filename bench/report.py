@@ -36,9 +36,9 @@ LATENCY_TARGET_MS = 0.5
 _HOST_PATH = (
     "a hermes command costs CPU in three processes where the peer's threads only spawn: "
     "measured per command with /proc schedstat (40 x 25 `echo`, warm shells), about 0.1 ms in "
-    "the host's trio thread (facade, actors, agent stream), 0.11 ms in the agent and 0.16 ms "
-    "in the slot's bash (the call's redirections to its output FIFOs, and the `export -p` that "
-    "keeps what a replacement shell starts from, one write per exported variable). On 2 CPUs "
+    "the host's trio thread (facade, actors, agent stream), 0.09 ms in the agent and 0.1 ms "
+    "in the slot's bash (the call's redirections to its output FIFOs; a command that could "
+    "change a shell variable also has bash write `export -p`, about 0.08 ms more). On 2 CPUs "
     "shared with other work every hop also waits for a CPU"
 )
 _IN_PROCESS = (
@@ -56,11 +56,15 @@ _RELEASE = (
     "a process hop, each waiting for a CPU (perf over the workload: the agent 38% of the CPU, "
     "the host 29%, bash 21%, the 50 slots' first keepers 11%)"
 )
-_MEMORY = (
-    "it keeps no process per slot between commands, while every held slot keeps its "
-    "long-lived bash (about 0.3 MB of PSS each, 2-3.5 MB of RSS counted again per process) and "
-    "that bash's keeper, the subreaper that makes the slot's processes its descendants (a "
-    "fork of a small zygote of the agent: about 1.9 MB of PSS, 13 MB of RSS counted again)"
+_SLOT_PROCESSES = (
+    "it starts and keeps no process per slot between commands, while every slot starts its "
+    "long-lived bash with the sandbox (warm shells) and keeps it, and that bash's keeper, the "
+    "subreaper that makes the slot's processes its descendants (a fork of a small zygote of "
+    "the agent). Time: about 4.6 ms of CPU per slot before the first command (measured with "
+    "/proc schedstat: 0.85 ms for the zygote's fork, 1.7 ms in the keeper, 1.6 ms in bash, "
+    "0.5 ms in the agent), 2.3 s of the 2 CPUs for 1,000 slots. Memory: about 0.3 MB of PSS "
+    "per bash (2-3.5 MB of RSS counted again per process) and 1.9 MB per keeper (13 MB of RSS "
+    "counted again)"
 )
 _ROUNDS = (
     "the 40 trajectories' 50 ms sleeps end together, so each of the 5 rounds queues 40 results "
@@ -81,9 +85,9 @@ AHEAD_REASONS: dict[tuple[str, str], str] = {
     ("churn", "mini-swe-agent"): _RELEASE,
     ("churn", "swerex-execute"): _RELEASE,
     ("churn", "original-batch"): _RELEASE,
-    ("scale", "mini-swe-agent"): _MEMORY,
-    ("scale", "swerex-execute"): _MEMORY,
-    ("scale", "original-batch"): _MEMORY,
+    ("scale", "mini-swe-agent"): _SLOT_PROCESSES,
+    ("scale", "swerex-execute"): _SLOT_PROCESSES,
+    ("scale", "original-batch"): _SLOT_PROCESSES,
 }
 MEMORY_TARGET_MB = 300.0
 
@@ -309,7 +313,10 @@ def _workload_description(workload: str, result: BenchResult) -> str:
     if workload == "tiny":
         return (
             f"{sizes.tiny_trajectories} trajectories x {sizes.tiny_commands} sequential "
-            "`echo` commands, all trajectories at once. Wall time of all commands."
+            "`echo` commands, all trajectories at once. Wall time of all commands. In the "
+            "persistent rows these commands cannot change a shell variable, so bash does not "
+            "write its `export -p` snapshot after them (a command that could, with a `$`, an "
+            "`=`, `cd` or `export`..., costs about 0.08 ms more of bash CPU)."
         )
     if workload == "external":
         return (
@@ -327,7 +334,8 @@ def _workload_description(workload: str, result: BenchResult) -> str:
             f"{sizes.latency_calls} sequential `true` calls on one warm task (hermes: "
             '`terminal_tool("true", task_id=...)`), after '
             f"{LATENCY_WARMUP_S:g} s of untimed ones (the first hundred or two calls on new "
-            "processes run about 0.1 ms slower). Per-call time, p50 and p95 in ms."
+            "processes run about 0.1 ms slower). Per-call time, p50 and p95 in ms. `true` "
+            "cannot change a shell variable: see workload 1 for what a command that could costs."
         )
     if workload == "churn":
         return (
