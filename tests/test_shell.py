@@ -754,11 +754,73 @@ def test_a_command_moving_the_shells_own_descriptors_still_ends(agent: AgentProc
         ("echo ok;unset PATH", False),
         ("echo ok>/dev/null declare", False),
         ("echo the word set is enough", False),
+        ("git add . && git commit -q -m msg", True),
+        ("grep -rn needle . | head -n 3", True),
+        ("echo x >out . x", True),
+        ("time true", False),
+        ("echo 'unclosed", False),
     ],
 )
 def test_only_a_command_that_can_set_no_variable_is_inert(command: str, inert: bool) -> None:
     """A command is inert only when no expansion, assignment or state-changing builtin can run."""
     assert _inert(command) is inert
+
+
+#: Texts where ``.`` stands as a word, and whether bash sources x there (in the shell itself).
+DOT_COMMANDS = [
+    (". x", True),
+    (" \t. x", True),
+    ("true; . x", True),
+    ("true && . x", True),
+    ("false || . x", True),
+    ("echo | . x", False),  # (in the pipeline's subshell)
+    ("true & . x", True),
+    ("true\n. x", True),
+    ("echo hi # a comment\n. x", True),
+    (">out . x", True),
+    ("2>err . x", True),
+    (">&2 . x", True),
+    ("2>&1 . x", True),
+    (">|out . x", True),
+    ("&>out . x", True),
+    ("<x . x", True),
+    ("<<<hi . x", True),
+    ("if . x; then :; fi", True),
+    ("! . x", True),
+    ("while false; do :; done; . x", True),
+    ("'.' x", True),
+    ('"." x', True),
+    ("\\. x", True),
+    ("echo . x", False),
+    ("ls . > /dev/null", False),
+    ("echo x >out . x", False),
+    (">out echo . x", False),
+    ("echo x 2>&1 . x", False),
+]
+
+
+@pytest.mark.parametrize(("command", "sourced"), DOT_COMMANDS)
+def test_a_dot_that_bash_runs_as_a_command_is_never_inert(
+    tmp_path: Path, command: str, sourced: bool
+) -> None:
+    """Where bash sources the file named after a ``.``, the command is not inert: bash says."""
+    import subprocess
+
+    (tmp_path / "x").write_text("SOURCED=yes\n")
+    verdict = tmp_path / "verdict"
+    script = command + '\necho "${SOURCED-no}" >"$1"'
+    subprocess.run(
+        ["bash", "--noprofile", "--norc", "-c", script, "bash", str(verdict)],
+        cwd=tmp_path,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": os.environ["PATH"]},
+        timeout=30,
+        check=False,
+    )
+    assert (verdict.read_text() == "yes\n") is sourced
+    if sourced:
+        assert not _inert(command)
 
 
 def _probe_output(setup: str) -> bytes:

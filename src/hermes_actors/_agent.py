@@ -5982,13 +5982,59 @@ _BASH_WORD_TEXT = (
 )
 _BASH_WORDS = frozenset(_BASH_WORD_TEXT.split())
 #: Those of them an `_inert` call may use: they set no variable and run no other code.
-_INERT_WORD_TEXT = "! : do done echo elif else false fi if then time true until while"
+_INERT_WORD_TEXT = "! : do done echo elif else false fi if then true until while"
 _INERT_WORDS = frozenset(_INERT_WORD_TEXT.split())
+#: Reserved words after which the next word is still a command's name.
+_KEEP_COMMAND_POSITION = _INERT_WORDS - {":", "echo", "false", "true"}
 #: Characters that may set a variable or make a word at run time: expansions, assignments,
 #: arithmetic, subshells and function definitions, brace and tilde expansion, globs.
 _NOT_INERT = re.compile(r"[$`=(){}\[\]*?~]")
-#: Where a conservative reading splits words (every unquoted metacharacter bash splits on).
-_WORD_BREAKS = re.compile(r"[\s;&|<>]+")
+
+
+def _shell_tokens(text: str) -> Optional[List[Tuple[str, str]]]:
+    """`text` as bash splits it (without expansions, which `_inert` refuses first): each
+    token ``("sep", ...)`` (a newline or a run of ``; & |``: a new command starts),
+    ``("redir", ...)`` (a redirection operator: a run of ``< >`` and one ``& | -`` after it,
+    as in ``>&2``, ``>|`` or ``<<-``) or ``("word", value)`` (quotes and backslashes
+    removed; a word right before a redirection, as the 2 of ``2>err``, is ``("fd", ...)``).
+    None when a quote is not closed."""
+    tokens: List[Tuple[str, str]] = []
+    index, end = 0, len(text)
+    while index < end:
+        char = text[index]
+        if char in " \t":  # bash's blanks (not \r, \f or \v: those are part of a word)
+            index += 1
+        elif char in "\n;&|<>":
+            kind = "redir" if char in "<>" else "sep"
+            stop = index
+            while stop < end and text[stop] in ("<>" if kind == "redir" else "\n;&|"):
+                stop += 1
+            if kind == "redir" and stop < end and text[stop] in "&|-":
+                stop += 1
+            tokens.append((kind, text[index:stop]))
+            index = stop
+        else:
+            value = []
+            while index < end and text[index] not in " \t\n;&|<>":
+                char = text[index]
+                if char == "\\":
+                    value.append(text[index + 1 : index + 2])
+                    index += 2
+                elif char in "'\"":
+                    close = index + 1
+                    while close < end and text[close] != char:
+                        close += 2 if char == '"' and text[close] == "\\" else 1
+                    if close >= end:
+                        return None
+                    value.append(text[index + 1 : close].replace("\\", ""))
+                    index = close + 1
+                else:
+                    value.append(char)
+                    index += 1
+            word = "".join(value)
+            fd = word.isdigit() and index < end and text[index] in "<>"
+            tokens.append(("fd" if fd else "word", word))
+    return tokens
 
 
 def _inert(command: str) -> bool:
@@ -5996,18 +6042,36 @@ def _inert(command: str) -> bool:
     shell without functions, aliases, traps or prompt hooks (see `_Shells.start`).
 
     Conservative, by the text alone: no character that expands, assigns or makes a word at
-    run time (`_NOT_INERT`; inside quotes too), and no word, quotes and backslashes
-    removed, that is a builtin or reserved word other than `_INERT_WORDS` (as an argument
-    too). What is left runs external programs and ``echo``: neither can set a variable of
-    the shell. A builtin loaded with ``enable -f`` (which takes an earlier call) is not known
-    here.
+    run time (`_NOT_INERT`; inside quotes too), and no word that is a builtin or reserved
+    word other than `_INERT_WORDS` (as an argument too), except ``.`` where it cannot be a
+    command's name (``git add .``): not first, nor after a command separator or a reserved
+    word (a redirection with its target leaves that as it was: ``2>err . x`` sources x;
+    `_shell_tokens` reads the text as bash does, quotes included). What is left runs external
+    programs and ``echo``: neither can set a variable of the shell. A builtin loaded with
+    ``enable -f`` (which takes an earlier call) is not known here.
     """
     if _NOT_INERT.search(command):
         return False
-    for word in _WORD_BREAKS.split(command.replace("\\\n", "")):
-        word = word.replace("\\", "").replace("'", "").replace('"', "")
-        if word in _BASH_WORDS and word not in _INERT_WORDS:
-            return False
+    tokens = _shell_tokens(command.replace("\\\n", ""))
+    if tokens is None:
+        return False
+    command_position = True  # the next word may be a command's name
+    redirected = False  # the next word is a redirection's target
+    for kind, word in tokens:
+        if kind == "sep":
+            command_position, redirected = True, False
+        elif kind == "redir":
+            redirected = True
+        elif kind == "word" or kind == "fd":
+            if word == ".":
+                if command_position:
+                    return False
+            elif word in _BASH_WORDS and word not in _INERT_WORDS:
+                return False
+            if redirected:
+                redirected = False  # a target: whether a name may come next is as before
+            elif kind == "word":
+                command_position = word in _KEEP_COMMAND_POSITION
     return True
 
 
