@@ -39,6 +39,7 @@ __all__ = [
     "pids_with_env",
     "pids_with_env_var",
     "process_table",
+    "with_descendants",
 ]
 
 

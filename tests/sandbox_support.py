@@ -21,7 +21,16 @@ from hermes_actors.drivers._local import (
     LocalDriver,
     LocalSandbox,
 )
-from proc_support import argv, comm, kill_with_env, parent_of, pids_with_argv, pids_with_env
+from proc_support import (
+    argv,
+    comm,
+    kill_with_env,
+    parent_of,
+    pids_with_argv,
+    pids_with_env,
+    process_table,
+    with_descendants,
+)
 
 if TYPE_CHECKING:
     from hermes_actors.drivers._modal import ModalSandbox
@@ -43,9 +52,7 @@ class ContractSandbox:
         """Processes of this sandbox other than the agent itself (and bwrap's own)."""
         marker = f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}"
         own = {self.handle.pid, self.client.agent_info.get("host_pid")}
-        return sum(
-            1 for pid in pids_with_env(marker) if pid not in own and not _is_sandbox_plumbing(pid)
-        )
+        return len(_commands(pids_with_env(marker)) - own)
 
     def resources_left(self) -> bool:
         return os.path.exists(self.handle.directory)
@@ -66,7 +73,7 @@ class ModalContractSandbox:
 
     def process_count(self) -> int:
         """Processes the sandbox's commands started (the agent itself not counted)."""
-        return sum(1 for pid in self._marked() if not _is_sandbox_plumbing(pid))
+        return len(_commands(self._marked()))
 
     def resources_left(self) -> bool:
         """Whether the emulated sandbox still runs or still has a live process."""
@@ -85,6 +92,20 @@ class ModalContractSandbox:
 
     def _marked(self) -> list[int]:
         return pids_with_env(f"{SANDBOX_MARKER_VAR}={self.handle.sandbox_id}")
+
+
+def _commands(marked: list[int]) -> set[int]:
+    """The commands among a sandbox's `marked` processes: those not `_is_sandbox_plumbing`,
+    and every process below its keepers. The second part counts a process in the middle of
+    its exec too, whose environment and argv read empty for a moment (a warm shell just
+    started, say): its parent says what it is."""
+    keepers = {
+        pid
+        for pid in marked
+        if comm(pid) == "hermes-keeper" and comm(parent_of(pid)) != "hermes-keeper"
+    }
+    below = with_descendants(keepers, process_table()) - keepers
+    return below | {pid for pid in marked if not _is_sandbox_plumbing(pid)}
 
 
 def _is_sandbox_plumbing(pid: int) -> bool:
