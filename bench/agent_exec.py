@@ -8,6 +8,7 @@ Compared in the same run, interleaved, against the raw limit: `trio.run_process(
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -89,13 +90,13 @@ async def measure(
                     rows.append(
                         (
                             f"agent[{isolation}] seq s/cmd",
-                            lambda make=make: sequential(make(0), sequential_count),
+                            functools.partial(sequential, make(0), sequential_count),
                         )
                     )
                     rows.append(
                         (
                             f"agent[{isolation}] 50-way cmd/s",
-                            lambda make=make: concurrent(make, concurrent_count, 50),
+                            functools.partial(concurrent, make, concurrent_count, 50),
                         )
                     )
                 for name, run in rows:

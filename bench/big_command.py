@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from hermes_actors._client import SandboxClient
-from hermes_actors._config import SandboxConfig
+from hermes_actors._config import Isolation, SandboxConfig
 from hermes_actors.drivers._local import LocalDriver, bwrap_problem
 
 DEFAULT_SIZE = 3 * 1024 * 1024
@@ -50,7 +50,7 @@ async def timed(run: Callable[[], Awaitable[bytes]], expected: bytes) -> float:
 
 async def measure(size: int, reps: int) -> dict[str, list[float]]:
     command, expected = script(size)
-    isolations = ["none"] if await bwrap_problem() else ["none", "bwrap"]
+    isolations: list[Isolation] = ["none"] if await bwrap_problem() else ["none", "bwrap"]
     figures: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="hermes-bench-big-") as directory:
         path = os.path.join(directory, "script.sh")

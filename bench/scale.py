@@ -564,16 +564,16 @@ def draw(results: Sequence[ScenarioResult], sizes: Sizes, path: str) -> bool:
     for s in (1, 4, 10, 32):
         r = find(results, f"{sizes.small} x {s} slots")
         if r is not None:
-            xs, ys = zip(*r.timeline, strict=True)
-            timeline.step(xs, ys, where="post", label=f"{s} slot(s)")
+            times, alive = zip(*r.timeline, strict=True)
+            timeline.step(times, alive, where="post", label=f"{s} slot(s)")
     timeline.set_title(f"sandboxes alive, {sizes.small:,} trajectories")
     timeline.set_xlabel("virtual seconds")
     timeline.set_yscale("log")
     timeline.legend()
     storm = find(results, f"{sizes.small} x 10, loss storm")
     if storm is not None:
-        xs, ys = zip(*storm.timeline, strict=True)
-        storm_axes.step(xs, ys, where="post", label="sandboxes alive")
+        times, alive = zip(*storm.timeline, strict=True)
+        storm_axes.step(times, alive, where="post", label="sandboxes alive")
         if storm.capacity:
             at, held, _free, waiting = zip(*storm.capacity, strict=True)
             storm_axes.plot(
