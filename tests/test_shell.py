@@ -258,6 +258,14 @@ def shell_pid(agent: AgentProcess, slot: int = 0) -> int:
     return int(str(run(agent, "echo $$", slot=slot)["stdout"]).strip("b'\\n"))
 
 
+def _kill_shell(pid: int) -> None:
+    """SIGKILL a shell and give the agent a moment to learn of it: a call sent before that
+    goes to the dead shell and reports its death instead of running in a new one."""
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=10)
+    time.sleep(0.05)
+
+
 def test_cancel_kills_the_command_and_keeps_the_shell(agent: AgentProcess) -> None:
     """A cancelled call reports cancelled; its processes are gone; the shell keeps its state."""
     marker = "HERMES_TEST_TAG=" + uuid.uuid4().hex
@@ -281,12 +289,7 @@ def test_cancel_kills_the_command_and_keeps_the_shell(agent: AgentProcess) -> No
 def test_a_killed_shell_is_replaced_and_the_next_result_says_so(agent: AgentProcess) -> None:
     """A shell killed between calls comes back with its cwd and exports, flagged once."""
     run(agent, "cd /tmp; export KEEP=yes")
-    pid = shell_pid(agent)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)
+    _kill_shell(shell_pid(agent))
     replaced = run(agent, 'echo "$KEEP"; pwd')
     assert replaced["shell_restarted"] is True
     assert replaced["stdout"] == b"yes\n/tmp\n"
@@ -869,14 +872,6 @@ def _dumps(pid: int) -> int:
     """How many ``export -p`` texts the shell wrote into its memfd (its fd 3), each ended by NUL."""
     with open(f"/proc/{pid}/fd/3", "rb") as memfd:
         return memfd.read().count(b"\0")
-
-
-def _kill_shell(pid: int) -> None:
-    """SIGKILL a shell and give the agent a moment to learn of it (a call sent before that
-    goes to the dead shell and reports its death, as `test_a_killed_shell_is_replaced...`)."""
-    os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout_s=10)
-    time.sleep(0.05)
 
 
 def test_inert_calls_keep_the_last_exports_and_a_replacement_still_has_them(

@@ -4942,14 +4942,15 @@ class _Shells:
         if inert:
             record = '\\command printf \'\\0%%s\\0%%s\\0I%d\\0\\3\' "$?" "$PWD"\n' % ex.exec_id
         else:
-            report = '\\command printf \'\\0%%s\\0%%s\\0E%d\\0\\3\' "$1" "$PWD"' % ex.exec_id
+            probe = self.is_bash and shell.env_fd >= 0 and shell.hooks is not True
+            prefix, field, kind = (_HOOK_PROBE, _HOOK_FIELD, "H") if probe else ("", "''", "E")
+            report = '%s\\command printf \'%%s\\0%%s\\0%%s\\0%s%d\\0\\3\' %s "$1" "$PWD"' % (
+                prefix,
+                kind,
+                ex.exec_id,
+                field,
+            )
             if shell.env_fd >= 0:
-                if self.is_bash and shell.hooks is not True:
-                    report = '%s\\command printf \'%%s\\0%%s\\0%%s\\0H%d\\0\\3\' %s "$1" "$PWD"' % (
-                        _HOOK_PROBE,
-                        ex.exec_id,
-                        _HOOK_FIELD,
-                    )
                 report += "; { \\command export -p; \\command printf '\\0'; } >&3"
                 self.rewind_exported(shell)
             else:
@@ -6062,7 +6063,7 @@ def _inert(command: str) -> bool:
             command_position, redirected = True, False
         elif kind == "redir":
             redirected = True
-        elif kind == "word" or kind == "fd":
+        else:  # a word (or the fd of a redirection)
             if word == ".":
                 if command_position:
                     return False
